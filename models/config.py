@@ -1,0 +1,27 @@
+"""Hyperparameters of the online models, independent of where they come from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the learners need to know; `streams.settings.Settings.model_config` builds it."""
+
+    factors: int = 32
+    lr: float = 0.01
+    reg: float = 0.02
+    init_std: float = 0.1
+    seed: int = 42
+    implicit_lr: float = 0.02
+    implicit_alpha: float = 2.0
+    implicit_negatives: int = 2
+    strengths: dict[str, float] = field(
+        default_factory=lambda: {"view": 0.5, "click": 1.0, "purchase": 3.0, "rating": 1.0}
+    )
+    decay_rate: float = 1.1460e-06  # ln 2 / 7 days
+    history_window: int = 10
+    history_cap: int = 500
+    neighbours_cap: int = 200
+    user_ttl_s: int = 90 * 86400

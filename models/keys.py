@@ -1,0 +1,67 @@
+"""Redis key layout: every key under one configurable prefix, one concept per key family.
+
+Every write the models make touches one key per command (or a single-key server script), so the
+layout works unchanged on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Names of the keys that hold freshrec's state under ``prefix``."""
+
+    prefix: str = "fr"
+
+    def user_vector(self, user_id: str) -> str:
+        return f"{self.prefix}:mf:u:{user_id}"
+
+    def item_vector(self, item_id: str) -> str:
+        return f"{self.prefix}:mf:i:{item_id}"
+
+    @property
+    def rating_mean(self) -> str:
+        """Hash {sum, n}: the running global mean rating mu."""
+        return f"{self.prefix}:mf:mean"
+
+    def history(self, user_id: str) -> str:
+        """Sorted set item -> last interaction time: recency window, seen filter, recall seeds."""
+        return f"{self.prefix}:hist:{user_id}"
+
+    def neighbours(self, item_id: str) -> str:
+        """Sorted set item -> forward-decayed co-occurrence weight with ``item_id``."""
+        return f"{self.prefix}:cf:{item_id}"
+
+    @property
+    def occurrences(self) -> str:
+        """Sorted set item -> forward-decayed count of interactions (cosine norms)."""
+        return f"{self.prefix}:occ"
+
+    @property
+    def popularity(self) -> str:
+        """Sorted set item -> forward-decayed, type-weighted interactions (trending)."""
+        return f"{self.prefix}:pop"
+
+    @property
+    def impressions(self) -> str:
+        """Sorted set item -> number of times the item was shown."""
+        return f"{self.prefix}:imp"
+
+    @property
+    def item_first_seen(self) -> str:
+        """Sorted set item -> event time of its first interaction (catalog, item age)."""
+        return f"{self.prefix}:items"
+
+    @property
+    def decay_landmark(self) -> str:
+        return f"{self.prefix}:decay:landmark"
+
+    @property
+    def worker_stats(self) -> str:
+        return f"{self.prefix}:stats:worker"
+
+    def pattern(self) -> str:
+        """Glob for every key of this prefix (cleanup, inspection)."""
+        return f"{self.prefix}:*"

@@ -1,0 +1,167 @@
+"""The reader's HTTP API: the contract's routes, JSON errors, Prometheus metrics.
+
+Stateless over Redis, so any number of replicas can sit behind a load balancer. A Redis outage
+answers 503 with a message and the client reconnects on the next request by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from models.keys import Keys
+from serving.funnel import Funnel, FunnelConfig, UnknownItem
+
+log = logging.getLogger(__name__)
+
+REQUESTS = Counter("freshrec_http_requests_total", "Reader requests", ["route", "status"])
+LATENCY = Histogram(
+    "freshrec_http_request_seconds",
+    "Reader request latency",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+
+FUNNEL = web.AppKey("funnel", Funnel)
+REDIS = web.AppKey("redis", Redis)
+LIMITS = web.AppKey("limits", dict)
+
+
+class BadRequest(ValueError):
+    """A request the client must change; answered 400 with this message."""
+
+
+def create_app(
+    redis: Redis, keys: Keys, config: FunnelConfig, max_k: int = 200, max_id_length: int = 128
+) -> web.Application:
+    app = web.Application(middlewares=[_errors_as_json])
+    app[REDIS] = redis
+    app[FUNNEL] = Funnel(redis, keys, config)
+    app[LIMITS] = {"max_k": max_k, "max_id_length": max_id_length}
+    app.router.add_get("/recommendations/{user_id}", recommendations)
+    app.router.add_get("/similar/{item_id}", similar)
+    app.router.add_get("/predict/{user_id}/{item_id}", predict)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+
+    async def close_redis(app: web.Application) -> None:
+        await app[REDIS].aclose()
+
+    app.on_cleanup.append(close_redis)
+    return app
+
+
+async def recommendations(request: web.Request) -> web.Response:
+    user_id = _identifier(request, "user_id")
+    k = _k(request)
+    started = time.perf_counter()
+    ranked = await request.app[FUNNEL].recommend(user_id, k)
+    return web.json_response(
+        {
+            "user_id": user_id,
+            "k": k,
+            "items": [c.to_json() for c in ranked],
+            "took_ms": round(1000 * (time.perf_counter() - started), 3),
+        }
+    )
+
+
+async def similar(request: web.Request) -> web.Response:
+    item_id = _identifier(request, "item_id")
+    items = await request.app[FUNNEL].similar(item_id, _k(request))
+    return web.json_response({"item_id": item_id, "items": items})
+
+
+async def predict(request: web.Request) -> web.Response:
+    user_id = _identifier(request, "user_id")
+    item_id = _identifier(request, "item_id")
+    return web.json_response(await request.app[FUNNEL].predict(user_id, item_id))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    await request.app[REDIS].ping()
+    return web.json_response({"status": "ok", "redis": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    response = web.Response(body=generate_latest())
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    return response
+
+
+def _identifier(request: web.Request, name: str) -> str:
+    value = request.match_info[name]
+    limit = request.app[LIMITS]["max_id_length"]
+    if not value or len(value) > limit or not value.isprintable():
+        raise BadRequest(f"{name} must be 1 to {limit} printable characters")
+    return value
+
+
+def _k(request: web.Request) -> int:
+    raw = request.query.get("k", "10")
+    limit = request.app[LIMITS]["max_k"]
+    try:
+        k = int(raw)
+    except ValueError:
+        raise BadRequest(f"k must be an integer from 1 to {limit}, got {raw!r}") from None
+    if not 1 <= k <= limit:
+        raise BadRequest(f"k must be an integer from 1 to {limit}, got {k}")
+    return k
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except BadRequest as exc:
+        status = 400
+        return _error(400, str(exc))
+    except UnknownItem as exc:
+        status = 404
+        return _error(404, f"unknown item {exc.args[0]!r}: no event has mentioned it yet")
+    except web.HTTPException as exc:
+        status = exc.status
+        return _error(exc.status, exc.reason)
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        status = 503
+        log.warning("Redis unavailable: %s", exc)
+        return _error(503, "state store (Redis) unavailable; retry shortly")
+    except Exception:
+        log.exception("unhandled error on %s", request.path)
+        return _error(500, "internal error; see the reader's log")
+    finally:
+        REQUESTS.labels(route, str(status)).inc()
+        LATENCY.labels(route).observe(time.perf_counter() - started)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message, "status": status}, status=status)
+
+
+def run_reader(
+    redis_url: str,
+    keys: Keys,
+    config: FunnelConfig,
+    host: str,
+    port: int,
+    max_k: int = 200,
+    max_id_length: int = 128,
+) -> None:
+    redis = Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    app = create_app(redis, keys, config, max_k=max_k, max_id_length=max_id_length)
+    log.info("reader listening on http://%s:%d", host, port)
+    web.run_app(app, host=host, port=port, print=None, access_log=None)

@@ -1,0 +1,215 @@
+"""The event schema and its strict validation.
+
+A message on ``freshrec.events`` carries one JSON event or a JSON array of events. Every way an
+event can be wrong has a reason string; the worker forwards the original bytes with that reason
+to the dead-letter topic, so nothing is lost and nothing bad reaches the models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from streams.settings import Settings
+
+EVENT_TYPES = ("click", "view", "rating", "purchase", "impression")
+_FIELDS = frozenset(("event_id", "type", "user_id", "item_id", "value", "ts", "context"))
+
+
+class InvalidEvent(ValueError):
+    """An event that breaks the schema; ``reason`` says how, for the dead-letter topic."""
+
+    def __init__(self, reason: str, index: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.index = index
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One validated interaction; ``value`` is the rating, or the strength of an implicit event."""
+
+    type: str
+    user_id: str
+    item_id: str
+    ts: float
+    value: float | None = None
+    event_id: str | None = None
+    context: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "type": self.type,
+            "user_id": self.user_id,
+            "item_id": self.item_id,
+            "ts": self.ts,
+        }
+        if self.value is not None:
+            out["value"] = self.value
+        if self.event_id is not None:
+            out["event_id"] = self.event_id
+        if self.context is not None:
+            out["context"] = self.context
+        return out
+
+
+class EventValidator:
+    """Validates raw messages against the schema with the limits from `Settings`.
+
+    Examples
+    --------
+    >>> v = EventValidator(Settings())
+    >>> e = v.parse_one({"type": "rating", "user_id": "u1", "item_id": "i9", "value": 4, "ts": 1e9})
+    >>> e.type, e.user_id, e.item_id, e.value, e.ts
+    ('rating', 'u1', 'i9', 4.0, 1000000000.0)
+    >>> v.parse_one({"type": "rating", "user_id": "u1", "item_id": "i9", "value": 7, "ts": 1e9})
+    Traceback (most recent call last):
+    ...
+    streams.events.InvalidEvent: rating 7 outside the scale [1.0, 5.0]
+    """
+
+    def __init__(self, settings: Settings, clock: Any = time.time) -> None:
+        self.settings = settings
+        self._clock = clock
+
+    def parse_message(self, payload: bytes | None) -> tuple[list[Event], list[InvalidEvent]]:
+        """Split one message into its valid events and the reasons for the invalid ones.
+
+        A message that is not JSON at all, or too large, is one error; in an array each element
+        stands alone, so one bad event does not discard its neighbours.
+        """
+        if payload is None or len(payload) == 0:
+            return [], [InvalidEvent("empty message")]
+        if len(payload) > self.settings.max_message_bytes:
+            return [], [
+                InvalidEvent(
+                    f"message of {len(payload)} bytes exceeds the limit of "
+                    f"{self.settings.max_message_bytes} (FRESHREC_MAX_MESSAGE_BYTES)"
+                )
+            ]
+        try:
+            decoded = json.loads(payload, parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return [], [InvalidEvent(f"not valid JSON: {exc}")]
+        if isinstance(decoded, list):
+            if not decoded:
+                return [], [InvalidEvent("empty event array")]
+            events, errors = [], []
+            for index, item in enumerate(decoded):
+                try:
+                    events.append(self.parse_one(item))
+                except InvalidEvent as exc:
+                    errors.append(InvalidEvent(f"event [{index}]: {exc.reason}", index))
+            return events, errors
+        try:
+            return [self.parse_one(decoded)], []
+        except InvalidEvent as exc:
+            return [], [exc]
+
+    def parse_one(self, obj: Any) -> Event:
+        if not isinstance(obj, dict):
+            raise InvalidEvent(f"an event must be a JSON object, got {_json_type(obj)}")
+        unknown = obj.keys() - _FIELDS
+        if unknown:
+            raise InvalidEvent(f"unknown field(s) {sorted(unknown)}; allowed: {sorted(_FIELDS)}")
+        kind = obj.get("type")
+        if kind not in EVENT_TYPES:
+            if "type" not in obj:
+                raise InvalidEvent("missing field 'type'")
+            raise InvalidEvent(f"unknown type {kind!r}; expected one of {list(EVENT_TYPES)}")
+        user_id = self._identifier(obj, "user_id")
+        item_id = self._identifier(obj, "item_id")
+        ts = self._timestamp(obj)
+        value = self._value(obj, kind)
+        event_id = obj.get("event_id")
+        if event_id is not None and (
+            not isinstance(event_id, str) or len(event_id) > 4 * self.settings.max_id_length
+        ):
+            raise InvalidEvent("'event_id' must be a string of reasonable length")
+        context = obj.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise InvalidEvent(f"'context' must be a JSON object, got {_json_type(context)}")
+        return Event(kind, user_id, item_id, ts, value, event_id, context)
+
+    def _identifier(self, obj: dict[str, Any], name: str) -> str:
+        if name not in obj:
+            raise InvalidEvent(f"missing field {name!r}")
+        value = obj[name]
+        if not isinstance(value, str):
+            raise InvalidEvent(f"{name!r} must be a string, got {_json_type(value)}")
+        if not value or not value.isprintable():
+            raise InvalidEvent(f"{name!r} must be non-empty printable text")
+        if len(value) > self.settings.max_id_length:
+            raise InvalidEvent(
+                f"{name!r} is {len(value)} characters, over the limit of "
+                f"{self.settings.max_id_length} (FRESHREC_MAX_ID_LENGTH)"
+            )
+        return value
+
+    def _timestamp(self, obj: dict[str, Any]) -> float:
+        if "ts" not in obj:
+            raise InvalidEvent("missing field 'ts'")
+        ts = _number(obj["ts"], "ts")
+        latest = self._clock() + self.settings.max_future_s
+        if not self.settings.min_event_ts <= ts <= latest:
+            lo, ahead = self.settings.min_event_ts, self.settings.max_future_s
+            raise InvalidEvent(
+                f"ts {ts!r} is not a plausible unix time in seconds "
+                f"(accepted: {lo:.0f} to now + {ahead:.0f} s)"
+            )
+        return ts
+
+    def _value(self, obj: dict[str, Any], kind: str) -> float | None:
+        raw = obj.get("value")
+        if kind == "rating":
+            if raw is None:
+                raise InvalidEvent("a rating needs a numeric 'value'")
+            value = _number(raw, "value")
+            lo, hi = self.settings.rating_min, self.settings.rating_max
+            if not lo <= value <= hi:
+                raise InvalidEvent(f"rating {raw!r} outside the scale [{lo}, {hi}]")
+            return value
+        if raw is None:
+            return None
+        value = _number(raw, "value")
+        if value < 0:
+            raise InvalidEvent(f"'value' of a {kind} must not be negative, got {raw!r}")
+        return value
+
+
+def _number(raw: Any, name: str) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise InvalidEvent(f"{name!r} must be a number, got {_json_type(raw)}")
+    value = float(raw)
+    if not math.isfinite(value):
+        raise InvalidEvent(f"{name!r} must be finite, got {raw!r}")
+    return value
+
+
+def _reject_constant(name: str) -> float:
+    # json.loads accepts NaN/Infinity by default; the schema does not.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def encode_events(events: list[dict[str, Any]] | dict[str, Any]) -> bytes:
+    """Compact JSON for the wire; one event or an array of events for one partition."""
+    return json.dumps(events, separators=(",", ":"), allow_nan=False).encode()

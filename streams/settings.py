@@ -1,0 +1,256 @@
+"""All configuration in one typed place: every default and the environment variable that sets it.
+
+`Settings.from_env()` is the only reader of ``FRESHREC_*`` variables, so the README's
+configuration reference (``freshrec config --markdown``) is rendered from this file and cannot
+drift from what the code does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from models.config import ModelConfig
+    from serving.funnel import FunnelConfig
+
+
+def _env(name: str, doc: str, default: Any) -> Any:
+    return field(default=default, metadata={"env": name, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime configuration of workers, reader and tools, read from ``FRESHREC_*``."""
+
+    # --- services --------------------------------------------------------------------------
+    kafka_bootstrap: str = _env(
+        "FRESHREC_KAFKA_BOOTSTRAP", "Kafka bootstrap servers; unset: Docker, else local broker.", ""
+    )
+    redis_url: str = _env(
+        "FRESHREC_REDIS_URL", "Redis URL; unset: Docker, else a local redis-server.", ""
+    )
+    home: str = _env(
+        "FRESHREC_HOME",
+        "Cache and state folder for local services (Kafka jars, data, pid files).",
+        str(Path.home() / ".cache" / "freshrec"),
+    )
+    kafka_version: str = _env(
+        "FRESHREC_KAFKA_VERSION", "Apache Kafka version run locally.", "4.1.2"
+    )
+    redis_persist: bool = _env(
+        "FRESHREC_REDIS_PERSIST", "Local redis-server writes an append-only file.", False
+    )
+    # --- topics and keys -------------------------------------------------------------------
+    topic_prefix: str = _env("FRESHREC_TOPIC_PREFIX", "Prefix of every topic name.", "freshrec")
+    partitions: int = _env("FRESHREC_PARTITIONS", "Partitions of the events topic.", 4)
+    key_prefix: str = _env("FRESHREC_KEY_PREFIX", "Prefix of every Redis key.", "fr")
+    # --- events ----------------------------------------------------------------------------
+    rating_min: float = _env("FRESHREC_RATING_MIN", "Lowest valid rating.", 1.0)
+    rating_max: float = _env("FRESHREC_RATING_MAX", "Highest valid rating.", 5.0)
+    max_message_bytes: int = _env(
+        "FRESHREC_MAX_MESSAGE_BYTES", "Largest accepted message payload.", 1_000_000
+    )
+    max_id_length: int = _env("FRESHREC_MAX_ID_LENGTH", "Longest accepted user or item id.", 128)
+    min_event_ts: float = _env(
+        "FRESHREC_MIN_EVENT_TS", "Earliest accepted event time (unix s; 1990-01-01).", 631152000.0
+    )
+    max_future_s: float = _env(
+        "FRESHREC_MAX_FUTURE_S", "How far in the future an event time may lie.", 86400.0
+    )
+    # --- online matrix factorisation --------------------------------------------------------
+    mf_factors: int = _env("FRESHREC_MF_FACTORS", "Latent factors per user and item.", 32)
+    mf_lr: float = _env("FRESHREC_MF_LR", "SGD learning rate on ratings.", 0.01)
+    mf_reg: float = _env("FRESHREC_MF_REG", "L2 penalty on factors and biases.", 0.02)
+    mf_init_std: float = _env("FRESHREC_MF_INIT_STD", "Std of initial latent factors.", 0.1)
+    mf_seed: int = _env("FRESHREC_MF_SEED", "Seed of the per-id initial factors.", 42)
+    implicit_lr: float = _env(
+        "FRESHREC_IMPLICIT_LR", "SGD learning rate on implicit feedback.", 0.02
+    )
+    implicit_alpha: float = _env(
+        "FRESHREC_IMPLICIT_ALPHA", "Confidence slope alpha in c = 1 + alpha*f.", 2.0
+    )
+    implicit_negatives: int = _env(
+        "FRESHREC_IMPLICIT_NEGATIVES", "Sampled unobserved items per implicit event.", 2
+    )
+    weight_view: float = _env("FRESHREC_WEIGHT_VIEW", "Strength f of a view.", 0.5)
+    weight_click: float = _env("FRESHREC_WEIGHT_CLICK", "Strength f of a click.", 1.0)
+    weight_purchase: float = _env("FRESHREC_WEIGHT_PURCHASE", "Strength f of a purchase.", 3.0)
+    weight_rating: float = _env(
+        "FRESHREC_WEIGHT_RATING", "Strength of a rating in co-occurrence and popularity.", 1.0
+    )
+    # --- co-occurrence, popularity, history -------------------------------------------------
+    decay_half_life_s: float = _env(
+        "FRESHREC_DECAY_HALF_LIFE_S",
+        "Half-life of co-occurrence and popularity evidence.",
+        7 * 86400.0,
+    )
+    history_window: int = _env(
+        "FRESHREC_HISTORY_WINDOW", "Recent items of a user that co-occur with a new one.", 10
+    )
+    history_cap: int = _env(
+        "FRESHREC_HISTORY_CAP", "Items kept per user (seen filter, recall seeds).", 500
+    )
+    neighbours_cap: int = _env(
+        "FRESHREC_NEIGHBOURS_CAP", "Co-occurring items kept per item (by weight).", 200
+    )
+    user_ttl_s: int = _env(
+        "FRESHREC_USER_TTL_S",
+        "Idle time after which a user's history and factors expire.",
+        90 * 86400,
+    )
+    # --- worker ------------------------------------------------------------------------------
+    batch_size: int = _env("FRESHREC_BATCH_SIZE", "Most messages per agent batch.", 1000)
+    batch_within_s: float = _env("FRESHREC_BATCH_WITHIN_S", "Longest wait to fill a batch.", 0.05)
+    worker_metrics_port: int = _env(
+        "FRESHREC_WORKER_METRICS_PORT", "Port of the worker's /metrics (0: none).", 9464
+    )
+    publish_interval_s: float = _env(
+        "FRESHREC_PUBLISH_INTERVAL_S", "Debounce of recommendation publishing per user.", 0.5
+    )
+    publish_k: int = _env("FRESHREC_PUBLISH_K", "Length of published recommendation lists.", 10)
+    # --- reader ------------------------------------------------------------------------------
+    serve_host: str = _env("FRESHREC_SERVE_HOST", "Reader bind address.", "127.0.0.1")
+    serve_port: int = _env("FRESHREC_SERVE_PORT", "Reader port.", 8080)
+    recall_per_seed: int = _env(
+        "FRESHREC_RECALL_PER_SEED", "Neighbours read per recent item in recall.", 50
+    )
+    recall_popular: int = _env("FRESHREC_RECALL_POPULAR", "Popular items added to recall.", 100)
+    max_k: int = _env("FRESHREC_MAX_K", "Largest k a request may ask for.", 200)
+
+    # ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every field from its variable; a malformed value is an error naming it."""
+        environ = dict(os.environ if environ is None else environ)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.metadata["env"], raw, type(f.default))
+        values.update(overrides)
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.rating_min < self.rating_max:
+            problems.append("FRESHREC_RATING_MIN must be below FRESHREC_RATING_MAX")
+        for name in ("partitions", "mf_factors", "history_window", "history_cap", "batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{self.env_name(name)} must be at least 1")
+        if self.history_cap < self.history_window:
+            problems.append("FRESHREC_HISTORY_CAP must be at least FRESHREC_HISTORY_WINDOW")
+        if self.decay_half_life_s <= 0:
+            problems.append("FRESHREC_DECAY_HALF_LIFE_S must be positive")
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
+
+    @classmethod
+    def env_name(cls, field_name: str) -> str:
+        return {f.name: f.metadata["env"] for f in dataclasses.fields(cls)}[field_name]
+
+    # --- derived names ---------------------------------------------------------------------
+    @property
+    def events_topic(self) -> str:
+        return f"{self.topic_prefix}.events"
+
+    @property
+    def impressions_topic(self) -> str:
+        return f"{self.topic_prefix}.impressions"
+
+    @property
+    def recommendations_topic(self) -> str:
+        return f"{self.topic_prefix}.recommendations"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic_prefix}.dlq"
+
+    @property
+    def decay_rate(self) -> float:
+        """lambda in w(t) = exp(-lambda (t_now - t)), from the half-life."""
+        return math.log(2.0) / self.decay_half_life_s
+
+    @property
+    def event_strengths(self) -> dict[str, float]:
+        return {
+            "view": self.weight_view,
+            "click": self.weight_click,
+            "purchase": self.weight_purchase,
+            "rating": self.weight_rating,
+        }
+
+    def model_config(self) -> ModelConfig:
+        from models.config import ModelConfig
+
+        return ModelConfig(
+            factors=self.mf_factors,
+            lr=self.mf_lr,
+            reg=self.mf_reg,
+            init_std=self.mf_init_std,
+            seed=self.mf_seed,
+            implicit_lr=self.implicit_lr,
+            implicit_alpha=self.implicit_alpha,
+            implicit_negatives=self.implicit_negatives,
+            strengths=self.event_strengths,
+            decay_rate=self.decay_rate,
+            history_window=self.history_window,
+            history_cap=self.history_cap,
+            neighbours_cap=self.neighbours_cap,
+            user_ttl_s=self.user_ttl_s,
+        )
+
+    def funnel_config(self) -> FunnelConfig:
+        from serving.funnel import FunnelConfig
+
+        return FunnelConfig(
+            history_window=self.history_window,
+            history_cap=self.history_cap,
+            recall_per_seed=self.recall_per_seed,
+            recall_popular=self.recall_popular,
+            factors=self.mf_factors,
+        )
+
+    def environ(self) -> dict[str, str]:
+        """These settings as environment variables, for child processes."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.metadata["env"]] = str(int(value) if isinstance(value, bool) else value)
+        return out
+
+    @classmethod
+    def markdown_reference(cls) -> str:
+        rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.name != "home" else "~/.cache/freshrec"
+            rows.append(f"| `{f.metadata['env']}` | `{default}` | {f.metadata['doc']} |")
+        return "\n".join(rows)
+
+
+def _parse(env_name: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError(raw)
+            return value
+        return raw
+    except ValueError:
+        raise ValueError(
+            f"{env_name}={raw!r} is not a valid {kind.__name__}; unset it or give a {kind.__name__}"
+        ) from None

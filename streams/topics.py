@@ -1,0 +1,55 @@
+"""Explicit creation of freshrec's topics (the broker does not auto-create them)."""
+
+from __future__ import annotations
+
+import logging
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def topic_specs(settings: Settings) -> dict[str, int]:
+    """Topic name -> partitions. Recommendations and impressions are keyed by user like events."""
+    return {
+        settings.events_topic: settings.partitions,
+        settings.impressions_topic: settings.partitions,
+        settings.recommendations_topic: settings.partitions,
+        settings.dlq_topic: 1,
+    }
+
+
+def ensure_topics(bootstrap: str, settings: Settings, timeout_s: float = 30.0) -> list[str]:
+    """Create whichever of the topics is missing; returns the names created."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    wanted = [
+        NewTopic(name, num_partitions=n, replication_factor=1)
+        for name, n in topic_specs(settings).items()
+        if name not in existing
+    ]
+    if not wanted:
+        return []
+    created = []
+    for name, future in admin.create_topics(wanted, operation_timeout=timeout_s).items():
+        try:
+            future.result()
+            created.append(name)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise
+    log.info("topics created", extra={"topics": created})
+    return created
+
+
+def delete_topics(bootstrap: str, names: list[str], timeout_s: float = 30.0) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    doomed = [n for n in names if n in existing]
+    if not doomed:
+        return
+    for future in admin.delete_topics(doomed, operation_timeout=timeout_s).values():
+        future.result()

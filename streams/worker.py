@@ -1,0 +1,182 @@
+"""The Faust worker: decode and validate event batches, learn them into Redis, publish fresh lists.
+
+The agent stays thin: it takes a batch, splits valid events from invalid ones (invalid ones go
+to the dead-letter topic with their original bytes and a reason), hands the valid ones to
+`models.batch_update.BatchUpdater`, and marks the touched users for publishing. A Redis outage
+pauses the agent (retrying with backoff) instead of dropping or half-applying a batch; Kafka
+offsets advance only after the batch is applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import faust
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from models.batch_update import BatchUpdater
+from models.keys import Keys
+from serving.funnel import Funnel
+from serving.publisher import RecommendationPublisher
+from streams.events import Event, EventValidator
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EVENTS = Counter("freshrec_events_total", "Valid events learned", ["type"])
+DEAD_LETTERS = Counter("freshrec_dead_letters_total", "Messages or events sent to the DLQ")
+BATCHES = Counter("freshrec_batches_total", "Batches applied")
+BATCH_SECONDS = Histogram(
+    "freshrec_batch_apply_seconds",
+    "Time to apply one batch to Redis",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+FRESHNESS = Histogram(
+    "freshrec_event_to_state_seconds",
+    "From the event's arrival in Kafka to its update landing in Redis",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RATING_ABS_ERROR = Histogram(
+    "freshrec_prequential_rating_abs_error",
+    "|r - r_hat| of each rating, predicted before it is learned",
+    buckets=(0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0),
+)
+PUBLISHED = Counter("freshrec_recommendations_published_total", "Lists published")
+REDIS_RETRIES = Counter("freshrec_redis_retries_total", "Batch applications retried")
+LAST_EVENT_TS = Gauge("freshrec_last_event_time_seconds", "Event time of the newest event learned")
+
+
+def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faust.App:
+    app = faust.App(
+        f"{settings.topic_prefix}-worker",
+        broker=f"kafka://{kafka_bootstrap}",
+        store="memory://",
+        value_serializer="raw",
+        key_serializer="raw",
+        topic_allow_declare=False,  # topics are created explicitly with their partition count
+        topic_disable_leader=True,
+        web_enabled=False,
+        consumer_auto_offset_reset="earliest",
+        stream_buffer_maxsize=max(4 * settings.batch_size, 4096),
+        broker_max_poll_records=max(settings.batch_size, 500),
+    )
+    events_topic = app.topic(settings.events_topic, value_type=bytes, key_type=bytes)
+    dlq_topic = app.topic(settings.dlq_topic, value_type=bytes, key_type=bytes)
+    recs_topic = app.topic(settings.recommendations_topic, value_type=bytes, key_type=bytes)
+    validator = EventValidator(settings)
+    keys = Keys(settings.key_prefix)
+    state: dict[str, Any] = {}
+
+    def redis() -> Redis:
+        if "redis" not in state:
+            client = Redis.from_url(redis_url, socket_timeout=5, health_check_interval=10)
+            state["redis"] = client
+            state["updater"] = BatchUpdater(client, keys, settings.model_config())
+            funnel = Funnel(client, keys, settings.funnel_config())
+
+            async def send(key: bytes, value: bytes) -> None:
+                await recs_topic.send(key=key, value=value)
+
+            state["publisher"] = RecommendationPublisher(funnel, send, settings.publish_k)
+        return state["redis"]
+
+    @app.agent(events_topic)
+    async def learn(stream: faust.StreamT) -> None:
+        redis()
+        updater: BatchUpdater = state["updater"]
+        publisher: RecommendationPublisher = state["publisher"]
+        async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+            valid: list[Event] = []
+            arrived: list[float] = []
+            for record in batch:
+                message = record.message
+                events, errors = validator.parse_message(message.value)
+                valid.extend(events)
+                arrived.append(_seconds(message.timestamp))
+                for error in errors:
+                    DEAD_LETTERS.inc()
+                    await dlq_topic.send(
+                        key=message.key,
+                        value=message.value,
+                        headers={
+                            "freshrec-reason": error.reason.encode(),
+                            "freshrec-source": (
+                                f"{message.topic}/{message.partition}/{message.offset}".encode()
+                            ),
+                        },
+                    )
+            if not valid:
+                continue
+            started = time.perf_counter()
+            result = await _apply_until_done(updater, valid)
+            finished = time.time()
+            BATCH_SECONDS.observe(time.perf_counter() - started)
+            BATCHES.inc()
+            for event in valid:
+                EVENTS.labels(event.type).inc()
+            for err in result.rating_errors:
+                RATING_ABS_ERROR.observe(abs(err))
+            for ts in arrived:
+                if ts > 0:
+                    FRESHNESS.observe(max(0.0, finished - ts))
+            LAST_EVENT_TS.set(result.max_ts)
+            publisher.touch(result.users, result.max_ts)
+
+    @app.timer(interval=settings.publish_interval_s)
+    async def publish() -> None:
+        if "publisher" not in state:
+            return
+        publisher: RecommendationPublisher = state["publisher"]
+        if publisher.pending == 0:
+            return
+        try:
+            PUBLISHED.inc(await publisher.publish_pending())
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+            log.warning("publishing deferred: Redis unavailable (%s)", exc)
+
+    @app.task
+    async def serve_metrics() -> None:
+        if settings.worker_metrics_port:
+            try:
+                start_http_server(settings.worker_metrics_port, addr=settings.serve_host)
+            except OSError as exc:
+                log.warning(
+                    "worker metrics not served on %s: %s", settings.worker_metrics_port, exc
+                )
+
+    app.freshrec_learn = learn  # type: ignore[attr-defined]
+    return app
+
+
+async def _apply_until_done(updater: BatchUpdater, events: list[Event]) -> Any:
+    """Apply a batch, waiting out a Redis outage; the batch is never dropped."""
+    delay = 0.1
+    while True:
+        try:
+            return await updater.apply(events)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+            REDIS_RETRIES.inc()
+            log.warning(
+                "Redis unavailable, retrying batch of %d in %.1fs: %s", len(events), delay, exc
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _seconds(timestamp: float | None) -> float:
+    if not timestamp:
+        return 0.0
+    return timestamp / 1000.0 if timestamp > 1e11 else float(timestamp)
+
+
+def run_worker(settings: Settings, kafka_bootstrap: str, redis_url: str, loglevel: str) -> None:
+    """Run a worker in this process until interrupted (SIGINT/SIGTERM)."""
+    from faust.worker import Worker
+
+    app = create_app(settings, kafka_bootstrap, redis_url)
+    Worker(app, loglevel=loglevel).execute_from_commandline()

@@ -1,0 +1,192 @@
+"""Reading ratings files of every contract format into events."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from streams.datasets import RAW_KEY, count_lines, detect_format, read_events
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_bytes(text.encode())
+    return path
+
+
+def test_udata_lines_become_rating_events(tmp_path: Path) -> None:
+    path = write(tmp_path / "u.data", "196\t242\t3\t881250949\n186\t302\t3.5\t891717742\n")
+    events = list(read_events(path))
+    assert events == [
+        {
+            "event_id": "u.data:1",
+            "type": "rating",
+            "user_id": "196",
+            "item_id": "242",
+            "value": 3.0,
+            "ts": 881250949.0,
+        },
+        {
+            "event_id": "u.data:2",
+            "type": "rating",
+            "user_id": "186",
+            "item_id": "302",
+            "value": 3.5,
+            "ts": 891717742.0,
+        },
+    ]
+
+
+def test_dat_lines_become_rating_events(tmp_path: Path) -> None:
+    path = write(tmp_path / "ratings.dat", "1::1193::5::978300760\n")
+    [event] = read_events(path)
+    assert event == {
+        "event_id": "ratings.dat:1",
+        "type": "rating",
+        "user_id": "1",
+        "item_id": "1193",
+        "value": 5.0,
+        "ts": 978300760.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("first_line", "expected"),
+    [
+        ("196\t242\t3\t881250949", "movielens-udata"),
+        ("1::1193::5::978300760", "movielens-dat"),
+        ("user_id,item_id,rating,timestamp", "csv"),
+        ("userId,movieId,rating,timestamp", "csv"),
+        ("user_id,item_id,type,value,ts", "csv"),
+        ('{"type": "click", "user_id": "u1", "item_id": "i1", "ts": 1.0}', "jsonl"),
+        ('[{"type": "click", "user_id": "u1", "item_id": "i1", "ts": 1.0}]', "jsonl"),
+    ],
+)
+def test_format_is_detected_from_first_line(tmp_path: Path, first_line: str, expected: str) -> None:
+    path = write(tmp_path / "data.txt", f"\n{first_line}\nthis line is never looked at\n")
+    assert detect_format(path) == expected
+
+
+def test_undetectable_format_names_the_file_and_the_expected_formats(tmp_path: Path) -> None:
+    path = write(tmp_path / "mystery.txt", "hello world\n")
+    with pytest.raises(ValueError, match=r"mystery\.txt.*expected MovieLens u\.data"):
+        detect_format(path)
+
+
+def test_empty_file_is_an_error_not_an_empty_stream(tmp_path: Path) -> None:
+    path = write(tmp_path / "empty.csv", "\n\n")
+    with pytest.raises(ValueError, match=r"empty\.csv.*no non-empty line"):
+        list(read_events(path))
+
+
+def test_unknown_format_name_is_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path / "u.data", "1\t2\t3\t4\n")
+    with pytest.raises(ValueError, match="unknown format 'parquet'"):
+        read_events(path, fmt="parquet")
+
+
+def test_given_format_overrides_detection(tmp_path: Path) -> None:
+    path = write(tmp_path / "u.data", "1\t2\t3\t4\n")
+    assert list(read_events(path, fmt="jsonl")) == [{RAW_KEY: b"1\t2\t3\t4"}]
+
+
+def test_csv_ratings_become_rating_events(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.csv", "user_id,item_id,rating,timestamp\n7,42,4.5,1700000000\n")
+    assert list(read_events(path)) == [
+        {
+            "event_id": "r.csv:2",
+            "type": "rating",
+            "user_id": "7",
+            "item_id": "42",
+            "value": 4.5,
+            "ts": 1700000000.0,
+        }
+    ]
+
+
+def test_csv_with_type_column_keeps_the_type(tmp_path: Path) -> None:
+    text = "ts,type,user_id,item_id,value\n1700000000,purchase,u1,i9,\n1700000001,view,u1,i8,2\n"
+    events = list(read_events(write(tmp_path / "e.csv", text)))
+    assert [(e["type"], e.get("value"), e["ts"]) for e in events] == [
+        ("purchase", None, 1700000000.0),
+        ("view", 2.0, 1700000001.0),
+    ]
+
+
+def test_csv_iso_timestamps_are_unix_seconds(tmp_path: Path) -> None:
+    text = "user_id,item_id,timestamp\nu1,i1,2023-11-14T22:13:20Z\nu1,i2,2023-11-14T22:13:21\n"
+    events = list(read_events(write(tmp_path / "t.csv", text)))
+    assert [e["ts"] for e in events] == [1700000000.0, 1700000001.0]
+
+
+def test_csv_without_rating_or_type_is_implicit_click(tmp_path: Path) -> None:
+    [event] = read_events(write(tmp_path / "pairs.csv", "user_id,item_id\nu1,i1\n"))
+    # An implicit signal, and no invented value or time: validation decides about those.
+    assert event == {"event_id": "pairs.csv:2", "type": "click", "user_id": "u1", "item_id": "i1"}
+
+
+def test_malformed_rating_line_is_kept_as_raw_bytes(tmp_path: Path) -> None:
+    path = write(tmp_path / "u.data", "1\t2\t3\t100\n1\t2\tfive\t100\n1\t3\t4\t101\n")
+    events = list(read_events(path, fmt="movielens-udata"))
+    assert events[1] == {RAW_KEY: b"1\t2\tfive\t100"}
+    assert [e["event_id"] for e in (events[0], events[2])] == ["u.data:1", "u.data:3"]
+
+
+def test_jsonl_objects_pass_through_unchanged(tmp_path: Path) -> None:
+    objects = [
+        {"event_id": "a", "type": "click", "user_id": "u1", "item_id": "i1", "ts": 1.5},
+        {"type": "teleport", "extra": [1, 2]},  # invalid, but judging it is not our job
+    ]
+    path = write(tmp_path / "e.jsonl", "".join(json.dumps(o) + "\n" for o in objects))
+    assert list(read_events(path)) == objects
+
+
+def test_jsonl_array_line_yields_each_event(tmp_path: Path) -> None:
+    batch = [{"type": "view", "user_id": "u1", "item_id": f"i{k}", "ts": 1.0} for k in range(3)]
+    path = write(tmp_path / "b.jsonl", json.dumps(batch) + "\n")
+    assert list(read_events(path)) == batch
+
+
+def test_non_json_line_is_kept_as_raw_bytes(tmp_path: Path) -> None:
+    good = {"type": "click", "user_id": "u1", "item_id": "i1", "ts": 1.0}
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(json.dumps(good).encode() + b"\r\n{not json\n\xff\xfe\n")
+    assert list(read_events(path)) == [good, {RAW_KEY: b"{not json"}, {RAW_KEY: b"\xff\xfe"}]
+
+
+def test_json_scalar_line_is_kept_as_raw_bytes(tmp_path: Path) -> None:
+    path = write(tmp_path / "e.jsonl", '{"type": "click"}\n42\n')
+    assert list(read_events(path))[1] == {RAW_KEY: b"42"}
+
+
+def test_gzip_files_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "u.data.gz"
+    with gzip.open(path, "wt") as out:
+        out.write("196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
+    assert detect_format(path) == "movielens-udata"
+    events = list(read_events(path))
+    assert [e["event_id"] for e in events] == ["u.data:1", "u.data:2"]  # same ids as unpacked
+    assert count_lines(path) == 2
+
+
+def test_reading_is_lazy(tmp_path: Path) -> None:
+    path = write(tmp_path / "u.data", "1\t2\t3\t4\n" * 10)
+    stream = read_events(path)
+    assert next(stream)["event_id"] == "u.data:1"
+    stream.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("text", "lines"),
+    [("", 0), ("a\n", 1), ("a\nb", 2), ("a\nb\n", 2), ("a\n\n\n", 3)],
+)
+def test_count_lines_counts_physical_lines(tmp_path: Path, text: str, lines: int) -> None:
+    assert count_lines(write(tmp_path / "f", text)) == lines
+
+
+def test_count_lines_crosses_block_boundaries(tmp_path: Path) -> None:
+    path = tmp_path / "big"
+    path.write_bytes(b"x" * 100 + b"\n" + (b"0123456789" * 50_000 + b"\n") * 5)
+    assert count_lines(path) == 6
