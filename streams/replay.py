@@ -66,4 +66,3 @@ def replay_file(
 ) -> ReplaySummary:
     progress = Progress(count_lines(path), f"replay {path.name}") if show_progress else None
     return replay_events(read_events(path, fmt), producer, rate=rate, progress=progress)
-

@@ -1,0 +1,587 @@
+"""Provide the backing services (one Kafka broker, one Redis) and stop only what we started.
+
+Each service comes, in this order, from its ``FRESHREC_*`` address (nothing is started), from a
+container when a Docker engine answers, or from a local process: Apache Kafka in KRaft mode from
+jars fetched once with Maven, and ``redis-server``. ``up`` records what it started in a state
+file so ``down`` stops exactly that, and never a reused pid or a system redis it did not start.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICES = ("kafka", "redis")
+PREFERRED_PORTS = {"kafka": [9092, 9093], "redis": [6379]}
+START_TIMEOUT_S = 90.0
+STOP_DEADLINE_S = 30.0
+_children: dict[int, subprocess.Popen[bytes]] = {}  # our own children, so they are reaped
+
+_JARS = (  # the broker, and log4j2 behind slf4j so it logs to a file in the service folder
+    "org.apache.kafka:kafka_2.13:{version}",
+    "org.slf4j:slf4j-api:2.0.17",
+    "org.apache.logging.log4j:log4j-slf4j2-impl:2.24.3",
+    "org.apache.logging.log4j:log4j-core:2.24.3",
+)
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    kafka_bootstrap: str  # "127.0.0.1:9092"
+    redis_url: str  # "redis://127.0.0.1:6379/0"
+    source: str  # "env" | "docker" | "local" ("env" only when both came from the environment)
+
+
+class ServiceError(RuntimeError):
+    """A backing service could not be provided; the message says what to do about it."""
+
+
+# --- public API --------------------------------------------------------------------------------
+def resolve(
+    settings: Settings, state_dir: Path | None = None
+) -> tuple[Endpoints, Callable[[], None]]:
+    """Endpoints for this process; `stop()` stops only what this call started (also at exit)."""
+    state_dir = _state_dir(settings, state_dir)
+    scratch = state_dir / f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # never what `up` records
+    stoppers: list[Callable[[], Any]] = []
+
+    def stop() -> None:
+        atexit.unregister(stop)
+        while stoppers:
+            stoppers.pop()()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    atexit.register(stop)
+    try:
+        with _locked(state_dir):
+            state = _load(state_dir)
+            state.pop("ports", None)
+            endpoints = _provide(settings, state, scratch, False, lambda *a: stoppers.append(a[2]))
+    except BaseException:
+        stop()
+        raise
+    return endpoints, stop
+
+
+def up(settings: Settings, state_dir: Path | None = None) -> Endpoints:
+    """Start what is not running yet and record it; running services are found and reused."""
+    state_dir = _state_dir(settings, state_dir)
+
+    def record(service: str, started: dict[str, Any], _: Callable[[], Any]) -> None:
+        state[service] = started
+        if "ports" in started:
+            state.setdefault("ports", {})[service] = started["ports"]
+        _save(state_dir, state)  # at once, so `down` finds it even if the next one fails
+
+    with _locked(state_dir):
+        state = _load(state_dir)
+        return _provide(settings, state, state_dir, True, record)
+
+
+def down(settings: Settings, state_dir: Path | None = None) -> list[str]:
+    """Stop what `up` recorded and wait until it is gone; returns what was stopped."""
+    state_dir = _state_dir(settings, state_dir)
+    stopped = []
+    with _locked(state_dir):
+        state = _load(state_dir)
+        for service in reversed(SERVICES):
+            record = state.pop(service, None)
+            if record and _stop_record(record):
+                stopped.append(_describe(service, record))
+            _save(state_dir, state)
+    return stopped
+
+
+def status(settings: Settings, state_dir: Path | None = None) -> dict[str, Any]:
+    """What runs: per service its source, pid or container, address, alive and answering."""
+    state_dir = _state_dir(settings, state_dir)
+    state = _load(state_dir)
+    report: dict[str, Any] = {"state_dir": str(state_dir)}
+    for service in SERVICES:
+        record = state.get(service) or {}
+        alive: bool | None = bool(record) and _running(record)
+        if env := _env_address(settings, service):  # not ours to see: only whether it answers
+            record, alive = {"source": "env", "address": env}, None
+        address = record.get("address") if alive is not False else None
+        report[service] = {
+            "source": record.get("source"),
+            "pid": record.get("pid") if alive else None,
+            "container_id": record.get("container_id") if alive else None,
+            "address": address,
+            "alive": alive,
+            "answering": bool(address) and _answers(service, address, 2.0),
+        }
+    return report
+
+
+def wait_for_kafka(bootstrap: str, timeout_s: float) -> None:
+    """Return once the broker answers a metadata request; a listening port is not enough."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    deadline, last = time.monotonic() + timeout_s, "no answer"
+    quiet = logging.getLogger(f"{__name__}.librdkafka")
+    while (remaining := deadline - time.monotonic()) > 0:
+        if not any(_port_open(a) for a in bootstrap.split(",")):
+            last = "connection refused"
+            time.sleep(min(0.2, remaining))
+            continue
+        try:
+            admin = AdminClient({"bootstrap.servers": bootstrap, "logger": quiet})
+            if admin.list_topics(timeout=max(0.5, min(remaining, 5.0))).brokers:
+                return
+        except KafkaException as exc:
+            last = str(exc)
+    raise TimeoutError(
+        f"Kafka at {bootstrap} gave no metadata within {timeout_s:.0f} s ({last}); "
+        "start it with `freshrec services up` or fix FRESHREC_KAFKA_BOOTSTRAP"
+    )
+
+
+def wait_for_redis(url: str, timeout_s: float) -> None:
+    """Return once Redis answers PING."""
+    import redis
+
+    deadline, last = time.monotonic() + timeout_s, "no answer"
+    while (remaining := deadline - time.monotonic()) > 0:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
+        try:
+            if client.ping():
+                return
+        except redis.RedisError as exc:
+            last = str(exc)
+            time.sleep(min(0.2, max(remaining, 0.0)))
+        finally:
+            client.close()
+    raise TimeoutError(
+        f"Redis at {url} did not answer PING within {timeout_s:.0f} s ({last}); "
+        "start it with `freshrec services up` or fix FRESHREC_REDIS_URL"
+    )
+
+
+def docker_available() -> bool:
+    """True when a Docker engine answers, not merely when the client is installed."""
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=5).returncode == 0
+    except (subprocess.TimeoutExpired, OSError):
+        return False
+
+
+def _provide(
+    settings: Settings,
+    state: dict[str, Any],
+    workdir: Path,
+    keep: bool,
+    started: Callable[[str, dict[str, Any], Callable[[], Any]], None],
+) -> Endpoints:
+    """Each service from the env, else the recorded one if it answers, else a new one."""
+    addresses, sources = {}, {}
+    use_docker: bool | None = None
+    for service in SERVICES:
+        record = state.get(service)
+        if env := _env_address(settings, service):
+            record = {"source": "env", "address": env}
+        elif not (record and _reusable(service, record)):
+            use_docker = docker_available() if use_docker is None else use_docker
+            if use_docker:
+                record, container = _start_container(service, settings, keep)
+                started(service, record, container.stop)
+            else:
+                wanted = state.get("ports", {}).get(service, [])
+                ports = _choose_ports(wanted, PREFERRED_PORTS[service])
+                record = _start_process(service, settings, workdir / service, ports)
+                started(service, record, lambda r=record: _stop_record(r))
+        addresses[service], sources[service] = record["address"], record["source"]
+    return Endpoints(addresses["kafka"], addresses["redis"], _source(sources))
+
+
+# --- records -----------------------------------------------------------------------------------
+def _state_dir(settings: Settings, state_dir: Path | None) -> Path:
+    path = Path(state_dir) if state_dir is not None else Path(settings.home) / "services"
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Serialise `up`/`down` across processes so two callers never start two brokers."""
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _load(state_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((state_dir / "state.json").read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def _save(state_dir: Path, state: dict[str, Any]) -> None:
+    tmp = state_dir / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, state_dir / "state.json")
+
+
+def _env_address(settings: Settings, service: str) -> str:
+    return settings.kafka_bootstrap if service == "kafka" else settings.redis_url
+
+
+def _source(sources: dict[str, str]) -> str:
+    return next((s for s in sources.values() if s != "env"), "env")
+
+
+def _describe(service: str, record: dict[str, Any]) -> str:
+    what = f"pid {record['pid']}" if "pid" in record else f"container {record['container_id']:.12}"
+    return f"{service} ({what}, {record['address']})"
+
+
+def _answers(service: str, address: str, timeout_s: float) -> bool:
+    try:
+        (wait_for_kafka if service == "kafka" else wait_for_redis)(address, timeout_s)
+        return True
+    except TimeoutError:
+        return False
+
+
+def _reusable(service: str, record: dict[str, Any]) -> bool:
+    """A recorded service is reused when it runs and answers; running but mute is an error."""
+    if not _running(record):
+        return False
+    if _answers(service, record["address"], 30.0):
+        return True
+    raise ServiceError(
+        f"{_describe(service, record)} runs but does not answer; see the logs in its folder, "
+        "then run `freshrec services down` and try again"
+    )
+
+
+def _running(record: dict[str, Any]) -> bool:
+    if "pid" in record:
+        return _ours(record) and _alive(record["pid"])
+    return _container_running(record["container_id"])
+
+
+def _stop_record(record: dict[str, Any]) -> bool:
+    """Stop a recorded service if it is still ours; True when something was stopped."""
+    if "container_id" in record:
+        return _remove_container(record["container_id"])
+    pid = record["pid"]
+    if not (_alive(pid) and _ours(record)):
+        return False
+    log.info("stopping pid %s (%s)", pid, record["address"])
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            if os.getpgid(pid) == pid:  # started in its own session: take its children too
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+        deadline = time.monotonic() + (STOP_DEADLINE_S if sig == signal.SIGTERM else 10.0)
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+        if not _alive(pid):
+            return True
+        log.warning("pid %s ignored %s; escalating", pid, sig.name)
+    raise ServiceError(f"pid {pid} survived SIGKILL; check it with `ps -p {pid}`")
+
+
+# --- local processes ---------------------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    """Alive, or exiting but not yet done; reaps our own exited children."""
+    if pid in _children and _children[pid].poll() is not None:
+        del _children[pid]
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # A JVM's main thread turns zombie while its other threads still shut down.
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X") or threads > 1
+
+
+def _ours(record: dict[str, Any]) -> bool:
+    """Guard against a reused pid: the command line and folder must be the ones we started."""
+    pid, workdir = record["pid"], record["workdir"]
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    if record["service"] == "kafka":
+        return "kafka.Kafka" in cmdline and f"{workdir}/server.properties" in cmdline
+    return "redis-server" in cmdline and cwd == workdir
+
+
+def _start_process(
+    service: str, settings: Settings, workdir: Path, ports: list[int]
+) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if service == "kafka":
+        command, address, logs = _kafka_command(settings, workdir, *ports)
+    else:
+        command, address, logs = _redis_command(settings, workdir, ports[0])
+    log.info("starting %s at %s in %s", service, address, workdir)
+    with open(workdir / f"{service}.out", "ab") as out:
+        proc = subprocess.Popen(
+            command, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    _children[proc.pid] = proc
+    record = {"service": service, "source": "local", "pid": proc.pid, "address": address}
+    record |= {"workdir": str(workdir), "ports": ports}
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not (_answers(service, address, 1.0) and proc.poll() is None):  # ours, not a squatter
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop_record(record)
+            tail = "\n".join(_tail(workdir / name) for name in (*logs, f"{service}.out"))
+            raise ServiceError(
+                f"{service} did not start at {address} (exit code {proc.returncode}); "
+                f"logs in {workdir}:\n{tail}"
+            )
+    return record
+
+
+def _kafka_command(
+    settings: Settings, workdir: Path, port: int, cport: int
+) -> tuple[list[str], str, list[str]]:
+    lib = _kafka_lib(settings)
+    java = _require(
+        "java", "a Java 17+ runtime (Debian: apt-get install -y openjdk-17-jre-headless)"
+    )
+    data, props = workdir / "data", workdir / "server.properties"
+    log4j = workdir / "log4j2.properties"
+    props.write_text(
+        "process.roles=broker,controller\nnode.id=1\n"
+        f"controller.quorum.bootstrap.servers=127.0.0.1:{cport}\n"
+        f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}\n"
+        f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n"
+        "controller.listener.names=CONTROLLER\ninter.broker.listener.name=PLAINTEXT\n"
+        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n"
+        f"log.dirs={data}\nnum.partitions=1\n"
+        "offsets.topic.replication.factor=1\n"
+        "transaction.state.log.replication.factor=1\ntransaction.state.log.min.isr=1\n"
+        "share.coordinator.state.topic.replication.factor=1\n"
+        "share.coordinator.state.topic.min.isr=1\n"
+        "group.initial.rebalance.delay.ms=0\n"
+        "auto.create.topics.enable=false\ndelete.topic.enable=true\n"
+    )
+    log4j.write_text(
+        "rootLogger.level=INFO\nrootLogger.appenderRef.file.ref=file\n"
+        "appender.file.type=File\nappender.file.name=file\n"
+        f"appender.file.fileName={workdir}/kafka.log\n"
+        "appender.file.layout.type=PatternLayout\nappender.file.layout.pattern=[%d] %p %m (%c)%n\n"
+    )
+    common = [f"-Dlog4j2.configurationFile={log4j}", "-cp", f"{lib}/*"]
+    if not (data / "meta.properties").exists():
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        format_cmd = [java, *common, "kafka.tools.StorageTool", "format", "--standalone"]
+        done = subprocess.run(
+            [*format_cmd, "-t", cluster_id, "-c", str(props)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise ServiceError(
+                f"formatting Kafka storage in {data} failed: {done.stdout}{done.stderr}\n"
+                f"remove {data} and try again"
+            )
+    heap = ["-Xms256m", "-Xmx512m", "-XX:+UseG1GC"]
+    return [java, *heap, *common, "kafka.Kafka", str(props)], f"127.0.0.1:{port}", ["kafka.log"]
+
+
+def _kafka_lib(settings: Settings) -> Path:
+    """Fetch the broker jars once; a marker file tells a complete download from a partial one."""
+    root = Path(settings.home) / f"kafka-{settings.kafka_version}"
+    lib, marker = root / "lib", root / "lib.complete"
+    with _locked(root):
+        if marker.exists():
+            return lib
+        mvn = _require("mvn", "Maven (Debian: apt-get install -y maven)")
+        _require("java", "a Java 17+ runtime (Debian: apt-get install -y openjdk-17-jre-headless)")
+        shutil.rmtree(lib, ignore_errors=True)
+        deps = "".join(
+            "<dependency><groupId>{}</groupId><artifactId>{}</artifactId><version>{}</version>"
+            "</dependency>\n".format(*jar.format(version=settings.kafka_version).split(":"))
+            for jar in _JARS
+        )
+        (root / "pom.xml").write_text(
+            '<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.0</modelVersion>\n'
+            "<groupId>freshrec</groupId><artifactId>kafka-runtime</artifactId><version>1</version>\n"
+            f"<dependencies>\n{deps}</dependencies></project>\n"
+        )
+        log.info("fetching Kafka %s jars into %s (once)", settings.kafka_version, lib)
+        done = subprocess.run(
+            [mvn, "-q", "-B", "dependency:copy-dependencies", "-DoutputDirectory=lib",
+             "-DincludeScope=runtime"],
+            cwd=root, capture_output=True, text=True, timeout=1800,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise ServiceError(
+                f"Maven could not fetch Kafka {settings.kafka_version} "
+                f"(exit {done.returncode}):\n{(done.stdout + done.stderr)[-2000:]}\n"
+                "check access to Maven Central and that FRESHREC_KAFKA_VERSION is a release"
+            )
+        marker.write_text(settings.kafka_version)
+        return lib
+
+
+def _redis_command(
+    settings: Settings, workdir: Path, port: int
+) -> tuple[list[str], str, list[str]]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        install = "apt-get update -qq && apt-get install -y -qq redis-server"
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            raise ServiceError(
+                f"redis-server is not installed; install it (Debian: sudo sh -c '{install}') "
+                "or set FRESHREC_REDIS_URL to a running Redis"
+            )
+        log.warning("redis-server is missing; installing it with apt-get")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["sh", "-c", install], check=True, env=env, timeout=900)
+        binary = _require("redis-server", "redis-server (Debian: apt-get install -y redis-server)")
+    command = [
+        binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
+        "--save", "", "--appendonly", "yes" if settings.redis_persist else "no",
+        "--daemonize", "no", "--logfile", str(workdir / "redis.log"),
+    ]  # fmt: skip
+    return command, f"redis://127.0.0.1:{port}/0", ["redis.log"]
+
+
+def _require(program: str, what: str) -> str:
+    path = shutil.which(program)
+    if path is None:
+        raise ServiceError(
+            f"`{program}` was not found; install {what}, or set FRESHREC_* addresses"
+        )
+    return path
+
+
+def _choose_ports(wanted: list[int], preferred: list[int]) -> list[int]:
+    """Recorded ports, else the usual ones, else any free ones: never a port something holds."""
+    for ports in (wanted, preferred):
+        if len(ports) == len(preferred) and all(_port_free(p) for p in ports):
+            return list(ports)
+    sockets = [socket.socket() for _ in preferred]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+        try:
+            s.bind(("127.0.0.1", port))  # fails while anything listens there, 0.0.0.0 included
+        except OSError:
+            return False
+    return True
+
+
+def _port_open(address: str) -> bool:
+    host, _, port = address.strip().rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=0.5):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+# --- containers --------------------------------------------------------------------------------
+def _start_container(service: str, settings: Settings, keep: bool) -> tuple[dict[str, Any], Any]:
+    """Start a container; `keep` turns Ryuk off so it outlives this process (for `up`)."""
+    from testcontainers.core.config import testcontainers_config
+
+    previous = testcontainers_config.ryuk_disabled
+    testcontainers_config.ryuk_disabled = keep or previous
+    container: Any = None
+    try:
+        if service == "kafka":
+            from testcontainers.community.kafka import KafkaContainer
+
+            container = KafkaContainer(_confluent_image(settings.kafka_version)).with_kraft()
+            for name in ("TRANSACTION_STATE_LOG", "SHARE_COORDINATOR_STATE_TOPIC"):
+                container.with_env(f"KAFKA_{name}_REPLICATION_FACTOR", "1")
+                container.with_env(f"KAFKA_{name}_MIN_ISR", "1")
+            container.with_env("KAFKA_AUTO_CREATE_TOPICS_ENABLE", "false")
+            container.start(timeout=int(START_TIMEOUT_S))
+            address = container.get_bootstrap_server()
+            wait_for_kafka(address, START_TIMEOUT_S)
+        else:
+            from testcontainers.community.redis import RedisContainer
+
+            container = RedisContainer("redis:7")
+            if settings.redis_persist:
+                container.with_command("redis-server --appendonly yes")
+            container.start()
+            host, port = container.get_container_host_ip(), container.get_exposed_port(6379)
+            address = f"redis://{host}:{port}/0"
+    except Exception as exc:
+        if container is not None and container.get_wrapped_container() is not None:
+            container.stop()
+        raise ServiceError(f"the {service} container did not start: {exc}") from exc
+    finally:
+        testcontainers_config.ryuk_disabled = previous
+    record = {"service": service, "source": "docker", "address": address}
+    record["container_id"] = container.get_wrapped_container().id
+    log.info("started %s", _describe(service, record))
+    return record, container
+
+
+def _confluent_image(kafka_version: str) -> str:
+    """The Confluent Platform image carrying this Kafka (CP 8.N ships Apache Kafka 4.N)."""
+    major, minor = kafka_version.split(".")[:2]
+    if major != "4":
+        raise ServiceError(f"no container image known for Kafka {kafka_version}; use a 4.x version")
+    return f"confluentinc/cp-kafka:8.{minor}.0"
+
+
+def _container_running(container_id: str) -> bool:
+    import docker
+
+    try:
+        return docker.from_env().containers.get(container_id).status == "running"
+    except docker.errors.DockerException:
+        return False
+
+
+def _remove_container(container_id: str) -> bool:
+    import docker
+
+    try:
+        docker.from_env().containers.get(container_id).remove(force=True)
+        return True
+    except docker.errors.NotFound:
+        return False

@@ -1,0 +1,112 @@
+"""Events in, fresh recommendations out: the whole path on the real broker and real Redis."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from streams.producer import EventProducer
+from streams.settings import Settings
+from tests.support import TopicReader, http_json, wait_until
+
+pytestmark = pytest.mark.integration
+
+NOW = time.time()
+
+
+def _event(user: str, item: str, kind: str = "click", offset_s: float = 0.0) -> dict:
+    return {"type": kind, "user_id": user, "item_id": item, "ts": NOW - 3600 + offset_s}
+
+
+def test_new_events_change_served_and_published_recommendations(
+    settings: Settings, worker: object, reader: str, redis_client: object
+) -> None:
+    # Other users establish that "anchor" co-occurs with "pair-a" and "pair-b".
+    background = []
+    for n in range(6):
+        user = f"crowd-{n}"
+        background += [
+            _event(user, "anchor", offset_s=n),
+            _event(user, "pair-a", offset_s=n + 0.1),
+            _event(user, "pair-b", offset_s=n + 0.2),
+        ]
+    background += [_event("fan", "filler", offset_s=1), _event("fan", "anchor", offset_s=2)]
+    with EventProducer(settings.kafka_bootstrap, settings.events_topic, 10) as producer:
+        producer.send_many(background)
+    wait_until(
+        lambda: redis_client.zscore(f"{settings.key_prefix}:cf:anchor", "pair-a"),
+        30,
+        "the background co-occurrences to land",
+    )
+    published = TopicReader(settings.kafka_bootstrap, settings.recommendations_topic)
+    try:
+        status, before = http_json(f"{reader}/recommendations/alice?k=50")
+        assert status == 200
+        # An unknown user gets the popular head; "anchor" is the most popular item.
+        assert "anchor" in [i["item_id"] for i in before["items"]]
+
+        # alice has seen "seen-1"; now she interacts with "anchor".
+        with EventProducer(settings.kafka_bootstrap, settings.events_topic) as producer:
+            producer.send(_event("alice", "seen-1", offset_s=10))
+            producer.send(_event("alice", "anchor", offset_s=11))
+
+        def served() -> dict[str, list[str]] | None:
+            # Fresh once the co-occurring items arrive through alice's own history (cf).
+            status, body = http_json(f"{reader}/recommendations/alice?k=50")
+            channels = {i["item_id"]: i["channels"] for i in body["items"]}
+            fresh = all("cf" in channels.get(item, []) for item in ("pair-a", "pair-b"))
+            return channels if status == 200 and fresh else None
+
+        items = wait_until(served, 30, "alice's list to show the items co-occurring with anchor")
+        assert "anchor" not in items and "seen-1" not in items, items
+        longest = http_json(f"{reader}/recommendations/alice?k=200")[1]["items"]
+        assert not {"anchor", "seen-1"} & {i["item_id"] for i in longest}
+
+        def alice_message() -> dict | None:
+            for message in published.poll():
+                if message.key() == b"alice":
+                    body = json.loads(message.value())
+                    if {"pair-a", "pair-b"} <= {i["item_id"] for i in body["items"]}:
+                        return body
+            return None
+
+        body = wait_until(alice_message, 30, "a fresh list for alice on the recommendations topic")
+        assert body["user_id"] == "alice"
+        assert not {"anchor", "seen-1"} & {i["item_id"] for i in body["items"]}
+    finally:
+        published.close()
+
+
+def test_similar_items_come_from_co_occurrence(
+    settings: Settings, worker: object, reader: str, redis_client: object
+) -> None:
+    events = []
+    for n in range(4):
+        events += [_event(f"s{n}", "x", offset_s=n), _event(f"s{n}", "y", offset_s=n + 0.5)]
+    events.append(_event("loner", "z"))
+    with EventProducer(settings.kafka_bootstrap, settings.events_topic, 5) as producer:
+        producer.send_many(events)
+    wait_until(
+        lambda: (
+            http_json(f"{reader}/similar/y")[0] == 200
+            and http_json(f"{reader}/similar/z")[0] == 200
+        ),
+        30,
+        "items y and z to be known",
+    )
+    status, body = http_json(f"{reader}/similar/x?k=5")
+    assert status == 200 and [i["item_id"] for i in body["items"]] == ["y"]
+    assert body["items"][0]["score"] == pytest.approx(1.0, rel=1e-6)  # cosine of identical users
+    assert http_json(f"{reader}/similar/z")[1]["items"] == []
+
+
+def test_reader_answers_bad_requests_with_json_errors(settings: Settings, reader: str) -> None:
+    assert http_json(f"{reader}/recommendations/u1?k=0")[0] == 400
+    status, body = http_json(f"{reader}/recommendations/u1?k=ten")
+    assert status == 400 and "k must be an integer" in body["error"]
+    status, body = http_json(f"{reader}/similar/never-seen")
+    assert status == 404 and "never-seen" in body["error"]
+    assert http_json(f"{reader}/predict/u1/never-seen")[0] == 404
+    assert http_json(f"{reader}/no/such/route")[0] == 404

@@ -1,0 +1,65 @@
+"""The MF update equals river's reco.BiasedMF, an independent implementation of the same rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from river import optim, reco
+
+from models.mf import implicit_step, initial_vector, predict_rating, rating_step
+
+
+def test_rating_steps_equal_river_biased_mf() -> None:
+    gamma, lam, k = 0.02, 0.05, 8
+    rng = np.random.default_rng(3)
+    users = [f"u{n}" for n in range(30)]
+    items = [f"i{n}" for n in range(40)]
+    river_mf = reco.BiasedMF(
+        n_factors=k,
+        bias_optimizer=optim.SGD(gamma / 2),
+        latent_optimizer=optim.SGD(gamma / 2),
+        l2_bias=2 * lam,
+        l2_latent=2 * lam,
+    )
+    ours = {}
+    for name in users + items:
+        ours[name] = initial_vector(name, name[0], k, 0.1, seed=1)
+    for u in users:
+        river_mf.u_latents[u] = ours[u][1:].copy()
+    for i in items:
+        river_mf.i_latents[i] = ours[i][1:].copy()
+
+    total, n = 0.0, 0
+    for _ in range(2000):
+        u, i = users[rng.integers(len(users))], items[rng.integers(len(items))]
+        r = float(rng.uniform(1, 5))
+        total, n = total + r, n + 1
+        river_mf.learn_one(u, i, r)
+        rating_step(ours[u], ours[i], total / n, r, gamma, lam)
+
+    for u in users[:10]:
+        for i in items[:10]:
+            assert predict_rating(ours[u], ours[i], total / n) == pytest.approx(
+                river_mf.predict_one(u, i), abs=1e-9
+            )
+        np.testing.assert_allclose(ours[u][1:], river_mf.u_latents[u], atol=1e-12)
+        assert abs(ours[u][0] - river_mf.u_biases[u]) < 1e-12
+
+
+def test_initial_vectors_are_the_same_in_every_process_and_differ_by_id() -> None:
+    a = initial_vector("item-1", "i", 16, 0.1, seed=42)
+    assert np.array_equal(a, initial_vector("item-1", "i", 16, 0.1, seed=42))
+    assert not np.array_equal(a, initial_vector("item-2", "i", 16, 0.1, seed=42))
+    assert not np.array_equal(a, initial_vector("item-1", "u", 16, 0.1, seed=42))
+    assert a[0] == 0.0 and 0.05 < a[1:].std() < 0.2
+
+
+def test_implicit_positive_raises_and_negative_lowers_the_score() -> None:
+    u, i, j = (initial_vector(x, "x", 8, 0.1, seed=0) for x in ("u", "i", "j"))
+    before_i, before_j = u[1:] @ i[1:], u[1:] @ j[1:]
+    for _ in range(20):
+        implicit_step(u, i, preference=1.0, confidence=3.0, lr=0.05, reg=0.0)
+        implicit_step(u, j, preference=0.0, confidence=1.0, lr=0.05, reg=0.0)
+    assert u[1:] @ i[1:] > before_i + 0.1
+    assert abs(u[1:] @ j[1:]) < abs(before_j) + 0.05
+    assert u[0] == 0.0 and i[0] == 0.0  # implicit steps leave the rating biases alone

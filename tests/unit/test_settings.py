@@ -1,0 +1,28 @@
+"""Configuration is read from FRESHREC_* and malformed values are named in the error."""
+
+from __future__ import annotations
+
+import pytest
+
+from streams.settings import Settings
+
+
+def test_environment_overrides_defaults() -> None:
+    s = Settings.from_env({"FRESHREC_PARTITIONS": "8", "FRESHREC_REDIS_PERSIST": "yes"})
+    assert s.partitions == 8 and s.redis_persist is True
+    assert s.events_topic == "freshrec.events" and s.dlq_topic == "freshrec.dlq"
+
+
+def test_a_malformed_value_names_its_variable() -> None:
+    with pytest.raises(ValueError, match="FRESHREC_MF_FACTORS='many' is not a valid int"):
+        Settings.from_env({"FRESHREC_MF_FACTORS": "many"})
+
+
+def test_inconsistent_values_are_refused() -> None:
+    with pytest.raises(ValueError, match="FRESHREC_RATING_MIN must be below"):
+        Settings.from_env({"FRESHREC_RATING_MIN": "5", "FRESHREC_RATING_MAX": "1"})
+
+
+def test_settings_round_trip_through_the_environment() -> None:
+    s = Settings(topic_prefix="x", mf_lr=0.5, redis_persist=True)
+    assert Settings.from_env(s.environ()) == s
