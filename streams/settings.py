@@ -228,8 +228,9 @@ class Settings:
     def markdown_reference(cls) -> str:
         rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
         for f in dataclasses.fields(cls):
-            default = f.default if f.name != "home" else "~/.cache/freshrec"
-            rows.append(f"| `{f.metadata['env']}` | `{default}` | {f.metadata['doc']} |")
+            default = "~/.cache/freshrec" if f.name == "home" else f.default
+            shown = f"`{default}`" if default != "" else "(unset)"
+            rows.append(f"| `{f.metadata['env']}` | {shown} | {f.metadata['doc']} |")
         return "\n".join(rows)
 
 
