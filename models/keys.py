@@ -50,6 +50,20 @@ class Keys:
         return f"{self.prefix}:imp"
 
     @property
+    def impressions_total(self) -> str:
+        """Float counter: all impressions, N in the UCB bonus."""
+        return f"{self.prefix}:imp:total"
+
+    @property
+    def clicks(self) -> str:
+        """Sorted set item -> number of clicks (CTR, UCB reward)."""
+        return f"{self.prefix}:clk"
+
+    def watermark(self, partition: str) -> str:
+        """Highest offset of ``partition`` (``topic/n``) whose events are applied."""
+        return f"{self.prefix}:wm:{partition}"
+
+    @property
     def item_first_seen(self) -> str:
         """Sorted set item -> event time of its first interaction (catalog, item age)."""
         return f"{self.prefix}:items"

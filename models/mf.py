@@ -1,7 +1,9 @@
 r"""Online biased matrix factorisation: the SGD steps, over numpy arrays, no I/O.
 
-A user and an item are each one vector ``[b, f_1 .. f_k]`` (bias first, then factors), the
-layout they are stored in. Ratings follow Koren, Bell & Volinsky (2009):
+A user and an item are each one vector ``[b, p_1 .. p_k, y_1 .. y_k]``, the layout they are
+stored in: a bias and rating factors ``p`` (or ``q``), then implicit-preference factors ``y``.
+The two objectives below own separate parameters, so clicks never bend rating predictions and
+ratings never dilute the preference model. Ratings follow Koren, Bell & Volinsky (2009):
 
 .. math::
 
@@ -16,11 +18,18 @@ layout they are stored in. Ratings follow Koren, Bell & Volinsky (2009):
 with every gradient taken at the old values. This is river's ``reco.BiasedMF`` with
 ``lr = gamma / 2`` and ``l2 = 2 lambda`` (river differentiates the unhalved squared loss).
 
-Implicit feedback (click, view, purchase) follows Hu, Koren & Volinsky (2008): preference
-:math:`p = 1` with confidence :math:`c = 1 + \alpha f`, where :math:`f` is the event's strength;
-the unobserved side is sampled (preference 0, confidence 1) from the other items of the same
-batch, i.e. in proportion to their current traffic — the usual correction for popularity in
-streaming training. Implicit steps move factors only, on the score :math:`s = p_u^\top q_i`.
+Every interaction (click, view, purchase, and a rating too) is implicit feedback in the sense of
+Hu, Koren & Volinsky (2008): preference 1 with confidence :math:`c = 1 + \alpha f`, where
+:math:`f` is the event type's strength, on the score :math:`s_{ui} = y_u^\top y_i`:
+
+.. math::
+
+    e = 1 - s_{ui}, \quad y_u \leftarrow y_u + \eta (c\, e\, y_i - \lambda y_u), \quad
+    y_i \leftarrow y_i + \eta (c\, e\, y_u - \lambda y_i)
+
+The unobserved side (preference 0, confidence 1) is sampled from the other items of the same
+batch, i.e. in proportion to their current traffic — the usual popularity correction in
+streaming training. Top-N ranking uses :math:`s_{ui}`; rating prediction uses :math:`\hat r_{ui}`.
 """
 
 from __future__ import annotations
@@ -30,28 +39,44 @@ import hashlib
 import numpy as np
 
 
+def vector_width(factors: int) -> int:
+    """Bias, rating factors, implicit factors."""
+    return 1 + 2 * factors
+
+
+def rating_part(vec: np.ndarray, factors: int) -> np.ndarray:
+    """``[b, p]``: a view, so steps on it update ``vec`` in place."""
+    return vec[: factors + 1]
+
+
+def implicit_part(vec: np.ndarray, factors: int) -> np.ndarray:
+    """``y``: a view, so steps on it update ``vec`` in place."""
+    return vec[factors + 1 :]
+
+
 def initial_vector(entity_id: str, kind: str, factors: int, std: float, seed: int) -> np.ndarray:
-    """Bias 0 and N(0, std^2) factors, the same in every process for the same id.
+    """Bias 0 and N(0, std^2) factors (both sets), the same in every process for the same id.
 
     Deterministic initialisation lets concurrent workers create a vector without coordination:
     whichever writes first, the others' deltas land on the same starting point.
     """
     digest = hashlib.blake2b(f"{kind}:{entity_id}".encode(), digest_size=8).digest()
     rng = np.random.default_rng([seed, int.from_bytes(digest, "little")])
-    vec = np.empty(factors + 1, dtype=np.float64)
+    vec = np.empty(vector_width(factors), dtype=np.float64)
     vec[0] = 0.0
-    vec[1:] = rng.normal(0.0, std, factors)
+    vec[1:] = rng.normal(0.0, std, 2 * factors)
     return vec
 
 
 def predict_rating(user: np.ndarray, item: np.ndarray, mean: float) -> float:
+    """On ``rating_part`` views: ``mu + b_u + b_i + p_u.q_i``."""
     return float(mean + user[0] + item[0] + user[1:] @ item[1:])
 
 
 def rating_step(
     user: np.ndarray, item: np.ndarray, mean: float, rating: float, lr: float, reg: float
 ) -> float:
-    """One SGD step on a rating, in place; returns the prior error ``r - r_hat``.
+    """One SGD step on a rating over ``rating_part`` views, in place; returns ``r - r_hat``.
 
     Examples
     --------
@@ -79,11 +104,10 @@ def implicit_step(
     lr: float,
     reg: float,
 ) -> float:
-    """One weighted SGD step on ``c (p - p_u.q_i)^2``, factors only; returns the error."""
-    pu, qi = user[1:], item[1:]
-    err = preference - float(pu @ qi)
-    grad_user = confidence * err * qi - reg * pu
-    grad_item = confidence * err * pu - reg * qi
-    pu += lr * grad_user
-    qi += lr * grad_item
+    """One weighted SGD step on ``c (p - y_u.y_i)^2`` over ``implicit_part`` views."""
+    err = preference - float(user @ item)
+    grad_user = confidence * err * item - reg * user
+    grad_item = confidence * err * user - reg * item
+    user += lr * grad_user
+    item += lr * grad_item
     return err

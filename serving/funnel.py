@@ -2,7 +2,8 @@
 
 Recall gathers candidates from two channels — the co-occurrence neighbours of the user's most
 recent items (item-CF, cosine-normalised by decayed item counts) and the decayed-popularity
-head — then ranks them by the MF prediction and drops everything the user has interacted with.
+head — then ranks them by the implicit-preference MF score and drops everything the user has
+interacted with.
 Three pipelined round trips per request, whatever the number of candidates.
 """
 
@@ -15,6 +16,7 @@ import numpy as np
 from redis.asyncio import Redis
 
 from models.keys import Keys
+from models.mf import implicit_part, predict_rating, rating_part, vector_width
 from models.vectors import decode_matrix, decode_vector
 
 
@@ -63,9 +65,8 @@ class Funnel:
         pipe = self.redis.pipeline(transaction=False)
         pipe.zrevrange(keys.history(user_id), 0, cfg.history_cap - 1)
         pipe.get(keys.user_vector(user_id))
-        pipe.hmget(keys.rating_mean, "sum", "n")
         pipe.zrevrange(keys.popularity, 0, cfg.recall_popular + k - 1)
-        history_raw, user_blob, mean_raw, popular_raw = await pipe.execute()
+        history_raw, user_blob, popular_raw = await pipe.execute()
         seen = {m.decode() for m in history_raw}
         seeds = [m.decode() for m in history_raw[: cfg.history_window]]
 
@@ -103,27 +104,27 @@ class Funnel:
         if not candidates:
             return []
 
-        # --- rank by the MF prediction (biases + factors); CF score breaks ties --------------
+        # --- rank by the implicit-preference MF score; CF score breaks ties ----------------------
         items = list(candidates)
-        width = cfg.factors + 1
+        k_f = cfg.factors
+        width = vector_width(k_f)
         pipe = self.redis.pipeline(transaction=False)  # GETs, not MGET: keys span cluster slots
         for item in items:
             pipe.get(keys.item_vector(item))
         blobs = await pipe.execute()
         matrix, present = decode_matrix(blobs, width)
-        mean = _mean(mean_raw)
-        if user_blob is not None and len(user_blob) == 4 * width:
-            user = decode_vector(user_blob)
-            scores = mean + user[0] + matrix[:, 0] + matrix[:, 1:] @ user[1:].astype(np.float32)
-        else:
-            scores = mean + matrix[:, 0].astype(np.float64)
-        scores = np.where(present, scores, mean)
         cf = np.array([candidates[i].cf_score for i in items])
+        if user_blob is not None and len(user_blob) == 4 * width:
+            y_user = implicit_part(decode_vector(user_blob), k_f).astype(np.float32)
+            scores = (matrix[:, k_f + 1 :] @ y_user).astype(np.float64)
+            scores = np.where(present, scores, -np.inf)
+        else:
+            scores = cf.copy()  # unknown user: co-occurrence, then the popular order
         order = np.lexsort((-cf, -scores))[:k]
         ranked = []
         for idx in order:
             cand = candidates[items[idx]]
-            cand.score = float(scores[idx])
+            cand.score = float(scores[idx]) if np.isfinite(scores[idx]) else 0.0
             ranked.append(cand)
         return ranked
 
@@ -155,15 +156,18 @@ class Funnel:
         pipe.get(keys.item_vector(item_id))
         pipe.hmget(keys.rating_mean, "sum", "n")
         user_blob, item_blob, mean_raw = await pipe.execute()
-        width = self.config.factors + 1
+        k = self.config.factors
+        width = vector_width(k)
         if item_blob is None or len(item_blob) != 4 * width:
             raise UnknownItem(item_id)
-        item = decode_vector(item_blob)
-        prediction = _mean(mean_raw) + item[0]
+        item = rating_part(decode_vector(item_blob), k)
         known_user = user_blob is not None and len(user_blob) == 4 * width
         if known_user:
-            user = decode_vector(user_blob)
-            prediction += user[0] + float(user[1:] @ item[1:])
+            prediction = predict_rating(
+                rating_part(decode_vector(user_blob), k), item, _mean(mean_raw)
+            )
+        else:
+            prediction = _mean(mean_raw) + item[0]
         return {
             "user_id": user_id,
             "item_id": item_id,

@@ -104,6 +104,12 @@ class Settings:
         90 * 86400,
     )
     # --- worker ------------------------------------------------------------------------------
+    atomic_batches: bool = _env(
+        "FRESHREC_ATOMIC_BATCHES",
+        "Apply each batch with its offset watermarks in one transaction (exactly once on a "
+        "single Redis); 0 on Redis Cluster (at least once).",
+        True,
+    )
     batch_size: int = _env("FRESHREC_BATCH_SIZE", "Most messages per agent batch.", 1000)
     batch_within_s: float = _env("FRESHREC_BATCH_WITHIN_S", "Longest wait to fill a batch.", 0.05)
     worker_metrics_port: int = _env(

@@ -47,6 +47,9 @@ RATING_ABS_ERROR = Histogram(
     buckets=(0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0),
 )
 PUBLISHED = Counter("freshrec_recommendations_published_total", "Lists published")
+REDELIVERED = Counter(
+    "freshrec_redelivered_events_total", "Events skipped because their offset was applied before"
+)
 REDIS_RETRIES = Counter("freshrec_redis_retries_total", "Batch applications retried")
 LAST_EVENT_TS = Gauge("freshrec_last_event_time_seconds", "Event time of the newest event learned")
 
@@ -76,7 +79,9 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         if "redis" not in state:
             client = Redis.from_url(redis_url, socket_timeout=5, health_check_interval=10)
             state["redis"] = client
-            state["updater"] = BatchUpdater(client, keys, settings.model_config())
+            state["updater"] = BatchUpdater(
+                client, keys, settings.model_config(), atomic=settings.atomic_batches
+            )
             funnel = Funnel(client, keys, settings.funnel_config())
 
             async def send(key: bytes, value: bytes) -> None:
@@ -92,11 +97,14 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         publisher: RecommendationPublisher = state["publisher"]
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
             valid: list[Event] = []
+            origins: list[tuple[str, int]] = []
             arrived: list[float] = []
             for record in batch:
                 message = record.message
                 events, errors = validator.parse_message(message.value)
                 valid.extend(events)
+                origin = (f"{message.topic}/{message.partition}", message.offset)
+                origins.extend([origin] * len(events))
                 arrived.append(_seconds(message.timestamp))
                 for error in errors:
                     DEAD_LETTERS.inc()
@@ -113,12 +121,13 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             if not valid:
                 continue
             started = time.perf_counter()
-            result = await _apply_until_done(updater, valid)
+            result = await _apply_until_done(updater, valid, origins)
             finished = time.time()
             BATCH_SECONDS.observe(time.perf_counter() - started)
             BATCHES.inc()
             for event in valid:
                 EVENTS.labels(event.type).inc()
+            REDELIVERED.inc(result.skipped)
             for err in result.rating_errors:
                 RATING_ABS_ERROR.observe(abs(err))
             for ts in arrived:
@@ -153,12 +162,17 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
     return app
 
 
-async def _apply_until_done(updater: BatchUpdater, events: list[Event]) -> Any:
-    """Apply a batch, waiting out a Redis outage; the batch is never dropped."""
+async def _apply_until_done(
+    updater: BatchUpdater, events: list[Event], origins: list[tuple[str, int]]
+) -> Any:
+    """Apply a batch, waiting out a Redis outage; the batch is never dropped.
+
+    A retry after a failure at EXEC time is safe: the watermarks skip whatever did land.
+    """
     delay = 0.1
     while True:
         try:
-            return await updater.apply(events)
+            return await updater.apply(events, origins)
         except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
             REDIS_RETRIES.inc()
             log.warning(
