@@ -35,6 +35,7 @@ from models.mf import (
     implicit_part,
     implicit_step,
     initial_vector,
+    predict_rating,
     rating_part,
     rating_step,
     vector_width,
@@ -252,17 +253,14 @@ class BatchUpdater:
             strength = cfg.strengths.get(ev.type, 1.0)
             if ev.type == "rating":
                 rating = float(ev.value)  # type: ignore[arg-type]
+                u_part, i_part = rating_part(uvec, k), rating_part(ivec, k)
+                # Prequential error: predicted before anything about this rating is known.
+                prior_mean = mean_sum / mean_n if mean_n else 0.0
+                result.rating_errors.append(rating - predict_rating(u_part, i_part, prior_mean))
+                # The step itself folds the rating into mu first, as river's BiasedMF does.
                 mean_sum += rating
                 mean_n += 1
-                err = rating_step(
-                    rating_part(uvec, k),
-                    rating_part(ivec, k),
-                    mean_sum / mean_n,
-                    rating,
-                    cfg.lr,
-                    cfg.reg,
-                )
-                result.rating_errors.append(err)
+                rating_step(u_part, i_part, mean_sum / mean_n, rating, cfg.lr, cfg.reg)
             elif ev.type == "click":
                 out.clicks[item] += 1.0
             confidence = 1.0 + cfg.implicit_alpha * strength

@@ -1,0 +1,255 @@
+"""The online updates in Redis: exact against independent references, safe under concurrency,
+applied once under redelivery."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from redis.asyncio import Redis
+from river import optim, reco
+
+from models.batch_update import INTERACTIONS, BatchUpdater
+from models.decay import REBASE_EXPONENT
+from models.keys import Keys
+from models.mf import initial_vector, predict_rating, rating_part, vector_width
+from models.vectors import decode_vector
+from streams.events import Event
+from streams.settings import Settings
+from streams.synth import SynthConfig, generate
+
+pytestmark = pytest.mark.integration
+
+
+def _events(raw: list[dict]) -> list[Event]:
+    return [Event(e["type"], e["user_id"], e["item_id"], e["ts"], e.get("value")) for e in raw]
+
+
+async def _apply_in_batches(updater: BatchUpdater, events: list[Event], size: int) -> list[float]:
+    errors: list[float] = []
+    for start in range(0, len(events), size):
+        result = await updater.apply(events[start : start + size])
+        errors.extend(result.rating_errors)
+    return errors
+
+
+def test_mf_in_redis_equals_river_biased_mf_on_10000_ratings(settings: Settings) -> None:
+    cfg = dataclasses.replace(
+        settings.model_config(), factors=8, lr=0.02, reg=0.05, implicit_negatives=0
+    )
+    stream = generate(SynthConfig(users=300, items=200, events=10_000, rating_share=1.0, seed=11))
+    ratings = _events(stream.events)
+    assert len(ratings) == 10_000 and all(e.type == "rating" for e in ratings)
+
+    river_mf = reco.BiasedMF(
+        n_factors=cfg.factors,
+        bias_optimizer=optim.SGD(cfg.lr / 2),
+        latent_optimizer=optim.SGD(cfg.lr / 2),
+        l2_bias=2 * cfg.reg,
+        l2_latent=2 * cfg.reg,
+    )
+    for e in ratings:  # the same initial vectors
+        for kind, name, table in (
+            ("u", e.user_id, river_mf.u_latents),
+            ("i", e.item_id, river_mf.i_latents),
+        ):
+            if name not in table:
+                vec = initial_vector(name, kind, cfg.factors, cfg.init_std, cfg.seed)
+                table[name] = rating_part(vec, cfg.factors)[1:].copy()
+    river_errors = []
+    for e in ratings:
+        river_errors.append(e.value - river_mf.predict_one(e.user_id, e.item_id))
+        river_mf.learn_one(e.user_id, e.item_id, e.value)
+
+    async def run() -> tuple[list[float], dict[str, np.ndarray], float]:
+        redis = Redis.from_url(settings.redis_url)
+        keys = Keys(settings.key_prefix)
+        errors = await _apply_in_batches(BatchUpdater(redis, keys, cfg), ratings, 500)
+        names = sorted({("u", e.user_id) for e in ratings} | {("i", e.item_id) for e in ratings})
+        blobs = await redis.mget(
+            [keys.user_vector(n) if k == "u" else keys.item_vector(n) for k, n in names]
+        )
+        total, n = await redis.hmget(keys.rating_mean, "sum", "n")
+        await redis.aclose()
+        vectors = {f"{k}:{n}": decode_vector(b) for (k, n), b in zip(names, blobs, strict=True)}
+        return errors, vectors, float(total) / int(n)
+
+    errors, vectors, mean = asyncio.run(run())
+    assert len(vectors["u:u0"]) == vector_width(cfg.factors)
+    # Every prequential error (predicted before learning) and every final prediction agree.
+    np.testing.assert_allclose(errors, river_errors, atol=1e-6)
+    users = sorted({e.user_id for e in ratings})[:20]
+    items = sorted({e.item_id for e in ratings})[:20]
+    for u in users:
+        for i in items:
+            ours = predict_rating(
+                rating_part(vectors[f"u:{u}"], cfg.factors),
+                rating_part(vectors[f"i:{i}"], cfg.factors),
+                mean,
+            )
+            assert ours == pytest.approx(river_mf.predict_one(u, i), abs=1e-6)
+
+
+def _brute_force(events: list[Event], cfg, now: float) -> tuple[dict, dict, dict]:
+    """Decayed co-occurrence, occurrence and popularity recounted from scratch at ``now``."""
+    cooc: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
+    occ: defaultdict[str, float] = defaultdict(float)
+    pop: defaultdict[str, float] = defaultdict(float)
+    windows: defaultdict[str, list[str]] = defaultdict(list)
+    for e in events:
+        if e.type not in INTERACTIONS:
+            continue
+        w = math.exp(-cfg.decay_rate * (now - e.ts))
+        window = windows[e.user_id]
+        for other in window:
+            if other != e.item_id:
+                cooc[e.item_id][other] += w
+                cooc[other][e.item_id] += w
+        if e.item_id in window:
+            window.remove(e.item_id)
+        window.insert(0, e.item_id)
+        del window[cfg.history_window :]
+        occ[e.item_id] += w
+        pop[e.item_id] += w * cfg.strengths[e.type]
+    return cooc, occ, pop
+
+
+def test_decayed_cooccurrence_and_popularity_equal_a_brute_force_recount_across_rebases(
+    settings: Settings,
+) -> None:
+    stream = generate(SynthConfig(users=60, items=80, events=6_000, duration_s=4 * 86400, seed=5))
+    events = _events(stream.events)
+    span = events[-1].ts - events[0].ts
+    # A half-life short enough that the forward-decay exponent passes the rebase threshold
+    # twice over the stream, long enough that recent evidence stays well above underflow.
+    half_life = span * math.log(2) / (2.5 * REBASE_EXPONENT)
+    cfg = dataclasses.replace(
+        settings.model_config(),
+        decay_rate=math.log(2) / half_life,
+        neighbours_cap=10_000,
+        history_window=10,
+    )
+
+    async def run() -> tuple[dict, dict, dict, float, int]:
+        redis = Redis.from_url(settings.redis_url)
+        keys = Keys(settings.key_prefix)
+        landmarks = set()
+        updater = BatchUpdater(redis, keys, cfg)
+        for start in range(0, len(events), 250):
+            await updater.apply(events[start : start + 250])
+            landmarks.add(float(await redis.get(keys.decay_landmark)))
+        landmark = float(await redis.get(keys.decay_landmark))
+        items = sorted({e.item_id for e in events})
+        cooc = {}
+        for item in items:
+            row = await redis.zrange(keys.neighbours(item), 0, -1, withscores=True)
+            cooc[item] = {m.decode(): v for m, v in row}
+        occ = {
+            m.decode(): v for m, v in await redis.zrange(keys.occurrences, 0, -1, withscores=True)
+        }
+        pop = {
+            m.decode(): v for m, v in await redis.zrange(keys.popularity, 0, -1, withscores=True)
+        }
+        await redis.aclose()
+        return cooc, occ, pop, landmark, len(landmarks)
+
+    cooc, occ, pop, landmark, landmarks_seen = asyncio.run(run())
+    assert landmarks_seen >= 3, "the stream should have forced at least two rebases"
+    now = events[-1].ts
+    scale = math.exp(-cfg.decay_rate * (now - landmark))  # stored forward sums -> decayed values
+    expected_cooc, expected_occ, expected_pop = _brute_force(events, cfg, now)
+
+    def close(stored: float, expected: float) -> bool:
+        return math.isclose(stored * scale, expected, rel_tol=1e-9, abs_tol=1e-12)
+
+    assert set(occ) == set(expected_occ)
+    assert all(close(occ[i], expected_occ[i]) for i in expected_occ)
+    assert all(close(pop[i], expected_pop[i]) for i in expected_pop)
+    pairs = 0
+    for item, row in expected_cooc.items():
+        assert set(cooc[item]) == set(row), item
+        for other, value in row.items():
+            assert close(cooc[item][other], value), (item, other, cooc[item][other] * scale, value)
+            pairs += 1
+    assert pairs > 1000 and max(expected_occ.values()) > 1.0
+
+
+def test_two_processes_hammering_one_item_lose_no_increment(
+    settings: Settings, redis_client
+) -> None:
+    script = Path(__file__).with_name("hammer.py")
+    workers, batches, per_batch = 2, 40, 50
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                settings.redis_url,
+                settings.key_prefix,
+                str(n),
+                str(workers),
+                str(batches),
+                str(per_batch),
+            ]
+        )
+        for n in range(workers)
+    ]
+    for proc in procs:
+        assert proc.wait(120) == 0
+    total = workers * batches * per_batch
+    prefix = settings.key_prefix
+    # Every event has the same time, so each forward-decay weight is exactly 1.
+    assert redis_client.zscore(f"{prefix}:occ", "hot") == total
+    assert redis_client.zscore(f"{prefix}:clk", "hot") == total
+    assert redis_client.zscore(f"{prefix}:pop", "hot") == total * settings.weight_click
+    assert int(redis_client.hget(f"{prefix}:stats:worker", "events")) == total
+    # Raw vector increments from both processes, applied by the server script.
+    bumped = decode_vector(redis_client.get(f"{prefix}:bump"))
+    np.testing.assert_array_equal(bumped, np.full(4, float(workers * batches)))
+
+
+def _dump(redis_client, prefix: str) -> dict:
+    out = {}
+    for key in sorted(redis_client.scan_iter(match=f"{prefix}:*")):
+        kind = redis_client.type(key).decode()
+        if key.endswith(b":stats:worker"):
+            out[key] = redis_client.hget(key, "events")
+        elif kind == "string":
+            out[key] = redis_client.get(key)
+        elif kind == "zset":
+            out[key] = redis_client.zrange(key, 0, -1, withscores=True)
+        elif kind == "hash":
+            out[key] = redis_client.hgetall(key)
+    return out
+
+
+def test_a_redelivered_batch_is_applied_once(settings: Settings, redis_client) -> None:
+    stream = generate(SynthConfig(users=30, items=40, events=400, seed=9))
+    events = _events(stream.events)
+    origins = [("freshrec.events/0", offset) for offset in range(len(events))]
+
+    async def apply(lo: int, hi: int):
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            updater = BatchUpdater(redis, Keys(settings.key_prefix), settings.model_config())
+            return await updater.apply(events[lo:hi], origins[lo:hi])
+        finally:
+            await redis.aclose()
+
+    first = asyncio.run(apply(0, 200))
+    assert first.events == 200 and first.skipped == 0
+    state = _dump(redis_client, settings.key_prefix)
+    again = asyncio.run(apply(0, 200))  # Kafka delivers the same batch twice
+    assert again.events == 0 and again.skipped == 200
+    assert _dump(redis_client, settings.key_prefix) == state
+    overlap = asyncio.run(apply(150, 300))  # half seen before, half new
+    assert overlap.skipped == 50 and overlap.events == 100
+    assert int(redis_client.hget(f"{settings.key_prefix}:stats:worker", "events")) == 300
+    assert int(redis_client.get(f"{settings.key_prefix}:wm:freshrec.events/0")) == 299
