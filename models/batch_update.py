@@ -4,29 +4,30 @@ The read fetches what the batch needs (the vectors it touches, the users' recent
 rating mean, the decay landmark, the partitions' offset watermarks). The batch is then learned
 *sequentially* in memory, so an item that appears twice in a batch sees its own first update,
 exactly as a one-event-at-a-time learner would. The write sends only *deltas* and increments,
-aggregated per key, through single-key server scripts, so two workers touching the same hot
-item lose nothing.
+aggregated per key, applied by server-side scripts, so two workers touching the same hot item
+lose nothing.
 
-Exactly-once on a single Redis: the write is one MULTI/EXEC transaction that also advances the
-per-partition offset watermarks, under WATCH on those watermarks. A message at or below its
+On a single Redis the read and the write are one script call each, whatever the batch size, and
+the write is atomic with the per-partition offset watermarks: a message at or below its
 partition's watermark was applied already (Kafka redelivered it after a crash or rebalance) and
-is skipped; a crash before EXEC applies nothing. With ``atomic=False`` (Redis Cluster, where a
-transaction cannot span slots) the same commands go as a plain pipeline: at-least-once.
+is skipped, and a crash mid-batch applies nothing. On Redis Cluster the same
+changes go as pipelined single-key commands and scripts, watermarks last: at least once
+(``atomic=False``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 from redis.asyncio import Redis
-from redis.exceptions import WatchError
 
 from models.config import ModelConfig
 from models.decay import ForwardDecay
@@ -41,7 +42,7 @@ from models.mf import (
     vector_width,
 )
 from models.server_scripts import ServerScripts
-from models.vectors import decode_vector, encode_vector
+from models.vectors import VECTOR_DTYPE, decode_vector, encode_vector
 
 INTERACTIONS = frozenset(("click", "view", "purchase", "rating"))
 
@@ -102,8 +103,9 @@ class _Writes:
     history: defaultdict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
 
 
-class _Rebased(Exception):
-    """The decay landmark moved while reading; the batch is read again."""
+class _Retry(Exception):
+    """The state moved under the batch (landmark rebased, a partition applied by another
+    worker); the batch is read and learned again."""
 
 
 class BatchUpdater:
@@ -118,7 +120,8 @@ class BatchUpdater:
     config
         Hyperparameters of MF, co-occurrence, popularity and history.
     atomic
-        Apply each batch and its offset watermarks in one transaction (single Redis).
+        One script per batch, atomic with its offset watermarks (a single Redis). False for
+        Redis Cluster: only single-key commands and scripts, at-least-once batches.
     """
 
     def __init__(self, redis: Redis, keys: Keys, config: ModelConfig, atomic: bool = True) -> None:
@@ -135,100 +138,127 @@ class BatchUpdater:
         """Learn ``events``; with ``origins`` (one per event), skip what was applied before."""
         if origins is not None and len(origins) != len(events):
             raise ValueError("origins must have one entry per event")
+        if not events:
+            return BatchResult()
         while True:
             try:
-                return await self._apply_once(events, origins)
-            except (WatchError, _Rebased):
-                continue  # a partition moved on, or the decay landmark did: re-read, re-filter
+                return await self._apply_once(events, origins or [])
+            except _Retry:
+                continue
 
     async def _apply_once(
-        self, events: Sequence[Interaction], origins: Sequence[Origin] | None
+        self, events: Sequence[Interaction], origins: Sequence[Origin]
     ) -> BatchResult:
-        marks: dict[str, int] = {}
-        async with self.redis.pipeline(transaction=self.atomic) as tx:
-            if origins:
-                labels = sorted({label for label, _ in origins})
-                mark_keys = [self.keys.watermark(label) for label in labels]
-                if self.atomic:
-                    await tx.watch(*mark_keys)
-                raw = await tx.mget(mark_keys) if self.atomic else await self._get_all(mark_keys)
-                applied = {lab: int(v) for lab, v in zip(labels, raw, strict=True) if v is not None}
-                keep = [
-                    n
-                    for n, (label, offset) in enumerate(origins)
-                    if offset > applied.get(label, -1)
-                ]
-                for label, offset in origins:
-                    marks[label] = max(offset, marks.get(label, -1))
-            else:
-                keep = list(range(len(events)))
-            todo = [events[n] for n in keep]
-            result = BatchResult(events=len(todo), skipped=len(events) - len(todo))
-            if not todo:
-                if self.atomic and origins:
-                    await tx.unwatch()
-                return result
-            snapshot = await self._read(todo)
-            writes = self._learn(todo, snapshot, result)
-            if self.atomic:
-                tx.multi()
-            await self._queue_writes(tx, writes, marks, len(todo))
-            await tx.execute()
-        result.users = {e.user_id for e in todo}
-        result.items = {e.item_id for e in todo}
-        result.max_ts = max(e.ts for e in todo)
+        labels = sorted({label for label, _ in origins})
+        read = self._read_script if self.atomic else self._read_pipelined
+        snapshot, applied = await read(events, [self.keys.watermark(lab) for lab in labels])
+        done = {lab: mark for lab, mark in zip(labels, applied, strict=True)}
+        keep = (
+            [e for e, (lab, off) in zip(events, origins, strict=True) if off > done[lab]]
+            if origins
+            else list(events)
+        )
+        result = BatchResult(events=len(keep), skipped=len(events) - len(keep))
+        if not keep:
+            return result
+        marks = {}
+        for lab, off in origins:
+            marks[lab] = max(off, marks.get(lab, -1))
+        writes = self._learn(keep, snapshot, result)
+        watermarks = [(self.keys.watermark(lab), done[lab], marks[lab]) for lab in labels]
+        if self.atomic:
+            await self._write_script(writes, watermarks, len(keep))
+        else:
+            await self._write_pipelined(writes, watermarks, len(keep))
+        result.users = {e.user_id for e in keep}
+        result.items = {e.item_id for e in keep}
+        result.max_ts = max(e.ts for e in keep)
         return result
 
     # --- read ---------------------------------------------------------------------------------
-    async def _get_all(self, keys: list[str]) -> list[bytes | None]:
-        """GETs in one pipeline: unlike MGET, valid when the keys live in different slots."""
-        pipe = self.redis.pipeline(transaction=False)
-        for key in keys:
-            pipe.get(key)
-        return await pipe.execute()
-
-    async def _read(self, events: Sequence[Interaction]) -> _Snapshot:
-        cfg, keys = self.config, self.keys
+    def _entities(self, events: Sequence[Interaction]) -> tuple[list[str], list[str]]:
         learners = [e for e in events if e.type in INTERACTIONS]
-        users = sorted({e.user_id for e in learners})
-        items = sorted({e.item_id for e in learners})
-        first_ts = min(e.ts for e in events)
+        return sorted({e.user_id for e in learners}), sorted({e.item_id for e in learners})
+
+    async def _read_script(
+        self, events: Sequence[Interaction], mark_keys: list[str]
+    ) -> tuple[_Snapshot, list[int]]:
+        keys = self.keys
+        users, items = self._entities(events)
+        query = {
+            "landmark": keys.decay_landmark,
+            "first_ts": repr(min(e.ts for e in events)),
+            "mean": keys.rating_mean,
+            "vectors": [keys.user_vector(u) for u in users] + [keys.item_vector(i) for i in items],
+            "histories": [keys.history(u) for u in users],
+            "window": self.config.history_window,
+            "marks": mark_keys,
+        }
+        landmark, mean, blobs, windows, marks = await self.scripts.read_batch(
+            args=[json.dumps(query, separators=(",", ":"))]
+        )
+        snapshot = await self._snapshot(events, users, items, landmark, mean, blobs, windows)
+        return snapshot, [int(m) if m is not None else -1 for m in marks]
+
+    async def _read_pipelined(
+        self, events: Sequence[Interaction], mark_keys: list[str]
+    ) -> tuple[_Snapshot, list[int]]:
+        keys = self.keys
+        users, items = self._entities(events)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(keys.decay_landmark, repr(first_ts), nx=True, get=True)
+        pipe.set(keys.decay_landmark, repr(min(e.ts for e in events)), nx=True, get=True)
         pipe.hmget(keys.rating_mean, "sum", "n")
         for u in users:
             pipe.get(keys.user_vector(u))
         for i in items:
             pipe.get(keys.item_vector(i))
         for u in users:
-            pipe.zrevrange(keys.history(u), 0, cfg.history_window - 1)
+            pipe.zrevrange(keys.history(u), 0, self.config.history_window - 1)
+        for key in mark_keys:
+            pipe.get(key)
         replies = await pipe.execute()
+        n = len(users) + len(items)
+        blobs = replies[2 : 2 + n]
+        windows = replies[2 + n : 2 + n + len(users)]
+        marks = replies[2 + n + len(users) :]
+        snapshot = await self._snapshot(
+            events, users, items, replies[0], replies[1], blobs, windows
+        )
+        return snapshot, [int(m) if m is not None else -1 for m in marks]
 
-        landmark = float(replies[0]) if replies[0] is not None else first_ts
-        newest = max(e.ts for e in events)
+    async def _snapshot(
+        self,
+        events: Sequence[Interaction],
+        users: list[str],
+        items: list[str],
+        landmark_raw: bytes | None,
+        mean_raw: list[bytes | None],
+        blobs: list[bytes | None],
+        windows_raw: list[list[bytes]],
+    ) -> _Snapshot:
+        cfg = self.config
+        landmark = float(landmark_raw) if landmark_raw is not None else min(e.ts for e in events)
         decay = ForwardDecay(cfg.decay_rate, landmark)
+        newest = max(e.ts for e in events)
         if decay.needs_rebase(newest):
             await self.rebase(decay, newest)
-            raise _Rebased
+            raise _Retry
         width = vector_width(cfg.factors)
         names = [f"u:{u}" for u in users] + [f"i:{i}" for i in items]
         vectors: dict[str, np.ndarray] = {}
         fresh: set[str] = set()
-        for name, blob in zip(names, replies[2 : 2 + len(names)], strict=True):
+        for name, blob in zip(names, blobs, strict=True):
             if blob is not None and len(blob) == 4 * width:
                 vectors[name] = decode_vector(blob)
             else:
                 kind, entity = name.split(":", 1)
                 vectors[name] = initial_vector(entity, kind, cfg.factors, cfg.init_std, cfg.seed)
                 fresh.add(name)
-        windows = {
-            u: [m.decode() for m in win]
-            for u, win in zip(users, replies[2 + len(names) :], strict=True)
-        }
+        windows = {u: [m.decode() for m in w] for u, w in zip(users, windows_raw, strict=True)}
         return _Snapshot(
             landmark=landmark,
-            mean_sum=float(replies[1][0] or 0.0),
-            mean_n=int(replies[1][1] or 0),
+            mean_sum=float(mean_raw[0] or 0.0),
+            mean_n=int(mean_raw[1] or 0),
             vectors=vectors,
             fresh=fresh,
             windows=windows,
@@ -306,27 +336,82 @@ class BatchUpdater:
                 implicit_step(y_user, y_other, 0.0, 1.0, cfg.implicit_lr, cfg.reg)
 
     # --- write -------------------------------------------------------------------------------
-    async def _queue_writes(
-        self, pipe: Any, w: _Writes, marks: dict[str, int], applied: int
+    def _vector_key(self, name: str) -> tuple[str, int]:
+        kind, entity = name.split(":", 1)
+        if kind == "u":
+            return self.keys.user_vector(entity), self.config.user_ttl_s
+        return self.keys.item_vector(entity), 0
+
+    def _increment_sets(self, w: _Writes) -> list[tuple[str, int, int, dict[str, float]]]:
+        """(key, trim_to, ttl, member -> amount) for every sorted set the batch increments."""
+        keys, cap = self.keys, self.config.neighbours_cap
+        out = [(keys.neighbours(item), cap, 0, row) for item, row in w.pairs.items()]
+        out += [
+            (keys.occurrences, 0, 0, w.occurrences),
+            (keys.popularity, 0, 0, w.popularity),
+            (keys.clicks, 0, 0, w.clicks),
+            (keys.impressions, 0, 0, w.impressions),
+        ]
+        return [entry for entry in out if entry[3]]
+
+    async def _write_script(
+        self, w: _Writes, watermarks: list[tuple[str, int, int]], applied: int
     ) -> None:
         cfg, keys = self.config, self.keys
+        names = list(w.deltas)
+        vector_keys = [self._vector_key(name) for name in names]
+        ops = {
+            "marks": watermarks,
+            "width": vector_width(cfg.factors),
+            "vectors": [key for key, _ in vector_keys],
+            "ttls": [ttl for _, ttl in vector_keys],
+            "increments": [
+                (key, trim, ttl, list(row), list(row.values()))
+                for key, trim, ttl, row in self._increment_sets(w)
+            ],
+            "histories": [
+                (
+                    keys.history(user),
+                    cfg.history_cap,
+                    cfg.user_ttl_s,
+                    list(seen),
+                    list(seen.values()),
+                )
+                for user, seen in w.history.items()
+            ],
+            "first_seen": (keys.item_first_seen, list(w.first_seen), list(w.first_seen.values())),
+            "mean": (keys.rating_mean, w.mean_sum, w.mean_n) if w.mean_n else (),
+            "counters": [(keys.impressions_total, sum(w.impressions.values()))]
+            if w.impressions
+            else [],
+            "stats": (keys.worker_stats, applied, repr(time.time())),
+        }
+        deltas = _pack([w.deltas[n] for n in names])
+        bases = _pack([w.bases[n] for n in names])
+        done = await self.scripts.apply_batch(
+            args=[json.dumps(ops, separators=(",", ":")), deltas, bases]
+        )
+        if not done:
+            raise _Retry  # another worker applied one of these partitions since the read
+
+    async def _write_pipelined(
+        self, w: _Writes, watermarks: list[tuple[str, int, int]], applied: int
+    ) -> None:
+        cfg, keys = self.config, self.keys
+        pipe = self.redis.pipeline(transaction=False)
         for name, delta in w.deltas.items():
-            # The base is the vector as read: the starting point whenever the key is missing
-            # at write time (new, or expired since the read); every worker derives the same.
-            kind, entity = name.split(":", 1)
-            key = keys.user_vector(entity) if kind == "u" else keys.item_vector(entity)
-            ttl = cfg.user_ttl_s if kind == "u" else 0
+            key, ttl = self._vector_key(name)
             args = [encode_vector(delta), encode_vector(w.bases[name]), ttl]
             await self.scripts.add_vector(keys=[key], args=args, client=pipe)
         if w.mean_n:
             pipe.hincrbyfloat(keys.rating_mean, "sum", w.mean_sum)
             pipe.hincrby(keys.rating_mean, "n", w.mean_n)
-        for item, row in w.pairs.items():
-            await self._increment(pipe, keys.neighbours(item), row, trim_to=cfg.neighbours_cap)
-        await self._increment(pipe, keys.occurrences, w.occurrences)
-        await self._increment(pipe, keys.popularity, w.popularity)
-        await self._increment(pipe, keys.clicks, w.clicks)
-        await self._increment(pipe, keys.impressions, w.impressions)
+        for key, trim, ttl, row in self._increment_sets(w):
+            args: list[object] = [trim, ttl]
+            for member, amount in row.items():
+                args.append(member)
+                args.append(repr(amount))
+            await self.scripts.zincrby_many(keys=[key], args=args, client=pipe)
         if w.impressions:
             pipe.incrbyfloat(keys.impressions_total, sum(w.impressions.values()))
         if w.first_seen:
@@ -336,21 +421,11 @@ class BatchUpdater:
             pipe.zadd(key, seen, gt=True)
             pipe.zremrangebyrank(key, 0, -cfg.history_cap - 1)
             pipe.expire(key, cfg.user_ttl_s)
-        for label, offset in marks.items():
-            pipe.set(keys.watermark(label), offset)
         pipe.hincrby(keys.worker_stats, "events", applied)
         pipe.hset(keys.worker_stats, "applied_at", repr(time.time()))
-
-    async def _increment(
-        self, pipe: Any, key: str, increments: dict[str, float], trim_to: int = 0, ttl: int = 0
-    ) -> None:
-        if not increments:
-            return
-        args: list[object] = [trim_to, ttl]
-        for member, amount in increments.items():
-            args.append(member)
-            args.append(repr(amount))
-        await self.scripts.zincrby_many(keys=[key], args=args, client=pipe)
+        for key, _, offset in watermarks:  # last: a batch cut short is redelivered whole
+            pipe.set(key, offset)
+        await pipe.execute()
 
     async def rebase(self, decay: ForwardDecay, now: float) -> None:
         """Move the landmark to ``now`` and rescale every forward-decayed sum, under a lock.
@@ -380,3 +455,10 @@ class BatchUpdater:
             await pipe.execute()
         finally:
             await self.redis.delete(lock)
+
+
+def _pack(vectors: list[np.ndarray]) -> bytes:
+    """float32 vectors back to back, the form the batch script reads them in."""
+    if not vectors:
+        return b""
+    return np.asarray(vectors, dtype=VECTOR_DTYPE).tobytes()

@@ -1,8 +1,11 @@
-"""Single-key Lua scripts that apply updates atomically on the Redis server.
+"""Lua scripts that apply updates atomically on the Redis server.
 
 Two workers may update the same hot item at the same moment; applying *deltas* on the server
-(never read-modify-write from Python) makes concurrent updates commute, so none is lost. Each
-script touches exactly one key, so it runs unchanged on Redis Cluster.
+(never read-modify-write from Python) makes concurrent updates commute, so none is lost.
+
+Two families: single-key scripts (``ADD_VECTOR``, ``ZINCRBY_MANY``) that run unchanged on Redis
+Cluster, and whole-batch scripts (``READ_BATCH``, ``APPLY_BATCH``) for a single Redis, where one
+command per batch replaces thousands and makes the batch and its offset watermarks atomic.
 """
 
 from __future__ import annotations
@@ -44,9 +47,80 @@ return (#ARGV - 2) / 2
 """
 
 
+# One batch read on a single Redis (not Cluster: it reads many keys). ARGV[1] is JSON:
+# {"landmark": key, "first_ts": str, "mean": key, "vectors": [key..], "histories": [key..],
+#  "window": n, "marks": [key..]}. Missing values come back as nil.
+READ_BATCH = """#!lua flags=no-cluster
+local q = cjson.decode(ARGV[1])
+local vectors, histories, marks = {}, {}, {}
+for i, key in ipairs(q.vectors) do vectors[i] = redis.call('GET', key) end
+for i, key in ipairs(q.histories) do
+  histories[i] = redis.call('ZREVRANGE', key, 0, q.window - 1)
+end
+for i, key in ipairs(q.marks) do marks[i] = redis.call('GET', key) end
+local landmark = redis.call('SET', q.landmark, q.first_ts, 'NX', 'GET')
+return {landmark, redis.call('HMGET', q.mean, 'sum', 'n'), vectors, histories, marks}
+"""
+
+# One batch write on a single Redis, atomic: every change of a batch and its offset watermarks
+# land together or not at all. ARGV[1] is JSON (see BatchUpdater._batch_ops), ARGV[2] the
+# packed float32 deltas of all vectors back to back, ARGV[3] their bases (the vectors as read,
+# used where a key is missing). Returns 0 without writing anything when a watermark is not what
+# the batch was read against (another worker applied these partitions meanwhile).
+APPLY_BATCH = """#!lua flags=no-cluster
+local b = cjson.decode(ARGV[1])
+for _, m in ipairs(b.marks) do
+  local cur = redis.call('GET', m[1])
+  if (cur and tonumber(cur) or -1) ~= m[2] then return 0 end
+end
+for _, m in ipairs(b.marks) do redis.call('SET', m[1], m[3]) end
+local width = b.width
+local size = 4 * width
+local fmt = '<' .. string.rep('f', width)
+for i, key in ipairs(b.vectors) do
+  local at = (i - 1) * size + 1
+  local d = {struct.unpack(fmt, ARGV[2], at)}
+  local cur = redis.call('GET', key)
+  local a
+  if cur and #cur == size then
+    a = {struct.unpack(fmt, cur)}
+  else
+    a = {struct.unpack(fmt, ARGV[3], at)}
+  end
+  for j = 1, width do a[j] = a[j] + d[j] end
+  redis.call('SET', key, struct.pack(fmt, unpack(a, 1, width)))
+  if b.ttls[i] > 0 then redis.call('EXPIRE', key, b.ttls[i]) end
+end
+for _, z in ipairs(b.increments) do
+  local key, trim, ttl, members, amounts = z[1], z[2], z[3], z[4], z[5]
+  for j = 1, #members do redis.call('ZINCRBY', key, amounts[j], members[j]) end
+  if trim > 0 then redis.call('ZREMRANGEBYRANK', key, 0, -trim - 1) end
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+end
+for _, h in ipairs(b.histories) do
+  local key, cap, ttl, members, times = h[1], h[2], h[3], h[4], h[5]
+  for j = 1, #members do redis.call('ZADD', key, 'GT', times[j], members[j]) end
+  redis.call('ZREMRANGEBYRANK', key, 0, -cap - 1)
+  redis.call('EXPIRE', key, ttl)
+end
+local f = b.first_seen
+for j = 1, #f[2] do redis.call('ZADD', f[1], 'LT', f[3][j], f[2][j]) end
+if #b.mean > 0 then
+  redis.call('HINCRBYFLOAT', b.mean[1], 'sum', b.mean[2])
+  redis.call('HINCRBY', b.mean[1], 'n', b.mean[3])
+end
+for _, c in ipairs(b.counters) do redis.call('INCRBYFLOAT', c[1], c[2]) end
+redis.call('HINCRBY', b.stats[1], 'events', b.stats[2])
+redis.call('HSET', b.stats[1], 'applied_at', b.stats[3])
+return 1
+"""
+
+
 class ServerScripts:
     """The scripts registered on one client; works in pipelines (redis-py loads them first)."""
 
     def __init__(self, client: Redis | AsyncRedis) -> None:
         self.add_vector = client.register_script(ADD_VECTOR)
         self.zincrby_many = client.register_script(ZINCRBY_MANY)
+        self.read_batch = client.register_script(READ_BATCH)
+        self.apply_batch = client.register_script(APPLY_BATCH)

@@ -30,12 +30,12 @@ async def start_together(redis: Redis, key: str, workers: int) -> None:
 
 
 async def main(
-    url: str, prefix: str, worker: int, workers: int, batches: int, per_batch: int
+    url: str, prefix: str, worker: int, workers: int, batches: int, per_batch: int, atomic: bool
 ) -> None:
     redis = Redis.from_url(url)
     await start_together(redis, f"{prefix}:barrier", workers)
     keys = Keys(prefix)
-    updater = BatchUpdater(redis, keys, ModelConfig(factors=4, implicit_negatives=0))
+    updater = BatchUpdater(redis, keys, ModelConfig(factors=4, implicit_negatives=0), atomic)
     scripts = ServerScripts(redis)
     ones, zeros = encode_vector(np.ones(4)), encode_vector(np.zeros(4))
     for b in range(batches):
@@ -46,5 +46,7 @@ async def main(
 
 
 if __name__ == "__main__":
-    url, prefix, worker, workers, batches, per_batch = sys.argv[1:7]
-    asyncio.run(main(url, prefix, int(worker), int(workers), int(batches), int(per_batch)))
+    url, prefix, worker, workers, batches, per_batch, atomic = sys.argv[1:8]
+    asyncio.run(
+        main(url, prefix, int(worker), int(workers), int(batches), int(per_batch), atomic == "1")
+    )

@@ -28,6 +28,12 @@ from streams.synth import SynthConfig, generate
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(params=[True, False], ids=["single-redis-scripts", "cluster-safe-pipelines"])
+def atomic(request: pytest.FixtureRequest) -> bool:
+    """Both write paths: one script per batch, and single-key commands for Redis Cluster."""
+    return request.param
+
+
 def _events(raw: list[dict]) -> list[Event]:
     return [Event(e["type"], e["user_id"], e["item_id"], e["ts"], e.get("value")) for e in raw]
 
@@ -40,7 +46,9 @@ async def _apply_in_batches(updater: BatchUpdater, events: list[Event], size: in
     return errors
 
 
-def test_mf_in_redis_equals_river_biased_mf_on_10000_ratings(settings: Settings) -> None:
+def test_mf_in_redis_equals_river_biased_mf_on_10000_ratings(
+    settings: Settings, atomic: bool
+) -> None:
     cfg = dataclasses.replace(
         settings.model_config(), factors=8, lr=0.02, reg=0.05, implicit_negatives=0
     )
@@ -71,7 +79,7 @@ def test_mf_in_redis_equals_river_biased_mf_on_10000_ratings(settings: Settings)
     async def run() -> tuple[list[float], dict[str, np.ndarray], float]:
         redis = Redis.from_url(settings.redis_url)
         keys = Keys(settings.key_prefix)
-        errors = await _apply_in_batches(BatchUpdater(redis, keys, cfg), ratings, 500)
+        errors = await _apply_in_batches(BatchUpdater(redis, keys, cfg, atomic), ratings, 500)
         names = sorted({("u", e.user_id) for e in ratings} | {("i", e.item_id) for e in ratings})
         blobs = await redis.mget(
             [keys.user_vector(n) if k == "u" else keys.item_vector(n) for k, n in names]
@@ -122,7 +130,7 @@ def _brute_force(events: list[Event], cfg, now: float) -> tuple[dict, dict, dict
 
 
 def test_decayed_cooccurrence_and_popularity_equal_a_brute_force_recount_across_rebases(
-    settings: Settings,
+    settings: Settings, atomic: bool
 ) -> None:
     stream = generate(SynthConfig(users=60, items=80, events=6_000, duration_s=4 * 86400, seed=5))
     events = _events(stream.events)
@@ -141,7 +149,7 @@ def test_decayed_cooccurrence_and_popularity_equal_a_brute_force_recount_across_
         redis = Redis.from_url(settings.redis_url)
         keys = Keys(settings.key_prefix)
         landmarks = set()
-        updater = BatchUpdater(redis, keys, cfg)
+        updater = BatchUpdater(redis, keys, cfg, atomic)
         for start in range(0, len(events), 250):
             await updater.apply(events[start : start + 250])
             landmarks.add(float(await redis.get(keys.decay_landmark)))
@@ -182,7 +190,7 @@ def test_decayed_cooccurrence_and_popularity_equal_a_brute_force_recount_across_
 
 
 def test_two_processes_hammering_one_item_lose_no_increment(
-    settings: Settings, redis_client
+    settings: Settings, redis_client, atomic: bool
 ) -> None:
     script = Path(__file__).with_name("hammer.py")
     workers, batches, per_batch = 2, 40, 50
@@ -197,6 +205,7 @@ def test_two_processes_hammering_one_item_lose_no_increment(
                 str(workers),
                 str(batches),
                 str(per_batch),
+                str(int(atomic)),
             ]
         )
         for n in range(workers)
@@ -230,7 +239,9 @@ def _dump(redis_client, prefix: str) -> dict:
     return out
 
 
-def test_a_redelivered_batch_is_applied_once(settings: Settings, redis_client) -> None:
+def test_a_redelivered_batch_is_applied_once(
+    settings: Settings, redis_client, atomic: bool
+) -> None:
     stream = generate(SynthConfig(users=30, items=40, events=400, seed=9))
     events = _events(stream.events)
     origins = [("freshrec.events/0", offset) for offset in range(len(events))]
@@ -238,7 +249,9 @@ def test_a_redelivered_batch_is_applied_once(settings: Settings, redis_client) -
     async def apply(lo: int, hi: int):
         redis = Redis.from_url(settings.redis_url)
         try:
-            updater = BatchUpdater(redis, Keys(settings.key_prefix), settings.model_config())
+            updater = BatchUpdater(
+                redis, Keys(settings.key_prefix), settings.model_config(), atomic
+            )
             return await updater.apply(events[lo:hi], origins[lo:hi])
         finally:
             await redis.aclose()

@@ -1,0 +1,168 @@
+r"""Reference learners an evaluation runs side by side with freshrec, over integer item indices.
+
+Items are numbered ``0, 1, 2, ...`` in the order they first appear (the caller keeps that
+catalog), so that a learner scores the whole catalog as one vector and a ranking is one numpy
+comparison, not a loop over items.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from river import optim, reco
+
+__all__ = ["BiasedMFRanker", "PopularityBaseline"]
+
+
+def _grown(array: np.ndarray, size: int) -> np.ndarray:
+    """``array`` zero-padded along its first axis to at least ``size`` rows (doubling)."""
+    if size <= array.shape[0]:
+        return array
+    rows = max(size, 2 * array.shape[0], 64)
+    out = np.zeros((rows, *array.shape[1:]), dtype=array.dtype)
+    out[: array.shape[0]] = array
+    return out
+
+
+class PopularityBaseline:
+    r"""Most-popular ranker and item-mean rating predictor: the floor a personal model must beat.
+
+    It ranks every item by how many interactions it has had so far, the same list for every
+    user (minus what the user has seen), and predicts a rating as the item's mean rating so
+    far, falling back on the global mean for an item without ratings:
+
+    .. math::
+
+        s_i = n_i, \qquad \hat r_{ui} = \frac{\sum_{u'} r_{u'i}}{m_i} \ (m_i > 0), \quad
+        \hat r_{ui} = \mu \ (m_i = 0)
+
+    Examples
+    --------
+    >>> pop = PopularityBaseline()
+    >>> for item, rating in [(0, 4.0), (0, None), (1, 2.0), (2, None)]:
+    ...     pop.learn_one(item, rating)
+    >>> pop.scores(3).tolist()
+    [2.0, 1.0, 1.0]
+    >>> pop.predict_rating(0), pop.predict_rating(2), pop.predict_rating(7)
+    (4.0, 3.0, 3.0)
+    """
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(0)
+        self.rating_sums = np.zeros(0)
+        self.rating_counts = np.zeros(0)
+        self.total = 0.0
+        self.rated = 0
+
+    def learn_one(self, item: int, rating: float | None = None) -> None:
+        """Count one interaction with ``item``; a rating also updates its mean."""
+        self.counts = _grown(self.counts, item + 1)
+        self.counts[item] += 1.0
+        if rating is not None:
+            self.rating_sums = _grown(self.rating_sums, item + 1)
+            self.rating_counts = _grown(self.rating_counts, item + 1)
+            self.rating_sums[item] += rating
+            self.rating_counts[item] += 1.0
+            self.total += rating
+            self.rated += 1
+
+    def scores(self, n_items: int) -> np.ndarray:
+        """Interaction counts of items ``0 .. n_items - 1``."""
+        return _grown(self.counts, n_items)[:n_items].copy()
+
+    def predict_rating(self, item: int) -> float:
+        """The item's mean rating, else the global mean, else NaN (no rating yet)."""
+        if 0 <= item < self.rating_counts.shape[0] and self.rating_counts[item] > 0:
+            return float(self.rating_sums[item] / self.rating_counts[item])
+        return self.total / self.rated if self.rated else math.nan
+
+
+class BiasedMFRanker:
+    r"""river's ``reco.BiasedMF`` as a rating predictor and as a ranker of a catalog.
+
+    The model is river's own, configured so that its update is freshrec's rating step
+    (:mod:`models.mf`): ``lr = gamma / 2`` and ``l2 = 2 lambda`` on both biases and factors,
+    initial factors ``N(0, init_std^2)``. Ratings are river's ``predict_one``; a ranking
+    scores every item by the part of the prediction that depends on the item,
+
+    .. math::
+
+        s_{ui} = b_i + p_u^\top q_i,
+
+    from dense copies of river's item biases and factors, refreshed for the items each call
+    to :meth:`learn_one` touched. An item that has no rating yet scores 0 (no evidence), and
+    a user without ratings is ranked by item bias alone.
+
+    Parameters
+    ----------
+    factors
+        Latent factors per user and item.
+    lr
+        freshrec's SGD learning rate gamma.
+    reg
+        freshrec's L2 penalty lambda.
+    init_std
+        Standard deviation of the initial factors.
+    seed
+        Seed of river's initializer.
+
+    Examples
+    --------
+    >>> mf = BiasedMFRanker(factors=4, lr=0.1, reg=0.0, seed=1)
+    >>> for _ in range(50):
+    ...     mf.learn_one("ann", 0, 5.0)
+    ...     mf.learn_one("ann", 1, 1.0)
+    >>> mf.predict_rating("ann", 0) > 4.0 > 2.0 > mf.predict_rating("ann", 1)
+    True
+    >>> scores = mf.scores(["ann", "bob"], n_items=3)
+    >>> scores.shape, bool(scores[0, 0] > scores[0, 2] > scores[0, 1])
+    ((2, 3), True)
+    """
+
+    def __init__(
+        self, factors: int, lr: float, reg: float, init_std: float = 0.1, seed: int | None = None
+    ) -> None:
+        self.factors = factors
+        self.model = reco.BiasedMF(
+            n_factors=factors,
+            bias_optimizer=optim.SGD(lr / 2),
+            latent_optimizer=optim.SGD(lr / 2),
+            l2_bias=2 * reg,
+            l2_latent=2 * reg,
+            latent_initializer=optim.initializers.Normal(mu=0.0, sigma=init_std, seed=seed),
+        )
+        self._bias = np.zeros(0)
+        self._latent = np.zeros((0, factors))
+        self._touched: set[int] = set()
+
+    def learn_one(self, user: str, item: int, rating: float) -> None:
+        self.model.learn_one(user, item, rating)
+        self._touched.add(item)
+
+    def predict_rating(self, user: str, item: int) -> float:
+        """river's prediction ``mu + b_u + b_i + p_u.q_i`` (unclipped)."""
+        return float(self.model.predict_one(user, item))
+
+    def _refresh(self) -> None:
+        if not self._touched:
+            return
+        top = max(self._touched) + 1
+        self._bias = _grown(self._bias, top)
+        self._latent = _grown(self._latent, top)
+        for item in self._touched:
+            self._bias[item] = self.model.i_biases[item]
+            self._latent[item] = self.model.i_latents[item]
+        self._touched.clear()
+
+    def scores(self, users: Sequence[str], n_items: int) -> np.ndarray:
+        """``(len(users), n_items)`` matrix of ``b_i + p_u.q_i``."""
+        self._refresh()
+        bias = _grown(self._bias, n_items)[:n_items]
+        latent = _grown(self._latent, n_items)[:n_items]
+        zeros = np.zeros(self.factors)
+        users_latent = np.array(
+            [self.model.u_latents.get(u, zeros) for u in users], dtype=np.float64
+        ).reshape(len(users), self.factors)
+        return bias[None, :] + users_latent @ latent.T
