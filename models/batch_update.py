@@ -385,6 +385,7 @@ class BatchUpdater:
             if w.impressions
             else [],
             "stats": (keys.worker_stats, applied, repr(time.time())),
+            "dirty": (keys.dirty_users, list(w.history), time.time()),
         }
         deltas = _pack([w.deltas[n] for n in names])
         bases = _pack([w.bases[n] for n in names])
@@ -421,6 +422,8 @@ class BatchUpdater:
             pipe.zadd(key, seen, gt=True)
             pipe.zremrangebyrank(key, 0, -cfg.history_cap - 1)
             pipe.expire(key, cfg.user_ttl_s)
+        if w.history:
+            pipe.zadd(keys.dirty_users, dict.fromkeys(w.history, time.time()), nx=True)
         pipe.hincrby(keys.worker_stats, "events", applied)
         pipe.hset(keys.worker_stats, "applied_at", repr(time.time()))
         for key, _, offset in watermarks:  # last: a batch cut short is redelivered whole

@@ -69,6 +69,11 @@ class Keys:
         return f"{self.prefix}:items"
 
     @property
+    def dirty_users(self) -> str:
+        """Sorted set user -> when a batch first touched them since their list was published."""
+        return f"{self.prefix}:dirty"
+
+    @property
     def decay_landmark(self) -> str:
         return f"{self.prefix}:decay:landmark"
 

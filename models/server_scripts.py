@@ -110,9 +110,20 @@ if #b.mean > 0 then
   redis.call('HINCRBY', b.mean[1], 'n', b.mean[3])
 end
 for _, c in ipairs(b.counters) do redis.call('INCRBYFLOAT', c[1], c[2]) end
+for _, user in ipairs(b.dirty[2]) do redis.call('ZADD', b.dirty[1], 'NX', b.dirty[3], user) end
 redis.call('HINCRBY', b.stats[1], 'events', b.stats[2])
 redis.call('HSET', b.stats[1], 'applied_at', b.stats[3])
 return 1
+"""
+
+
+# KEYS[1]: the dirty-users sorted set.  ARGV: cutoff time, most users to take.  Pops the users
+# first touched at or before the cutoff (user, score, user, score, ...); atomic, so reader
+# replicas never publish one twice.
+POP_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
+for i = 1, #due, 2 do redis.call('ZREM', KEYS[1], due[i]) end
+return due
 """
 
 
@@ -124,3 +135,4 @@ class ServerScripts:
         self.zincrby_many = client.register_script(ZINCRBY_MANY)
         self.read_batch = client.register_script(READ_BATCH)
         self.apply_batch = client.register_script(APPLY_BATCH)
+        self.pop_due = client.register_script(POP_DUE)

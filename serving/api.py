@@ -6,17 +6,22 @@ answers 503 with a message and the client reconnects on the next request by itse
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
+from confluent_kafka import Producer
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from models.keys import Keys
 from serving.funnel import Funnel, FunnelConfig, UnknownItem
+from serving.publisher import RecommendationPublisher
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +34,7 @@ LATENCY = Histogram(
 )
 
 FUNNEL = web.AppKey("funnel", Funnel)
+PUBLISHER = web.AppKey("publisher", RecommendationPublisher)
 REDIS = web.AppKey("redis", Redis)
 LIMITS = web.AppKey("limits", dict)
 
@@ -37,12 +43,42 @@ class BadRequest(ValueError):
     """A request the client must change; answered 400 with this message."""
 
 
+@dataclass(frozen=True)
+class Publishing:
+    """Where and how often the reader publishes fresh lists of touched users."""
+
+    kafka_bootstrap: str
+    topic: str
+    k: int = 10
+    debounce_s: float = 0.5
+    interval_s: float = 0.1
+
+
 def create_app(
-    redis: Redis, keys: Keys, config: FunnelConfig, max_k: int = 200, max_id_length: int = 128
+    redis: Redis,
+    keys: Keys,
+    config: FunnelConfig,
+    max_k: int = 200,
+    max_id_length: int = 128,
+    publishing: Publishing | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[_errors_as_json])
     app[REDIS] = redis
     app[FUNNEL] = Funnel(redis, keys, config)
+    if publishing is not None:
+        producer = Producer(
+            {"bootstrap.servers": publishing.kafka_bootstrap, "linger.ms": 20, "log_level": 3}
+        )
+        app[PUBLISHER] = RecommendationPublisher(
+            redis,
+            keys,
+            app[FUNNEL],
+            producer,
+            publishing.topic,
+            publishing.k,
+            publishing.debounce_s,
+        )
+        app.cleanup_ctx.append(_publishing(publishing.interval_s))
     app[LIMITS] = {"max_k": max_k, "max_id_length": max_id_length}
     app.router.add_get("/recommendations/{user_id}", recommendations)
     app.router.add_get("/similar/{item_id}", similar)
@@ -57,16 +93,30 @@ def create_app(
     return app
 
 
+def _publishing(interval_s: float) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        publisher = app[PUBLISHER]
+        task = asyncio.create_task(publisher.run(interval_s))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        publisher.close()
+
+    return lifecycle
+
+
 async def recommendations(request: web.Request) -> web.Response:
     user_id = _identifier(request, "user_id")
     k = _k(request)
     started = time.perf_counter()
-    ranked = await request.app[FUNNEL].recommend(user_id, k)
+    ranked, latest = await request.app[FUNNEL].recommend_with_state(user_id, k)
     return web.json_response(
         {
             "user_id": user_id,
             "k": k,
             "items": [c.to_json() for c in ranked],
+            "latest_event_ts": latest,
             "took_ms": round(1000 * (time.perf_counter() - started), 3),
         }
     )
@@ -164,8 +214,9 @@ def run_reader(
     port: int,
     max_k: int = 200,
     max_id_length: int = 128,
+    publishing: Publishing | None = None,
 ) -> None:
     redis = Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
-    app = create_app(redis, keys, config, max_k=max_k, max_id_length=max_id_length)
+    app = create_app(redis, keys, config, max_k, max_id_length, publishing)
     log.info("reader listening on http://%s:%d", host, port)
     web.run_app(app, host=host, port=port, print=None, access_log=None)

@@ -61,14 +61,22 @@ class Funnel:
         self.config = config
 
     async def recommend(self, user_id: str, k: int) -> list[Candidate]:
+        ranked, _ = await self.recommend_with_state(user_id, k)
+        return ranked
+
+    async def recommend_with_state(
+        self, user_id: str, k: int
+    ) -> tuple[list[Candidate], float | None]:
+        """The ranked list, and the time of the newest event it reflects (None: none yet)."""
         cfg, keys = self.config, self.keys
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zrevrange(keys.history(user_id), 0, cfg.history_cap - 1)
+        pipe.zrevrange(keys.history(user_id), 0, cfg.history_cap - 1, withscores=True)
         pipe.get(keys.user_vector(user_id))
         pipe.zrevrange(keys.popularity, 0, cfg.recall_popular + k - 1)
         history_raw, user_blob, popular_raw = await pipe.execute()
-        seen = {m.decode() for m in history_raw}
-        seeds = [m.decode() for m in history_raw[: cfg.history_window]]
+        latest = history_raw[0][1] if history_raw else None
+        seen = {m.decode() for m, _ in history_raw}
+        seeds = [m.decode() for m, _ in history_raw[: cfg.history_window]]
 
         # --- recall: item-CF neighbours of recent items, then the popular head --------------
         candidates: dict[str, Candidate] = {}
@@ -102,7 +110,7 @@ class Funnel:
             elif "popular" not in cand.channels:
                 cand.channels.append("popular")
         if not candidates:
-            return []
+            return [], latest
 
         # --- rank by the implicit-preference MF score; CF score breaks ties ----------------------
         items = list(candidates)
@@ -126,7 +134,7 @@ class Funnel:
             cand = candidates[items[idx]]
             cand.score = float(scores[idx]) if np.isfinite(scores[idx]) else 0.0
             ranked.append(cand)
-        return ranked
+        return ranked, latest
 
     async def similar(self, item_id: str, k: int) -> list[dict[str, object]]:
         """Items most similar to ``item_id`` by cosine of decayed co-occurrence."""

@@ -1,59 +1,125 @@
-"""Publishes fresh top-K lists of the users a batch touched to the recommendations topic.
+"""Publishes fresh top-K lists of the users new events touched to the recommendations topic.
 
-Users are collected as batches land and published on a fixed interval, so a user who sends ten
-events in a second gets one message, not ten (per-user debounce), and the learning path never
-waits for ranking.
+Workers mark each touched user in a sorted set, scored by when a batch *first* touched them
+since their last publication. The reader pops the users whose mark is at least the debounce
+interval old and publishes their lists: a user who sends ten events in a second gets one
+message, not ten, and ranking never runs on the learning path. Popping is atomic, so any
+number of reader replicas share the work without publishing a user twice.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
+from confluent_kafka import Producer
+from prometheus_client import Counter, Histogram
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from models.keys import Keys
+from models.server_scripts import ServerScripts
 from serving.funnel import Funnel
 
-Send = Callable[[bytes, bytes], Awaitable[object]]
+log = logging.getLogger(__name__)
+
+PUBLISHED = Counter("freshrec_recommendations_published_total", "Lists published to Kafka")
+PUBLISH_DELAY = Histogram(
+    "freshrec_publish_delay_seconds",
+    "From a user's first new event being learned to their list being published",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
 
 
 class RecommendationPublisher:
-    def __init__(self, funnel: Funnel, send: Send, k: int) -> None:
+    """Pops due users and publishes their lists, keyed by user, until stopped."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        funnel: Funnel,
+        producer: Producer,
+        topic: str,
+        k: int,
+        debounce_s: float,
+        max_users: int = 200,
+        concurrency: int = 8,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
         self.funnel = funnel
-        self.send = send
+        self.producer = producer
+        self.topic = topic
         self.k = k
-        self._pending: dict[str, float] = {}
+        self.debounce_s = debounce_s
+        self.max_users = max_users
+        self.concurrency = concurrency
+        self.scripts = ServerScripts(redis)
         self.published = 0
 
-    def touch(self, users: Iterable[str], event_ts: float) -> None:
-        for user in users:
-            self._pending[user] = max(event_ts, self._pending.get(user, 0.0))
+    async def publish_due(self) -> int:
+        """Publish every due user (up to ``max_users``); returns how many."""
+        cutoff = time.time() - self.debounce_s
+        due = await self.scripts.pop_due(
+            keys=[self.keys.dirty_users], args=[repr(cutoff), self.max_users]
+        )
+        if not due:
+            return 0
+        users = [u.decode() for u in due[::2]]
+        touched = [float(t) for t in due[1::2]]
+        gate = asyncio.Semaphore(self.concurrency)
 
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
+        async def ranked(user: str) -> list[Any]:
+            async with gate:  # bounded: each ranking holds a pooled connection
+                return await self.funnel.recommend(user, self.k)
 
-    async def publish_pending(self) -> int:
-        pending, self._pending = self._pending, {}
-        done = 0
         try:
-            for user, event_ts in pending.items():
-                await self._publish(user, event_ts)
-                done += 1
+            lists = await asyncio.gather(*(ranked(u) for u in users))
         except Exception:
-            # Keep the unpublished users for the next round (Redis or Kafka briefly down).
-            for user, event_ts in list(pending.items())[done:]:
-                self._pending[user] = max(event_ts, self._pending.get(user, 0.0))
+            # Put them back (first-touch time is lost, so they come due at once) and let the
+            # caller back off; nobody's fresh list is dropped.
+            await self.redis.zadd(self.keys.dirty_users, dict.fromkeys(users, cutoff), nx=True)
             raise
-        finally:
-            self.published += done
-        return done
+        now = time.time()
+        for user, ranked in zip(users, lists, strict=True):
+            message = {
+                "user_id": user,
+                "items": [c.to_json() for c in ranked],
+                "generated_at": now,
+            }
+            self._produce(user.encode(), json.dumps(message, separators=(",", ":")).encode())
+        self.producer.poll(0)
+        for first_touch in touched:
+            PUBLISH_DELAY.observe(max(0.0, now - first_touch))
+        PUBLISHED.inc(len(users))
+        self.published += len(users)
+        return len(users)
 
-    async def _publish(self, user: str, event_ts: float) -> None:
-        ranked = await self.funnel.recommend(user, self.k)
-        message = {
-            "user_id": user,
-            "items": [c.to_json() for c in ranked],
-            "generated_at": time.time(),
-            "latest_event_ts": event_ts,
-        }
-        await self.send(user.encode(), json.dumps(message, separators=(",", ":")).encode())
+    def _produce(self, key: bytes, value: bytes) -> None:
+        while True:
+            try:
+                self.producer.produce(self.topic, key=key, value=value)
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
+    async def run(self, interval_s: float) -> None:
+        """Publish until cancelled; outages of Redis or Kafka only delay publishing."""
+        delay = interval_s
+        while True:
+            try:
+                published = await self.publish_due()
+                delay = interval_s
+                if published == self.max_users:
+                    continue  # a backlog: keep going without waiting
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+                log.warning("publishing deferred: %s", exc)
+                delay = min(max(delay * 2, 0.5), 5.0)
+            await asyncio.sleep(delay)
+
+    def close(self, timeout_s: float = 10.0) -> Any:
+        return self.producer.flush(timeout_s)

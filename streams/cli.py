@@ -149,9 +149,9 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from models.keys import Keys
-    from serving.api import run_reader
+    from serving.api import Publishing, run_reader
 
-    _, redis_url = _endpoints(settings)
+    bootstrap, redis_url = _endpoints(settings)
     run_reader(
         redis_url,
         Keys(settings.key_prefix),
@@ -160,6 +160,12 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         port=args.port or settings.serve_port,
         max_k=settings.max_k,
         max_id_length=settings.max_id_length,
+        publishing=Publishing(
+            bootstrap,
+            settings.recommendations_topic,
+            k=settings.publish_k,
+            debounce_s=settings.publish_interval_s,
+        ),
     )
     return 0
 

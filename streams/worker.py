@@ -1,15 +1,17 @@
-"""The Faust worker: decode and validate event batches, learn them into Redis, publish fresh lists.
+"""The Faust worker: decode and validate event batches, learn them into Redis.
 
 The agent stays thin: it takes a batch, splits valid events from invalid ones (invalid ones go
-to the dead-letter topic with their original bytes and a reason), hands the valid ones to
-`models.batch_update.BatchUpdater`, and marks the touched users for publishing. A Redis outage
-pauses the agent (retrying with backoff) instead of dropping or half-applying a batch; Kafka
-offsets advance only after the batch is applied.
+to the dead-letter topic with their original bytes and a reason) and hands the valid ones, with
+their partition offsets, to `models.batch_update.BatchUpdater` (which also marks the touched
+users, whose fresh lists the reader then publishes). A Redis outage pauses the agent (retrying
+with backoff) instead of dropping or half-applying a batch; Kafka offsets advance only after
+the batch is applied, and a redelivered message is skipped by its offset.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from typing import Any
@@ -21,8 +23,6 @@ from redis.asyncio import Redis
 
 from models.batch_update import BatchUpdater
 from models.keys import Keys
-from serving.funnel import Funnel
-from serving.publisher import RecommendationPublisher
 from streams.events import Event, EventValidator
 from streams.settings import Settings
 
@@ -46,7 +46,6 @@ RATING_ABS_ERROR = Histogram(
     "|r - r_hat| of each rating, predicted before it is learned",
     buckets=(0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0),
 )
-PUBLISHED = Counter("freshrec_recommendations_published_total", "Lists published")
 REDELIVERED = Counter(
     "freshrec_redelivered_events_total", "Events skipped because their offset was applied before"
 )
@@ -70,7 +69,6 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
     )
     events_topic = app.topic(settings.events_topic, value_type=bytes, key_type=bytes)
     dlq_topic = app.topic(settings.dlq_topic, value_type=bytes, key_type=bytes)
-    recs_topic = app.topic(settings.recommendations_topic, value_type=bytes, key_type=bytes)
     validator = EventValidator(settings)
     keys = Keys(settings.key_prefix)
     state: dict[str, Any] = {}
@@ -82,19 +80,12 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             state["updater"] = BatchUpdater(
                 client, keys, settings.model_config(), atomic=settings.atomic_batches
             )
-            funnel = Funnel(client, keys, settings.funnel_config())
-
-            async def send(key: bytes, value: bytes) -> None:
-                await recs_topic.send(key=key, value=value)
-
-            state["publisher"] = RecommendationPublisher(funnel, send, settings.publish_k)
         return state["redis"]
 
     @app.agent(events_topic)
     async def learn(stream: faust.StreamT) -> None:
         redis()
         updater: BatchUpdater = state["updater"]
-        publisher: RecommendationPublisher = state["publisher"]
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
             valid: list[Event] = []
             origins: list[tuple[str, int]] = []
@@ -125,28 +116,16 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             finished = time.time()
             BATCH_SECONDS.observe(time.perf_counter() - started)
             BATCHES.inc()
-            for event in valid:
-                EVENTS.labels(event.type).inc()
+            for kind, count in collections.Counter(e.type for e in valid).items():
+                EVENTS.labels(kind).inc(count)
             REDELIVERED.inc(result.skipped)
             for err in result.rating_errors:
                 RATING_ABS_ERROR.observe(abs(err))
             for ts in arrived:
                 if ts > 0:
                     FRESHNESS.observe(max(0.0, finished - ts))
-            LAST_EVENT_TS.set(result.max_ts)
-            publisher.touch(result.users, result.max_ts)
-
-    @app.timer(interval=settings.publish_interval_s)
-    async def publish() -> None:
-        if "publisher" not in state:
-            return
-        publisher: RecommendationPublisher = state["publisher"]
-        if publisher.pending == 0:
-            return
-        try:
-            PUBLISHED.inc(await publisher.publish_pending())
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-            log.warning("publishing deferred: Redis unavailable (%s)", exc)
+            if result.events:
+                LAST_EVENT_TS.set(result.max_ts)
 
     @app.task
     async def serve_metrics() -> None:
