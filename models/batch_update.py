@@ -271,9 +271,11 @@ class BatchUpdater:
         decay = ForwardDecay(cfg.decay_rate, s.landmark)
         vectors = {name: vec.copy() for name, vec in s.vectors.items()}
         out = _Writes()
-        negatives_pool = sorted({e.item_id for e in events if e.type in INTERACTIONS})
+        pool = sorted({e.item_id for e in events if e.type in INTERACTIONS})
+        # All negative draws of the batch at once: one generator call, not one per event.
+        picks = self._rng.integers(0, max(len(pool), 1), (len(events), cfg.implicit_negatives))
         mean_sum, mean_n = s.mean_sum, s.mean_n
-        for ev in events:
+        for n, ev in enumerate(events):
             item = ev.item_id
             if ev.type == "impression":
                 out.impressions[item] += 1.0
@@ -294,11 +296,9 @@ class BatchUpdater:
             elif ev.type == "click":
                 out.clicks[item] += 1.0
             confidence = 1.0 + cfg.implicit_alpha * strength
-            y_user = implicit_part(uvec, k)
-            implicit_step(y_user, implicit_part(ivec, k), 1.0, confidence, cfg.implicit_lr, cfg.reg)
-            self._negative_steps(y_user, item, negatives_pool, vectors)
+            self._implicit(implicit_part(uvec, k), item, confidence, pool, picks[n], vectors)
 
-            weight = float(decay.weight(ev.ts))
+            weight = math.exp(decay.rate * (ev.ts - decay.landmark))  # g(t), as ForwardDecay
             window = s.windows[user]
             for other in window:
                 if other != item:
@@ -322,18 +322,29 @@ class BatchUpdater:
         out.mean_sum, out.mean_n = mean_sum - s.mean_sum, mean_n - s.mean_n
         return out
 
-    def _negative_steps(
-        self, y_user: np.ndarray, positive: str, pool: list[str], vectors: dict[str, np.ndarray]
+    def _implicit(
+        self,
+        y_user: np.ndarray,
+        positive: str,
+        confidence: float,
+        pool: list[str],
+        picks: np.ndarray,
+        vectors: dict[str, np.ndarray],
     ) -> None:
-        """Unobserved side of the implicit objective: preference 0, confidence 1."""
+        """The event (preference 1, confidence c) and its sampled negatives (0, 1) in one step."""
+        k = self.config.factors
+        names = [positive]
+        for pick in picks.tolist():
+            other = pool[pick]
+            if other not in names:
+                names.append(other)
+        rows = [implicit_part(vectors["i:" + name], k) for name in names]
+        preferences = np.zeros(len(names))
+        preferences[0] = 1.0
+        confidences = np.ones(len(names))
+        confidences[0] = confidence
         cfg = self.config
-        if cfg.implicit_negatives <= 0 or len(pool) < 2:
-            return
-        for pick in self._rng.integers(0, len(pool), size=cfg.implicit_negatives):
-            other = pool[int(pick)]
-            if other != positive:
-                y_other = implicit_part(vectors["i:" + other], cfg.factors)
-                implicit_step(y_user, y_other, 0.0, 1.0, cfg.implicit_lr, cfg.reg)
+        implicit_step(y_user, rows, preferences, confidences, cfg.implicit_lr, cfg.reg)
 
     # --- write -------------------------------------------------------------------------------
     def _vector_key(self, name: str) -> tuple[str, int]:

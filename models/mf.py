@@ -29,7 +29,10 @@ Hu, Koren & Volinsky (2008): preference 1 with confidence :math:`c = 1 + \alpha 
 
 The unobserved side (preference 0, confidence 1) is sampled from the other items of the same
 batch, i.e. in proportion to their current traffic — the usual popularity correction in
-streaming training. Top-N ranking uses :math:`s_{ui}`; rating prediction uses :math:`\hat r_{ui}`.
+streaming training. An event and its sampled negatives form one step (as in word2vec's negative
+sampling): every error is taken at the same old :math:`y_u`, each item row moves by its own
+gradient, and :math:`y_u` by their sum. Top-N ranking uses :math:`s_{ui}`; rating prediction
+uses :math:`\hat r_{ui}`.
 """
 
 from __future__ import annotations
@@ -98,16 +101,30 @@ def rating_step(
 
 def implicit_step(
     user: np.ndarray,
-    item: np.ndarray,
-    preference: float,
-    confidence: float,
+    items: list[np.ndarray],
+    preferences: np.ndarray,
+    confidences: np.ndarray,
     lr: float,
     reg: float,
-) -> float:
-    """One weighted SGD step on ``c (p - y_u.y_i)^2`` over ``implicit_part`` views."""
-    err = preference - float(user @ item)
-    grad_user = confidence * err * item - reg * user
-    grad_item = confidence * err * user - reg * item
+) -> np.ndarray:
+    """One weighted SGD step on ``sum_j c_j (p_j - y_u.y_j)^2`` over ``implicit_part`` views.
+
+    ``items`` are distinct rows (the positive and its negatives); each is updated in place.
+    Returns the errors ``p_j - y_u.y_j`` before the step.
+
+    Examples
+    --------
+    >>> u = np.array([0.1, 0.2]); pos = np.array([0.3, 0.1]); neg = np.array([0.2, 0.2])
+    >>> err = implicit_step(u, [pos, neg], np.array([1.0, 0.0]), np.array([3.0, 1.0]), 0.1, 0.0)
+    >>> err.round(3).tolist(), u.round(4).tolist(), pos.round(4).tolist()
+    ([0.95, -0.06], [0.1843, 0.2273], [0.3285, 0.157])
+    """
+    rows = np.stack(items)
+    err = preferences - rows @ user
+    weighted = confidences * err
+    grad_user = weighted @ rows - reg * user
+    rows += lr * (np.outer(weighted, user) - reg * rows)
     user += lr * grad_user
-    item += lr * grad_item
+    for row, updated in zip(items, rows, strict=True):
+        row[:] = updated
     return err

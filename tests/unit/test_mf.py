@@ -66,10 +66,22 @@ def test_implicit_positive_raises_and_negative_lowers_the_score() -> None:
     rating_before = {x: rating_part(v, 8).copy() for x, v in full.items()}
     u, i, j = (implicit_part(full[x], 8) for x in ("u", "i", "j"))
     before_i, before_j = u @ i, u @ j
-    for _ in range(20):
-        implicit_step(u, i, preference=1.0, confidence=3.0, lr=0.05, reg=0.0)
-        implicit_step(u, j, preference=0.0, confidence=1.0, lr=0.05, reg=0.0)
+    for _ in range(20):  # i observed with confidence 3, j sampled as unobserved
+        implicit_step(u, [i, j], np.array([1.0, 0.0]), np.array([3.0, 1.0]), lr=0.05, reg=0.0)
     assert u @ i > before_i + 0.1
     assert abs(u @ j) < abs(before_j) + 0.05
     for x, v in full.items():  # implicit steps leave biases and rating factors alone
         assert np.array_equal(rating_part(v, 8), rating_before[x])
+
+
+def test_a_group_step_equals_the_summed_per_row_gradients() -> None:
+    rng = np.random.default_rng(0)
+    u, rows = rng.normal(size=6), [rng.normal(size=6) for _ in range(3)]
+    prefs, confs, lr, reg = np.array([1.0, 0.0, 0.0]), np.array([4.0, 1.0, 1.0]), 0.03, 0.01
+    err = prefs - np.array([u @ r for r in rows])
+    want_u = u + lr * (sum(c * e * r for c, e, r in zip(confs, err, rows, strict=True)) - reg * u)
+    want_rows = [r + lr * (c * e * u - reg * r) for c, e, r in zip(confs, err, rows, strict=True)]
+    implicit_step(u, rows, prefs, confs, lr, reg)
+    np.testing.assert_allclose(u, want_u)
+    for got, want in zip(rows, want_rows, strict=True):
+        np.testing.assert_allclose(got, want)
