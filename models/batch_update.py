@@ -365,6 +365,10 @@ class BatchUpdater:
         ]
         return [entry for entry in out if entry[3]]
 
+    @staticmethod
+    def _changed_items(w: _Writes) -> list[str]:
+        return [name[2:] for name in w.deltas if name.startswith("i:")]
+
     async def _write_script(
         self, w: _Writes, watermarks: list[tuple[str, int, int]], applied: int
     ) -> None:
@@ -397,6 +401,7 @@ class BatchUpdater:
             else [],
             "stats": (keys.worker_stats, applied, repr(time.time())),
             "dirty": (keys.dirty_users, list(w.history), time.time()),
+            "updated": (keys.updated_items, self._changed_items(w)),
         }
         deltas = _pack([w.deltas[n] for n in names])
         bases = _pack([w.bases[n] for n in names])
@@ -435,6 +440,8 @@ class BatchUpdater:
             pipe.expire(key, cfg.user_ttl_s)
         if w.history:
             pipe.zadd(keys.dirty_users, dict.fromkeys(w.history, time.time()), nx=True)
+        if changed := self._changed_items(w):
+            pipe.zadd(keys.updated_items, dict.fromkeys(changed, time.time()))
         pipe.hincrby(keys.worker_stats, "events", applied)
         pipe.hset(keys.worker_stats, "applied_at", repr(time.time()))
         for key, _, offset in watermarks:  # last: a batch cut short is redelivered whole

@@ -69,6 +69,11 @@ class Keys:
         return f"{self.prefix}:items"
 
     @property
+    def updated_items(self) -> str:
+        """Sorted set item -> when its vector last changed (readers refresh their matrix)."""
+        return f"{self.prefix}:items:updated"
+
+    @property
     def dirty_users(self) -> str:
         """Sorted set user -> when a batch first touched them since their list was published."""
         return f"{self.prefix}:dirty"

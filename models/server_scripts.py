@@ -111,6 +111,9 @@ if #b.mean > 0 then
 end
 for _, c in ipairs(b.counters) do redis.call('INCRBYFLOAT', c[1], c[2]) end
 for _, user in ipairs(b.dirty[2]) do redis.call('ZADD', b.dirty[1], 'NX', b.dirty[3], user) end
+local clock = redis.call('TIME')  -- one clock for every worker's stamps: the server's
+local stamp = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+for _, item in ipairs(b.updated[2]) do redis.call('ZADD', b.updated[1], stamp, item) end
 redis.call('HINCRBY', b.stats[1], 'events', b.stats[2])
 redis.call('HSET', b.stats[1], 'applied_at', b.stats[3])
 return 1

@@ -1,0 +1,128 @@
+"""The reader's in-memory item-factor matrix, kept fresh from Redis incrementally.
+
+MF recall scores *every* item against the user's preference vector, which is one matrix-vector
+product in memory but would be thousands of reads from Redis. Workers stamp each item whose
+vector changed in a sorted set (item -> time of change); the index loads everything once, then
+every ``refresh`` fetches only the items stamped since the last one. Staleness is bounded by the
+refresh interval plus one fetch: a served MF score is never older than that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from models.keys import Keys
+from models.mf import vector_width
+from models.vectors import VECTOR_DTYPE
+
+log = logging.getLogger(__name__)
+
+FETCH_CHUNK = 2000
+FULL_RELOAD_S = 300.0
+
+
+class ItemIndex:
+    """Implicit-preference factors ``y_i`` of all known items, one row each.
+
+    Parameters
+    ----------
+    redis
+        Where the vectors live.
+    keys
+        The key layout.
+    factors
+        k: the stored vectors are ``[b, p_1..p_k, y_1..y_k]``; the index keeps ``y``.
+    """
+
+    def __init__(self, redis: Redis, keys: Keys, factors: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.factors = factors
+        self.ids: list[str] = []
+        self.rows: dict[str, int] = {}
+        self.matrix = np.zeros((0, factors), dtype=np.float32)
+        self.refreshed_at = 0.0  # server-clock stamp of the newest change applied
+        self.last_refresh = 0.0  # wall time the last refresh finished
+        self.last_full = 0.0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    async def refresh(self) -> int:
+        """Apply every change stamped since the previous refresh; returns how many items."""
+        if time.time() - self.last_full > FULL_RELOAD_S:
+            self.refreshed_at, self.last_full = 0.0, time.time()
+        changed = await self.redis.zrangebyscore(
+            self.keys.updated_items, f"({self.refreshed_at!r}", "+inf", withscores=True
+        )
+        if not changed:
+            self.last_refresh = time.time()
+            return 0
+        items = [m.decode() for m, _ in changed]
+        newest = max(score for _, score in changed)
+        width = vector_width(self.factors)
+        for start in range(0, len(items), FETCH_CHUNK):
+            chunk = items[start : start + FETCH_CHUNK]
+            pipe = self.redis.pipeline(transaction=False)
+            for item in chunk:
+                pipe.get(self.keys.item_vector(item))
+            for item, blob in zip(chunk, await pipe.execute(), strict=True):
+                if blob is not None and len(blob) == 4 * width:
+                    self._put(item, np.frombuffer(blob, dtype=VECTOR_DTYPE)[self.factors + 1 :])
+        self.refreshed_at = newest
+        self.last_refresh = time.time()
+        return len(items)
+
+    def _put(self, item: str, y: np.ndarray) -> None:
+        row = self.rows.get(item)
+        if row is None:
+            row = len(self.ids)
+            if row == len(self.matrix):
+                grown = np.zeros((max(1024, 2 * len(self.matrix)), self.factors), np.float32)
+                grown[:row] = self.matrix[:row]
+                self.matrix = grown
+            self.rows[item] = row
+            self.ids.append(item)
+        self.matrix[row] = y
+
+    def scores(self, y_user: np.ndarray) -> np.ndarray:
+        """``y_i . y_u`` for every item, in row order."""
+        return self.matrix[: len(self.ids)] @ y_user.astype(np.float32)
+
+    def top(self, y_user: np.ndarray, n: int, exclude: set[str]) -> list[tuple[str, float]]:
+        """The ``n`` best items by preference score, skipping ``exclude``."""
+        count = len(self.ids)
+        if count == 0 or n <= 0:
+            return []
+        scores = self.scores(y_user)
+        want = min(count, n + len(exclude))
+        best = np.argpartition(-scores, want - 1)[:want] if want < count else np.arange(count)
+        best = best[np.argsort(-scores[best], kind="stable")]
+        out = []
+        for row in best.tolist():
+            item = self.ids[row]
+            if item not in exclude:
+                out.append((item, float(scores[row])))
+                if len(out) == n:
+                    break
+        return out
+
+    async def keep_fresh(self, interval_s: float) -> None:
+        """Refresh until cancelled; an outage only makes the index older, never wrong."""
+        while True:
+            try:
+                await self.refresh()
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+                log.warning("item index not refreshed: %s", exc)
+            await asyncio.sleep(interval_s)
+
+    @property
+    def staleness_s(self) -> float:
+        """How long ago the index last caught up with Redis."""
+        return time.time() - self.last_refresh if self.last_refresh else float("inf")

@@ -1,0 +1,58 @@
+"""The reader's in-memory item matrix follows the vectors in Redis, incrementally."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from redis.asyncio import Redis
+
+from models.batch_update import BatchUpdater
+from models.keys import Keys
+from models.mf import implicit_part
+from models.vectors import decode_vector
+from serving.item_index import ItemIndex
+from streams.events import Event
+from streams.settings import Settings
+
+pytestmark = pytest.mark.integration
+TS = 1_700_000_000.0
+
+
+def test_the_index_loads_all_items_then_fetches_only_changed_ones(settings: Settings) -> None:
+    cfg = settings.model_config()
+    keys = Keys(settings.key_prefix)
+
+    async def run() -> None:
+        redis = Redis.from_url(settings.redis_url)
+        updater = BatchUpdater(redis, keys, cfg)
+        await updater.apply([Event("click", f"u{n % 7}", f"i{n}", TS + n) for n in range(50)])
+        index = ItemIndex(redis, keys, cfg.factors)
+        assert await index.refresh() == 50 and len(index) == 50
+        assert await index.refresh() == 0  # nothing changed since
+
+        await updater.apply(
+            [Event("click", "u1", "i3", TS + 100), Event("view", "u2", "new", TS + 101)]
+        )
+        changed = await index.refresh()
+        assert len(index) == 51
+        # The two items of the batch, plus the sampled negatives it also moved.
+        assert 2 <= changed <= 2 + 2 * cfg.implicit_negatives
+        for item in ("i3", "new", "i40"):
+            stored = decode_vector(await redis.get(keys.item_vector(item)))
+            row = index.matrix[index.rows[item]]
+            np.testing.assert_allclose(row, implicit_part(stored, cfg.factors), rtol=1e-6)
+
+        user = implicit_part(decode_vector(await redis.get(keys.user_vector("u1"))), cfg.factors)
+        best = index.top(user, 5, exclude={"i3"})
+        assert len(best) == 5 and "i3" not in [item for item, _ in best]
+        scores = {
+            item: float(index.matrix[row] @ user.astype(np.float32))
+            for item, row in index.rows.items()
+        }
+        expected = sorted((i for i in scores if i != "i3"), key=lambda i: -scores[i])[:5]
+        assert [item for item, _ in best] == expected
+        await redis.aclose()
+
+    asyncio.run(run())
