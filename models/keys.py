@@ -69,6 +69,20 @@ class Keys:
         return f"{self.prefix}:items"
 
     @property
+    def unavailable(self) -> str:
+        """Set of items that must not be served (out of stock, withdrawn)."""
+        return f"{self.prefix}:unavailable"
+
+    @property
+    def click_model_weights(self) -> str:
+        """JSON: the fine ranker's state and serving weights."""
+        return f"{self.prefix}:ranker"
+
+    def shown(self, user_id: str) -> str:
+        """Hash item -> impression record (features, variant), for attributing a later click."""
+        return f"{self.prefix}:shown:{user_id}"
+
+    @property
     def updated_items(self) -> str:
         """Sorted set item -> when its vector last changed (readers refresh their matrix)."""
         return f"{self.prefix}:items:updated"

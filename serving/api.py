@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -21,7 +22,10 @@ from redis.asyncio import Redis
 
 from models.keys import Keys
 from serving.funnel import Funnel, FunnelConfig, UnknownItem
+from serving.impressions import ImpressionLog
+from serving.openapi import OPENAPI
 from serving.publisher import RecommendationPublisher
+from serving.variants import Variants
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,8 @@ LATENCY = Histogram(
 )
 
 FUNNEL = web.AppKey("funnel", Funnel)
+VARIANTS = web.AppKey("variants", Variants)
+IMPRESSIONS = web.AppKey("impressions", ImpressionLog)
 PUBLISHER = web.AppKey("publisher", RecommendationPublisher)
 REDIS = web.AppKey("redis", Redis)
 LIMITS = web.AppKey("limits", dict)
@@ -45,10 +51,11 @@ class BadRequest(ValueError):
 
 @dataclass(frozen=True)
 class Publishing:
-    """Where and how often the reader publishes fresh lists of touched users."""
+    """Where the reader logs impressions and publishes fresh lists of touched users."""
 
     kafka_bootstrap: str
     topic: str
+    impressions_topic: str
     k: int = 10
     debounce_s: float = 0.5
     interval_s: float = 0.1
@@ -61,14 +68,20 @@ def create_app(
     max_k: int = 200,
     max_id_length: int = 128,
     publishing: Publishing | None = None,
+    variants: Variants | None = None,
+    index_refresh_s: float = 0.5,
 ) -> web.Application:
     app = web.Application(middlewares=[_errors_as_json])
     app[REDIS] = redis
-    app[FUNNEL] = Funnel(redis, keys, config)
+    app[FUNNEL] = Funnel(redis, keys, config, max_staleness_s=10 * index_refresh_s)
+    app[VARIANTS] = variants or Variants.parse("", config)
+    app[LIMITS] = {"max_k": max_k, "max_id_length": max_id_length}
+    app.cleanup_ctx.append(_keep_fresh(index_refresh_s))
     if publishing is not None:
         producer = Producer(
             {"bootstrap.servers": publishing.kafka_bootstrap, "linger.ms": 20, "log_level": 3}
         )
+        app[IMPRESSIONS] = ImpressionLog(producer, publishing.impressions_topic)
         app[PUBLISHER] = RecommendationPublisher(
             redis,
             keys,
@@ -79,18 +92,41 @@ def create_app(
             publishing.debounce_s,
         )
         app.cleanup_ctx.append(_publishing(publishing.interval_s))
-    app[LIMITS] = {"max_k": max_k, "max_id_length": max_id_length}
     app.router.add_get("/recommendations/{user_id}", recommendations)
     app.router.add_get("/similar/{item_id}", similar)
     app.router.add_get("/predict/{user_id}/{item_id}", predict)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
 
     async def close_redis(app: web.Application) -> None:
         await app[REDIS].aclose()
 
     app.on_cleanup.append(close_redis)
     return app
+
+
+def _keep_fresh(interval_s: float) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The item matrix and click-model weights, refreshed in the background."""
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        funnel = app[FUNNEL]
+
+        async def loop() -> None:
+            while True:
+                try:
+                    await funnel.refresh()
+                except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+                    log.warning("funnel state not refreshed: %s", exc)
+                await asyncio.sleep(interval_s)
+
+        task = asyncio.create_task(loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return lifecycle
 
 
 def _publishing(interval_s: float) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -110,16 +146,32 @@ async def recommendations(request: web.Request) -> web.Response:
     user_id = _identifier(request, "user_id")
     k = _k(request)
     started = time.perf_counter()
-    ranked, latest = await request.app[FUNNEL].recommend_with_state(user_id, k)
-    return web.json_response(
-        {
-            "user_id": user_id,
-            "k": k,
-            "items": [c.to_json() for c in ranked],
-            "latest_event_ts": latest,
-            "took_ms": round(1000 * (time.perf_counter() - started), 3),
+    variant = request.app[VARIANTS].assign(user_id)
+    served = await request.app[FUNNEL].serve(user_id, k, variant.config)
+    request_id = uuid.uuid4().hex
+    if IMPRESSIONS in request.app:
+        request.app[IMPRESSIONS].log(request_id, user_id, variant.name, served)
+    body: dict[str, object] = {
+        "user_id": user_id,
+        "k": k,
+        "request_id": request_id,
+        "variant": variant.name,
+        "items": [c.to_json() for c in served.items],
+        "latest_event_ts": served.latest_event_ts,
+        "took_ms": round(1000 * (time.perf_counter() - started), 3),
+    }
+    if request.query.get("debug") in ("1", "true"):
+        body["debug"] = {
+            "stages_ms": served.timings_ms,
+            "index_items": len(request.app[FUNNEL].index),
+            "index_staleness_s": round(request.app[FUNNEL].index.staleness_s, 3),
+            "ranker": "learned" if request.app[FUNNEL].scorer.learned else "fixed blend",
         }
-    )
+    return web.json_response(body)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)
 
 
 async def similar(request: web.Request) -> web.Response:
@@ -215,8 +267,9 @@ def run_reader(
     max_k: int = 200,
     max_id_length: int = 128,
     publishing: Publishing | None = None,
+    variants: Variants | None = None,
 ) -> None:
     redis = Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
-    app = create_app(redis, keys, config, max_k, max_id_length, publishing)
+    app = create_app(redis, keys, config, max_k, max_id_length, publishing, variants)
     log.info("reader listening on http://%s:%d", host, port)
     web.run_app(app, host=host, port=port, print=None, access_log=None)

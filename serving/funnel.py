@@ -1,32 +1,57 @@
-"""The reader's funnel over the fresh Redis state: recall, rank, filter.
+"""The reader's funnel over the fresh Redis state: recall → coarse rank → fine rank → rerank.
 
-Recall gathers candidates from two channels — the co-occurrence neighbours of the user's most
-recent items (item-CF, cosine-normalised by decayed item counts) and the decayed-popularity
-head — then ranks them by the implicit-preference MF score and drops everything the user has
-interacted with.
-Three pipelined round trips per request, whatever the number of candidates.
+- **Recall** merges channels, each candidate keeping the channels that found it: item-CF
+  neighbours of the user's recent items (cosine of decayed co-occurrence), MF top-K over every
+  item (``y_u·y_i`` against the in-memory `ItemIndex`), trending (decayed popularity), and a
+  cold pool of new items that have had few impressions. An unknown user gets trending and cold.
+- **Coarse rank** keeps the best few hundred by a fixed blend of those scores.
+- **Fine rank** scores them with the click model learned online from impressions and clicks
+  (`models.click_model`), or the fixed blend until it has enough clicks.
+- **Rerank** drops what the user has interacted with, unavailable items and whatever the
+  business rules drop, applies their boosts, diversifies by MMR and fills the exploration slots
+  with cold items chosen by UCB on their impressions and clicks.
+
+Three pipelined round trips per request whatever the number of candidates.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from prometheus_client import Histogram
 from redis.asyncio import Redis
 
+from models.click_model import FEATURES, FIXED_BLEND, LinearScorer
+from models.diversity import mmr
 from models.keys import Keys
 from models.mf import implicit_part, predict_rating, rating_part, vector_width
-from models.vectors import decode_matrix, decode_vector
+from models.ucb import ucb_scores
+from models.vectors import decode_vector
+from serving.funnel_config import CHANNELS, FunnelConfig
+from serving.item_index import ItemIndex
 
+__all__ = ["CHANNELS", "Candidate", "Funnel", "FunnelConfig", "Served", "UnknownItem"]
 
-@dataclass(frozen=True)
-class FunnelConfig:
-    history_window: int = 10
-    history_cap: int = 500
-    recall_per_seed: int = 50
-    recall_popular: int = 100
-    factors: int = 32
+STAGE_SECONDS = Histogram(
+    "freshrec_funnel_stage_seconds",
+    "Time spent in each funnel stage",
+    ["stage"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05),
+)
+EXPLANATIONS = {
+    "cf": "because you interacted with {because}",
+    "mf": "picked for your taste",
+    "trending": "trending now",
+    "cold": "new",
+    "explore": "new",
+}
+BusinessRule = Callable[[str, list[str]], Awaitable[np.ndarray]]
+"""``rule(user_id, items)`` -> a multiplier per item: 0 drops it, 1 keeps it, more boosts it."""
 
 
 @dataclass
@@ -37,15 +62,31 @@ class Candidate:
     because: str | None = None
     score: float = 0.0
 
+    @property
+    def explanation(self) -> str:
+        channel = self.channels[0] if self.channels else "trending"
+        return EXPLANATIONS[channel].format(because=self.because)
+
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {
             "item_id": self.item_id,
             "score": round(self.score, 6),
             "channels": self.channels,
+            "explanation": self.explanation,
         }
         if self.because is not None:
             out["because"] = self.because
         return out
+
+
+@dataclass
+class Served:
+    """A ranked list with what produced it: freshness, features for the impression log, timings."""
+
+    items: list[Candidate]
+    latest_event_ts: float | None
+    features: np.ndarray
+    timings_ms: dict[str, float]
 
 
 class UnknownItem(LookupError):
@@ -53,89 +94,229 @@ class UnknownItem(LookupError):
 
 
 class Funnel:
-    """Serves recommendations, similar items and rating predictions from Redis."""
+    """Serves recommendations, similar items and rating predictions from Redis.
 
-    def __init__(self, redis: Redis, keys: Keys, config: FunnelConfig) -> None:
+    Parameters
+    ----------
+    index
+        The in-memory item matrix; refreshed here whenever it is older than ``max_staleness_s``
+        (a reader also refreshes it in the background).
+    rules
+        Business rules applied in rerank, in order.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        config: FunnelConfig,
+        index: ItemIndex | None = None,
+        rules: Sequence[BusinessRule] = (),
+        max_staleness_s: float = 1.0,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.config = config
+        self.index = index or ItemIndex(redis, keys, config.factors)
+        self.rules = list(rules)
+        self.max_staleness_s = max_staleness_s
+        self.scorer = LinearScorer(None, config.min_clicks)
+        self._scorer_loaded = 0.0
 
-    async def recommend(self, user_id: str, k: int) -> list[Candidate]:
-        ranked, _ = await self.recommend_with_state(user_id, k)
-        return ranked
+    async def refresh(self) -> None:
+        """Catch up with Redis now: item matrix and click-model weights."""
+        await self.index.refresh()
+        raw = await self.redis.get(self.keys.click_model_weights)
+        weights = None if raw is None else json.loads(raw)
+        self.scorer = LinearScorer(weights, self.config.min_clicks)
+        self._scorer_loaded = time.time()
+
+    async def recommend(
+        self, user_id: str, k: int, config: FunnelConfig | None = None
+    ) -> list[Candidate]:
+        return (await self.serve(user_id, k, config)).items
 
     async def recommend_with_state(
-        self, user_id: str, k: int
+        self, user_id: str, k: int, config: FunnelConfig | None = None
     ) -> tuple[list[Candidate], float | None]:
         """The ranked list, and the time of the newest event it reflects (None: none yet)."""
-        cfg, keys = self.config, self.keys
+        served = await self.serve(user_id, k, config)
+        return served.items, served.latest_event_ts
+
+    async def serve(self, user_id: str, k: int, config: FunnelConfig | None = None) -> Served:
+        cfg = config or self.config
+        if self.index.staleness_s > self.max_staleness_s or (
+            time.time() - self._scorer_loaded > 5 * self.max_staleness_s
+        ):
+            await self.refresh()
+        clock = _Clock()
+        recall = await self._recall(user_id, k, cfg)
+        clock.lap("recall")
+        if not recall.candidates:
+            return Served([], recall.latest, np.zeros((0, len(FEATURES))), clock.laps)
+        features = await self._features(recall, cfg)
+        clock.lap("features")
+        keep = _top(features @ _blend_vector(), cfg.coarse_keep)
+        clock.lap("coarse")
+        fine = self.scorer.scores(features[keep])
+        clock.lap("fine")
+        items = [recall.order[i] for i in keep]
+        ranked, rows = await self._rerank(user_id, items, features[keep], fine, recall, k, cfg)
+        clock.lap("rerank")
+        for stage, ms in clock.laps.items():
+            STAGE_SECONDS.labels(stage).observe(ms / 1000.0)
+        return Served(ranked, recall.latest, rows, clock.laps)
+
+    # --- recall --------------------------------------------------------------------------------
+    async def _recall(self, user_id: str, k: int, cfg: FunnelConfig) -> _Recall:
+        keys = self.keys
         pipe = self.redis.pipeline(transaction=False)
         pipe.zrevrange(keys.history(user_id), 0, cfg.history_cap - 1, withscores=True)
         pipe.get(keys.user_vector(user_id))
         pipe.zrevrange(keys.popularity, 0, cfg.recall_popular + k - 1)
-        history_raw, user_blob, popular_raw = await pipe.execute()
-        latest = history_raw[0][1] if history_raw else None
-        seen = {m.decode() for m, _ in history_raw}
-        seeds = [m.decode() for m, _ in history_raw[: cfg.history_window]]
+        pipe.zrevrange(keys.item_first_seen, 0, 2 * cfg.recall_cold - 1)
+        history, user_blob, popular, newest = await pipe.execute()
+        recall = _Recall(latest=history[0][1] if history else None)
+        recall.seen = {m.decode() for m, _ in history}
+        recall.activity = len(history)
+        seeds = [m.decode() for m, _ in history[: cfg.history_window]]
+        newest_unseen = [i for i in (m.decode() for m in newest) if i not in recall.seen]
 
-        # --- recall: item-CF neighbours of recent items, then the popular head --------------
-        candidates: dict[str, Candidate] = {}
-        if seeds:
-            pipe = self.redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)
+        use_cf = "cf" in cfg.channels and seeds
+        if use_cf:
             for seed in seeds:
                 pipe.zrevrange(keys.neighbours(seed), 0, cfg.recall_per_seed - 1, withscores=True)
-            pipe.zmscore(keys.occurrences, seeds)
-            *rows, seed_counts = await pipe.execute()
-            raw: dict[str, float] = {}
-            for seed, seed_count, row in zip(seeds, seed_counts, rows, strict=True):
+        use_cold = "cold" in cfg.channels and newest_unseen
+        if use_cold:
+            pipe.zmscore(keys.impressions, newest_unseen)
+        replies = await pipe.execute() if (use_cf or use_cold) else []
+
+        if use_cf:
+            for seed, row in zip(seeds, replies[: len(seeds)], strict=True):
                 for member, weight in row:
                     item = member.decode()
-                    if item in seen:
-                        continue
-                    cand = candidates.get(item)
-                    if cand is None:
-                        cand = candidates[item] = Candidate(item, ["cf"], because=seed)
-                    raw[item] = raw.get(item, 0.0) + weight / math.sqrt(seed_count or 1.0)
-            if candidates:
-                counts = await self.redis.zmscore(keys.occurrences, list(candidates))
-                for (item, cand), count in zip(candidates.items(), counts, strict=True):
-                    cand.cf_score = raw[item] / math.sqrt(count or 1.0)
-        for member in popular_raw:
-            item = member.decode()
-            if item in seen:
-                continue
-            cand = candidates.get(item)
-            if cand is None:
-                candidates[item] = Candidate(item, ["popular"])
-            elif "popular" not in cand.channels:
-                cand.channels.append("popular")
-        if not candidates:
-            return [], latest
-
-        # --- rank by the implicit-preference MF score; CF score breaks ties ----------------------
-        items = list(candidates)
-        k_f = cfg.factors
-        width = vector_width(k_f)
-        pipe = self.redis.pipeline(transaction=False)  # GETs, not MGET: keys span cluster slots
-        for item in items:
-            pipe.get(keys.item_vector(item))
-        blobs = await pipe.execute()
-        matrix, present = decode_matrix(blobs, width)
-        cf = np.array([candidates[i].cf_score for i in items])
+                    if item not in recall.seen:
+                        recall.add(item, "cf", because=seed)
+                        recall.cf_raw[item] = recall.cf_raw.get(item, 0.0) + weight
+        width = vector_width(cfg.factors)
         if user_blob is not None and len(user_blob) == 4 * width:
-            y_user = implicit_part(decode_vector(user_blob), k_f).astype(np.float32)
-            scores = (matrix[:, k_f + 1 :] @ y_user).astype(np.float64)
-            scores = np.where(present, scores, -np.inf)
-        else:
-            scores = cf.copy()  # unknown user: co-occurrence, then the popular order
-        order = np.lexsort((-cf, -scores))[:k]
-        ranked = []
-        for idx in order:
-            cand = candidates[items[idx]]
-            cand.score = float(scores[idx]) if np.isfinite(scores[idx]) else 0.0
-            ranked.append(cand)
-        return ranked, latest
+            recall.y_user = implicit_part(decode_vector(user_blob), cfg.factors)
+            if "mf" in cfg.channels:
+                for item, _ in self.index.top(recall.y_user, cfg.recall_mf, recall.seen):
+                    recall.add(item, "mf")
+        if "trending" in cfg.channels or recall.y_user is None:
+            for member in popular:
+                item = member.decode()
+                if item not in recall.seen:
+                    recall.add(item, "trending")
+        if use_cold:
+            shown = replies[-1]
+            for item, count in zip(newest_unseen, shown, strict=True):
+                if (count or 0.0) < cfg.cold_max_impressions and len(recall.cold) < cfg.recall_cold:
+                    recall.add(item, "cold")
+                    recall.cold.append(item)
+        recall.seeds = seeds
+        return recall
 
+    async def _features(self, recall: _Recall, cfg: FunnelConfig) -> np.ndarray:
+        """One row per candidate, columns as `models.click_model.FEATURES`."""
+        keys, items = self.keys, recall.order
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zmscore(keys.occurrences, items)
+        pipe.zmscore(keys.popularity, items)
+        pipe.zmscore(keys.item_first_seen, items)
+        pipe.zmscore(keys.occurrences, recall.seeds or ["\x00"])
+        occ, pop, first, seed_occ = await pipe.execute()
+        n = len(items)
+        x = np.zeros((n, len(FEATURES)))
+        col = {name: i for i, name in enumerate(FEATURES)}
+        occ_arr = np.array([o or 0.0 for o in occ])
+        pop_arr = np.array([p or 0.0 for p in pop])
+        # Forward-decayed sums share one scale; a ratio to the largest makes them comparable.
+        x[:, col["log_popularity"]] = np.log1p(1000.0 * pop_arr / max(pop_arr.max(), 1e-300))
+        seed_norm = {s: math.sqrt(o or 1.0) for s, o in zip(recall.seeds, seed_occ, strict=False)}
+        for row, item in enumerate(items):
+            raw = recall.cf_raw.get(item)
+            if raw is not None:
+                because = recall.candidates[item].because
+                cf = raw / (seed_norm.get(because, 1.0) * math.sqrt(occ_arr[row] or 1.0))
+                recall.candidates[item].cf_score = cf
+                x[row, col["cf"]] = cf
+        newest_event = recall.latest or max((f or 0.0) for f in first)
+        ages = np.array(
+            [max(newest_event - (f if f is not None else newest_event), 0.0) for f in first]
+        )
+        x[:, col["log_age_h"]] = np.log1p(ages / 3600.0)
+        x[:, col["log_user_activity"]] = math.log1p(recall.activity)
+        if recall.y_user is not None:
+            x[:, col["mf"]] = self._rows(items) @ recall.y_user.astype(np.float32)
+        for row, item in enumerate(items):
+            for channel in recall.candidates[item].channels:
+                x[row, col[f"channel_{channel}"]] = 1.0
+        return x
+
+    def _rows(self, items: list[str]) -> np.ndarray:
+        """Factor rows of ``items`` from the index (zeros for items it does not know yet)."""
+        out = np.zeros((len(items), self.index.factors), dtype=np.float32)
+        for n, item in enumerate(items):
+            row = self.index.rows.get(item)
+            if row is not None:
+                out[n] = self.index.matrix[row]
+        return out
+
+    # --- rerank --------------------------------------------------------------------------------
+    async def _rerank(
+        self,
+        user_id: str,
+        items: list[str],
+        features: np.ndarray,
+        fine: np.ndarray,
+        recall: _Recall,
+        k: int,
+        cfg: FunnelConfig,
+    ) -> tuple[list[Candidate], np.ndarray]:
+        keys = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.smismember(keys.unavailable, items)
+        pipe.zmscore(keys.impressions, items)
+        pipe.zmscore(keys.clicks, items)
+        pipe.get(keys.impressions_total)
+        unavailable, shown, clicked, total = await pipe.execute()
+        multiplier = np.array([0.0 if u else 1.0 for u in unavailable])
+        for rule in self.rules:
+            multiplier *= await rule(user_id, items)
+        allowed = multiplier > 0
+        # Relevance in (0, 1], then boosts: a boost raises an item whatever the sign of scores.
+        ranks = np.empty(len(items))
+        ranks[np.argsort(-fine, kind="stable")] = np.arange(len(items))
+        relevance = (1.0 - ranks / max(len(items), 1)) * np.where(allowed, multiplier, 0.0)
+        # Exploration first: the cold items with the best UCB take the reserved slots.
+        pool = [n for n, item in enumerate(items) if allowed[n] and item in set(recall.cold)]
+        explore: list[int] = []
+        if "cold" in cfg.channels and pool and cfg.exploration_slots > 0:
+            ucb = ucb_scores(
+                np.array([clicked[n] or 0.0 for n in pool]),
+                np.array([shown[n] or 0.0 for n in pool]),
+                float(total or 0.0),
+                cfg.ucb_beta,
+            )
+            explore = [pool[i] for i in np.argsort(-ucb, kind="stable")[: cfg.exploration_slots]]
+            explore = explore[:k]
+            for n in explore:
+                recall.candidates[items[n]].channels.insert(0, "explore")
+        eligible = [n for n in range(len(items)) if allowed[n] and n not in explore]
+        rows = self._rows([items[n] for n in eligible])
+        chosen = mmr(relevance[eligible], rows, k - len(explore), cfg.diversity)
+        picked = [eligible[c] for c in chosen] + explore
+        ranked = []
+        for n in picked:
+            cand = recall.candidates[items[n]]
+            cand.score = float(fine[n])
+            ranked.append(cand)
+        return ranked, features[picked]
+
+    # --- other routes ----------------------------------------------------------------------------
     async def similar(self, item_id: str, k: int) -> list[dict[str, object]]:
         """Items most similar to ``item_id`` by cosine of decayed co-occurrence."""
         keys = self.keys
@@ -170,18 +351,62 @@ class Funnel:
             raise UnknownItem(item_id)
         item = rating_part(decode_vector(item_blob), k)
         known_user = user_blob is not None and len(user_blob) == 4 * width
+        mean = _mean(mean_raw)
         if known_user:
-            prediction = predict_rating(
-                rating_part(decode_vector(user_blob), k), item, _mean(mean_raw)
-            )
+            prediction = predict_rating(rating_part(decode_vector(user_blob), k), item, mean)
         else:
-            prediction = _mean(mean_raw) + item[0]
+            prediction = mean + item[0]
         return {
             "user_id": user_id,
             "item_id": item_id,
             "prediction": round(float(prediction), 6),
             "known_user": known_user,
         }
+
+
+@dataclass
+class _Recall:
+    latest: float | None
+    candidates: dict[str, Candidate] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+    cf_raw: dict[str, float] = field(default_factory=dict)
+    cold: list[str] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+    seeds: list[str] = field(default_factory=list)
+    activity: int = 0
+    y_user: np.ndarray | None = None
+
+    def add(self, item: str, channel: str, because: str | None = None) -> None:
+        cand = self.candidates.get(item)
+        if cand is None:
+            self.candidates[item] = Candidate(item, [channel], because=because)
+            self.order.append(item)
+        elif channel not in cand.channels:
+            cand.channels.append(channel)
+            if because is not None and cand.because is None:
+                cand.because = because
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = round(1000.0 * (now - self.last), 3)
+        self.last = now
+
+
+def _blend_vector() -> np.ndarray:
+    return np.array([FIXED_BLEND.get(name, 0.0) for name in FEATURES])
+
+
+def _top(scores: np.ndarray, n: int) -> np.ndarray:
+    if len(scores) <= n:
+        return np.argsort(-scores, kind="stable")
+    best = np.argpartition(-scores, n - 1)[:n]
+    return best[np.argsort(-scores[best], kind="stable")]
 
 
 def _mean(raw: list[bytes | None]) -> float:

@@ -150,6 +150,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from models.keys import Keys
     from serving.api import Publishing, run_reader
+    from serving.variants import Variants
 
     bootstrap, redis_url = _endpoints(settings)
     run_reader(
@@ -163,9 +164,11 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         publishing=Publishing(
             bootstrap,
             settings.recommendations_topic,
+            settings.impressions_topic,
             k=settings.publish_k,
             debounce_s=settings.publish_interval_s,
         ),
+        variants=Variants.parse(settings.variants, settings.funnel_config()),
     )
     return 0
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from models.config import ModelConfig
-    from serving.funnel import FunnelConfig
+    from serving.funnel_config import FunnelConfig
 
 
 def _env(name: str, doc: str, default: Any) -> Any:
@@ -127,6 +127,22 @@ class Settings:
     )
     recall_popular: int = _env("FRESHREC_RECALL_POPULAR", "Popular items added to recall.", 100)
     max_k: int = _env("FRESHREC_MAX_K", "Largest k a request may ask for.", 200)
+    diversity: float = _env(
+        "FRESHREC_DIVERSITY", "MMR lambda: 0 keeps the ranking order, higher diversifies.", 0.15
+    )
+    exploration_slots: int = _env(
+        "FRESHREC_EXPLORATION_SLOTS", "List positions reserved for cold items chosen by UCB.", 1
+    )
+    ucb_beta: float = _env("FRESHREC_UCB_BETA", "beta in the UCB bonus beta*sqrt(ln N / n_i).", 0.2)
+    variants: str = _env(
+        "FRESHREC_VARIANTS",
+        'A/B variants as JSON, e.g. {"control": {"share": 0.5}, "diverse": {"share": 0.5, '
+        '"diversity": 0.5}}; empty: one variant, "control".',
+        "",
+    )
+    attribution_window_s: int = _env(
+        "FRESHREC_ATTRIBUTION_WINDOW_S", "How long after an impression a click is attributed.", 1800
+    )
 
     # ---------------------------------------------------------------------------------------
     @classmethod
@@ -212,7 +228,7 @@ class Settings:
         )
 
     def funnel_config(self) -> FunnelConfig:
-        from serving.funnel import FunnelConfig
+        from serving.funnel_config import FunnelConfig
 
         return FunnelConfig(
             history_window=self.history_window,
@@ -220,6 +236,9 @@ class Settings:
             recall_per_seed=self.recall_per_seed,
             recall_popular=self.recall_popular,
             factors=self.mf_factors,
+            diversity=self.diversity,
+            exploration_slots=self.exploration_slots,
+            ucb_beta=self.ucb_beta,
         )
 
     def environ(self) -> dict[str, str]:

@@ -22,6 +22,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from models.batch_update import BatchUpdater
+from models.feedback import FeedbackLearner, Shown, parse_impression
 from models.keys import Keys
 from streams.events import Event, EventValidator
 from streams.settings import Settings
@@ -50,6 +51,12 @@ REDELIVERED = Counter(
     "freshrec_redelivered_events_total", "Events skipped because their offset was applied before"
 )
 REDIS_RETRIES = Counter("freshrec_redis_retries_total", "Batch applications retried")
+VARIANT_IMPRESSIONS = Counter(
+    "freshrec_variant_impressions_total", "Items shown, by A/B variant", ["variant"]
+)
+VARIANT_CLICKS = Counter(
+    "freshrec_variant_clicks_total", "Clicks attributed to an impression, by variant", ["variant"]
+)
 LAST_EVENT_TS = Gauge("freshrec_last_event_time_seconds", "Event time of the newest event learned")
 
 
@@ -68,24 +75,37 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         broker_max_poll_records=max(settings.batch_size, 500),
     )
     events_topic = app.topic(settings.events_topic, value_type=bytes, key_type=bytes)
+    impressions_topic = app.topic(settings.impressions_topic, value_type=bytes, key_type=bytes)
     dlq_topic = app.topic(settings.dlq_topic, value_type=bytes, key_type=bytes)
     validator = EventValidator(settings)
     keys = Keys(settings.key_prefix)
     state: dict[str, Any] = {}
 
-    def redis() -> Redis:
-        if "redis" not in state:
+    async def ready() -> tuple[BatchUpdater, FeedbackLearner]:
+        if "updater" not in state:
             client = Redis.from_url(redis_url, socket_timeout=5, health_check_interval=10)
-            state["redis"] = client
             state["updater"] = BatchUpdater(
                 client, keys, settings.model_config(), atomic=settings.atomic_batches
             )
-        return state["redis"]
+            state["feedback"] = await FeedbackLearner.load(
+                client, keys, settings.attribution_window_s
+            )
+        return state["updater"], state["feedback"]
+
+    async def dead_letter(message: Any, reason: str) -> None:
+        DEAD_LETTERS.inc()
+        await dlq_topic.send(
+            key=message.key,
+            value=message.value,
+            headers={
+                "freshrec-reason": reason.encode(),
+                "freshrec-source": f"{message.topic}/{message.partition}/{message.offset}".encode(),
+            },
+        )
 
     @app.agent(events_topic)
     async def learn(stream: faust.StreamT) -> None:
-        redis()
-        updater: BatchUpdater = state["updater"]
+        updater, feedback = await ready()
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
             valid: list[Event] = []
             origins: list[tuple[str, int]] = []
@@ -98,17 +118,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 origins.extend([origin] * len(events))
                 arrived.append(_seconds(message.timestamp))
                 for error in errors:
-                    DEAD_LETTERS.inc()
-                    await dlq_topic.send(
-                        key=message.key,
-                        value=message.value,
-                        headers={
-                            "freshrec-reason": error.reason.encode(),
-                            "freshrec-source": (
-                                f"{message.topic}/{message.partition}/{message.offset}".encode()
-                            ),
-                        },
-                    )
+                    await dead_letter(message, error.reason)
             if not valid:
                 continue
             started = time.perf_counter()
@@ -126,6 +136,43 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                     FRESHNESS.observe(max(0.0, finished - ts))
             if result.events:
                 LAST_EVENT_TS.set(result.max_ts)
+            clicks = [(e.user_id, e.item_id) for e in valid if e.type == "click"]
+            if clicks and result.events:
+                for variant, n in (await feedback.attribute_clicks(clicks)).items():
+                    VARIANT_CLICKS.labels(variant).inc(n)
+
+    @app.agent(impressions_topic)
+    async def count_impressions(stream: faust.StreamT) -> None:
+        """Impressions feed UCB counts, click attribution and the click model."""
+        updater, feedback = await ready()
+        async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+            shown: list[Shown] = []
+            events: list[Event] = []
+            origins: list[tuple[str, int]] = []
+            for record in batch:
+                message = record.message
+                try:
+                    items = parse_impression(message.value)
+                except ValueError as exc:
+                    await dead_letter(message, f"impression: {exc}")
+                    continue
+                ts = _seconds(message.timestamp) or time.time()
+                shown.extend(items)
+                events.extend(Event("impression", s.user_id, s.item_id, ts) for s in items)
+                origin = (f"{message.topic}/{message.partition}", message.offset)
+                origins.extend([origin] * len(items))
+            if not events:
+                continue
+            result = await _apply_until_done(updater, events, origins)
+            if result.skipped == len(events):
+                continue  # a redelivery: already counted and learned
+            for variant, n in (await feedback.record_impressions(shown)).items():
+                VARIANT_IMPRESSIONS.labels(variant).inc(n)
+
+    @app.timer(interval=2.0)
+    async def save_click_model() -> None:
+        if "feedback" in state:
+            await state["feedback"].save()
 
     @app.task
     async def serve_metrics() -> None:

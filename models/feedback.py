@@ -1,0 +1,124 @@
+"""Closing the loop: what was shown, what was clicked, and what the click model learns from it.
+
+Each impression is remembered per user (item -> features and variant) for the attribution
+window, and learned at once as a negative; a click on a remembered item within the window is
+attributed to that impression (once), learned as a positive, and counted for its variant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from models.click_model import ClickModel
+from models.keys import Keys
+
+
+@dataclass(frozen=True)
+class Shown:
+    """One item of a served list."""
+
+    user_id: str
+    item_id: str
+    position: int
+    variant: str
+    request_id: str
+    features: dict[str, float]
+
+
+class FeedbackLearner:
+    def __init__(self, redis: Redis, keys: Keys, model: ClickModel, window_s: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.model = model
+        self.window_s = window_s
+        self.dirty = False
+
+    @classmethod
+    async def load(cls, redis: Redis, keys: Keys, window_s: int, **params: Any) -> FeedbackLearner:
+        """Resume the click model where the last worker left it."""
+        raw = await redis.get(keys.click_model_weights)
+        return cls(redis, keys, ClickModel.from_json(raw, **params), window_s)
+
+    async def record_impressions(self, shown: list[Shown]) -> Counter[str]:
+        """Remember and learn impressions; returns impressions per variant."""
+        pipe = self.redis.pipeline(transaction=False)
+        per_user: dict[str, dict[str, str]] = {}
+        for s in shown:
+            record = {"variant": s.variant, "request_id": s.request_id, "features": s.features}
+            per_user.setdefault(s.user_id, {})[s.item_id] = json.dumps(record)
+            self.model.learn_impression(_training_features(s))
+        for user, fields in per_user.items():
+            key = self.keys.shown(user)
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, self.window_s)
+        if per_user:
+            await pipe.execute()
+        self.dirty = self.dirty or bool(shown)
+        return Counter(s.variant for s in shown)
+
+    async def attribute_clicks(self, clicks: list[tuple[str, str]]) -> Counter[str]:
+        """Attribute clicks to remembered impressions; returns attributed clicks per variant."""
+        if not clicks:
+            return Counter()
+        pipe = self.redis.pipeline(transaction=False)
+        for user, item in clicks:
+            pipe.hget(self.keys.shown(user), item)
+            pipe.hdel(self.keys.shown(user), item)  # a click is attributed once
+        replies = await pipe.execute()
+        attributed: Counter[str] = Counter()
+        for raw in replies[0::2]:
+            if raw is None:
+                continue
+            record = json.loads(raw)
+            self.model.learn_click(record["features"])
+            attributed[record["variant"]] += 1
+        self.dirty = self.dirty or bool(attributed)
+        return attributed
+
+    async def save(self) -> None:
+        if self.dirty:
+            await self.redis.set(self.keys.click_model_weights, self.model.to_json())
+            self.dirty = False
+
+
+def _training_features(s: Shown) -> dict[str, float]:
+    features = dict(s.features)
+    features["log_position"] = math.log1p(s.position)
+    return features
+
+
+def parse_impression(payload: bytes | None) -> list[Shown]:
+    """One impressions-topic message into its items; ValueError with a reason if malformed."""
+    try:
+        message = json.loads(payload or b"")
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise ValueError("an impression must be a JSON object")
+    user, items = message.get("user_id"), message.get("items")
+    if not isinstance(user, str) or not user:
+        raise ValueError("'user_id' must be a non-empty string")
+    if not isinstance(items, list):
+        raise ValueError("'items' must be an array")
+    variant = str(message.get("variant", "control"))
+    request_id = str(message.get("request_id", ""))
+    shown = []
+    for n, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("item_id"), str):
+            raise ValueError(f"items[{n}] needs a string 'item_id'")
+        features = item.get("features") or {}
+        if not isinstance(features, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in features.values()
+        ):
+            raise ValueError(f"items[{n}].features must map names to numbers")
+        position = item.get("position", n)
+        shown.append(
+            Shown(user, item["item_id"], int(position), variant, request_id, dict(features))
+        )
+    return shown

@@ -1,0 +1,38 @@
+"""What one funnel configuration (one A/B variant) does at each stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CHANNELS = ("cf", "mf", "trending", "cold")
+
+
+@dataclass(frozen=True)
+class FunnelConfig:
+    """Parameters of recall, coarse rank, fine rank and rerank.
+
+    Parameters
+    ----------
+    channels
+        Recall channels in use: item-CF neighbours of recent items, MF top-K over all items,
+        trending (decayed popularity), and the cold pool of new, little-shown items.
+    diversity
+        MMR lambda: 0 keeps the ranking order, higher trades relevance for variety.
+    exploration_slots
+        Positions per list reserved for cold items chosen by UCB.
+    """
+
+    history_window: int = 10
+    history_cap: int = 500
+    factors: int = 32
+    channels: tuple[str, ...] = CHANNELS
+    recall_per_seed: int = 50
+    recall_popular: int = 100
+    recall_mf: int = 200
+    recall_cold: int = 100
+    cold_max_impressions: int = 200
+    coarse_keep: int = 150
+    diversity: float = 0.15
+    exploration_slots: int = 1
+    ucb_beta: float = 0.2
+    min_clicks: int = 50

@@ -1,0 +1,54 @@
+"""The impression log: every served list, as served, on the impressions topic.
+
+Workers consume it to count impressions per item (UCB), to remember what was shown for
+attributing later clicks, and to teach the click model with the exact features the ranker saw.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+from confluent_kafka import Producer
+from prometheus_client import Counter
+
+from models.click_model import FEATURES
+from serving.funnel import Served
+
+SERVED = Counter("freshrec_variant_served_total", "Lists served, by A/B variant", ["variant"])
+
+
+class ImpressionLog:
+    def __init__(self, producer: Producer, topic: str) -> None:
+        self.producer = producer
+        self.topic = topic
+
+    def log(self, request_id: str, user_id: str, variant: str, served: Served) -> None:
+        SERVED.labels(variant).inc()
+        if not served.items:
+            return
+        features = np.round(served.features, 6).tolist()
+        message = {
+            "request_id": request_id,
+            "user_id": user_id,
+            "variant": variant,
+            "ts": time.time(),
+            "items": [
+                {
+                    "item_id": cand.item_id,
+                    "position": position,
+                    "channels": cand.channels,
+                    "features": dict(zip(FEATURES, row, strict=True)),
+                }
+                for position, (cand, row) in enumerate(zip(served.items, features, strict=True))
+            ],
+        }
+        value = json.dumps(message, separators=(",", ":")).encode()
+        while True:
+            try:
+                self.producer.produce(self.topic, key=user_id.encode(), value=value)
+                break
+            except BufferError:
+                self.producer.poll(0.05)
+        self.producer.poll(0)

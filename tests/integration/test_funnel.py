@@ -1,0 +1,157 @@
+"""The funnel on real Redis state built by the real batch updater."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+from redis.asyncio import Redis
+
+from models.batch_update import BatchUpdater
+from models.keys import Keys
+from serving.funnel import Funnel
+from serving.variants import Variants
+from streams.events import Event
+from streams.settings import Settings
+
+pytestmark = pytest.mark.integration
+TS = 1_700_000_000.0
+
+
+def _catalogue(n_users: int = 40, n_items: int = 60) -> list[Event]:
+    """Users clicking around a catalogue, with a few items far more popular than the rest."""
+    rng = np.random.default_rng(4)
+    events, t = [], TS
+    for _ in range(3000):
+        user = f"u{rng.integers(n_users)}"
+        item = (
+            f"i{min(int(rng.zipf(1.5)) - 1, n_items - 1)}"
+            if rng.random() < 0.5
+            else f"i{rng.integers(n_items)}"
+        )
+        events.append(Event("click", user, item, t))
+        t += 1.0
+    return events
+
+
+async def _setup(
+    settings: Settings, events: list[Event], established_impressions: int = 0
+) -> tuple[Redis, Keys, BatchUpdater]:
+    """Learn ``events``; optionally give every item so far that many impressions (not cold)."""
+    redis = Redis.from_url(settings.redis_url)
+    keys = Keys(settings.key_prefix)
+    updater = BatchUpdater(redis, keys, settings.model_config())
+    for start in range(0, len(events), 500):
+        await updater.apply(events[start : start + 500])
+    if established_impressions:
+        items = sorted({e.item_id for e in events})
+        shown = [Event("impression", "crowd", i, TS) for i in items] * established_impressions
+        await updater.apply(shown)
+    return redis, keys, updater
+
+
+def test_seen_and_unavailable_items_are_never_returned(settings: Settings) -> None:
+    async def run() -> None:
+        events = _catalogue()
+        redis, keys, _ = await _setup(settings, events)
+        funnel = Funnel(redis, keys, settings.funnel_config())
+        seen = {e.item_id for e in events if e.user_id == "u3"}
+        await redis.sadd(keys.unavailable, "i0", "i1")
+        for k in (10, 50, 200):
+            items = [c.item_id for c in await funnel.recommend("u3", k)]
+            assert items and not (set(items) & seen) and not {"i0", "i1"} & set(items)
+            assert len(items) == len(set(items))
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_business_rules_drop_and_boost(settings: Settings) -> None:
+    async def run() -> None:
+        redis, keys, _ = await _setup(settings, _catalogue())
+
+        async def rule(user: str, items: list[str]) -> np.ndarray:
+            return np.array(
+                [0.0 if i.endswith("7") else (5.0 if i == "i42" else 1.0) for i in items]
+            )
+
+        funnel = Funnel(redis, keys, settings.funnel_config(), rules=[rule])
+        plain = Funnel(redis, keys, settings.funnel_config())
+        items = [c.item_id for c in await funnel.recommend("stranger", 20)]
+        assert not [i for i in items if i.endswith("7")]
+        before = [c.item_id for c in await plain.recommend("stranger", 50)]
+        if "i42" in before:
+            assert items.index("i42") <= before.index("i42")
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_cold_item_is_explored_then_loses_exposure_without_clicks(settings: Settings) -> None:
+    config = dataclasses.replace(
+        settings.funnel_config(), exploration_slots=1, cold_max_impressions=60
+    )
+
+    async def run() -> None:
+        redis, keys, updater = await _setup(settings, _catalogue(), established_impressions=100)
+        # Two new items appear, each from one interaction, never shown yet.
+        await updater.apply(
+            [Event("view", "u90", "fresh-a", TS + 5000), Event("view", "u91", "fresh-b", TS + 5001)]
+        )
+        funnel = Funnel(redis, keys, config)
+
+        async def explored(user: str) -> list[str]:
+            served = await funnel.recommend(user, 10)
+            return [c.item_id for c in served if c.channels[0] == "explore"]
+
+        first = await explored("u5")
+        assert first and first[0] in {"fresh-a", "fresh-b"}
+        # Show "fresh-a" many times without a click, as the impression log would.
+        await updater.apply([Event("impression", "u5", "fresh-a", TS + 6000)] * 40)
+        await updater.apply([Event("impression", "u6", "fresh-b", TS + 6000)] * 5)
+        assert await explored("u7") == ["fresh-b"]
+        # Past the cold limit it leaves the cold pool altogether.
+        await updater.apply([Event("impression", "u5", "fresh-a", TS + 6001)] * 30)
+        assert "fresh-a" not in await explored("u8")
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_cold_item_that_gets_clicks_keeps_its_exposure(settings: Settings) -> None:
+    config = dataclasses.replace(
+        settings.funnel_config(), exploration_slots=1, cold_max_impressions=60
+    )
+
+    async def run() -> None:
+        redis, keys, updater = await _setup(settings, _catalogue(), established_impressions=100)
+        # Two new items appear, each from one interaction, never shown yet.
+        await updater.apply(
+            [Event("view", "u90", "fresh-a", TS + 5000), Event("view", "u91", "fresh-b", TS + 5001)]
+        )
+        funnel = Funnel(redis, keys, config)
+        # Both shown equally often; only "fresh-a" is clicked, by users who saw it.
+        await updater.apply([Event("impression", f"v{n}", "fresh-a", TS + 6000) for n in range(30)])
+        await updater.apply([Event("impression", f"v{n}", "fresh-b", TS + 6000) for n in range(30)])
+        await updater.apply([Event("click", f"v{n}", "fresh-a", TS + 6001) for n in range(12)])
+        for user in ("u2", "u9", "u11"):
+            served = await funnel.recommend(user, 10)
+            explored = [c.item_id for c in served if c.channels[0] == "explore"]
+            assert explored == ["fresh-a"], (user, explored)
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_variant_assignment_is_stable_per_user_and_follows_the_shares(settings: Settings) -> None:
+    spec = '{"control": {"share": 0.7}, "diverse": {"share": 0.3, "diversity": 0.6}}'
+    first = Variants.parse(spec, settings.funnel_config())
+    again = Variants.parse(spec, settings.funnel_config())
+    users = [f"user-{n}" for n in range(5000)]
+    names = [first.assign(u).name for u in users]
+    assert names == [again.assign(u).name for u in users]
+    share = names.count("diverse") / len(names)
+    assert 0.27 < share < 0.33
+    assert first.assign("user-1").config.diversity in (0.6, settings.diversity)
