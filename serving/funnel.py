@@ -50,6 +50,8 @@ EXPLANATIONS = {
     "cold": "new",
     "explore": "new",
 }
+FEATURE_COLUMNS = {name: n for n, name in enumerate(FEATURES)}
+BLEND = np.array([FIXED_BLEND.get(name, 0.0) for name in FEATURES])
 BusinessRule = Callable[[str, list[str]], Awaitable[np.ndarray]]
 """``rule(user_id, items)`` -> a multiplier per item: 0 drops it, 1 keeps it, more boosts it."""
 
@@ -121,11 +123,13 @@ class Funnel:
         self.rules = list(rules)
         self.max_staleness_s = max_staleness_s
         self.scorer = LinearScorer(None, config.min_clicks)
+        self.unavailable: set[str] = set()
         self._scorer_loaded = 0.0
 
     async def refresh(self) -> None:
-        """Catch up with Redis now: item matrix and click-model weights."""
+        """Catch up with Redis now: item matrix and statistics, unavailable items, ranker."""
         await self.index.refresh()
+        self.unavailable = {m.decode() for m in await self.redis.smembers(self.keys.unavailable)}
         raw = await self.redis.get(self.keys.click_model_weights)
         weights = None if raw is None else json.loads(raw)
         self.scorer = LinearScorer(weights, self.config.min_clicks)
@@ -154,14 +158,16 @@ class Funnel:
         clock.lap("recall")
         if not recall.candidates:
             return Served([], recall.latest, np.zeros((0, len(FEATURES))), clock.laps)
-        features = await self._features(recall, cfg)
+        features, vectors = self._features(recall)
         clock.lap("features")
-        keep = _top(features @ _blend_vector(), cfg.coarse_keep)
+        keep = _top(np.dot(features, BLEND), cfg.coarse_keep)
         clock.lap("coarse")
         fine = self.scorer.scores(features[keep])
         clock.lap("fine")
         items = [recall.order[i] for i in keep]
-        ranked, rows = await self._rerank(user_id, items, features[keep], fine, recall, k, cfg)
+        ranked, rows = await self._rerank(
+            user_id, items, features[keep], vectors[keep], fine, recall, k, cfg
+        )
         clock.lap("rerank")
         for stage, ms in clock.laps.items():
             STAGE_SECONDS.labels(stage).observe(ms / 1000.0)
@@ -190,6 +196,8 @@ class Funnel:
         use_cold = "cold" in cfg.channels and newest_unseen
         if use_cold:
             pipe.zmscore(keys.impressions, newest_unseen)
+            pipe.zmscore(keys.clicks, newest_unseen)
+            pipe.get(keys.impressions_total)
         replies = await pipe.execute() if (use_cf or use_cold) else []
 
         if use_cf:
@@ -211,59 +219,47 @@ class Funnel:
                 if item not in recall.seen:
                     recall.add(item, "trending")
         if use_cold:
-            shown = replies[-1]
-            for item, count in zip(newest_unseen, shown, strict=True):
+            shown, clicked, total = replies[-3:]
+            recall.impressions_total = float(total or 0.0)
+            for item, count, clicks in zip(newest_unseen, shown, clicked, strict=True):
                 if (count or 0.0) < cfg.cold_max_impressions and len(recall.cold) < cfg.recall_cold:
                     recall.add(item, "cold")
                     recall.cold.append(item)
+                    recall.cold_impressions[item] = count or 0.0
+                    recall.cold_clicks[item] = clicks or 0.0
         recall.seeds = seeds
         return recall
 
-    async def _features(self, recall: _Recall, cfg: FunnelConfig) -> np.ndarray:
-        """One row per candidate, columns as `models.click_model.FEATURES`."""
-        keys, items = self.keys, recall.order
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zmscore(keys.occurrences, items)
-        pipe.zmscore(keys.popularity, items)
-        pipe.zmscore(keys.item_first_seen, items)
-        pipe.zmscore(keys.occurrences, recall.seeds or ["\x00"])
-        occ, pop, first, seed_occ = await pipe.execute()
-        n = len(items)
-        x = np.zeros((n, len(FEATURES)))
-        col = {name: i for i, name in enumerate(FEATURES)}
-        occ_arr = np.array([o or 0.0 for o in occ])
-        pop_arr = np.array([p or 0.0 for p in pop])
+    def _features(self, recall: _Recall) -> tuple[np.ndarray, np.ndarray]:
+        """One row per candidate, columns as `models.click_model.FEATURES`; and their factors."""
+        items = recall.order
+        vectors, stats, _ = self.index.lookup(items)
+        occ, pop, first = stats[:, 0], stats[:, 1], stats[:, 2]
+        x = np.zeros((len(items), len(FEATURES)))
+        col = FEATURE_COLUMNS
         # Forward-decayed sums share one scale; a ratio to the largest makes them comparable.
-        x[:, col["log_popularity"]] = np.log1p(1000.0 * pop_arr / max(pop_arr.max(), 1e-300))
-        seed_norm = {s: math.sqrt(o or 1.0) for s, o in zip(recall.seeds, seed_occ, strict=False)}
-        for row, item in enumerate(items):
+        x[:, col["log_popularity"]] = np.log1p(1000.0 * pop / max(pop.max(), 1e-300))
+        seed_norm = {
+            seed: math.sqrt(self.index.stats[row, 0] or 1.0)
+            for seed in recall.seeds
+            if (row := self.index.rows.get(seed)) is not None
+        }
+        for n, item in enumerate(items):
             raw = recall.cf_raw.get(item)
             if raw is not None:
                 because = recall.candidates[item].because
-                cf = raw / (seed_norm.get(because, 1.0) * math.sqrt(occ_arr[row] or 1.0))
+                cf = raw / (seed_norm.get(because, 1.0) * math.sqrt(occ[n] or 1.0))
                 recall.candidates[item].cf_score = cf
-                x[row, col["cf"]] = cf
-        newest_event = recall.latest or max((f or 0.0) for f in first)
-        ages = np.array(
-            [max(newest_event - (f if f is not None else newest_event), 0.0) for f in first]
-        )
-        x[:, col["log_age_h"]] = np.log1p(ages / 3600.0)
+                x[n, col["cf"]] = cf
+            for channel in recall.candidates[item].channels:
+                x[n, col[f"channel_{channel}"]] = 1.0
+        newest = recall.latest or float(first.max(initial=0.0))
+        age = np.maximum(newest - np.where(first > 0, first, newest), 0.0)
+        x[:, col["log_age_h"]] = np.log1p(age / 3600.0)
         x[:, col["log_user_activity"]] = math.log1p(recall.activity)
         if recall.y_user is not None:
-            x[:, col["mf"]] = self._rows(items) @ recall.y_user.astype(np.float32)
-        for row, item in enumerate(items):
-            for channel in recall.candidates[item].channels:
-                x[row, col[f"channel_{channel}"]] = 1.0
-        return x
-
-    def _rows(self, items: list[str]) -> np.ndarray:
-        """Factor rows of ``items`` from the index (zeros for items it does not know yet)."""
-        out = np.zeros((len(items), self.index.factors), dtype=np.float32)
-        for n, item in enumerate(items):
-            row = self.index.rows.get(item)
-            if row is not None:
-                out[n] = self.index.matrix[row]
-        return out
+            x[:, col["mf"]] = np.dot(vectors, recall.y_user.astype(np.float32))
+        return x, vectors
 
     # --- rerank --------------------------------------------------------------------------------
     async def _rerank(
@@ -271,19 +267,13 @@ class Funnel:
         user_id: str,
         items: list[str],
         features: np.ndarray,
+        vectors: np.ndarray,
         fine: np.ndarray,
         recall: _Recall,
         k: int,
         cfg: FunnelConfig,
     ) -> tuple[list[Candidate], np.ndarray]:
-        keys = self.keys
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.smismember(keys.unavailable, items)
-        pipe.zmscore(keys.impressions, items)
-        pipe.zmscore(keys.clicks, items)
-        pipe.get(keys.impressions_total)
-        unavailable, shown, clicked, total = await pipe.execute()
-        multiplier = np.array([0.0 if u else 1.0 for u in unavailable])
+        multiplier = np.array([0.0 if i in self.unavailable else 1.0 for i in items])
         for rule in self.rules:
             multiplier *= await rule(user_id, items)
         allowed = multiplier > 0
@@ -292,13 +282,14 @@ class Funnel:
         ranks[np.argsort(-fine, kind="stable")] = np.arange(len(items))
         relevance = (1.0 - ranks / max(len(items), 1)) * np.where(allowed, multiplier, 0.0)
         # Exploration first: the cold items with the best UCB take the reserved slots.
-        pool = [n for n, item in enumerate(items) if allowed[n] and item in set(recall.cold)]
+        cold = set(recall.cold)
+        pool = [n for n, item in enumerate(items) if allowed[n] and item in cold]
         explore: list[int] = []
         if "cold" in cfg.channels and pool and cfg.exploration_slots > 0:
             ucb = ucb_scores(
-                np.array([clicked[n] or 0.0 for n in pool]),
-                np.array([shown[n] or 0.0 for n in pool]),
-                float(total or 0.0),
+                np.array([recall.cold_clicks[items[n]] for n in pool]),
+                np.array([recall.cold_impressions[items[n]] for n in pool]),
+                recall.impressions_total,
                 cfg.ucb_beta,
             )
             explore = [pool[i] for i in np.argsort(-ucb, kind="stable")[: cfg.exploration_slots]]
@@ -306,8 +297,7 @@ class Funnel:
             for n in explore:
                 recall.candidates[items[n]].channels.insert(0, "explore")
         eligible = [n for n in range(len(items)) if allowed[n] and n not in explore]
-        rows = self._rows([items[n] for n in eligible])
-        chosen = mmr(relevance[eligible], rows, k - len(explore), cfg.diversity)
+        chosen = mmr(relevance[eligible], vectors[eligible], k - len(explore), cfg.diversity)
         picked = [eligible[c] for c in chosen] + explore
         ranked = []
         for n in picked:
@@ -373,6 +363,9 @@ class _Recall:
     cold: list[str] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
     seeds: list[str] = field(default_factory=list)
+    cold_impressions: dict[str, float] = field(default_factory=dict)
+    cold_clicks: dict[str, float] = field(default_factory=dict)
+    impressions_total: float = 0.0
     activity: int = 0
     y_user: np.ndarray | None = None
 
@@ -396,10 +389,6 @@ class _Clock:
         now = time.perf_counter()
         self.laps[stage] = round(1000.0 * (now - self.last), 3)
         self.last = now
-
-
-def _blend_vector() -> np.ndarray:
-    return np.array([FIXED_BLEND.get(name, 0.0) for name in FEATURES])
 
 
 def _top(scores: np.ndarray, n: int) -> np.ndarray:

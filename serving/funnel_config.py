@@ -26,10 +26,10 @@ class FunnelConfig:
     history_cap: int = 500
     factors: int = 32
     channels: tuple[str, ...] = CHANNELS
-    recall_per_seed: int = 50
-    recall_popular: int = 100
-    recall_mf: int = 200
-    recall_cold: int = 100
+    recall_per_seed: int = 20
+    recall_popular: int = 50
+    recall_mf: int = 100
+    recall_cold: int = 30
     cold_max_impressions: int = 200
     coarse_keep: int = 150
     diversity: float = 0.15

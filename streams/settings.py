@@ -123,9 +123,9 @@ class Settings:
     serve_host: str = _env("FRESHREC_SERVE_HOST", "Reader bind address.", "127.0.0.1")
     serve_port: int = _env("FRESHREC_SERVE_PORT", "Reader port.", 8080)
     recall_per_seed: int = _env(
-        "FRESHREC_RECALL_PER_SEED", "Neighbours read per recent item in recall.", 50
+        "FRESHREC_RECALL_PER_SEED", "Neighbours read per recent item in recall.", 20
     )
-    recall_popular: int = _env("FRESHREC_RECALL_POPULAR", "Popular items added to recall.", 100)
+    recall_popular: int = _env("FRESHREC_RECALL_POPULAR", "Popular items added to recall.", 50)
     max_k: int = _env("FRESHREC_MAX_K", "Largest k a request may ask for.", 200)
     diversity: float = _env(
         "FRESHREC_DIVERSITY", "MMR lambda: 0 keeps the ranking order, higher diversifies.", 0.15
