@@ -35,6 +35,9 @@ unit: install
 integration: install
 	$(PY) -m pytest -m integration
 
+bench: install
+	$(VENV)/bin/freshrec bench
+
 services-up: install
 	$(VENV)/bin/freshrec services up
 

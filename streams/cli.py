@@ -84,6 +84,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=7)
 
+    p = command(
+        "bench",
+        _bench,
+        "Measure update throughput (direct path, full pipeline, no-op agent) or, with `serve`, "
+        "the reader's latency under load.",
+    )
+    p.add_argument("target", nargs="?", choices=["updates", "serve"], default="updates")
+    p.add_argument("--events", type=int, default=100_000, help="updates: events per measurement")
+    p.add_argument("--repeat", type=int, default=3, help="updates: runs per measurement (medians)")
+    p.add_argument("--items", type=int, default=50_000, help="serve: items in the state")
+    p.add_argument("--users", type=int, default=100_000, help="serve: users in the state")
+    p.add_argument("--rates", default="250,1000", help="serve: request rates to hold, req/s")
+    p.add_argument("--seconds", type=float, default=10.0, help="serve: seconds per rate")
+
     p = command("demo", _demo, "Run the whole system on a synthetic stream and show it working.")
     p.add_argument("--events", type=int, default=60_000, help="events to replay")
     p.add_argument("--rate", type=float, default=0.0, help="replay rate (0: as fast as possible)")
@@ -222,6 +236,25 @@ def _synth(args: argparse.Namespace, settings: Settings) -> int:
         f"wrote {len(stream.events)} events to {args.out} "
         f"(rating noise floor RMSE {payload['noise_floor_rmse']})",
     )
+    return 0
+
+
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    if args.target == "serve":
+        from streams.serve_benchmark import format_serve_results, run_serve_bench
+
+        rates = tuple(float(r) for r in args.rates.split(","))
+        results = run_serve_bench(
+            settings, args.items, args.users, rates, args.seconds, show_progress=not args.json
+        )
+        _emit(args, results, format_serve_results(results))
+        return 0
+    from streams.benchmark import format_results, run_bench
+
+    results = run_bench(
+        settings, events=args.events, repeat=args.repeat, show_progress=not args.json
+    )
+    _emit(args, results, format_results(results))
     return 0
 
 

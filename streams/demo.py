@@ -8,11 +8,9 @@ Everything it started is stopped and everything it wrote is deleted at the end.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,13 +24,12 @@ from typing import Any
 
 import redis
 
-from streams import local_services
 from streams.events import encode_events
+from streams.isolated_run import free_port, isolated_run
 from streams.producer import EventProducer
 from streams.progress import Progress
 from streams.settings import Settings
 from streams.synth import SynthConfig, generate
-from streams.topics import delete_topics, ensure_topics, topic_specs
 
 DEMO_USERS = 3
 
@@ -89,42 +86,21 @@ class Demo:
 
 
 def run_demo(base: Settings, events: int = 60_000, rate: float = 0.0, quiet: bool = False) -> dict:
-    endpoints, stop_services = local_services.resolve(base)
-    settings = dataclasses.replace(
-        base,
-        kafka_bootstrap=endpoints.kafka_bootstrap,
-        redis_url=endpoints.redis_url,
-        topic_prefix=f"freshrec-demo-{os.getpid()}",
-        key_prefix=f"frdemo-{os.getpid()}",
-        serve_port=_free_port(),
-        worker_metrics_port=0,
-        publish_interval_s=0.2,
-    )
-    demo = Demo(settings, quiet)
-    store = redis.Redis.from_url(settings.redis_url)
-    try:
-        return _run(demo, settings, endpoints, store, events, rate)
-    finally:
-        demo.stop_all()
-        delete_topics(settings.kafka_bootstrap, list(topic_specs(settings)))
-        doomed = list(store.scan_iter(match=f"{settings.key_prefix}:*", count=1000))
-        for start in range(0, len(doomed), 1000):
-            store.unlink(*doomed[start : start + 1000])
-        store.close()
-        stop_services()
+    with isolated_run(
+        base, "demo", serve_port=free_port(), worker_metrics_port=0, publish_interval_s=0.2
+    ) as settings:
+        demo = Demo(settings, quiet)
+        store = redis.Redis.from_url(settings.redis_url)
+        try:
+            return _run(demo, settings, store, events, rate)
+        finally:
+            demo.stop_all()
+            store.close()
 
 
-def _run(
-    demo: Demo,
-    settings: Settings,
-    endpoints: local_services.Endpoints,
-    store: redis.Redis,
-    events: int,
-    rate: float,
-) -> dict:
+def _run(demo: Demo, settings: Settings, store: redis.Redis, events: int, rate: float) -> dict:
     say = demo.say
-    say(f"Kafka {endpoints.kafka_bootstrap} and Redis {endpoints.redis_url} ({endpoints.source})")
-    ensure_topics(settings.kafka_bootstrap, settings)
+    say(f"Kafka {settings.kafka_bootstrap} and Redis {settings.redis_url}")
     worker = demo.start("worker", ["worker", "--loglevel", "warning"])
     demo.start("reader", ["serve"])
     base_url = f"http://{settings.serve_host}:{settings.serve_port}"
@@ -204,7 +180,6 @@ def _run(
     dead = _topic_size(settings.kafka_bootstrap, settings.dlq_topic)
     summary = {
         "ok": True,
-        "services": endpoints.source,
         "events": len(stream.events),
         "replay_seconds": round(sent_s, 2),
         "applied_seconds": round(applied_s, 2),
@@ -288,9 +263,3 @@ def _topic_size(bootstrap: str, topic: str) -> int:
         return total
     finally:
         consumer.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -45,3 +45,14 @@ class Progress:
 
     def close(self, note: str = "") -> None:
         self._draw(note, final=True)
+
+
+class Say:
+    """Progress lines on stderr, so ``--json`` output on stdout stays clean."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)

@@ -60,20 +60,24 @@ VARIANT_CLICKS = Counter(
 LAST_EVENT_TS = Gauge("freshrec_last_event_time_seconds", "Event time of the newest event learned")
 
 
+def faust_options(settings: Settings, kafka_bootstrap: str) -> dict[str, Any]:
+    """The worker's Faust configuration (also the benchmark's no-op agent's, so both compare)."""
+    return {
+        "broker": f"kafka://{kafka_bootstrap}",
+        "store": "memory://",
+        "value_serializer": "raw",
+        "key_serializer": "raw",
+        "topic_allow_declare": False,  # topics are created explicitly with their partition count
+        "topic_disable_leader": True,
+        "web_enabled": False,
+        "consumer_auto_offset_reset": "earliest",
+        "stream_buffer_maxsize": max(4 * settings.batch_size, 4096),
+        "broker_max_poll_records": max(settings.batch_size, 500),
+    }
+
+
 def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faust.App:
-    app = faust.App(
-        f"{settings.topic_prefix}-worker",
-        broker=f"kafka://{kafka_bootstrap}",
-        store="memory://",
-        value_serializer="raw",
-        key_serializer="raw",
-        topic_allow_declare=False,  # topics are created explicitly with their partition count
-        topic_disable_leader=True,
-        web_enabled=False,
-        consumer_auto_offset_reset="earliest",
-        stream_buffer_maxsize=max(4 * settings.batch_size, 4096),
-        broker_max_poll_records=max(settings.batch_size, 500),
-    )
+    app = faust.App(f"{settings.topic_prefix}-worker", **faust_options(settings, kafka_bootstrap))
     events_topic = app.topic(settings.events_topic, value_type=bytes, key_type=bytes)
     impressions_topic = app.topic(settings.impressions_topic, value_type=bytes, key_type=bytes)
     dlq_topic = app.topic(settings.dlq_topic, value_type=bytes, key_type=bytes)

@@ -1,0 +1,231 @@
+"""``freshrec bench serve``: the reader's latency under a fixed request rate, on a large state.
+
+The state (by default 50,000 items and 100,000 users: factor vectors, histories, co-occurrence
+neighbours, popularity, impressions) is written straight into Redis in the layout the workers
+produce, under a key prefix of its own. One reader process serves it; a *separate* process
+sends ``GET /recommendations/{user}?k=10`` open-loop at the target rate (requests are sent on
+schedule whether or not earlier ones have returned, so a slow reader shows up as latency, not
+as a politely lower rate) and records every latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+
+from models.keys import Keys
+from models.mf import vector_width
+from models.vectors import VECTOR_DTYPE
+from streams.isolated_run import free_port, isolated_run
+from streams.progress import Say
+from streams.settings import Settings
+
+NEIGHBOURS = 50
+HISTORY = 20
+CHUNK = 5000
+
+
+def build_state(client: redis.Redis, keys: Keys, items: int, users: int, factors: int) -> None:
+    """Write a realistic-looking state: Zipf popularity, clustered tastes, co-occurrences."""
+    rng = np.random.default_rng(0)
+    width = vector_width(factors)
+    now = time.time()
+    clusters = rng.normal(0, 0.3, (20, factors))
+    item_cluster = rng.integers(0, 20, items)
+    popularity = 1.0 / np.arange(1, items + 1) ** 0.9
+    rng.shuffle(popularity)
+    names = [f"i{n}" for n in range(items)]
+
+    def vectors(n: int, centres: np.ndarray) -> np.ndarray:
+        out = rng.normal(0, 0.1, (n, width)).astype(VECTOR_DTYPE)
+        out[:, factors + 1 :] += centres
+        return out
+
+    item_vecs = vectors(items, clusters[item_cluster])
+    cum = np.cumsum(popularity / popularity.sum())
+    pipe = client.pipeline(transaction=False)
+    for start in range(0, items, CHUNK):
+        block = range(start, min(start + CHUNK, items))
+        for n in block:
+            pipe.set(keys.item_vector(names[n]), item_vecs[n].tobytes())
+            picks = np.searchsorted(cum, rng.random(NEIGHBOURS))
+            pipe.zadd(
+                keys.neighbours(names[n]),
+                {names[p]: float(w) for p, w in zip(picks, rng.random(NEIGHBOURS), strict=True)},
+            )
+        pipe.zadd(keys.occurrences, {names[n]: float(1000 * popularity[n]) for n in block})
+        pipe.zadd(keys.popularity, {names[n]: float(1000 * popularity[n]) for n in block})
+        pipe.zadd(keys.impressions, {names[n]: float(500 * popularity[n] * 100) for n in block})
+        pipe.zadd(keys.item_first_seen, {names[n]: now - rng.uniform(0, 30 * 86400) for n in block})
+        pipe.zadd(keys.updated_items, dict.fromkeys((names[n] for n in block), now))
+        pipe.execute()
+    pipe.set(keys.impressions_total, 5_000_000)
+    user_cluster = rng.integers(0, 20, users)
+    user_vecs = vectors(users, clusters[user_cluster])
+    for start in range(0, users, CHUNK):
+        for n in range(start, min(start + CHUNK, users)):
+            user = f"u{n}"
+            pipe.set(keys.user_vector(user), user_vecs[n].tobytes())
+            seen = np.searchsorted(cum, rng.random(HISTORY))
+            pipe.zadd(keys.history(user), {names[p]: now - i for i, p in enumerate(seen)})
+        pipe.execute()
+
+
+def _load(url_base: str, users: int, rate: float, seconds: float, queue: Any) -> None:
+    """Runs in its own process: open-loop requests, every latency recorded."""
+    import aiohttp
+
+    async def run() -> dict[str, Any]:
+        rng = np.random.default_rng(1)
+        total = int(rate * seconds)
+        latencies = np.full(total, np.nan)
+        errors = 0
+        connector = aiohttp.TCPConnector(limit=256)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def one(n: int, user: str) -> None:
+                nonlocal errors
+                started = time.perf_counter()
+                try:
+                    async with session.get(f"{url_base}/recommendations/{user}?k=10") as response:
+                        await response.read()
+                        if response.status != 200:
+                            errors += 1
+                except aiohttp.ClientError:
+                    errors += 1
+                latencies[n] = time.perf_counter() - started
+
+            begin = time.perf_counter()
+            tasks = []
+            for n in range(total):
+                due = begin + n / rate
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(n, f"u{rng.integers(users)}")))
+            await asyncio.gather(*tasks)
+            elapsed = time.perf_counter() - begin
+        done = latencies[~np.isnan(latencies)] * 1000.0
+        return {
+            "requests": total,
+            "achieved_rps": round(total / elapsed, 1),
+            "errors": errors,
+            "p50_ms": round(float(np.percentile(done, 50)), 3),
+            "p90_ms": round(float(np.percentile(done, 90)), 3),
+            "p99_ms": round(float(np.percentile(done, 99)), 3),
+            "max_ms": round(float(done.max()), 3),
+        }
+
+    queue.put(asyncio.run(run()))
+
+
+def run_serve_bench(
+    base: Settings,
+    items: int = 50_000,
+    users: int = 100_000,
+    rates: tuple[float, ...] = (250.0, 1000.0),
+    seconds: float = 10.0,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    say = Say(show_progress)
+    with isolated_run(base, "bench-serve", serve_port=free_port()) as settings:
+        client = redis.Redis.from_url(settings.redis_url)
+        workdir = Path(tempfile.mkdtemp(prefix="freshrec-bench-serve-"))
+        reader = None
+        try:
+            started = time.perf_counter()
+            build_state(client, Keys(settings.key_prefix), items, users, settings.mf_factors)
+            say(
+                f"bench serve: state of {items:,} items and {users:,} users written "
+                f"in {time.perf_counter() - started:.1f} s"
+            )
+            with (workdir / "reader.log").open("wb") as log:
+                reader = subprocess.Popen(
+                    [sys.executable, "-m", "streams.cli", "serve"],
+                    env={**os.environ, **settings.environ()},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            base_url = f"http://{settings.serve_host}:{settings.serve_port}"
+            _wait_ready(base_url, items, reader, workdir)
+            runs = [_hold_rate(base_url, users, rate, seconds, say) for rate in rates]
+        finally:
+            if reader is not None and reader.poll() is None:
+                os.killpg(reader.pid, signal.SIGTERM)
+                reader.wait(30)
+            client.close()
+    return {
+        "items": items,
+        "users": users,
+        "seconds_per_rate": seconds,
+        "cpus": os.cpu_count(),
+        "runs": runs,
+        "targets": {"p50_ms": 2.0, "p99_ms": 10.0, "rps": 1000.0},
+    }
+
+
+def _hold_rate(base_url: str, users: int, rate: float, seconds: float, say: Say) -> dict[str, Any]:
+    """One load process at ``rate`` for ``seconds``; its latency figures."""
+    context = multiprocessing.get_context("spawn")
+    queue: Any = context.Queue()
+    load = context.Process(target=_load, args=(base_url, users, rate, seconds, queue))
+    load.start()
+    result = queue.get(timeout=seconds * 10 + 60)
+    load.join(30)
+    result["target_rps"] = rate
+    say(
+        f"bench serve: {rate:,.0f} req/s -> p50 {result['p50_ms']} ms, "
+        f"p99 {result['p99_ms']} ms, achieved {result['achieved_rps']} req/s"
+    )
+    return result
+
+
+def format_serve_results(results: dict[str, Any]) -> str:
+    lines = [
+        f"reader latency, {results['items']:,} items / {results['users']:,} users, "
+        f"k=10, {results['seconds_per_rate']:.0f} s per rate, {results['cpus']} CPUs "
+        "(reader, load generator and Redis share them)",
+        f"{'target req/s':>12} {'achieved':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+        f"{'max ms':>8} {'errors':>6}",
+    ]
+    for r in results["runs"]:
+        lines.append(
+            f"{r['target_rps']:>12,.0f} {r['achieved_rps']:>9,.0f} {r['p50_ms']:>8.2f} "
+            f"{r['p90_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['max_ms']:>8.1f} {r['errors']:>6}"
+        )
+    t = results["targets"]
+    lines.append(
+        f"targets: p50 <= {t['p50_ms']} ms, p99 <= {t['p99_ms']} ms at >= {t['rps']:,.0f} req/s"
+    )
+    return "\n".join(lines)
+
+
+def _wait_ready(base_url: str, items: int, reader: subprocess.Popen, workdir: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if reader.poll() is not None:
+            raise RuntimeError(f"the reader exited; see {workdir / 'reader.log'}")
+        try:
+            with urllib.request.urlopen(
+                f"{base_url}/recommendations/u0?k=1&debug=1", timeout=5
+            ) as r:
+                if json.loads(r.read())["debug"]["index_items"] >= items:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"the reader never loaded the item matrix; see {workdir / 'reader.log'}")
