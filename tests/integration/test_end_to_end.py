@@ -8,6 +8,7 @@ import time
 import pytest
 
 from streams.producer import EventProducer
+from streams.recommendations_consumer import RecommendationsConsumer
 from streams.settings import Settings
 from tests.support import TopicReader, http_json, wait_until
 
@@ -110,3 +111,25 @@ def test_reader_answers_bad_requests_with_json_errors(settings: Settings, reader
     assert status == 404 and "never-seen" in body["error"]
     assert http_json(f"{reader}/predict/u1/never-seen")[0] == 404
     assert http_json(f"{reader}/no/such/route")[0] == 404
+
+
+def test_the_consumer_helper_reads_published_lists(
+    settings: Settings, worker: object, reader: str
+) -> None:
+    consumer = RecommendationsConsumer(
+        settings.kafka_bootstrap, settings.recommendations_topic, "test-helper", from_beginning=True
+    )
+    try:
+        with EventProducer(settings.kafka_bootstrap, settings.events_topic) as producer:
+            for n in range(5):
+                producer.send(_event(f"d{n}", "shared", offset_s=n))
+                producer.send(_event(f"d{n}", f"own-{n}", offset_s=n + 0.5))
+        update = wait_until(
+            lambda: (u := consumer.poll(0.2)) and u.user_id == "d4" and u,
+            30,
+            "a published list for d4 through the consumer helper",
+        )
+        assert "shared" not in update.item_ids and "own-4" not in update.item_ids
+        assert update.generated_at > 0
+    finally:
+        consumer.close()

@@ -1,0 +1,37 @@
+"""A downstream service: keep the newest recommendation list of every user in memory.
+
+Run beside `freshrec worker` and `freshrec serve`:
+
+    python examples/consume_recommendations.py
+
+Each line printed is a user whose list changed, with the new top items.
+"""
+
+from __future__ import annotations
+
+from streams import local_services
+from streams.recommendations_consumer import RecommendationsConsumer
+from streams.settings import Settings
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    endpoints = local_services.up(settings)
+    latest: dict[str, list[str]] = {}
+    consumer = RecommendationsConsumer(
+        endpoints.kafka_bootstrap, settings.recommendations_topic, group="example-cache"
+    )
+    try:
+        for update in consumer:
+            latest[update.user_id] = update.item_ids
+            print(
+                f"{update.user_id}: {' '.join(update.item_ids[:5])}  ({len(latest)} users cached)"
+            )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The consumer helper for downstream services: fresh recommendation lists, one per user update.
+
+Messages on ``freshrec.recommendations`` are keyed by user; a service that keeps the latest list
+per user (a cache, a push sender) can consume them with any consumer group and a compacting
+mindset: the newest message for a user replaces the older ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer
+
+
+@dataclass(frozen=True)
+class RecommendationList:
+    user_id: str
+    items: list[dict[str, Any]]
+    generated_at: float
+
+    @property
+    def item_ids(self) -> list[str]:
+        return [item["item_id"] for item in self.items]
+
+
+class RecommendationsConsumer:
+    """Iterates the lists published for users, as they arrive.
+
+    Parameters
+    ----------
+    bootstrap
+        Kafka bootstrap servers.
+    topic
+        ``Settings().recommendations_topic``.
+    group
+        The consumer group of the downstream service.
+    from_beginning
+        Start from the oldest retained list when the group has no committed offset.
+    """
+
+    def __init__(
+        self, bootstrap: str, topic: str, group: str, from_beginning: bool = False
+    ) -> None:
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": group,
+                "auto.offset.reset": "earliest" if from_beginning else "latest",
+                "enable.auto.commit": True,
+                "log_level": 3,
+            }
+        )
+        self._consumer.subscribe([topic])
+
+    def poll(self, timeout_s: float = 1.0) -> RecommendationList | None:
+        message = self._consumer.poll(timeout_s)
+        if message is None or message.error() is not None:
+            return None
+        body = json.loads(message.value())
+        return RecommendationList(body["user_id"], body["items"], body["generated_at"])
+
+    def __iter__(self) -> Iterator[RecommendationList]:
+        while True:
+            update = self.poll()
+            if update is not None:
+                yield update
+
+    def close(self) -> None:
+        self._consumer.close()
