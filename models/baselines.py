@@ -142,7 +142,12 @@ class BiasedMFRanker:
         self._touched.add(item)
 
     def predict_rating(self, user: str, item: int) -> float:
-        """river's prediction ``mu + b_u + b_i + p_u.q_i`` (unclipped)."""
+        """river's prediction ``mu + b_u + b_i + p_u.q_i`` (unclipped); NaN before any rating.
+
+        Before its first rating river's mean is 0, which is no prediction on a rating scale.
+        """
+        if self.model.global_mean.n == 0:
+            return math.nan
         return float(self.model.predict_one(user, item))
 
     def _refresh(self) -> None:

@@ -14,7 +14,9 @@ greater than *or equal to* its own,
 
 so a model that scores everything alike (a constant, or all zeros before it has learned) ranks
 the target last, not first. A NaN score counts as :math:`-\infty`: it never ranks first, and a
-NaN target ties with (and so goes after) every other NaN candidate. From a rank :math:`r`:
+NaN target ties with (and so goes after) every other NaN candidate. In a served list, which
+diversification may have reordered, the position the user saw counts and ties still go
+against the target (:func:`rank_in_list`). From a rank :math:`r`:
 
 .. math::
 
@@ -132,7 +134,14 @@ def pessimistic_ranks(
 
 
 def rank_in_list(items: Sequence[str], scores: Sequence[float] | None, target: str) -> float:
-    """Rank of ``target`` in a served list, ties in the listed scores counted pessimistically.
+    """Rank of ``target`` in a served list: its position, with ties counted against it.
+
+    A served list need not be sorted by its scores (diversification and exploration slots
+    reorder it), so the position the user saw is the rank; on top of it, every item listed
+    *after* the target with the same score (or a NaN on either side) counts ahead of it, as
+    nothing but an arbitrary tie-break put the target first. On a list sorted by score this is
+    exactly ``1 + #{other listed items with score >= the target's}``; a list of equal scores
+    ranks the target last, and so does a NaN score.
 
     Parameters
     ----------
@@ -146,12 +155,15 @@ def rank_in_list(items: Sequence[str], scores: Sequence[float] | None, target: s
     Returns
     -------
     float
-        ``1 + #{other listed items with score >= the target's}``; :data:`MISSING` when the
-        target is not in the list.
+        The pessimistic rank; :data:`MISSING` when the target is not in the list.
 
     Examples
     --------
     >>> rank_in_list(["a", "b", "c"], [0.9, 0.4, 0.4], "b")
+    3.0
+    >>> rank_in_list(["a", "b", "c"], [0.2, 0.9, 0.7], "b")  # reordered: the user saw b second
+    2.0
+    >>> rank_in_list(["a", "b", "c"], [float("nan"), 0.5, 0.7], "a")
     3.0
     >>> rank_in_list(["a", "b", "c"], None, "b")
     2.0
@@ -164,7 +176,10 @@ def rank_in_list(items: Sequence[str], scores: Sequence[float] | None, target: s
         return MISSING
     if scores is None:
         return float(position + 1)
-    return pessimistic_rank(np.asarray(scores, dtype=np.float64), position)
+    later = np.asarray(scores, dtype=np.float64)[position + 1 :]
+    own = float(scores[position])
+    ties = (later == own) | np.isnan(later) | math.isnan(own)
+    return float(position + 1 + int(ties.sum()))
 
 
 def hit_rate(ranks: float | np.ndarray, k: int) -> np.ndarray:

@@ -84,6 +84,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=7)
 
+    p = command("eval", _eval, "Prequential (test-then-train) evaluation on a ratings/events file.")
+    p.add_argument("file", type=Path, help="u.data, ratings.dat, CSV with header, or JSON lines")
+    p.add_argument(
+        "--mode",
+        choices=["pipeline", "direct"],
+        default="pipeline",
+        help="pipeline: Kafka -> Faust worker -> Redis -> reader; direct: in-process",
+    )
+    p.add_argument("--format", default=None, help="movielens-udata, movielens-dat, csv, jsonl")
+    p.add_argument("--out", type=Path, default=None, help="write a report with PNG plots here")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N events")
+    p.add_argument(
+        "--chunk", type=int, default=200, help="events predicted, then learned, per step"
+    )
+
     p = command(
         "bench",
         _bench,
@@ -236,6 +251,25 @@ def _synth(args: argparse.Namespace, settings: Settings) -> int:
         f"wrote {len(stream.events)} events to {args.out} "
         f"(rating noise floor RMSE {payload['noise_floor_rmse']})",
     )
+    return 0
+
+
+def _eval(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.prequential import format_summary, run_eval
+
+    if not args.file.exists():
+        raise FileNotFoundError(f"no such file: {args.file}")
+    summary = run_eval(
+        settings,
+        args.file,
+        mode=args.mode,
+        fmt=args.format,
+        out_dir=args.out,
+        limit=args.limit,
+        chunk=args.chunk,
+        show_progress=not args.json,
+    )
+    _emit(args, summary, format_summary(summary))
     return 0
 
 

@@ -1,0 +1,819 @@
+r"""``freshrec eval``: prequential (test-then-train) evaluation on a ratings or events file.
+
+The file is read in full, validated by the worker's own rules (what fails is skipped and
+counted), and sorted by event time, stably. It is then walked in chunks of ``chunk`` events;
+for every chunk, every system first **predicts** every event of the chunk from its current
+state, then **learns** the chunk:
+
+* rating track: each rating is predicted before it is learned, clipped to the rating scale
+  (an item the system has never seen gets the mean rating so far); MAE and RMSE;
+* top-N track: each interaction (click, view, purchase, rating) of a user with history, on an
+  item that user has not interacted with before, is looked up in a list of
+  :data:`LIST_LENGTH` for that user; HR@10, HR@20, NDCG@10 and MRR truncated at the list's
+  end, ties counted against the target (:mod:`models.ranking_metrics`); catalog coverage of
+  the top :data:`COVERAGE_K`; the share of hits on cold items (fewer than
+  :data:`COLD_BELOW` interactions before the event).
+
+Predicting a whole chunk from the state before it makes each prediction up to ``chunk - 1``
+events stale: the price of asking the real system, through the real reader, in bulk. The
+staleness is the same for every system and in both modes.
+
+Modes: ``direct`` runs the worker's update code (:class:`models.batch_update.BatchUpdater`) and
+the reader's funnel (:class:`serving.funnel.Funnel`) in this process against Redis;
+``pipeline`` produces each chunk to Kafka, waits until a real worker process has applied it
+(its offset watermarks), and asks a real reader process over HTTP. The same chunks and the
+same definitions in both, so their RMSE agrees to far better than 1%.
+
+Side by side, learned from the same chunks: a popularity baseline and river's ``reco.BiasedMF``
+(:mod:`models.baselines`), so the lift of the personal model shows in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import numpy as np
+from redis.asyncio import Redis
+
+from models.baselines import BiasedMFRanker, PopularityBaseline
+from models.batch_update import INTERACTIONS, BatchUpdater
+from models.keys import Keys
+from models.ranking_metrics import (
+    MISSING,
+    ErrorAccumulator,
+    TopNAccumulator,
+    clip_predictions,
+    hit_rate,
+    pessimistic_ranks,
+    rank_in_list,
+    rolling_mean,
+)
+from serving.funnel import Funnel, UnknownItem
+from streams.datasets import RAW_KEY, detect_format, read_events
+from streams.events import Event, EventValidator, InvalidEvent
+from streams.isolated_run import free_port, isolated_run
+from streams.producer import EventProducer
+from streams.progress import Progress
+from streams.settings import Settings
+
+__all__ = ["COLD_BELOW", "LIST_LENGTH", "format_summary", "load_events", "run_eval"]
+
+LIST_LENGTH = 20
+"""Length of every ranked list: HR@20 is its depth and MRR is truncated there."""
+COVERAGE_K = 10
+"""Items of each list that count towards catalog coverage."""
+COLD_BELOW = 5
+"""An item with fewer interactions than this before an event is cold at that event."""
+CONCURRENCY = 32
+"""Requests in flight to the reader (pipeline) or to Redis through the funnel (direct)."""
+APPLY_TIMEOUT_S = 120.0
+SYSTEMS = ("freshrec", "popularity", "river_biased_mf")
+LABELS = {"freshrec": "freshrec", "popularity": "popularity", "river_biased_mf": "river BiasedMF"}
+
+
+# --- reading -------------------------------------------------------------------------------------
+def load_events(
+    path: Path, settings: Settings, fmt: str | None = None, limit: int = 0
+) -> tuple[list[Event], int, str]:
+    """Valid events of ``path`` in event-time order (stable), the number skipped, the format.
+
+    Lines that cannot be parsed and events the validator rejects are skipped and counted.
+    With ``limit``, only the ``limit`` earliest events are kept.
+    """
+    fmt = fmt or detect_format(path)
+    validator = EventValidator(settings)
+    events: list[Event] = []
+    skipped = 0
+    for raw in read_events(path, fmt):
+        if RAW_KEY in raw:
+            skipped += 1
+            continue
+        try:
+            events.append(validator.parse_one(raw))
+        except InvalidEvent:
+            skipped += 1
+    events.sort(key=lambda e: e.ts)  # list.sort is stable: equal times keep file order
+    if limit > 0:
+        events = events[:limit]
+    return events, skipped, fmt
+
+
+# --- the system under evaluation: in process, or through Kafka and the reader -------------------
+Ranked = tuple[list[str], list[float]]
+
+
+class Backend(Protocol):
+    async def predict(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
+        """Rating prediction per (user, item); None for an item the system does not know."""
+
+    async def recommend(self, users: Sequence[str], k: int) -> list[Ranked]:
+        """One ranked list (items, scores) per user, as the reader serves it."""
+
+    async def learn(self, events: Sequence[Event]) -> None:
+        """Learn ``events`` and return once the state reflects all of them."""
+
+
+async def _bounded(calls: Sequence[Any], limit: int = CONCURRENCY) -> list[Any]:
+    gate = asyncio.Semaphore(limit)
+
+    async def run(call: Any) -> Any:
+        async with gate:
+            return await call
+
+    return await asyncio.gather(*(run(c) for c in calls))
+
+
+class DirectBackend:
+    """The worker's update code and the reader's funnel, called in this process."""
+
+    def __init__(self, settings: Settings, redis: Redis) -> None:
+        keys = Keys(settings.key_prefix)
+        self.funnel = Funnel(redis, keys, settings.funnel_config())
+        self.updater = BatchUpdater(
+            redis, keys, settings.model_config(), atomic=settings.atomic_batches
+        )
+        self.rating_errors: list[float] = []
+
+    async def predict(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
+        async def one(user: str, item: str) -> float | None:
+            try:
+                answer = await self.funnel.predict(user, item)
+            except UnknownItem:
+                return None
+            return float(answer["prediction"])  # type: ignore[arg-type]
+
+        return await _bounded([one(u, i) for u, i in pairs])
+
+    async def recommend(self, users: Sequence[str], k: int) -> list[Ranked]:
+        async def one(user: str) -> Ranked:
+            # Through the reader's own JSON form, so scores carry the same rounding as served.
+            served = [c.to_json() for c in await self.funnel.recommend(user, k)]
+            return [c["item_id"] for c in served], [c["score"] for c in served]  # type: ignore[misc]
+
+        return await _bounded([one(u) for u in users])
+
+    async def learn(self, events: Sequence[Event]) -> None:
+        result = await self.updater.apply(events)
+        self.rating_errors.extend(result.rating_errors)
+        await self.funnel.refresh()  # the reader's item matrix, caught up as a reader's would be
+
+
+class _TrackedProducer(EventProducer):
+    """The producer helper, remembering the last offset delivered to each partition."""
+
+    def __init__(self, bootstrap: str, topic: str, events_per_message: int) -> None:
+        self.delivered: dict[int, int] = {}
+        super().__init__(bootstrap, topic, events_per_message)
+
+    def _delivered(self, err: Any, msg: Any) -> None:
+        super()._delivered(err, msg)
+        if err is None:
+            partition, offset = msg.partition(), msg.offset()
+            self.delivered[partition] = max(offset, self.delivered.get(partition, -1))
+
+
+class PipelineBackend:
+    """Kafka -> Faust worker -> Redis -> reader: produce a chunk, wait for it, ask over HTTP.
+
+    A chunk counts as learned once the worker's offset watermark of every partition it went to
+    has reached the last offset delivered there: exact, whatever else the worker consumes.
+    """
+
+    def __init__(self, settings: Settings, redis: Redis, base_url: str, alive: Any) -> None:
+        import aiohttp
+
+        self.producer = _TrackedProducer(
+            settings.kafka_bootstrap, settings.events_topic, events_per_message=100
+        )
+        self.redis = redis
+        self.keys = Keys(settings.key_prefix)
+        self.topic = settings.events_topic
+        self.base_url = base_url
+        self.alive = alive
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=CONCURRENCY),
+            timeout=aiohttp.ClientTimeout(total=30),
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def _get(self, path: str) -> tuple[int, Any]:
+        from yarl import URL
+
+        async with self.session.get(URL(self.base_url + path, encoded=True)) as response:
+            return response.status, await response.json()
+
+    async def predict(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
+        async def one(user: str, item: str) -> float | None:
+            status, body = await self._get(
+                f"/predict/{quote(user, safe='')}/{quote(item, safe='')}"
+            )
+            if status == 404:
+                return None
+            if status != 200:
+                raise RuntimeError(f"reader answered {status} to a prediction: {body}")
+            return float(body["prediction"])
+
+        return await _bounded([one(u, i) for u, i in pairs])
+
+    async def recommend(self, users: Sequence[str], k: int) -> list[Ranked]:
+        async def one(user: str) -> Ranked:
+            status, body = await self._get(f"/recommendations/{quote(user, safe='')}?k={k}")
+            if status != 200:
+                raise RuntimeError(f"reader answered {status} to a recommendation: {body}")
+            return [c["item_id"] for c in body["items"]], [c["score"] for c in body["items"]]
+
+        return await _bounded([one(u) for u in users])
+
+    async def learn(self, events: Sequence[Event]) -> None:
+        for event in events:
+            self.producer.send(event.to_json())
+        self.producer.flush()
+        wanted = dict(self.producer.delivered)
+        marks = [self.keys.watermark(f"{self.topic}/{p}") for p in wanted]
+        deadline = time.monotonic() + APPLY_TIMEOUT_S
+        pause = 0.001
+        while True:
+            pipe = self.redis.pipeline(transaction=False)  # GETs: the keys may span slots
+            for mark in marks:
+                pipe.get(mark)
+            applied = await pipe.execute()
+            if all(
+                raw is not None and int(raw) >= offset
+                for raw, offset in zip(applied, wanted.values(), strict=True)
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the worker had not applied the chunk after {APPLY_TIMEOUT_S:.0f} s"
+                )
+            self.alive()
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.01)
+
+
+class _Processes:
+    """Worker and reader as child processes, started and stopped as `freshrec demo` does."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.logs = Path(tempfile.mkdtemp(prefix="freshrec-eval-"))
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, command: list[str]) -> None:
+        with (self.logs / f"{name}.log").open("wb") as log:  # the child keeps its own handle
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "streams.cli", *command],
+                env={**os.environ, **self.settings.environ()},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def check(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"the {name} exited early (code {proc.returncode}); see {self.logs}"
+                )
+
+    def wait(self, condition: Any, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check()
+            try:
+                if condition():
+                    return
+            except Exception:  # a service may refuse while it starts
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}; see {self.logs}")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def _healthy(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return response.status == 200
+
+
+def _group_consuming(bootstrap: str, group: str) -> bool:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    description = admin.describe_consumer_groups([group])[group].result(timeout=5)
+    return str(description.state).endswith("STABLE") and any(
+        m.assignment and m.assignment.topic_partitions for m in description.members
+    )
+
+
+# --- the prequential loop ------------------------------------------------------------------------
+@dataclass
+class _SystemScore:
+    """Accumulated metrics of one system, plus per-event series for the report's plots."""
+
+    rating: ErrorAccumulator = field(default_factory=ErrorAccumulator)
+    topn: TopNAccumulator = field(
+        default_factory=lambda: TopNAccumulator(list_length=LIST_LENGTH, coverage_k=COVERAGE_K)
+    )
+    sq_errors: list[np.ndarray] = field(default_factory=list)
+    hits: list[np.ndarray] = field(default_factory=list)
+
+    def add_ratings(self, predictions: np.ndarray, truths: np.ndarray) -> None:
+        self.rating.update(predictions, truths)
+        self.sq_errors.append((truths - predictions) ** 2)
+
+    def add_ranks(self, ranks: np.ndarray, cold: np.ndarray) -> None:
+        self.topn.update(ranks, cold)
+        self.hits.append(hit_rate(ranks, 10))
+
+    def metrics(self, catalog_size: int) -> dict[str, float]:
+        out = {"mae": round(self.rating.mae, 6), "rmse": round(self.rating.rmse, 6)}
+        out["rmse_last_quarter"] = round(self._tail_rmse(), 6)
+        out.update(self.topn.metrics(catalog_size))
+        return out
+
+    def _tail_rmse(self) -> float:
+        """RMSE over the last quarter of the ratings: where the learning curve has got to."""
+        if not self.sq_errors:
+            return math.nan
+        squared = np.concatenate(self.sq_errors)
+        tail = squared[-max(1, squared.size // 4) :]
+        tail = tail[np.isfinite(tail)]
+        return float(np.sqrt(tail.mean())) if tail.size else math.nan
+
+
+@dataclass
+class _Chunk:
+    """What a chunk asks of every system, worked out before any of them learns it."""
+
+    rating_rows: list[int] = field(default_factory=list)  # positions in the chunk
+    topn_rows: list[int] = field(default_factory=list)
+    cold: list[bool] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)  # catalog index, -1: not in the catalog yet
+    users: list[str] = field(default_factory=list)  # distinct users of the top-N rows
+    known: int = 0  # catalog size before the chunk: the items a ranking can hold
+
+
+class Evaluation:
+    """The prequential state shared by all systems: catalog, histories, counts, scores."""
+
+    def __init__(self, settings: Settings, backend: Backend) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.catalog: dict[str, int] = {}  # item -> index, in order of first interaction
+        self.item_ids: list[str] = []  # index -> item
+        self.seen: defaultdict[str, set[str]] = defaultdict(set)
+        self.seen_index: defaultdict[str, list[int]] = defaultdict(list)
+        self.interactions: defaultdict[str, int] = defaultdict(int)
+        self.rating_sum = 0.0
+        self.rating_n = 0
+        self.popularity = PopularityBaseline()
+        self.river = BiasedMFRanker(
+            settings.mf_factors,
+            settings.mf_lr,
+            settings.mf_reg,
+            init_std=settings.mf_init_std,
+            seed=settings.mf_seed,
+        )
+        self.scores = {name: _SystemScore() for name in SYSTEMS}
+        self.rating_positions: list[int] = []
+        self.topn_positions: list[int] = []
+        self.ours_seconds = 0.0
+        self.events = 0
+        self.users: set[str] = set()
+
+    # --- one chunk ---------------------------------------------------------------------------
+    def _plan(self, events: Sequence[Event]) -> _Chunk:
+        """Which events each track scores; history and item counts advance event by event."""
+        plan = _Chunk()
+        added: defaultdict[str, set[str]] = defaultdict(set)
+        counts: defaultdict[str, int] = defaultdict(int)
+        users: dict[str, None] = {}
+        known = plan.known = len(self.catalog)
+        for n, e in enumerate(events):
+            if e.type == "rating":
+                plan.rating_rows.append(n)
+            if e.type not in INTERACTIONS:
+                continue
+            user, item = e.user_id, e.item_id
+            index = self.catalog.setdefault(item, len(self.catalog))  # new: not rankable yet
+            if index == len(self.item_ids):
+                self.item_ids.append(item)
+            history = self.seen.get(user, ())
+            if (history or added[user]) and item not in history and item not in added[user]:
+                plan.topn_rows.append(n)
+                plan.cold.append(self.interactions.get(item, 0) + counts[item] < COLD_BELOW)
+                plan.targets.append(index if index < known else -1)
+                users.setdefault(user, None)
+            added[user].add(item)
+            counts[item] += 1
+        plan.users = list(users)
+        return plan
+
+    async def step(self, events: Sequence[Event], offset: int) -> None:
+        plan = self._plan(events)
+        ratings = [events[n] for n in plan.rating_rows]
+        truths = np.array([float(e.value) for e in ratings])  # type: ignore[arg-type]
+        fallback = (
+            self.rating_sum / self.rating_n
+            if self.rating_n
+            else (self.settings.rating_min + self.settings.rating_max) / 2
+        )
+        lo, hi = self.settings.rating_min, self.settings.rating_max
+
+        # --- freshrec: predict the chunk through the system, then learn it ----------------------
+        started = time.perf_counter()
+        pairs = list(dict.fromkeys((e.user_id, e.item_id) for e in ratings))
+        predicted, ranked = await asyncio.gather(
+            self.backend.predict(pairs), self.backend.recommend(plan.users, LIST_LENGTH)
+        )
+        answers = dict(zip(pairs, predicted, strict=True))
+        lists = dict(zip(plan.users, ranked, strict=True))
+        self.ours_seconds += time.perf_counter() - started
+
+        if ratings:
+            ours = np.array(
+                [answers[(e.user_id, e.item_id)] for e in ratings], dtype=np.float64
+            )  # None -> nan -> the fallback: the mean rating so far
+            self.scores["freshrec"].add_ratings(clip_predictions(ours, lo, hi, fallback), truths)
+        if plan.topn_rows:
+            ranks = np.array(
+                [rank_in_list(*lists[events[n].user_id], events[n].item_id) for n in plan.topn_rows]
+            )
+            self.scores["freshrec"].add_ranks(ranks, np.array(plan.cold))
+            for items, _ in lists.values():
+                self.scores["freshrec"].topn.recommend(items)
+
+        # --- baselines, from the same state (before the chunk) -----------------------------------
+        self._baselines_predict(events, plan, ratings, truths, fallback)
+
+        # --- learn -----------------------------------------------------------------------------
+        started = time.perf_counter()
+        await self.backend.learn(events)
+        self.ours_seconds += time.perf_counter() - started
+        self._learn(events)
+        self.rating_positions.extend(offset + n for n in plan.rating_rows)
+        self.topn_positions.extend(offset + n for n in plan.topn_rows)
+        self.events += len(events)
+
+    def _baselines_predict(
+        self,
+        events: Sequence[Event],
+        plan: _Chunk,
+        ratings: list[Event],
+        truths: np.ndarray,
+        fallback: float,
+    ) -> None:
+        lo, hi = self.settings.rating_min, self.settings.rating_max
+        if ratings:
+            indices = [self.catalog[e.item_id] for e in ratings]
+            pop = np.array([self.popularity.predict_rating(i) for i in indices])
+            self.scores["popularity"].add_ratings(clip_predictions(pop, lo, hi, fallback), truths)
+            river = np.array(
+                [
+                    self.river.predict_rating(e.user_id, i)
+                    for e, i in zip(ratings, indices, strict=True)
+                ]
+            )
+            self.scores["river_biased_mf"].add_ratings(
+                clip_predictions(river, lo, hi, fallback), truths
+            )
+        if not plan.topn_rows:
+            return
+        n_items = plan.known
+        row_of = {user: r for r, user in enumerate(plan.users)}
+        candidates = np.ones((len(plan.users), n_items), dtype=bool)
+        for r, user in enumerate(plan.users):
+            candidates[r, self.seen_index.get(user, [])] = False
+        rows = np.array([row_of[events[n].user_id] for n in plan.topn_rows])
+        targets = np.array(plan.targets)
+        cold = np.array(plan.cold)
+        matrices = {
+            "popularity": np.broadcast_to(
+                self.popularity.scores(n_items), (len(plan.users), n_items)
+            ),
+            "river_biased_mf": self.river.scores(plan.users, n_items),
+        }
+        items = self.item_ids
+        for name, matrix in matrices.items():
+            if n_items == 0:
+                ranks = np.full(len(rows), MISSING)
+            else:
+                ranks = pessimistic_ranks(matrix[rows], targets, candidates[rows])
+            self.scores[name].add_ranks(ranks, cold)
+            self._note_lists(name, matrix, candidates, items)
+
+    def _note_lists(
+        self, name: str, matrix: np.ndarray, candidates: np.ndarray, items: list[str]
+    ) -> None:
+        """The top ``COVERAGE_K`` unseen items of each user's row, for coverage."""
+        if matrix.shape[1] == 0:
+            return
+        masked = np.where(candidates, matrix, -np.inf)
+        k = min(COVERAGE_K, masked.shape[1])
+        top = np.argpartition(-masked, k - 1, axis=1)[:, :k]
+        accumulator = self.scores[name].topn
+        for row, columns in enumerate(top):
+            accumulator.recommend([items[c] for c in columns if np.isfinite(masked[row, c])])
+
+    def _learn(self, events: Sequence[Event]) -> None:
+        for e in events:
+            self.users.add(e.user_id)
+            if e.type not in INTERACTIONS:
+                continue
+            index = self.catalog[e.item_id]  # numbered by _plan
+            rating = float(e.value) if e.type == "rating" else None  # type: ignore[arg-type]
+            self.popularity.learn_one(index, rating)
+            if rating is not None:
+                self.river.learn_one(e.user_id, index, rating)
+                self.rating_sum += rating
+                self.rating_n += 1
+            if e.item_id not in self.seen[e.user_id]:
+                self.seen[e.user_id].add(e.item_id)
+                self.seen_index[e.user_id].append(index)
+            self.interactions[e.item_id] += 1
+
+    # --- results -----------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        catalog = len(self.catalog)
+        ours = self.scores["freshrec"]
+        out: dict[str, Any] = {
+            "events": self.events,
+            "users": len(self.users),
+            "items": catalog,
+            "rating_events": ours.rating.n,
+            "topn_events": ours.topn.n,
+            "cold_event_share": round(ours.topn.cold_events / ours.topn.n, 6)
+            if ours.topn.n
+            else math.nan,
+        }
+        out.update(ours.metrics(catalog))
+        out["events_per_s"] = round(self.events / max(self.ours_seconds, 1e-9), 1)
+        out["baselines"] = {
+            name: self.scores[name].metrics(catalog) for name in SYSTEMS if name != "freshrec"
+        }
+        return out
+
+
+# --- the runner ----------------------------------------------------------------------------------
+def run_eval(
+    settings: Settings,
+    path: Path,
+    mode: str = "pipeline",
+    fmt: str | None = None,
+    out_dir: Path | None = None,
+    limit: int = 0,
+    chunk: int = 200,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``path`` prequentially in ``mode`` ("pipeline" or "direct"); the summary.
+
+    Services come from ``streams.local_services.resolve`` (started when not configured and
+    stopped at the end); the run uses topics and keys of its own and deletes them at the end.
+    """
+    if mode not in ("pipeline", "direct"):
+        raise ValueError(f"unknown mode {mode!r}; expected pipeline or direct")
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    path = Path(path)
+    events, skipped, fmt = load_events(path, settings, fmt, limit)
+    if not events:
+        raise ValueError(f"{path}: no valid events to evaluate ({skipped} skipped)")
+
+    # Topics and keys of its own on the shared services, all erased at the end.
+    with isolated_run(
+        settings, "eval", worker_metrics_port=0, serve_port=free_port()
+    ) as run_settings:
+        started = time.perf_counter()
+        evaluation = asyncio.run(_run(run_settings, mode, events, chunk, show_progress))
+        wall = time.perf_counter() - started
+    summary = {"mode": mode, "file": str(path), "format": fmt, "chunk": chunk}
+    summary.update(evaluation.summary())
+    summary["skipped"] = skipped
+    summary["wall_s"] = round(wall, 2)
+    if mode == "direct" and isinstance(evaluation.backend, DirectBackend):
+        summary["sequential"] = _sequential(evaluation, events, settings)
+    summary = _json_safe(summary)
+    if out_dir is not None:
+        summary["report"] = str(write_report(Path(out_dir), summary, evaluation))
+    return summary
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (a metric with nothing to average, e.g. RMSE of a file without ratings) -> None."""
+    if isinstance(value, dict):
+        return {key: _json_safe(v) for key, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _sequential(evaluation: Evaluation, events: Sequence[Event], settings: Settings) -> dict:
+    """Direct mode only: the per-event prequential error the updater itself measures.
+
+    Every rating predicted just before its own update, no chunk staleness: the lower bound the
+    chunked figure approaches as ``chunk`` goes to 1.
+    """
+    assert isinstance(evaluation.backend, DirectBackend)
+    truths = np.array([float(e.value) for e in events if e.type == "rating"])  # type: ignore[arg-type]
+    errors = np.asarray(evaluation.backend.rating_errors, dtype=np.float64)
+    if truths.size != errors.size or truths.size == 0:
+        return {}
+    predictions = clip_predictions(truths - errors, settings.rating_min, settings.rating_max, 0.0)
+    acc = ErrorAccumulator()
+    acc.update(predictions, truths)
+    return {"mae": round(acc.mae, 6), "rmse": round(acc.rmse, 6)}
+
+
+async def _run(
+    settings: Settings, mode: str, events: list[Event], chunk: int, show_progress: bool
+) -> Evaluation:
+    redis = Redis.from_url(settings.redis_url, socket_timeout=10)
+    processes: _Processes | None = None
+    backend: Any = None
+    try:
+        if mode == "direct":
+            backend = DirectBackend(settings, redis)
+        else:
+            processes = _Processes(settings)
+            processes.start("worker", ["worker", "--loglevel", "warning"])
+            processes.start("reader", ["serve"])
+            base_url = f"http://{settings.serve_host}:{settings.serve_port}"
+            processes.wait(lambda: _healthy(base_url + "/healthz"), 60, "the reader")
+            processes.wait(
+                lambda: _group_consuming(
+                    settings.kafka_bootstrap, f"{settings.topic_prefix}-worker"
+                ),
+                90,
+                "the worker to join its consumer group",
+            )
+            backend = PipelineBackend(settings, redis, base_url, processes.check)
+        evaluation = Evaluation(settings, backend)
+        progress = Progress(len(events), f"eval {mode}") if show_progress else None
+        for offset in range(0, len(events), chunk):
+            batch = events[offset : offset + chunk]
+            await evaluation.step(batch, offset)
+            if progress is not None:
+                ours = evaluation.scores["freshrec"]
+                progress.advance(
+                    len(batch), note=f"rmse {ours.rating.rmse:.3f}  hr@10 {ours.topn.hr(10):.3f}"
+                )
+        if progress is not None:
+            progress.close()
+        return evaluation
+    finally:
+        if isinstance(backend, PipelineBackend):
+            await backend.close()
+        await redis.aclose()
+        if processes is not None:
+            processes.stop()
+
+
+# --- output --------------------------------------------------------------------------------------
+_ROWS = (
+    ("rmse", "RMSE"),
+    ("rmse_last_quarter", "RMSE, last 25%"),
+    ("mae", "MAE"),
+    ("hr@10", "HR@10"),
+    ("hr@20", "HR@20"),
+    ("ndcg@10", "NDCG@10"),
+    ("mrr", "MRR@20"),
+    ("coverage", "coverage@10"),
+    ("cold_hit_share", "cold-hit share"),
+)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as a short text table: freshrec and the baselines side by side."""
+    columns = [("freshrec", summary)] + [
+        (LABELS.get(name, name), summary["baselines"][name]) for name in summary["baselines"]
+    ]
+    lines = [
+        f"prequential evaluation of {summary['file']} ({summary['format']}), mode "
+        f"{summary['mode']}, chunks of {summary['chunk']}",
+        f"{summary['events']:,} events ({summary['skipped']:,} skipped), "
+        f"{summary['users']:,} users, {summary['items']:,} items; "
+        f"{summary['rating_events']:,} ratings predicted, "
+        f"{summary['topn_events']:,} top-N events",
+        "",
+        f"{'':16}" + "".join(f"{name:>18}" for name, _ in columns),
+    ]
+    for key, label in _ROWS:
+        cells = "".join(f"{_cell(values.get(key)):>18}" for _, values in columns)
+        lines.append(f"{label:16}{cells}")
+    if summary.get("sequential"):
+        seq = summary["sequential"]
+        lines.append(
+            f"\nper-event (no chunk staleness) RMSE {seq['rmse']:.4f}, MAE {seq['mae']:.4f}"
+        )
+    lines.append(
+        f"\n{summary['events_per_s']:,.0f} events/s through freshrec (prediction included); "
+        f"{summary['wall_s']:.1f} s in all"
+    )
+    if summary.get("report"):
+        lines.append(f"report: {summary['report']}")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4f}"
+
+
+def write_report(out_dir: Path, summary: dict[str, Any], evaluation: Evaluation) -> Path:
+    """``summary.json``, PNG plots of rolling RMSE and HR@10 over the stream, ``report.md``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plots = []
+    series = (
+        ("rmse.png", "rolling RMSE", evaluation.rating_positions, "sq_errors", True),
+        ("hr10.png", "rolling HR@10", evaluation.topn_positions, "hits", False),
+    )
+    for name, title, positions, attribute, root in series:
+        if not positions:
+            continue
+        x = np.asarray(positions)
+        window = max(100, len(positions) // 50)
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+        for system in SYSTEMS:
+            parts = getattr(evaluation.scores[system], attribute)
+            values = rolling_mean(np.concatenate(parts), window)
+            ax.plot(x, np.sqrt(values) if root else values, label=LABELS[system])
+        ax.set_xlabel("event (stream order)")
+        ax.set_ylabel(title.split(" ", 1)[1])
+        ax.set_title(f"{title} over the stream (window {window})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / name)
+        plt.close(fig)
+        plots.append((name, title))
+    names = [LABELS.get(b, b) for b in summary["baselines"]]
+    rows = ["| metric | " + " | ".join(("freshrec", *names)) + " |"]
+    rows.append("| --- " * (1 + 1 + len(summary["baselines"])) + "|")
+    for key, label in _ROWS:
+        cells = [_cell(summary.get(key))]
+        cells += [_cell(summary["baselines"][b].get(key)) for b in summary["baselines"]]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    text = [
+        f"# Prequential evaluation of `{Path(summary['file']).name}`",
+        "",
+        f"Mode `{summary['mode']}`, chunks of {summary['chunk']} events: every system predicts "
+        "a chunk from its state before it, then learns it. "
+        f"{summary['events']:,} events ({summary['skipped']:,} skipped), "
+        f"{summary['rating_events']:,} ratings predicted, {summary['topn_events']:,} top-N "
+        f"events; {summary['events_per_s']:,.0f} events/s through freshrec.",
+        "",
+        *rows,
+        "",
+        "Ratings are clipped to the scale; MRR is truncated at the list's 20 items; ties count "
+        "against the target; coverage is the distinct items in the top 10 of any list over the "
+        f"distinct items of the stream; cold items had fewer than {COLD_BELOW} interactions "
+        "before the event.",
+        "",
+    ]
+    if summary.get("sequential"):
+        seq = summary["sequential"]
+        text += [
+            f"Per rating, with no chunk staleness (the updater's own prequential error): "
+            f"RMSE {seq['rmse']:.4f}, MAE {seq['mae']:.4f}.",
+            "",
+        ]
+    for name, title in plots:
+        text += [f"![{title}]({name})", ""]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(text))
+    return report

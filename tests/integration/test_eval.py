@@ -1,0 +1,149 @@
+"""`freshrec eval`: prequential evaluation through the real system, in process and end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streams import local_services
+from streams.prequential import run_eval
+from streams.settings import Settings
+from streams.synth import SynthConfig, SynthStream, generate, write_jsonl
+
+pytestmark = pytest.mark.integration
+
+REQUIRED = ("events", "mae", "rmse", "hr@10", "hr@20", "ndcg@10", "mrr", "coverage")
+SMALL = SynthConfig(users=150, items=200, events=2500, seed=3)
+# Known factors, with events enough per user (50) for taste to be learnable within a test.
+KNOWN = SynthConfig(users=300, items=300, events=15_000, seed=5)
+
+
+@pytest.fixture(scope="module")
+def base_settings(endpoints: local_services.Endpoints) -> Settings:
+    """The session's services; every eval run makes (and deletes) its own topics and keys."""
+    return dataclasses.replace(
+        Settings.from_env(),
+        kafka_bootstrap=endpoints.kafka_bootstrap,
+        redis_url=endpoints.redis_url,
+        partitions=2,
+        batch_within_s=0.02,
+    )
+
+
+def _written(stream: SynthStream, folder: Path) -> Path:
+    path = folder / "stream.jsonl"
+    write_jsonl(stream.events, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _written(generate(SMALL), tmp_path_factory.mktemp("small"))
+
+
+def test_json_summary_has_every_required_key_and_a_report(
+    base_settings: Settings, small_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    command = [sys.executable, "-m", "streams.cli", "eval", str(small_file), "--json"]
+    done = subprocess.run(
+        [*command, "--mode", "direct", "--out", str(out)],
+        env={**os.environ, **base_settings.environ()},
+        capture_output=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    summary = json.loads(done.stdout)  # one JSON object, nothing else on stdout
+    assert summary["events"] == SMALL.events and summary["skipped"] == 0
+    assert summary["mode"] == "direct" and summary["events_per_s"] > 0
+    assert summary["rating_events"] > 0 and summary["topn_events"] > 0
+    for key in REQUIRED:
+        assert math.isfinite(summary[key]), key
+    for name in ("popularity", "river_biased_mf"):
+        for key in REQUIRED[1:]:
+            assert math.isfinite(summary["baselines"][name][key]), (name, key)
+    assert 0 < summary["hr@10"] <= summary["hr@20"] <= 1
+    assert summary["ndcg@10"] <= summary["hr@10"] and summary["mrr"] <= summary["hr@20"]
+    for name in ("summary.json", "report.md", "rmse.png", "hr10.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "rmse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "summary.json").read_text())["rmse"] == summary["rmse"]
+
+
+def test_pipeline_rmse_is_within_one_percent_of_direct(
+    base_settings: Settings, small_file: Path
+) -> None:
+    direct = run_eval(base_settings, small_file, mode="direct", show_progress=False)
+    pipeline = run_eval(base_settings, small_file, mode="pipeline", show_progress=False)
+    assert pipeline["events"] == direct["events"] == SMALL.events
+    assert pipeline["rating_events"] == direct["rating_events"]
+    assert pipeline["topn_events"] == direct["topn_events"]
+    assert abs(pipeline["rmse"] - direct["rmse"]) <= 0.01 * direct["rmse"], (pipeline, direct)
+    # The baselines learn in this process from the same chunks: identical in both modes.
+    assert pipeline["baselines"] == direct["baselines"]
+
+
+def test_personal_model_beats_popularity_on_a_stream_with_known_factors(
+    base_settings: Settings, tmp_path: Path
+) -> None:
+    stream = generate(KNOWN)
+    summary = run_eval(
+        base_settings, _written(stream, tmp_path), mode="direct", show_progress=False
+    )
+    # Measured: HR@10 0.206 against 0.096 (2.1x); RMSE 0.652 against a floor of 0.485 (1.35x).
+    # The README's full-size stream reaches 2.3x; asserted here is what holds with margin.
+    popularity = summary["baselines"]["popularity"]
+    assert summary["hr@10"] >= 1.5 * popularity["hr@10"], (summary, popularity)
+    assert summary["ndcg@10"] >= 1.5 * popularity["ndcg@10"], (summary, popularity)
+    assert summary["rmse"] < 1.5 * stream.noise_floor_rmse(), summary
+
+
+def _ratings(n: int) -> list[tuple[str, str, int, int]]:
+    stream = generate(SynthConfig(users=60, items=80, events=2 * n, rating_share=1.0, seed=9))
+    return [
+        (e["user_id"][1:], e["item_id"][1:], round(e["value"]), int(e["ts"]))
+        for e in stream.events[:n]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "header", "line"),
+    [
+        ("u.data", "movielens-udata", "", "{}\t{}\t{}\t{}"),
+        ("ratings.dat", "movielens-dat", "", "{}::{}::{}::{}"),
+        ("ratings.csv", "csv", "userId,movieId,rating,timestamp\n", "{},{},{},{}"),
+    ],
+)
+def test_every_ratings_format_of_the_contract_is_evaluated(
+    base_settings: Settings, tmp_path: Path, name: str, fmt: str, header: str, line: str
+) -> None:
+    rows = _ratings(500)
+    rows.reverse()  # files need not be in time order: eval sorts by event time
+    text = header + "".join(line.format(*row) + "\n" for row in rows)
+    path = tmp_path / name
+    path.write_text(text + line.format("u", "i", "not-a-number", "0") + "\n")
+    summary = run_eval(base_settings, path, mode="direct", limit=400, show_progress=False)
+    assert summary["format"] == fmt
+    assert summary["events"] == summary["rating_events"] == 400
+    assert summary["skipped"] == 1
+    assert math.isfinite(summary["rmse"]) and summary["rmse"] < 2.0
+
+
+def test_a_file_without_ratings_reports_no_rating_error_and_stays_valid_json(
+    base_settings: Settings, tmp_path: Path
+) -> None:
+    events = generate(SynthConfig(users=30, items=40, events=400, rating_share=0.0, seed=2))
+    summary = run_eval(
+        base_settings, _written(events, tmp_path), mode="direct", show_progress=False
+    )
+    assert summary["rating_events"] == 0
+    assert summary["rmse"] is None and summary["mae"] is None
+    assert summary["topn_events"] > 0 and math.isfinite(summary["hr@10"])
+    json.loads(json.dumps(summary, allow_nan=False))
