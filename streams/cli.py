@@ -98,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chunk", type=int, default=200, help="events predicted, then learned, per step"
     )
+    p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="direct mode: also score the funnel with MF-only and CF-only recall",
+    )
 
     p = command(
         "bench",
@@ -268,6 +273,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
         limit=args.limit,
         chunk=args.chunk,
         show_progress=not args.json,
+        ablation=args.ablation,
     )
     _emit(args, summary, format_summary(summary))
     return 0

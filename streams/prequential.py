@@ -31,6 +31,7 @@ Side by side, learned from the same chunks: a popularity baseline and river's ``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -62,7 +63,7 @@ from models.ranking_metrics import (
     rank_in_list,
     rolling_mean,
 )
-from serving.funnel import Funnel, UnknownItem
+from serving.funnel import Funnel, FunnelConfig, UnknownItem
 from streams.datasets import RAW_KEY, detect_format, read_events
 from streams.events import Event, EventValidator, InvalidEvent
 from streams.isolated_run import free_port, isolated_run
@@ -158,10 +159,12 @@ class DirectBackend:
 
         return await _bounded([one(u, i) for u, i in pairs])
 
-    async def recommend(self, users: Sequence[str], k: int) -> list[Ranked]:
+    async def recommend(
+        self, users: Sequence[str], k: int, config: FunnelConfig | None = None
+    ) -> list[Ranked]:
         async def one(user: str) -> Ranked:
             # Through the reader's own JSON form, so scores carry the same rounding as served.
-            served = [c.to_json() for c in await self.funnel.recommend(user, k)]
+            served = [c.to_json() for c in await self.funnel.recommend(user, k, config)]
             return [c["item_id"] for c in served], [c["score"] for c in served]  # type: ignore[misc]
 
         return await _bounded([one(u) for u in users])
@@ -384,9 +387,15 @@ class _Chunk:
 class Evaluation:
     """The prequential state shared by all systems: catalog, histories, counts, scores."""
 
-    def __init__(self, settings: Settings, backend: Backend) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: Backend,
+        ablation: dict[str, FunnelConfig] | None = None,
+    ) -> None:
         self.settings = settings
         self.backend = backend
+        self.ablation = ablation or {}
         self.catalog: dict[str, int] = {}  # item -> index, in order of first interaction
         self.item_ids: list[str] = []  # index -> item
         self.seen: defaultdict[str, set[str]] = defaultdict(set)
@@ -402,7 +411,7 @@ class Evaluation:
             init_std=settings.mf_init_std,
             seed=settings.mf_seed,
         )
-        self.scores = {name: _SystemScore() for name in SYSTEMS}
+        self.scores = {name: _SystemScore() for name in (*SYSTEMS, *self.ablation)}
         self.rating_positions: list[int] = []
         self.topn_positions: list[int] = []
         self.ours_seconds = 0.0
@@ -470,6 +479,21 @@ class Evaluation:
             self.scores["freshrec"].add_ranks(ranks, np.array(plan.cold))
             for items, _ in lists.values():
                 self.scores["freshrec"].topn.recommend(items)
+
+        # --- the same funnel with fewer recall channels, same state (direct mode) ---------------
+        for name, config in self.ablation.items():
+            alt = await self.backend.recommend(plan.users, LIST_LENGTH, config)  # type: ignore[call-arg]
+            alt_lists = dict(zip(plan.users, alt, strict=True))
+            if plan.topn_rows:
+                ranks = np.array(
+                    [
+                        rank_in_list(*alt_lists[events[n].user_id], events[n].item_id)
+                        for n in plan.topn_rows
+                    ]
+                )
+                self.scores[name].add_ranks(ranks, np.array(plan.cold))
+                for items, _ in alt_lists.values():
+                    self.scores[name].topn.recommend(items)
 
         # --- baselines, from the same state (before the chunk) -----------------------------------
         self._baselines_predict(events, plan, ratings, truths, fallback)
@@ -579,6 +603,12 @@ class Evaluation:
         out["baselines"] = {
             name: self.scores[name].metrics(catalog) for name in SYSTEMS if name != "freshrec"
         }
+        if self.ablation:
+            keep = ("hr@10", "hr@20", "ndcg@10", "mrr", "coverage")
+            out["recall_ablation"] = {
+                name: {key: self.scores[name].metrics(catalog)[key] for key in keep}
+                for name in self.ablation
+            }
         return out
 
 
@@ -592,8 +622,12 @@ def run_eval(
     limit: int = 0,
     chunk: int = 200,
     show_progress: bool = True,
+    ablation: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``path`` prequentially in ``mode`` ("pipeline" or "direct"); the summary.
+
+    ``ablation`` (direct mode) also scores the same funnel with MF recall only and with CF
+    recall only, on the same state at the same moments.
 
     Services come from ``streams.local_services.resolve`` (started when not configured and
     stopped at the end); the run uses topics and keys of its own and deletes them at the end.
@@ -602,6 +636,8 @@ def run_eval(
         raise ValueError(f"unknown mode {mode!r}; expected pipeline or direct")
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
+    if ablation and mode != "direct":
+        raise ValueError("--ablation needs --mode direct (the reader serves one configuration)")
     path = Path(path)
     events, skipped, fmt = load_events(path, settings, fmt, limit)
     if not events:
@@ -612,7 +648,8 @@ def run_eval(
         settings, "eval", worker_metrics_port=0, serve_port=free_port()
     ) as run_settings:
         started = time.perf_counter()
-        evaluation = asyncio.run(_run(run_settings, mode, events, chunk, show_progress))
+        variants = _recall_ablation(run_settings) if ablation else None
+        evaluation = asyncio.run(_run(run_settings, mode, events, chunk, show_progress, variants))
         wall = time.perf_counter() - started
     summary = {"mode": mode, "file": str(path), "format": fmt, "chunk": chunk}
     summary.update(evaluation.summary())
@@ -652,8 +689,25 @@ def _sequential(evaluation: Evaluation, events: Sequence[Event], settings: Setti
     return {"mae": round(acc.mae, 6), "rmse": round(acc.rmse, 6)}
 
 
+def _recall_ablation(settings: Settings) -> dict[str, FunnelConfig]:
+    """Recall channels compared under the same ranking and rerank, without exploration slots
+    (which reserve positions for unproven items and would count against whichever variant
+    has a cold pool); the served configuration, exploration included, is ``freshrec``."""
+    base = dataclasses.replace(settings.funnel_config(), exploration_slots=0)
+    return {
+        "all_channels": base,
+        "mf_recall_only": dataclasses.replace(base, channels=("mf",)),
+        "cf_recall_only": dataclasses.replace(base, channels=("cf",)),
+    }
+
+
 async def _run(
-    settings: Settings, mode: str, events: list[Event], chunk: int, show_progress: bool
+    settings: Settings,
+    mode: str,
+    events: list[Event],
+    chunk: int,
+    show_progress: bool,
+    ablation: dict[str, FunnelConfig] | None = None,
 ) -> Evaluation:
     redis = Redis.from_url(settings.redis_url, socket_timeout=10)
     processes: _Processes | None = None
@@ -675,7 +729,7 @@ async def _run(
                 "the worker to join its consumer group",
             )
             backend = PipelineBackend(settings, redis, base_url, processes.check)
-        evaluation = Evaluation(settings, backend)
+        evaluation = Evaluation(settings, backend, ablation)
         progress = Progress(len(events), f"eval {mode}") if show_progress else None
         for offset in range(0, len(events), chunk):
             batch = events[offset : offset + chunk]
@@ -733,6 +787,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"\nper-event (no chunk staleness) RMSE {seq['rmse']:.4f}, MAE {seq['mae']:.4f}"
         )
+    if summary.get("recall_ablation"):
+        lines.append("\nrecall ablation (same ranking and rerank, no exploration slots):")
+        for name, values in summary["recall_ablation"].items():
+            lines.append(
+                f"  {name:16} HR@10 {_cell(values['hr@10'])}  NDCG@10 {_cell(values['ndcg@10'])}"
+                f"  coverage {_cell(values['coverage'])}"
+            )
     lines.append(
         f"\n{summary['events_per_s']:,.0f} events/s through freshrec (prediction included); "
         f"{summary['wall_s']:.1f} s in all"

@@ -147,3 +147,17 @@ def test_a_file_without_ratings_reports_no_rating_error_and_stays_valid_json(
     assert summary["rmse"] is None and summary["mae"] is None
     assert summary["topn_events"] > 0 and math.isfinite(summary["hr@10"])
     json.loads(json.dumps(summary, allow_nan=False))
+
+
+def test_recall_ablation_scores_each_channel_set_on_the_same_state(
+    base_settings: Settings, small_file: Path
+) -> None:
+    summary = run_eval(base_settings, small_file, mode="direct", show_progress=False, ablation=True)
+    ablation = summary["recall_ablation"]
+    assert set(ablation) == {"all_channels", "mf_recall_only", "cf_recall_only"}
+    for values in ablation.values():
+        assert 0.0 <= values["hr@10"] <= values["hr@20"] <= 1.0
+    # More channels can only widen what the lists cover.
+    assert ablation["all_channels"]["coverage"] >= ablation["mf_recall_only"]["coverage"]
+    with pytest.raises(ValueError, match="--ablation needs --mode direct"):
+        run_eval(base_settings, small_file, mode="pipeline", show_progress=False, ablation=True)
