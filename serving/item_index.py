@@ -9,12 +9,10 @@ refresh interval plus one fetch: a served MF score is never older than that.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 import numpy as np
-from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from models.keys import Keys
@@ -146,15 +144,6 @@ class ItemIndex:
                 if len(out) == n:
                     break
         return out
-
-    async def keep_fresh(self, interval_s: float) -> None:
-        """Refresh until cancelled; an outage only makes the index older, never wrong."""
-        while True:
-            try:
-                await self.refresh()
-            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-                log.warning("item index not refreshed: %s", exc)
-            await asyncio.sleep(interval_s)
 
     @property
     def staleness_s(self) -> float:

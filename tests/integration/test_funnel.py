@@ -89,18 +89,21 @@ def test_business_rules_drop_and_boost(settings: Settings) -> None:
     asyncio.run(run())
 
 
-def test_a_cold_item_is_explored_then_loses_exposure_without_clicks(settings: Settings) -> None:
+async def _two_new_items(settings: Settings) -> tuple[Redis, BatchUpdater, Funnel]:
+    """An established catalogue (every item well shown), then two new, never-shown items."""
+    redis, keys, updater = await _setup(settings, _catalogue(), established_impressions=100)
+    await updater.apply(
+        [Event("view", "u90", "fresh-a", TS + 5000), Event("view", "u91", "fresh-b", TS + 5001)]
+    )
     config = dataclasses.replace(
         settings.funnel_config(), exploration_slots=1, cold_max_impressions=60
     )
+    return redis, updater, Funnel(redis, keys, config)
 
+
+def test_a_cold_item_is_explored_then_loses_exposure_without_clicks(settings: Settings) -> None:
     async def run() -> None:
-        redis, keys, updater = await _setup(settings, _catalogue(), established_impressions=100)
-        # Two new items appear, each from one interaction, never shown yet.
-        await updater.apply(
-            [Event("view", "u90", "fresh-a", TS + 5000), Event("view", "u91", "fresh-b", TS + 5001)]
-        )
-        funnel = Funnel(redis, keys, config)
+        redis, updater, funnel = await _two_new_items(settings)
 
         async def explored(user: str) -> list[str]:
             served = await funnel.recommend(user, 10)
@@ -121,17 +124,8 @@ def test_a_cold_item_is_explored_then_loses_exposure_without_clicks(settings: Se
 
 
 def test_a_cold_item_that_gets_clicks_keeps_its_exposure(settings: Settings) -> None:
-    config = dataclasses.replace(
-        settings.funnel_config(), exploration_slots=1, cold_max_impressions=60
-    )
-
     async def run() -> None:
-        redis, keys, updater = await _setup(settings, _catalogue(), established_impressions=100)
-        # Two new items appear, each from one interaction, never shown yet.
-        await updater.apply(
-            [Event("view", "u90", "fresh-a", TS + 5000), Event("view", "u91", "fresh-b", TS + 5001)]
-        )
-        funnel = Funnel(redis, keys, config)
+        redis, updater, funnel = await _two_new_items(settings)
         # Both shown equally often; only "fresh-a" is clicked, by users who saw it.
         await updater.apply([Event("impression", f"v{n}", "fresh-a", TS + 6000) for n in range(30)])
         await updater.apply([Event("impression", f"v{n}", "fresh-b", TS + 6000) for n in range(30)])
