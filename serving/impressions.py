@@ -1,5 +1,8 @@
 """The impression log: every served list, as served, on the impressions topic.
 
+Logging never blocks serving: while Kafka is unreachable the producer queues impressions, and
+once its queue is full they are dropped and counted (``freshrec_impressions_dropped_total``).
+
 Workers consume it to count impressions per item (UCB), to remember what was shown for
 attributing later clicks, and to teach the click model with the exact features the ranker saw.
 """
@@ -17,6 +20,10 @@ from models.click_model import FEATURES
 from serving.funnel import Served
 
 SERVED = Counter("freshrec_variant_served_total", "Lists served, by A/B variant", ["variant"])
+DROPPED = Counter(
+    "freshrec_impressions_dropped_total",
+    "Impressions not logged because the producer's queue was full (Kafka unreachable)",
+)
 
 
 class ImpressionLog:
@@ -45,10 +52,10 @@ class ImpressionLog:
             ],
         }
         value = json.dumps(message, separators=(",", ":")).encode()
-        while True:
-            try:
-                self.producer.produce(self.topic, key=user_id.encode(), value=value)
-                break
-            except BufferError:
-                self.producer.poll(0.05)
+        try:
+            self.producer.produce(self.topic, key=user_id.encode(), value=value)
+        except BufferError:
+            # Kafka has been unreachable long enough to fill the queue: serving goes on, the
+            # impression is counted as lost (UCB counts and click attribution miss it).
+            DROPPED.inc()
         self.producer.poll(0)

@@ -85,27 +85,29 @@ class RecommendationPublisher:
             await self.redis.zadd(self.keys.dirty_users, dict.fromkeys(users, cutoff), nx=True)
             raise
         now = time.time()
+        unsent = []
         for user, ranked in zip(users, lists, strict=True):
             message = {
                 "user_id": user,
                 "items": [c.to_json() for c in ranked],
                 "generated_at": now,
             }
-            self._produce(user.encode(), json.dumps(message, separators=(",", ":")).encode())
+            value = json.dumps(message, separators=(",", ":")).encode()
+            try:
+                self.producer.produce(self.topic, key=user.encode(), value=value)
+            except BufferError:
+                unsent.append(user)  # Kafka unreachable and the queue full: try again later
         self.producer.poll(0)
+        if unsent:
+            await self.redis.zadd(self.keys.dirty_users, dict.fromkeys(unsent, cutoff), nx=True)
         for first_touch in touched:
             PUBLISH_DELAY.observe(max(0.0, now - first_touch))
-        PUBLISHED.inc(len(users))
-        self.published += len(users)
-        return len(users)
-
-    def _produce(self, key: bytes, value: bytes) -> None:
-        while True:
-            try:
-                self.producer.produce(self.topic, key=key, value=value)
-                return
-            except BufferError:
-                self.producer.poll(0.05)
+        sent = len(users) - len(unsent)
+        PUBLISHED.inc(sent)
+        self.published += sent
+        if unsent:
+            raise BufferError(f"{len(unsent)} lists waiting for Kafka")
+        return sent
 
     async def run(self, interval_s: float) -> None:
         """Publish until cancelled; outages of Redis or Kafka only delay publishing."""
@@ -116,7 +118,12 @@ class RecommendationPublisher:
                 delay = interval_s
                 if published == self.max_users:
                     continue  # a backlog: keep going without waiting
-            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            except (
+                redis_errors.ConnectionError,
+                redis_errors.TimeoutError,
+                OSError,
+                BufferError,
+            ) as exc:
                 log.warning("publishing deferred: %s", exc)
                 delay = min(max(delay * 2, 0.5), 5.0)
             await asyncio.sleep(delay)
