@@ -61,14 +61,11 @@ Origin = tuple[str, int]
 
 @dataclass
 class BatchResult:
-    """What a batch changed: for metrics, publishing and prequential error."""
+    """What a batch did: for metrics and the prequential error."""
 
     events: int = 0
     skipped: int = 0
-    users: set[str] = field(default_factory=set)
-    items: set[str] = field(default_factory=set)
     rating_errors: list[float] = field(default_factory=list)
-    pairs: int = 0
     max_ts: float = 0.0
 
 
@@ -80,7 +77,6 @@ class _Snapshot:
     mean_sum: float
     mean_n: int
     vectors: dict[str, np.ndarray]
-    fresh: set[str]
     windows: dict[str, list[str]]
 
 
@@ -170,8 +166,6 @@ class BatchUpdater:
             await self._write_script(writes, watermarks, len(keep))
         else:
             await self._write_pipelined(writes, watermarks, len(keep))
-        result.users = {e.user_id for e in keep}
-        result.items = {e.item_id for e in keep}
         result.max_ts = max(e.ts for e in keep)
         return result
 
@@ -246,21 +240,18 @@ class BatchUpdater:
         width = vector_width(cfg.factors)
         names = [f"u:{u}" for u in users] + [f"i:{i}" for i in items]
         vectors: dict[str, np.ndarray] = {}
-        fresh: set[str] = set()
         for name, blob in zip(names, blobs, strict=True):
             if blob is not None and len(blob) == 4 * width:
                 vectors[name] = decode_vector(blob)
             else:
                 kind, entity = name.split(":", 1)
                 vectors[name] = initial_vector(entity, kind, cfg.factors, cfg.init_std, cfg.seed)
-                fresh.add(name)
         windows = {u: [m.decode() for m in w] for u, w in zip(users, windows_raw, strict=True)}
         return _Snapshot(
             landmark=landmark,
             mean_sum=float(mean_raw[0] or 0.0),
             mean_n=int(mean_raw[1] or 0),
             vectors=vectors,
-            fresh=fresh,
             windows=windows,
         )
 
@@ -298,13 +289,12 @@ class BatchUpdater:
             confidence = 1.0 + cfg.implicit_alpha * strength
             self._implicit(implicit_part(uvec, k), item, confidence, pool, picks[n], vectors)
 
-            weight = math.exp(decay.rate * (ev.ts - decay.landmark))  # g(t), as ForwardDecay
+            weight = decay.weight(ev.ts)
             window = s.windows[user]
             for other in window:
                 if other != item:
                     out.pairs[item][other] += weight
                     out.pairs[other][item] += weight
-                    result.pairs += 1
             if item in window:
                 window.remove(item)
             window.insert(0, item)

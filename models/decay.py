@@ -43,9 +43,9 @@ class ForwardDecay:
         self.rate = rate
         self.landmark = landmark
 
-    def weight(self, ts: float | np.ndarray) -> np.ndarray:
-        r""":math:`g(t) = e^{\lambda (t - L)}`."""
-        return np.exp(self.rate * (np.asarray(ts, dtype=np.float64) - self.landmark))
+    def weight(self, ts: float) -> float:
+        r""":math:`g(t) = e^{\lambda (t - L)}`; scalar, as it is taken once per event."""
+        return math.exp(self.rate * (ts - self.landmark))
 
     def decayed(self, stored: float | np.ndarray, now: float) -> np.ndarray:
         """A stored forward-decayed sum, expressed as a backward-decayed value at ``now``."""

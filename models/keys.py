@@ -99,7 +99,3 @@ class Keys:
     @property
     def worker_stats(self) -> str:
         return f"{self.prefix}:stats:worker"
-
-    def pattern(self) -> str:
-        """Glob for every key of this prefix (cleanup, inspection)."""
-        return f"{self.prefix}:*"

@@ -60,7 +60,6 @@ BusinessRule = Callable[[str, list[str]], Awaitable[np.ndarray]]
 class Candidate:
     item_id: str
     channels: list[str] = field(default_factory=list)
-    cf_score: float = 0.0
     because: str | None = None
     score: float = 0.0
 
@@ -124,7 +123,6 @@ class Funnel:
         self.max_staleness_s = max_staleness_s
         self.scorer = LinearScorer(None, config.min_clicks)
         self.unavailable: set[str] = set()
-        self._scorer_loaded = 0.0
 
     async def refresh(self) -> None:
         """Catch up with Redis now: item matrix and statistics, unavailable items, ranker."""
@@ -133,26 +131,16 @@ class Funnel:
         raw = await self.redis.get(self.keys.click_model_weights)
         weights = None if raw is None else json.loads(raw)
         self.scorer = LinearScorer(weights, self.config.min_clicks)
-        self._scorer_loaded = time.time()
 
     async def recommend(
         self, user_id: str, k: int, config: FunnelConfig | None = None
     ) -> list[Candidate]:
         return (await self.serve(user_id, k, config)).items
 
-    async def recommend_with_state(
-        self, user_id: str, k: int, config: FunnelConfig | None = None
-    ) -> tuple[list[Candidate], float | None]:
-        """The ranked list, and the time of the newest event it reflects (None: none yet)."""
-        served = await self.serve(user_id, k, config)
-        return served.items, served.latest_event_ts
-
     async def serve(self, user_id: str, k: int, config: FunnelConfig | None = None) -> Served:
         cfg = config or self.config
-        if self.index.staleness_s > self.max_staleness_s or (
-            time.time() - self._scorer_loaded > 5 * self.max_staleness_s
-        ):
-            await self.refresh()
+        if self.index.staleness_s > self.max_staleness_s:
+            await self.refresh()  # also reloads the ranker's weights and unavailable items
         clock = _Clock()
         recall = await self._recall(user_id, k, cfg)
         clock.lap("recall")
@@ -233,7 +221,7 @@ class Funnel:
     def _features(self, recall: _Recall) -> tuple[np.ndarray, np.ndarray]:
         """One row per candidate, columns as `models.click_model.FEATURES`; and their factors."""
         items = recall.order
-        vectors, stats, _ = self.index.lookup(items)
+        vectors, stats = self.index.lookup(items)
         occ, pop, first = stats[:, 0], stats[:, 1], stats[:, 2]
         x = np.zeros((len(items), len(FEATURES)))
         col = FEATURE_COLUMNS
@@ -248,9 +236,7 @@ class Funnel:
             raw = recall.cf_raw.get(item)
             if raw is not None:
                 because = recall.candidates[item].because
-                cf = raw / (seed_norm.get(because, 1.0) * math.sqrt(occ[n] or 1.0))
-                recall.candidates[item].cf_score = cf
-                x[n, col["cf"]] = cf
+                x[n, col["cf"]] = raw / (seed_norm.get(because, 1.0) * math.sqrt(occ[n] or 1.0))
             for channel in recall.candidates[item].channels:
                 x[n, col[f"channel_{channel}"]] = 1.0
         newest = recall.latest or float(first.max(initial=0.0))
@@ -285,15 +271,15 @@ class Funnel:
         cold = set(recall.cold)
         pool = [n for n, item in enumerate(items) if allowed[n] and item in cold]
         explore: list[int] = []
-        if "cold" in cfg.channels and pool and cfg.exploration_slots > 0:
+        if pool and cfg.exploration_slots > 0:  # pool is empty without the cold channel
             ucb = ucb_scores(
                 np.array([recall.cold_clicks[items[n]] for n in pool]),
                 np.array([recall.cold_impressions[items[n]] for n in pool]),
                 recall.impressions_total,
                 cfg.ucb_beta,
             )
-            explore = [pool[i] for i in np.argsort(-ucb, kind="stable")[: cfg.exploration_slots]]
-            explore = explore[:k]
+            best = np.argsort(-ucb, kind="stable")[: min(cfg.exploration_slots, k)]
+            explore = [pool[i] for i in best]
             for n in explore:
                 recall.candidates[items[n]].channels.insert(0, "explore")
         eligible = [n for n in range(len(items)) if allowed[n] and n not in explore]

@@ -107,20 +107,19 @@ class ItemIndex:
         self.matrix[row] = y
         self.stats[row] = stats
 
-    def lookup(self, items: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Factor rows, statistics rows and a known-mask for ``items`` (zeros where unknown)."""
+    def lookup(self, items: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Factor rows and statistics rows for ``items`` (zeros where unknown)."""
         rows = np.array([self.rows.get(item, -1) for item in items], dtype=np.int64)
         known = rows >= 0
         if not known.any():
             return (
                 np.zeros((len(items), self.factors), np.float32),
                 np.zeros((len(items), 3)),
-                known,
             )
         safe = np.where(known, rows, 0)
         vectors = np.where(known[:, None], self.matrix[safe], 0.0).astype(np.float32)
         stats = np.where(known[:, None], self.stats[safe], 0.0)
-        return vectors, stats, known
+        return vectors, stats
 
     def scores(self, y_user: np.ndarray) -> np.ndarray:
         """``y_i . y_u`` for every item, in row order."""

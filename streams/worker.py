@@ -118,8 +118,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 message = record.message
                 events, errors = validator.parse_message(message.value)
                 valid.extend(events)
-                origin = (f"{message.topic}/{message.partition}", message.offset)
-                origins.extend([origin] * len(events))
+                origins.extend([_origin(message)] * len(events))
                 arrived.append(_seconds(message.timestamp))
                 for error in errors:
                     await dead_letter(message, error.reason)
@@ -163,8 +162,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 ts = _seconds(message.timestamp) or time.time()
                 shown.extend(items)
                 events.extend(Event("impression", s.user_id, s.item_id, ts) for s in items)
-                origin = (f"{message.topic}/{message.partition}", message.offset)
-                origins.extend([origin] * len(items))
+                origins.extend([_origin(message)] * len(items))
             if not events:
                 continue
             result = await _apply_until_done(updater, events, origins)
@@ -188,7 +186,6 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                     "worker metrics not served on %s: %s", settings.worker_metrics_port, exc
                 )
 
-    app.freshrec_learn = learn  # type: ignore[attr-defined]
     return app
 
 
@@ -197,7 +194,7 @@ async def _apply_until_done(
 ) -> Any:
     """Apply a batch, waiting out a Redis outage; the batch is never dropped.
 
-    A retry after a failure at EXEC time is safe: the watermarks skip whatever did land.
+    A retry is safe: the offset watermarks skip whatever did land.
     """
     delay = 0.1
     while True:
@@ -210,6 +207,11 @@ async def _apply_until_done(
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def _origin(message: Any) -> tuple[str, int]:
+    """(partition label, offset): what the batch updater's watermarks are kept by."""
+    return f"{message.topic}/{message.partition}", message.offset
 
 
 def _seconds(timestamp: float | None) -> float:
