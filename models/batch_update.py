@@ -357,7 +357,9 @@ class BatchUpdater:
 
     @staticmethod
     def _changed_items(w: _Writes) -> list[str]:
-        return [name[2:] for name in w.deltas if name.startswith("i:")]
+        """Items whose vector or neighbour list the batch changes: what readers must refetch."""
+        vectors = (name[2:] for name in w.deltas if name.startswith("i:"))
+        return list(dict.fromkeys([*vectors, *w.pairs]))
 
     async def _write_script(
         self, w: _Writes, watermarks: list[tuple[str, int, int]], applied: int

@@ -130,6 +130,26 @@ return due
 """
 
 
+# KEYS: neighbour sorted sets.  ARGV[1]: how many of each, strongest first.  Returns, per key,
+# the members joined by newlines (ids are printable, so never contain one) and their weights as
+# packed little-endian doubles: two strings to parse per item instead of two per neighbour.
+NEIGHBOUR_LISTS = """
+local n = tonumber(ARGV[1])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local pairs = redis.call('ZREVRANGE', key, 0, n - 1, 'WITHSCORES')
+  local names, weights = {}, {}
+  for j = 1, #pairs, 2 do
+    names[#names + 1] = pairs[j]
+    weights[#weights + 1] = tonumber(pairs[j + 1])
+  end
+  local packed = struct.pack('<' .. string.rep('d', #weights), unpack(weights))
+  out[i] = {table.concat(names, '\\n'), packed}
+end
+return out
+"""
+
+
 class ServerScripts:
     """The scripts registered on one client; works in pipelines (redis-py loads them first)."""
 
@@ -139,3 +159,4 @@ class ServerScripts:
         self.read_batch = client.register_script(READ_BATCH)
         self.apply_batch = client.register_script(APPLY_BATCH)
         self.pop_due = client.register_script(POP_DUE)
+        self.neighbour_lists = client.register_script(NEIGHBOUR_LISTS)

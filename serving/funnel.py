@@ -1,9 +1,10 @@
 """The reader's funnel over the fresh Redis state: recall → coarse rank → fine rank → rerank.
 
 - **Recall** merges channels, each candidate keeping the channels that found it: item-CF
-  neighbours of the user's recent items (cosine of decayed co-occurrence), MF top-K over every
-  item (``y_u·y_i`` against the in-memory `ItemIndex`), trending (decayed popularity), and a
-  cold pool of new items that have had few impressions. An unknown user gets trending and cold.
+  neighbours of the user's recent items (summed cosine of decayed co-occurrence), MF top-K
+  over every item (``y_u·y_i`` against the in-memory `ItemIndex`), trending (decayed
+  popularity), and a cold pool of new items that have had few impressions. An unknown user
+  gets trending and cold.
 - **Coarse rank** keeps the best few hundred by a fixed blend of those scores.
 - **Fine rank** scores them with the click model learned online from impressions and clicks
   (`models.click_model`), or the fixed blend until it has enough clicks.
@@ -11,7 +12,9 @@
   business rules drop, applies their boosts, diversifies by MMR and fills the exploration slots
   with cold items chosen by UCB on their impressions and clicks.
 
-Three pipelined round trips per request whatever the number of candidates.
+One round trip to Redis per request (the user's history and vector) whatever the number of
+candidates: the item side is an in-memory snapshot, refreshed in the background, and every stage
+works on arrays of index rows; strings and objects are made only for the k items served.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from models.click_model import FEATURES, FIXED_BLEND, LinearScorer
 from models.diversity import mmr
 from models.keys import Keys
 from models.mf import implicit_part, predict_rating, rating_part, vector_width
+from models.top_k import top_n
 from models.ucb import ucb_scores
 from models.vectors import decode_vector
 from serving.funnel_config import CHANNELS, FunnelConfig
@@ -43,6 +47,17 @@ STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05),
 )
+_STAGES: dict[str, Histogram] = {}
+
+
+def _stage_histogram(stage: str) -> Histogram:
+    """The stage's child, looked up once: ``labels()`` costs more than ``observe()``."""
+    child = _STAGES.get(stage)
+    if child is None:
+        child = _STAGES[stage] = STAGE_SECONDS.labels(stage)
+    return child
+
+
 EXPLANATIONS = {
     "cf": "because you interacted with {because}",
     "mf": "picked for your taste",
@@ -52,6 +67,10 @@ EXPLANATIONS = {
 }
 FEATURE_COLUMNS = {name: n for n, name in enumerate(FEATURES)}
 BLEND = np.array([FIXED_BLEND.get(name, 0.0) for name in FEATURES])
+CF, MF, TRENDING, COLD = 1, 2, 4, 8
+CHANNEL_BITS = {"cf": CF, "mf": MF, "trending": TRENDING, "cold": COLD}  # explanation order
+NEIGHBOURS_KEPT = 50  # per item in memory; a variant's recall_per_seed may ask up to this
+POOL_SIZE = 200  # trending and newest items kept per refresh; variants recall from these
 BusinessRule = Callable[[str, list[str]], Awaitable[np.ndarray]]
 """``rule(user_id, items)`` -> a multiplier per item: 0 drops it, 1 keeps it, more boosts it."""
 
@@ -97,10 +116,15 @@ class UnknownItem(LookupError):
 class Funnel:
     """Serves recommendations, similar items and rating predictions from Redis.
 
+    Per request the funnel reads only the user's state from Redis (history and vector, one
+    round trip); the item side (factors, statistics, neighbours, trending and cold pools,
+    unavailable items, the ranker's weights) is the in-memory snapshot that ``refresh`` keeps
+    caught up, at most ``max_staleness_s`` old.
+
     Parameters
     ----------
     index
-        The in-memory item matrix; refreshed here whenever it is older than ``max_staleness_s``
+        The in-memory item state; refreshed here whenever it is older than ``max_staleness_s``
         (a reader also refreshes it in the background).
     rules
         Business rules applied in rerank, in order.
@@ -118,19 +142,50 @@ class Funnel:
         self.redis = redis
         self.keys = keys
         self.config = config
-        self.index = index or ItemIndex(redis, keys, config.factors)
+        self.index = index or ItemIndex(
+            redis, keys, config.factors, max(NEIGHBOURS_KEPT, config.recall_per_seed)
+        )
         self.rules = list(rules)
         self.max_staleness_s = max_staleness_s
         self.scorer = LinearScorer(None, config.min_clicks)
-        self.unavailable: set[str] = set()
+        self.pools = _Pools()
 
     async def refresh(self) -> None:
-        """Catch up with Redis now: item matrix and statistics, unavailable items, ranker."""
+        """Catch up with Redis now: item state, trending and cold pools, unavailable, ranker."""
         await self.index.refresh()
-        self.unavailable = {m.decode() for m in await self.redis.smembers(self.keys.unavailable)}
-        raw = await self.redis.get(self.keys.click_model_weights)
-        weights = None if raw is None else json.loads(raw)
-        self.scorer = LinearScorer(weights, self.config.min_clicks)
+        keys, cfg = self.keys, self.config
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.smembers(keys.unavailable)
+        pipe.get(keys.click_model_weights)
+        pipe.zrevrange(keys.popularity, 0, max(POOL_SIZE, cfg.recall_popular) - 1)
+        pipe.zrevrange(keys.item_first_seen, 0, max(POOL_SIZE, 2 * cfg.recall_cold) - 1)
+        pipe.get(keys.impressions_total)
+        unavailable, raw_weights, popular, newest, total = await pipe.execute()
+        newest_ids = [m.decode() for m in newest]
+        shown: list[float | None] = []
+        clicked: list[float | None] = []
+        if newest_ids:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zmscore(keys.impressions, newest_ids)
+            pipe.zmscore(keys.clicks, newest_ids)
+            shown, clicked = await pipe.execute()
+        index = self.index
+        trending = index.row_of([m.decode() for m in popular])
+        cold = index.row_of(newest_ids)
+        known = cold >= 0
+        blocked = np.zeros(len(index), dtype=bool)
+        rows = index.row_of([m.decode() for m in unavailable])
+        blocked[rows[rows >= 0]] = True
+        self.pools = _Pools(
+            trending=trending[trending >= 0],
+            cold=cold[known],
+            cold_impressions=np.array([c or 0.0 for c in shown], dtype=float)[known],
+            cold_clicks=np.array([c or 0.0 for c in clicked], dtype=float)[known],
+            impressions_total=float(total or 0.0),
+            unavailable=blocked,
+        )
+        weights = None if raw_weights is None else json.loads(raw_weights)
+        self.scorer = LinearScorer(weights, cfg.min_clicks)
 
     async def recommend(
         self, user_id: str, k: int, config: FunnelConfig | None = None
@@ -140,156 +195,199 @@ class Funnel:
     async def serve(self, user_id: str, k: int, config: FunnelConfig | None = None) -> Served:
         cfg = config or self.config
         if self.index.staleness_s > self.max_staleness_s:
-            await self.refresh()  # also reloads the ranker's weights and unavailable items
+            await self.refresh()
         clock = _Clock()
-        recall = await self._recall(user_id, k, cfg)
+        user = await self._user(user_id, cfg)
+        clock.lap("user")
+        recall = self._recall(user, k, cfg)
         clock.lap("recall")
-        if not recall.candidates:
-            return Served([], recall.latest, np.zeros((0, len(FEATURES))), clock.laps)
-        features, vectors = self._features(recall)
+        if not len(recall.rows):
+            return Served([], user.latest, np.zeros((0, len(FEATURES))), clock.laps)
+        features = self._features(user, recall)
         clock.lap("features")
-        keep = _top(np.dot(features, BLEND), cfg.coarse_keep)
+        keep = top_n(np.dot(features, BLEND), cfg.coarse_keep)
         clock.lap("coarse")
         fine = self.scorer.scores(features[keep])
         clock.lap("fine")
-        items = [recall.order[i] for i in keep]
-        ranked, rows = await self._rerank(
-            user_id, items, features[keep], vectors[keep], fine, recall, k, cfg
-        )
+        ranked, rows = await self._rerank(user_id, recall, keep, features[keep], fine, k, cfg)
         clock.lap("rerank")
         for stage, ms in clock.laps.items():
-            STAGE_SECONDS.labels(stage).observe(ms / 1000.0)
-        return Served(ranked, recall.latest, rows, clock.laps)
+            _stage_histogram(stage).observe(ms / 1000.0)
+        return Served(ranked, user.latest, rows, clock.laps)
 
     # --- recall --------------------------------------------------------------------------------
-    async def _recall(self, user_id: str, k: int, cfg: FunnelConfig) -> _Recall:
+    async def _user(self, user_id: str, cfg: FunnelConfig) -> _User:
         keys = self.keys
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zrevrange(keys.history(user_id), 0, cfg.history_cap - 1, withscores=True)
+        pipe.zrevrange(keys.history(user_id), 0, cfg.history_cap - 1)
+        pipe.zrevrange(keys.history(user_id), 0, 0, withscores=True)
         pipe.get(keys.user_vector(user_id))
-        pipe.zrevrange(keys.popularity, 0, cfg.recall_popular + k - 1)
-        pipe.zrevrange(keys.item_first_seen, 0, 2 * cfg.recall_cold - 1)
-        history, user_blob, popular, newest = await pipe.execute()
-        recall = _Recall(latest=history[0][1] if history else None)
-        recall.seen = {m.decode() for m, _ in history}
-        recall.activity = len(history)
-        seeds = [m.decode() for m, _ in history[: cfg.history_window]]
-        newest_unseen = [i for i in (m.decode() for m in newest) if i not in recall.seen]
+        history, latest, blob = await pipe.execute()
+        rows = self.index.row_of([m.decode() for m in history])
+        y_user = None
+        if blob is not None and len(blob) == 4 * vector_width(cfg.factors):
+            y_user = implicit_part(decode_vector(blob), cfg.factors)
+        return _User(
+            latest=latest[0][1] if latest else None,
+            seeds=rows[: cfg.history_window][rows[: cfg.history_window] >= 0],
+            seen=rows[rows >= 0],
+            activity=len(history),
+            y=y_user,
+        )
 
-        pipe = self.redis.pipeline(transaction=False)
-        use_cf = "cf" in cfg.channels and seeds
-        if use_cf:
-            for seed in seeds:
-                pipe.zrevrange(keys.neighbours(seed), 0, cfg.recall_per_seed - 1, withscores=True)
-        use_cold = "cold" in cfg.channels and newest_unseen
-        if use_cold:
-            pipe.zmscore(keys.impressions, newest_unseen)
-            pipe.zmscore(keys.clicks, newest_unseen)
-            pipe.get(keys.impressions_total)
-        replies = await pipe.execute() if (use_cf or use_cold) else []
-
-        if use_cf:
-            for seed, row in zip(seeds, replies[: len(seeds)], strict=True):
-                for member, weight in row:
-                    item = member.decode()
-                    if item not in recall.seen:
-                        recall.add(item, "cf", because=seed)
-                        recall.cf_raw[item] = recall.cf_raw.get(item, 0.0) + weight
-        width = vector_width(cfg.factors)
-        if user_blob is not None and len(user_blob) == 4 * width:
-            recall.y_user = implicit_part(decode_vector(user_blob), cfg.factors)
+    def _recall(self, user: _User, k: int, cfg: FunnelConfig) -> _Recall:
+        """Every channel's candidates as index rows, merged; each keeps its channels."""
+        index, pools = self.index, self.pools
+        seen = np.zeros(len(index), dtype=bool)
+        seen[user.seen] = True
+        parts: list[tuple[np.ndarray, int]] = []
+        cf_rows = cf_scores = cf_seeds = np.empty(0, dtype=np.int64)
+        if "cf" in cfg.channels and len(user.seeds):
+            cf_rows, cf_scores, cf_seeds = self._item_cf(user.seeds, seen, cfg.recall_per_seed)
+            parts.append((cf_rows, CF))
+        mf_scores = None
+        if user.y is not None:
+            mf_scores = index.scores(user.y)
             if "mf" in cfg.channels:
-                for item, _ in self.index.top(recall.y_user, cfg.recall_mf, recall.seen):
-                    recall.add(item, "mf")
-        if "trending" in cfg.channels or recall.y_user is None:
-            for member in popular:
-                item = member.decode()
-                if item not in recall.seen:
-                    recall.add(item, "trending")
-        if use_cold:
-            shown, clicked, total = replies[-3:]
-            recall.impressions_total = float(total or 0.0)
-            for item, count, clicks in zip(newest_unseen, shown, clicked, strict=True):
-                if (count or 0.0) < cfg.cold_max_impressions and len(recall.cold) < cfg.recall_cold:
-                    recall.add(item, "cold")
-                    recall.cold.append(item)
-                    recall.cold_impressions[item] = count or 0.0
-                    recall.cold_clicks[item] = clicks or 0.0
-        recall.seeds = seeds
-        return recall
+                masked = np.where(seen, -np.inf, mf_scores)
+                best = top_n(masked, cfg.recall_mf)
+                parts.append((best[masked[best] > -np.inf], MF))
+        if "trending" in cfg.channels or user.y is None:
+            popular = pools.trending[: cfg.recall_popular + k]
+            parts.append((popular[~seen[popular]], TRENDING))
+        cold = np.empty(0, dtype=np.int64)
+        if "cold" in cfg.channels:
+            fresh = (~seen[pools.cold]) & (pools.cold_impressions < cfg.cold_max_impressions)
+            cold = np.flatnonzero(fresh)[: cfg.recall_cold]  # positions in the cold pool
+            parts.append((pools.cold[cold], COLD))
+        if not parts:
+            return _Recall(np.empty(0, dtype=np.int64))
+        found = np.concatenate([rows for rows, _ in parts])
+        bits = np.concatenate([np.full(len(rows), bit, dtype=np.int64) for rows, bit in parts])
+        unique, first, inverse = np.unique(found, return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")  # candidates in the order they were found
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        slot = rank[inverse]
+        channels = np.zeros(len(unique), dtype=np.int64)
+        np.bitwise_or.at(channels, slot, bits)
+        cf = np.zeros(len(unique))
+        because = np.full(len(unique), -1, dtype=np.int64)
+        if len(cf_rows):
+            cf_slots = slot[: len(cf_rows)]
+            cf[cf_slots] = cf_scores
+            because[cf_slots] = cf_seeds
+        return _Recall(
+            rows=unique[order],
+            channels=channels,
+            cf=cf,
+            because=because,
+            mf=None if mf_scores is None else mf_scores[unique[order]],
+            cold=pools.cold[cold],
+            cold_impressions=pools.cold_impressions[cold],
+            cold_clicks=pools.cold_clicks[cold],
+        )
 
-    def _features(self, recall: _Recall) -> tuple[np.ndarray, np.ndarray]:
-        """One row per candidate, columns as `models.click_model.FEATURES`; and their factors."""
-        items = recall.order
-        vectors, stats = self.index.lookup(items)
-        occ, pop, first = stats[:, 0], stats[:, 1], stats[:, 2]
-        x = np.zeros((len(items), len(FEATURES)))
+    def _item_cf(
+        self, seeds: np.ndarray, seen: np.ndarray, per_seed: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        r"""Unseen neighbours of the seeds: rows, summed cosine, the first seed that found each.
+
+        The cosine of decayed co-occurrence, :math:`c_{ij} / \sqrt{o_i o_j}`, is summed over the
+        seeds (item-based CF); seeds come most recent first.
+        """
+        index = self.index
+        neighbours = index.neighbours[seeds, :per_seed].ravel()
+        weights = index.neighbour_weights[seeds, :per_seed].ravel()
+        seed_of = np.repeat(seeds, per_seed)
+        valid = neighbours >= 0
+        valid[valid] = ~seen[neighbours[valid]]
+        neighbours, weights, seed_of = neighbours[valid], weights[valid], seed_of[valid]
+        occurrences = index.stats[:, 0]
+        cosine = weights / np.sqrt(
+            np.maximum(occurrences[seed_of], 1.0) * np.maximum(occurrences[neighbours], 1.0)
+        )
+        rows, first, inverse = np.unique(neighbours, return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        summed = np.bincount(rank[inverse], weights=cosine, minlength=len(rows))
+        return rows[order], summed, seed_of[first[order]]
+
+    def _features(self, user: _User, recall: _Recall) -> np.ndarray:
+        """One row per candidate, columns as `models.click_model.FEATURES`."""
+        rows = recall.rows
+        stats = self.index.stats[rows]
+        pop, first = stats[:, 1], stats[:, 2]
+        x = np.zeros((len(rows), len(FEATURES)))
         col = FEATURE_COLUMNS
         # Forward-decayed sums share one scale; a ratio to the largest makes them comparable.
         x[:, col["log_popularity"]] = np.log1p(1000.0 * pop / max(pop.max(), 1e-300))
-        seed_norm = {
-            seed: math.sqrt(self.index.stats[row, 0] or 1.0)
-            for seed in recall.seeds
-            if (row := self.index.rows.get(seed)) is not None
-        }
-        for n, item in enumerate(items):
-            raw = recall.cf_raw.get(item)
-            if raw is not None:
-                because = recall.candidates[item].because
-                x[n, col["cf"]] = raw / (seed_norm.get(because, 1.0) * math.sqrt(occ[n] or 1.0))
-            for channel in recall.candidates[item].channels:
-                x[n, col[f"channel_{channel}"]] = 1.0
-        newest = recall.latest or float(first.max(initial=0.0))
+        x[:, col["cf"]] = recall.cf
+        for channel, bit in CHANNEL_BITS.items():
+            x[:, col[f"channel_{channel}"]] = (recall.channels & bit) > 0
+        newest = user.latest or float(first.max(initial=0.0))
         age = np.maximum(newest - np.where(first > 0, first, newest), 0.0)
         x[:, col["log_age_h"]] = np.log1p(age / 3600.0)
-        x[:, col["log_user_activity"]] = math.log1p(recall.activity)
-        if recall.y_user is not None:
-            x[:, col["mf"]] = np.dot(vectors, recall.y_user.astype(np.float32))
-        return x, vectors
+        x[:, col["log_user_activity"]] = math.log1p(user.activity)
+        if recall.mf is not None:
+            x[:, col["mf"]] = recall.mf
+        return x
 
     # --- rerank --------------------------------------------------------------------------------
     async def _rerank(
         self,
         user_id: str,
-        items: list[str],
-        features: np.ndarray,
-        vectors: np.ndarray,
-        fine: np.ndarray,
         recall: _Recall,
+        keep: np.ndarray,
+        features: np.ndarray,
+        fine: np.ndarray,
         k: int,
         cfg: FunnelConfig,
     ) -> tuple[list[Candidate], np.ndarray]:
-        multiplier = np.array([0.0 if i in self.unavailable else 1.0 for i in items])
-        for rule in self.rules:
-            multiplier *= await rule(user_id, items)
+        index = self.index
+        rows = recall.rows[keep]
+        unavailable = self.pools.unavailable
+        blocked = rows < len(unavailable)
+        blocked[blocked] = unavailable[rows[blocked]]
+        multiplier = np.where(blocked, 0.0, 1.0)
+        if self.rules:
+            items = [index.ids[r] for r in rows.tolist()]
+            for rule in self.rules:
+                multiplier *= await rule(user_id, items)
         allowed = multiplier > 0
         # Relevance in (0, 1], then boosts: a boost raises an item whatever the sign of scores.
-        ranks = np.empty(len(items))
-        ranks[np.argsort(-fine, kind="stable")] = np.arange(len(items))
-        relevance = (1.0 - ranks / max(len(items), 1)) * np.where(allowed, multiplier, 0.0)
+        ranks = np.empty(len(rows))
+        ranks[np.argsort(-fine, kind="stable")] = np.arange(len(rows))
+        relevance = (1.0 - ranks / max(len(rows), 1)) * np.where(allowed, multiplier, 0.0)
         # Exploration first: the cold items with the best UCB take the reserved slots.
-        cold = set(recall.cold)
-        pool = [n for n, item in enumerate(items) if allowed[n] and item in cold]
-        explore: list[int] = []
-        if pool and cfg.exploration_slots > 0:  # pool is empty without the cold channel
+        explore = np.empty(0, dtype=np.int64)
+        pool = np.flatnonzero(allowed & ((recall.channels[keep] & COLD) > 0))
+        if len(pool) and cfg.exploration_slots > 0:
+            at = {r: n for n, r in enumerate(recall.cold.tolist())}
+            where = np.array([at[r] for r in rows[pool].tolist()], dtype=np.int64)
             ucb = ucb_scores(
-                np.array([recall.cold_clicks[items[n]] for n in pool]),
-                np.array([recall.cold_impressions[items[n]] for n in pool]),
-                recall.impressions_total,
+                recall.cold_clicks[where],
+                recall.cold_impressions[where],
+                self.pools.impressions_total,
                 cfg.ucb_beta,
             )
-            best = np.argsort(-ucb, kind="stable")[: min(cfg.exploration_slots, k)]
-            explore = [pool[i] for i in best]
-            for n in explore:
-                recall.candidates[items[n]].channels.insert(0, "explore")
-        eligible = [n for n in range(len(items)) if allowed[n] and n not in explore]
-        chosen = mmr(relevance[eligible], vectors[eligible], k - len(explore), cfg.diversity)
-        picked = [eligible[c] for c in chosen] + explore
+            explore = pool[np.argsort(-ucb, kind="stable")[: min(cfg.exploration_slots, k)]]
+        eligible = allowed.copy()
+        eligible[explore] = False
+        eligible_at = np.flatnonzero(eligible)
+        vectors = index.matrix[rows[eligible_at]]
+        chosen = mmr(relevance[eligible_at], vectors, k - len(explore), cfg.diversity)
+        picked = [int(eligible_at[c]) for c in chosen] + explore.tolist()
         ranked = []
         for n in picked:
-            cand = recall.candidates[items[n]]
-            cand.score = float(fine[n])
-            ranked.append(cand)
+            at = keep[n]
+            names = [name for name, bit in CHANNEL_BITS.items() if recall.channels[at] & bit]
+            if n in explore:
+                names.insert(0, "explore")
+            seed = int(recall.because[at])
+            because = index.ids[seed] if seed >= 0 else None
+            ranked.append(Candidate(index.ids[rows[n]], names, because, float(fine[n])))
         return ranked, features[picked]
 
     # --- other routes ----------------------------------------------------------------------------
@@ -341,29 +439,38 @@ class Funnel:
 
 
 @dataclass
-class _Recall:
-    latest: float | None
-    candidates: dict[str, Candidate] = field(default_factory=dict)
-    order: list[str] = field(default_factory=list)
-    cf_raw: dict[str, float] = field(default_factory=dict)
-    cold: list[str] = field(default_factory=list)
-    seen: set[str] = field(default_factory=set)
-    seeds: list[str] = field(default_factory=list)
-    cold_impressions: dict[str, float] = field(default_factory=dict)
-    cold_clicks: dict[str, float] = field(default_factory=dict)
-    impressions_total: float = 0.0
-    activity: int = 0
-    y_user: np.ndarray | None = None
+class _User:
+    latest: float | None  # time of the user's latest interaction
+    seeds: np.ndarray  # index rows of the most recent items, newest first
+    seen: np.ndarray  # index rows of every item in the history
+    activity: int
+    y: np.ndarray | None  # preference factors; None for an unknown user
 
-    def add(self, item: str, channel: str, because: str | None = None) -> None:
-        cand = self.candidates.get(item)
-        if cand is None:
-            self.candidates[item] = Candidate(item, [channel], because=because)
-            self.order.append(item)
-        elif channel not in cand.channels:
-            cand.channels.append(channel)
-            if because is not None and cand.because is None:
-                cand.because = because
+
+@dataclass
+class _Recall:
+    """Candidates as index rows, in the order found, with what each channel knows of them."""
+
+    rows: np.ndarray
+    channels: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    cf: np.ndarray = field(default_factory=lambda: np.empty(0))
+    because: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    mf: np.ndarray | None = None
+    cold: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    cold_impressions: np.ndarray = field(default_factory=lambda: np.empty(0))
+    cold_clicks: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+
+@dataclass
+class _Pools:
+    """The per-refresh, user-independent part of recall and rerank."""
+
+    trending: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    cold: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    cold_impressions: np.ndarray = field(default_factory=lambda: np.empty(0))
+    cold_clicks: np.ndarray = field(default_factory=lambda: np.empty(0))
+    impressions_total: float = 0.0
+    unavailable: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
 
 
 class _Clock:
@@ -375,13 +482,6 @@ class _Clock:
         now = time.perf_counter()
         self.laps[stage] = round(1000.0 * (now - self.last), 3)
         self.last = now
-
-
-def _top(scores: np.ndarray, n: int) -> np.ndarray:
-    if len(scores) <= n:
-        return np.argsort(-scores, kind="stable")
-    best = np.argpartition(-scores, n - 1)[:n]
-    return best[np.argsort(-scores[best], kind="stable")]
 
 
 def _mean(raw: list[bytes | None]) -> float:

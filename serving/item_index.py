@@ -1,10 +1,12 @@
-"""The reader's in-memory item-factor matrix, kept fresh from Redis incrementally.
+"""The reader's in-memory copy of the item state, kept fresh from Redis incrementally.
 
-MF recall scores *every* item against the user's preference vector, which is one matrix-vector
-product in memory but would be thousands of reads from Redis. Workers stamp each item whose
-vector changed in a sorted set (item -> time of change); the index loads everything once, then
-every ``refresh`` fetches only the items stamped since the last one. Staleness is bounded by the
-refresh interval plus one fetch: a served MF score is never older than that.
+MF recall scores *every* item against the user's preference vector, and CF recall reads the
+neighbour lists of the user's recent items: in memory, one matrix-vector product and one
+gather; from Redis, thousands of reads and the parsing of hundreds of replies per request.
+Workers stamp each item whose vector or neighbour list changed in a sorted set (item -> time of
+change, on the Redis server's clock); the index loads everything once, then every ``refresh``
+fetches only the items stamped since the last one. Staleness is bounded by the refresh interval
+plus one fetch: served MF scores and CF neighbours are never older than that.
 """
 
 from __future__ import annotations
@@ -17,40 +19,50 @@ from redis.asyncio import Redis
 
 from models.keys import Keys
 from models.mf import vector_width
+from models.server_scripts import ServerScripts
+from models.top_k import top_n
 from models.vectors import VECTOR_DTYPE
 
 log = logging.getLogger(__name__)
 
-FETCH_CHUNK = 2000
+FETCH_CHUNK = 500  # items per round trip: each chunk's parsing holds the event loop briefly
 FULL_RELOAD_S = 300.0
+STATS = ("occurrences", "popularity", "first_seen")
 
 
 class ItemIndex:
-    """Implicit-preference factors ``y_i`` and statistics of all known items, one row each.
+    """Factors ``y_i``, statistics and CF neighbours of all known items, one row each.
 
-    Next to each factor row the index keeps the item's decayed occurrence count and
-    popularity and its first-seen time, refreshed with the vector (an item's statistics change
-    only when it is interacted with, which also changes its vector), so ranking features cost
-    no Redis reads per request. A rebase of the decay landmark reloads everything.
+    Next to each factor row the index keeps the item's decayed occurrence count and popularity,
+    its first-seen time and its strongest co-occurring items (as rows, with their weights). All
+    of them change only when the item's vector or neighbour list does, which is what workers
+    stamp, so ranking features and CF recall cost no Redis reads per request. A rebase of the
+    decay landmark reloads everything.
 
     Parameters
     ----------
     redis
-        Where the vectors live.
+        Where the state lives.
     keys
         The key layout.
     factors
         k: the stored vectors are ``[b, p_1..p_k, y_1..y_k]``; the index keeps ``y``.
+    neighbours
+        How many of each item's strongest neighbours to keep.
     """
 
-    def __init__(self, redis: Redis, keys: Keys, factors: int) -> None:
+    def __init__(self, redis: Redis, keys: Keys, factors: int, neighbours: int = 50) -> None:
         self.redis = redis
         self.keys = keys
+        self.scripts = ServerScripts(redis)
         self.factors = factors
+        self.width = neighbours
         self.ids: list[str] = []
         self.rows: dict[str, int] = {}
         self.matrix = np.zeros((0, factors), dtype=np.float32)
-        self.stats = np.zeros((0, 3))  # occurrences, popularity, first seen
+        self.stats = np.zeros((0, len(STATS)))
+        self.neighbours = np.full((0, neighbours), -1, dtype=np.int64)  # rows; -1 is none
+        self.neighbour_weights = np.zeros((0, neighbours))
         self.landmark: bytes | None = None
         self.refreshed_at = 0.0  # server-clock stamp of the newest change applied
         self.last_refresh = 0.0  # wall time the last refresh finished
@@ -72,54 +84,70 @@ class ItemIndex:
             return 0
         items = [m.decode() for m, _ in changed]
         newest = max(score for _, score in changed)
-        width = vector_width(self.factors)
+        lists: list[tuple[int, bytes, bytes]] = []
         for start in range(0, len(items), FETCH_CHUNK):
-            chunk = items[start : start + FETCH_CHUNK]
-            pipe = self.redis.pipeline(transaction=False)
-            for item in chunk:
-                pipe.get(self.keys.item_vector(item))
-            pipe.zmscore(self.keys.occurrences, chunk)
-            pipe.zmscore(self.keys.popularity, chunk)
-            pipe.zmscore(self.keys.item_first_seen, chunk)
-            *blobs, occ, pop, first = await pipe.execute()
-            for n, (item, blob) in enumerate(zip(chunk, blobs, strict=True)):
-                if blob is not None and len(blob) == 4 * width:
-                    y = np.frombuffer(blob, dtype=VECTOR_DTYPE)[self.factors + 1 :]
-                    self._put(item, y, (occ[n] or 0.0, pop[n] or 0.0, first[n] or 0.0))
+            lists += await self._fetch(items[start : start + FETCH_CHUNK])
+        # Neighbours last: a neighbour first seen in this refresh has its row by now.
+        for row, names, weights in lists:
+            found = self.row_of(names.decode().split("\n")) if names else np.empty(0, np.int64)
+            known = found >= 0
+            count = int(known.sum())
+            self.neighbours[row] = -1
+            self.neighbour_weights[row] = 0.0
+            self.neighbours[row, :count] = found[known]
+            self.neighbour_weights[row, :count] = np.frombuffer(weights, "<f8")[known]
         self.refreshed_at = newest
         self.last_refresh = time.time()
         return len(items)
 
-    def _put(self, item: str, y: np.ndarray, stats: tuple[float, float, float]) -> None:
+    async def _fetch(self, chunk: list[str]) -> list[tuple[int, bytes, bytes]]:
+        """Loads the vectors and statistics of ``chunk``; returns their packed neighbour lists."""
+        keys = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.mget([keys.item_vector(item) for item in chunk])
+        await self.scripts.neighbour_lists(
+            keys=[keys.neighbours(item) for item in chunk], args=[self.width], client=pipe
+        )
+        pipe.zmscore(keys.occurrences, chunk)
+        pipe.zmscore(keys.popularity, chunk)
+        pipe.zmscore(keys.item_first_seen, chunk)
+        blobs, neighbours, occ, pop, first = await pipe.execute()
+        size = 4 * vector_width(self.factors)
+        lists = []
+        for n, (item, blob) in enumerate(zip(chunk, blobs, strict=True)):
+            if blob is not None and len(blob) == size:
+                y = np.frombuffer(blob, dtype=VECTOR_DTYPE)[self.factors + 1 :]
+                row = self._put(item, y, (occ[n] or 0.0, pop[n] or 0.0, first[n] or 0.0))
+                lists.append((row, *neighbours[n]))
+        return lists
+
+    def _put(self, item: str, y: np.ndarray, stats: tuple[float, float, float]) -> int:
         row = self.rows.get(item)
         if row is None:
             row = len(self.ids)
             if row == len(self.matrix):
-                size = max(1024, 2 * len(self.matrix))
-                grown = np.zeros((size, self.factors), np.float32)
-                grown[:row] = self.matrix[:row]
-                self.matrix = grown
-                grown_stats = np.zeros((size, 3))
-                grown_stats[:row] = self.stats[:row]
-                self.stats = grown_stats
+                self._grow(max(1024, 2 * len(self.matrix)))
             self.rows[item] = row
             self.ids.append(item)
         self.matrix[row] = y
         self.stats[row] = stats
+        return row
 
-    def lookup(self, items: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Factor rows and statistics rows for ``items`` (zeros where unknown)."""
-        rows = np.array([self.rows.get(item, -1) for item in items], dtype=np.int64)
-        known = rows >= 0
-        if not known.any():
-            return (
-                np.zeros((len(items), self.factors), np.float32),
-                np.zeros((len(items), 3)),
-            )
-        safe = np.where(known, rows, 0)
-        vectors = np.where(known[:, None], self.matrix[safe], 0.0).astype(np.float32)
-        stats = np.where(known[:, None], self.stats[safe], 0.0)
-        return vectors, stats
+    def _grow(self, size: int) -> None:
+        def grown(old: np.ndarray, fill: float) -> np.ndarray:
+            new = np.full((size, *old.shape[1:]), fill, dtype=old.dtype)
+            new[: len(old)] = old
+            return new
+
+        self.matrix = grown(self.matrix, 0.0)
+        self.stats = grown(self.stats, 0.0)
+        self.neighbours = grown(self.neighbours, -1)
+        self.neighbour_weights = grown(self.neighbour_weights, 0.0)
+
+    def row_of(self, items: list[str]) -> np.ndarray:
+        """Rows of ``items``; -1 where the index does not know the item (yet)."""
+        get = self.rows.get
+        return np.fromiter((get(item, -1) for item in items), dtype=np.int64, count=len(items))
 
     def scores(self, y_user: np.ndarray) -> np.ndarray:
         """``y_i . y_u`` for every item, in row order."""
@@ -128,21 +156,13 @@ class ItemIndex:
 
     def top(self, y_user: np.ndarray, n: int, exclude: set[str]) -> list[tuple[str, float]]:
         """The ``n`` best items by preference score, skipping ``exclude``."""
-        count = len(self.ids)
-        if count == 0 or n <= 0:
+        if not self.ids or n <= 0:
             return []
         scores = self.scores(y_user)
-        want = min(count, n + len(exclude))
-        best = np.argpartition(-scores, want - 1)[:want] if want < count else np.arange(count)
-        best = best[np.argsort(-scores[best], kind="stable")]
-        out = []
-        for row in best.tolist():
-            item = self.ids[row]
-            if item not in exclude:
-                out.append((item, float(scores[row])))
-                if len(out) == n:
-                    break
-        return out
+        excluded = self.row_of(list(exclude))
+        scores[excluded[excluded >= 0]] = -np.inf
+        best = top_n(scores, n)
+        return [(self.ids[r], float(scores[r])) for r in best.tolist() if scores[r] > -np.inf]
 
     @property
     def staleness_s(self) -> float:

@@ -85,15 +85,17 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
     keys = Keys(settings.key_prefix)
     state: dict[str, Any] = {}
 
+    first_use = asyncio.Lock()  # both agents start at once; one of them builds the state
+
     async def ready() -> tuple[BatchUpdater, FeedbackLearner]:
-        if "updater" not in state:
-            client = Redis.from_url(redis_url, socket_timeout=5, health_check_interval=10)
-            state["updater"] = BatchUpdater(
-                client, keys, settings.model_config(), atomic=settings.atomic_batches
-            )
-            state["feedback"] = await FeedbackLearner.load(
-                client, keys, settings.attribution_window_s
-            )
+        async with first_use:
+            if not state:
+                client = Redis.from_url(redis_url, socket_timeout=5, health_check_interval=10)
+                feedback = await FeedbackLearner.load(client, keys, settings.attribution_window_s)
+                state["updater"] = BatchUpdater(
+                    client, keys, settings.model_config(), atomic=settings.atomic_batches
+                )
+                state["feedback"] = feedback
         return state["updater"], state["feedback"]
 
     async def dead_letter(message: Any, reason: str) -> None:

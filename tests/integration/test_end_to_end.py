@@ -43,10 +43,16 @@ def test_new_events_change_served_and_published_recommendations(
     )
     published = TopicReader(settings.kafka_bootstrap, settings.recommendations_topic)
     try:
-        status, before = http_json(f"{reader}/recommendations/alice?k=50")
-        assert status == 200
-        # An unknown user gets the popular head; "anchor" is the most popular item.
-        assert "anchor" in [i["item_id"] for i in before["items"]]
+
+        def popular_head() -> list[str] | None:
+            # An unknown user gets the popular head; "anchor" is the most popular item, once
+            # the reader's in-memory snapshot has caught up (it refreshes every 0.5 s).
+            status, body = http_json(f"{reader}/recommendations/alice?k=50")
+            assert status == 200
+            items = [i["item_id"] for i in body["items"]]
+            return items if "anchor" in items else None
+
+        wait_until(popular_head, 30, "the unknown user's list to show the popular head")
 
         # alice has seen "seen-1"; now she interacts with "anchor".
         with EventProducer(settings.kafka_bootstrap, settings.events_topic) as producer:

@@ -31,8 +31,15 @@ def test_impression_and_click_counts_match_what_was_served_and_clicked(
         30,
         "the catalogue to be learned",
     )
+    served: Counter[str] = Counter()  # every item any request showed, waiting included
+    catalogue = len({e["item_id"] for e in events})
 
-    served: Counter[str] = Counter()
+    def snapshot_holds_catalogue() -> bool:
+        body = http_json(f"{reader}/recommendations/c1?k=5&debug=1")[1]
+        served.update(i["item_id"] for i in body["items"])
+        return body["debug"]["index_items"] == catalogue
+
+    wait_until(snapshot_holds_catalogue, 30, "the reader's snapshot to hold the catalogue")
     shown_to: dict[str, list[str]] = {}
     for user in ("c1", "c2", "newcomer"):
         for _ in range(3):

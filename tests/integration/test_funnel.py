@@ -114,9 +114,11 @@ def test_a_cold_item_is_explored_then_loses_exposure_without_clicks(settings: Se
         # Show "fresh-a" many times without a click, as the impression log would.
         await updater.apply([Event("impression", "u5", "fresh-a", TS + 6000)] * 40)
         await updater.apply([Event("impression", "u6", "fresh-b", TS + 6000)] * 5)
+        await funnel.refresh()  # as the reader does every interval
         assert await explored("u7") == ["fresh-b"]
         # Past the cold limit it leaves the cold pool altogether.
         await updater.apply([Event("impression", "u5", "fresh-a", TS + 6001)] * 30)
+        await funnel.refresh()
         assert "fresh-a" not in await explored("u8")
         await redis.aclose()
 
@@ -130,6 +132,7 @@ def test_a_cold_item_that_gets_clicks_keeps_its_exposure(settings: Settings) -> 
         await updater.apply([Event("impression", f"v{n}", "fresh-a", TS + 6000) for n in range(30)])
         await updater.apply([Event("impression", f"v{n}", "fresh-b", TS + 6000) for n in range(30)])
         await updater.apply([Event("click", f"v{n}", "fresh-a", TS + 6001) for n in range(12)])
+        await funnel.refresh()
         for user in ("u2", "u9", "u11"):
             served = await funnel.recommend(user, 10)
             explored = [c.item_id for c in served if c.channels[0] == "explore"]

@@ -37,12 +37,24 @@ def test_the_index_loads_all_items_then_fetches_only_changed_ones(settings: Sett
         )
         changed = await index.refresh()
         assert len(index) == 51
-        # The two items of the batch, plus the sampled negatives it also moved.
-        assert 2 <= changed <= 2 + 2 * cfg.implicit_negatives
+        # The two items of the batch, the sampled negatives it also moved and the items whose
+        # neighbour lists it changed (the recent items of u1 and u2); not the whole catalogue.
+        window = cfg.history_window
+        assert 2 <= changed <= 2 + 2 * cfg.implicit_negatives + 2 * window < 50
         for item in ("i3", "new", "i40"):
             stored = decode_vector(await redis.get(keys.item_vector(item)))
             row = index.matrix[index.rows[item]]
             np.testing.assert_allclose(row, implicit_part(stored, cfg.factors), rtol=1e-6)
+
+        for item in ("i3", "new", "i1"):  # u1's click on i3 paired it with i1, among others
+            stored = await redis.zrevrange(keys.neighbours(item), 0, index.width - 1, True)
+            row = index.rows[item]
+            held = [
+                (index.ids[r], w)
+                for r, w in zip(index.neighbours[row], index.neighbour_weights[row], strict=True)
+                if r >= 0
+            ]
+            assert held == [(m.decode(), w) for m, w in stored] and held
 
         user = implicit_part(decode_vector(await redis.get(keys.user_vector("u1"))), cfg.factors)
         best = index.top(user, 5, exclude={"i3"})
