@@ -433,7 +433,7 @@ class BatchUpdater:
         if w.history:
             pipe.zadd(keys.dirty_users, dict.fromkeys(w.history, time.time()), nx=True)
         if changed := self._changed_items(w):
-            pipe.zadd(keys.updated_items, dict.fromkeys(changed, time.time()))
+            await self.scripts.stamp_now(keys=[keys.updated_items], args=changed, client=pipe)
         pipe.hincrby(keys.worker_stats, "events", applied)
         pipe.hset(keys.worker_stats, "applied_at", repr(time.time()))
         for key, _, offset in watermarks:  # last: a batch cut short is redelivered whole

@@ -38,18 +38,18 @@ def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, diversity: float) ->
     rel = np.where(finite, (rel - lo) / (hi - lo) if hi > lo else 1.0, 0.0)
     if diversity <= 0.0:
         return np.argsort(-rel, kind="stable")[:k].tolist()
-    norms = np.linalg.norm(vectors, axis=1)
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
     unit = vectors / np.where(norms > 0, norms, 1.0)[:, None]
-    closest = np.full(n, -np.inf)  # max similarity to anything picked so far
-    available = np.ones(n, dtype=bool)
-    picked: list[int] = []
-    for _ in range(k):
-        penalty = np.where(np.isfinite(closest), closest, 0.0)
-        gain = np.where(available, (1.0 - diversity) * rel - diversity * penalty, -np.inf)
+    base = (1.0 - diversity) * rel
+    best = int(np.argmax(base))
+    picked = [best]
+    closest = np.dot(unit, unit[best])  # max similarity to anything picked so far
+    for _ in range(k - 1):
+        gain = base - diversity * closest
+        gain[picked] = -np.inf
         best = int(np.argmax(gain))
         picked.append(best)
-        available[best] = False
-        closest = np.maximum(closest, unit @ unit[best])
+        closest = np.maximum(closest, np.dot(unit, unit[best]))
     return picked
 
 

@@ -3,9 +3,11 @@
 Two workers may update the same hot item at the same moment; applying *deltas* on the server
 (never read-modify-write from Python) makes concurrent updates commute, so none is lost.
 
-Two families: single-key scripts (``ADD_VECTOR``, ``ZINCRBY_MANY``) that run unchanged on Redis
-Cluster, and whole-batch scripts (``READ_BATCH``, ``APPLY_BATCH``) for a single Redis, where one
-command per batch replaces thousands and makes the batch and its offset watermarks atomic.
+Two families: single-key scripts (``ADD_VECTOR``, ``ZINCRBY_MANY``, ``STAMP_NOW``) that run
+unchanged on Redis Cluster, and whole-batch scripts (``READ_BATCH``, ``APPLY_BATCH``) for a
+single Redis, where one command per batch replaces thousands and makes the batch and its offset
+watermarks atomic. The reader's ``NEIGHBOUR_LISTS`` and ``USER_STATE`` pack many replies into
+few strings.
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 return (#ARGV - 2) / 2
 """
 
+# KEYS[1]: sorted set.  ARGV: members.  Adds them all scored with the Redis server's clock, the
+# one clock every worker shares, so readers can ask for "changed after the last stamp I saw".
+STAMP_NOW = """
+local clock = redis.call('TIME')
+local stamp = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+for i = 1, #ARGV do redis.call('ZADD', KEYS[1], stamp, ARGV[i]) end
+return #ARGV
+"""
 
 # One batch read on a single Redis (not Cluster: it reads many keys). ARGV[1] is JSON:
 # {"landmark": key, "first_ts": str, "mean": key, "vectors": [key..], "histories": [key..],
@@ -149,6 +159,15 @@ end
 return out
 """
 
+# KEYS[1]: a user's history, KEYS[2]: their vector.  ARGV[1]: most items to return.  Returns the
+# history's items newest first joined by newlines, the newest one's time, and the vector (or
+# nil): the reader's whole per-request read, in one command and three strings.
+USER_STATE = """
+local items = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+local latest = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
+return {table.concat(items, '\\n'), latest or '', redis.call('GET', KEYS[2])}
+"""
+
 
 class ServerScripts:
     """The scripts registered on one client; works in pipelines (redis-py loads them first)."""
@@ -156,7 +175,9 @@ class ServerScripts:
     def __init__(self, client: Redis | AsyncRedis) -> None:
         self.add_vector = client.register_script(ADD_VECTOR)
         self.zincrby_many = client.register_script(ZINCRBY_MANY)
+        self.stamp_now = client.register_script(STAMP_NOW)
         self.read_batch = client.register_script(READ_BATCH)
         self.apply_batch = client.register_script(APPLY_BATCH)
         self.pop_due = client.register_script(POP_DUE)
         self.neighbour_lists = client.register_script(NEIGHBOUR_LISTS)
+        self.user_state = client.register_script(USER_STATE)

@@ -14,11 +14,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import uvloop
 from aiohttp import web
 from confluent_kafka import Producer
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from models.keys import Keys
 from serving.funnel import Funnel, FunnelConfig, UnknownItem
@@ -269,7 +270,13 @@ def run_reader(
     publishing: Publishing | None = None,
     variants: Variants | None = None,
 ) -> None:
-    redis = Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    # Requests beyond the pool wait for a connection (up to the timeout) instead of failing.
+    pool = BlockingConnectionPool.from_url(
+        redis_url, max_connections=64, timeout=2, socket_timeout=2, socket_connect_timeout=2
+    )
+    redis = Redis(connection_pool=pool)
     app = create_app(redis, keys, config, max_k, max_id_length, publishing, variants)
     log.info("reader listening on http://%s:%d", host, port)
-    web.run_app(app, host=host, port=port, print=None, access_log=None)
+    web.run_app(
+        app, host=host, port=port, print=None, access_log=None, loop=uvloop.new_event_loop()
+    )

@@ -19,7 +19,9 @@ works on arrays of index rows; strings and objects are made only for the k items
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,11 +35,14 @@ from models.click_model import FEATURES, FIXED_BLEND, LinearScorer
 from models.diversity import mmr
 from models.keys import Keys
 from models.mf import implicit_part, predict_rating, rating_part, vector_width
+from models.server_scripts import ServerScripts
 from models.top_k import top_n
 from models.ucb import ucb_scores
 from models.vectors import decode_vector
 from serving.funnel_config import CHANNELS, FunnelConfig
 from serving.item_index import ItemIndex
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CHANNELS", "Candidate", "Funnel", "FunnelConfig", "Served", "UnknownItem"]
 
@@ -117,15 +122,15 @@ class Funnel:
     """Serves recommendations, similar items and rating predictions from Redis.
 
     Per request the funnel reads only the user's state from Redis (history and vector, one
-    round trip); the item side (factors, statistics, neighbours, trending and cold pools,
+    script call); the item side (factors, statistics, neighbours, trending and cold pools,
     unavailable items, the ranker's weights) is the in-memory snapshot that ``refresh`` keeps
-    caught up, at most ``max_staleness_s`` old.
+    caught up. Past ``max_staleness_s`` a request starts a refresh in the background and is
+    served from the snapshot it has; only the very first request waits for one.
 
     Parameters
     ----------
     index
-        The in-memory item state; refreshed here whenever it is older than ``max_staleness_s``
-        (a reader also refreshes it in the background).
+        The in-memory item state (a reader refreshes it on a timer too).
     rules
         Business rules applied in rerank, in order.
     """
@@ -149,9 +154,20 @@ class Funnel:
         self.max_staleness_s = max_staleness_s
         self.scorer = LinearScorer(None, config.min_clicks)
         self.pools = _Pools()
+        self.scripts = ServerScripts(redis)
+        self._refreshing: asyncio.Future[None] | None = None
 
     async def refresh(self) -> None:
-        """Catch up with Redis now: item state, trending and cold pools, unavailable, ranker."""
+        """Catch up with Redis now: item state, trending and cold pools, unavailable, ranker.
+
+        Single-flight: a call while a refresh runs waits for that one instead of starting
+        another, so a slow refresh never multiplies under load.
+        """
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh())
+        await asyncio.shield(self._refreshing)
+
+    async def _refresh(self) -> None:
         await self.index.refresh()
         keys, cfg = self.keys, self.config
         pipe = self.redis.pipeline(transaction=False)
@@ -187,6 +203,11 @@ class Funnel:
         weights = None if raw_weights is None else json.loads(raw_weights)
         self.scorer = LinearScorer(weights, cfg.min_clicks)
 
+    def _refresh_soon(self) -> None:
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh())
+            self._refreshing.add_done_callback(_log_failure)
+
     async def recommend(
         self, user_id: str, k: int, config: FunnelConfig | None = None
     ) -> list[Candidate]:
@@ -195,7 +216,10 @@ class Funnel:
     async def serve(self, user_id: str, k: int, config: FunnelConfig | None = None) -> Served:
         cfg = config or self.config
         if self.index.staleness_s > self.max_staleness_s:
-            await self.refresh()
+            if self.index.last_refresh:  # serve the snapshot; catch up in the background
+                self._refresh_soon()
+            else:
+                await self.refresh()
         clock = _Clock()
         user = await self._user(user_id, cfg)
         clock.lap("user")
@@ -218,18 +242,18 @@ class Funnel:
     # --- recall --------------------------------------------------------------------------------
     async def _user(self, user_id: str, cfg: FunnelConfig) -> _User:
         keys = self.keys
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zrevrange(keys.history(user_id), 0, cfg.history_cap - 1)
-        pipe.zrevrange(keys.history(user_id), 0, 0, withscores=True)
-        pipe.get(keys.user_vector(user_id))
-        history, latest, blob = await pipe.execute()
-        rows = self.index.row_of([m.decode() for m in history])
+        joined, latest, blob = await self.scripts.user_state(
+            keys=[keys.history(user_id), keys.user_vector(user_id)], args=[cfg.history_cap]
+        )
+        history = joined.decode().split("\n") if joined else []
+        rows = self.index.row_of(history)
         y_user = None
         if blob is not None and len(blob) == 4 * vector_width(cfg.factors):
             y_user = implicit_part(decode_vector(blob), cfg.factors)
+        seeds = rows[: cfg.history_window]
         return _User(
-            latest=latest[0][1] if latest else None,
-            seeds=rows[: cfg.history_window][rows[: cfg.history_window] >= 0],
+            latest=float(latest) if latest else None,
+            seeds=seeds[seeds >= 0],
             seen=rows[rows >= 0],
             activity=len(history),
             y=y_user,
@@ -482,6 +506,11 @@ class _Clock:
         now = time.perf_counter()
         self.laps[stage] = round(1000.0 * (now - self.last), 3)
         self.last = now
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("snapshot refresh failed: %s", task.exception())
 
 
 def _mean(raw: list[bytes | None]) -> float:

@@ -6,7 +6,8 @@ gather; from Redis, thousands of reads and the parsing of hundreds of replies pe
 Workers stamp each item whose vector or neighbour list changed in a sorted set (item -> time of
 change, on the Redis server's clock); the index loads everything once, then every ``refresh``
 fetches only the items stamped since the last one. Staleness is bounded by the refresh interval
-plus one fetch: served MF scores and CF neighbours are never older than that.
+plus one fetch: served MF scores and CF neighbours are never older than that. A rebase of the
+decay landmark reloads everything (every decayed statistic was rescaled).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from models.vectors import VECTOR_DTYPE
 log = logging.getLogger(__name__)
 
 FETCH_CHUNK = 500  # items per round trip: each chunk's parsing holds the event loop briefly
-FULL_RELOAD_S = 300.0
 STATS = ("occurrences", "popularity", "first_seen")
 
 
@@ -36,8 +36,7 @@ class ItemIndex:
     Next to each factor row the index keeps the item's decayed occurrence count and popularity,
     its first-seen time and its strongest co-occurring items (as rows, with their weights). All
     of them change only when the item's vector or neighbour list does, which is what workers
-    stamp, so ranking features and CF recall cost no Redis reads per request. A rebase of the
-    decay landmark reloads everything.
+    stamp, so ranking features and CF recall cost no Redis reads per request.
 
     Parameters
     ----------
@@ -64,9 +63,8 @@ class ItemIndex:
         self.neighbours = np.full((0, neighbours), -1, dtype=np.int64)  # rows; -1 is none
         self.neighbour_weights = np.zeros((0, neighbours))
         self.landmark: bytes | None = None
-        self.refreshed_at = 0.0  # server-clock stamp of the newest change applied
+        self.refreshed_at = 0.0  # newest change stamp applied
         self.last_refresh = 0.0  # wall time the last refresh finished
-        self.last_full = 0.0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -74,16 +72,14 @@ class ItemIndex:
     async def refresh(self) -> int:
         """Apply every change stamped since the previous refresh; returns how many items."""
         landmark = await self.redis.get(self.keys.decay_landmark)
-        if time.time() - self.last_full > FULL_RELOAD_S or landmark != self.landmark:
-            self.refreshed_at, self.last_full, self.landmark = 0.0, time.time(), landmark
+        if landmark != self.landmark:  # a rebase rescaled every decayed statistic
+            self.refreshed_at, self.landmark = 0.0, landmark
+        # Stamps come from the Redis server's clock and a later batch's script runs later, so
+        # nothing is stamped at or before a stamp already seen once this read has happened.
         changed = await self.redis.zrangebyscore(
             self.keys.updated_items, f"({self.refreshed_at!r}", "+inf", withscores=True
         )
-        if not changed:
-            self.last_refresh = time.time()
-            return 0
         items = [m.decode() for m, _ in changed]
-        newest = max(score for _, score in changed)
         lists: list[tuple[int, bytes, bytes]] = []
         for start in range(0, len(items), FETCH_CHUNK):
             lists += await self._fetch(items[start : start + FETCH_CHUNK])
@@ -96,7 +92,8 @@ class ItemIndex:
             self.neighbour_weights[row] = 0.0
             self.neighbours[row, :count] = found[known]
             self.neighbour_weights[row, :count] = np.frombuffer(weights, "<f8")[known]
-        self.refreshed_at = newest
+        if changed:
+            self.refreshed_at = max(score for _, score in changed)
         self.last_refresh = time.time()
         return len(items)
 
