@@ -38,23 +38,25 @@ with a normalised step size (as in normalised LMS)
 
 .. math::
 
-    \eta = \min\Big(\eta_0,\; 1 \Big/ \textstyle\sum_j c_j \big(\lVert y_u\rVert^2
-    + \lVert y_j\rVert^2\big)\Big).
+    \eta = \min\big(\eta_0,\; 1 / B\big), \qquad
+    B = \lVert y_u\rVert^2 \max_j c_j + \textstyle\sum_j c_j \lVert y_j\rVert^2 .
 
 Why: to first order (and :math:`\lambda` aside) the step moves the errors to
-:math:`e' = (I - \eta J J^\top C)\, e`, where :math:`J` holds the gradients of the scores (row
-:math:`j` is :math:`y_j` on :math:`y_u` and :math:`y_u` on :math:`y_j`) and
-:math:`C = \mathrm{diag}(c_j)`. The eigenvalues of :math:`J J^\top C` lie in
-:math:`[0, \operatorname{tr}]` with :math:`\operatorname{tr} = \sum_j c_j (\lVert y_u\rVert^2
-+ \lVert y_j\rVert^2)`, so with :math:`\eta\,\operatorname{tr} \le 1` every eigen-component of
-the error shrinks without changing sign, whatever :math:`\eta_0` (``FRESHREC_IMPLICIT_LR``),
-the confidences or the norms. A plain step with :math:`\eta_0 c\, (\lVert y_u\rVert^2 +
-\lVert y_i\rVert^2) > 2` makes the error grow instead, and repeated steps diverge. The
-bilinear remainder is small while errors are small against the squared norms: for one term the
-error shrinks, exactly, whenever :math:`|e| < 2 (\lVert y_u\rVert^2 + \lVert y_i\rVert^2)`.
-The cap scales the whole gradient, so the relative confidences stay as Hu, Koren & Volinsky
-weight them; when :math:`\eta_0 \operatorname{tr} \le 1` (small rate, small factors) it is the
-plain SGD step. Top-N ranking uses :math:`s_{ui}`; rating prediction uses :math:`\hat r_{ui}`.
+:math:`e' = (I - \eta M)\, e` with :math:`M = J J^\top C`, where :math:`J` holds the gradients
+of the scores (row :math:`j` is :math:`y_j` on :math:`y_u` and :math:`y_u` on :math:`y_j`) and
+:math:`C = \mathrm{diag}(c_j)`. :math:`M` is similar to
+:math:`C^{1/2} Y Y^\top C^{1/2} + \lVert y_u\rVert^2 C` (:math:`Y` stacks the rows
+:math:`y_j`): the user's move plus each item's own. Its eigenvalues are real, at least 0 and at
+most :math:`B` (the trace bounds the first term, :math:`\max_j c_j` the second), so with
+:math:`\eta B \le 1` every eigen-component of the error shrinks without changing sign, whatever
+:math:`\eta_0` (``FRESHREC_IMPLICIT_LR``), the confidences or the norms. A plain step with
+:math:`\eta_0 c\, (\lVert y_u\rVert^2 + \lVert y_i\rVert^2) > 2` makes the error grow instead,
+and repeated steps diverge. The bilinear remainder is small while errors are small against the
+squared norms: for one term the error shrinks, exactly, whenever
+:math:`|e| < 2 (\lVert y_u\rVert^2 + \lVert y_i\rVert^2)`. The cap scales the whole gradient, so
+the relative confidences stay as Hu, Koren & Volinsky weight them; when :math:`\eta_0 B \le 1`
+(small rate, small factors) it is the plain SGD step. Top-N ranking uses :math:`s_{ui}`; rating
+prediction uses :math:`\hat r_{ui}`.
 """
 
 from __future__ import annotations
@@ -132,8 +134,8 @@ def implicit_step(
     """One step on ``1/2 sum_j c_j (p_j - y_u.y_j)^2`` over ``implicit_part`` views, in place.
 
     ``items`` are distinct rows (the positive and its negatives); each is updated in place.
-    The step size is ``min(lr, 1 / sum_j c_j (|y_u|^2 + |y_j|^2))``, which keeps any step from
-    overshooting (module docstring); below that bound it is the plain SGD step.
+    The step size is ``min(lr, 1 / (|y_u|^2 max_j c_j + sum_j c_j |y_j|^2))``, which keeps a
+    step from overshooting (module docstring); below that bound it is the plain SGD step.
     Returns the errors ``p_j - y_u.y_j`` before the step.
 
     Examples
@@ -143,7 +145,7 @@ def implicit_step(
     >>> err.round(3).tolist(), u.round(4).tolist(), pos.round(4).tolist()
     ([0.95, -0.06], [0.1843, 0.2273], [0.3285, 0.157])
 
-    At a rate the plain step would overshoot with, the step is capped at ``1 / tr``:
+    At a rate the plain step would overshoot with, the step is capped:
 
     >>> u = np.array([1.0, 0.0]); pos = np.array([0.0, 1.0])
     >>> err = implicit_step(u, [pos], np.array([1.0]), np.array([7.0]), 1.0, 0.0)
@@ -153,8 +155,8 @@ def implicit_step(
     rows = np.stack(items)
     err = preferences - rows @ user
     weighted = confidences * err
-    trace = float(confidences @ (rows * rows).sum(axis=1) + confidences.sum() * (user @ user))
-    eta = min(lr, 1.0 / trace) if trace > 0.0 else lr
+    bound = float(confidences @ (rows * rows).sum(axis=1) + confidences.max() * (user @ user))
+    eta = min(lr, 1.0 / bound) if bound > 0.0 else lr
     grad_user = weighted @ rows - reg * user
     rows += eta * (np.outer(weighted, user) - reg * rows)
     user += eta * grad_user

@@ -91,15 +91,16 @@ def _plain_sgd_step(
     return err
 
 
-def _trace(u: np.ndarray, rows: list[np.ndarray], confs: np.ndarray) -> float:
-    return float(sum(c * (u @ u + r @ r) for c, r in zip(confs, rows, strict=True)))
+def _bound(u: np.ndarray, rows: list[np.ndarray], confs: np.ndarray) -> float:
+    """A bound on the eigenvalues of the linearised step's error map (module docstring)."""
+    return float(max(confs) * (u @ u) + sum(c * (r @ r) for c, r in zip(confs, rows, strict=True)))
 
 
 def test_a_group_step_equals_the_summed_per_row_gradients_below_the_cap() -> None:
     rng = np.random.default_rng(0)
     u, rows = rng.normal(0, 0.2, 6), [rng.normal(0, 0.2, 6) for _ in range(3)]
     prefs, confs, lr, reg = np.array([1.0, 0.0, 0.0]), np.array([4.0, 1.0, 1.0]), 0.03, 0.01
-    assert lr * _trace(u, rows, confs) < 1.0  # the cap does not bind
+    assert lr * _bound(u, rows, confs) < 1.0  # the cap does not bind
     want_u, want_rows = u.copy(), [r.copy() for r in rows]
     want_err = _plain_sgd_step(want_u, want_rows, prefs, confs, lr, reg)
     err = implicit_step(u, rows, prefs, confs, lr, reg)
@@ -109,11 +110,11 @@ def test_a_group_step_equals_the_summed_per_row_gradients_below_the_cap() -> Non
         np.testing.assert_allclose(got, want)
 
 
-def test_above_the_cap_the_step_is_the_same_gradient_scaled_to_one_over_the_trace() -> None:
+def test_above_the_cap_the_step_is_the_same_gradient_scaled_to_one_over_the_bound() -> None:
     rng = np.random.default_rng(1)
     u, rows = rng.normal(size=6), [rng.normal(size=6) for _ in range(4)]
     prefs, confs, reg = np.array([1.0, 0.0, 0.0, 0.0]), np.array([7.0, 1.0, 1.0, 1.0]), 0.02
-    eta = 1.0 / _trace(u, rows, confs)
+    eta = 1.0 / _bound(u, rows, confs)
     want_u, want_rows = u.copy(), [r.copy() for r in rows]
     _plain_sgd_step(want_u, want_rows, prefs, confs, eta, reg)
     implicit_step(u, rows, prefs, confs, lr=5.0, reg=reg)
@@ -152,3 +153,19 @@ def test_one_normalised_step_shrinks_the_error_without_overshooting() -> None:
         conf, lr = float(rng.choice([1.0, 3.0, 7.0])), float(rng.choice([0.01, 0.1, 1.0, 100.0]))
         (err,) = implicit_step(u, [item], np.array([pref]), np.array([conf]), lr, 0.0)
         assert abs(pref - u @ item) < abs(err) + 1e-12
+
+
+def test_the_bound_holds_the_eigenvalues_of_the_linearised_error_map() -> None:
+    # e' = (I - eta J J^T C) e to first order; J has row j = (y_j on y_u, y_u on y_j's block).
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        k, m = int(rng.integers(2, 12)), int(rng.integers(1, 8))
+        u, rows = rng.normal(size=k), [rng.normal(0, rng.uniform(0.1, 3.0), k) for _ in range(m)]
+        confs = rng.choice([1.0, 2.0, 7.0], m)
+        jac = np.zeros((m, k * (m + 1)))
+        for j, row in enumerate(rows):
+            jac[j, :k] = row
+            jac[j, k * (j + 1) : k * (j + 2)] = u
+        eig = np.linalg.eigvals(jac @ jac.T @ np.diag(confs))
+        assert np.all(eig.real > -1e-9) and np.abs(eig.imag).max() < 1e-9
+        assert eig.real.max() <= _bound(u, rows, confs) * (1 + 1e-12)
