@@ -14,9 +14,9 @@ class ModelConfig:
     reg: float = 0.02
     init_std: float = 0.1
     seed: int = 42
-    implicit_lr: float = 0.02
+    implicit_lr: float = 1.0  # the normalised cap in models.mf.implicit_step decides
     implicit_alpha: float = 2.0
-    implicit_negatives: int = 2
+    implicit_negatives: int = 5
     strengths: dict[str, float] = field(
         default_factory=lambda: {"view": 0.5, "click": 1.0, "purchase": 3.0, "rating": 1.0}
     )

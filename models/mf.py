@@ -20,19 +20,43 @@ with every gradient taken at the old values. This is river's ``reco.BiasedMF`` w
 
 Every interaction (click, view, purchase, and a rating too) is implicit feedback in the sense of
 Hu, Koren & Volinsky (2008): preference 1 with confidence :math:`c = 1 + \alpha f`, where
-:math:`f` is the event type's strength, on the score :math:`s_{ui} = y_u^\top y_i`:
+:math:`f` is the event type's strength, on the score :math:`s_{ui} = y_u^\top y_i`. The
+unobserved side (preference 0, confidence 1) is sampled from the other items of the same
+batch, i.e. in proportion to their current traffic — the usual popularity correction in
+streaming training. An event and its sampled negatives :math:`j` form one step (as in
+word2vec's negative sampling) on :math:`\tfrac12 \sum_j c_j (p_j - s_{uj})^2`: every error is
+taken at the same old :math:`y_u`, each item row moves by its own gradient, and :math:`y_u` by
+their sum:
 
 .. math::
 
-    e = 1 - s_{ui}, \quad y_u \leftarrow y_u + \eta (c\, e\, y_i - \lambda y_u), \quad
-    y_i \leftarrow y_i + \eta (c\, e\, y_u - \lambda y_i)
+    e_j = p_j - y_u^\top y_j, \quad
+    y_u \leftarrow y_u + \eta \big(\textstyle\sum_j c_j e_j y_j - \lambda y_u\big), \quad
+    y_j \leftarrow y_j + \eta (c_j e_j y_u - \lambda y_j)
 
-The unobserved side (preference 0, confidence 1) is sampled from the other items of the same
-batch, i.e. in proportion to their current traffic — the usual popularity correction in
-streaming training. An event and its sampled negatives form one step (as in word2vec's negative
-sampling): every error is taken at the same old :math:`y_u`, each item row moves by its own
-gradient, and :math:`y_u` by their sum. Top-N ranking uses :math:`s_{ui}`; rating prediction
-uses :math:`\hat r_{ui}`.
+with a normalised step size (as in normalised LMS)
+
+.. math::
+
+    \eta = \min\big(\eta_0,\; 1 / B\big), \qquad
+    B = \lVert y_u\rVert^2 \max_j c_j + \textstyle\sum_j c_j \lVert y_j\rVert^2 .
+
+Why: to first order (and :math:`\lambda` aside) the step moves the errors to
+:math:`e' = (I - \eta M)\, e` with :math:`M = J J^\top C`, where :math:`J` holds the gradients
+of the scores (row :math:`j` is :math:`y_j` on :math:`y_u` and :math:`y_u` on :math:`y_j`) and
+:math:`C = \mathrm{diag}(c_j)`. :math:`M` is similar to
+:math:`C^{1/2} Y Y^\top C^{1/2} + \lVert y_u\rVert^2 C` (:math:`Y` stacks the rows
+:math:`y_j`): the user's move plus each item's own. Its eigenvalues are real, at least 0 and at
+most :math:`B` (the trace bounds the first term, :math:`\max_j c_j` the second), so with
+:math:`\eta B \le 1` every eigen-component of the error shrinks without changing sign, whatever
+:math:`\eta_0` (``FRESHREC_IMPLICIT_LR``), the confidences or the norms. A plain step with
+:math:`\eta_0 c\, (\lVert y_u\rVert^2 + \lVert y_i\rVert^2) > 2` makes the error grow instead,
+and repeated steps diverge. The bilinear remainder is small while errors are small against the
+squared norms: for one term the error shrinks, exactly, whenever
+:math:`|e| < 2 (\lVert y_u\rVert^2 + \lVert y_i\rVert^2)`. The cap scales the whole gradient, so
+the relative confidences stay as Hu, Koren & Volinsky weight them; when :math:`\eta_0 B \le 1`
+(small rate, small factors) it is the plain SGD step. Top-N ranking uses :math:`s_{ui}`; rating
+prediction uses :math:`\hat r_{ui}`.
 """
 
 from __future__ import annotations
@@ -107,9 +131,11 @@ def implicit_step(
     lr: float,
     reg: float,
 ) -> np.ndarray:
-    """One weighted SGD step on ``sum_j c_j (p_j - y_u.y_j)^2`` over ``implicit_part`` views.
+    """One step on ``1/2 sum_j c_j (p_j - y_u.y_j)^2`` over ``implicit_part`` views, in place.
 
     ``items`` are distinct rows (the positive and its negatives); each is updated in place.
+    The step size is ``min(lr, 1 / (|y_u|^2 max_j c_j + sum_j c_j |y_j|^2))``, which keeps a
+    step from overshooting (module docstring); below that bound it is the plain SGD step.
     Returns the errors ``p_j - y_u.y_j`` before the step.
 
     Examples
@@ -118,13 +144,22 @@ def implicit_step(
     >>> err = implicit_step(u, [pos, neg], np.array([1.0, 0.0]), np.array([3.0, 1.0]), 0.1, 0.0)
     >>> err.round(3).tolist(), u.round(4).tolist(), pos.round(4).tolist()
     ([0.95, -0.06], [0.1843, 0.2273], [0.3285, 0.157])
+
+    At a rate the plain step would overshoot with, the step is capped:
+
+    >>> u = np.array([1.0, 0.0]); pos = np.array([0.0, 1.0])
+    >>> err = implicit_step(u, [pos], np.array([1.0]), np.array([7.0]), 1.0, 0.0)
+    >>> u.round(4).tolist(), pos.round(4).tolist(), float(u @ pos)
+    ([1.0, 0.5], [0.5, 1.0], 1.0)
     """
     rows = np.stack(items)
     err = preferences - rows @ user
     weighted = confidences * err
+    bound = float(confidences @ (rows * rows).sum(axis=1) + confidences.max() * (user @ user))
+    eta = min(lr, 1.0 / bound) if bound > 0.0 else lr
     grad_user = weighted @ rows - reg * user
-    rows += lr * (np.outer(weighted, user) - reg * rows)
-    user += lr * grad_user
+    rows += eta * (np.outer(weighted, user) - reg * rows)
+    user += eta * grad_user
     for row, updated in zip(items, rows, strict=True):
         row[:] = updated
     return err

@@ -69,13 +69,15 @@ class Settings:
     mf_init_std: float = _env("FRESHREC_MF_INIT_STD", "Std of initial latent factors.", 0.1)
     mf_seed: int = _env("FRESHREC_MF_SEED", "Seed of the per-id initial factors.", 42)
     implicit_lr: float = _env(
-        "FRESHREC_IMPLICIT_LR", "SGD learning rate on implicit feedback.", 0.02
+        "FRESHREC_IMPLICIT_LR",
+        "Largest SGD step on implicit feedback; each step is also capped so it cannot overshoot.",
+        1.0,
     )
     implicit_alpha: float = _env(
         "FRESHREC_IMPLICIT_ALPHA", "Confidence slope alpha in c = 1 + alpha*f.", 2.0
     )
     implicit_negatives: int = _env(
-        "FRESHREC_IMPLICIT_NEGATIVES", "Sampled unobserved items per implicit event.", 2
+        "FRESHREC_IMPLICIT_NEGATIVES", "Sampled unobserved items per implicit event.", 5
     )
     weight_view: float = _env("FRESHREC_WEIGHT_VIEW", "Strength f of a view.", 0.5)
     weight_click: float = _env("FRESHREC_WEIGHT_CLICK", "Strength f of a click.", 1.0)

@@ -74,14 +74,98 @@ def test_implicit_positive_raises_and_negative_lowers_the_score() -> None:
         assert np.array_equal(rating_part(v, 8), rating_before[x])
 
 
-def test_a_group_step_equals_the_summed_per_row_gradients() -> None:
-    rng = np.random.default_rng(0)
-    u, rows = rng.normal(size=6), [rng.normal(size=6) for _ in range(3)]
-    prefs, confs, lr, reg = np.array([1.0, 0.0, 0.0]), np.array([4.0, 1.0, 1.0]), 0.03, 0.01
+def _plain_sgd_step(
+    u: np.ndarray,
+    rows: list[np.ndarray],
+    prefs: np.ndarray,
+    confs: np.ndarray,
+    lr: float,
+    reg: float,
+) -> np.ndarray:
+    """The group step with a fixed rate, written out per row: the reference."""
     err = prefs - np.array([u @ r for r in rows])
-    want_u = u + lr * (sum(c * e * r for c, e, r in zip(confs, err, rows, strict=True)) - reg * u)
-    want_rows = [r + lr * (c * e * u - reg * r) for c, e, r in zip(confs, err, rows, strict=True)]
-    implicit_step(u, rows, prefs, confs, lr, reg)
+    grad_u = sum(c * e * r for c, e, r in zip(confs, err, rows, strict=True)) - reg * u
+    for c, e, r in zip(confs, err, rows, strict=True):
+        r += lr * (c * e * u - reg * r)
+    u += lr * grad_u
+    return err
+
+
+def _bound(u: np.ndarray, rows: list[np.ndarray], confs: np.ndarray) -> float:
+    """A bound on the eigenvalues of the linearised step's error map (module docstring)."""
+    return float(max(confs) * (u @ u) + sum(c * (r @ r) for c, r in zip(confs, rows, strict=True)))
+
+
+def test_a_group_step_equals_the_summed_per_row_gradients_below_the_cap() -> None:
+    rng = np.random.default_rng(0)
+    u, rows = rng.normal(0, 0.2, 6), [rng.normal(0, 0.2, 6) for _ in range(3)]
+    prefs, confs, lr, reg = np.array([1.0, 0.0, 0.0]), np.array([4.0, 1.0, 1.0]), 0.03, 0.01
+    assert lr * _bound(u, rows, confs) < 1.0  # the cap does not bind
+    want_u, want_rows = u.copy(), [r.copy() for r in rows]
+    want_err = _plain_sgd_step(want_u, want_rows, prefs, confs, lr, reg)
+    err = implicit_step(u, rows, prefs, confs, lr, reg)
+    np.testing.assert_allclose(err, want_err)
     np.testing.assert_allclose(u, want_u)
     for got, want in zip(rows, want_rows, strict=True):
         np.testing.assert_allclose(got, want)
+
+
+def test_above_the_cap_the_step_is_the_same_gradient_scaled_to_one_over_the_bound() -> None:
+    rng = np.random.default_rng(1)
+    u, rows = rng.normal(size=6), [rng.normal(size=6) for _ in range(4)]
+    prefs, confs, reg = np.array([1.0, 0.0, 0.0, 0.0]), np.array([7.0, 1.0, 1.0, 1.0]), 0.02
+    eta = 1.0 / _bound(u, rows, confs)
+    want_u, want_rows = u.copy(), [r.copy() for r in rows]
+    _plain_sgd_step(want_u, want_rows, prefs, confs, eta, reg)
+    implicit_step(u, rows, prefs, confs, lr=5.0, reg=reg)
+    np.testing.assert_allclose(u, want_u)
+    for got, want in zip(rows, want_rows, strict=True):
+        np.testing.assert_allclose(got, want)
+
+
+def test_where_the_plain_step_diverges_the_normalised_step_converges() -> None:
+    rng = np.random.default_rng(1)
+    start_u, start_rows = rng.normal(0, 0.3, 8), [rng.normal(0, 0.3, 8) for _ in range(3)]
+    prefs, confs, lr = np.array([1.0, 0.0, 0.0]), np.array([7.0, 1.0, 1.0]), 0.3
+    plain_u, plain_rows = start_u.copy(), [r.copy() for r in start_rows]
+    with np.errstate(over="ignore", invalid="ignore"):
+        for _ in range(100):
+            _plain_sgd_step(plain_u, plain_rows, prefs, confs, lr, 0.0)
+    assert not np.all(np.isfinite(plain_u)) or np.linalg.norm(plain_u) > 1e6
+
+    u, rows = start_u.copy(), [r.copy() for r in start_rows]
+    for _ in range(300):
+        implicit_step(u, rows, prefs, confs, lr, 0.0)
+    np.testing.assert_allclose([u @ r for r in rows], prefs, atol=1e-6)
+    assert np.linalg.norm(u) < 2.0
+
+
+def test_one_normalised_step_shrinks_the_error_without_overshooting() -> None:
+    # One term at any rate: e' = e (1 - x) - (x e / S)^2 y_u.y_i with x = eta c S <= 1 and
+    # S = |y_u|^2 + |y_i|^2, so |e'| < |e| whenever |e| < 2 S; the plain step needs lr c S < 2.
+    rng = np.random.default_rng(2)
+    for _ in range(500):
+        k = int(rng.integers(2, 33))
+        u, item = rng.normal(0, rng.uniform(0.1, 2.0), k), rng.normal(0, rng.uniform(0.1, 2.0), k)
+        pref = float(rng.integers(0, 2))
+        if abs(pref - u @ item) >= 2 * (u @ u + item @ item):
+            continue
+        conf, lr = float(rng.choice([1.0, 3.0, 7.0])), float(rng.choice([0.01, 0.1, 1.0, 100.0]))
+        (err,) = implicit_step(u, [item], np.array([pref]), np.array([conf]), lr, 0.0)
+        assert abs(pref - u @ item) < abs(err) + 1e-12
+
+
+def test_the_bound_holds_the_eigenvalues_of_the_linearised_error_map() -> None:
+    # e' = (I - eta J J^T C) e to first order; J has row j = (y_j on y_u, y_u on y_j's block).
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        k, m = int(rng.integers(2, 12)), int(rng.integers(1, 8))
+        u, rows = rng.normal(size=k), [rng.normal(0, rng.uniform(0.1, 3.0), k) for _ in range(m)]
+        confs = rng.choice([1.0, 2.0, 7.0], m)
+        jac = np.zeros((m, k * (m + 1)))
+        for j, row in enumerate(rows):
+            jac[j, :k] = row
+            jac[j, k * (j + 1) : k * (j + 2)] = u
+        eig = np.linalg.eigvals(jac @ jac.T @ np.diag(confs))
+        assert np.all(eig.real > -1e-9) and np.abs(eig.imag).max() < 1e-9
+        assert eig.real.max() <= _bound(u, rows, confs) * (1 + 1e-12)
