@@ -20,6 +20,7 @@ works on arrays of index rows; strings and objects are made only for the k items
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -229,9 +230,13 @@ class Funnel:
             return Served([], user.latest, np.zeros((0, len(FEATURES))), clock.laps)
         features = self._features(user, recall)
         clock.lap("features")
-        keep = top_n(np.dot(features, BLEND), cfg.coarse_keep)
+        blend = _blend(cfg.blend)
+        keep = top_n(np.dot(features, blend), cfg.coarse_keep)
         clock.lap("coarse")
-        fine = self.scorer.scores(features[keep])
+        if self.scorer.learned or not cfg.blend:
+            fine = self.scorer.scores(features[keep])
+        else:  # the configuration's own fixed blend
+            fine = np.dot(features[keep], blend)
         clock.lap("fine")
         ranked, rows = await self._rerank(user_id, recall, keep, features[keep], fine, k, cfg)
         clock.lap("rerank")
@@ -506,6 +511,14 @@ class _Clock:
         now = time.perf_counter()
         self.laps[stage] = round(1000.0 * (now - self.last), 3)
         self.last = now
+
+
+@functools.lru_cache(maxsize=64)
+def _blend(weights: tuple[tuple[str, float], ...]) -> np.ndarray:
+    if not weights:
+        return BLEND
+    named = dict(weights)
+    return np.array([named.get(name, 0.0) for name in FEATURES])
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

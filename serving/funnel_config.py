@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from models.click_model import FEATURES
+
 CHANNELS = ("cf", "mf", "trending", "cold")
 
 
@@ -20,6 +22,10 @@ class FunnelConfig:
         MMR lambda: 0 keeps the ranking order, higher trades relevance for variety.
     exploration_slots
         Positions per list reserved for cold items chosen by UCB.
+    blend
+        ``(feature, weight)`` pairs of this configuration's fixed blend, which ranks the coarse
+        stage and the fine stage until the click model has ``min_clicks``; empty means
+        `models.click_model.FIXED_BLEND`. ``(("cf", 1.0),)`` ranks by the CF score alone.
     """
 
     history_window: int = 10
@@ -36,3 +42,9 @@ class FunnelConfig:
     exploration_slots: int = 1
     ucb_beta: float = 0.2
     min_clicks: int = 50
+    blend: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = {name for name, _ in self.blend} - set(FEATURES)
+        if unknown:
+            raise ValueError(f"blend: unknown features {sorted(unknown)}; known: {FEATURES}")

@@ -62,6 +62,8 @@ class Variants:
                 raise ValueError(f"variant {name!r}: unknown settings {sorted(unknown)}")
             if "channels" in fields:
                 fields["channels"] = tuple(fields["channels"])
+            if "blend" in fields:
+                fields["blend"] = tuple((str(k), float(v)) for k, v in fields["blend"].items())
             variants.append(Variant(name, share, dataclasses.replace(base, **fields)))
         return cls(variants, salt)
 

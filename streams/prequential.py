@@ -690,14 +690,23 @@ def _sequential(evaluation: Evaluation, events: Sequence[Event], settings: Setti
 
 
 def _recall_ablation(settings: Settings) -> dict[str, FunnelConfig]:
-    """Recall channels compared under the same ranking and rerank, without exploration slots
-    (which reserve positions for unproven items and would count against whichever variant
-    has a cold pool); the served configuration, exploration included, is ``freshrec``."""
+    """The full funnel against each recall channel on its own, in two ways.
+
+    ``*_recall_only`` keep the funnel's ranking and rerank over one channel's candidates (so
+    the blend's other scores still rank them); ``*_recall_alone`` are the channel as a
+    recommender by itself: its candidates in the order of its own score, no diversity. None
+    has exploration slots, which reserve positions for unproven items and would count against
+    whichever variant has a cold pool; the served configuration, exploration included, is
+    ``freshrec``.
+    """
     base = dataclasses.replace(settings.funnel_config(), exploration_slots=0)
+    alone = dataclasses.replace(base, diversity=0.0)
     return {
         "all_channels": base,
         "mf_recall_only": dataclasses.replace(base, channels=("mf",)),
         "cf_recall_only": dataclasses.replace(base, channels=("cf",)),
+        "mf_recall_alone": dataclasses.replace(alone, channels=("mf",), blend=(("mf", 1.0),)),
+        "cf_recall_alone": dataclasses.replace(alone, channels=("cf",), blend=(("cf", 1.0),)),
     }
 
 
@@ -788,7 +797,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"\nper-event (no chunk staleness) RMSE {seq['rmse']:.4f}, MAE {seq['mae']:.4f}"
         )
     if summary.get("recall_ablation"):
-        lines.append("\nrecall ablation (same ranking and rerank, no exploration slots):")
+        lines.append(
+            "\nrecall ablation (no exploration slots; *_only: the funnel's ranking over one "
+            "channel's candidates; *_alone: one channel ranked by its own score):"
+        )
         for name, values in summary["recall_ablation"].items():
             lines.append(
                 f"  {name:16} HR@10 {_cell(values['hr@10'])}  NDCG@10 {_cell(values['ndcg@10'])}"

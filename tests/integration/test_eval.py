@@ -154,7 +154,13 @@ def test_recall_ablation_scores_each_channel_set_on_the_same_state(
 ) -> None:
     summary = run_eval(base_settings, small_file, mode="direct", show_progress=False, ablation=True)
     ablation = summary["recall_ablation"]
-    assert set(ablation) == {"all_channels", "mf_recall_only", "cf_recall_only"}
+    assert set(ablation) == {
+        "all_channels",
+        "mf_recall_only",
+        "cf_recall_only",
+        "mf_recall_alone",
+        "cf_recall_alone",
+    }
     for values in ablation.values():
         assert 0.0 <= values["hr@10"] <= values["hr@20"] <= 1.0
     # More channels can only widen what the lists cover.

@@ -152,3 +152,22 @@ def test_variant_assignment_is_stable_per_user_and_follows_the_shares(settings: 
     share = names.count("diverse") / len(names)
     assert 0.27 < share < 0.33
     assert first.assign("user-1").config.diversity in (0.6, settings.diversity)
+
+
+def test_a_variant_can_rank_by_its_own_blend(settings: Settings) -> None:
+    spec = '{"cf_alone": {"share": 1.0, "channels": ["cf"], "blend": {"cf": 1.0}}}'
+    variant = Variants.parse(spec, settings.funnel_config()).assign("anyone")
+    assert variant.config.blend == (("cf", 1.0),) and variant.config.channels == ("cf",)
+    with pytest.raises(ValueError, match="unknown features"):
+        Variants.parse('{"x": {"share": 1.0, "blend": {"novelty": 1.0}}}', settings.funnel_config())
+
+    async def run() -> None:
+        redis, keys, _ = await _setup(settings, _catalogue())
+        config = dataclasses.replace(variant.config, diversity=0.0, exploration_slots=0)
+        served = await Funnel(redis, keys, config).serve("u3", 5)
+        cf = served.features[:, 1]  # FEATURES[1] is the CF score
+        assert len(served.items) == 5 and all(c.channels == ["cf"] for c in served.items)
+        assert cf.tolist() == sorted(cf.tolist(), reverse=True) and cf[-1] > 0
+        await redis.aclose()
+
+    asyncio.run(run())
