@@ -76,7 +76,7 @@ BLEND = np.array([FIXED_BLEND.get(name, 0.0) for name in FEATURES])
 CF, MF, TRENDING, COLD = 1, 2, 4, 8
 CHANNEL_BITS = {"cf": CF, "mf": MF, "trending": TRENDING, "cold": COLD}  # explanation order
 NEIGHBOURS_KEPT = 50  # per item in memory; a variant's recall_per_seed may ask up to this
-POOL_SIZE = 200  # trending and newest items kept per refresh; variants recall from these
+POOL_SIZE = 300  # trending and newest items kept per refresh: recall_popular plus the largest k
 BusinessRule = Callable[[str, list[str]], Awaitable[np.ndarray]]
 """``rule(user_id, items)`` -> a multiplier per item: 0 drops it, 1 keeps it, more boosts it."""
 
@@ -164,9 +164,13 @@ class Funnel:
         Single-flight: a call while a refresh runs waits for that one instead of starting
         another, so a slow refresh never multiplies under load.
         """
+        await asyncio.shield(self._start_refresh())
+
+    def _start_refresh(self) -> asyncio.Future[None]:
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.ensure_future(self._refresh())
-        await asyncio.shield(self._refreshing)
+            self._refreshing.add_done_callback(_log_failure)
+        return self._refreshing
 
     async def _refresh(self) -> None:
         await self.index.refresh()
@@ -204,11 +208,6 @@ class Funnel:
         weights = None if raw_weights is None else json.loads(raw_weights)
         self.scorer = LinearScorer(weights, cfg.min_clicks)
 
-    def _refresh_soon(self) -> None:
-        if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.ensure_future(self._refresh())
-            self._refreshing.add_done_callback(_log_failure)
-
     async def recommend(
         self, user_id: str, k: int, config: FunnelConfig | None = None
     ) -> list[Candidate]:
@@ -218,7 +217,7 @@ class Funnel:
         cfg = config or self.config
         if self.index.staleness_s > self.max_staleness_s:
             if self.index.last_refresh:  # serve the snapshot; catch up in the background
-                self._refresh_soon()
+                self._start_refresh()
             else:
                 await self.refresh()
         clock = _Clock()
