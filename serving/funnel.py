@@ -269,10 +269,11 @@ class Funnel:
         seen = np.zeros(len(index), dtype=bool)
         seen[user.seen] = True
         parts: list[tuple[np.ndarray, int]] = []
-        cf_rows = cf_scores = cf_seeds = np.empty(0, dtype=np.int64)
-        if "cf" in cfg.channels and len(user.seeds):
-            cf_rows, cf_scores, cf_seeds = self._item_cf(user.seeds, seen, cfg.recall_per_seed)
-            parts.append((cf_rows, CF))
+        item_cf = None
+        if len(user.seeds):
+            item_cf = self._item_cf(user.seeds, seen, cfg.recall_per_seed)
+            if "cf" in cfg.channels:
+                parts.append((item_cf.recalled, CF))
         mf_scores = None
         if user.y is not None:
             mf_scores = index.scores(user.y)
@@ -299,48 +300,61 @@ class Funnel:
         slot = rank[inverse]
         channels = np.zeros(len(unique), dtype=np.int64)
         np.bitwise_or.at(channels, slot, bits)
-        cf = np.zeros(len(unique))
-        because = np.full(len(unique), -1, dtype=np.int64)
-        if len(cf_rows):
-            cf_slots = slot[: len(cf_rows)]
-            cf[cf_slots] = cf_scores
-            because[cf_slots] = cf_seeds
+        rows = unique[order]
+        cf = np.zeros(len(rows))
+        because = np.full(len(rows), -1, dtype=np.int64)
+        if item_cf is not None and len(item_cf.rows):  # the CF score of every candidate
+            at = np.minimum(np.searchsorted(item_cf.rows, rows), len(item_cf.rows) - 1)
+            held = item_cf.rows[at] == rows
+            cf[held] = item_cf.scores[at[held]]
+            via_cf = (channels & CF) > 0
+            because[via_cf] = item_cf.because[at[via_cf]]
         return _Recall(
-            rows=unique[order],
+            rows=rows,
             channels=channels,
             cf=cf,
             because=because,
-            mf=None if mf_scores is None else mf_scores[unique[order]],
+            mf=None if mf_scores is None else mf_scores[rows],
             cold=pools.cold[cold],
             cold_impressions=pools.cold_impressions[cold],
             cold_clicks=pools.cold_clicks[cold],
         )
 
-    def _item_cf(
-        self, seeds: np.ndarray, seen: np.ndarray, per_seed: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        r"""Unseen neighbours of the seeds: rows, summed cosine, the first seed that found each.
+    def _item_cf(self, seeds: np.ndarray, seen: np.ndarray, per_seed: int) -> _ItemCF:
+        r"""Item-based CF over the seeds' neighbour lists, as kept in the index.
 
-        The cosine of decayed co-occurrence, :math:`c_{ij} / \sqrt{o_i o_j}`, is summed over the
-        seeds (item-based CF); seeds come most recent first.
+        An item's score is its cosine of decayed co-occurrence, :math:`c_{ij} / \sqrt{o_i o_j}`,
+        summed over the seeds (most recent first) whose lists hold it. Every kept neighbour
+        counts toward the score, whichever channel recalls the item; only the ``per_seed``
+        strongest of each seed are recalled through CF.
         """
         index = self.index
-        neighbours = index.neighbours[seeds, :per_seed].ravel()
-        weights = index.neighbour_weights[seeds, :per_seed].ravel()
-        seed_of = np.repeat(seeds, per_seed)
+        width = index.width
+        neighbours = index.neighbours[seeds].ravel()
+        weights = index.neighbour_weights[seeds].ravel()
+        seed_of = np.repeat(seeds, width)
+        strong = np.tile(np.arange(width) < per_seed, len(seeds))
         valid = neighbours >= 0
         valid[valid] = ~seen[neighbours[valid]]
-        neighbours, weights, seed_of = neighbours[valid], weights[valid], seed_of[valid]
+        neighbours, weights, seed_of, strong = (
+            neighbours[valid],
+            weights[valid],
+            seed_of[valid],
+            strong[valid],
+        )
         occurrences = index.stats[:, 0]
         cosine = weights / np.sqrt(
             np.maximum(occurrences[seed_of], 1.0) * np.maximum(occurrences[neighbours], 1.0)
         )
         rows, first, inverse = np.unique(neighbours, return_index=True, return_inverse=True)
-        order = np.argsort(first, kind="stable")
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        summed = np.bincount(rank[inverse], weights=cosine, minlength=len(rows))
-        return rows[order], summed, seed_of[first[order]]
+        recalled = np.bincount(inverse, weights=strong, minlength=len(rows)) > 0
+        order = np.argsort(first, kind="stable")  # as found: the most recent seed's first
+        return _ItemCF(
+            rows=rows,
+            scores=np.bincount(inverse, weights=cosine, minlength=len(rows)),
+            because=seed_of[first],
+            recalled=rows[order[recalled[order]]],
+        )
 
     def _features(self, user: _User, recall: _Recall) -> np.ndarray:
         """One row per candidate, columns as `models.click_model.FEATURES`."""
@@ -473,6 +487,14 @@ class _User:
     seen: np.ndarray  # index rows of every item in the history
     activity: int
     y: np.ndarray | None  # preference factors; None for an unknown user
+
+
+@dataclass
+class _ItemCF:
+    rows: np.ndarray  # every unseen item in the seeds' kept lists, ascending
+    scores: np.ndarray  # their summed cosine
+    because: np.ndarray  # the most recent seed holding each
+    recalled: np.ndarray  # the rows recalled through CF, in the order found
 
 
 @dataclass
