@@ -34,6 +34,8 @@ from streams.progress import Say
 from streams.settings import Settings
 
 NEIGHBOURS = 50
+MAX_CONNECTIONS = 256  # the load generator's, like a client's connection pool
+REQUEST_TIMEOUT_S = 30.0
 HISTORY = 20
 CHUNK = 5000
 
@@ -87,10 +89,11 @@ def build_state(client: redis.Redis, keys: Keys, items: int, users: int, factors
 def _load(url_base: str, users: int, rate: float, seconds: float, queue: Any) -> None:
     """Runs in its own process: open-loop requests, every latency recorded.
 
-    A lean HTTP/1.1 client over keep-alive connections (one request in flight on each, as many
-    connections as the backlog needs): a general-purpose client spent ~0.5 ms of CPU per
-    request, which on a small machine the reader would lose to its own load generator. Each
-    latency runs from the request's scheduled time, so queueing anywhere is counted.
+    A lean HTTP/1.1 client over keep-alive connections, one request in flight on each, as many
+    connections as the backlog needs up to ``MAX_CONNECTIONS``: aiohttp's client spent ~0.5 ms
+    of CPU per request, which on a small machine the reader would lose to its own load
+    generator. Each latency runs from the request's scheduled time, so queueing anywhere
+    (for a connection included) is counted.
     """
     import uvloop
 
@@ -101,30 +104,41 @@ def _load(url_base: str, users: int, rate: float, seconds: float, queue: Any) ->
         total = int(rate * seconds)
         latencies = np.full(total, np.nan)
         errors = 0
-        idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+        opened = 0
+
+        async def connection() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            nonlocal opened
+            if idle.empty() and opened < MAX_CONNECTIONS:
+                opened += 1
+                try:
+                    return await asyncio.open_connection(host, port)
+                except OSError:
+                    opened -= 1
+                    raise
+            return await idle.get()  # at the limit: wait for one to come back
 
         async def one(n: int, due: float, user: str) -> None:
-            nonlocal errors
+            nonlocal errors, opened
             request = f"GET /recommendations/{user}?k=10 HTTP/1.1\r\nHost: {host}\r\n\r\n"
+            writer = None
             try:
-                reader, writer = idle.pop() if idle else await asyncio.open_connection(host, port)
-            except OSError:
-                errors += 1
-                latencies[n] = time.perf_counter() - due
-                return
-            try:
-                writer.write(request.encode())
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
-                await reader.readexactly(length)
+                async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                    reader, writer = await connection()
+                    writer.write(request.encode())
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]
+                    await reader.readexactly(int(length))
                 latencies[n] = time.perf_counter() - due
                 if not head.startswith(b"HTTP/1.1 200"):
                     errors += 1
-                idle.append((reader, writer))
-            except (OSError, asyncio.IncompleteReadError, IndexError, ValueError):
+                idle.put_nowait((reader, writer))
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, IndexError, ValueError):
                 errors += 1
                 latencies[n] = time.perf_counter() - due
-                writer.close()
+                if writer is not None:
+                    writer.close()
+                    opened -= 1
 
         begin = time.perf_counter()
         tasks = []
@@ -136,8 +150,8 @@ def _load(url_base: str, users: int, rate: float, seconds: float, queue: Any) ->
             tasks.append(asyncio.create_task(one(n, due, f"u{rng.integers(users)}")))
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - begin
-        for _, writer in idle:
-            writer.close()
+        while not idle.empty():
+            idle.get_nowait()[1].close()
         done = latencies[~np.isnan(latencies)] * 1000.0
         return {
             "requests": total,
