@@ -8,12 +8,15 @@ Every impression is learned at once as a negative; a click that follows is learn
 The position of the impression is a training feature only (served as 0), which keeps the
 ranker from learning position bias as item quality.
 
-Until it has seen ``min_clicks`` clicks the ranker serves a fixed blend of the funnel's scores.
+Every worker learns from its own partitions and, every two seconds, adds what it learned since
+the last merge to one shared state in Redis (`ClickModel.state`: FTRL's per-feature sums, which
+merge by addition) and continues from the sum, so no worker's learning overwrites another's.
+Readers compute the serving weights from that state. Until it has seen ``min_clicks`` clicks
+the ranker serves a fixed blend of the funnel's scores.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,35 +63,67 @@ class ClickModel:
         self.model.learn_one(features, True)
         self.clicks += 1
 
-    def to_json(self) -> str:
+    def state(self) -> dict[str, float]:
+        """Everything learned, as sums of per-example terms: FTRL's ``z`` and ``n`` per
+        feature, the intercept, the counts. Sums merge by addition, so workers that learn from
+        different partitions can each add what they learned since they last merged, and none
+        is lost (the asynchronous, parameter-server way FTRL-Proximal is run at scale)."""
         opt = self.model.optimizer
-        return json.dumps(
-            {
-                "z": dict(opt.z),
-                "n": dict(opt.n),
-                "w": dict(self.model.weights),
-                "intercept": self.model.intercept,
-                "clicks": self.clicks,
-                "impressions": self.impressions,
-                "weights": self.serving_weights(),
-            }
-        )
+        out = {f"z:{name}": value for name, value in opt.z.items()}
+        out.update({f"n:{name}": value for name, value in opt.n.items()})
+        out["intercept"] = self.model.intercept
+        out["clicks"] = float(self.clicks)
+        out["impressions"] = float(self.impressions)
+        return out
+
+    def load_state(self, state: dict[str, float]) -> None:
+        """Replace what was learned with ``state`` (as from `state`, possibly merged)."""
+        opt = self.model.optimizer
+        opt.z.clear()
+        opt.n.clear()
+        for key, value in state.items():
+            kind, _, name = key.partition(":")
+            if kind == "z":
+                opt.z[name] = value
+            elif kind == "n":
+                opt.n[name] = value
+        self.model.intercept = state.get("intercept", 0.0)
+        self.clicks = int(state.get("clicks", 0.0))
+        self.impressions = int(state.get("impressions", 0.0))
+        self.model._weights.clear()
+        self.model._weights.update(self.weights())
 
     @classmethod
-    def from_json(cls, raw: str | bytes | None, **params: float) -> ClickModel:
+    def from_state(cls, state: dict[str, float] | None, **params: float) -> ClickModel:
         model = cls(**params)  # type: ignore[arg-type]
-        if raw:
-            state = json.loads(raw)
-            model.model.optimizer.z.update(state["z"])
-            model.model.optimizer.n.update(state["n"])
-            model.model._weights.update(state["w"])
-            model.model.intercept = state["intercept"]
-            model.clicks, model.impressions = state["clicks"], state["impressions"]
+        if state:
+            model.load_state(state)
         return model
 
+    def weights(self) -> dict[str, float]:
+        r"""FTRL-Proximal's weights from ``z`` and ``n`` as they are now (McMahan et al., 2013):
+
+        .. math::
+
+            w_i = 0 \text{ if } |z_i| \le \lambda_1, \text{ else }
+            -\frac{z_i - \operatorname{sgn}(z_i) \lambda_1}{(\beta + \sqrt{n_i})/\alpha + \lambda_2}
+
+        (river sets a weight from ``z`` only when its feature is next learned, so its own
+        predictions lag by one update.)
+        """
+        out = {}
+        for name, z in self.model.optimizer.z.items():
+            if abs(z) > self.l1:
+                n = self.model.optimizer.n[name]
+                shrunk = z - np.sign(z) * self.l1
+                out[name] = float(-shrunk / ((self.beta + n**0.5) / self.alpha + self.l2))
+            else:
+                out[name] = 0.0
+        return out
+
     def serving_weights(self) -> dict[str, float]:
-        """Exactly the weights river's own prediction uses, plus the intercept."""
-        out = dict(self.model.weights)
+        """The weights, plus the intercept and the click count the reader needs."""
+        out = self.weights()
         out["__intercept__"] = self.model.intercept
         out["__clicks__"] = float(self.clicks)
         return out

@@ -32,18 +32,21 @@ class Shown:
 
 
 class FeedbackLearner:
+    """Learns the click model from this worker's impressions and clicks, and merges it with
+    every other worker's through Redis (`sync`)."""
+
     def __init__(self, redis: Redis, keys: Keys, model: ClickModel, window_s: int) -> None:
         self.redis = redis
         self.keys = keys
         self.model = model
         self.window_s = window_s
-        self.dirty = False
+        self.merged = model.state()  # the state as of the last merge
 
     @classmethod
     async def load(cls, redis: Redis, keys: Keys, window_s: int, **params: Any) -> FeedbackLearner:
-        """Resume the click model where the last worker left it."""
-        raw = await redis.get(keys.click_model_weights)
-        return cls(redis, keys, ClickModel.from_json(raw, **params), window_s)
+        """Resume the click model every worker has learned so far."""
+        state = _floats(await redis.hgetall(keys.click_model_state))
+        return cls(redis, keys, ClickModel.from_state(state, **params), window_s)
 
     async def record_impressions(self, shown: list[Shown]) -> Counter[str]:
         """Remember and learn impressions; returns impressions per variant."""
@@ -59,7 +62,6 @@ class FeedbackLearner:
             pipe.expire(key, self.window_s)
         if per_user:
             await pipe.execute()
-        self.dirty = self.dirty or bool(shown)
         return Counter(s.variant for s in shown)
 
     async def attribute_clicks(self, clicks: list[tuple[str, str]]) -> Counter[str]:
@@ -78,13 +80,26 @@ class FeedbackLearner:
             record = json.loads(raw)
             self.model.learn_click(record["features"])
             attributed[record["variant"]] += 1
-        self.dirty = self.dirty or bool(attributed)
         return attributed
 
-    async def save(self) -> None:
-        if self.dirty:
-            await self.redis.set(self.keys.click_model_weights, self.model.to_json())
-            self.dirty = False
+    async def sync(self) -> None:
+        """Add what this worker learned since the last merge to the shared state, atomically,
+        and continue from the sum (which holds what the other workers added meanwhile)."""
+        mine = self.model.state()
+        learned = {k: v - self.merged.get(k, 0.0) for k, v in mine.items()}
+        key = self.keys.click_model_state
+        pipe = self.redis.pipeline(transaction=True)  # one key: also atomic on Redis Cluster
+        for field, amount in learned.items():
+            if amount != 0.0:
+                pipe.hincrbyfloat(key, field, amount)
+        pipe.hgetall(key)
+        *_, merged = await pipe.execute()
+        self.merged = _floats(merged)
+        self.model.load_state(self.merged)
+
+
+def _floats(raw: dict[bytes, bytes]) -> dict[str, float]:
+    return {k.decode(): float(v) for k, v in raw.items()}
 
 
 def _training_features(s: Shown) -> dict[str, float]:

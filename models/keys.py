@@ -74,9 +74,9 @@ class Keys:
         return f"{self.prefix}:unavailable"
 
     @property
-    def click_model_weights(self) -> str:
-        """JSON: the fine ranker's state and serving weights."""
-        return f"{self.prefix}:ranker"
+    def click_model_state(self) -> str:
+        """Hash: the fine ranker's mergeable state (FTRL sums per feature, intercept, counts)."""
+        return f"{self.prefix}:ranker:state"
 
     def shown(self, user_id: str) -> str:
         """Hash item -> impression record (features, variant), for attributing a later click."""

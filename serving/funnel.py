@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import math
 import time
@@ -32,7 +31,7 @@ import numpy as np
 from prometheus_client import Histogram
 from redis.asyncio import Redis
 
-from models.click_model import FEATURES, FIXED_BLEND, LinearScorer
+from models.click_model import FEATURES, FIXED_BLEND, ClickModel, LinearScorer
 from models.diversity import mmr
 from models.keys import Keys
 from models.mf import implicit_part, predict_rating, rating_part, vector_width
@@ -177,11 +176,11 @@ class Funnel:
         keys, cfg = self.keys, self.config
         pipe = self.redis.pipeline(transaction=False)
         pipe.smembers(keys.unavailable)
-        pipe.get(keys.click_model_weights)
+        pipe.hgetall(keys.click_model_state)
         pipe.zrevrange(keys.popularity, 0, max(POOL_SIZE, cfg.recall_popular) - 1)
         pipe.zrevrange(keys.item_first_seen, 0, max(POOL_SIZE, 2 * cfg.recall_cold) - 1)
         pipe.get(keys.impressions_total)
-        unavailable, raw_weights, popular, newest, total = await pipe.execute()
+        unavailable, ranker_state, popular, newest, total = await pipe.execute()
         newest_ids = [m.decode() for m in newest]
         shown: list[float | None] = []
         clicked: list[float | None] = []
@@ -205,8 +204,8 @@ class Funnel:
             impressions_total=float(total or 0.0),
             unavailable=blocked,
         )
-        weights = None if raw_weights is None else json.loads(raw_weights)
-        self.scorer = LinearScorer(weights, cfg.min_clicks)
+        ranker = ClickModel.from_state({k.decode(): float(v) for k, v in ranker_state.items()})
+        self.scorer = LinearScorer(ranker.serving_weights(), cfg.min_clicks)
 
     async def recommend(
         self, user_id: str, k: int, config: FunnelConfig | None = None

@@ -174,9 +174,9 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 VARIANT_IMPRESSIONS.labels(variant).inc(n)
 
     @app.timer(interval=2.0)
-    async def save_click_model() -> None:
+    async def merge_click_model() -> None:
         if "feedback" in state:
-            await state["feedback"].save()
+            await state["feedback"].sync()
 
     @app.task
     async def serve_metrics() -> None:

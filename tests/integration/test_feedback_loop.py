@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
+from redis.asyncio import Redis
 
+from models.feedback import FeedbackLearner, Shown
+from models.keys import Keys
 from streams.producer import EventProducer
 from streams.settings import Settings
 from tests.support import http_json, wait_until
@@ -67,9 +71,9 @@ def test_impression_and_click_counts_match_what_was_served_and_clicked(
             producer.send({"type": "click", "user_id": user, "item_id": item, "ts": time.time()})
 
     def model_state() -> dict | None:
-        raw = redis_client.get(f"{prefix}:ranker")
-        state = json.loads(raw) if raw else None
-        return state if state and state["clicks"] >= len(clicked) else None
+        raw = redis_client.hgetall(f"{prefix}:ranker:state")
+        state = {k.decode(): float(v) for k, v in raw.items()}
+        return state if state.get("clicks", 0) >= len(clicked) else None
 
     state = wait_until(model_state, 30, "the attributed clicks to reach the click model")
     assert state["clicks"] == len(clicked)  # the click on an unshown item is not attributed
@@ -77,3 +81,40 @@ def test_impression_and_click_counts_match_what_was_served_and_clicked(
     for user, item in clicked:  # attributed once: the impression record is consumed
         assert redis_client.hget(f"{prefix}:shown:{user}", item) is None
         assert redis_client.zscore(f"{prefix}:clk", item) >= 1
+
+
+def test_workers_merge_what_they_learn_into_one_click_model(settings: Settings) -> None:
+    """Two workers learn from different impressions and clicks; the shared model holds all."""
+    keys = Keys(settings.key_prefix)
+    rng = np.random.default_rng(5)
+
+    def shown(user: str, n: int) -> list[Shown]:
+        features = {name: float(rng.normal()) for name in ("mf", "cf", "log_popularity")}
+        return [Shown(user, f"i{n}-{p}", p, "control", f"r{n}", features) for p in range(5)]
+
+    async def run() -> None:
+        redis = Redis.from_url(settings.redis_url)
+        workers = [await FeedbackLearner.load(redis, keys, 600) for _ in range(2)]
+        added = {"n:mf": 0.0, "impressions": 0.0, "clicks": 0.0}  # what each learned, summed
+        for n in range(40):
+            worker = workers[n % 2]
+            before = worker.model.state()
+            user = f"u{n}"
+            await worker.record_impressions(shown(user, n))
+            if n % 3 == 0:
+                await worker.attribute_clicks([(user, f"i{n}-0")])
+            after = worker.model.state()
+            for field in added:
+                added[field] += after[field] - before.get(field, 0.0)
+            if n % 5 == 4:  # the two sync on their own timers, interleaved with learning
+                await workers[(n // 5) % 2].sync()
+        for worker in (*workers, workers[0]):
+            await worker.sync()
+        raw = await redis.hgetall(keys.click_model_state)
+        shared = {k.decode(): float(v) for k, v in raw.items()}
+        assert shared["impressions"] == 200 and shared["clicks"] == 14
+        assert shared["n:mf"] == pytest.approx(added["n:mf"], rel=1e-9)
+        assert workers[0].model.state() == pytest.approx(workers[1].model.state(), rel=1e-12)
+        await redis.aclose()
+
+    asyncio.run(run())

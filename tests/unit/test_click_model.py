@@ -15,7 +15,7 @@ def _features(rng: np.random.Generator, good: bool) -> dict[str, float]:
     return x
 
 
-def test_served_scores_equal_rivers_own_predictions_after_a_round_trip() -> None:
+def test_served_scores_are_ftrl_proximal_predictions_after_a_round_trip() -> None:
     rng = np.random.default_rng(1)
     model = ClickModel(min_clicks=1)
     for _ in range(2000):
@@ -24,13 +24,21 @@ def test_served_scores_equal_rivers_own_predictions_after_a_round_trip() -> None
         model.learn_impression(x)
         if good and rng.random() < 0.5:
             model.learn_click(x)
-    restored = ClickModel.from_json(model.to_json(), min_clicks=1)
+    restored = ClickModel.from_state(model.state(), min_clicks=1)
     scorer = LinearScorer(restored.serving_weights(), min_clicks=1)
     assert scorer.learned
+    # The reference: river's own FTRL step computes each weight from z and n; a zero gradient
+    # leaves z and n as they are.
+    optimizer = model.model.optimizer
+    reference: dict[str, float] = {}
+    optimizer._step_with_dict(reference, dict.fromkeys(list(optimizer.z), 0.0))
     probe = _features(rng, True)
     probe["log_position"] = 0.0
+    z = sum(reference.get(name, 0.0) * value for name, value in probe.items())
+    expected = 1.0 / (1.0 + np.exp(-(z + model.model.intercept)))
     row = np.array([[probe[name] for name in FEATURES]])
-    assert scorer.scores(row)[0] == pytest.approx(model.model.predict_proba_one(probe)[True])
+    assert scorer.scores(row)[0] == pytest.approx(expected, rel=1e-12)
+    assert restored.state() == pytest.approx(model.state(), rel=1e-15)
 
 
 def test_clicked_features_earn_positive_weight() -> None:
