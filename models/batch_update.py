@@ -67,6 +67,7 @@ class BatchResult:
     skipped: int = 0
     rating_errors: list[float] = field(default_factory=list)
     max_ts: float = 0.0
+    applied: list[int] = field(default_factory=list)  # input positions learned, not skipped
 
 
 @dataclass
@@ -149,12 +150,13 @@ class BatchUpdater:
         read = self._read_script if self.atomic else self._read_pipelined
         snapshot, applied = await read(events, [self.keys.watermark(lab) for lab in labels])
         done = {lab: mark for lab, mark in zip(labels, applied, strict=True)}
-        keep = (
-            [e for e, (lab, off) in zip(events, origins, strict=True) if off > done[lab]]
+        positions = (
+            [n for n, (lab, off) in enumerate(origins) if off > done[lab]]
             if origins
-            else list(events)
+            else list(range(len(events)))
         )
-        result = BatchResult(events=len(keep), skipped=len(events) - len(keep))
+        keep = [events[n] for n in positions]
+        result = BatchResult(events=len(keep), skipped=len(events) - len(keep), applied=positions)
         if not keep:
             return result
         marks = {}

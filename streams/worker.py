@@ -168,9 +168,10 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             if not events:
                 continue
             result = await _apply_until_done(updater, events, origins)
-            if result.skipped == len(events):
-                continue  # a redelivery: already counted and learned
-            for variant, n in (await feedback.record_impressions(shown)).items():
+            fresh = [shown[n] for n in result.applied]  # a redelivered part was learned before
+            if not fresh:
+                continue
+            for variant, n in (await feedback.record_impressions(fresh)).items():
                 VARIANT_IMPRESSIONS.labels(variant).inc(n)
 
     @app.timer(interval=2.0)

@@ -260,9 +260,10 @@ def test_a_redelivered_batch_is_applied_once(
     assert first.events == 200 and first.skipped == 0
     state = _dump(redis_client, settings.key_prefix)
     again = asyncio.run(apply(0, 200))  # Kafka delivers the same batch twice
-    assert again.events == 0 and again.skipped == 200
+    assert again.events == 0 and again.skipped == 200 and again.applied == []
     assert _dump(redis_client, settings.key_prefix) == state
     overlap = asyncio.run(apply(150, 300))  # half seen before, half new
     assert overlap.skipped == 50 and overlap.events == 100
+    assert overlap.applied == list(range(50, 150))  # the positions of the new half
     assert int(redis_client.hget(f"{settings.key_prefix}:stats:worker", "events")) == 300
     assert int(redis_client.get(f"{settings.key_prefix}:wm:freshrec.events/0")) == 299
