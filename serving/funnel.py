@@ -275,11 +275,11 @@ class Funnel:
                 parts.append((item_cf.recalled, CF))
         mf_scores = None
         if user.y is not None:
-            mf_scores = index.scores(user.y)
+            mf_scores = index.scores(user.y)  # a fresh array: masking in place is safe
+            mf_scores[user.seen] = -np.inf  # candidates are never seen items, so keep theirs
             if "mf" in cfg.channels:
-                masked = np.where(seen, -np.inf, mf_scores)
-                best = top_n(masked, cfg.recall_mf)
-                parts.append((best[masked[best] > -np.inf], MF))
+                best = top_n(mf_scores, cfg.recall_mf)
+                parts.append((best[mf_scores[best] > -np.inf], MF))
         if "trending" in cfg.channels or user.y is None:
             popular = pools.trending[: cfg.recall_popular + k]
             parts.append((popular[~seen[popular]], TRENDING))
