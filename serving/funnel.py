@@ -419,16 +419,22 @@ class Funnel:
         eligible_at = np.flatnonzero(eligible)
         vectors = index.matrix[rows[eligible_at]]
         chosen = mmr(relevance[eligible_at], vectors, k - len(explore), cfg.diversity)
-        picked = [int(eligible_at[c]) for c in chosen] + explore.tolist()
+        picked = eligible_at[chosen].tolist() + explore.tolist()
+        explored = set(explore.tolist())
+        ids = index.ids
         ranked = []
-        for n in picked:
-            at = keep[n]
-            names = [name for name, bit in CHANNEL_BITS.items() if recall.channels[at] & bit]
-            if n in explore:
+        for n, row, bits, seed, score in zip(
+            picked,
+            rows[picked].tolist(),
+            recall.channels[keep[picked]].tolist(),
+            recall.because[keep[picked]].tolist(),
+            fine[picked].tolist(),
+            strict=True,
+        ):
+            names = [name for name, bit in CHANNEL_BITS.items() if bits & bit]
+            if n in explored:
                 names.insert(0, "explore")
-            seed = int(recall.because[at])
-            because = index.ids[seed] if seed >= 0 else None
-            ranked.append(Candidate(index.ids[rows[n]], names, because, float(fine[n])))
+            ranked.append(Candidate(ids[row], names, ids[seed] if seed >= 0 else None, score))
         return ranked, features[picked]
 
     # --- other routes ----------------------------------------------------------------------------
