@@ -15,15 +15,22 @@ def _features(rng: np.random.Generator, good: bool) -> dict[str, float]:
     return x
 
 
+def _train(
+    model: ClickModel, rng: np.random.Generator, n: int, good_share: float, click_share: float
+) -> None:
+    """Impressions of good and bad items; a share of the good ones is clicked."""
+    for _ in range(n):
+        good = rng.random() < good_share
+        x = _features(rng, good)
+        model.learn_impression(x)
+        if good and rng.random() < click_share:
+            model.learn_click(x)
+
+
 def test_served_scores_are_ftrl_proximal_predictions_after_a_round_trip() -> None:
     rng = np.random.default_rng(1)
     model = ClickModel(min_clicks=1)
-    for _ in range(2000):
-        good = rng.random() < 0.3
-        x = _features(rng, good)
-        model.learn_impression(x)
-        if good and rng.random() < 0.5:
-            model.learn_click(x)
+    _train(model, rng, 2000, good_share=0.3, click_share=0.5)
     restored = ClickModel.from_state(model.state(), min_clicks=1)
     scorer = LinearScorer(restored.serving_weights(), min_clicks=1)
     assert scorer.learned
@@ -44,12 +51,7 @@ def test_served_scores_are_ftrl_proximal_predictions_after_a_round_trip() -> Non
 def test_clicked_features_earn_positive_weight() -> None:
     rng = np.random.default_rng(2)
     model = ClickModel()
-    for _ in range(3000):
-        good = rng.random() < 0.5
-        x = _features(rng, good)
-        model.learn_impression(x)
-        if good and rng.random() < 0.4:
-            model.learn_click(x)
+    _train(model, rng, 3000, good_share=0.5, click_share=0.4)
     assert model.serving_weights()["mf"] > 0.1
 
 
