@@ -232,7 +232,7 @@ class _Bench:
             started, cpu_before = self._wait_assigned(group, proc, label)
             metrics_before = _scrape(port)
             finished = self._wait_applied(settings, "events", topic.events, proc, label)
-            cpu_after = _cpu_seconds(proc.pid)
+            cpu_after = process_cpu_seconds(proc.pid)
             metrics_after = _scrape_settled(port, topic.events)
         finally:
             self._stop(proc)
@@ -261,7 +261,7 @@ class _Bench:
             self.groups.add(group)
             started, cpu_before = self._wait_assigned(group, proc, label)
             finished = self._wait_applied(settings, "messages", topic.messages, proc, label)
-            cpu_after = _cpu_seconds(proc.pid)
+            cpu_after = process_cpu_seconds(proc.pid)
         finally:
             self._stop(proc)
             self._delete_group(group)
@@ -316,7 +316,7 @@ class _Bench:
             if proc.poll() is not None:
                 raise self._exited(proc, label)
             if _group_assigned(self.admin, group):
-                return time.monotonic(), _cpu_seconds(proc.pid)
+                return time.monotonic(), process_cpu_seconds(proc.pid)
             time.sleep(0.02)
         raise TimeoutError(
             f"{label}: consumer group {group} got no partitions in {timeout_s:.0f} s"
@@ -507,7 +507,7 @@ def _group_assigned(admin: AdminClient, group: str) -> bool:
     )
 
 
-def _cpu_seconds(pid: int) -> float | None:
+def process_cpu_seconds(pid: int) -> float | None:
     """User plus system CPU time of a process, from /proc (Linux); None elsewhere."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

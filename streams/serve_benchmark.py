@@ -29,6 +29,7 @@ import redis
 from models.keys import Keys
 from models.mf import vector_width
 from models.vectors import VECTOR_DTYPE
+from streams.benchmark import process_cpu_seconds
 from streams.isolated_run import free_port, isolated_run
 from streams.progress import Say
 from streams.settings import Settings
@@ -198,10 +199,14 @@ def run_serve_bench(
             _wait_ready(base_url, items, reader, workdir)
             runs = []
             for rate in rates:
-                cpu_before = _cpu_seconds(reader.pid)
+                cpu_before = process_cpu_seconds(reader.pid)
                 run = _hold_rate(base_url, users, rate, seconds, say)
-                cpu = _cpu_seconds(reader.pid) - cpu_before
-                run["reader_cpu_ms_per_request"] = round(1000 * cpu / run["requests"], 3)
+                cpu_after = process_cpu_seconds(reader.pid)
+                run["reader_cpu_ms_per_request"] = (
+                    None  # no /proc on this system
+                    if cpu_before is None or cpu_after is None
+                    else round(1000 * (cpu_after - cpu_before) / run["requests"], 3)
+                )
                 runs.append(run)
         finally:
             if reader is not None and reader.poll() is None:
@@ -217,13 +222,6 @@ def run_serve_bench(
         "targets": {"p50_ms": 2.0, "p99_ms": 10.0, "rps": 1000.0},
         "setup": {"key_prefix": settings.key_prefix},
     }
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far (Linux ``/proc``): a figure that noise
-    from other processes on the machine barely moves, unlike latency."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _hold_rate(base_url: str, users: int, rate: float, seconds: float, say: Say) -> dict[str, Any]:
@@ -254,7 +252,7 @@ def format_serve_results(results: dict[str, Any]) -> str:
         lines.append(
             f"{r['target_rps']:>12,.0f} {r['achieved_rps']:>9,.0f} {r['p50_ms']:>8.2f} "
             f"{r['p90_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['max_ms']:>8.1f} {r['errors']:>6} "
-            f"{r['reader_cpu_ms_per_request']:>17.3f}"
+            f"{_cell(r['reader_cpu_ms_per_request']):>17}"
         )
     t = results["targets"]
     lines.append(
@@ -278,3 +276,7 @@ def _wait_ready(base_url: str, items: int, reader: subprocess.Popen, workdir: Pa
             pass
         time.sleep(0.2)
     raise TimeoutError(f"the reader never loaded the item matrix; see {workdir / 'reader.log'}")
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
