@@ -129,6 +129,11 @@ class ClickModel:
         return out
 
 
+def state_from_hash(raw: dict[bytes, bytes]) -> dict[str, float]:
+    """A `ClickModel.state` as read back from the Redis hash that holds it."""
+    return {key.decode(): float(value) for key, value in raw.items()}
+
+
 class LinearScorer:
     """Scores a feature matrix with served weights, or the fixed blend while feedback is scarce.
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from models.click_model import ClickModel
+from models.click_model import ClickModel, state_from_hash
 from models.keys import Keys
 
 
@@ -45,7 +45,7 @@ class FeedbackLearner:
     @classmethod
     async def load(cls, redis: Redis, keys: Keys, window_s: int, **params: Any) -> FeedbackLearner:
         """Resume the click model every worker has learned so far."""
-        state = _floats(await redis.hgetall(keys.click_model_state))
+        state = state_from_hash(await redis.hgetall(keys.click_model_state))
         return cls(redis, keys, ClickModel.from_state(state, **params), window_s)
 
     async def record_impressions(self, shown: list[Shown]) -> Counter[str]:
@@ -94,12 +94,8 @@ class FeedbackLearner:
                 pipe.hincrbyfloat(key, field, amount)
         pipe.hgetall(key)
         *_, merged = await pipe.execute()
-        self.merged = _floats(merged)
+        self.merged = state_from_hash(merged)
         self.model.load_state(self.merged)
-
-
-def _floats(raw: dict[bytes, bytes]) -> dict[str, float]:
-    return {k.decode(): float(v) for k, v in raw.items()}
 
 
 def _training_features(s: Shown) -> dict[str, float]:

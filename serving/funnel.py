@@ -31,7 +31,13 @@ import numpy as np
 from prometheus_client import Histogram
 from redis.asyncio import Redis
 
-from models.click_model import FEATURES, FIXED_BLEND, ClickModel, LinearScorer
+from models.click_model import (
+    FEATURES,
+    FIXED_BLEND,
+    ClickModel,
+    LinearScorer,
+    state_from_hash,
+)
 from models.diversity import mmr
 from models.keys import Keys
 from models.mf import implicit_part, predict_rating, rating_part, vector_width
@@ -204,7 +210,7 @@ class Funnel:
             impressions_total=float(total or 0.0),
             unavailable=blocked,
         )
-        ranker = ClickModel.from_state({k.decode(): float(v) for k, v in ranker_state.items()})
+        ranker = ClickModel.from_state(state_from_hash(ranker_state))
         self.scorer = LinearScorer(ranker.serving_weights(), cfg.min_clicks)
 
     async def recommend(

@@ -12,7 +12,6 @@ decay landmark reloads everything (every decayed statistic was rescaled).
 
 from __future__ import annotations
 
-import logging
 import time
 
 import numpy as np
@@ -23,8 +22,6 @@ from models.mf import vector_width
 from models.server_scripts import ServerScripts
 from models.top_k import top_n
 from models.vectors import VECTOR_DTYPE
-
-log = logging.getLogger(__name__)
 
 FETCH_CHUNK = 500  # items per round trip: each chunk's parsing holds the event loop briefly
 STATS = ("occurrences", "popularity", "first_seen")
