@@ -363,6 +363,18 @@ def _start_process(
     return record
 
 
+def kafka_cluster_id(random_bytes: Callable[[], bytes] = lambda: uuid.uuid4().bytes) -> str:
+    """A Kafka cluster id that the storage tool's argument parser accepts.
+
+    Like Kafka's own `Uuid.randomUuid`, ids starting with '-' are drawn again: argparse reads
+    `-t -abc...` as a missing value followed by an unknown option, one format in 64.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(random_bytes()).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def _kafka_command(
     settings: Settings, workdir: Path, port: int, cport: int
 ) -> tuple[list[str], str, list[str]]:
@@ -395,7 +407,7 @@ def _kafka_command(
     )
     common = [f"-Dlog4j2.configurationFile={log4j}", "-cp", f"{lib}/*"]
     if not (data / "meta.properties").exists():
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = kafka_cluster_id()
         format_cmd = [java, *common, "kafka.tools.StorageTool", "format", "--standalone"]
         done = subprocess.run(
             [*format_cmd, "-t", cluster_id, "-c", str(props)],
