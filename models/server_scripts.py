@@ -180,4 +180,3 @@ class ServerScripts:
         self.apply_batch = client.register_script(APPLY_BATCH)
         self.pop_due = client.register_script(POP_DUE)
         self.neighbour_lists = client.register_script(NEIGHBOUR_LISTS)
-        self.user_state = client.register_script(USER_STATE)

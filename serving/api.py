@@ -102,6 +102,7 @@ def create_app(
     app.router.add_get("/openapi.json", openapi)
 
     async def close_redis(app: web.Application) -> None:
+        await app[FUNNEL].aclose()
         await app[REDIS].aclose()
 
     app.on_cleanup.append(close_redis)

@@ -41,12 +41,13 @@ from models.click_model import (
 from models.diversity import mmr
 from models.keys import Keys
 from models.mf import implicit_part, predict_rating, rating_part, vector_width
-from models.server_scripts import ServerScripts
+from models.server_scripts import USER_STATE, ServerScripts
 from models.top_k import top_n
 from models.ucb import ucb_scores
 from models.vectors import decode_vector
 from serving.funnel_config import CHANNELS, FunnelConfig
 from serving.item_index import ItemIndex
+from serving.multiplexed_redis import MultiplexedRedis
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ class Funnel:
         self.scorer = LinearScorer(None, config.min_clicks)
         self.pools = _Pools()
         self.scripts = ServerScripts(redis)
+        self.user_state = MultiplexedRedis.like(redis)  # the per-request read
         self._refreshing: asyncio.Future[None] | None = None
 
     async def refresh(self) -> None:
@@ -213,6 +215,10 @@ class Funnel:
         ranker = ClickModel.from_state(state_from_hash(ranker_state))
         self.scorer = LinearScorer(ranker.serving_weights(), cfg.min_clicks)
 
+    async def aclose(self) -> None:
+        """Closes the per-request connection; the Redis client given stays the caller's."""
+        await self.user_state.aclose()
+
     async def recommend(
         self, user_id: str, k: int, config: FunnelConfig | None = None
     ) -> list[Candidate]:
@@ -251,8 +257,8 @@ class Funnel:
     # --- recall --------------------------------------------------------------------------------
     async def _user(self, user_id: str, cfg: FunnelConfig) -> _User:
         keys = self.keys
-        joined, latest, blob = await self.scripts.user_state(
-            keys=[keys.history(user_id), keys.user_vector(user_id)], args=[cfg.history_cap]
+        joined, latest, blob = await self.user_state.run_script(
+            USER_STATE, [keys.history(user_id), keys.user_vector(user_id)], [cfg.history_cap]
         )
         history = joined.decode().split("\n") if joined else []
         rows = self.index.row_of(history)

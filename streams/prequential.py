@@ -127,6 +127,9 @@ class Backend(Protocol):
     async def learn(self, events: Sequence[Event]) -> None:
         """Learn ``events`` and return once the state reflects all of them."""
 
+    async def close(self) -> None:
+        """Releases connections; the Redis client passed in stays open."""
+
 
 async def _bounded(calls: Sequence[Any], limit: int = CONCURRENCY) -> list[Any]:
     gate = asyncio.Semaphore(limit)
@@ -173,6 +176,9 @@ class DirectBackend:
         result = await self.updater.apply(events)
         self.rating_errors.extend(result.rating_errors)
         await self.funnel.refresh()  # the reader's item matrix, caught up as a reader's would be
+
+    async def close(self) -> None:
+        await self.funnel.aclose()
 
 
 class _TrackedProducer(EventProducer):
@@ -752,7 +758,7 @@ async def _run(
             progress.close()
         return evaluation
     finally:
-        if isinstance(backend, PipelineBackend):
+        if backend is not None:
             await backend.close()
         await redis.aclose()
         if processes is not None:

@@ -63,6 +63,7 @@ def test_seen_and_unavailable_items_are_never_returned(settings: Settings) -> No
             items = [c.item_id for c in await funnel.recommend("u3", k)]
             assert items and not (set(items) & seen) and not {"i0", "i1"} & set(items)
             assert len(items) == len(set(items))
+        await funnel.aclose()
         await redis.aclose()
 
     asyncio.run(run())
@@ -84,6 +85,8 @@ def test_business_rules_drop_and_boost(settings: Settings) -> None:
         before = [c.item_id for c in await plain.recommend("stranger", 50)]
         if "i42" in before:
             assert items.index("i42") <= before.index("i42")
+        await funnel.aclose()
+        await plain.aclose()
         await redis.aclose()
 
     asyncio.run(run())
@@ -120,6 +123,7 @@ def test_a_cold_item_is_explored_then_loses_exposure_without_clicks(settings: Se
         await updater.apply([Event("impression", "u5", "fresh-a", TS + 6001)] * 30)
         await funnel.refresh()
         assert "fresh-a" not in await explored("u8")
+        await funnel.aclose()
         await redis.aclose()
 
     asyncio.run(run())
@@ -137,6 +141,7 @@ def test_a_cold_item_that_gets_clicks_keeps_its_exposure(settings: Settings) -> 
             served = await funnel.recommend(user, 10)
             explored = [c.item_id for c in served if c.channels[0] == "explore"]
             assert explored == ["fresh-a"], (user, explored)
+        await funnel.aclose()
         await redis.aclose()
 
     asyncio.run(run())
@@ -164,7 +169,9 @@ def test_a_variant_can_rank_by_its_own_blend(settings: Settings) -> None:
     async def run() -> None:
         redis, keys, _ = await _setup(settings, _catalogue())
         config = dataclasses.replace(variant.config, diversity=0.0, exploration_slots=0)
-        served = await Funnel(redis, keys, config).serve("u3", 5)
+        funnel = Funnel(redis, keys, config)
+        served = await funnel.serve("u3", 5)
+        await funnel.aclose()
         cf = served.features[:, 1]  # FEATURES[1] is the CF score
         assert len(served.items) == 5 and all(c.channels == ["cf"] for c in served.items)
         assert cf.tolist() == sorted(cf.tolist(), reverse=True) and cf[-1] > 0

@@ -1,0 +1,125 @@
+"""The reader's shared Redis connection: replies reach their callers, failures are recoverable."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from models.keys import Keys
+from models.server_scripts import USER_STATE
+from serving.multiplexed_redis import MultiplexedRedis
+from streams.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def test_concurrent_commands_each_get_their_own_reply(settings: Settings) -> None:
+    keys = Keys(settings.key_prefix)
+    names = [keys.item_vector(f"i{n}") for n in range(300)]
+
+    async def run() -> None:
+        client = Redis.from_url(settings.redis_url)
+        await client.mset({name: f"value-{n}" for n, name in enumerate(names)})
+        shared = MultiplexedRedis.like(client)
+        try:
+            replies = await asyncio.gather(*(shared.execute("GET", name) for name in names))
+            assert replies == [f"value-{n}".encode() for n in range(len(names))]
+            assert await shared.execute("GET", keys.item_vector("missing")) is None
+            with pytest.raises(redis_errors.ResponseError, match="WRONGTYPE"):
+                await shared.execute("ZCARD", names[0])
+            assert await shared.execute("GET", names[1]) == b"value-1"  # still in step
+        finally:
+            await shared.aclose()
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_script_gives_what_redis_py_gives_and_survives_a_script_flush(
+    settings: Settings,
+) -> None:
+    keys = Keys(settings.key_prefix)
+    script_keys = [keys.history("u1"), keys.user_vector("u1")]
+
+    async def run() -> None:
+        client = Redis.from_url(settings.redis_url)
+        await client.zadd(script_keys[0], {"a": 1.0, "b": 3.0, "c": 2.0})
+        await client.set(script_keys[1], b"\x00\x01\x02\x03")
+        shared = MultiplexedRedis.like(client)
+        try:
+            expected = await client.register_script(USER_STATE)(keys=script_keys, args=[2])
+            assert await shared.run_script(USER_STATE, script_keys, [2]) == expected
+            assert expected == [b"b\nc", b"3", b"\x00\x01\x02\x03"]
+            await client.script_flush()  # the server forgets it; the connection does not know
+            assert await shared.run_script(USER_STATE, script_keys, [2]) == expected
+        finally:
+            await shared.aclose()
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_killed_connection_fails_its_waiters_and_the_next_call_reconnects(
+    settings: Settings,
+) -> None:
+    keys = Keys(settings.key_prefix)
+    name = f"{settings.key_prefix}-multiplexed"
+
+    async def run() -> None:
+        client = Redis.from_url(settings.redis_url)
+        shared = MultiplexedRedis.like(client)
+        try:
+            await shared.execute("CLIENT", "SETNAME", name)
+            # Written at once; the kill below fails it whether or not Redis has read it yet.
+            blocked = asyncio.ensure_future(shared.execute("BLPOP", keys.history("none"), 30))
+            ours = [c["id"] for c in await client.client_list() if c.get("name") == name]
+            assert len(ours) == 1
+            await client.client_kill_filter(_id=ours[0])
+            with pytest.raises(redis_errors.ConnectionError):
+                await blocked
+            assert await shared.execute("PING") == b"PONG"  # a new connection, by itself
+        finally:
+            await shared.aclose()
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_an_unreachable_server_is_a_connection_error_not_a_hang(settings: Settings) -> None:
+    async def run() -> None:
+        shared = MultiplexedRedis(port=_closed_port(), timeout_s=1.0)
+        with pytest.raises(redis_errors.ConnectionError, match="cannot connect"):
+            await shared.execute("PING")
+
+    asyncio.run(run())
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_database_of_the_url_is_selected(settings: Settings) -> None:
+    url = urlsplit(settings.redis_url)._replace(path="/5").geturl()
+    key = f"{settings.key_prefix}:db5-probe"
+
+    async def run() -> None:
+        client = Redis.from_url(url)
+        shared = MultiplexedRedis.like(client)
+        try:
+            await client.set(key, b"in db 5")
+            assert await shared.execute("GET", key) == b"in db 5"
+        finally:
+            await client.delete(key)
+            await shared.aclose()
+            await client.aclose()
+
+    asyncio.run(run())
+    assert redis.Redis.from_url(settings.redis_url).exists(key) == 0
