@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
-import orjson
 import uvloop
-from aiohttp import web
 from confluent_kafka import Producer
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from redis import exceptions as redis_errors
@@ -24,6 +23,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from models.keys import Keys
 from serving.funnel import Funnel, FunnelConfig, UnknownItem
+from serving.http_server import Handler, HttpServer, Request, Response, Router
 from serving.impressions import ImpressionLog
 from serving.openapi import OPENAPI
 from serving.publisher import RecommendationPublisher
@@ -38,13 +38,6 @@ LATENCY = Histogram(
     ["route"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
-
-FUNNEL = web.AppKey("funnel", Funnel)
-VARIANTS = web.AppKey("variants", Variants)
-IMPRESSIONS = web.AppKey("impressions", ImpressionLog)
-PUBLISHER = web.AppKey("publisher", RecommendationPublisher)
-REDIS = web.AppKey("redis", Redis)
-LIMITS = web.AppKey("limits", dict)
 
 
 class BadRequest(ValueError):
@@ -63,207 +56,187 @@ class Publishing:
     interval_s: float = 0.1
 
 
-def create_app(
-    redis: Redis,
-    keys: Keys,
-    config: FunnelConfig,
-    max_k: int = 200,
-    max_id_length: int = 128,
-    publishing: Publishing | None = None,
-    variants: Variants | None = None,
-    index_refresh_s: float = 0.5,
-) -> web.Application:
-    app = web.Application(middlewares=[_errors_as_json])
-    app[REDIS] = redis
-    app[FUNNEL] = Funnel(redis, keys, config, max_staleness_s=10 * index_refresh_s)
-    app[VARIANTS] = variants or Variants.parse("", config)
-    app[LIMITS] = {"max_k": max_k, "max_id_length": max_id_length}
-    app.cleanup_ctx.append(_keep_fresh(index_refresh_s))
-    if publishing is not None:
-        producer = Producer(
-            {"bootstrap.servers": publishing.kafka_bootstrap, "linger.ms": 20, "log_level": 3}
-        )
-        app[IMPRESSIONS] = ImpressionLog(producer, publishing.impressions_topic)
-        app[PUBLISHER] = RecommendationPublisher(
-            redis,
-            keys,
-            app[FUNNEL],
-            producer,
-            publishing.topic,
-            publishing.k,
-            publishing.debounce_s,
-        )
-        app.cleanup_ctx.append(_publishing(publishing.interval_s))
-    app.router.add_get("/recommendations/{user_id}", recommendations)
-    app.router.add_get("/similar/{item_id}", similar)
-    app.router.add_get("/predict/{user_id}/{item_id}", predict)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/openapi.json", openapi)
+class Reader:
+    """The routes over one funnel, with the background work that keeps it fresh and publishes.
 
-    async def close_redis(app: web.Application) -> None:
-        await app[FUNNEL].aclose()
-        await app[REDIS].aclose()
+    Parameters
+    ----------
+    index_refresh_s
+        How often the item snapshot and the pools catch up with Redis; a request finding the
+        snapshot older than ten intervals starts a catch-up itself.
+    """
 
-    app.on_cleanup.append(close_redis)
-    return app
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        config: FunnelConfig,
+        max_k: int = 200,
+        max_id_length: int = 128,
+        publishing: Publishing | None = None,
+        variants: Variants | None = None,
+        index_refresh_s: float = 0.5,
+    ) -> None:
+        self.redis = redis
+        self.funnel = Funnel(redis, keys, config, max_staleness_s=10 * index_refresh_s)
+        self.variants = variants or Variants.parse("", config)
+        self.max_k = max_k
+        self.max_id_length = max_id_length
+        self.index_refresh_s = index_refresh_s
+        self.publishing = publishing
+        self.impressions: ImpressionLog | None = None
+        self.publisher: RecommendationPublisher | None = None
+        if publishing is not None:
+            producer = Producer(
+                {"bootstrap.servers": publishing.kafka_bootstrap, "linger.ms": 20, "log_level": 3}
+            )
+            self.impressions = ImpressionLog(producer, publishing.impressions_topic)
+            self.publisher = RecommendationPublisher(
+                redis,
+                keys,
+                self.funnel,
+                producer,
+                publishing.topic,
+                publishing.k,
+                publishing.debounce_s,
+            )
+        router = Router()
+        router.add("/recommendations/{user_id}", self.recommendations)
+        router.add("/similar/{item_id}", self.similar)
+        router.add("/predict/{user_id}/{item_id}", self.predict)
+        router.add("/healthz", self.healthz)
+        router.add("/metrics", self.metrics)
+        router.add("/openapi.json", self.openapi)
+        self.server = HttpServer(router, self.dispatch)
+        self._background: list[asyncio.Task[None]] = []
+        self._labels: dict[tuple[str, int], tuple[Any, Any]] = {}
 
+    async def start(self, host: str, port: int) -> None:
+        self._background.append(asyncio.create_task(self._keep_fresh()))
+        if self.publisher is not None and self.publishing is not None:
+            self._background.append(
+                asyncio.create_task(self.publisher.run(self.publishing.interval_s))
+            )
+        await self.server.start(host, port)
 
-def _keep_fresh(interval_s: float) -> Callable[[web.Application], AsyncIterator[None]]:
-    """The item matrix and click-model weights, refreshed in the background."""
+    async def stop(self) -> None:
+        await self.server.stop()
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.publisher is not None:
+            self.publisher.close()
+        await self.funnel.aclose()
+        await self.redis.aclose()
 
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        funnel = app[FUNNEL]
+    async def _keep_fresh(self) -> None:
+        """The item snapshot, pools and click-model weights, refreshed in the background."""
+        while True:
+            try:
+                await self.funnel.refresh()
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+                log.warning("funnel state not refreshed: %s", exc)
+            await asyncio.sleep(self.index_refresh_s)
 
-        async def loop() -> None:
-            while True:
-                try:
-                    await funnel.refresh()
-                except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-                    log.warning("funnel state not refreshed: %s", exc)
-                await asyncio.sleep(interval_s)
-
-        task = asyncio.create_task(loop())
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    return lifecycle
-
-
-def _publishing(interval_s: float) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        publisher = app[PUBLISHER]
-        task = asyncio.create_task(publisher.run(interval_s))
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        publisher.close()
-
-    return lifecycle
-
-
-async def recommendations(request: web.Request) -> web.Response:
-    user_id = _identifier(request, "user_id")
-    k = _k(request)
-    started = time.perf_counter()
-    variant = request.app[VARIANTS].assign(user_id)
-    served = await request.app[FUNNEL].serve(user_id, k, variant.config)
-    request_id = uuid.uuid4().hex
-    if IMPRESSIONS in request.app:
-        request.app[IMPRESSIONS].log(request_id, user_id, variant.name, served)
-    body: dict[str, object] = {
-        "user_id": user_id,
-        "k": k,
-        "request_id": request_id,
-        "variant": variant.name,
-        "items": [c.to_json() for c in served.items],
-        "latest_event_ts": served.latest_event_ts,
-        "took_ms": round(1000 * (time.perf_counter() - started), 3),
-    }
-    if request.query.get("debug") in ("1", "true"):
-        body["debug"] = {
-            "stages_ms": served.timings_ms,
-            "index_items": len(request.app[FUNNEL].index),
-            "index_staleness_s": round(request.app[FUNNEL].index.staleness_s, 3),
-            "ranker": "learned" if request.app[FUNNEL].scorer.learned else "fixed blend",
+    # --- routes -------------------------------------------------------------------------------
+    async def recommendations(self, request: Request) -> Response:
+        user_id = self._identifier(request, "user_id")
+        k = self._k(request)
+        started = time.perf_counter()
+        variant = self.variants.assign(user_id)
+        served = await self.funnel.serve(user_id, k, variant.config)
+        request_id = uuid.uuid4().hex
+        if self.impressions is not None:
+            self.impressions.log(request_id, user_id, variant.name, served)
+        body: dict[str, object] = {
+            "user_id": user_id,
+            "k": k,
+            "request_id": request_id,
+            "variant": variant.name,
+            "items": [c.to_json() for c in served.items],
+            "latest_event_ts": served.latest_event_ts,
+            "took_ms": round(1000 * (time.perf_counter() - started), 3),
         }
-    return _json(body)
+        if request.query.get("debug") in ("1", "true"):
+            body["debug"] = {
+                "stages_ms": served.timings_ms,
+                "index_items": len(self.funnel.index),
+                "index_staleness_s": round(self.funnel.index.staleness_s, 3),
+                "ranker": "learned" if self.funnel.scorer.learned else "fixed blend",
+            }
+        return Response.json(body)
 
+    async def similar(self, request: Request) -> Response:
+        item_id = self._identifier(request, "item_id")
+        items = await self.funnel.similar(item_id, self._k(request))
+        return Response.json({"item_id": item_id, "items": items})
 
-async def openapi(request: web.Request) -> web.Response:
-    return _json(OPENAPI)
+    async def predict(self, request: Request) -> Response:
+        user_id = self._identifier(request, "user_id")
+        item_id = self._identifier(request, "item_id")
+        return Response.json(await self.funnel.predict(user_id, item_id))
 
+    async def healthz(self, request: Request) -> Response:
+        await self.redis.ping()
+        return Response.json({"status": "ok", "redis": "ok"})
 
-async def similar(request: web.Request) -> web.Response:
-    item_id = _identifier(request, "item_id")
-    items = await request.app[FUNNEL].similar(item_id, _k(request))
-    return _json({"item_id": item_id, "items": items})
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)
 
+    async def openapi(self, request: Request) -> Response:
+        return Response.json(OPENAPI)
 
-async def predict(request: web.Request) -> web.Response:
-    user_id = _identifier(request, "user_id")
-    item_id = _identifier(request, "item_id")
-    return _json(await request.app[FUNNEL].predict(user_id, item_id))
-
-
-async def healthz(request: web.Request) -> web.Response:
-    await request.app[REDIS].ping()
-    return _json({"status": "ok", "redis": "ok"})
-
-
-async def metrics(request: web.Request) -> web.Response:
-    response = web.Response(body=generate_latest())
-    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-    return response
-
-
-def _identifier(request: web.Request, name: str) -> str:
-    value = request.match_info[name]
-    limit = request.app[LIMITS]["max_id_length"]
-    if not value or len(value) > limit or not value.isprintable():
-        raise BadRequest(f"{name} must be 1 to {limit} printable characters")
-    return value
-
-
-def _k(request: web.Request) -> int:
-    raw = request.query.get("k", "10")
-    limit = request.app[LIMITS]["max_k"]
-    try:
-        k = int(raw)
-    except ValueError:
-        raise BadRequest(f"k must be an integer from 1 to {limit}, got {raw!r}") from None
-    if not 1 <= k <= limit:
-        raise BadRequest(f"k must be an integer from 1 to {limit}, got {k}")
-    return k
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
-    route = (
-        request.match_info.route.resource.canonical
-        if request.match_info.route.resource
-        else "unmatched"
-    )
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
+    # --- errors and metrics -------------------------------------------------------------------
+    async def dispatch(self, request: Request, route: str, handler: Handler) -> Response:
+        started = time.perf_counter()
+        try:
+            response = await handler(request)
+        except BadRequest as exc:
+            response = _error(400, str(exc))
+        except UnknownItem as exc:
+            response = _error(404, f"unknown item {exc.args[0]!r}: no event has mentioned it yet")
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            log.warning("Redis unavailable: %s", exc)
+            response = _error(503, "state store (Redis) unavailable; retry shortly")
+        except Exception:
+            log.exception("unhandled error on %s", request.path)
+            response = _error(500, "internal error; see the reader's log")
+        requests, latency = self._metric_children(route, response.status)
+        requests.inc()
+        latency.observe(time.perf_counter() - started)
         return response
-    except BadRequest as exc:
-        status = 400
-        return _error(400, str(exc))
-    except UnknownItem as exc:
-        status = 404
-        return _error(404, f"unknown item {exc.args[0]!r}: no event has mentioned it yet")
-    except web.HTTPException as exc:
-        status = exc.status
-        return _error(exc.status, exc.reason)
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-        status = 503
-        log.warning("Redis unavailable: %s", exc)
-        return _error(503, "state store (Redis) unavailable; retry shortly")
-    except Exception:
-        log.exception("unhandled error on %s", request.path)
-        return _error(500, "internal error; see the reader's log")
-    finally:
-        REQUESTS.labels(route, str(status)).inc()
-        LATENCY.labels(route).observe(time.perf_counter() - started)
+
+    def _metric_children(self, route: str, status: int) -> tuple[Any, Any]:
+        """Label lookups cached: ``labels()`` costs more than the increment itself."""
+        children = self._labels.get((route, status))
+        if children is None:
+            children = (REQUESTS.labels(route, str(status)), LATENCY.labels(route))
+            self._labels[(route, status)] = children
+        return children
+
+    def _identifier(self, request: Request, name: str) -> str:
+        value = request.params[name]
+        limit = self.max_id_length
+        if not value or len(value) > limit or not value.isprintable():
+            raise BadRequest(f"{name} must be 1 to {limit} printable characters")
+        return value
+
+    def _k(self, request: Request) -> int:
+        raw = request.query.get("k", "10")
+        limit = self.max_k
+        try:
+            k = int(raw)
+        except ValueError:
+            raise BadRequest(f"k must be an integer from 1 to {limit}, got {raw!r}") from None
+        if not 1 <= k <= limit:
+            raise BadRequest(f"k must be an integer from 1 to {limit}, got {k}")
+        return k
 
 
-def _error(status: int, message: str) -> web.Response:
-    return _json({"error": message, "status": status}, status)
-
-
-def _json(body: object, status: int = 200) -> web.Response:
-    # orjson: a served list encodes in 12 us against the standard library's 43 us.
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+def _error(status: int, message: str) -> Response:
+    return Response.json({"error": message, "status": status}, status)
 
 
 def run_reader(
@@ -277,13 +250,24 @@ def run_reader(
     publishing: Publishing | None = None,
     variants: Variants | None = None,
 ) -> None:
-    # Requests beyond the pool wait for a connection (up to the timeout) instead of failing.
-    pool = BlockingConnectionPool.from_url(
-        redis_url, max_connections=64, timeout=2, socket_timeout=2, socket_connect_timeout=2
-    )
-    redis = Redis(connection_pool=pool)
-    app = create_app(redis, keys, config, max_k, max_id_length, publishing, variants)
-    log.info("reader listening on http://%s:%d", host, port)
-    web.run_app(
-        app, host=host, port=port, print=None, access_log=None, loop=uvloop.new_event_loop()
-    )
+    """Serves until SIGTERM or SIGINT, then finishes requests in flight and closes cleanly."""
+
+    async def main() -> None:
+        # Requests beyond the pool wait for a connection (up to the timeout) instead of failing.
+        pool = BlockingConnectionPool.from_url(
+            redis_url, max_connections=64, timeout=2, socket_timeout=2, socket_connect_timeout=2
+        )
+        reader = Reader(Redis(connection_pool=pool), keys, config, max_k, max_id_length,
+                        publishing, variants)  # fmt: skip
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await reader.start(host, port)
+        log.info("reader listening on http://%s:%d", host, port)
+        try:
+            await stop.wait()
+        finally:
+            await reader.stop()
+
+    uvloop.run(main())
