@@ -234,7 +234,7 @@ class Funnel:
         clock = _Clock()
         user = await self._user(user_id, cfg)
         clock.lap("user")
-        recall = self._recall(user, k, cfg)
+        recall = await self._recall(user, k, cfg)
         clock.lap("recall")
         if not len(recall.rows):
             return Served([], user.latest, np.zeros((0, len(FEATURES))), clock.laps)
@@ -274,8 +274,11 @@ class Funnel:
             y=y_user,
         )
 
-    def _recall(self, user: _User, k: int, cfg: FunnelConfig) -> _Recall:
+    async def _recall(self, user: _User, k: int, cfg: FunnelConfig) -> _Recall:
         """Every channel's candidates as index rows, merged; each keeps its channels."""
+        mf_scores = None
+        if user.y is not None:  # first: nothing below waits, so the index stays as scanned
+            mf_scores = await self.index.shared_scores(user.y)  # fresh: safe to mask in place
         index, pools = self.index, self.pools
         seen = np.zeros(len(index), dtype=bool)
         seen[user.seen] = True
@@ -285,9 +288,7 @@ class Funnel:
             item_cf = self._item_cf(user.seeds, seen, cfg.recall_per_seed)
             if "cf" in cfg.channels:
                 parts.append((item_cf.recalled, CF))
-        mf_scores = None
-        if user.y is not None:
-            mf_scores = index.scores(user.y)  # a fresh array: masking in place is safe
+        if mf_scores is not None:
             mf_scores[user.seen] = -np.inf  # candidates are never seen items, so keep theirs
             if "mf" in cfg.channels:
                 best = top_n(mf_scores, cfg.recall_mf)
