@@ -32,24 +32,32 @@ def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, diversity: float) ->
     k = min(k, n)
     if k == 0:
         return []
-    rel = np.nan_to_num(np.asarray(relevance, dtype=np.float64), nan=-np.inf)
+    # Relevance rescaled to [0, 1] over its finite values; NaN or infinite ones count as 0.
+    rel = np.array(relevance, dtype=np.float64)
     finite = np.isfinite(rel)
-    lo, hi = (rel[finite].min(), rel[finite].max()) if finite.any() else (0.0, 0.0)
-    rel = np.where(finite, (rel - lo) / (hi - lo) if hi > lo else 1.0, 0.0)
+    every = bool(finite.all())
+    if every or finite.any():
+        lo, hi = (rel.min(), rel.max()) if every else (rel[finite].min(), rel[finite].max())
+        rel = (rel - lo) / (hi - lo) if hi > lo else np.ones(n)
+        if not every:
+            rel[~finite] = 0.0
+    else:
+        rel = np.zeros(n)
     if diversity <= 0.0:
         return np.argsort(-rel, kind="stable")[:k].tolist()
     norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
     unit = vectors / np.where(norms > 0, norms, 1.0)[:, None]
-    base = (1.0 - diversity) * rel
+    weighted = diversity * unit  # so a dot product gives lambda * sim at once
+    base = (1.0 - diversity) * rel  # a picked item's base becomes -inf: never picked again
     best = int(np.argmax(base))
     picked = [best]
-    closest = np.dot(unit, unit[best])  # max similarity to anything picked so far
+    base[best] = -np.inf
+    penalty = np.dot(unit, weighted[best])  # lambda * max similarity to the picks so far
     for _ in range(k - 1):
-        gain = base - diversity * closest
-        gain[picked] = -np.inf
-        best = int(np.argmax(gain))
+        best = int(np.argmax(base - penalty))
         picked.append(best)
-        closest = np.maximum(closest, np.dot(unit, unit[best]))
+        base[best] = -np.inf
+        penalty = np.maximum(penalty, np.dot(unit, weighted[best]))
     return picked
 
 

@@ -81,6 +81,8 @@ FEATURE_COLUMNS = {name: n for n, name in enumerate(FEATURES)}
 BLEND = np.array([FIXED_BLEND.get(name, 0.0) for name in FEATURES])
 CF, MF, TRENDING, COLD = 1, 2, 4, 8
 CHANNEL_BITS = {"cf": CF, "mf": MF, "trending": TRENDING, "cold": COLD}  # explanation order
+CHANNEL_COLUMNS = [FEATURE_COLUMNS[f"channel_{name}"] for name in CHANNEL_BITS]
+CHANNEL_MASKS = np.array(list(CHANNEL_BITS.values()), dtype=np.int64)
 NEIGHBOURS_KEPT = 50  # per item in memory; a variant's recall_per_seed may ask up to this
 POOL_SIZE = 300  # trending and newest items kept per refresh: recall_popular plus the largest k
 BusinessRule = Callable[[str, list[str]], Awaitable[np.ndarray]]
@@ -342,10 +344,10 @@ class Funnel:
         """
         index = self.index
         width = index.width
-        neighbours = index.neighbours[seeds].ravel()
-        weights = index.neighbour_weights[seeds].ravel()
+        neighbours = np.take(index.neighbours, seeds, axis=0).ravel()
+        weights = np.take(index.neighbour_weights, seeds, axis=0).ravel()
         seed_of = np.repeat(seeds, width)
-        strong = np.tile(np.arange(width) < per_seed, len(seeds))
+        strong = _leading(width, per_seed, len(seeds))
         valid = neighbours >= 0
         valid[valid] = ~seen[neighbours[valid]]
         neighbours, weights, seed_of, strong = (
@@ -371,15 +373,14 @@ class Funnel:
     def _features(self, user: _User, recall: _Recall) -> np.ndarray:
         """One row per candidate, columns as `models.click_model.FEATURES`."""
         rows = recall.rows
-        stats = self.index.stats[rows]
+        stats = np.take(self.index.stats, rows, axis=0)
         pop, first = stats[:, 1], stats[:, 2]
         x = np.zeros((len(rows), len(FEATURES)))
         col = FEATURE_COLUMNS
         # Forward-decayed sums share one scale; a ratio to the largest makes them comparable.
         x[:, col["log_popularity"]] = np.log1p(1000.0 * pop / max(pop.max(), 1e-300))
         x[:, col["cf"]] = recall.cf
-        for channel, bit in CHANNEL_BITS.items():
-            x[:, col[f"channel_{channel}"]] = (recall.channels & bit) > 0
+        x[:, CHANNEL_COLUMNS] = (recall.channels[:, None] & CHANNEL_MASKS) > 0
         newest = user.latest or float(first.max(initial=0.0))
         age = np.maximum(newest - np.where(first > 0, first, newest), 0.0)
         x[:, col["log_age_h"]] = np.log1p(age / 3600.0)
@@ -430,7 +431,7 @@ class Funnel:
         eligible = allowed.copy()
         eligible[explore] = False
         eligible_at = np.flatnonzero(eligible)
-        vectors = index.matrix[rows[eligible_at]]
+        vectors = np.take(index.matrix, rows[eligible_at], axis=0)
         chosen = mmr(relevance[eligible_at], vectors, k - len(explore), cfg.diversity)
         picked = eligible_at[chosen].tolist() + explore.tolist()
         explored = set(explore.tolist())
@@ -550,6 +551,14 @@ class _Clock:
         now = time.perf_counter()
         self.laps[stage] = round(1000.0 * (now - self.last), 3)
         self.last = now
+
+
+@functools.lru_cache(maxsize=64)
+def _leading(width: int, first: int, lists: int) -> np.ndarray:
+    """For ``lists`` rows of ``width`` flattened: True at each row's ``first`` positions."""
+    mask = np.tile(np.arange(width) < first, lists)
+    mask.flags.writeable = False
+    return mask
 
 
 @functools.lru_cache(maxsize=64)

@@ -143,7 +143,7 @@ class ItemIndex:
     def row_of(self, items: list[str]) -> np.ndarray:
         """Rows of ``items``; -1 where the index does not know the item (yet)."""
         get = self.rows.get
-        return np.fromiter((get(item, -1) for item in items), dtype=np.int64, count=len(items))
+        return np.array([get(item, -1) for item in items], dtype=np.int64)
 
     def scores(self, y_user: np.ndarray) -> np.ndarray:
         """``y_i . y_u`` for every item, in row order."""
