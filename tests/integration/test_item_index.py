@@ -20,15 +20,23 @@ pytestmark = pytest.mark.integration
 TS = 1_700_000_000.0
 
 
+async def _clicked(
+    settings: Settings, users: int, items: int
+) -> tuple[Redis, BatchUpdater, ItemIndex]:
+    """Items ``i0..`` clicked by users ``u0..`` in turn and learned; an index not yet loaded."""
+    redis = Redis.from_url(settings.redis_url)
+    keys, cfg = Keys(settings.key_prefix), settings.model_config()
+    updater = BatchUpdater(redis, keys, cfg)
+    await updater.apply([Event("click", f"u{n % users}", f"i{n}", TS + n) for n in range(items)])
+    return redis, updater, ItemIndex(redis, keys, cfg.factors)
+
+
 def test_the_index_loads_all_items_then_fetches_only_changed_ones(settings: Settings) -> None:
     cfg = settings.model_config()
     keys = Keys(settings.key_prefix)
 
     async def run() -> None:
-        redis = Redis.from_url(settings.redis_url)
-        updater = BatchUpdater(redis, keys, cfg)
-        await updater.apply([Event("click", f"u{n % 7}", f"i{n}", TS + n) for n in range(50)])
-        index = ItemIndex(redis, keys, cfg.factors)
+        redis, updater, index = await _clicked(settings, users=7, items=50)
         assert await index.refresh() == 50 and len(index) == 50
         assert await index.refresh() == 0  # nothing changed since
 
@@ -77,10 +85,7 @@ def test_requests_scanning_together_share_one_pass_and_get_their_own_scores(
     keys = Keys(settings.key_prefix)
 
     async def run() -> None:
-        redis = Redis.from_url(settings.redis_url)
-        updater = BatchUpdater(redis, keys, cfg)
-        await updater.apply([Event("click", f"u{n % 9}", f"i{n}", TS + n) for n in range(80)])
-        index = ItemIndex(redis, keys, cfg.factors)
+        redis, _, index = await _clicked(settings, users=9, items=80)
         await index.refresh()
         users = [
             implicit_part(decode_vector(await redis.get(keys.user_vector(f"u{n}"))), cfg.factors)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -19,24 +21,31 @@ from streams.settings import Settings
 pytestmark = pytest.mark.integration
 
 
+@contextlib.asynccontextmanager
+async def _clients(url: str) -> AsyncIterator[tuple[Redis, MultiplexedRedis]]:
+    """A redis-py client and a shared connection to the same server, both closed afterwards."""
+    client = Redis.from_url(url)
+    shared = MultiplexedRedis.like(client)
+    try:
+        yield client, shared
+    finally:
+        await shared.aclose()
+        await client.aclose()
+
+
 def test_concurrent_commands_each_get_their_own_reply(settings: Settings) -> None:
     keys = Keys(settings.key_prefix)
     names = [keys.item_vector(f"i{n}") for n in range(300)]
 
     async def run() -> None:
-        client = Redis.from_url(settings.redis_url)
-        await client.mset({name: f"value-{n}" for n, name in enumerate(names)})
-        shared = MultiplexedRedis.like(client)
-        try:
+        async with _clients(settings.redis_url) as (client, shared):
+            await client.mset({name: f"value-{n}" for n, name in enumerate(names)})
             replies = await asyncio.gather(*(shared.execute("GET", name) for name in names))
             assert replies == [f"value-{n}".encode() for n in range(len(names))]
             assert await shared.execute("GET", keys.item_vector("missing")) is None
             with pytest.raises(redis_errors.ResponseError, match="WRONGTYPE"):
                 await shared.execute("ZCARD", names[0])
             assert await shared.execute("GET", names[1]) == b"value-1"  # still in step
-        finally:
-            await shared.aclose()
-            await client.aclose()
 
     asyncio.run(run())
 
@@ -48,19 +57,14 @@ def test_a_script_gives_what_redis_py_gives_and_survives_a_script_flush(
     script_keys = [keys.history("u1"), keys.user_vector("u1")]
 
     async def run() -> None:
-        client = Redis.from_url(settings.redis_url)
-        await client.zadd(script_keys[0], {"a": 1.0, "b": 3.0, "c": 2.0})
-        await client.set(script_keys[1], b"\x00\x01\x02\x03")
-        shared = MultiplexedRedis.like(client)
-        try:
+        async with _clients(settings.redis_url) as (client, shared):
+            await client.zadd(script_keys[0], {"a": 1.0, "b": 3.0, "c": 2.0})
+            await client.set(script_keys[1], b"\x00\x01\x02\x03")
             expected = await client.register_script(USER_STATE)(keys=script_keys, args=[2])
             assert await shared.run_script(USER_STATE, script_keys, [2]) == expected
             assert expected == [b"b\nc", b"3", b"\x00\x01\x02\x03"]
             await client.script_flush()  # the server forgets it; the connection does not know
             assert await shared.run_script(USER_STATE, script_keys, [2]) == expected
-        finally:
-            await shared.aclose()
-            await client.aclose()
 
     asyncio.run(run())
 
@@ -72,9 +76,7 @@ def test_a_killed_connection_fails_its_waiters_and_the_next_call_reconnects(
     name = f"{settings.key_prefix}-multiplexed"
 
     async def run() -> None:
-        client = Redis.from_url(settings.redis_url)
-        shared = MultiplexedRedis.like(client)
-        try:
+        async with _clients(settings.redis_url) as (client, shared):
             await shared.execute("CLIENT", "SETNAME", name)
             # Written at once; the kill below fails it whether or not Redis has read it yet.
             blocked = asyncio.ensure_future(shared.execute("BLPOP", keys.history("none"), 30))
@@ -84,9 +86,6 @@ def test_a_killed_connection_fails_its_waiters_and_the_next_call_reconnects(
             with pytest.raises(redis_errors.ConnectionError):
                 await blocked
             assert await shared.execute("PING") == b"PONG"  # a new connection, by itself
-        finally:
-            await shared.aclose()
-            await client.aclose()
 
     asyncio.run(run())
 
@@ -111,15 +110,12 @@ def test_the_database_of_the_url_is_selected(settings: Settings) -> None:
     key = f"{settings.key_prefix}:db5-probe"
 
     async def run() -> None:
-        client = Redis.from_url(url)
-        shared = MultiplexedRedis.like(client)
-        try:
+        async with _clients(url) as (client, shared):
             await client.set(key, b"in db 5")
-            assert await shared.execute("GET", key) == b"in db 5"
-        finally:
-            await client.delete(key)
-            await shared.aclose()
-            await client.aclose()
+            try:
+                assert await shared.execute("GET", key) == b"in db 5"
+            finally:
+                await client.delete(key)
 
     asyncio.run(run())
     assert redis.Redis.from_url(settings.redis_url).exists(key) == 0

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from serving.http_server import MAX_URL_BYTES, HttpServer, Request, Response, Router
+from serving.http_server import MAX_URL_BYTES, Handler, HttpServer, Request, Response, Router
 
 
 async def _echo(request: Request) -> Response:
@@ -17,92 +19,80 @@ async def _echo(request: Request) -> Response:
     return Response.json({"params": request.params, "query": request.query})
 
 
-async def _dispatch(request: Request, route: str, handler) -> Response:  # type: ignore[no-untyped-def]
+async def _dispatch(request: Request, route: str, handler: Handler) -> Response:
     response = await handler(request)
     if response.status == 200:
-        body = json.loads(response.body)
-        body["route"] = route
-        return Response.json(body)
+        return Response.json({**json.loads(response.body), "route": route})
     return response
 
 
-async def _server() -> HttpServer:
+Connected = tuple[HttpServer, asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@contextlib.asynccontextmanager
+async def _connected() -> AsyncIterator[Connected]:
+    """A server with three routes and one client connection to it; both closed afterwards."""
     router = Router()
-    router.add("/items/{item_id}", _echo)
-    router.add("/pairs/{a}/{b}", _echo)
-    router.add("/healthz", _echo)
+    for template in ("/items/{item_id}", "/pairs/{a}/{b}", "/healthz"):
+        router.add(template, _echo)
     server = HttpServer(router, _dispatch)
     await server.start("127.0.0.1", 0)
-    return server
-
-
-async def _exchange(port: int, raw: bytes, responses: int = 1) -> list[tuple[int, dict, bytes]]:
-    """Sends ``raw`` as is; reads ``responses`` answers: (status, headers, body)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(raw)
-    answers = []
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
-        for _ in range(responses):
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            lines = head.decode("latin-1").split("\r\n")
-            status = int(lines[0].split()[1])
-            headers = dict(line.split(": ", 1) for line in lines[1:] if line)
-            body = await reader.readexactly(int(headers["Content-Length"]))
-            answers.append((status, headers, body))
+        yield server, reader, writer
     finally:
         writer.close()
-    return answers
+        await server.stop()
+
+
+async def _answer(
+    reader: asyncio.StreamReader, with_body: bool = True
+) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if line)
+    length = int(headers["Content-Length"])
+    body = await reader.readexactly(length) if with_body else b""
+    return int(lines[0].split()[1]), headers, body
 
 
 def test_routes_parameters_and_query() -> None:
     async def run() -> None:
-        server = await _server()
-        try:
-            target = b"/pairs/a%2Fb/%C3%A9t%C3%A9?k=3&debug=1"
-            [(status, _, body)] = await _exchange(
-                server.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n"
-            )
+        async with _connected() as (_, reader, writer):
+            writer.write(b"GET /pairs/a%2Fb/%C3%A9t%C3%A9?k=3&debug=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, body = await _answer(reader)
             assert status == 200
             assert json.loads(body) == {
                 "params": {"a": "a/b", "b": "été"},
                 "query": {"k": "3", "debug": "1"},
                 "route": "/pairs/{a}/{b}",
             }
-            [(status, _, body)] = await _exchange(server.port, b"GET /nope HTTP/1.1\r\n\r\n")
+            writer.write(b"GET /nope HTTP/1.1\r\n\r\n")
+            status, _, body = await _answer(reader)
             assert status == 404 and json.loads(body)["status"] == 404
-            [(status, headers, body)] = await _exchange(
-                server.port, b"POST /healthz HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"
-            )
+            writer.write(b"POST /healthz HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+            status, headers, _ = await _answer(reader)
             assert status == 405 and headers["Allow"] == "GET, HEAD"
-        finally:
-            await server.stop()
 
     asyncio.run(run())
 
 
 def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
     async def run() -> None:
-        server = await _server()
-        try:
-            raw = (
+        async with _connected() as (_, reader, writer):
+            writer.write(
                 b"GET /items/slow?delay=0.2 HTTP/1.1\r\n\r\n"
                 b"GET /items/fast HTTP/1.1\r\n\r\n"
                 b"HEAD /items/head HTTP/1.1\r\n\r\n"
                 b"GET /items/last HTTP/1.1\r\n\r\n"
             )
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            writer.write(raw)
             seen = []
-            for expect_body in (True, True, False, True):
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
-                assert length > 0 and b"Connection: close" not in head
-                if expect_body:
-                    seen.append(json.loads(await reader.readexactly(length))["params"]["item_id"])
+            for with_body in (True, True, False, True):
+                status, headers, body = await _answer(reader, with_body)
+                assert status == 200 and "Connection" not in headers
+                if with_body:
+                    seen.append(json.loads(body)["params"]["item_id"])
             assert seen == ["slow", "fast", "last"]
-            writer.close()
-        finally:
-            await server.stop()
 
     asyncio.run(run())
 
@@ -117,55 +107,42 @@ def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
 )
 def test_bad_requests_get_a_json_error_and_the_connection_closes(raw: bytes, status: int) -> None:
     async def run() -> None:
-        server = await _server()
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        async with _connected() as (_, reader, writer):
             writer.write(raw)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            assert head.startswith(f"HTTP/1.1 {status} ".encode()) and b"Connection: close" in head
-            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
-            assert json.loads(await reader.readexactly(length))["status"] == status
+            answered, headers, body = await _answer(reader)
+            assert answered == status and headers["Connection"] == "close"
+            assert json.loads(body)["status"] == status
             assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
-            writer.close()
-        finally:
-            await server.stop()
 
     asyncio.run(run())
 
 
-def test_http_1_0_and_connection_close_are_honoured() -> None:
+@pytest.mark.parametrize(
+    "raw",
+    [b"GET /healthz HTTP/1.0\r\n\r\n", b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n"],
+)
+def test_http_1_0_and_connection_close_are_honoured(raw: bytes) -> None:
     async def run() -> None:
-        server = await _server()
-        try:
-            for raw in (
-                b"GET /healthz HTTP/1.0\r\n\r\n",
-                b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
-            ):
-                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-                writer.write(raw)
-                answer = await asyncio.wait_for(reader.read(), 5)  # until the server closes
-                assert answer.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in answer
-                writer.close()
-        finally:
-            await server.stop()
+        async with _connected() as (_, reader, writer):
+            writer.write(raw)
+            answer = await asyncio.wait_for(reader.read(), 5)  # until the server closes
+            assert answer.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in answer
 
     asyncio.run(run())
 
 
 def test_stop_lets_a_request_in_flight_finish() -> None:
     async def run() -> None:
-        server = await _server()
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(b"GET /items/late?delay=0.3 HTTP/1.1\r\n\r\n")
-        await asyncio.wait_for(_until(lambda: any(c.busy for c in server.connections)), 5)
-        await server.stop()
-        answer = await asyncio.wait_for(reader.read(), 5)
-        assert answer.startswith(b"HTTP/1.1 200 OK") and b'"late"' in answer
-        writer.close()
+        async with _connected() as (server, reader, writer):
+            writer.write(b"GET /items/late?delay=0.3 HTTP/1.1\r\n\r\n")
+            await asyncio.wait_for(_until(lambda: any(c.busy for c in server.connections)), 5)
+            await server.stop()
+            answer = await asyncio.wait_for(reader.read(), 5)
+            assert answer.startswith(b"HTTP/1.1 200 OK") and b'"late"' in answer
 
     asyncio.run(run())
 
 
-async def _until(condition) -> None:  # type: ignore[no-untyped-def]
+async def _until(condition: Callable[[], bool]) -> None:
     while not condition():
         await asyncio.sleep(0.005)
