@@ -13,6 +13,7 @@ relevance order; raising :math:`\lambda` trades relevance for variety.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 
@@ -28,36 +29,50 @@ def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, diversity: float) ->
     >>> mmr(rel, vecs, 2, diversity=0.0), mmr(rel, vecs, 2, diversity=0.5)
     ([0, 1], [0, 2])
     """
-    n = len(relevance)
+    relevance = np.asarray(relevance, dtype=np.float64)
+    return mmr_picks(relevance, np.asarray(vectors), k, diversity).tolist()
+
+
+@numba.njit(cache=True, nogil=True)
+def mmr_picks(relevance: np.ndarray, vectors: np.ndarray, k: int, diversity: float) -> np.ndarray:
+    """`mmr`, compiled and callable from compiled code: k passes over n cost no array calls."""
+    n, width = vectors.shape
     k = min(k, n)
-    if k == 0:
-        return []
     # Relevance rescaled to [0, 1] over its finite values; NaN or infinite ones count as 0.
-    rel = np.array(relevance, dtype=np.float64)
-    finite = np.isfinite(rel)
-    every = bool(finite.all())
-    if every or finite.any():
-        lo, hi = (rel.min(), rel.max()) if every else (rel[finite].min(), rel[finite].max())
-        rel = (rel - lo) / (hi - lo) if hi > lo else np.ones(n)
-        if not every:
-            rel[~finite] = 0.0
-    else:
-        rel = np.zeros(n)
+    lo, hi = np.inf, -np.inf
+    for i in range(n):
+        if np.isfinite(relevance[i]):
+            lo, hi = min(lo, relevance[i]), max(hi, relevance[i])
+    rel = np.zeros(n)
+    for i in range(n):
+        if np.isfinite(relevance[i]):
+            rel[i] = (relevance[i] - lo) / (hi - lo) if hi > lo else 1.0
     if diversity <= 0.0:
-        return np.argsort(-rel, kind="stable")[:k].tolist()
-    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
-    unit = vectors / np.where(norms > 0, norms, 1.0)[:, None]
-    weighted = diversity * unit  # so a dot product gives lambda * sim at once
-    base = (1.0 - diversity) * rel  # a picked item's base becomes -inf: never picked again
-    best = int(np.argmax(base))
-    picked = [best]
-    base[best] = -np.inf
-    penalty = np.dot(unit, weighted[best])  # lambda * max similarity to the picks so far
-    for _ in range(k - 1):
-        best = int(np.argmax(base - penalty))
-        picked.append(best)
-        base[best] = -np.inf
-        penalty = np.maximum(penalty, np.dot(unit, weighted[best]))
+        return np.argsort(-rel, kind="mergesort")[:k]
+    unit = np.empty((n, width))
+    for i in range(n):
+        norm = 0.0
+        for d in range(width):
+            norm += float(vectors[i, d]) ** 2
+        scale = 1.0 / np.sqrt(norm) if norm > 0 else 1.0
+        for d in range(width):
+            unit[i, d] = vectors[i, d] * scale
+    base = (1.0 - diversity) * rel
+    penalty = np.zeros(n)  # lambda * the largest similarity to the picks so far
+    taken = np.zeros(n, dtype=np.bool_)
+    picked = np.empty(k, dtype=np.int64)
+    for step in range(k):
+        best, best_value = -1, -np.inf
+        for i in range(n):
+            if not taken[i] and (best < 0 or base[i] - penalty[i] > best_value):
+                best, best_value = i, base[i] - penalty[i]
+        picked[step], taken[best] = best, True
+        for i in range(n):
+            similarity = 0.0
+            for d in range(width):
+                similarity += unit[i, d] * unit[best, d]
+            similarity *= diversity
+            penalty[i] = similarity if step == 0 else max(penalty[i], similarity)
     return picked
 
 

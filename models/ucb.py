@@ -15,9 +15,11 @@ Beta prior of ``prior_strength`` impressions, so one lucky click does not make a
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 
+@numba.njit(cache=True, nogil=True)
 def ucb_bonus(impressions: np.ndarray, total_impressions: float, beta: float) -> np.ndarray:
     r"""The exploration term :math:`\beta \sqrt{\ln N / \max(n_i, 1)}`.
 
@@ -26,11 +28,11 @@ def ucb_bonus(impressions: np.ndarray, total_impressions: float, beta: float) ->
     >>> ucb_bonus(np.array([0.0, 1.0, 100.0]), total_impressions=1000.0, beta=1.0).round(3)
     array([2.628, 2.628, 0.263])
     """
-    n = np.maximum(np.asarray(impressions, dtype=np.float64), 1.0)
-    log_total = np.log(max(float(total_impressions), 1.0))
-    return beta * np.sqrt(log_total / n)
+    log_total = np.log(max(total_impressions, 1.0))
+    return beta * np.sqrt(log_total / np.maximum(impressions, 1.0))
 
 
+@numba.njit(cache=True, nogil=True)
 def smoothed_ctr(
     clicks: np.ndarray, impressions: np.ndarray, prior_ctr: float, prior_strength: float = 10.0
 ) -> np.ndarray:
@@ -41,11 +43,10 @@ def smoothed_ctr(
     >>> smoothed_ctr(np.array([0.0, 1.0, 30.0]), np.array([0.0, 1.0, 100.0]), 0.1).round(3)
     array([0.1  , 0.182, 0.282])
     """
-    clicks = np.asarray(clicks, dtype=np.float64)
-    impressions = np.asarray(impressions, dtype=np.float64)
     return (clicks + prior_ctr * prior_strength) / (impressions + prior_strength)
 
 
+@numba.njit(cache=True, nogil=True)
 def ucb_scores(
     clicks: np.ndarray,
     impressions: np.ndarray,
@@ -54,7 +55,7 @@ def ucb_scores(
     prior_strength: float = 10.0,
 ) -> np.ndarray:
     """Smoothed CTR plus the UCB bonus: what the exploration slots rank cold items by."""
-    total_clicks = float(np.sum(clicks))
+    total_clicks = np.sum(clicks)
     prior = total_clicks / total_impressions if total_impressions > 0 else 0.0
     return smoothed_ctr(clicks, impressions, prior, prior_strength) + ucb_bonus(
         impressions, total_impressions, beta

@@ -38,16 +38,17 @@ from models.click_model import (
     LinearScorer,
     state_from_hash,
 )
-from models.diversity import mmr
 from models.keys import Keys
 from models.mf import implicit_part, predict_rating, rating_part, vector_width
 from models.server_scripts import USER_STATE, ServerScripts
 from models.top_k import top_n
-from models.ucb import ucb_scores
 from models.vectors import decode_vector
+from serving.features import candidate_features
 from serving.funnel_config import CHANNELS, FunnelConfig
 from serving.item_index import ItemIndex
 from serving.multiplexed_redis import MultiplexedRedis
+from serving.recall import CF, COLD, MF, TRENDING, Recalled, Scratch, merge_channels
+from serving.rerank import rerank
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,9 @@ EXPLANATIONS = {
     "cold": "new",
     "explore": "new",
 }
-FEATURE_COLUMNS = {name: n for n, name in enumerate(FEATURES)}
 BLEND = np.array([FIXED_BLEND.get(name, 0.0) for name in FEATURES])
-CF, MF, TRENDING, COLD = 1, 2, 4, 8
 CHANNEL_BITS = {"cf": CF, "mf": MF, "trending": TRENDING, "cold": COLD}  # explanation order
-CHANNEL_COLUMNS = [FEATURE_COLUMNS[f"channel_{name}"] for name in CHANNEL_BITS]
-CHANNEL_MASKS = np.array(list(CHANNEL_BITS.values()), dtype=np.int64)
+_NO_ROWS = np.empty(0, dtype=np.int64)
 NEIGHBOURS_KEPT = 50  # per item in memory; a variant's recall_per_seed may ask up to this
 POOL_SIZE = 300  # trending and newest items kept per refresh: recall_popular plus the largest k
 BusinessRule = Callable[[str, list[str]], Awaitable[np.ndarray]]
@@ -163,6 +161,7 @@ class Funnel:
         self.max_staleness_s = max_staleness_s
         self.scorer = LinearScorer(None, config.min_clicks)
         self.pools = _Pools()
+        self.scratch = Scratch()
         self.scripts = ServerScripts(redis)
         self.user_state = MultiplexedRedis.like(redis)  # the per-request read
         self._refreshing: asyncio.Future[None] | None = None
@@ -240,7 +239,9 @@ class Funnel:
         clock.lap("recall")
         if not len(recall.rows):
             return Served([], user.latest, np.zeros((0, len(FEATURES))), clock.laps)
-        features = self._features(user, recall)
+        features = candidate_features(
+            recall.recalled, self.index.stats, self.index.matrix, user.y, user.latest, user.activity
+        )
         clock.lap("features")
         blend = _blend(cfg.blend)
         keep = top_n(np.dot(features, blend), cfg.coarse_keep)
@@ -278,116 +279,41 @@ class Funnel:
 
     async def _recall(self, user: _User, k: int, cfg: FunnelConfig) -> _Recall:
         """Every channel's candidates as index rows, merged; each keeps its channels."""
-        mf_scores = None
-        if user.y is not None:  # first: nothing below waits, so the index stays as scanned
-            mf_scores = await self.index.shared_scores(user.y)  # fresh: safe to mask in place
         index, pools = self.index, self.pools
-        seen = np.zeros(len(index), dtype=bool)
-        seen[user.seen] = True
-        parts: list[tuple[np.ndarray, int]] = []
-        item_cf = None
-        if len(user.seeds):
-            item_cf = self._item_cf(user.seeds, seen, cfg.recall_per_seed)
-            if "cf" in cfg.channels:
-                parts.append((item_cf.recalled, CF))
-        if mf_scores is not None:
-            mf_scores[user.seen] = -np.inf  # candidates are never seen items, so keep theirs
-            if "mf" in cfg.channels:
-                best = top_n(mf_scores, cfg.recall_mf)
-                parts.append((best[mf_scores[best] > -np.inf], MF))
-        if "trending" in cfg.channels or user.y is None:
-            popular = pools.trending[: cfg.recall_popular + k]
-            parts.append((popular[~seen[popular]], TRENDING))
-        cold = np.empty(0, dtype=np.int64)
-        if "cold" in cfg.channels:
-            fresh = (~seen[pools.cold]) & (pools.cold_impressions < cfg.cold_max_impressions)
-            cold = np.flatnonzero(fresh)[: cfg.recall_cold]  # positions in the cold pool
-            parts.append((pools.cold[cold], COLD))
-        if not parts:
-            return _Recall(np.empty(0, dtype=np.int64))
-        found = np.concatenate([rows for rows, _ in parts])
-        bits = np.concatenate([np.full(len(rows), bit, dtype=np.int64) for rows, bit in parts])
-        unique, first, inverse = np.unique(found, return_index=True, return_inverse=True)
-        order = np.argsort(first, kind="stable")  # candidates in the order they were found
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        slot = rank[inverse]
-        channels = np.zeros(len(unique), dtype=np.int64)
-        np.bitwise_or.at(channels, slot, bits)
-        rows = unique[order]
-        cf = np.zeros(len(rows))
-        because = np.full(len(rows), -1, dtype=np.int64)
-        if item_cf is not None and len(item_cf.rows):  # the CF score of every candidate
-            at = np.minimum(np.searchsorted(item_cf.rows, rows), len(item_cf.rows) - 1)
-            held = item_cf.rows[at] == rows
-            cf[held] = item_cf.scores[at[held]]
-            via_cf = (channels & CF) > 0
-            because[via_cf] = item_cf.because[at[via_cf]]
+        channels = _channel_bits(cfg.channels)
+        if user.y is None:
+            channels |= TRENDING
+        mf = _NO_ROWS
+        if user.y is not None and channels & MF:
+            scores = await index.shared_scores(user.y)  # fresh: safe to mask in place
+            scores[user.seen] = -np.inf  # candidates are never seen items
+            best = top_n(scores, cfg.recall_mf)
+            mf = best[scores[best] > -np.inf]
+        with self.scratch.seen(len(index.matrix), user.seen) as seen:
+            scratch = self.scratch
+            recalled = Recalled(
+                *merge_channels(
+                    seen,
+                    scratch.cf_slot,
+                    scratch.candidate_slot,
+                    user.seeds,
+                    index.neighbours,
+                    index.neighbour_weights,
+                    index.stats[:, 0],
+                    cfg.recall_per_seed,
+                    mf,
+                    pools.trending[: cfg.recall_popular + k],
+                    pools.cold,
+                    pools.cold_impressions < cfg.cold_max_impressions,
+                    cfg.recall_cold,
+                    channels,
+                )
+            )
         return _Recall(
-            rows=rows,
-            channels=channels,
-            cf=cf,
-            because=because,
-            mf=None if mf_scores is None else mf_scores[rows],
-            cold=pools.cold[cold],
-            cold_impressions=pools.cold_impressions[cold],
-            cold_clicks=pools.cold_clicks[cold],
+            recalled=recalled,
+            cold_impressions=pools.cold_impressions[recalled.cold],
+            cold_clicks=pools.cold_clicks[recalled.cold],
         )
-
-    def _item_cf(self, seeds: np.ndarray, seen: np.ndarray, per_seed: int) -> _ItemCF:
-        r"""Item-based CF over the seeds' neighbour lists, as kept in the index.
-
-        An item's score is its cosine of decayed co-occurrence, :math:`c_{ij} / \sqrt{o_i o_j}`,
-        summed over the seeds (most recent first) whose lists hold it. Every kept neighbour
-        counts toward the score, whichever channel recalls the item; only the ``per_seed``
-        strongest of each seed are recalled through CF.
-        """
-        index = self.index
-        width = index.width
-        neighbours = np.take(index.neighbours, seeds, axis=0).ravel()
-        weights = np.take(index.neighbour_weights, seeds, axis=0).ravel()
-        seed_of = np.repeat(seeds, width)
-        strong = _leading(width, per_seed, len(seeds))
-        valid = neighbours >= 0
-        valid[valid] = ~seen[neighbours[valid]]
-        neighbours, weights, seed_of, strong = (
-            neighbours[valid],
-            weights[valid],
-            seed_of[valid],
-            strong[valid],
-        )
-        occurrences = index.stats[:, 0]
-        cosine = weights / np.sqrt(
-            np.maximum(occurrences[seed_of], 1.0) * np.maximum(occurrences[neighbours], 1.0)
-        )
-        rows, first, inverse = np.unique(neighbours, return_index=True, return_inverse=True)
-        recalled = np.bincount(inverse, weights=strong, minlength=len(rows)) > 0
-        order = np.argsort(first, kind="stable")  # as found: the most recent seed's first
-        return _ItemCF(
-            rows=rows,
-            scores=np.bincount(inverse, weights=cosine, minlength=len(rows)),
-            because=seed_of[first],
-            recalled=rows[order[recalled[order]]],
-        )
-
-    def _features(self, user: _User, recall: _Recall) -> np.ndarray:
-        """One row per candidate, columns as `models.click_model.FEATURES`."""
-        rows = recall.rows
-        stats = np.take(self.index.stats, rows, axis=0)
-        pop, first = stats[:, 1], stats[:, 2]
-        x = np.zeros((len(rows), len(FEATURES)))
-        col = FEATURE_COLUMNS
-        # Forward-decayed sums share one scale; a ratio to the largest makes them comparable.
-        x[:, col["log_popularity"]] = np.log1p(1000.0 * pop / max(pop.max(), 1e-300))
-        x[:, col["cf"]] = recall.cf
-        x[:, CHANNEL_COLUMNS] = (recall.channels[:, None] & CHANNEL_MASKS) > 0
-        newest = user.latest or float(first.max(initial=0.0))
-        age = np.maximum(newest - np.where(first > 0, first, newest), 0.0)
-        x[:, col["log_age_h"]] = np.log1p(age / 3600.0)
-        x[:, col["log_user_activity"]] = math.log1p(user.activity)
-        if recall.mf is not None:
-            x[:, col["mf"]] = recall.mf
-        return x
 
     # --- rerank --------------------------------------------------------------------------------
     async def _rerank(
@@ -402,43 +328,31 @@ class Funnel:
     ) -> tuple[list[Candidate], np.ndarray]:
         index = self.index
         rows = recall.rows[keep]
-        unavailable = self.pools.unavailable
-        blocked = rows < len(unavailable)
-        blocked[blocked] = unavailable[rows[blocked]]
-        multiplier = np.where(blocked, 0.0, 1.0)
+        multiplier = np.ones(len(rows))
         if self.rules:
             items = [index.ids[r] for r in rows.tolist()]
             for rule in self.rules:
                 multiplier *= await rule(user_id, items)
-        allowed = multiplier > 0
-        # Relevance in (0, 1], then boosts: a boost raises an item whatever the sign of scores.
-        ranks = np.empty(len(rows))
-        ranks[np.argsort(-fine, kind="stable")] = np.arange(len(rows))
-        relevance = (1.0 - ranks / max(len(rows), 1)) * np.where(allowed, multiplier, 0.0)
-        # Exploration first: the cold items with the best UCB take the reserved slots.
-        explore = np.empty(0, dtype=np.int64)
-        pool = np.flatnonzero(allowed & ((recall.channels[keep] & COLD) > 0))
-        if len(pool) and cfg.exploration_slots > 0:
-            at = {r: n for n, r in enumerate(recall.cold.tolist())}
-            where = np.array([at[r] for r in rows[pool].tolist()], dtype=np.int64)
-            ucb = ucb_scores(
-                recall.cold_clicks[where],
-                recall.cold_impressions[where],
-                self.pools.impressions_total,
-                cfg.ucb_beta,
-            )
-            explore = pool[np.argsort(-ucb, kind="stable")[: min(cfg.exploration_slots, k)]]
-        eligible = allowed.copy()
-        eligible[explore] = False
-        eligible_at = np.flatnonzero(eligible)
-        vectors = np.take(index.matrix, rows[eligible_at], axis=0)
-        chosen = mmr(relevance[eligible_at], vectors, k - len(explore), cfg.diversity)
-        picked = eligible_at[chosen].tolist() + explore.tolist()
-        explored = set(explore.tolist())
+        picked, explored = rerank(
+            rows,
+            fine,
+            multiplier,
+            self.pools.unavailable,
+            recall.recalled.cold_slot[keep],
+            recall.cold_clicks,
+            recall.cold_impressions,
+            self.pools.impressions_total,
+            cfg.ucb_beta,
+            cfg.exploration_slots,
+            index.matrix,
+            cfg.diversity,
+            k,
+        )
         ids = index.ids
         ranked = []
+        first_explored = len(picked) - explored
         for n, row, bits, seed, score in zip(
-            picked,
+            range(len(picked)),
             rows[picked].tolist(),
             recall.channels[keep[picked]].tolist(),
             recall.because[keep[picked]].tolist(),
@@ -446,7 +360,7 @@ class Funnel:
             strict=True,
         ):
             names = [name for name, bit in CHANNEL_BITS.items() if bits & bit]
-            if n in explored:
+            if n >= first_explored:
                 names.insert(0, "explore")
             ranked.append(Candidate(ids[row], names, ids[seed] if seed >= 0 else None, score))
         return ranked, features[picked]
@@ -509,25 +423,24 @@ class _User:
 
 
 @dataclass
-class _ItemCF:
-    rows: np.ndarray  # every unseen item in the seeds' kept lists, ascending
-    scores: np.ndarray  # their summed cosine
-    because: np.ndarray  # the most recent seed holding each
-    recalled: np.ndarray  # the rows recalled through CF, in the order found
-
-
-@dataclass
 class _Recall:
-    """Candidates as index rows, in the order found, with what each channel knows of them."""
+    """The merged candidates, with what the funnel's later stages need of the channels."""
 
-    rows: np.ndarray
-    channels: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    cf: np.ndarray = field(default_factory=lambda: np.empty(0))
-    because: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    mf: np.ndarray | None = None
-    cold: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    cold_impressions: np.ndarray = field(default_factory=lambda: np.empty(0))
-    cold_clicks: np.ndarray = field(default_factory=lambda: np.empty(0))
+    recalled: Recalled
+    cold_impressions: np.ndarray  # of the cold candidates, as `Recalled.cold_slot` indexes
+    cold_clicks: np.ndarray
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.recalled.rows
+
+    @property
+    def channels(self) -> np.ndarray:
+        return self.recalled.channels
+
+    @property
+    def because(self) -> np.ndarray:
+        return self.recalled.because
 
 
 @dataclass
@@ -554,11 +467,8 @@ class _Clock:
 
 
 @functools.lru_cache(maxsize=64)
-def _leading(width: int, first: int, lists: int) -> np.ndarray:
-    """For ``lists`` rows of ``width`` flattened: True at each row's ``first`` positions."""
-    mask = np.tile(np.arange(width) < first, lists)
-    mask.flags.writeable = False
-    return mask
+def _channel_bits(channels: tuple[str, ...]) -> int:
+    return sum(bit for name, bit in CHANNEL_BITS.items() if name in channels)
 
 
 @functools.lru_cache(maxsize=64)
