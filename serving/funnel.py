@@ -235,7 +235,7 @@ class Funnel:
         clock = _Clock()
         user = await self._user(user_id, cfg)
         clock.lap("user")
-        recall = await self._recall(user, k, cfg)
+        recall = self._recall(user, k, cfg)
         clock.lap("recall")
         if not len(recall.rows):
             return Served([], user.latest, np.zeros((0, len(FEATURES))), clock.laps)
@@ -277,19 +277,16 @@ class Funnel:
             y=y_user,
         )
 
-    async def _recall(self, user: _User, k: int, cfg: FunnelConfig) -> _Recall:
+    def _recall(self, user: _User, k: int, cfg: FunnelConfig) -> _Recall:
         """Every channel's candidates as index rows, merged; each keeps its channels."""
         index, pools = self.index, self.pools
         channels = _channel_bits(cfg.channels)
         if user.y is None:
             channels |= TRENDING
-        mf = _NO_ROWS
-        if user.y is not None and channels & MF:
-            scores = await index.shared_scores(user.y)  # fresh: safe to mask in place
-            scores[user.seen] = -np.inf  # candidates are never seen items
-            best = top_n(scores, cfg.recall_mf)
-            mf = best[scores[best] > -np.inf]
         with self.scratch.seen(len(index.matrix), user.seen) as seen:
+            mf = _NO_ROWS
+            if user.y is not None and channels & MF:
+                mf, _ = index.top_rows(user.y, cfg.recall_mf, seen)
             scratch = self.scratch
             recalled = Recalled(
                 *merge_channels(

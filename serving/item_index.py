@@ -1,8 +1,9 @@
 """The reader's in-memory copy of the item state, kept fresh from Redis incrementally.
 
-MF recall scores *every* item against the user's preference vector, and CF recall reads the
-neighbour lists of the user's recent items: in memory, one matrix-vector product and one
-gather; from Redis, thousands of reads and the parsing of hundreds of replies per request.
+MF recall needs the best items by the user's preference score over *every* item, and CF recall
+reads the neighbour lists of the user's recent items: in memory, one exact search (over k-means
+cells that let it skip most items, `models.inner_product_search`) and one gather; from Redis,
+thousands of reads and the parsing of hundreds of replies per request.
 Workers stamp each item whose vector or neighbour list changed in a sorted set (item -> time of
 change, on the Redis server's clock); the index loads everything once, then every ``refresh``
 fetches only the items stamped since the last one. Staleness is bounded by the refresh interval
@@ -12,16 +13,15 @@ decay landmark reloads everything (every decayed statistic was rescaled).
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import numpy as np
 from redis.asyncio import Redis
 
+from models.inner_product_search import CellIndex
 from models.keys import Keys
 from models.mf import vector_width
 from models.server_scripts import ServerScripts
-from models.top_k import top_n
 from models.vectors import VECTOR_DTYPE
 
 FETCH_CHUNK = 500  # items per round trip: each chunk's parsing holds the event loop briefly
@@ -63,7 +63,7 @@ class ItemIndex:
         self.landmark: bytes | None = None
         self.refreshed_at = 0.0  # newest change stamp applied
         self.last_refresh = 0.0  # wall time the last refresh finished
-        self._scan_batch: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] | None = None
+        self.cells = CellIndex(factors)  # MF recall's search structure over the matrix
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -115,6 +115,8 @@ class ItemIndex:
                 y = np.frombuffer(blob, dtype=VECTOR_DTYPE)[self.factors + 1 :]
                 row = self._put(item, y, (occ[n] or 0.0, pop[n] or 0.0, first[n] or 0.0))
                 lists.append((row, *neighbours[n]))
+        # Before the next await: a request never sees a vector its cell's bound does not hold.
+        self.cells.place(self.matrix, len(self.ids), np.array([row for row, *_ in lists]))
         return lists
 
     def _put(self, item: str, y: np.ndarray, stats: tuple[float, float, float]) -> int:
@@ -150,48 +152,25 @@ class ItemIndex:
         # np.dot, not @: the matmul path spins up BLAS threads, 15x slower on two busy cores.
         return np.dot(self.matrix[: len(self.ids)], y_user.astype(np.float32))
 
-    async def shared_scores(self, y_user: np.ndarray) -> np.ndarray:
-        """`scores`, computed together with those of the requests that ask in the same turn.
+    def top_rows(
+        self, y_user: np.ndarray, n: int, excluded: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and scores of the ``n`` best items by ``y_i . y_u``, exactly, best first.
 
-        The scan is bound by memory bandwidth, not arithmetic: one matrix-matrix product over
-        the requests that reach MF recall together reads the matrix once for all of them (per
-        request, 2 users cost ~0.5 and 4 users ~0.3 of one scan). Requests answered by the same
-        Redis read resume in the same turn of the event loop, so batches form under load by
-        themselves and a lone request waits only for that turn to end.
+        ``excluded`` is a boolean mask over rows (at least as long as the index) to skip.
         """
-        if self._scan_batch is None:
-            self._scan_batch = []
-            asyncio.get_running_loop().call_soon(self._run_scan_batch)
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._scan_batch.append((y_user.astype(np.float32), future))
-        scores = await future
-        if len(scores) < len(self.ids):  # items that arrived since the scan
-            tail = np.dot(self.matrix[len(scores) : len(self.ids)], y_user.astype(np.float32))
-            scores = np.concatenate([scores, tail])
-        return scores
-
-    def _run_scan_batch(self) -> None:
-        batch, self._scan_batch = self._scan_batch or [], None
-        waiting = [(y, future) for y, future in batch if not future.cancelled()]
-        if not waiting:
-            return
-        matrix = self.matrix[: len(self.ids)]
-        if len(waiting) == 1:
-            waiting[0][1].set_result(np.dot(matrix, waiting[0][0]))
-            return
-        together = np.dot(matrix, np.stack([y for y, _ in waiting], axis=1))
-        for column, (_, future) in enumerate(waiting):
-            future.set_result(np.ascontiguousarray(together[:, column]))
+        return self.cells.top(y_user, n, self.matrix, len(self.ids), excluded)
 
     def top(self, y_user: np.ndarray, n: int, exclude: set[str]) -> list[tuple[str, float]]:
         """The ``n`` best items by preference score, skipping ``exclude``."""
         if not self.ids or n <= 0:
             return []
-        scores = self.scores(y_user)
-        excluded = self.row_of(list(exclude))
-        scores[excluded[excluded >= 0]] = -np.inf
-        best = top_n(scores, n)
-        return [(self.ids[r], float(scores[r])) for r in best.tolist() if scores[r] > -np.inf]
+        excluded = np.zeros(len(self.ids), dtype=bool)
+        rows = self.row_of(list(exclude))
+        excluded[rows[rows >= 0]] = True
+        best, scores = self.top_rows(y_user, n, excluded)
+        ids = self.ids
+        return [(ids[r], float(s)) for r, s in zip(best.tolist(), scores.tolist(), strict=True)]
 
     @property
     def staleness_s(self) -> float:

@@ -76,37 +76,3 @@ def test_the_index_loads_all_items_then_fetches_only_changed_ones(settings: Sett
         await redis.aclose()
 
     asyncio.run(run())
-
-
-def test_requests_scanning_together_share_one_pass_and_get_their_own_scores(
-    settings: Settings,
-) -> None:
-    cfg = settings.model_config()
-    keys = Keys(settings.key_prefix)
-
-    async def run() -> None:
-        redis, _, index = await _clicked(settings, users=9, items=80)
-        await index.refresh()
-        users = [
-            implicit_part(decode_vector(await redis.get(keys.user_vector(f"u{n}"))), cfg.factors)
-            for n in range(9)
-        ]
-        batches: list[int] = []
-        scan = index._run_scan_batch
-
-        def counted() -> None:
-            batches.append(len(index._scan_batch or []))
-            scan()
-
-        index._run_scan_batch = counted  # type: ignore[method-assign]
-        together = await asyncio.gather(*(index.shared_scores(u) for u in users))
-        assert batches == [9]  # one pass for all nine
-        alone = [await index.shared_scores(u) for u in users]
-        assert batches == [9] + [1] * 9
-        for mine, own, user in zip(together, alone, users, strict=True):
-            np.testing.assert_allclose(mine, index.scores(user), rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(own, index.scores(user), rtol=1e-5, atol=1e-6)
-            assert len(mine) == len(index) == 80
-        await redis.aclose()
-
-    asyncio.run(run())

@@ -1,0 +1,103 @@
+"""The cell search returns a full scan's top n, on any data, as vectors move and rows arrive."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.inner_product_search import CELL_SIZE, MIN_CELLS, CellIndex
+
+ITEMS, FACTORS, N = 6000, 16, 50
+
+
+def _clustered(rng: np.random.Generator, rows: int, spread: float = 0.1) -> np.ndarray:
+    centres = np.random.default_rng(99).normal(0, 0.5, (12, FACTORS))  # the same tastes
+    picks = centres[rng.integers(0, 12, rows)]
+    return (picks + rng.normal(0, spread, (rows, FACTORS))).astype(np.float32)
+
+
+def _gaussian(rng: np.random.Generator, rows: int) -> np.ndarray:
+    return rng.normal(0, 0.3, (rows, FACTORS)).astype(np.float32)
+
+
+def _assert_a_full_scans_top(
+    cells: CellIndex, query: np.ndarray, vectors: np.ndarray, excluded: np.ndarray
+) -> None:
+    rows, scores = cells.top(query, N, vectors, len(vectors), excluded)
+    exact = vectors.astype(np.float64) @ query.astype(np.float64)
+    exact[excluded] = -np.inf
+    nth = np.sort(exact)[::-1][N - 1]
+    assert len(rows) == N == len(set(rows.tolist())) and not excluded[rows].any()
+    np.testing.assert_allclose(scores, exact[rows], rtol=1e-5, atol=1e-5)  # what it says
+    assert (np.diff(scores) <= 0).all()  # best first
+    assert (exact[rows] >= nth - 1e-5).all()  # nothing better was left out, but for rounding
+
+
+@pytest.mark.parametrize("make", [_clustered, _gaussian])
+def test_the_search_equals_a_full_scan(make) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(0)
+    vectors = make(rng, ITEMS)
+    cells = CellIndex(FACTORS)
+    cells.place(vectors, ITEMS, np.arange(ITEMS))
+    for _ in range(50):
+        excluded = rng.random(ITEMS) < 0.01
+        _assert_a_full_scans_top(cells, make(rng, 1)[0], vectors, excluded)
+
+
+def test_on_clustered_factors_most_items_are_skipped() -> None:
+    rng = np.random.default_rng(1)
+    vectors = _clustered(rng, ITEMS, spread=0.05)
+    cells = CellIndex(FACTORS)
+    cells.place(vectors, ITEMS, np.arange(ITEMS))
+    read = []
+    for _ in range(20):
+        query = _clustered(rng, 1, spread=0.05)[0]
+        cells.top(query, N, vectors, ITEMS, np.zeros(ITEMS, dtype=bool))
+        read.append(cells.last_scanned)
+    assert np.median(read) < ITEMS / 4
+
+
+def test_moved_vectors_and_new_rows_are_found_before_a_refit() -> None:
+    rng = np.random.default_rng(2)
+    vectors = np.zeros((ITEMS + 500, FACTORS), dtype=np.float32)
+    vectors[:ITEMS] = _clustered(rng, ITEMS)
+    cells = CellIndex(FACTORS)
+    cells.place(vectors, ITEMS, np.arange(ITEMS))
+    query = vectors[0] * 3.0
+    moved = rng.choice(ITEMS, 300, replace=False)
+    vectors[moved] = query / 2  # now among the best, far from their cells
+    cells.place(vectors, ITEMS, moved)
+    _assert_a_full_scans_top(cells, query, vectors[:ITEMS], np.zeros(ITEMS, dtype=bool))
+    vectors[ITEMS:] = query  # new rows, the very best: not yet placed, read all the same
+    rows, _ = cells.top(query, N, vectors, ITEMS + 500, np.zeros(ITEMS + 500, dtype=bool))
+    assert (rows >= ITEMS).all()
+    cells.place(vectors, ITEMS + 500, np.arange(ITEMS, ITEMS + 500))
+    assert cells.covered == ITEMS + 500 and cells.fit_for == ITEMS  # placed, not refit
+
+
+def test_ties_go_to_the_lower_row() -> None:
+    rng = np.random.default_rng(3)
+    # Small integers: every score is exact in float32, and many are equal.
+    centres = rng.integers(-2, 3, (6, FACTORS))
+    vectors = (centres[rng.integers(0, 6, ITEMS)] + rng.integers(-1, 2, (ITEMS, FACTORS))).astype(
+        np.float32
+    )
+    cells = CellIndex(FACTORS)
+    cells.place(vectors, ITEMS, np.arange(ITEMS))
+    for _ in range(20):
+        query = centres[rng.integers(0, 6)].astype(np.float32)
+        rows, _ = cells.top(query, N, vectors, ITEMS, np.zeros(ITEMS, dtype=bool))
+        exact = vectors.astype(np.float64) @ query.astype(np.float64)
+        assert rows.tolist() == np.lexsort((np.arange(ITEMS), -exact))[:N].tolist()
+
+
+def test_a_small_catalogue_is_scanned_flat_and_exactly() -> None:
+    rng = np.random.default_rng(4)
+    size = CELL_SIZE * MIN_CELLS - 1
+    vectors = _gaussian(rng, size)
+    cells = CellIndex(FACTORS)
+    cells.place(vectors, size, np.arange(size))
+    assert cells.covered == 0  # no cells
+    rows, _ = cells.top(vectors[0], 5, vectors, size, np.zeros(size, dtype=bool))
+    expected = np.argsort(-(vectors.astype(np.float64) @ vectors[0]), kind="stable")[:5]
+    assert rows.tolist() == expected.tolist() and cells.last_scanned == size
