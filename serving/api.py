@@ -163,6 +163,7 @@ class Reader:
             body["debug"] = {
                 "stages_ms": served.timings_ms,
                 "index_items": len(self.funnel.index),
+                "mf_items_read": served.mf_items_read,
                 "index_staleness_s": round(self.funnel.index.staleness_s, 3),
                 "ranker": "learned" if self.funnel.scorer.learned else "fixed blend",
             }

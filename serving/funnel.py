@@ -61,6 +61,11 @@ STAGE_SECONDS = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05),
 )
 _STAGES: dict[str, Histogram] = {}
+MF_SHARE_READ = Histogram(
+    "freshrec_mf_recall_share_read",
+    "Share of the catalogue MF recall read to find its exact top-n (1: no cell was skipped)",
+    buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0),
+)
 
 
 def _stage_histogram(stage: str) -> Histogram:
@@ -119,6 +124,7 @@ class Served:
     latest_event_ts: float | None
     features: np.ndarray
     timings_ms: dict[str, float]
+    mf_items_read: int = 0  # items MF recall scored to find its exact top-n
 
 
 class UnknownItem(LookupError):
@@ -238,7 +244,9 @@ class Funnel:
         recall = self._recall(user, k, cfg)
         clock.lap("recall")
         if not len(recall.rows):
-            return Served([], user.latest, np.zeros((0, len(FEATURES))), clock.laps)
+            return Served(
+                [], user.latest, np.zeros((0, len(FEATURES))), clock.laps, recall.mf_items_read
+            )
         features = candidate_features(
             recall.recalled, self.index.stats, self.index.matrix, user.y, user.latest, user.activity
         )
@@ -255,7 +263,7 @@ class Funnel:
         clock.lap("rerank")
         for stage, ms in clock.laps.items():
             _stage_histogram(stage).observe(ms / 1000.0)
-        return Served(ranked, user.latest, rows, clock.laps)
+        return Served(ranked, user.latest, rows, clock.laps, recall.mf_items_read)
 
     # --- recall --------------------------------------------------------------------------------
     async def _user(self, user_id: str, cfg: FunnelConfig) -> _User:
@@ -284,9 +292,11 @@ class Funnel:
         if user.y is None:
             channels |= TRENDING
         with self.scratch.seen(len(index.matrix), user.seen) as seen:
-            mf = _NO_ROWS
+            mf, read = _NO_ROWS, 0
             if user.y is not None and channels & MF:
                 mf, _ = index.top_rows(user.y, cfg.recall_mf, seen)
+                read = index.cells.last_scanned
+                MF_SHARE_READ.observe(read / max(len(index), 1))
             scratch = self.scratch
             recalled = Recalled(
                 *merge_channels(
@@ -308,6 +318,7 @@ class Funnel:
             )
         return _Recall(
             recalled=recalled,
+            mf_items_read=read,
             cold_impressions=pools.cold_impressions[recalled.cold],
             cold_clicks=pools.cold_clicks[recalled.cold],
         )
@@ -424,6 +435,7 @@ class _Recall:
     """The merged candidates, with what the funnel's later stages need of the channels."""
 
     recalled: Recalled
+    mf_items_read: int
     cold_impressions: np.ndarray  # of the cold candidates, as `Recalled.cold_slot` indexes
     cold_clicks: np.ndarray
 
