@@ -75,6 +75,21 @@ def test_moved_vectors_and_new_rows_are_found_before_a_refit() -> None:
     assert cells.covered == ITEMS + 500 and cells.fit_for == ITEMS  # placed, not refit
 
 
+def test_cells_are_refit_once_drift_has_loosened_the_bound() -> None:
+    rng = np.random.default_rng(5)
+    vectors = _clustered(rng, ITEMS)
+    cells = CellIndex(FACTORS)
+    cells.place(vectors, ITEMS, np.arange(ITEMS))
+    fitted = cells.centroids.copy()
+    for _ in range(3):  # the model learns: everything moves a little
+        moved = rng.choice(ITEMS, ITEMS // 3, replace=False)
+        vectors[moved] += rng.normal(0, 0.08, (len(moved), FACTORS)).astype(np.float32)
+        cells.place(vectors, ITEMS, moved)
+        _assert_a_full_scans_top(cells, _clustered(rng, 1)[0], vectors, np.zeros(ITEMS, bool))
+    assert not np.array_equal(cells.centroids, fitted)
+    assert cells.radius.mean() <= 1.25 * cells.fit_radius
+
+
 def test_ties_go_to_the_lower_row() -> None:
     rng = np.random.default_rng(3)
     # Small integers: every score is exact in float32, and many are equal.
