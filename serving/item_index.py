@@ -153,13 +153,18 @@ class ItemIndex:
         return np.dot(self.matrix[: len(self.ids)], y_user.astype(np.float32))
 
     def top_rows(
-        self, y_user: np.ndarray, n: int, excluded: np.ndarray
+        self,
+        y_user: np.ndarray,
+        n: int,
+        excluded: np.ndarray,
+        excluded_rows: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Rows and scores of the ``n`` best items by ``y_i . y_u``, exactly, best first.
 
-        ``excluded`` is a boolean mask over rows (at least as long as the index) to skip.
+        ``excluded`` is a boolean mask over rows (at least as long as the index) to skip;
+        ``excluded_rows``, if known, the rows it marks.
         """
-        return self.cells.top(y_user, n, self.matrix, len(self.ids), excluded)
+        return self.cells.top(y_user, n, self.matrix, len(self.ids), excluded, excluded_rows)
 
     def top(self, y_user: np.ndarray, n: int, exclude: set[str]) -> list[tuple[str, float]]:
         """The ``n`` best items by preference score, skipping ``exclude``."""
