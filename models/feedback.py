@@ -53,7 +53,12 @@ class FeedbackLearner:
         pipe = self.redis.pipeline(transaction=False)
         per_user: dict[str, dict[str, str]] = {}
         for s in shown:
-            record = {"variant": s.variant, "request_id": s.request_id, "features": s.features}
+            record = {
+                "variant": s.variant,
+                "request_id": s.request_id,
+                "position": s.position,
+                "features": s.features,
+            }
             per_user.setdefault(s.user_id, {})[s.item_id] = json.dumps(record)
             self.model.learn_impression(_training_features(s))
         for user, fields in per_user.items():
@@ -78,7 +83,10 @@ class FeedbackLearner:
             if raw is None:
                 continue
             record = json.loads(raw)
-            self.model.learn_click(record["features"])
+            # The click is learned with its impression's features, position included: a
+            # positive without it reads as position 0, and then the position weight explains
+            # clicks at the top and the served scores are learned backwards.
+            self.model.learn_click(_with_position(record["features"], record.get("position", 0)))
             attributed[record["variant"]] += 1
         return attributed
 
@@ -99,9 +107,12 @@ class FeedbackLearner:
 
 
 def _training_features(s: Shown) -> dict[str, float]:
-    features = dict(s.features)
-    features["log_position"] = math.log1p(s.position)
-    return features
+    return _with_position(s.features, s.position)
+
+
+def _with_position(features: dict[str, float], position: int) -> dict[str, float]:
+    """The features as learned: as served, plus the position (a training-only feature)."""
+    return {**features, "log_position": math.log1p(position)}
 
 
 def parse_impression(payload: bytes | None) -> list[Shown]:

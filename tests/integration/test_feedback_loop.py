@@ -118,3 +118,24 @@ def test_workers_merge_what_they_learn_into_one_click_model(settings: Settings) 
         await redis.aclose()
 
     asyncio.run(run())
+
+
+def test_a_click_is_learned_at_the_position_its_impression_had(settings: Settings) -> None:
+    """A positive without its position would read as position 0 and teach the ranker to
+    explain clicks by position and the served scores backwards."""
+    keys = Keys(settings.key_prefix)
+
+    async def run() -> None:
+        redis = Redis.from_url(settings.redis_url)
+        learner = await FeedbackLearner.load(redis, keys, 600)
+        learned: list[dict[str, float]] = []
+        learner.model.learn_click = learned.append  # type: ignore[method-assign]
+        features = {"mf": 0.5, "cf": 0.2}
+        await learner.record_impressions(
+            [Shown("u1", f"i{p}", p, "control", "r1", features) for p in range(5)]
+        )
+        await learner.attribute_clicks([("u1", "i3")])
+        assert learned == [{**features, "log_position": pytest.approx(np.log1p(3))}]
+        await redis.aclose()
+
+    asyncio.run(run())
