@@ -137,6 +137,11 @@ def state_from_hash(raw: dict[bytes, bytes]) -> dict[str, float]:
 class LinearScorer:
     """Scores a feature matrix with served weights, or the fixed blend while feedback is scarce.
 
+    ``min_clicks`` 0 never serves the learned weights (the model still learns): a ranker learned
+    only from the lists a fixed policy chose sees no candidate that policy ranked low, and on
+    freshrec's synthetic stream it ranked worse than the blend that chose them. It is for an
+    A/B variant to serve it and show it wins.
+
     Examples
     --------
     >>> x = np.array([[0.5, 0.0, 1.0, 0, 0, 0, 1, 0, 0, 0], [0.1, 0.3, 2.0, 0, 0, 1, 0, 0, 0, 0]])
@@ -145,7 +150,8 @@ class LinearScorer:
     """
 
     def __init__(self, weights: dict[str, float] | None, min_clicks: int) -> None:
-        learned = weights is not None and weights.get("__clicks__", 0.0) >= min_clicks
+        clicks = weights.get("__clicks__", 0.0) if weights is not None else 0.0
+        learned = weights is not None and min_clicks > 0 and clicks >= min_clicks
         source = weights if learned and weights is not None else FIXED_BLEND
         self.learned = learned
         self.vector = np.array([source.get(name, 0.0) for name in FEATURES])

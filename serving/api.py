@@ -170,12 +170,13 @@ class Reader:
             "took_ms": round(1000 * (time.perf_counter() - started), 3),
         }
         if request.query.get("debug") in ("1", "true"):
+            learned = self.funnel.scorer(variant.config).learned
             body["debug"] = {
                 "stages_ms": served.timings_ms,
                 "index_items": len(self.funnel.index),
                 "mf_items_read": served.mf_items_read,
                 "index_staleness_s": round(self.funnel.index.staleness_s, 3),
-                "ranker": "learned" if self.funnel.scorer.learned else "fixed blend",
+                "ranker": "learned" if learned else "fixed blend",
             }
         return Response.json(body)
 

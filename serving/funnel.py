@@ -165,7 +165,8 @@ class Funnel:
         )
         self.rules = list(rules)
         self.max_staleness_s = max_staleness_s
-        self.scorer = LinearScorer(None, config.min_clicks)
+        self.ranker_weights: dict[str, float] | None = None  # as the workers learned them
+        self._scorers: dict[int, LinearScorer] = {}
         self.pools = _Pools()
         self.scratch = Scratch()
         self.scripts = ServerScripts(redis)
@@ -220,7 +221,15 @@ class Funnel:
             unavailable=blocked,
         )
         ranker = ClickModel.from_state(state_from_hash(ranker_state))
-        self.scorer = LinearScorer(ranker.serving_weights(), cfg.min_clicks)
+        self.ranker_weights, self._scorers = ranker.serving_weights(), {}
+
+    def scorer(self, config: FunnelConfig | None = None) -> LinearScorer:
+        """The fine ranker a configuration serves: learned once it has its ``min_clicks``."""
+        min_clicks = (config or self.config).min_clicks
+        scorer = self._scorers.get(min_clicks)
+        if scorer is None:
+            scorer = self._scorers[min_clicks] = LinearScorer(self.ranker_weights, min_clicks)
+        return scorer
 
     async def aclose(self) -> None:
         """Closes the per-request connection; the Redis client given stays the caller's."""
@@ -254,8 +263,9 @@ class Funnel:
         blend = _blend(cfg.blend)
         keep = top_n(np.dot(features, blend), cfg.coarse_keep)
         clock.lap("coarse")
-        if self.scorer.learned or not cfg.blend:
-            fine = self.scorer.scores(features[keep])
+        scorer = self.scorer(cfg)
+        if scorer.learned or not cfg.blend:
+            fine = scorer.scores(features[keep])
         else:  # the configuration's own fixed blend
             fine = np.dot(features[keep], blend)
         clock.lap("fine")

@@ -22,9 +22,12 @@ class FunnelConfig:
         MMR lambda: 0 keeps the ranking order, higher trades relevance for variety.
     exploration_slots
         Positions per list reserved for cold items chosen by UCB.
+    min_clicks
+        Clicks the learned click model needs before it ranks the fine stage; 0 (the default)
+        keeps the fixed blend there, so a variant must opt in to serve the learned ranker.
     blend
         ``(feature, weight)`` pairs of this configuration's fixed blend, which ranks the coarse
-        stage and the fine stage until the click model has ``min_clicks``; empty means
+        stage, and the fine stage unless the click model does; empty means
         `models.click_model.FIXED_BLEND`. ``(("cf", 1.0),)`` ranks by the CF score alone.
     """
 
@@ -41,7 +44,7 @@ class FunnelConfig:
     diversity: float = 0.15
     exploration_slots: int = 1
     ucb_beta: float = 0.2
-    min_clicks: int = 50
+    min_clicks: int = 0
     blend: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:

@@ -136,6 +136,12 @@ class Settings:
         "FRESHREC_EXPLORATION_SLOTS", "List positions reserved for cold items chosen by UCB.", 1
     )
     ucb_beta: float = _env("FRESHREC_UCB_BETA", "beta in the UCB bonus beta*sqrt(ln N / n_i).", 0.2)
+    ranker_min_clicks: int = _env(
+        "FRESHREC_RANKER_MIN_CLICKS",
+        "Clicks before the learned click model ranks the fine stage; 0: the fixed blend does "
+        "(a variant may set min_clicks to A/B-test the learned ranker).",
+        0,
+    )
     variants: str = _env(
         "FRESHREC_VARIANTS",
         'A/B variants as JSON, e.g. {"control": {"share": 0.5}, "diverse": {"share": 0.5, '
@@ -241,6 +247,7 @@ class Settings:
             diversity=self.diversity,
             exploration_slots=self.exploration_slots,
             ucb_beta=self.ucb_beta,
+            min_clicks=self.ranker_min_clicks,
         )
 
     def environ(self) -> dict[str, str]:

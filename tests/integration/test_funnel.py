@@ -10,6 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from models.batch_update import BatchUpdater
+from models.click_model import ClickModel
 from models.keys import Keys
 from serving.funnel import Funnel
 from serving.variants import Variants
@@ -175,6 +176,25 @@ def test_a_variant_can_rank_by_its_own_blend(settings: Settings) -> None:
         cf = served.features[:, 1]  # FEATURES[1] is the CF score
         assert len(served.items) == 5 and all(c.channels == ["cf"] for c in served.items)
         assert cf.tolist() == sorted(cf.tolist(), reverse=True) and cf[-1] > 0
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_only_a_configuration_that_opts_in_serves_the_learned_ranker(settings: Settings) -> None:
+    async def run() -> None:
+        redis, keys, _ = await _setup(settings, _catalogue())
+        model = ClickModel()
+        for _ in range(60):
+            model.learn_click({"mf": 1.0, "cf": 0.5})
+        await redis.hset(keys.click_model_state, mapping=model.state())
+        funnel = Funnel(redis, keys, settings.funnel_config())
+        await funnel.refresh()
+        opted_in = dataclasses.replace(funnel.config, min_clicks=50)
+        assert not funnel.scorer().learned and funnel.scorer(opted_in).learned
+        shown = await funnel.serve("u3", 10, opted_in)
+        assert len(shown.items) == 10 and all(0 < c.score < 1 for c in shown.items)  # P(click)
+        await funnel.aclose()
         await redis.aclose()
 
     asyncio.run(run())

@@ -59,3 +59,11 @@ def test_the_fixed_blend_serves_until_enough_clicks() -> None:
     model = ClickModel(min_clicks=50)
     model.learn_click({"mf": 1.0})
     assert not LinearScorer(model.serving_weights(), min_clicks=50).learned
+
+
+def test_the_learned_ranker_serves_only_where_a_configuration_opts_in() -> None:
+    model = ClickModel()
+    for _ in range(100):
+        model.learn_click({"mf": 1.0})
+    assert not LinearScorer(model.serving_weights(), min_clicks=0).learned
+    assert LinearScorer(model.serving_weights(), min_clicks=100).learned
