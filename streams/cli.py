@@ -124,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=100_000, help="serve: users in the state")
     p.add_argument("--rates", default="250,1000", help="serve: request rates to hold, req/s")
     p.add_argument("--seconds", type=float, default=10.0, help="serve: seconds per rate")
+    p.add_argument(
+        "--tastes", type=int, default=20, help="serve: taste clusters in the factors (0: none)"
+    )
 
     p = command("demo", _demo, "Run the whole system on a synthetic stream and show it working.")
     p.add_argument("--events", type=int, default=60_000, help="events to replay")
@@ -292,7 +295,13 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
 
         rates = tuple(float(r) for r in args.rates.split(","))
         results = run_serve_bench(
-            settings, args.items, args.users, rates, args.seconds, show_progress=not args.json
+            settings,
+            args.items,
+            args.users,
+            rates,
+            args.seconds,
+            show_progress=not args.json,
+            tastes=args.tastes,
         )
         _emit(args, results, format_serve_results(results))
         return 0

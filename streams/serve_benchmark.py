@@ -41,20 +41,31 @@ HISTORY = 20
 CHUNK = 5000
 
 
-def build_state(client: redis.Redis, keys: Keys, items: int, users: int, factors: int) -> None:
-    """Write a realistic-looking state: Zipf popularity, clustered tastes, co-occurrences."""
+def build_state(
+    client: redis.Redis, keys: Keys, items: int, users: int, factors: int, tastes: int = 20
+) -> None:
+    """Write a realistic-looking state: Zipf popularity, clustered tastes, co-occurrences.
+
+    Preference factors lie around ``tastes`` cluster centres; with ``tastes=0`` they have no
+    cluster structure (each dimension drawn alone, about as spread), the hard case for MF
+    recall's cell search.
+    """
     rng = np.random.default_rng(0)
     width = vector_width(factors)
     now = time.time()
-    clusters = rng.normal(0, 0.3, (20, factors))
-    item_cluster = rng.integers(0, 20, items)
+    spread = np.sqrt(0.3**2 + 0.1**2)  # a clustered factor's, centre and offset together
+    clusters = rng.normal(0, 0.3, (max(tastes, 1), factors))
+    item_cluster = rng.integers(0, max(tastes, 1), items)
     popularity = 1.0 / np.arange(1, items + 1) ** 0.9
     rng.shuffle(popularity)
     names = [f"i{n}" for n in range(items)]
 
     def vectors(n: int, centres: np.ndarray) -> np.ndarray:
         out = rng.normal(0, 0.1, (n, width)).astype(VECTOR_DTYPE)
-        out[:, factors + 1 :] += centres
+        if tastes:
+            out[:, factors + 1 :] += centres
+        else:
+            out[:, factors + 1 :] = rng.normal(0, spread, (n, factors))
         return out
 
     item_vecs = vectors(items, clusters[item_cluster])
@@ -76,7 +87,7 @@ def build_state(client: redis.Redis, keys: Keys, items: int, users: int, factors
         pipe.zadd(keys.updated_items, dict.fromkeys((names[n] for n in block), now))
         pipe.execute()
     pipe.set(keys.impressions_total, 5_000_000)
-    user_cluster = rng.integers(0, 20, users)
+    user_cluster = rng.integers(0, max(tastes, 1), users)
     user_vecs = vectors(users, clusters[user_cluster])
     for start in range(0, users, CHUNK):
         for n in range(start, min(start + CHUNK, users)):
@@ -174,6 +185,7 @@ def run_serve_bench(
     rates: tuple[float, ...] = (250.0, 1000.0),
     seconds: float = 10.0,
     show_progress: bool = True,
+    tastes: int = 20,
 ) -> dict[str, Any]:
     say = Say(show_progress)
     with isolated_run(base, "bench-serve", serve_port=free_port()) as settings:
@@ -182,7 +194,9 @@ def run_serve_bench(
         reader = None
         try:
             started = time.perf_counter()
-            build_state(client, Keys(settings.key_prefix), items, users, settings.mf_factors)
+            build_state(
+                client, Keys(settings.key_prefix), items, users, settings.mf_factors, tastes
+            )
             say(
                 f"bench serve: state of {items:,} items and {users:,} users written "
                 f"in {time.perf_counter() - started:.1f} s"
@@ -216,6 +230,7 @@ def run_serve_bench(
     return {
         "items": items,
         "users": users,
+        "tastes": tastes,
         "seconds_per_rate": seconds,
         "cpus": os.cpu_count(),
         "runs": runs,
@@ -242,7 +257,8 @@ def _hold_rate(base_url: str, users: int, rate: float, seconds: float, say: Say)
 
 def format_serve_results(results: dict[str, Any]) -> str:
     lines = [
-        f"reader latency, {results['items']:,} items / {results['users']:,} users, "
+        f"reader latency, {results['items']:,} items / {results['users']:,} users "
+        f"({results['tastes'] or 'no'} taste clusters), "
         f"k=10, {results['seconds_per_rate']:.0f} s per rate, {results['cpus']} CPUs "
         "(reader, load generator and Redis share them)",
         f"{'target req/s':>12} {'achieved':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
