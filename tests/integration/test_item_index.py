@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from models.batch_update import BatchUpdater
 from models.keys import Keys
 from models.mf import implicit_part
-from models.vectors import decode_vector
+from models.vectors import VECTOR_DTYPE, decode_vector
 from serving.item_index import ItemIndex
 from streams.events import Event
 from streams.settings import Settings
@@ -73,6 +73,52 @@ def test_the_index_loads_all_items_then_fetches_only_changed_ones(settings: Sett
         }
         expected = sorted((i for i in scores if i != "i3"), key=lambda i: -scores[i])[:5]
         assert [item for item, _ in best] == expected
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_mf_search_over_a_large_catalogue_stays_exact_as_vectors_change(
+    settings: Settings, redis_client
+) -> None:
+    """Past the flat-scan size the index keeps k-means cells; changed vectors fetched by a
+    refresh are found at once, whatever cell they had."""
+    from streams.serve_benchmark import build_state
+
+    keys, factors = Keys(settings.key_prefix), settings.mf_factors
+    build_state(redis_client, keys, items=4000, users=20, factors=factors)
+
+    def check(index: ItemIndex, queries: np.ndarray) -> None:
+        excluded = np.zeros(len(index.matrix), dtype=bool)
+        excluded[::97] = True
+        for y in queries:
+            rows, scores = index.top_rows(y, 50, excluded)
+            exact = index.matrix[: len(index)].astype(np.float64) @ y.astype(np.float64)
+            exact[excluded[: len(index)]] = -np.inf
+            assert len(rows) == 50 and not excluded[rows].any()
+            np.testing.assert_allclose(scores, exact[rows], rtol=1e-5, atol=1e-5)
+            assert exact[rows].min() >= np.sort(exact)[-50] - 1e-5  # none better left out
+
+    async def run() -> None:
+        redis = Redis.from_url(settings.redis_url)
+        index = ItemIndex(redis, keys, factors)
+        assert await index.refresh() == 4000
+        assert index.cells.covered == 4000 and len(index.cells.radius) >= 8
+        users = [decode_vector(redis_client.get(keys.user_vector(f"u{n}"))) for n in range(20)]
+        check(index, np.array([implicit_part(u, factors) for u in users], dtype=np.float32))
+        # 300 items move to where a query will find them best; the worker stamps them.
+        target = np.random.default_rng(1).normal(0, 1.0, factors).astype(np.float32)
+        moved = [f"i{n}" for n in range(0, 3000, 10)]
+        server_now = float(redis_client.time()[0]) + 1.0
+        for item in moved:
+            vector = decode_vector(redis_client.get(keys.item_vector(item))).copy()
+            vector[factors + 1 :] = target + 0.01 * vector[factors + 1 :]
+            redis_client.set(keys.item_vector(item), vector.astype(VECTOR_DTYPE).tobytes())
+            redis_client.zadd(keys.updated_items, {item: server_now})
+        assert await index.refresh() == len(moved)
+        rows, _ = index.top_rows(target, 50, np.zeros(len(index.matrix), dtype=bool))
+        assert {index.ids[r] for r in rows} <= set(moved)
+        check(index, np.stack([target, *(-target[None, :])]))
         await redis.aclose()
 
     asyncio.run(run())
