@@ -80,6 +80,7 @@ class CellIndex:
         # The vectors in that order: a cell is read from contiguous memory, not row by row
         # from all over the matrix (on a busy core that alone cost 3x).
         self.grouped = np.zeros((0, factors), dtype=np.float32)
+        self.position = np.full(0, -1, dtype=np.int64)
         self.covered = 0  # rows below this are in cells; the rest are scored always
         self.fit_for = 0  # rows when the centroids were last fit
         self.fit_radius = 0.0  # the mean radius then
@@ -101,8 +102,13 @@ class CellIndex:
             self.cell_of = grown
         moved = vectors[rows]
         cells = _nearest(moved, self.centroids)
-        self.cell_of[rows] = cells
         _widen(self.radius, cells, np.linalg.norm(moved - self.centroids[cells], axis=1))
+        if (rows < self.covered).all() and (self.cell_of[rows] == cells).all():
+            # The common case as a model learns: each vector moved within its cell. Only
+            # its copy in cell order changes; the grouping stays.
+            self.grouped[self.position[rows]] = moved
+            return
+        self.cell_of[rows] = cells
         self.covered = _covered(self.cell_of, self.covered, count)
         self._group(vectors, len(self.centroids))
 
@@ -177,6 +183,8 @@ class CellIndex:
 
     def _group(self, vectors: np.ndarray, cells: int) -> None:
         self.order, self.start = _grouped(self.cell_of[: self.covered], cells)
+        self.position = np.full(len(self.cell_of), -1, dtype=np.int64)  # row -> place in order
+        self.position[self.order] = np.arange(len(self.order))
         if len(self.grouped) < len(self.order) or self.grouped.shape[1] != vectors.shape[1]:
             self.grouped = np.empty((max(len(self.order), 2 * len(self.grouped)), vectors.shape[1]),
                                     dtype=np.float32)  # fmt: skip

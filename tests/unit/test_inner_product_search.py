@@ -57,6 +57,19 @@ def test_on_clustered_factors_most_items_are_skipped() -> None:
     assert np.median(read) < ITEMS / 4
 
 
+def test_the_cell_ordered_copy_follows_every_placed_vector() -> None:
+    rng = np.random.default_rng(6)
+    vectors = _clustered(rng, ITEMS)
+    cells = CellIndex(FACTORS)
+    cells.place(vectors, ITEMS, np.arange(ITEMS))
+    for spread in (0.001, 0.001, 0.3):  # moves within cells, then across them
+        moved = rng.choice(ITEMS, 500, replace=False)
+        vectors[moved] += rng.normal(0, spread, (500, FACTORS)).astype(np.float32)
+        cells.place(vectors, ITEMS, moved)
+        np.testing.assert_array_equal(cells.grouped[: len(cells.order)], vectors[cells.order])
+        assert sorted(cells.order.tolist()) == list(range(ITEMS))
+
+
 def test_moved_vectors_and_new_rows_are_found_before_a_refit() -> None:
     rng = np.random.default_rng(2)
     vectors = np.zeros((ITEMS + 500, FACTORS), dtype=np.float32)
