@@ -21,10 +21,13 @@ reads them all, as a flat scan would, and costs the same.
 Vectors change as the model learns: a changed vector joins its nearest centroid's cell and that
 cell's radius grows to hold it, so the bound stays valid between fits; the centroids are fit
 again when the catalogue has doubled or the mean radius has grown by a quarter (the vectors
-have drifted and the bound prunes less). Rows not yet in a cell are always scored.
+have drifted and the bound prunes less), on a thread if asked (45 ms at 50,000 items, 0.8 s at
+200,000). Rows not yet in a cell are always scored.
 """
 
 from __future__ import annotations
+
+import concurrent.futures
 
 import numba
 import numpy as np
@@ -70,8 +73,12 @@ class CellIndex:
     (True, True)
     """
 
-    def __init__(self, factors: int, seed: int = 0) -> None:
+    def __init__(self, factors: int, seed: int = 0, background: bool = False) -> None:
         self.rng = np.random.default_rng(seed)
+        self.background = background
+        self._fitting: concurrent.futures.Future[tuple[np.ndarray, ...]] | None = None
+        self._fit_count = 0  # rows the running fit was given
+        self._since_fit: list[np.ndarray] = []  # rows placed while it runs
         self.centroids = np.zeros((0, factors), dtype=np.float32)
         self.radius = np.zeros(0)
         self.cell_of = np.full(0, -1, dtype=np.int64)  # per row; -1 until placed
@@ -89,13 +96,51 @@ class CellIndex:
         self.searches = 0
 
     def place(self, vectors: np.ndarray, count: int, rows: np.ndarray) -> None:
-        """Puts ``rows`` (changed or new, below ``count``) in cells; refits when it is due."""
+        """Puts ``rows`` (changed or new, below ``count``) in cells; refits when it is due.
+
+        The first fit runs here. With ``background``, later refits run on a thread over a copy
+        of the vectors while this goes on placing rows in the current cells (so the bound
+        holds throughout); the next call after the refit finishes adopts it and places again
+        the rows that changed meanwhile.
+        """
         if count < CELL_SIZE * MIN_CELLS:
             return  # a flat scan: every row stays uncovered
-        if count >= 2 * self.fit_for or self.radius.mean() > REFIT_GROWTH * self.fit_radius:
-            self._fit(vectors, count)
-            return
         rows = np.asarray(rows, dtype=np.int64)
+        self._adopt(vectors, count)
+        if count >= 2 * self.fit_for or self.radius.mean() > REFIT_GROWTH * self.fit_radius:
+            if not self.background or not len(self.centroids):
+                self._fit(vectors, count)
+                return
+            if self._fitting is None:
+                self._fit_count, self._since_fit = count, []
+                self._fitting = _REFITS.submit(_fitted, vectors[:count].copy(), count, self.rng)
+        if self._fitting is not None:
+            self._since_fit.append(rows)
+        self._place(vectors, count, rows)
+
+    def wait(self, vectors: np.ndarray, count: int) -> None:
+        """Finishes a refit running in the background and adopts it (for tests and shutdown)."""
+        if self._fitting is not None:
+            concurrent.futures.wait([self._fitting])
+            self._adopt(vectors, count)
+
+    def _adopt(self, vectors: np.ndarray, count: int) -> None:
+        if self._fitting is None or not self._fitting.done():
+            return
+        fitting, self._fitting = self._fitting, None
+        centroids, cell_of, radius = fitting.result()
+        self.centroids, self.radius = centroids, radius
+        self.cell_of = np.full(max(len(self.cell_of), count), -1, dtype=np.int64)
+        self.cell_of[: self._fit_count] = cell_of
+        self.covered = self._fit_count
+        self._group(vectors, len(centroids))
+        self.fit_for, self.fit_radius = self._fit_count, float(radius.mean())
+        changed = [r for r in self._since_fit if len(r)]
+        self._since_fit = []
+        if changed:  # placed in the old cells while the fit ran: their vectors moved since
+            self._place(vectors, count, np.unique(np.concatenate(changed)))
+
+    def _place(self, vectors: np.ndarray, count: int, rows: np.ndarray) -> None:
         if len(self.cell_of) < count:
             grown = np.full(max(count, 2 * len(self.cell_of)), -1, dtype=np.int64)
             grown[: len(self.cell_of)] = self.cell_of
@@ -128,6 +173,7 @@ class CellIndex:
         without cluster structure), searches go flat at once and try the cells again only now
         and then, so such a catalogue costs what a flat scan costs.
         """
+        self._adopt(vectors, count)
         query = np.ascontiguousarray(query, dtype=np.float32)
         n = min(n, count)
         self.searches += 1
@@ -162,23 +208,11 @@ class CellIndex:
         return rows, flat[rows]
 
     def _fit(self, vectors: np.ndarray, count: int) -> None:
-        cells = max(MIN_CELLS, count // CELL_SIZE)
-        rng = self.rng
-        sample = vectors[rng.choice(count, min(count, FIT_SAMPLE * cells), replace=False)]
-        centroids = sample[rng.choice(len(sample), cells, replace=False)].copy()
-        for _ in range(FIT_ITERATIONS):  # Lloyd's iterations on the sample
-            sums, sizes = _sums(sample, _nearest(sample, centroids), cells)
-            empty = sizes == 0
-            centroids[~empty] = sums[~empty] / sizes[~empty, None]
-            centroids[empty] = sample[rng.choice(len(sample), int(empty.sum()))]
-        self.centroids = centroids.astype(np.float32)
+        self.centroids, cell_of, self.radius = _fitted(vectors, count, self.rng)
         self.cell_of = np.full(max(count, len(self.cell_of)), -1, dtype=np.int64)
-        self.cell_of[:count] = _nearest(vectors[:count], self.centroids)
-        distance = np.linalg.norm(vectors[:count] - self.centroids[self.cell_of[:count]], axis=1)
-        self.radius = np.zeros(cells)
-        _widen(self.radius, self.cell_of[:count], distance)
+        self.cell_of[:count] = cell_of
         self.covered = count
-        self._group(vectors, cells)
+        self._group(vectors, len(self.centroids))
         self.fit_for, self.fit_radius = count, float(self.radius.mean())
 
     def _group(self, vectors: np.ndarray, cells: int) -> None:
@@ -189,6 +223,30 @@ class CellIndex:
             self.grouped = np.empty((max(len(self.order), 2 * len(self.grouped)), vectors.shape[1]),
                                     dtype=np.float32)  # fmt: skip
         np.take(vectors, self.order, axis=0, out=self.grouped[: len(self.order)])
+
+
+_REFITS = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="freshrec-cells")
+
+
+def _fitted(
+    vectors: np.ndarray, count: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """k-means centroids of ``vectors[:count]`` (Lloyd's iterations on a sample), each row's
+    nearest, and each cell's radius. BLAS and the compiled sums release the GIL, so this can
+    run beside the event loop."""
+    cells = max(MIN_CELLS, count // CELL_SIZE)
+    sample = vectors[rng.choice(count, min(count, FIT_SAMPLE * cells), replace=False)]
+    centroids = sample[rng.choice(len(sample), cells, replace=False)].copy()
+    for _ in range(FIT_ITERATIONS):
+        sums, sizes = _sums(sample, _nearest(sample, centroids), cells)
+        empty = sizes == 0
+        centroids[~empty] = sums[~empty] / sizes[~empty, None]
+        centroids[empty] = sample[rng.choice(len(sample), int(empty.sum()))]
+    centroids = centroids.astype(np.float32)
+    cell_of = _nearest(vectors[:count], centroids)
+    radius = np.zeros(cells)
+    _widen(radius, cell_of, np.linalg.norm(vectors[:count] - centroids[cell_of], axis=1))
+    return centroids, cell_of, radius
 
 
 def _nearest(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:

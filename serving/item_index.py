@@ -63,7 +63,7 @@ class ItemIndex:
         self.landmark: bytes | None = None
         self.refreshed_at = 0.0  # newest change stamp applied
         self.last_refresh = 0.0  # wall time the last refresh finished
-        self.cells = CellIndex(factors)  # MF recall's search structure over the matrix
+        self.cells = CellIndex(factors, background=True)  # MF recall's search over the matrix
 
     def __len__(self) -> int:
         return len(self.ids)

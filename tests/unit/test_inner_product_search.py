@@ -129,3 +129,28 @@ def test_a_small_catalogue_is_scanned_flat_and_exactly() -> None:
     rows, _ = cells.top(vectors[0], 5, vectors, size, np.zeros(size, dtype=bool))
     expected = np.argsort(-(vectors.astype(np.float64) @ vectors[0]), kind="stable")[:5]
     assert rows.tolist() == expected.tolist() and cells.last_scanned == size
+
+
+def test_a_background_refit_keeps_every_search_exact_and_is_adopted() -> None:
+    rng = np.random.default_rng(7)
+    vectors = np.zeros((2 * ITEMS + 10, FACTORS), dtype=np.float32)
+    vectors[:ITEMS] = _clustered(rng, ITEMS)
+    cells = CellIndex(FACTORS, background=True)
+    cells.place(vectors, ITEMS, np.arange(ITEMS))  # the first fit runs at once
+    fitted = cells.centroids.copy()
+    vectors[ITEMS:] = _clustered(rng, ITEMS + 10)  # the catalogue doubles: a refit is due
+    cells.place(vectors, 2 * ITEMS, np.arange(ITEMS, 2 * ITEMS))
+    moved = rng.choice(2 * ITEMS, 400, replace=False)  # rows change while the refit runs
+    vectors[moved] = _clustered(rng, 400) * 1.5
+    cells.place(vectors, 2 * ITEMS, moved)
+    count = 2 * ITEMS + 10
+    cells.place(vectors, count, np.arange(2 * ITEMS, count))
+    for _ in range(10):
+        query = _clustered(rng, 1)[0]
+        _assert_a_full_scans_top(cells, query, vectors[:count], np.zeros(count, dtype=bool))
+    cells.wait(vectors, count)
+    assert cells.fit_for == 2 * ITEMS and not np.array_equal(cells.centroids, fitted)
+    np.testing.assert_array_equal(cells.grouped[: len(cells.order)], vectors[cells.order])
+    for _ in range(10):
+        query = _clustered(rng, 1)[0]
+        _assert_a_full_scans_top(cells, query, vectors[:count], np.zeros(count, dtype=bool))
