@@ -151,7 +151,7 @@ class LinearScorer:
 
     def __init__(self, weights: dict[str, float] | None, min_clicks: int) -> None:
         clicks = weights.get("__clicks__", 0.0) if weights is not None else 0.0
-        learned = weights is not None and min_clicks > 0 and clicks >= min_clicks
+        learned = min_clicks > 0 and clicks >= min_clicks
         source = weights if learned and weights is not None else FIXED_BLEND
         self.learned = learned
         self.vector = np.array([source.get(name, 0.0) for name in FEATURES])

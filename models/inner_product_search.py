@@ -128,13 +128,7 @@ class CellIndex:
         if self._fitting is None or not self._fitting.done():
             return
         fitting, self._fitting = self._fitting, None
-        centroids, cell_of, radius = fitting.result()
-        self.centroids, self.radius = centroids, radius
-        self.cell_of = np.full(max(len(self.cell_of), count), -1, dtype=np.int64)
-        self.cell_of[: self._fit_count] = cell_of
-        self.covered = self._fit_count
-        self._group(vectors, len(centroids))
-        self.fit_for, self.fit_radius = self._fit_count, float(radius.mean())
+        self._install(vectors, count, self._fit_count, *fitting.result())
         changed = [r for r in self._since_fit if len(r)]
         self._since_fit = []
         if changed:  # placed in the old cells while the fit ran: their vectors moved since
@@ -208,12 +202,24 @@ class CellIndex:
         return rows, flat[rows]
 
     def _fit(self, vectors: np.ndarray, count: int) -> None:
-        self.centroids, cell_of, self.radius = _fitted(vectors, count, self.rng)
-        self.cell_of = np.full(max(count, len(self.cell_of)), -1, dtype=np.int64)
-        self.cell_of[:count] = cell_of
-        self.covered = count
-        self._group(vectors, len(self.centroids))
-        self.fit_for, self.fit_radius = count, float(self.radius.mean())
+        self._install(vectors, count, count, *_fitted(vectors, count, self.rng))
+
+    def _install(
+        self,
+        vectors: np.ndarray,
+        count: int,
+        fit_count: int,
+        centroids: np.ndarray,
+        cell_of: np.ndarray,
+        radius: np.ndarray,
+    ) -> None:
+        """Cells fit over the first ``fit_count`` rows replace the current ones."""
+        self.centroids, self.radius = centroids, radius
+        self.cell_of = np.full(max(len(self.cell_of), count), -1, dtype=np.int64)
+        self.cell_of[:fit_count] = cell_of
+        self.covered = fit_count
+        self._group(vectors, len(centroids))
+        self.fit_for, self.fit_radius = fit_count, float(radius.mean())
 
     def _group(self, vectors: np.ndarray, cells: int) -> None:
         self.order, self.start = _grouped(self.cell_of[: self.covered], cells)
