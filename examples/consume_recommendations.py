@@ -9,9 +9,10 @@ Each line printed is a user whose list changed, with the new top items.
 
 from __future__ import annotations
 
-from streams import local_services
-from streams.recommendations_consumer import RecommendationsConsumer
-from streams.settings import Settings
+from freshrec.devenv import local_services
+from freshrec.streams.recommendations_consumer import RecommendationsConsumer
+
+from freshrec.settings import Settings
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """What the learners need to know; `streams.settings.Settings.model_config` builds it."""
+    """What the learners need to know; `freshrec.settings.Settings.model_config` builds it."""
 
     factors: int = 32
     lr: float = 0.01

@@ -31,8 +31,7 @@ import concurrent.futures
 
 import numba
 import numpy as np
-
-from models.top_k import top_n
+from freshrec.models.top_k import top_n
 
 CELL_SIZE = 256  # members per cell on average when fit: ~sqrt(n) cells for n ~ 65,000
 MIN_CELLS = 8  # below CELL_SIZE * MIN_CELLS items a flat scan is as cheap

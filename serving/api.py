@@ -18,17 +18,16 @@ from typing import Any
 
 import uvloop
 from confluent_kafka import Producer
+from freshrec.serving.funnel import Funnel, FunnelConfig, UnknownItem
+from freshrec.serving.http_server import Handler, HttpServer, Request, Response, Router
+from freshrec.serving.impressions import ImpressionLog
+from freshrec.serving.openapi import OPENAPI
+from freshrec.serving.publisher import RecommendationPublisher
+from freshrec.serving.variants import Variants
+from freshrec.store.keys import Keys
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
-
-from models.keys import Keys
-from serving.funnel import Funnel, FunnelConfig, UnknownItem
-from serving.http_server import Handler, HttpServer, Request, Response, Router
-from serving.impressions import ImpressionLog
-from serving.openapi import OPENAPI
-from serving.publisher import RecommendationPublisher
-from serving.variants import Variants
 
 log = logging.getLogger(__name__)
 

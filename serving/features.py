@@ -6,7 +6,7 @@ pass builds them: a dozen numpy calls on a few hundred rows cost more in call ov
 arithmetic.
 
 - ``mf``: :math:`y_u \cdot y_i`; 0 for a user without factors.
-- ``cf``: summed cosine with the user's recent items (`serving.recall`).
+- ``cf``: summed cosine with the user's recent items (`freshrec.serving.recall`).
 - ``log_popularity``: :math:`\log(1 + 1000\, p_i / \max_j p_j)` over the candidates: forward-
   decayed sums share one scale, so their ratio to the largest is comparable across time.
 - ``log_age_h``: :math:`\log(1 + a_i / 3600)`, with :math:`a_i` the seconds from the item's
@@ -22,9 +22,8 @@ import math
 
 import numba
 import numpy as np
-
-from models.click_model import FEATURES
-from serving.recall import CF, COLD, MF, TRENDING, Recalled
+from freshrec.models.click_model import FEATURES
+from freshrec.serving.recall import CF, COLD, MF, TRENDING, Recalled
 
 _MF, _CF, _POPULARITY, _AGE, _ACTIVITY = (
     FEATURES.index(name)

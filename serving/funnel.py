@@ -7,7 +7,7 @@
   gets trending and cold.
 - **Coarse rank** keeps the best few hundred by a fixed blend of those scores.
 - **Fine rank** scores them with the click model learned online from impressions and clicks
-  (`models.click_model`), or the fixed blend until it has enough clicks.
+  (`freshrec.models.click_model`), or the fixed blend until it has enough clicks.
 - **Rerank** drops what the user has interacted with, unavailable items and whatever the
   business rules drop, applies their boosts, diversifies by MMR and fills the exploration slots
   with cold items chosen by UCB on their impressions and clicks.
@@ -28,27 +28,26 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from prometheus_client import Histogram
-from redis.asyncio import Redis
-
-from models.click_model import (
+from freshrec.models.click_model import (
     FEATURES,
     FIXED_BLEND,
     ClickModel,
     LinearScorer,
     state_from_hash,
 )
-from models.keys import Keys
-from models.mf import implicit_part, predict_rating, rating_part, vector_width
-from models.server_scripts import USER_STATE, ServerScripts
-from models.top_k import top_n
-from models.vectors import decode_vector
-from serving.features import candidate_features
-from serving.funnel_config import CHANNELS, FunnelConfig
-from serving.item_index import ItemIndex
-from serving.multiplexed_redis import MultiplexedRedis
-from serving.recall import CF, COLD, MF, TRENDING, Recalled, Scratch, merge_channels
-from serving.rerank import rerank
+from freshrec.models.mf import implicit_part, predict_rating, rating_part, vector_width
+from freshrec.models.top_k import top_n
+from freshrec.serving.features import candidate_features
+from freshrec.serving.funnel_config import CHANNELS, FunnelConfig
+from freshrec.serving.item_index import ItemIndex
+from freshrec.serving.multiplexed_redis import MultiplexedRedis
+from freshrec.serving.recall import CF, COLD, MF, TRENDING, Recalled, Scratch, merge_channels
+from freshrec.serving.rerank import rerank
+from freshrec.store.keys import Keys
+from freshrec.store.server_scripts import USER_STATE, ServerScripts
+from freshrec.store.vectors import decode_vector
+from prometheus_client import Histogram
+from redis.asyncio import Redis
 
 log = logging.getLogger(__name__)
 

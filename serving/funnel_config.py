@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.click_model import FEATURES
+from freshrec.models.click_model import FEATURES
 
 CHANNELS = ("cf", "mf", "trending", "cold")
 
@@ -28,7 +28,7 @@ class FunnelConfig:
     blend
         ``(feature, weight)`` pairs of this configuration's fixed blend, which ranks the coarse
         stage, and the fine stage unless the click model does; empty means
-        `models.click_model.FIXED_BLEND`. ``(("cf", 1.0),)`` ranks by the CF score alone.
+        `freshrec.models.click_model.FIXED_BLEND`. ``(("cf", 1.0),)`` ranks by the CF score alone.
     """
 
     history_window: int = 10

@@ -2,8 +2,8 @@
 
 MF recall needs the best items by the user's preference score over *every* item, and CF recall
 reads the neighbour lists of the user's recent items: in memory, one exact search (over k-means
-cells that let it skip most items, `models.inner_product_search`) and one gather; from Redis,
-thousands of reads and the parsing of hundreds of replies per request.
+cells that let it skip most items, `freshrec.models.inner_product_search`) and one gather; from
+Redis, thousands of reads and the parsing of hundreds of replies per request.
 Workers stamp each item whose vector or neighbour list changed in a sorted set (item -> time of
 change, on the Redis server's clock); the index loads everything once, then every ``refresh``
 fetches only the items stamped since the last one. Staleness is bounded by the refresh interval
@@ -16,13 +16,12 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from freshrec.models.inner_product_search import CellIndex
+from freshrec.models.mf import vector_width
+from freshrec.store.keys import Keys
+from freshrec.store.server_scripts import ServerScripts
+from freshrec.store.vectors import VECTOR_DTYPE
 from redis.asyncio import Redis
-
-from models.inner_product_search import CellIndex
-from models.keys import Keys
-from models.mf import vector_width
-from models.server_scripts import ServerScripts
-from models.vectors import VECTOR_DTYPE
 
 FETCH_CHUNK = 500  # items per round trip: each chunk's parsing holds the event loop briefly
 STATS = ("occurrences", "popularity", "first_seen")

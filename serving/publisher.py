@@ -16,13 +16,12 @@ import time
 from typing import Any
 
 from confluent_kafka import Producer
+from freshrec.serving.funnel import Funnel
+from freshrec.store.keys import Keys
+from freshrec.store.server_scripts import ServerScripts
 from prometheus_client import Counter, Histogram
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-
-from models.keys import Keys
-from models.server_scripts import ServerScripts
-from serving.funnel import Funnel
 
 log = logging.getLogger(__name__)
 

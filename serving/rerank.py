@@ -4,18 +4,17 @@ From the fine-ranked candidates it drops unavailable items and those the busines
 (multiplier 0), turns the fine order into relevance :math:`(1 - \mathrm{rank}/n)\, m_i` (so a
 boost :math:`m_i > 1` raises an item whatever the sign of the scores), gives the reserved
 exploration slots to the allowed cold candidates with the best UCB
-(`models.ucb.ucb_scores`), and fills the other positions by MMR (`models.diversity`). One
-compiled call: done with numpy it was some thirty array calls per request on a few hundred
-candidates.
+(`freshrec.models.ucb.ucb_scores`), and fills the other positions by MMR
+(`freshrec.models.diversity`). One compiled call: done with numpy it was some thirty array
+calls per request on a few hundred candidates.
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
-
-from models.diversity import mmr_picks
-from models.ucb import ucb_scores
+from freshrec.models.diversity import mmr_picks
+from freshrec.models.ucb import ucb_scores
 
 
 @numba.njit(cache=True, nogil=True)

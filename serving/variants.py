@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from serving.funnel_config import FunnelConfig
+from freshrec.serving.funnel_config import FunnelConfig
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from streams.settings import Settings
+from freshrec.settings import Settings
 
 EVENT_TYPES = ("click", "view", "rating", "purchase", "impression")
 _FIELDS = frozenset(("event_id", "type", "user_id", "item_id", "value", "ts", "context"))
@@ -68,7 +68,7 @@ class EventValidator:
     >>> v.parse_one({"type": "rating", "user_id": "u1", "item_id": "i9", "value": 7, "ts": 1e9})
     Traceback (most recent call last):
     ...
-    streams.events.InvalidEvent: rating 7 outside the scale [1.0, 5.0]
+    freshrec.streams.events.InvalidEvent: rating 7 outside the scale [1.0, 5.0]
     """
 
     def __init__(self, settings: Settings, clock: Any = time.time) -> None:

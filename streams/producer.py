@@ -12,9 +12,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import KafkaException, Producer
-
-from streams.events import Event, encode_events
-from streams.partitioner import partition_for
+from freshrec.streams.events import Event, encode_events
+from freshrec.streams.partitioner import partition_for
 
 log = logging.getLogger(__name__)
 

@@ -1,16 +1,22 @@
-"""Publish a file of events (any format of the contract) to the events topic at a chosen rate."""
+"""Publish events (read from a file of any format of the contract) to the events topic at a
+chosen rate."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from streams.datasets import count_lines, read_events
-from streams.producer import EventProducer
-from streams.progress import Progress
+from freshrec.streams.producer import EventProducer
+
+
+class Ticker(Protocol):
+    """Where progress goes: one ``advance`` per event sent, ``close`` at the end."""
+
+    def advance(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -29,7 +35,7 @@ def replay_events(
     events: Iterable[Mapping[str, Any]],
     producer: EventProducer,
     rate: float = 0.0,
-    progress: Progress | None = None,
+    progress: Ticker | None = None,
 ) -> ReplaySummary:
     """Send events, paced to ``rate`` events/s when given; lines that were not JSON go as-is.
 
@@ -55,14 +61,3 @@ def replay_events(
     if progress is not None:
         progress.close()
     return ReplaySummary(sent, producer.sent_messages, raw, time.monotonic() - started)
-
-
-def replay_file(
-    path: Path,
-    producer: EventProducer,
-    rate: float = 0.0,
-    fmt: str | None = None,
-    show_progress: bool = True,
-) -> ReplaySummary:
-    progress = Progress(count_lines(path), f"replay {path.name}") if show_progress else None
-    return replay_events(read_events(path, fmt), producer, rate=rate, progress=progress)

@@ -2,7 +2,7 @@
 
 The agent stays thin: it takes a batch, splits valid events from invalid ones (invalid ones go
 to the dead-letter topic with their original bytes and a reason) and hands the valid ones, with
-their partition offsets, to `models.batch_update.BatchUpdater` (which also marks the touched
+their partition offsets, to `freshrec.store.batch_update.BatchUpdater` (which also marks the touched
 users, whose fresh lists the reader then publishes). A Redis outage pauses the agent (retrying
 with backoff) instead of dropping or half-applying a batch; Kafka offsets advance only after
 the batch is applied, and a redelivered message is skipped by its offset.
@@ -17,15 +17,15 @@ import time
 from typing import Any
 
 import faust
+from freshrec.store.batch_update import BatchUpdater
+from freshrec.store.feedback import FeedbackLearner, Shown, parse_impression
+from freshrec.store.keys import Keys
+from freshrec.streams.events import Event, EventValidator
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from models.batch_update import BatchUpdater
-from models.feedback import FeedbackLearner, Shown, parse_impression
-from models.keys import Keys
-from streams.events import Event, EventValidator
-from streams.settings import Settings
+from freshrec.settings import Settings
 
 log = logging.getLogger(__name__)
 

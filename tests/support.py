@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from streams.settings import Settings
+from freshrec.settings import Settings
 
 T = TypeVar("T")
 
@@ -50,7 +50,7 @@ def freshrec_process(command: list[str], settings: Settings, log_path: Path) -> 
     env = {**os.environ, **settings.environ()}
     log = log_path.open("wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", *command],
+        [sys.executable, "-m", "freshrec.cli", *command],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -7,14 +7,13 @@ import sys
 import time
 
 import numpy as np
+from freshrec.models.config import ModelConfig
+from freshrec.store.batch_update import BatchUpdater
+from freshrec.store.keys import Keys
+from freshrec.store.server_scripts import ServerScripts
+from freshrec.store.vectors import encode_vector
+from freshrec.streams.events import Event
 from redis.asyncio import Redis
-
-from models.batch_update import BatchUpdater
-from models.config import ModelConfig
-from models.keys import Keys
-from models.server_scripts import ServerScripts
-from models.vectors import encode_vector
-from streams.events import Event
 
 TS = 1_700_000_000.0
 

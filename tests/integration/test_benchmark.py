@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import redis
 from confluent_kafka.admin import AdminClient
+from freshrec.bench.ingest import MEASUREMENTS, format_results, run_bench
+from freshrec.devenv import local_services
 
-from streams import local_services
-from streams.benchmark import MEASUREMENTS, format_results, run_bench
-from streams.settings import Settings
+from freshrec.settings import Settings
 
 pytestmark = pytest.mark.integration
 

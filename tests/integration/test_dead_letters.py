@@ -6,9 +6,9 @@ import json
 import time
 
 import pytest
+from freshrec.streams.producer import EventProducer
 
-from streams.producer import EventProducer
-from streams.settings import Settings
+from freshrec.settings import Settings
 from tests.support import TopicReader, wait_until
 
 pytestmark = pytest.mark.integration

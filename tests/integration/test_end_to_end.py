@@ -6,10 +6,10 @@ import json
 import time
 
 import pytest
+from freshrec.streams.producer import EventProducer
+from freshrec.streams.recommendations_consumer import RecommendationsConsumer
 
-from streams.producer import EventProducer
-from streams.recommendations_consumer import RecommendationsConsumer
-from streams.settings import Settings
+from freshrec.settings import Settings
 from tests.support import TopicReader, http_json, wait_until
 
 pytestmark = pytest.mark.integration

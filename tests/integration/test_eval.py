@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from freshrec.devenv import local_services
+from freshrec.evaluation.prequential import run_eval
+from freshrec.evaluation.synth import SynthConfig, SynthStream, generate, write_jsonl
 
-from streams import local_services
-from streams.prequential import run_eval
-from streams.settings import Settings
-from streams.synth import SynthConfig, SynthStream, generate, write_jsonl
+from freshrec.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def test_json_summary_has_every_required_key_and_a_report(
     base_settings: Settings, small_file: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "report"
-    command = [sys.executable, "-m", "streams.cli", "eval", str(small_file), "--json"]
+    command = [sys.executable, "-m", "freshrec.cli", "eval", str(small_file), "--json"]
     done = subprocess.run(
         [*command, "--mode", "direct", "--out", str(out)],
         env={**os.environ, **base_settings.environ()},

@@ -7,15 +7,15 @@ import dataclasses
 
 import numpy as np
 import pytest
+from freshrec.models.click_model import ClickModel
+from freshrec.serving.funnel import Funnel
+from freshrec.serving.variants import Variants
+from freshrec.store.batch_update import BatchUpdater
+from freshrec.store.keys import Keys
+from freshrec.streams.events import Event
 from redis.asyncio import Redis
 
-from models.batch_update import BatchUpdater
-from models.click_model import ClickModel
-from models.keys import Keys
-from serving.funnel import Funnel
-from serving.variants import Variants
-from streams.events import Event
-from streams.settings import Settings
+from freshrec.settings import Settings
 
 pytestmark = pytest.mark.integration
 TS = 1_700_000_000.0

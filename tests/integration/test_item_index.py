@@ -6,15 +6,15 @@ import asyncio
 
 import numpy as np
 import pytest
+from freshrec.models.mf import implicit_part
+from freshrec.serving.item_index import ItemIndex
+from freshrec.store.batch_update import BatchUpdater
+from freshrec.store.keys import Keys
+from freshrec.store.vectors import VECTOR_DTYPE, decode_vector
+from freshrec.streams.events import Event
 from redis.asyncio import Redis
 
-from models.batch_update import BatchUpdater
-from models.keys import Keys
-from models.mf import implicit_part
-from models.vectors import VECTOR_DTYPE, decode_vector
-from serving.item_index import ItemIndex
-from streams.events import Event
-from streams.settings import Settings
+from freshrec.settings import Settings
 
 pytestmark = pytest.mark.integration
 TS = 1_700_000_000.0
@@ -83,7 +83,7 @@ def test_mf_search_over_a_large_catalogue_stays_exact_as_vectors_change(
 ) -> None:
     """Past the flat-scan size the index keeps k-means cells; changed vectors fetched by a
     refresh are found at once, whatever cell they had."""
-    from streams.serve_benchmark import build_state
+    from freshrec.bench.serve import build_state
 
     keys, factors = Keys(settings.key_prefix), settings.mf_factors
     build_state(redis_client, keys, items=4000, users=20, factors=factors)

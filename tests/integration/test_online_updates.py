@@ -13,17 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from freshrec.evaluation.synth import SynthConfig, generate
+from freshrec.models.decay import REBASE_EXPONENT
+from freshrec.models.mf import initial_vector, predict_rating, rating_part, vector_width
+from freshrec.store.batch_update import INTERACTIONS, BatchUpdater
+from freshrec.store.keys import Keys
+from freshrec.store.vectors import decode_vector
+from freshrec.streams.events import Event
 from redis.asyncio import Redis
 from river import optim, reco
 
-from models.batch_update import INTERACTIONS, BatchUpdater
-from models.decay import REBASE_EXPONENT
-from models.keys import Keys
-from models.mf import initial_vector, predict_rating, rating_part, vector_width
-from models.vectors import decode_vector
-from streams.events import Event
-from streams.settings import Settings
-from streams.synth import SynthConfig, generate
+from freshrec.settings import Settings
 
 pytestmark = pytest.mark.integration
 

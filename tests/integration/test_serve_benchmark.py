@@ -10,10 +10,10 @@ import dataclasses
 
 import pytest
 import redis
+from freshrec.bench.serve import format_serve_results, run_serve_bench
+from freshrec.devenv import local_services
 
-from streams import local_services
-from streams.serve_benchmark import format_serve_results, run_serve_bench
-from streams.settings import Settings
+from freshrec.settings import Settings
 
 pytestmark = pytest.mark.integration
 

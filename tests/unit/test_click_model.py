@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from models.click_model import FEATURES, ClickModel, LinearScorer
+from freshrec.models.click_model import FEATURES, ClickModel, LinearScorer
 
 
 def _features(rng: np.random.Generator, good: bool) -> dict[str, float]:

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from streams.datasets import RAW_KEY, count_lines, detect_format, read_events
+from freshrec.evaluation.datasets import RAW_KEY, count_lines, detect_format, read_events
 
 
 def write(path: Path, text: str) -> Path:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-
-from models.diversity import intra_list_similarity, mmr
+from freshrec.models.diversity import intra_list_similarity, mmr
 
 
 def _clustered(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

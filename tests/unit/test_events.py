@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from freshrec.streams.events import EventValidator
 
-from streams.events import EventValidator
-from streams.settings import Settings
+from freshrec.settings import Settings
 
 NOW = 1_795_000_000.0
 

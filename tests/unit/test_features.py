@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from models.click_model import FEATURES
-from serving.features import candidate_features
-from serving.recall import CF, COLD, MF, TRENDING, Recalled
+from freshrec.models.click_model import FEATURES
+from freshrec.serving.features import candidate_features
+from freshrec.serving.recall import CF, COLD, MF, TRENDING, Recalled
 
 
 @pytest.mark.parametrize("latest", [None, 5e6])

@@ -8,8 +8,14 @@ import json
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-
-from serving.http_server import MAX_URL_BYTES, Handler, HttpServer, Request, Response, Router
+from freshrec.serving.http_server import (
+    MAX_URL_BYTES,
+    Handler,
+    HttpServer,
+    Request,
+    Response,
+    Router,
+)
 
 
 async def _echo(request: Request) -> Response:

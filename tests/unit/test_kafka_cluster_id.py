@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import uuid
 
-from streams.local_services import kafka_cluster_id
+from freshrec.devenv.local_services import kafka_cluster_id
 
 
 def test_an_id_starting_with_a_dash_is_drawn_again() -> None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from river import optim, reco
-
-from models.mf import (
+from freshrec.models.mf import (
     implicit_part,
     implicit_step,
     initial_vector,
@@ -14,6 +12,7 @@ from models.mf import (
     rating_part,
     rating_step,
 )
+from river import optim, reco
 
 
 def test_rating_steps_equal_river_biased_mf() -> None:

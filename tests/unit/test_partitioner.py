@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from streams.partitioner import murmur2, partition_for
+from freshrec.streams.partitioner import murmur2, partition_for
 
 
 @pytest.mark.parametrize(

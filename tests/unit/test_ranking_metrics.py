@@ -6,9 +6,8 @@ import math
 
 import numpy as np
 import pytest
-
-from models.baselines import BiasedMFRanker, PopularityBaseline
-from models.ranking_metrics import (
+from freshrec.evaluation.baselines import BiasedMFRanker, PopularityBaseline
+from freshrec.evaluation.ranking_metrics import (
     MISSING,
     ErrorAccumulator,
     TopNAccumulator,

@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 import pytest
-
-from serving.recall import CF, COLD, MF, TRENDING, Recalled, Scratch, merge_channels
+from freshrec.serving.recall import CF, COLD, MF, TRENDING, Recalled, Scratch, merge_channels
 
 ITEMS = 40
 WIDTH = 6

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-
-from models.ucb import ucb_scores
-from serving.rerank import rerank
+from freshrec.models.ucb import ucb_scores
+from freshrec.serving.rerank import rerank
 
 N = 30
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streams.settings import Settings
+from freshrec.settings import Settings
 
 
 def test_environment_overrides_defaults() -> None:

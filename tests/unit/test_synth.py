@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from streams.datasets import read_events
-from streams.synth import SynthConfig, SynthStream, generate, write_jsonl
+from freshrec.evaluation.datasets import read_events
+from freshrec.evaluation.synth import SynthConfig, SynthStream, generate, write_jsonl
 
 SMALL = SynthConfig(users=300, items=200, events=20_000, seed=11)
 

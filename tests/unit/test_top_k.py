@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from models.top_k import top_n
+from freshrec.models.top_k import top_n
 
 
 @pytest.mark.parametrize("size", [1, 7, 300, 5000, 60000])

@@ -5,8 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-
-from models.ucb import ucb_bonus, ucb_scores
+from freshrec.models.ucb import ucb_bonus, ucb_scores
 
 
 def test_an_item_never_shown_gets_the_largest_bonus() -> None:

@@ -343,7 +343,7 @@ def _event_dicts(
 def write_jsonl(events: Any, path: str | os.PathLike[str]) -> int:
     """Write one compact JSON event per line (gzip when ``path`` ends in ``.gz``); count them.
 
-    The output is the ``jsonl`` format :func:`streams.datasets.read_events` replays.
+    The output is the ``jsonl`` format :func:`freshrec.evaluation.datasets.read_events` replays.
     """
     opener = gzip.open if os.fspath(path).endswith(".gz") else open
     count = 0

@@ -13,10 +13,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from freshrec.models.click_model import ClickModel, state_from_hash
+from freshrec.store.keys import Keys
 from redis.asyncio import Redis
-
-from models.click_model import ClickModel, state_from_hash
-from models.keys import Keys
 
 
 @dataclass(frozen=True)

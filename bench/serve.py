@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 import redis
+from freshrec.bench.ingest import process_cpu_seconds
+from freshrec.devenv.isolated_run import free_port, isolated_run
+from freshrec.models.mf import vector_width
+from freshrec.store.keys import Keys
+from freshrec.store.vectors import VECTOR_DTYPE
 
-from models.keys import Keys
-from models.mf import vector_width
-from models.vectors import VECTOR_DTYPE
-from streams.benchmark import process_cpu_seconds
-from streams.isolated_run import free_port, isolated_run
-from streams.progress import Say
-from streams.settings import Settings
+from freshrec.progress import Say
+from freshrec.settings import Settings
 
 NEIGHBOURS = 50
 MAX_CONNECTIONS = 256  # the load generator's, like a client's connection pool
@@ -203,7 +203,7 @@ def run_serve_bench(
             )
             with (workdir / "reader.log").open("wb") as log:
                 reader = subprocess.Popen(
-                    [sys.executable, "-m", "streams.cli", "serve"],
+                    [sys.executable, "-m", "freshrec.cli", "serve"],
                     env={**os.environ, **settings.environ()},
                     stdout=log,
                     stderr=subprocess.STDOUT,

@@ -16,10 +16,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
+from freshrec.devenv import local_services
+from freshrec.streams.topics import delete_topics, ensure_topics, topic_specs
 
-from streams import local_services
-from streams.settings import Settings
-from streams.topics import delete_topics, ensure_topics, topic_specs
+from freshrec.settings import Settings
 
 
 def isolated_settings(

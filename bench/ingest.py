@@ -3,7 +3,7 @@
 On a shared, noisy two-core machine an absolute figure says little; a ratio of two figures
 measured in the same run says much more. So one run measures, interleaved and ``repeat`` times:
 
-* ``direct``: `models.batch_update.BatchUpdater.apply` in this process on validated events,
+* ``direct``: `freshrec.store.batch_update.BatchUpdater.apply` in this process on validated events,
   in batches of ``FRESHREC_BATCH_SIZE``: the models and Redis alone;
 * ``pipeline``: one real worker process (``freshrec worker``) consuming messages produced
   before the clock starts, timed from its consumer group's assignment until Redis counts every
@@ -15,7 +15,7 @@ the last two with arrays of ``events_per_message`` events per message (as the pr
 sends them) and again with single-event messages. Figures are medians over the runs; ratios are
 medians of per-run ratios, each taken between runs measured next to each other.
 
-``python -m streams.benchmark noop --app-id ID`` runs the no-op agent; the bench starts it.
+``python -m freshrec.bench.ingest noop --app-id ID`` runs the no-op agent; the bench starts it.
 """
 
 from __future__ import annotations
@@ -39,15 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from streams.progress import Say
-from streams.settings import Settings
+from freshrec.progress import Say
+from freshrec.settings import Settings
 
 if TYPE_CHECKING:
     import faust
     import redis
     from confluent_kafka.admin import AdminClient
-
-    from streams.events import Event
+    from freshrec.streams.events import Event
 
 TARGET_EVENTS_PER_S = 10_000.0
 """The pipeline's goal per worker, with every update on and a history window of 10."""
@@ -100,7 +99,7 @@ def run_bench(
     ``single_events`` (default ``events // 5``) sizes the single-event-message topic, which is
     consumed one framework pass per event and so needs fewer events to time.
     """
-    from streams import local_services
+    from freshrec.devenv import local_services
 
     if events < 1 or repeat < 1 or events_per_message < 1:
         raise ValueError("events, repeat and events_per_message must be at least 1")
@@ -156,9 +155,9 @@ class _Bench:
     def measure(
         self, events: int, repeat: int, events_per_message: int, single_events: int
     ) -> dict[str, list[Run]]:
-        from streams.events import EventValidator
-        from streams.partitioner import partition_for
-        from streams.synth import SynthConfig, generate
+        from freshrec.evaluation.synth import SynthConfig, generate
+        from freshrec.streams.events import EventValidator
+        from freshrec.streams.partitioner import partition_for
 
         say = self.say
         stream = generate(
@@ -196,8 +195,8 @@ class _Bench:
         return runs
 
     def _topic(self, suffix: str, events: Sequence[dict[str, Any]], per_message: int) -> _Topic:
-        from streams.producer import EventProducer
-        from streams.topics import ensure_topics
+        from freshrec.streams.producer import EventProducer
+        from freshrec.streams.topics import ensure_topics
 
         settings = dataclasses.replace(self.base, topic_prefix=f"{self.base.topic_prefix}-{suffix}")
         self.topic_settings.append(settings)
@@ -225,7 +224,7 @@ class _Bench:
         settings = dataclasses.replace(self._keyed(topic.settings, label), worker_metrics_port=port)
         group = f"{settings.topic_prefix}-worker"  # the worker's app id is its group id
         proc = self._start(
-            label, ["-m", "streams.cli", "worker", "--loglevel", "warning"], settings
+            label, ["-m", "freshrec.cli", "worker", "--loglevel", "warning"], settings
         )
         try:
             self.groups.add(group)
@@ -255,7 +254,7 @@ class _Bench:
     def _noop(self, topic: _Topic, label: str) -> Run:
         settings = self._keyed(topic.settings, label)
         group = f"{settings.topic_prefix}-noop-{label}"
-        command = ["-m", "streams.benchmark", "noop", "--app-id", group]
+        command = ["-m", "freshrec.bench.ingest", "noop", "--app-id", group]
         proc = self._start(label, command, settings)
         try:
             self.groups.add(group)
@@ -337,7 +336,7 @@ class _Bench:
         way for every process. A process whose agent keeps crashing stays alive; a count that
         has not moved for ``stall_s`` ends the wait with the process's log.
         """
-        from models.keys import Keys
+        from freshrec.store.keys import Keys
 
         stats = Keys(settings.key_prefix).worker_stats
         last, moved = -1, time.monotonic()
@@ -384,7 +383,7 @@ class _Bench:
             self.store.unlink(*doomed[start : start + 1000])
 
     def close(self) -> None:
-        from streams.topics import delete_topics, topic_specs
+        from freshrec.streams.topics import delete_topics, topic_specs
 
         for proc in self.processes:
             if proc.poll() is None:
@@ -414,10 +413,9 @@ async def _apply_all(
 ) -> Run:
     """The direct path: ``FRESHREC_BATCH_SIZE`` events per batch, with origins as the worker
     passes them (so offset watermarks are checked and written), one batch after another."""
+    from freshrec.store.batch_update import BatchUpdater
+    from freshrec.store.keys import Keys
     from redis.asyncio import Redis
-
-    from models.batch_update import BatchUpdater
-    from models.keys import Keys
 
     client = Redis.from_url(settings.redis_url)
     try:
@@ -453,10 +451,9 @@ def create_noop_app(settings: Settings, app_id: str) -> faust.App:
     least that makes its progress observable from outside, as the worker's own count is.
     """
     import faust
+    from freshrec.store.keys import Keys
+    from freshrec.streams.worker import faust_options
     from redis.asyncio import Redis
-
-    from models.keys import Keys
-    from streams.worker import faust_options
 
     app = faust.App(app_id, **faust_options(settings, settings.kafka_bootstrap))
     topic = app.topic(settings.events_topic, value_type=bytes, key_type=bytes)
@@ -472,7 +469,7 @@ def create_noop_app(settings: Settings, app_id: str) -> faust.App:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m streams.benchmark")
+    parser = argparse.ArgumentParser(prog="python -m freshrec.bench.ingest")
     sub = parser.add_subparsers(dest="command", required=True)
     noop = sub.add_parser("noop", help="run the no-op agent (FRESHREC_* from the environment)")
     noop.add_argument("--app-id", required=True, help="Faust app id, which is its consumer group")

@@ -27,12 +27,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from redis.asyncio import Redis
-
-from models.config import ModelConfig
-from models.decay import ForwardDecay
-from models.keys import Keys
-from models.mf import (
+from freshrec.models.config import ModelConfig
+from freshrec.models.decay import ForwardDecay
+from freshrec.models.mf import (
     implicit_part,
     implicit_step,
     initial_vector,
@@ -41,8 +38,10 @@ from models.mf import (
     rating_step,
     vector_width,
 )
-from models.server_scripts import ServerScripts
-from models.vectors import VECTOR_DTYPE, decode_vector, encode_vector
+from freshrec.store.keys import Keys
+from freshrec.store.server_scripts import ServerScripts
+from freshrec.store.vectors import VECTOR_DTYPE, decode_vector, encode_vector
+from redis.asyncio import Redis
 
 INTERACTIONS = frozenset(("click", "view", "purchase", "rating"))
 

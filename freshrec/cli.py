@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from streams.settings import Settings
+from freshrec.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,11 +141,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _services(args: argparse.Namespace, settings: Settings) -> int:
-    from streams import local_services
+    from freshrec.devenv import local_services
 
     if args.action == "up":
         endpoints = local_services.up(settings)
-        from streams.topics import ensure_topics
+        from freshrec.streams.topics import ensure_topics
 
         ensure_topics(endpoints.kafka_bootstrap, settings)
         _emit(
@@ -175,8 +175,8 @@ def _services(args: argparse.Namespace, settings: Settings) -> int:
 
 def _endpoints(settings: Settings) -> tuple[str, str]:
     """Configured services, else the local ones (started if not running yet)."""
-    from streams import local_services
-    from streams.topics import ensure_topics
+    from freshrec.devenv import local_services
+    from freshrec.streams.topics import ensure_topics
 
     endpoints = local_services.up(settings)
     ensure_topics(endpoints.kafka_bootstrap, settings)
@@ -184,7 +184,7 @@ def _endpoints(settings: Settings) -> tuple[str, str]:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.worker import run_worker
+    from freshrec.streams.worker import run_worker
 
     bootstrap, redis_url = _endpoints(settings)
     run_worker(settings, bootstrap, redis_url, loglevel=args.loglevel)
@@ -192,9 +192,9 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from models.keys import Keys
-    from serving.api import Publishing, run_reader
-    from serving.variants import Variants
+    from freshrec.serving.api import Publishing, run_reader
+    from freshrec.serving.variants import Variants
+    from freshrec.store.keys import Keys
 
     bootstrap, redis_url = _endpoints(settings)
     run_reader(
@@ -218,16 +218,18 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.producer import EventProducer
-    from streams.replay import replay_file
+    from freshrec.evaluation.datasets import count_lines, read_events
+    from freshrec.progress import Progress
+    from freshrec.streams.producer import EventProducer
+    from freshrec.streams.replay import replay_events
 
     if not args.file.exists():
         raise FileNotFoundError(f"no such file: {args.file}")
     bootstrap, _ = _endpoints(settings)
     producer = EventProducer(bootstrap, settings.events_topic, args.events_per_message)
-    summary = replay_file(
-        args.file, producer, rate=args.rate, fmt=args.format, show_progress=not args.json
-    )
+    progress = None if args.json else Progress(count_lines(args.file), f"replay {args.file.name}")
+    events = read_events(args.file, args.format)
+    summary = replay_events(events, producer, rate=args.rate, progress=progress)
     payload = {
         "events": summary.events,
         "messages": summary.messages,
@@ -247,7 +249,7 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _synth(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.synth import SynthConfig, generate, write_jsonl
+    from freshrec.evaluation.synth import SynthConfig, generate, write_jsonl
 
     stream = generate(
         SynthConfig(users=args.users, items=args.items, events=args.events, seed=args.seed)
@@ -270,7 +272,7 @@ def _synth(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _eval(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.prequential import format_summary, run_eval
+    from freshrec.evaluation.prequential import format_summary, run_eval
 
     if not args.file.exists():
         raise FileNotFoundError(f"no such file: {args.file}")
@@ -291,7 +293,7 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
 
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.target == "serve":
-        from streams.serve_benchmark import format_serve_results, run_serve_bench
+        from freshrec.bench.serve import format_serve_results, run_serve_bench
 
         rates = tuple(float(r) for r in args.rates.split(","))
         results = run_serve_bench(
@@ -305,7 +307,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         )
         _emit(args, results, format_serve_results(results))
         return 0
-    from streams.benchmark import format_results, run_bench
+    from freshrec.bench.ingest import format_results, run_bench
 
     results = run_bench(
         settings, events=args.events, repeat=args.repeat, show_progress=not args.json
@@ -315,7 +317,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.demo import run_demo
+    from freshrec.devenv.demo import run_demo
 
     summary = run_demo(settings, events=args.events, rate=args.rate, quiet=args.json)
     if args.json:

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from freshrec.devenv.isolated_run import free_port, isolated_run
+from freshrec.evaluation.synth import SynthConfig, generate
+from freshrec.streams.events import encode_events
+from freshrec.streams.producer import EventProducer
 
-from streams.events import encode_events
-from streams.isolated_run import free_port, isolated_run
-from streams.producer import EventProducer
-from streams.progress import Progress
-from streams.settings import Settings
-from streams.synth import SynthConfig, generate
+from freshrec.progress import Progress
+from freshrec.settings import Settings
 
 DEMO_USERS = 3
 
@@ -49,7 +49,7 @@ class Demo:
     def start(self, name: str, command: list[str]) -> subprocess.Popen:
         log = (self.workdir / f"{name}.log").open("wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", *command],
+            [sys.executable, "-m", "freshrec.cli", *command],
             env={**os.environ, **self.settings.environ()},
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from models.config import ModelConfig
-    from serving.funnel_config import FunnelConfig
+    from freshrec.models.config import ModelConfig
+    from freshrec.serving.funnel_config import FunnelConfig
 
 
 def _env(name: str, doc: str, default: Any) -> Any:
@@ -216,7 +216,7 @@ class Settings:
         }
 
     def model_config(self) -> ModelConfig:
-        from models.config import ModelConfig
+        from freshrec.models.config import ModelConfig
 
         return ModelConfig(
             factors=self.mf_factors,
@@ -236,7 +236,7 @@ class Settings:
         )
 
     def funnel_config(self) -> FunnelConfig:
-        from serving.funnel_config import FunnelConfig
+        from freshrec.serving.funnel_config import FunnelConfig
 
         return FunnelConfig(
             history_window=self.history_window,

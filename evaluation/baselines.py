@@ -83,8 +83,8 @@ class BiasedMFRanker:
     r"""river's ``reco.BiasedMF`` as a rating predictor and as a ranker of a catalog.
 
     The model is river's own, configured so that its update is freshrec's rating step
-    (:mod:`models.mf`): ``lr = gamma / 2`` and ``l2 = 2 lambda`` on both biases and factors,
-    initial factors ``N(0, init_std^2)``. Ratings are river's ``predict_one``; a ranking
+    (:mod:`freshrec.models.mf`): ``lr = gamma / 2`` and ``l2 = 2 lambda`` on both biases and
+    factors, initial factors ``N(0, init_std^2)``. Ratings are river's ``predict_one``; a ranking
     scores every item by the part of the prediction that depends on the item,
 
     .. math::

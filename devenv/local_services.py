@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streams.settings import Settings
+from freshrec.settings import Settings
 
 log = logging.getLogger(__name__)
 

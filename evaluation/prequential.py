@@ -10,22 +10,23 @@ state, then **learns** the chunk:
 * top-N track: each interaction (click, view, purchase, rating) of a user with history, on an
   item that user has not interacted with before, is looked up in a list of
   :data:`LIST_LENGTH` for that user; HR@10, HR@20, NDCG@10 and MRR truncated at the list's
-  end, ties counted against the target (:mod:`models.ranking_metrics`); catalog coverage of
-  the top :data:`COVERAGE_K`; the share of hits on cold items (fewer than
+  end, ties counted against the target (:mod:`freshrec.evaluation.ranking_metrics`); catalog
+  coverage of the top :data:`COVERAGE_K`; the share of hits on cold items (fewer than
   :data:`COLD_BELOW` interactions before the event).
 
 Predicting a whole chunk from the state before it makes each prediction up to ``chunk - 1``
 events stale: the price of asking the real system, through the real reader, in bulk. The
 staleness is the same for every system and in both modes.
 
-Modes: ``direct`` runs the worker's update code (:class:`models.batch_update.BatchUpdater`) and
-the reader's funnel (:class:`serving.funnel.Funnel`) in this process against Redis;
-``pipeline`` produces each chunk to Kafka, waits until a real worker process has applied it
-(its offset watermarks), and asks a real reader process over HTTP. The same chunks and the
+Modes: ``direct`` runs the worker's update code
+(:class:`freshrec.store.batch_update.BatchUpdater`) and the reader's funnel
+(:class:`freshrec.serving.funnel.Funnel`) in this process against Redis; ``pipeline``
+produces each chunk to Kafka, waits until a real worker process has applied it (its offset
+watermarks), and asks a real reader process over HTTP. The same chunks and the
 same definitions in both, so their RMSE agrees to far better than 1%.
 
 Side by side, learned from the same chunks: a popularity baseline and river's ``reco.BiasedMF``
-(:mod:`models.baselines`), so the lift of the personal model shows in the same run.
+(:mod:`freshrec.evaluation.baselines`), so the lift of the personal model shows in the same run.
 """
 
 from __future__ import annotations
@@ -48,12 +49,10 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 import numpy as np
-from redis.asyncio import Redis
-
-from models.baselines import BiasedMFRanker, PopularityBaseline
-from models.batch_update import INTERACTIONS, BatchUpdater
-from models.keys import Keys
-from models.ranking_metrics import (
+from freshrec.devenv.isolated_run import free_port, isolated_run
+from freshrec.evaluation.baselines import BiasedMFRanker, PopularityBaseline
+from freshrec.evaluation.datasets import RAW_KEY, detect_format, read_events
+from freshrec.evaluation.ranking_metrics import (
     MISSING,
     ErrorAccumulator,
     TopNAccumulator,
@@ -63,13 +62,15 @@ from models.ranking_metrics import (
     rank_in_list,
     rolling_mean,
 )
-from serving.funnel import Funnel, FunnelConfig, UnknownItem
-from streams.datasets import RAW_KEY, detect_format, read_events
-from streams.events import Event, EventValidator, InvalidEvent
-from streams.isolated_run import free_port, isolated_run
-from streams.producer import EventProducer
-from streams.progress import Progress
-from streams.settings import Settings
+from freshrec.serving.funnel import Funnel, FunnelConfig, UnknownItem
+from freshrec.store.batch_update import INTERACTIONS, BatchUpdater
+from freshrec.store.keys import Keys
+from freshrec.streams.events import Event, EventValidator, InvalidEvent
+from freshrec.streams.producer import EventProducer
+from redis.asyncio import Redis
+
+from freshrec.progress import Progress
+from freshrec.settings import Settings
 
 __all__ = ["COLD_BELOW", "LIST_LENGTH", "format_summary", "load_events", "run_eval"]
 
@@ -287,7 +288,7 @@ class _Processes:
     def start(self, name: str, command: list[str]) -> None:
         with (self.logs / f"{name}.log").open("wb") as log:  # the child keeps its own handle
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", *command],
+                [sys.executable, "-m", "freshrec.cli", *command],
                 env={**os.environ, **self.settings.environ()},
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -635,7 +636,7 @@ def run_eval(
     ``ablation`` (direct mode) also scores the same funnel with MF recall only and with CF
     recall only, on the same state at the same moments.
 
-    Services come from ``streams.local_services.resolve`` (started when not configured and
+    Services come from ``freshrec.devenv.local_services.resolve`` (started when not configured and
     stopped at the end); the run uses topics and keys of its own and deletes them at the end.
     """
     if mode not in ("pipeline", "direct"):

@@ -1,0 +1,1 @@
+"""Benchmarks: ingest throughput against a no-op agent, and serving latency under load."""

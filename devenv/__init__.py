@@ -1,0 +1,1 @@
+"""The local development environment: services, isolated runs, the demo, child processes."""

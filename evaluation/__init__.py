@@ -1,0 +1,1 @@
+"""Prequential evaluation: protocol, ranking metrics, baselines, datasets, synthetic streams."""

@@ -1,0 +1,1 @@
+"""The Redis contract: key layout, server scripts, vector encoding, batch reads and writes."""
