@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     import faust
     import redis
     from confluent_kafka.admin import AdminClient
+
     from freshrec.streams.events import Event
 
 TARGET_EVENTS_PER_S = 10_000.0
@@ -413,9 +414,10 @@ async def _apply_all(
 ) -> Run:
     """The direct path: ``FRESHREC_BATCH_SIZE`` events per batch, with origins as the worker
     passes them (so offset watermarks are checked and written), one batch after another."""
+    from redis.asyncio import Redis
+
     from freshrec.store.batch_update import BatchUpdater
     from freshrec.store.keys import Keys
-    from redis.asyncio import Redis
 
     client = Redis.from_url(settings.redis_url)
     try:
@@ -451,9 +453,10 @@ def create_noop_app(settings: Settings, app_id: str) -> faust.App:
     least that makes its progress observable from outside, as the worker's own count is.
     """
     import faust
+    from redis.asyncio import Redis
+
     from freshrec.store.keys import Keys
     from freshrec.streams.worker import faust_options
-    from redis.asyncio import Redis
 
     app = faust.App(app_id, **faust_options(settings, settings.kafka_bootstrap))
     topic = app.topic(settings.events_topic, value_type=bytes, key_type=bytes)

@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 import redis
+
 from freshrec.bench.ingest import process_cpu_seconds
 from freshrec.devenv.isolated_run import free_port, isolated_run
 from freshrec.models.mf import vector_width
-from freshrec.store.keys import Keys
-from freshrec.store.vectors import VECTOR_DTYPE
-
 from freshrec.progress import Say
 from freshrec.settings import Settings
+from freshrec.store.keys import Keys
+from freshrec.store.vectors import VECTOR_DTYPE
 
 NEIGHBOURS = 50
 MAX_CONNECTIONS = 256  # the load generator's, like a client's connection pool

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import redis
+
 from freshrec.devenv.isolated_run import free_port, isolated_run
 from freshrec.evaluation.synth import SynthConfig, generate
-from freshrec.streams.events import encode_events
-from freshrec.streams.producer import EventProducer
-
 from freshrec.progress import Progress
 from freshrec.settings import Settings
+from freshrec.streams.events import encode_events
+from freshrec.streams.producer import EventProducer
 
 DEMO_USERS = 3
 

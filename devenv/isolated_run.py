@@ -16,10 +16,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
-from freshrec.devenv import local_services
-from freshrec.streams.topics import delete_topics, ensure_topics, topic_specs
 
+from freshrec.devenv import local_services
 from freshrec.settings import Settings
+from freshrec.streams.topics import delete_topics, ensure_topics, topic_specs
 
 
 def isolated_settings(

@@ -49,6 +49,8 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 import numpy as np
+from redis.asyncio import Redis
+
 from freshrec.devenv.isolated_run import free_port, isolated_run
 from freshrec.evaluation.baselines import BiasedMFRanker, PopularityBaseline
 from freshrec.evaluation.datasets import RAW_KEY, detect_format, read_events
@@ -62,15 +64,13 @@ from freshrec.evaluation.ranking_metrics import (
     rank_in_list,
     rolling_mean,
 )
+from freshrec.progress import Progress
 from freshrec.serving.funnel import Funnel, FunnelConfig, UnknownItem
+from freshrec.settings import Settings
 from freshrec.store.batch_update import INTERACTIONS, BatchUpdater
 from freshrec.store.keys import Keys
 from freshrec.streams.events import Event, EventValidator, InvalidEvent
 from freshrec.streams.producer import EventProducer
-from redis.asyncio import Redis
-
-from freshrec.progress import Progress
-from freshrec.settings import Settings
 
 __all__ = ["COLD_BELOW", "LIST_LENGTH", "format_summary", "load_events", "run_eval"]
 

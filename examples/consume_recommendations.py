@@ -10,9 +10,8 @@ Each line printed is a user whose list changed, with the new top items.
 from __future__ import annotations
 
 from freshrec.devenv import local_services
-from freshrec.streams.recommendations_consumer import RecommendationsConsumer
-
 from freshrec.settings import Settings
+from freshrec.streams.recommendations_consumer import RecommendationsConsumer
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ import concurrent.futures
 
 import numba
 import numpy as np
+
 from freshrec.models.top_k import top_n
 
 CELL_SIZE = 256  # members per cell on average when fit: ~sqrt(n) cells for n ~ 65,000

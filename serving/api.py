@@ -18,6 +18,10 @@ from typing import Any
 
 import uvloop
 from confluent_kafka import Producer
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from redis import exceptions as redis_errors
+from redis.asyncio import BlockingConnectionPool, Redis
+
 from freshrec.serving.funnel import Funnel, FunnelConfig, UnknownItem
 from freshrec.serving.http_server import Handler, HttpServer, Request, Response, Router
 from freshrec.serving.impressions import ImpressionLog
@@ -25,9 +29,6 @@ from freshrec.serving.openapi import OPENAPI
 from freshrec.serving.publisher import RecommendationPublisher
 from freshrec.serving.variants import Variants
 from freshrec.store.keys import Keys
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ import math
 
 import numba
 import numpy as np
+
 from freshrec.models.click_model import FEATURES
 from freshrec.serving.recall import CF, COLD, MF, TRENDING, Recalled
 

@@ -28,6 +28,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from prometheus_client import Histogram
+from redis.asyncio import Redis
+
 from freshrec.models.click_model import (
     FEATURES,
     FIXED_BLEND,
@@ -46,8 +49,6 @@ from freshrec.serving.rerank import rerank
 from freshrec.store.keys import Keys
 from freshrec.store.server_scripts import USER_STATE, ServerScripts
 from freshrec.store.vectors import decode_vector
-from prometheus_client import Histogram
-from redis.asyncio import Redis
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,10 @@ import time
 import numpy as np
 import orjson
 from confluent_kafka import Producer
+from prometheus_client import Counter
+
 from freshrec.models.click_model import FEATURES
 from freshrec.serving.funnel import Served
-from prometheus_client import Counter
 
 SERVED = Counter("freshrec_variant_served_total", "Lists served, by A/B variant", ["variant"])
 DROPPED = Counter(

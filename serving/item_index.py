@@ -16,12 +16,13 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from redis.asyncio import Redis
+
 from freshrec.models.inner_product_search import CellIndex
 from freshrec.models.mf import vector_width
 from freshrec.store.keys import Keys
 from freshrec.store.server_scripts import ServerScripts
 from freshrec.store.vectors import VECTOR_DTYPE
-from redis.asyncio import Redis
 
 FETCH_CHUNK = 500  # items per round trip: each chunk's parsing holds the event loop briefly
 STATS = ("occurrences", "popularity", "first_seen")

@@ -16,12 +16,13 @@ import time
 from typing import Any
 
 from confluent_kafka import Producer
-from freshrec.serving.funnel import Funnel
-from freshrec.store.keys import Keys
-from freshrec.store.server_scripts import ServerScripts
 from prometheus_client import Counter, Histogram
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+
+from freshrec.serving.funnel import Funnel
+from freshrec.store.keys import Keys
+from freshrec.store.server_scripts import ServerScripts
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+
 from freshrec.models.diversity import mmr_picks
 from freshrec.models.ucb import ucb_scores
 

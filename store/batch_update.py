@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+from redis.asyncio import Redis
+
 from freshrec.models.config import ModelConfig
 from freshrec.models.decay import ForwardDecay
 from freshrec.models.mf import (
@@ -41,7 +43,6 @@ from freshrec.models.mf import (
 from freshrec.store.keys import Keys
 from freshrec.store.server_scripts import ServerScripts
 from freshrec.store.vectors import VECTOR_DTYPE, decode_vector, encode_vector
-from redis.asyncio import Redis
 
 INTERACTIONS = frozenset(("click", "view", "purchase", "rating"))
 

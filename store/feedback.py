@@ -13,9 +13,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio import Redis
+
 from freshrec.models.click_model import ClickModel, state_from_hash
 from freshrec.store.keys import Keys
-from redis.asyncio import Redis
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import KafkaException, Producer
+
 from freshrec.streams.events import Event, encode_events
 from freshrec.streams.partitioner import partition_for
 

@@ -17,15 +17,15 @@ import time
 from typing import Any
 
 import faust
-from freshrec.store.batch_update import BatchUpdater
-from freshrec.store.feedback import FeedbackLearner, Shown, parse_impression
-from freshrec.store.keys import Keys
-from freshrec.streams.events import Event, EventValidator
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from freshrec.settings import Settings
+from freshrec.store.batch_update import BatchUpdater
+from freshrec.store.feedback import FeedbackLearner, Shown, parse_impression
+from freshrec.store.keys import Keys
+from freshrec.streams.events import Event, EventValidator
 
 log = logging.getLogger(__name__)
 

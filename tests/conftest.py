@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from freshrec.devenv import local_services
-from freshrec.streams.topics import delete_topics, ensure_topics, topic_specs
 
+from freshrec.devenv import local_services
 from freshrec.settings import Settings
+from freshrec.streams.topics import delete_topics, ensure_topics, topic_specs
 from tests.support import (
     free_port,
     freshrec_process,

@@ -7,13 +7,14 @@ import sys
 import time
 
 import numpy as np
+from redis.asyncio import Redis
+
 from freshrec.models.config import ModelConfig
 from freshrec.store.batch_update import BatchUpdater
 from freshrec.store.keys import Keys
 from freshrec.store.server_scripts import ServerScripts
 from freshrec.store.vectors import encode_vector
 from freshrec.streams.events import Event
-from redis.asyncio import Redis
 
 TS = 1_700_000_000.0
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import redis
 from confluent_kafka.admin import AdminClient
+
 from freshrec.bench.ingest import MEASUREMENTS, format_results, run_bench
 from freshrec.devenv import local_services
-
 from freshrec.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -6,9 +6,9 @@ import json
 import time
 
 import pytest
-from freshrec.streams.producer import EventProducer
 
 from freshrec.settings import Settings
+from freshrec.streams.producer import EventProducer
 from tests.support import TopicReader, wait_until
 
 pytestmark = pytest.mark.integration

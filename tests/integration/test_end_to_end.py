@@ -6,10 +6,10 @@ import json
 import time
 
 import pytest
-from freshrec.streams.producer import EventProducer
-from freshrec.streams.recommendations_consumer import RecommendationsConsumer
 
 from freshrec.settings import Settings
+from freshrec.streams.producer import EventProducer
+from freshrec.streams.recommendations_consumer import RecommendationsConsumer
 from tests.support import TopicReader, http_json, wait_until
 
 pytestmark = pytest.mark.integration

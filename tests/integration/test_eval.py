@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from freshrec.devenv import local_services
 from freshrec.evaluation.prequential import run_eval
 from freshrec.evaluation.synth import SynthConfig, SynthStream, generate, write_jsonl
-
 from freshrec.settings import Settings
 
 pytestmark = pytest.mark.integration

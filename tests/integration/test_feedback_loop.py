@@ -8,12 +8,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from freshrec.store.feedback import FeedbackLearner, Shown
-from freshrec.store.keys import Keys
-from freshrec.streams.producer import EventProducer
 from redis.asyncio import Redis
 
 from freshrec.settings import Settings
+from freshrec.store.feedback import FeedbackLearner, Shown
+from freshrec.store.keys import Keys
+from freshrec.streams.producer import EventProducer
 from tests.support import http_json, wait_until
 
 pytestmark = pytest.mark.integration

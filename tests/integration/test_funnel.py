@@ -7,15 +7,15 @@ import dataclasses
 
 import numpy as np
 import pytest
+from redis.asyncio import Redis
+
 from freshrec.models.click_model import ClickModel
 from freshrec.serving.funnel import Funnel
 from freshrec.serving.variants import Variants
+from freshrec.settings import Settings
 from freshrec.store.batch_update import BatchUpdater
 from freshrec.store.keys import Keys
 from freshrec.streams.events import Event
-from redis.asyncio import Redis
-
-from freshrec.settings import Settings
 
 pytestmark = pytest.mark.integration
 TS = 1_700_000_000.0

@@ -6,15 +6,15 @@ import asyncio
 
 import numpy as np
 import pytest
+from redis.asyncio import Redis
+
 from freshrec.models.mf import implicit_part
 from freshrec.serving.item_index import ItemIndex
+from freshrec.settings import Settings
 from freshrec.store.batch_update import BatchUpdater
 from freshrec.store.keys import Keys
 from freshrec.store.vectors import VECTOR_DTYPE, decode_vector
 from freshrec.streams.events import Event
-from redis.asyncio import Redis
-
-from freshrec.settings import Settings
 
 pytestmark = pytest.mark.integration
 TS = 1_700_000_000.0

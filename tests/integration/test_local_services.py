@@ -13,8 +13,8 @@ import pytest
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
-from freshrec.devenv.local_services import down, resolve, status, up
 
+from freshrec.devenv.local_services import down, resolve, status, up
 from freshrec.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -10,13 +10,13 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
-from freshrec.serving.multiplexed_redis import MultiplexedRedis
-from freshrec.store.keys import Keys
-from freshrec.store.server_scripts import USER_STATE
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from freshrec.serving.multiplexed_redis import MultiplexedRedis
 from freshrec.settings import Settings
+from freshrec.store.keys import Keys
+from freshrec.store.server_scripts import USER_STATE
 
 pytestmark = pytest.mark.integration
 

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from redis.asyncio import Redis
+from river import optim, reco
+
 from freshrec.evaluation.synth import SynthConfig, generate
 from freshrec.models.decay import REBASE_EXPONENT
 from freshrec.models.mf import initial_vector, predict_rating, rating_part, vector_width
+from freshrec.settings import Settings
 from freshrec.store.batch_update import INTERACTIONS, BatchUpdater
 from freshrec.store.keys import Keys
 from freshrec.store.vectors import decode_vector
 from freshrec.streams.events import Event
-from redis.asyncio import Redis
-from river import optim, reco
-
-from freshrec.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from freshrec.devenv.local_services import wait_for_redis
 
+from freshrec.devenv.local_services import wait_for_redis
 from freshrec.settings import Settings
 from tests.support import free_port, freshrec_process, http_json, stop_process, wait_until
 

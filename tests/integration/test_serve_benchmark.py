@@ -10,9 +10,9 @@ import dataclasses
 
 import pytest
 import redis
+
 from freshrec.bench.serve import format_serve_results, run_serve_bench
 from freshrec.devenv import local_services
-
 from freshrec.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from freshrec.models.click_model import FEATURES, ClickModel, LinearScorer
 
 

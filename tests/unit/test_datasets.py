@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from freshrec.evaluation.datasets import RAW_KEY, count_lines, detect_format, read_events
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from freshrec.models.diversity import intra_list_similarity, mmr
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from freshrec.streams.events import EventValidator
 
 from freshrec.settings import Settings
+from freshrec.streams.events import EventValidator
 
 NOW = 1_795_000_000.0
 

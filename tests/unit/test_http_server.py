@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+
 from freshrec.serving.http_server import (
     MAX_URL_BYTES,
     Handler,

@@ -6,11 +6,11 @@ import time
 
 import numpy as np
 from confluent_kafka import Producer
+from prometheus_client import REGISTRY
+
 from freshrec.models.click_model import FEATURES
 from freshrec.serving.funnel import Candidate, Served
 from freshrec.serving.impressions import ImpressionLog
-from prometheus_client import REGISTRY
-
 from tests.support import free_port
 
 

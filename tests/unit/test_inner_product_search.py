@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from freshrec.models.inner_product_search import CELL_SIZE, MIN_CELLS, CellIndex
 
 ITEMS, FACTORS, N = 6000, 16, 50

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from river import optim, reco
+
 from freshrec.models.mf import (
     implicit_part,
     implicit_step,
@@ -12,7 +14,6 @@ from freshrec.models.mf import (
     rating_part,
     rating_step,
 )
-from river import optim, reco
 
 
 def test_rating_steps_equal_river_biased_mf() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from freshrec.streams.partitioner import murmur2, partition_for
 
 

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from freshrec.evaluation.baselines import BiasedMFRanker, PopularityBaseline
 from freshrec.evaluation.ranking_metrics import (
     MISSING,

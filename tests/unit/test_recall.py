@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from freshrec.serving.recall import CF, COLD, MF, TRENDING, Recalled, Scratch, merge_channels
 
 ITEMS = 40

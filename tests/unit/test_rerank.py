@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from freshrec.models.ucb import ucb_scores
 from freshrec.serving.rerank import rerank
 

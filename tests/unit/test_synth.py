@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from freshrec.evaluation.datasets import read_events
 from freshrec.evaluation.synth import SynthConfig, SynthStream, generate, write_jsonl
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+
 from freshrec.models.ucb import ucb_bonus, ucb_scores
 
 
