@@ -25,8 +25,6 @@ import asyncio
 import dataclasses
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from freshrec.devenv.processes import Children, free_port, group_is_consuming
 from freshrec.progress import Say
 from freshrec.settings import Settings
 
@@ -149,7 +148,8 @@ class _Bench:
         self.store = _redis(base.redis_url)
         self.topic_settings: list[Settings] = []
         self.groups: set[str] = set()
-        self.processes: list[subprocess.Popen[bytes]] = []
+        # In the work folder, so the data folders Faust creates go where the bench cleans up.
+        self.children = Children(self.workdir, base)
         self.succeeded = False
 
     # --- the measurements --------------------------------------------------------------------
@@ -221,12 +221,11 @@ class _Bench:
             self._delete_keys(settings.key_prefix)
 
     def _pipeline(self, topic: _Topic, label: str) -> Run:
-        port = _free_port()
+        port = free_port()
         settings = dataclasses.replace(self._keyed(topic.settings, label), worker_metrics_port=port)
         group = f"{settings.topic_prefix}-worker"  # the worker's app id is its group id
-        proc = self._start(
-            label, ["-m", "freshrec.cli", "worker", "--loglevel", "warning"], settings
-        )
+        args = ["worker", "--loglevel", "warning"]
+        proc = self.children.start(label, args, settings=settings, cwd=self.workdir)
         try:
             self.groups.add(group)
             started, cpu_before = self._wait_assigned(group, proc, label)
@@ -235,7 +234,7 @@ class _Bench:
             cpu_after = process_cpu_seconds(proc.pid)
             metrics_after = _scrape_settled(port, topic.events)
         finally:
-            self._stop(proc)
+            self.children.stop(label)
             self._delete_group(group)
             self._delete_keys(settings.key_prefix)
         delta = {
@@ -255,15 +254,17 @@ class _Bench:
     def _noop(self, topic: _Topic, label: str) -> Run:
         settings = self._keyed(topic.settings, label)
         group = f"{settings.topic_prefix}-noop-{label}"
-        command = ["-m", "freshrec.bench.ingest", "noop", "--app-id", group]
-        proc = self._start(label, command, settings)
+        args = ["noop", "--app-id", group]
+        proc = self.children.start(
+            label, args, settings=settings, module="freshrec.bench.ingest", cwd=self.workdir
+        )
         try:
             self.groups.add(group)
             started, cpu_before = self._wait_assigned(group, proc, label)
             finished = self._wait_applied(settings, "messages", topic.messages, proc, label)
             cpu_after = process_cpu_seconds(proc.pid)
         finally:
-            self._stop(proc)
+            self.children.stop(label)
             self._delete_group(group)
             self._delete_keys(settings.key_prefix)
         return Run(
@@ -278,35 +279,6 @@ class _Bench:
         """A fresh key prefix per run: every run starts from empty state and no watermarks."""
         return dataclasses.replace(settings, key_prefix=f"{self.base.key_prefix}-{label}")
 
-    def _start(self, label: str, args: list[str], settings: Settings) -> subprocess.Popen[bytes]:
-        # In the work folder, so the data folders Faust creates go where the bench cleans up.
-        with (self.workdir / f"{label}.log").open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, *args],
-                env={**os.environ, **settings.environ()},
-                cwd=self.workdir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.processes.append(proc)
-        return proc
-
-    def _stop(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-    def _exited(self, proc: subprocess.Popen[bytes], label: str, problem: str = "") -> RuntimeError:
-        log = self.workdir / f"{label}.log"
-        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-        problem = problem or f"exited with {proc.returncode}"
-        return RuntimeError(f"bench process {label!r} {problem}; log {log}:\n{tail}")
-
     def _wait_assigned(
         self, group: str, proc: subprocess.Popen[bytes], label: str, timeout_s: float = 120.0
     ) -> tuple[float, float | None]:
@@ -314,8 +286,8 @@ class _Bench:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise self._exited(proc, label)
-            if _group_assigned(self.admin, group):
+                raise self.children.exited(label)
+            if group_is_consuming(self.base.kafka_bootstrap, group, self.admin):
                 return time.monotonic(), process_cpu_seconds(proc.pid)
             time.sleep(0.02)
         raise TimeoutError(
@@ -347,12 +319,11 @@ class _Bench:
             if count >= total:
                 return time.monotonic()
             if proc.poll() is not None:
-                raise self._exited(proc, label)
+                raise self.children.exited(label)
             if count != last:
                 last, moved = count, time.monotonic()
             elif time.monotonic() - moved > stall_s:
-                raise self._exited(
-                    proc,
+                raise self.children.exited(
                     label,
                     f"applied {count:,} of {total:,} {counter}, none in {stall_s:.0f} s",
                 )
@@ -386,9 +357,7 @@ class _Bench:
     def close(self) -> None:
         from freshrec.streams.topics import delete_topics, topic_specs
 
-        for proc in self.processes:
-            if proc.poll() is None:
-                self._stop(proc)
+        self.children.stop()
         for group in list(self.groups):
             try:
                 self._delete_group(group, timeout_s=30)
@@ -495,18 +464,6 @@ def _redis(url: str) -> redis.Redis:
     return redis.Redis.from_url(url)
 
 
-def _group_assigned(admin: AdminClient, group: str) -> bool:
-    from confluent_kafka import KafkaException
-
-    try:
-        found = admin.describe_consumer_groups([group], request_timeout=5)[group].result()
-    except KafkaException:
-        return False
-    return str(found.state).endswith("STABLE") and any(
-        m.assignment and m.assignment.topic_partitions for m in found.members
-    )
-
-
 def process_cpu_seconds(pid: int) -> float | None:
     """User plus system CPU time of a process, from /proc (Linux); None elsewhere."""
     try:
@@ -541,12 +498,6 @@ def _scrape_settled(port: int, events: int, timeout_s: float = 3.0) -> dict[str,
         if metrics.get("freshrec_events_total", 0.0) >= events or time.monotonic() > deadline:
             return metrics
         time.sleep(0.02)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _difference(after: float | None, before: float | None) -> float | None:

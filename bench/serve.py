@@ -11,15 +11,10 @@ as a politely lower rate) and records every latency.
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +22,8 @@ import numpy as np
 import redis
 
 from freshrec.bench.ingest import process_cpu_seconds
-from freshrec.devenv.isolated_run import free_port, isolated_run
+from freshrec.devenv.isolated_run import isolated_run
+from freshrec.devenv.processes import Children, free_port, http_json
 from freshrec.models.mf import vector_width
 from freshrec.progress import Say
 from freshrec.settings import Settings
@@ -190,8 +186,7 @@ def run_serve_bench(
     say = Say(show_progress)
     with isolated_run(base, "bench-serve", serve_port=free_port()) as settings:
         client = redis.Redis.from_url(settings.redis_url)
-        workdir = Path(tempfile.mkdtemp(prefix="freshrec-bench-serve-"))
-        reader = None
+        children = Children(Path(tempfile.mkdtemp(prefix="freshrec-bench-serve-")), settings)
         try:
             started = time.perf_counter()
             build_state(
@@ -201,16 +196,11 @@ def run_serve_bench(
                 f"bench serve: state of {items:,} items and {users:,} users written "
                 f"in {time.perf_counter() - started:.1f} s"
             )
-            with (workdir / "reader.log").open("wb") as log:
-                reader = subprocess.Popen(
-                    [sys.executable, "-m", "freshrec.cli", "serve"],
-                    env={**os.environ, **settings.environ()},
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            reader = children.start("reader", ["serve"])
             base_url = f"http://{settings.serve_host}:{settings.serve_port}"
-            _wait_ready(base_url, items, reader, workdir)
+            children.wait(
+                lambda: _index_items(base_url) >= items, 120, f"the reader to load {items:,} items"
+            )
             runs = []
             for rate in rates:
                 cpu_before = process_cpu_seconds(reader.pid)
@@ -223,9 +213,7 @@ def run_serve_bench(
                 )
                 runs.append(run)
         finally:
-            if reader is not None and reader.poll() is None:
-                os.killpg(reader.pid, signal.SIGTERM)
-                reader.wait(30)
+            children.stop()
             client.close()
     return {
         "items": items,
@@ -277,21 +265,10 @@ def format_serve_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _wait_ready(base_url: str, items: int, reader: subprocess.Popen, workdir: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if reader.poll() is not None:
-            raise RuntimeError(f"the reader exited; see {workdir / 'reader.log'}")
-        try:
-            with urllib.request.urlopen(
-                f"{base_url}/recommendations/u0?k=1&debug=1", timeout=5
-            ) as r:
-                if json.loads(r.read())["debug"]["index_items"] >= items:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"the reader never loaded the item matrix; see {workdir / 'reader.log'}")
+def _index_items(base_url: str) -> int:
+    """How many items the reader's snapshot holds (its debug output says)."""
+    status, body = http_json(f"{base_url}/recommendations/u0?k=1&debug=1")
+    return body["debug"]["index_items"] if status == 200 else 0
 
 
 def _cell(value: float | None) -> str:

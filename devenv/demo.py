@@ -8,23 +8,15 @@ Everything it started is stopped and everything it wrote is deleted at the end.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import redis
 
-from freshrec.devenv.isolated_run import free_port, isolated_run
+from freshrec.devenv.isolated_run import isolated_run
+from freshrec.devenv.processes import Children, free_port, http_json
 from freshrec.evaluation.synth import SynthConfig, generate
 from freshrec.progress import Progress
 from freshrec.settings import Settings
@@ -34,55 +26,16 @@ from freshrec.streams.producer import EventProducer
 DEMO_USERS = 3
 
 
-class Demo:
+class Demo(Children):
+    """The demo's worker and reader, and what it says."""
+
     def __init__(self, settings: Settings, quiet: bool) -> None:
-        self.settings = settings
+        super().__init__(Path(tempfile.mkdtemp(prefix="freshrec-demo-")), settings)
         self.quiet = quiet
-        self.workdir = Path(tempfile.mkdtemp(prefix="freshrec-demo-"))
-        self.processes: list[subprocess.Popen] = []
 
     def say(self, text: str = "") -> None:
         if not self.quiet:
             print(text, flush=True)
-
-    # --- processes ---------------------------------------------------------------------------
-    def start(self, name: str, command: list[str]) -> subprocess.Popen:
-        log = (self.workdir / f"{name}.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "freshrec.cli", *command],
-            env={**os.environ, **self.settings.environ()},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.processes.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in self.processes:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.processes:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-
-    def wait(self, condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for proc in self.processes:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"a demo process exited early; logs in {self.workdir}")
-            try:
-                value = condition()
-                if value:
-                    return value
-            except (OSError, ValueError, redis.RedisError):
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"timed out waiting for {what}; logs in {self.workdir}")
 
 
 def run_demo(base: Settings, events: int = 60_000, rate: float = 0.0, quiet: bool = False) -> dict:
@@ -94,7 +47,7 @@ def run_demo(base: Settings, events: int = 60_000, rate: float = 0.0, quiet: boo
         try:
             return _run(demo, settings, store, events, rate)
         finally:
-            demo.stop_all()
+            demo.stop()
             store.close()
 
 
@@ -104,8 +57,8 @@ def _run(demo: Demo, settings: Settings, store: redis.Redis, events: int, rate: 
     worker = demo.start("worker", ["worker", "--loglevel", "warning"])
     demo.start("reader", ["serve"])
     base_url = f"http://{settings.serve_host}:{settings.serve_port}"
-    demo.wait(lambda: _get(base_url + "/healthz")[0] == 200, 60, "the reader")
-    say(f"worker pid {worker.pid}, reader {base_url}; logs in {demo.workdir}")
+    demo.wait(lambda: http_json(base_url + "/healthz")[0] == 200, 60, "the reader")
+    say(f"worker pid {worker.pid}, reader {base_url}; logs in {demo.logs}")
 
     stream = generate(SynthConfig(events=events, users=2000, items=1000, seed=7))
     say(f"synthetic stream: {len(stream.events):,} events, 2,000 users, 1,000 items")
@@ -210,21 +163,13 @@ class _Null:
         return False
 
 
-def _get(url: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def _state(base_url: str, user: str) -> float | None:
     """Event time of the newest event the served list reflects."""
-    return _get(f"{base_url}/recommendations/{user}?k=1")[1]["latest_event_ts"]
+    return http_json(f"{base_url}/recommendations/{user}?k=1")[1]["latest_event_ts"]
 
 
 def _items(base_url: str, user: str) -> list[str]:
-    status, body = _get(f"{base_url}/recommendations/{user}?k=10")
+    status, body = http_json(f"{base_url}/recommendations/{user}?k=10")
     if status != 200:
         raise RuntimeError(f"reader answered {status}: {body}")
     return [i["item_id"] for i in body["items"]]

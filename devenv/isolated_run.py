@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,9 +61,3 @@ def isolated_run(base: Settings, name: str, **overrides: Any) -> Iterator[Settin
             erase(settings)
         finally:
             stop_services()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

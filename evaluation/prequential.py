@@ -35,10 +35,6 @@ import asyncio
 import dataclasses
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -51,7 +47,8 @@ from urllib.parse import quote
 import numpy as np
 from redis.asyncio import Redis
 
-from freshrec.devenv.isolated_run import free_port, isolated_run
+from freshrec.devenv.isolated_run import isolated_run
+from freshrec.devenv.processes import Children, free_port, group_is_consuming, http_json
 from freshrec.evaluation.baselines import BiasedMFRanker, PopularityBaseline
 from freshrec.evaluation.datasets import RAW_KEY, detect_format, read_events
 from freshrec.evaluation.ranking_metrics import (
@@ -275,72 +272,6 @@ class PipelineBackend:
             self.alive()
             await asyncio.sleep(pause)
             pause = min(2 * pause, 0.01)
-
-
-class _Processes:
-    """Worker and reader as child processes, started and stopped as `freshrec demo` does."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.logs = Path(tempfile.mkdtemp(prefix="freshrec-eval-"))
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, command: list[str]) -> None:
-        with (self.logs / f"{name}.log").open("wb") as log:  # the child keeps its own handle
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "freshrec.cli", *command],
-                env={**os.environ, **self.settings.environ()},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def check(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"the {name} exited early (code {proc.returncode}); see {self.logs}"
-                )
-
-    def wait(self, condition: Any, timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.check()
-            try:
-                if condition():
-                    return
-            except Exception:  # a service may refuse while it starts
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}; see {self.logs}")
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-
-
-def _healthy(url: str) -> bool:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=2) as response:
-        return response.status == 200
-
-
-def _group_consuming(bootstrap: str, group: str) -> bool:
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
-    description = admin.describe_consumer_groups([group])[group].result(timeout=5)
-    return str(description.state).endswith("STABLE") and any(
-        m.assignment and m.assignment.topic_partitions for m in description.members
-    )
 
 
 # --- the prequential loop ------------------------------------------------------------------------
@@ -726,19 +657,19 @@ async def _run(
     ablation: dict[str, FunnelConfig] | None = None,
 ) -> Evaluation:
     redis = Redis.from_url(settings.redis_url, socket_timeout=10)
-    processes: _Processes | None = None
+    processes: Children | None = None
     backend: Any = None
     try:
         if mode == "direct":
             backend = DirectBackend(settings, redis)
         else:
-            processes = _Processes(settings)
+            processes = Children(Path(tempfile.mkdtemp(prefix="freshrec-eval-")), settings)
             processes.start("worker", ["worker", "--loglevel", "warning"])
             processes.start("reader", ["serve"])
             base_url = f"http://{settings.serve_host}:{settings.serve_port}"
-            processes.wait(lambda: _healthy(base_url + "/healthz"), 60, "the reader")
+            processes.wait(lambda: http_json(base_url + "/healthz")[0] == 200, 60, "the reader")
             processes.wait(
-                lambda: _group_consuming(
+                lambda: group_is_consuming(
                     settings.kafka_bootstrap, f"{settings.topic_prefix}-worker"
                 ),
                 90,
