@@ -12,11 +12,15 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from freshrec.models.config import ModelConfig
-    from freshrec.serving.funnel_config import FunnelConfig
+from freshrec.models.config import ModelConfig
+from freshrec.serving.funnel_config import FunnelConfig
+
+# Each default is written once, in the learners' and the funnel's own configuration; the fields
+# below only say which variable sets it.
+_MODEL = ModelConfig()
+_FUNNEL = FunnelConfig()
 
 
 def _env(name: str, doc: str, default: Any) -> Any:
@@ -63,47 +67,69 @@ class Settings:
         "FRESHREC_MAX_FUTURE_S", "How far in the future an event time may lie.", 86400.0
     )
     # --- online matrix factorisation --------------------------------------------------------
-    mf_factors: int = _env("FRESHREC_MF_FACTORS", "Latent factors per user and item.", 32)
-    mf_lr: float = _env("FRESHREC_MF_LR", "SGD learning rate on ratings.", 0.01)
-    mf_reg: float = _env("FRESHREC_MF_REG", "L2 penalty on factors and biases.", 0.02)
-    mf_init_std: float = _env("FRESHREC_MF_INIT_STD", "Std of initial latent factors.", 0.1)
-    mf_seed: int = _env("FRESHREC_MF_SEED", "Seed of the per-id initial factors.", 42)
+    mf_factors: int = _env(
+        "FRESHREC_MF_FACTORS", "Latent factors per user and item.", _MODEL.factors
+    )
+    mf_lr: float = _env("FRESHREC_MF_LR", "SGD learning rate on ratings.", _MODEL.lr)
+    mf_reg: float = _env("FRESHREC_MF_REG", "L2 penalty on factors and biases.", _MODEL.reg)
+    mf_init_std: float = _env(
+        "FRESHREC_MF_INIT_STD", "Std of initial latent factors.", _MODEL.init_std
+    )
+    mf_seed: int = _env("FRESHREC_MF_SEED", "Seed of the per-id initial factors.", _MODEL.seed)
     implicit_lr: float = _env(
         "FRESHREC_IMPLICIT_LR",
         "Largest SGD step on implicit feedback; each step is also capped so it cannot overshoot.",
-        1.0,
+        _MODEL.implicit_lr,
     )
     implicit_alpha: float = _env(
-        "FRESHREC_IMPLICIT_ALPHA", "Confidence slope alpha in c = 1 + alpha*f.", 2.0
+        "FRESHREC_IMPLICIT_ALPHA",
+        "Confidence slope alpha in c = 1 + alpha*f.",
+        _MODEL.implicit_alpha,
     )
     implicit_negatives: int = _env(
-        "FRESHREC_IMPLICIT_NEGATIVES", "Sampled unobserved items per implicit event.", 5
+        "FRESHREC_IMPLICIT_NEGATIVES",
+        "Sampled unobserved items per implicit event.",
+        _MODEL.implicit_negatives,
     )
-    weight_view: float = _env("FRESHREC_WEIGHT_VIEW", "Strength f of a view.", 0.5)
-    weight_click: float = _env("FRESHREC_WEIGHT_CLICK", "Strength f of a click.", 1.0)
-    weight_purchase: float = _env("FRESHREC_WEIGHT_PURCHASE", "Strength f of a purchase.", 3.0)
+    weight_view: float = _env(
+        "FRESHREC_WEIGHT_VIEW", "Strength f of a view.", _MODEL.strengths["view"]
+    )
+    weight_click: float = _env(
+        "FRESHREC_WEIGHT_CLICK", "Strength f of a click.", _MODEL.strengths["click"]
+    )
+    weight_purchase: float = _env(
+        "FRESHREC_WEIGHT_PURCHASE", "Strength f of a purchase.", _MODEL.strengths["purchase"]
+    )
     weight_rating: float = _env(
-        "FRESHREC_WEIGHT_RATING", "Strength of a rating in co-occurrence and popularity.", 1.0
+        "FRESHREC_WEIGHT_RATING",
+        "Strength of a rating in co-occurrence and popularity.",
+        _MODEL.strengths["rating"],
     )
     # --- co-occurrence, popularity, history -------------------------------------------------
     decay_half_life_s: float = _env(
         "FRESHREC_DECAY_HALF_LIFE_S",
         "Half-life of co-occurrence and popularity evidence.",
-        7 * 86400.0,
+        _MODEL.decay_half_life_s,
     )
     history_window: int = _env(
-        "FRESHREC_HISTORY_WINDOW", "Recent items of a user that co-occur with a new one.", 10
+        "FRESHREC_HISTORY_WINDOW",
+        "Recent items of a user that co-occur with a new one.",
+        _MODEL.history_window,
     )
     history_cap: int = _env(
-        "FRESHREC_HISTORY_CAP", "Items kept per user (seen filter, recall seeds).", 500
+        "FRESHREC_HISTORY_CAP",
+        "Items kept per user (seen filter, recall seeds).",
+        _MODEL.history_cap,
     )
     neighbours_cap: int = _env(
-        "FRESHREC_NEIGHBOURS_CAP", "Co-occurring items kept per item (by weight).", 200
+        "FRESHREC_NEIGHBOURS_CAP",
+        "Co-occurring items kept per item (by weight).",
+        _MODEL.neighbours_cap,
     )
     user_ttl_s: int = _env(
         "FRESHREC_USER_TTL_S",
         "Idle time after which a user's history and factors expire.",
-        90 * 86400,
+        _MODEL.user_ttl_s,
     )
     # --- worker ------------------------------------------------------------------------------
     atomic_batches: bool = _env(
@@ -125,22 +151,48 @@ class Settings:
     serve_host: str = _env("FRESHREC_SERVE_HOST", "Reader bind address.", "127.0.0.1")
     serve_port: int = _env("FRESHREC_SERVE_PORT", "Reader port.", 8080)
     recall_per_seed: int = _env(
-        "FRESHREC_RECALL_PER_SEED", "Neighbours read per recent item in recall.", 20
+        "FRESHREC_RECALL_PER_SEED",
+        "Neighbours read per recent item in recall.",
+        _FUNNEL.recall_per_seed,
     )
-    recall_popular: int = _env("FRESHREC_RECALL_POPULAR", "Popular items added to recall.", 50)
+    recall_popular: int = _env(
+        "FRESHREC_RECALL_POPULAR", "Popular items added to recall.", _FUNNEL.recall_popular
+    )
+    recall_mf: int = _env(
+        "FRESHREC_RECALL_MF", "Items MF recall adds (best y_u . y_i).", _FUNNEL.recall_mf
+    )
+    recall_cold: int = _env(
+        "FRESHREC_RECALL_COLD", "New, little-shown items the cold pool adds.", _FUNNEL.recall_cold
+    )
+    cold_max_impressions: int = _env(
+        "FRESHREC_COLD_MAX_IMPRESSIONS",
+        "Impressions after which an item leaves the cold pool.",
+        _FUNNEL.cold_max_impressions,
+    )
+    coarse_keep: int = _env(
+        "FRESHREC_COARSE_KEEP",
+        "Candidates the coarse stage keeps for the fine stage.",
+        _FUNNEL.coarse_keep,
+    )
     max_k: int = _env("FRESHREC_MAX_K", "Largest k a request may ask for.", 200)
     diversity: float = _env(
-        "FRESHREC_DIVERSITY", "MMR lambda: 0 keeps the ranking order, higher diversifies.", 0.15
+        "FRESHREC_DIVERSITY",
+        "MMR lambda: 0 keeps the ranking order, higher diversifies.",
+        _FUNNEL.diversity,
     )
     exploration_slots: int = _env(
-        "FRESHREC_EXPLORATION_SLOTS", "List positions reserved for cold items chosen by UCB.", 1
+        "FRESHREC_EXPLORATION_SLOTS",
+        "List positions reserved for cold items chosen by UCB.",
+        _FUNNEL.exploration_slots,
     )
-    ucb_beta: float = _env("FRESHREC_UCB_BETA", "beta in the UCB bonus beta*sqrt(ln N / n_i).", 0.2)
+    ucb_beta: float = _env(
+        "FRESHREC_UCB_BETA", "beta in the UCB bonus beta*sqrt(ln N / n_i).", _FUNNEL.ucb_beta
+    )
     ranker_min_clicks: int = _env(
         "FRESHREC_RANKER_MIN_CLICKS",
         "Clicks before the learned click model ranks the fine stage; 0: the fixed blend does "
         "(a variant may set min_clicks to A/B-test the learned ranker).",
-        0,
+        _FUNNEL.min_clicks,
     )
     variants: str = _env(
         "FRESHREC_VARIANTS",
@@ -216,8 +268,6 @@ class Settings:
         }
 
     def model_config(self) -> ModelConfig:
-        from freshrec.models.config import ModelConfig
-
         return ModelConfig(
             factors=self.mf_factors,
             lr=self.mf_lr,
@@ -228,7 +278,7 @@ class Settings:
             implicit_alpha=self.implicit_alpha,
             implicit_negatives=self.implicit_negatives,
             strengths=self.event_strengths,
-            decay_rate=self.decay_rate,
+            decay_half_life_s=self.decay_half_life_s,
             history_window=self.history_window,
             history_cap=self.history_cap,
             neighbours_cap=self.neighbours_cap,
@@ -236,13 +286,15 @@ class Settings:
         )
 
     def funnel_config(self) -> FunnelConfig:
-        from freshrec.serving.funnel_config import FunnelConfig
-
         return FunnelConfig(
             history_window=self.history_window,
             history_cap=self.history_cap,
             recall_per_seed=self.recall_per_seed,
             recall_popular=self.recall_popular,
+            recall_mf=self.recall_mf,
+            recall_cold=self.recall_cold,
+            cold_max_impressions=self.cold_max_impressions,
+            coarse_keep=self.coarse_keep,
             factors=self.mf_factors,
             diversity=self.diversity,
             exploration_slots=self.exploration_slots,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -20,8 +21,13 @@ class ModelConfig:
     strengths: dict[str, float] = field(
         default_factory=lambda: {"view": 0.5, "click": 1.0, "purchase": 3.0, "rating": 1.0}
     )
-    decay_rate: float = 1.1460e-06  # ln 2 / 7 days
+    decay_half_life_s: float = 7 * 86400.0
     history_window: int = 10
     history_cap: int = 500
     neighbours_cap: int = 200
     user_ttl_s: int = 90 * 86400
+
+    @property
+    def decay_rate(self) -> float:
+        """lambda in w(t) = exp(-lambda (t_now - t)), from the half-life."""
+        return math.log(2.0) / self.decay_half_life_s

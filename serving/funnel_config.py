@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from freshrec.models.click_model import FEATURES
+from freshrec.models.config import ModelConfig
 
 CHANNELS = ("cf", "mf", "trending", "cold")
 
@@ -31,9 +32,9 @@ class FunnelConfig:
         `freshrec.models.click_model.FIXED_BLEND`. ``(("cf", 1.0),)`` ranks by the CF score alone.
     """
 
-    history_window: int = 10
-    history_cap: int = 500
-    factors: int = 32
+    history_window: int = ModelConfig.history_window
+    history_cap: int = ModelConfig.history_cap
+    factors: int = ModelConfig.factors
     channels: tuple[str, ...] = CHANNELS
     recall_per_seed: int = 20
     recall_popular: int = 50

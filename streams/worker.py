@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -65,6 +66,8 @@ def faust_options(settings: Settings, kafka_bootstrap: str) -> dict[str, Any]:
     return {
         "broker": f"kafka://{kafka_bootstrap}",
         "store": "memory://",
+        # Faust's data folder (its tables' state) under FRESHREC_HOME, not the working directory.
+        "datadir": str(Path(settings.home) / "faust" / "{conf.name}-data"),
         "value_serializer": "raw",
         "key_serializer": "raw",
         "topic_allow_declare": False,  # topics are created explicitly with their partition count
