@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import math
 import tempfile
 import time
@@ -41,17 +40,18 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
-from urllib.parse import quote
+from typing import Any
 
 import numpy as np
 from redis.asyncio import Redis
 
 from freshrec.devenv.isolated_run import isolated_run
 from freshrec.devenv.processes import Children, free_port, group_is_consuming, http_json
+from freshrec.evaluation.backends import Backend, DirectBackend, PipelineBackend
 from freshrec.evaluation.baselines import BiasedMFRanker, PopularityBaseline
 from freshrec.evaluation.datasets import RAW_KEY, detect_format, read_events
 from freshrec.evaluation.ranking_metrics import (
+    COLD_BELOW,
     MISSING,
     ErrorAccumulator,
     TopNAccumulator,
@@ -59,15 +59,13 @@ from freshrec.evaluation.ranking_metrics import (
     hit_rate,
     pessimistic_ranks,
     rank_in_list,
-    rolling_mean,
 )
+from freshrec.evaluation.report import SYSTEMS, format_summary, write_report
 from freshrec.progress import Progress
-from freshrec.serving.funnel import Funnel, FunnelConfig, UnknownItem
+from freshrec.serving.funnel import FunnelConfig
 from freshrec.settings import Settings
-from freshrec.store.batch_update import INTERACTIONS, BatchUpdater
-from freshrec.store.keys import Keys
+from freshrec.store.batch_update import INTERACTIONS
 from freshrec.streams.events import Event, EventValidator, InvalidEvent
-from freshrec.streams.producer import EventProducer
 
 __all__ = ["COLD_BELOW", "LIST_LENGTH", "format_summary", "load_events", "run_eval"]
 
@@ -75,13 +73,6 @@ LIST_LENGTH = 20
 """Length of every ranked list: HR@20 is its depth and MRR is truncated there."""
 COVERAGE_K = 10
 """Items of each list that count towards catalog coverage."""
-COLD_BELOW = 5
-"""An item with fewer interactions than this before an event is cold at that event."""
-CONCURRENCY = 32
-"""Requests in flight to the reader (pipeline) or to Redis through the funnel (direct)."""
-APPLY_TIMEOUT_S = 120.0
-SYSTEMS = ("freshrec", "popularity", "river_biased_mf")
-LABELS = {"freshrec": "freshrec", "popularity": "popularity", "river_biased_mf": "river BiasedMF"}
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -109,169 +100,6 @@ def load_events(
     if limit > 0:
         events = events[:limit]
     return events, skipped, fmt
-
-
-# --- the system under evaluation: in process, or through Kafka and the reader -------------------
-Ranked = tuple[list[str], list[float]]
-
-
-class Backend(Protocol):
-    async def predict(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
-        """Rating prediction per (user, item); None for an item the system does not know."""
-
-    async def recommend(self, users: Sequence[str], k: int) -> list[Ranked]:
-        """One ranked list (items, scores) per user, as the reader serves it."""
-
-    async def learn(self, events: Sequence[Event]) -> None:
-        """Learn ``events`` and return once the state reflects all of them."""
-
-    async def close(self) -> None:
-        """Releases connections; the Redis client passed in stays open."""
-
-
-async def _bounded(calls: Sequence[Any], limit: int = CONCURRENCY) -> list[Any]:
-    gate = asyncio.Semaphore(limit)
-
-    async def run(call: Any) -> Any:
-        async with gate:
-            return await call
-
-    return await asyncio.gather(*(run(c) for c in calls))
-
-
-class DirectBackend:
-    """The worker's update code and the reader's funnel, called in this process."""
-
-    def __init__(self, settings: Settings, redis: Redis) -> None:
-        keys = Keys(settings.key_prefix)
-        self.funnel = Funnel(redis, keys, settings.funnel_config())
-        self.updater = BatchUpdater(
-            redis, keys, settings.model_config(), atomic=settings.atomic_batches
-        )
-        self.rating_errors: list[float] = []
-
-    async def predict(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
-        async def one(user: str, item: str) -> float | None:
-            try:
-                answer = await self.funnel.predict(user, item)
-            except UnknownItem:
-                return None
-            return float(answer["prediction"])  # type: ignore[arg-type]
-
-        return await _bounded([one(u, i) for u, i in pairs])
-
-    async def recommend(
-        self, users: Sequence[str], k: int, config: FunnelConfig | None = None
-    ) -> list[Ranked]:
-        async def one(user: str) -> Ranked:
-            # Through the reader's own JSON form, so scores carry the same rounding as served.
-            served = [c.to_json() for c in await self.funnel.recommend(user, k, config)]
-            return [c["item_id"] for c in served], [c["score"] for c in served]  # type: ignore[misc]
-
-        return await _bounded([one(u) for u in users])
-
-    async def learn(self, events: Sequence[Event]) -> None:
-        result = await self.updater.apply(events)
-        self.rating_errors.extend(result.rating_errors)
-        await self.funnel.refresh()  # the reader's item matrix, caught up as a reader's would be
-
-    async def close(self) -> None:
-        await self.funnel.aclose()
-
-
-class _TrackedProducer(EventProducer):
-    """The producer helper, remembering the last offset delivered to each partition."""
-
-    def __init__(self, bootstrap: str, topic: str, events_per_message: int) -> None:
-        self.delivered: dict[int, int] = {}
-        super().__init__(bootstrap, topic, events_per_message)
-
-    def _delivered(self, err: Any, msg: Any) -> None:
-        super()._delivered(err, msg)
-        if err is None:
-            partition, offset = msg.partition(), msg.offset()
-            self.delivered[partition] = max(offset, self.delivered.get(partition, -1))
-
-
-class PipelineBackend:
-    """Kafka -> Faust worker -> Redis -> reader: produce a chunk, wait for it, ask over HTTP.
-
-    A chunk counts as learned once the worker's offset watermark of every partition it went to
-    has reached the last offset delivered there: exact, whatever else the worker consumes.
-    """
-
-    def __init__(self, settings: Settings, redis: Redis, base_url: str, alive: Any) -> None:
-        import aiohttp
-
-        self.producer = _TrackedProducer(
-            settings.kafka_bootstrap, settings.events_topic, events_per_message=100
-        )
-        self.redis = redis
-        self.keys = Keys(settings.key_prefix)
-        self.topic = settings.events_topic
-        self.base_url = base_url
-        self.alive = alive
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=CONCURRENCY),
-            timeout=aiohttp.ClientTimeout(total=30),
-        )
-
-    async def close(self) -> None:
-        await self.session.close()
-
-    async def _get(self, path: str) -> tuple[int, Any]:
-        from yarl import URL
-
-        async with self.session.get(URL(self.base_url + path, encoded=True)) as response:
-            return response.status, await response.json()
-
-    async def predict(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
-        async def one(user: str, item: str) -> float | None:
-            status, body = await self._get(
-                f"/predict/{quote(user, safe='')}/{quote(item, safe='')}"
-            )
-            if status == 404:
-                return None
-            if status != 200:
-                raise RuntimeError(f"reader answered {status} to a prediction: {body}")
-            return float(body["prediction"])
-
-        return await _bounded([one(u, i) for u, i in pairs])
-
-    async def recommend(self, users: Sequence[str], k: int) -> list[Ranked]:
-        async def one(user: str) -> Ranked:
-            status, body = await self._get(f"/recommendations/{quote(user, safe='')}?k={k}")
-            if status != 200:
-                raise RuntimeError(f"reader answered {status} to a recommendation: {body}")
-            return [c["item_id"] for c in body["items"]], [c["score"] for c in body["items"]]
-
-        return await _bounded([one(u) for u in users])
-
-    async def learn(self, events: Sequence[Event]) -> None:
-        for event in events:
-            self.producer.send(event.to_json())
-        self.producer.flush()
-        wanted = dict(self.producer.delivered)
-        marks = [self.keys.watermark(f"{self.topic}/{p}") for p in wanted]
-        deadline = time.monotonic() + APPLY_TIMEOUT_S
-        pause = 0.001
-        while True:
-            pipe = self.redis.pipeline(transaction=False)  # GETs: the keys may span slots
-            for mark in marks:
-                pipe.get(mark)
-            applied = await pipe.execute()
-            if all(
-                raw is not None and int(raw) >= offset
-                for raw, offset in zip(applied, wanted.values(), strict=True)
-            ):
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"the worker had not applied the chunk after {APPLY_TIMEOUT_S:.0f} s"
-                )
-            self.alive()
-            await asyncio.sleep(pause)
-            pause = min(2 * pause, 0.01)
 
 
 # --- the prequential loop ------------------------------------------------------------------------
@@ -695,136 +523,3 @@ async def _run(
         await redis.aclose()
         if processes is not None:
             processes.stop()
-
-
-# --- output --------------------------------------------------------------------------------------
-_ROWS = (
-    ("rmse", "RMSE"),
-    ("rmse_last_quarter", "RMSE, last 25%"),
-    ("mae", "MAE"),
-    ("hr@10", "HR@10"),
-    ("hr@20", "HR@20"),
-    ("ndcg@10", "NDCG@10"),
-    ("mrr", "MRR@20"),
-    ("coverage", "coverage@10"),
-    ("cold_hit_share", "cold-hit share"),
-)
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """The summary as a short text table: freshrec and the baselines side by side."""
-    columns = [("freshrec", summary)] + [
-        (LABELS.get(name, name), summary["baselines"][name]) for name in summary["baselines"]
-    ]
-    lines = [
-        f"prequential evaluation of {summary['file']} ({summary['format']}), mode "
-        f"{summary['mode']}, chunks of {summary['chunk']}",
-        f"{summary['events']:,} events ({summary['skipped']:,} skipped), "
-        f"{summary['users']:,} users, {summary['items']:,} items; "
-        f"{summary['rating_events']:,} ratings predicted, "
-        f"{summary['topn_events']:,} top-N events",
-        "",
-        f"{'':16}" + "".join(f"{name:>18}" for name, _ in columns),
-    ]
-    for key, label in _ROWS:
-        cells = "".join(f"{_cell(values.get(key)):>18}" for _, values in columns)
-        lines.append(f"{label:16}{cells}")
-    if summary.get("sequential"):
-        seq = summary["sequential"]
-        lines.append(
-            f"\nper-event (no chunk staleness) RMSE {seq['rmse']:.4f}, MAE {seq['mae']:.4f}"
-        )
-    if summary.get("recall_ablation"):
-        lines.append(
-            "\nrecall ablation (no exploration slots; *_only: the funnel's ranking over one "
-            "channel's candidates; *_alone: one channel ranked by its own score):"
-        )
-        for name, values in summary["recall_ablation"].items():
-            lines.append(
-                f"  {name:16} HR@10 {_cell(values['hr@10'])}  NDCG@10 {_cell(values['ndcg@10'])}"
-                f"  coverage {_cell(values['coverage'])}"
-            )
-    lines.append(
-        f"\n{summary['events_per_s']:,.0f} events/s through freshrec (prediction included); "
-        f"{summary['wall_s']:.1f} s in all"
-    )
-    if summary.get("report"):
-        lines.append(f"report: {summary['report']}")
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.4f}"
-
-
-def write_report(out_dir: Path, summary: dict[str, Any], evaluation: Evaluation) -> Path:
-    """``summary.json``, PNG plots of rolling RMSE and HR@10 over the stream, ``report.md``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plots = []
-    series = (
-        ("rmse.png", "rolling RMSE", evaluation.rating_positions, "sq_errors", True),
-        ("hr10.png", "rolling HR@10", evaluation.topn_positions, "hits", False),
-    )
-    for name, title, positions, attribute, root in series:
-        if not positions:
-            continue
-        x = np.asarray(positions)
-        window = max(100, len(positions) // 50)
-        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-        for system in SYSTEMS:
-            parts = getattr(evaluation.scores[system], attribute)
-            values = rolling_mean(np.concatenate(parts), window)
-            ax.plot(x, np.sqrt(values) if root else values, label=LABELS[system])
-        ax.set_xlabel("event (stream order)")
-        ax.set_ylabel(title.split(" ", 1)[1])
-        ax.set_title(f"{title} over the stream (window {window})")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / name)
-        plt.close(fig)
-        plots.append((name, title))
-    names = [LABELS.get(b, b) for b in summary["baselines"]]
-    rows = ["| metric | " + " | ".join(("freshrec", *names)) + " |"]
-    rows.append("| --- " * (1 + 1 + len(summary["baselines"])) + "|")
-    for key, label in _ROWS:
-        cells = [_cell(summary.get(key))]
-        cells += [_cell(summary["baselines"][b].get(key)) for b in summary["baselines"]]
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
-    text = [
-        f"# Prequential evaluation of `{Path(summary['file']).name}`",
-        "",
-        f"Mode `{summary['mode']}`, chunks of {summary['chunk']} events: every system predicts "
-        "a chunk from its state before it, then learns it. "
-        f"{summary['events']:,} events ({summary['skipped']:,} skipped), "
-        f"{summary['rating_events']:,} ratings predicted, {summary['topn_events']:,} top-N "
-        f"events; {summary['events_per_s']:,.0f} events/s through freshrec.",
-        "",
-        *rows,
-        "",
-        "Ratings are clipped to the scale; MRR is truncated at the list's 20 items; ties count "
-        "against the target; coverage is the distinct items in the top 10 of any list over the "
-        f"distinct items of the stream; cold items had fewer than {COLD_BELOW} interactions "
-        "before the event.",
-        "",
-    ]
-    if summary.get("sequential"):
-        seq = summary["sequential"]
-        text += [
-            f"Per rating, with no chunk staleness (the updater's own prequential error): "
-            f"RMSE {seq['rmse']:.4f}, MAE {seq['mae']:.4f}.",
-            "",
-        ]
-    for name, title in plots:
-        text += [f"![{title}]({name})", ""]
-    report = out_dir / "report.md"
-    report.write_text("\n".join(text))
-    return report

@@ -51,6 +51,8 @@ __all__ = [
     "rolling_mean",
 ]
 
+COLD_BELOW = 5
+"""An item with fewer interactions than this before an event is cold at that event."""
 MISSING = math.inf
 """The rank of a target that was not ranked: every metric scores it 0."""
 

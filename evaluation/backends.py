@@ -1,0 +1,192 @@
+"""The system under evaluation: in this process (direct), or through Kafka and the reader.
+
+Both answer the same three questions, rating predictions, ranked lists and "learn these
+events", so the prequential loop (:mod:`freshrec.evaluation.prequential`) is the same in both
+modes: ``direct`` runs the worker's update code and the reader's funnel here against Redis,
+``pipeline`` produces events to Kafka, waits for a real worker's offset watermarks and asks a
+real reader over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+from urllib.parse import quote
+
+from redis.asyncio import Redis
+
+from freshrec.serving.funnel import Funnel, FunnelConfig, UnknownItem
+from freshrec.settings import Settings
+from freshrec.store.batch_update import BatchUpdater
+from freshrec.store.keys import Keys
+from freshrec.streams.events import Event
+from freshrec.streams.producer import EventProducer
+
+CONCURRENCY = 32
+"""Requests in flight to the reader (pipeline) or to Redis through the funnel (direct)."""
+APPLY_TIMEOUT_S = 120.0
+
+
+# --- the system under evaluation: in process, or through Kafka and the reader -------------------
+Ranked = tuple[list[str], list[float]]
+
+
+class Backend(Protocol):
+    async def predict(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
+        """Rating prediction per (user, item); None for an item the system does not know."""
+
+    async def recommend(self, users: Sequence[str], k: int) -> list[Ranked]:
+        """One ranked list (items, scores) per user, as the reader serves it."""
+
+    async def learn(self, events: Sequence[Event]) -> None:
+        """Learn ``events`` and return once the state reflects all of them."""
+
+    async def close(self) -> None:
+        """Releases connections; the Redis client passed in stays open."""
+
+
+async def _bounded(calls: Sequence[Any], limit: int = CONCURRENCY) -> list[Any]:
+    gate = asyncio.Semaphore(limit)
+
+    async def run(call: Any) -> Any:
+        async with gate:
+            return await call
+
+    return await asyncio.gather(*(run(c) for c in calls))
+
+
+class DirectBackend:
+    """The worker's update code and the reader's funnel, called in this process."""
+
+    def __init__(self, settings: Settings, redis: Redis) -> None:
+        keys = Keys(settings.key_prefix)
+        self.funnel = Funnel(redis, keys, settings.funnel_config())
+        self.updater = BatchUpdater(
+            redis, keys, settings.model_config(), atomic=settings.atomic_batches
+        )
+        self.rating_errors: list[float] = []
+
+    async def predict(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
+        async def one(user: str, item: str) -> float | None:
+            try:
+                answer = await self.funnel.predict(user, item)
+            except UnknownItem:
+                return None
+            return float(answer["prediction"])  # type: ignore[arg-type]
+
+        return await _bounded([one(u, i) for u, i in pairs])
+
+    async def recommend(
+        self, users: Sequence[str], k: int, config: FunnelConfig | None = None
+    ) -> list[Ranked]:
+        async def one(user: str) -> Ranked:
+            # Through the reader's own JSON form, so scores carry the same rounding as served.
+            served = [c.to_json() for c in await self.funnel.recommend(user, k, config)]
+            return [c["item_id"] for c in served], [c["score"] for c in served]  # type: ignore[misc]
+
+        return await _bounded([one(u) for u in users])
+
+    async def learn(self, events: Sequence[Event]) -> None:
+        result = await self.updater.apply(events)
+        self.rating_errors.extend(result.rating_errors)
+        await self.funnel.refresh()  # the reader's item matrix, caught up as a reader's would be
+
+    async def close(self) -> None:
+        await self.funnel.aclose()
+
+
+class _TrackedProducer(EventProducer):
+    """The producer helper, remembering the last offset delivered to each partition."""
+
+    def __init__(self, bootstrap: str, topic: str, events_per_message: int) -> None:
+        self.delivered: dict[int, int] = {}
+        super().__init__(bootstrap, topic, events_per_message)
+
+    def _delivered(self, err: Any, msg: Any) -> None:
+        super()._delivered(err, msg)
+        if err is None:
+            partition, offset = msg.partition(), msg.offset()
+            self.delivered[partition] = max(offset, self.delivered.get(partition, -1))
+
+
+class PipelineBackend:
+    """Kafka -> Faust worker -> Redis -> reader: produce a chunk, wait for it, ask over HTTP.
+
+    A chunk counts as learned once the worker's offset watermark of every partition it went to
+    has reached the last offset delivered there: exact, whatever else the worker consumes.
+    """
+
+    def __init__(self, settings: Settings, redis: Redis, base_url: str, alive: Any) -> None:
+        import aiohttp
+
+        self.producer = _TrackedProducer(
+            settings.kafka_bootstrap, settings.events_topic, events_per_message=100
+        )
+        self.redis = redis
+        self.keys = Keys(settings.key_prefix)
+        self.topic = settings.events_topic
+        self.base_url = base_url
+        self.alive = alive
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=CONCURRENCY),
+            timeout=aiohttp.ClientTimeout(total=30),
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def _get(self, path: str) -> tuple[int, Any]:
+        from yarl import URL
+
+        async with self.session.get(URL(self.base_url + path, encoded=True)) as response:
+            return response.status, await response.json()
+
+    async def predict(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
+        async def one(user: str, item: str) -> float | None:
+            status, body = await self._get(
+                f"/predict/{quote(user, safe='')}/{quote(item, safe='')}"
+            )
+            if status == 404:
+                return None
+            if status != 200:
+                raise RuntimeError(f"reader answered {status} to a prediction: {body}")
+            return float(body["prediction"])
+
+        return await _bounded([one(u, i) for u, i in pairs])
+
+    async def recommend(self, users: Sequence[str], k: int) -> list[Ranked]:
+        async def one(user: str) -> Ranked:
+            status, body = await self._get(f"/recommendations/{quote(user, safe='')}?k={k}")
+            if status != 200:
+                raise RuntimeError(f"reader answered {status} to a recommendation: {body}")
+            return [c["item_id"] for c in body["items"]], [c["score"] for c in body["items"]]
+
+        return await _bounded([one(u) for u in users])
+
+    async def learn(self, events: Sequence[Event]) -> None:
+        for event in events:
+            self.producer.send(event.to_json())
+        self.producer.flush()
+        wanted = dict(self.producer.delivered)
+        marks = [self.keys.watermark(f"{self.topic}/{p}") for p in wanted]
+        deadline = time.monotonic() + APPLY_TIMEOUT_S
+        pause = 0.001
+        while True:
+            pipe = self.redis.pipeline(transaction=False)  # GETs: the keys may span slots
+            for mark in marks:
+                pipe.get(mark)
+            applied = await pipe.execute()
+            if all(
+                raw is not None and int(raw) >= offset
+                for raw, offset in zip(applied, wanted.values(), strict=True)
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the worker had not applied the chunk after {APPLY_TIMEOUT_S:.0f} s"
+                )
+            self.alive()
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.01)
