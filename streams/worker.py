@@ -63,11 +63,13 @@ LAST_EVENT_TS = Gauge("freshrec_last_event_time_seconds", "Event time of the new
 
 def faust_options(settings: Settings, kafka_bootstrap: str) -> dict[str, Any]:
     """The worker's Faust configuration (also the benchmark's no-op agent's, so both compare)."""
+    data = Path(settings.home) / "faust"
+    data.mkdir(parents=True, exist_ok=True)  # Faust creates only the last folder of its datadir
     return {
         "broker": f"kafka://{kafka_bootstrap}",
         "store": "memory://",
         # Faust's data folder (its tables' state) under FRESHREC_HOME, not the working directory.
-        "datadir": str(Path(settings.home) / "faust" / "{conf.name}-data"),
+        "datadir": str(data / "{conf.name}-data"),
         "value_serializer": "raw",
         "key_serializer": "raw",
         "topic_allow_declare": False,  # topics are created explicitly with their partition count
