@@ -254,6 +254,11 @@ class Settings:
         return f"{self.topic_prefix}.dlq"
 
     @property
+    def kernel_cache_dir(self) -> Path:
+        """Where numba caches the compiled kernels, unless ``NUMBA_CACHE_DIR`` says otherwise."""
+        return Path(self.home) / "numba"
+
+    @property
     def decay_rate(self) -> float:
         """lambda in w(t) = exp(-lambda (t_now - t)), from the half-life."""
         return math.log(2.0) / self.decay_half_life_s
