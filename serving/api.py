@@ -25,6 +25,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from freshrec.serving.funnel import Funnel, FunnelConfig, UnknownItem
 from freshrec.serving.http_server import Handler, HttpServer, Request, Response, Router
 from freshrec.serving.impressions import ImpressionLog
+from freshrec.serving.kernels import warm_up
 from freshrec.serving.openapi import OPENAPI
 from freshrec.serving.publisher import RecommendationPublisher
 from freshrec.serving.variants import Variants
@@ -113,6 +114,16 @@ class Reader:
         self._labels: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     async def start(self, host: str, port: int) -> None:
+        """Compiles the kernels, starts the background work, then binds ``host:port``.
+
+        The port opens only once the kernels are ready, so neither a request nor the first
+        refresh of the snapshot pays for a compile, and no route (``/healthz`` included) can
+        answer before the reader serves at speed. Binding first and answering 503 until ready
+        would need the compile on a thread beside the loop (it holds the GIL most of the time,
+        so even those answers would be slow) and every route to refuse meanwhile; a port not
+        yet open already means "not up yet" to every client, probe and load balancer.
+        """
+        warm_up([self.funnel.config, *(v.config for v in self.variants.variants)])
         self._background.append(asyncio.create_task(self._keep_fresh()))
         if self.publisher is not None and self.publishing is not None:
             self._background.append(
