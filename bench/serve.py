@@ -26,6 +26,7 @@ from freshrec.devenv.isolated_run import isolated_run
 from freshrec.devenv.processes import Children, free_port, http_json
 from freshrec.models.mf import vector_width
 from freshrec.progress import Say
+from freshrec.serving.kernels import warm_up
 from freshrec.settings import Settings
 from freshrec.store.keys import Keys
 from freshrec.store.vectors import VECTOR_DTYPE
@@ -196,6 +197,9 @@ def run_serve_bench(
                 f"bench serve: state of {items:,} items and {users:,} users written "
                 f"in {time.perf_counter() - started:.1f} s"
             )
+            # The reader loads the kernels this compiles on a first run from the shared cache,
+            # so its start-up deadline below never includes a compile.
+            say(f"bench serve: {warm_up([settings.funnel_config()])}")
             reader = children.start("reader", ["serve"])
             base_url = f"http://{settings.serve_host}:{settings.serve_port}"
             children.wait(
