@@ -95,6 +95,52 @@ def initial_vector(entity_id: str, kind: str, factors: int, std: float, seed: in
     return vec
 
 
+class VectorTable(dict[str, np.ndarray]):
+    """Full vectors by row name, ``"u:<user id>"`` or ``"i:<item id>"``; a missing row is created.
+
+    The learners of users and items share one table, each stepping its own part of a row
+    (`rating_part`, `implicit_part`). A row read before it exists starts at `initial_vector`,
+    the value every process gives it, so a table seeded with some rows (what a store read)
+    and one filled on demand hold the same numbers.
+
+    Parameters
+    ----------
+    factors
+        :math:`k`; each row is ``vector_width(factors)`` wide.
+    init_std
+        Standard deviation of the initial factors.
+    seed
+        Seed of the initial factors, the same in every process.
+    rows
+        Rows known already (kept as given, not copied).
+
+    Examples
+    --------
+    >>> table = VectorTable(factors=2, init_std=0.1, seed=0)
+    >>> "u:ann" in table, table["u:ann"].shape, "u:ann" in table
+    (False, (5,), True)
+    >>> bool(np.array_equal(table["i:dune"], initial_vector("dune", "i", 2, 0.1, 0)))
+    True
+    """
+
+    def __init__(
+        self, factors: int, init_std: float, seed: int, rows: dict[str, np.ndarray] | None = None
+    ) -> None:
+        super().__init__(rows or {})
+        self.factors = factors
+        self.init_std = init_std
+        self.seed = seed
+
+    def initial(self, name: str) -> np.ndarray:
+        """The row ``name`` starts at: `initial_vector` of its kind (``u``/``i``) and id."""
+        kind, entity = name.split(":", 1)
+        return initial_vector(entity, kind, self.factors, self.init_std, self.seed)
+
+    def __missing__(self, name: str) -> np.ndarray:
+        vec = self[name] = self.initial(name)
+        return vec
+
+
 def predict_rating(user: np.ndarray, item: np.ndarray, mean: float) -> float:
     """On ``rating_part`` views: ``mu + b_u + b_i + p_u.q_i``."""
     return float(mean + user[0] + item[0] + user[1:] @ item[1:])

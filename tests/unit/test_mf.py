@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 from river import optim, reco
 
+from freshrec.models.biased_mf import BiasedMF
 from freshrec.models.mf import (
+    VectorTable,
     implicit_part,
     implicit_step,
     initial_vector,
-    predict_rating,
     rating_part,
-    rating_step,
 )
 
 
-def test_rating_steps_equal_river_biased_mf() -> None:
+def test_biased_mf_equals_river_biased_mf() -> None:
     gamma, lam, k = 0.02, 0.05, 8
     rng = np.random.default_rng(3)
     users = [f"u{n}" for n in range(30)]
@@ -28,29 +28,27 @@ def test_rating_steps_equal_river_biased_mf() -> None:
         l2_bias=2 * lam,
         l2_latent=2 * lam,
     )
-    ours = {}
-    for name in users + items:
-        ours[name] = rating_part(initial_vector(name, name[0], k, 0.1, seed=1), k).copy()
-    for u in users:
-        river_mf.u_latents[u] = ours[u][1:].copy()
+    ours = BiasedMF(VectorTable(k, 0.1, seed=1), lr=gamma, reg=lam)
+    for u in users:  # the same initial factors; biases start at 0 in both
+        river_mf.u_latents[u] = rating_part(ours.table["u:" + u], k)[1:].copy()
     for i in items:
-        river_mf.i_latents[i] = ours[i][1:].copy()
+        river_mf.i_latents[i] = rating_part(ours.table["i:" + i], k)[1:].copy()
 
-    total, n = 0.0, 0
     for _ in range(2000):
         u, i = users[rng.integers(len(users))], items[rng.integers(len(items))]
         r = float(rng.uniform(1, 5))
-        total, n = total + r, n + 1
+        # Prequential: each prediction is made before the rating is learned.
+        assert ours.predict_one(u, i) == pytest.approx(river_mf.predict_one(u, i), abs=1e-9)
         river_mf.learn_one(u, i, r)
-        rating_step(ours[u], ours[i], total / n, r, gamma, lam)
+        ours.learn_one(u, i, r)
 
+    assert ours.mean == pytest.approx(river_mf.global_mean.get(), abs=1e-12)
     for u in users[:10]:
         for i in items[:10]:
-            assert predict_rating(ours[u], ours[i], total / n) == pytest.approx(
-                river_mf.predict_one(u, i), abs=1e-9
-            )
-        np.testing.assert_allclose(ours[u][1:], river_mf.u_latents[u], atol=1e-12)
-        assert abs(ours[u][0] - river_mf.u_biases[u]) < 1e-12
+            assert ours.predict_one(u, i) == pytest.approx(river_mf.predict_one(u, i), abs=1e-9)
+        user = rating_part(ours.table["u:" + u], k)
+        np.testing.assert_allclose(user[1:], river_mf.u_latents[u], atol=1e-12)
+        assert abs(user[0] - river_mf.u_biases[u]) < 1e-12
 
 
 def test_initial_vectors_are_the_same_in_every_process_and_differ_by_id() -> None:
@@ -59,6 +57,13 @@ def test_initial_vectors_are_the_same_in_every_process_and_differ_by_id() -> Non
     assert not np.array_equal(a, initial_vector("item-2", "i", 16, 0.1, seed=42))
     assert not np.array_equal(a, initial_vector("item-1", "u", 16, 0.1, seed=42))
     assert a[0] == 0.0 and 0.05 < a[1:].std() < 0.2
+
+
+def test_a_row_missing_from_a_vector_table_starts_at_its_initial_vector() -> None:
+    table = VectorTable(16, 0.1, seed=42, rows={"i:item-1": np.zeros(33)})
+    assert np.array_equal(table["u:user-1"], initial_vector("user-1", "u", 16, 0.1, seed=42))
+    assert table["u:user-1"] is table["u:user-1"]  # created once, then held
+    assert not table["i:item-1"].any()  # a row given is kept as it is
 
 
 def test_implicit_positive_raises_and_negative_lowers_the_score() -> None:
