@@ -2,10 +2,10 @@
 
 The read fetches what the batch needs (the vectors it touches, the users' recent items, the
 rating mean, the decay landmark, the partitions' offset watermarks). The batch is then learned
-*sequentially* in memory, so an item that appears twice in a batch sees its own first update,
-exactly as a one-event-at-a-time learner would. The write sends only *deltas* and increments,
-aggregated per key, applied by server-side scripts, so two workers touching the same hot item
-lose nothing.
+*sequentially* in memory from that snapshot (`freshrec.models.interaction_learner`), so an item
+that appears twice in a batch sees its own first update, exactly as a one-event-at-a-time
+learner would. The write sends only *deltas* and increments, aggregated per key, applied by
+server-side scripts, so two workers touching the same hot item lose nothing.
 
 On a single Redis the read and the write are one script call each, whatever the batch size, and
 the write is atomic with the per-partition offset watermarks: a message at or below its
@@ -19,41 +19,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 from redis.asyncio import Redis
 
 from freshrec.models.config import ModelConfig
 from freshrec.models.decay import ForwardDecay
-from freshrec.models.mf import (
-    implicit_part,
-    implicit_step,
-    initial_vector,
-    predict_rating,
-    rating_part,
-    rating_step,
-    vector_width,
+from freshrec.models.interaction_learner import (
+    INTERACTIONS,
+    Changes,
+    Interaction,
+    InteractionLearner,
+    Snapshot,
 )
+from freshrec.models.mf import VectorTable, vector_width
 from freshrec.store.keys import Keys
 from freshrec.store.server_scripts import ServerScripts
 from freshrec.store.vectors import VECTOR_DTYPE, decode_vector, encode_vector
 
-INTERACTIONS = frozenset(("click", "view", "purchase", "rating"))
-
-
-class Interaction(Protocol):
-    type: str
-    user_id: str
-    item_id: str
-    ts: float
-    value: float | None
-
+__all__ = ["INTERACTIONS", "BatchResult", "BatchUpdater", "Interaction", "Origin"]
 
 Origin = tuple[str, int]
 """Where an event came from: (partition label such as ``"freshrec.events/3"``, offset)."""
@@ -68,36 +55,6 @@ class BatchResult:
     rating_errors: list[float] = field(default_factory=list)
     max_ts: float = 0.0
     applied: list[int] = field(default_factory=list)  # input positions learned, not skipped
-
-
-@dataclass
-class _Snapshot:
-    """Everything the learning step reads."""
-
-    landmark: float
-    mean_sum: float
-    mean_n: int
-    vectors: dict[str, np.ndarray]
-    windows: dict[str, list[str]]
-
-
-@dataclass
-class _Writes:
-    """Everything the learning step changes, aggregated per key."""
-
-    deltas: dict[str, np.ndarray] = field(default_factory=dict)
-    bases: dict[str, np.ndarray] = field(default_factory=dict)
-    mean_sum: float = 0.0
-    mean_n: int = 0
-    pairs: defaultdict[str, defaultdict[str, float]] = field(
-        default_factory=lambda: defaultdict(lambda: defaultdict(float))
-    )
-    occurrences: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
-    popularity: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
-    clicks: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
-    impressions: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
-    first_seen: dict[str, float] = field(default_factory=dict)
-    history: defaultdict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
 
 
 class _Retry(Exception):
@@ -127,7 +84,7 @@ class BatchUpdater:
         self.config = config
         self.atomic = atomic
         self.scripts = ServerScripts(redis)
-        self._rng = np.random.default_rng(config.seed)
+        self.learner = InteractionLearner(config)
 
     async def apply(
         self, events: Sequence[Interaction], origins: Sequence[Origin] | None = None
@@ -162,7 +119,8 @@ class BatchUpdater:
         marks = {}
         for lab, off in origins:
             marks[lab] = max(off, marks.get(lab, -1))
-        writes = self._learn(keep, snapshot, result)
+        writes = self.learner.learn_many(keep, snapshot)
+        result.rating_errors.extend(writes.rating_errors)
         watermarks = [(self.keys.watermark(lab), done[lab], marks[lab]) for lab in labels]
         if self.atomic:
             await self._write_script(writes, watermarks, len(keep))
@@ -178,7 +136,7 @@ class BatchUpdater:
 
     async def _read_script(
         self, events: Sequence[Interaction], mark_keys: list[str]
-    ) -> tuple[_Snapshot, list[int]]:
+    ) -> tuple[Snapshot, list[int]]:
         keys = self.keys
         users, items = self._entities(events)
         query = {
@@ -198,7 +156,7 @@ class BatchUpdater:
 
     async def _read_pipelined(
         self, events: Sequence[Interaction], mark_keys: list[str]
-    ) -> tuple[_Snapshot, list[int]]:
+    ) -> tuple[Snapshot, list[int]]:
         keys = self.keys
         users, items = self._entities(events)
         pipe = self.redis.pipeline(transaction=False)
@@ -231,7 +189,7 @@ class BatchUpdater:
         mean_raw: list[bytes | None],
         blobs: list[bytes | None],
         windows_raw: list[list[bytes]],
-    ) -> _Snapshot:
+    ) -> Snapshot:
         cfg = self.config
         landmark = float(landmark_raw) if landmark_raw is not None else min(e.ts for e in events)
         decay = ForwardDecay(cfg.decay_rate, landmark)
@@ -241,102 +199,21 @@ class BatchUpdater:
             raise _Retry
         width = vector_width(cfg.factors)
         names = [f"u:{u}" for u in users] + [f"i:{i}" for i in items]
+        initial = VectorTable(cfg.factors, cfg.init_std, cfg.seed).initial
         vectors: dict[str, np.ndarray] = {}
         for name, blob in zip(names, blobs, strict=True):
             if blob is not None and len(blob) == 4 * width:
                 vectors[name] = decode_vector(blob)
             else:
-                kind, entity = name.split(":", 1)
-                vectors[name] = initial_vector(entity, kind, cfg.factors, cfg.init_std, cfg.seed)
+                vectors[name] = initial(name)
         windows = {u: [m.decode() for m in w] for u, w in zip(users, windows_raw, strict=True)}
-        return _Snapshot(
+        return Snapshot(
             landmark=landmark,
             mean_sum=float(mean_raw[0] or 0.0),
             mean_n=int(mean_raw[1] or 0),
             vectors=vectors,
             windows=windows,
         )
-
-    # --- learn (pure) --------------------------------------------------------------------------
-    def _learn(self, events: Sequence[Interaction], s: _Snapshot, result: BatchResult) -> _Writes:
-        cfg = self.config
-        k = cfg.factors
-        decay = ForwardDecay(cfg.decay_rate, s.landmark)
-        vectors = {name: vec.copy() for name, vec in s.vectors.items()}
-        out = _Writes()
-        pool = sorted({e.item_id for e in events if e.type in INTERACTIONS})
-        # All negative draws of the batch at once: one generator call, not one per event.
-        picks = self._rng.integers(0, max(len(pool), 1), (len(events), cfg.implicit_negatives))
-        mean_sum, mean_n = s.mean_sum, s.mean_n
-        for n, ev in enumerate(events):
-            item = ev.item_id
-            if ev.type == "impression":
-                out.impressions[item] += 1.0
-                continue
-            user = ev.user_id
-            uvec, ivec = vectors["u:" + user], vectors["i:" + item]
-            strength = cfg.strengths.get(ev.type, 1.0)
-            if ev.type == "rating":
-                rating = float(ev.value)  # type: ignore[arg-type]
-                u_part, i_part = rating_part(uvec, k), rating_part(ivec, k)
-                # Prequential error: predicted before anything about this rating is known.
-                prior_mean = mean_sum / mean_n if mean_n else 0.0
-                result.rating_errors.append(rating - predict_rating(u_part, i_part, prior_mean))
-                # The step itself folds the rating into mu first, as river's BiasedMF does.
-                mean_sum += rating
-                mean_n += 1
-                rating_step(u_part, i_part, mean_sum / mean_n, rating, cfg.lr, cfg.reg)
-            elif ev.type == "click":
-                out.clicks[item] += 1.0
-            confidence = 1.0 + cfg.implicit_alpha * strength
-            self._implicit(implicit_part(uvec, k), item, confidence, pool, picks[n], vectors)
-
-            weight = decay.weight(ev.ts)
-            window = s.windows[user]
-            for other in window:
-                if other != item:
-                    out.pairs[item][other] += weight
-                    out.pairs[other][item] += weight
-            if item in window:
-                window.remove(item)
-            window.insert(0, item)
-            del window[cfg.history_window :]
-            out.occurrences[item] += weight
-            out.popularity[item] += weight * strength
-            seen = out.history[user]
-            seen[item] = max(ev.ts, seen.get(item, -math.inf))
-            out.first_seen[item] = min(ev.ts, out.first_seen.get(item, math.inf))
-        for name, vec in vectors.items():
-            delta = vec - s.vectors[name]
-            if delta.any():
-                out.deltas[name] = delta
-                out.bases[name] = s.vectors[name]
-        out.mean_sum, out.mean_n = mean_sum - s.mean_sum, mean_n - s.mean_n
-        return out
-
-    def _implicit(
-        self,
-        y_user: np.ndarray,
-        positive: str,
-        confidence: float,
-        pool: list[str],
-        picks: np.ndarray,
-        vectors: dict[str, np.ndarray],
-    ) -> None:
-        """The event (preference 1, confidence c) and its sampled negatives (0, 1) in one step."""
-        k = self.config.factors
-        names = [positive]
-        for pick in picks.tolist():
-            other = pool[pick]
-            if other not in names:
-                names.append(other)
-        rows = [implicit_part(vectors["i:" + name], k) for name in names]
-        preferences = np.zeros(len(names))
-        preferences[0] = 1.0
-        confidences = np.ones(len(names))
-        confidences[0] = confidence
-        cfg = self.config
-        implicit_step(y_user, rows, preferences, confidences, cfg.implicit_lr, cfg.reg)
 
     # --- write -------------------------------------------------------------------------------
     def _vector_key(self, name: str) -> tuple[str, int]:
@@ -345,7 +222,7 @@ class BatchUpdater:
             return self.keys.user_vector(entity), self.config.user_ttl_s
         return self.keys.item_vector(entity), 0
 
-    def _increment_sets(self, w: _Writes) -> list[tuple[str, int, int, dict[str, float]]]:
+    def _increment_sets(self, w: Changes) -> list[tuple[str, int, int, dict[str, float]]]:
         """(key, trim_to, ttl, member -> amount) for every sorted set the batch increments."""
         keys, cap = self.keys, self.config.neighbours_cap
         out = [(keys.neighbours(item), cap, 0, row) for item, row in w.pairs.items()]
@@ -358,13 +235,13 @@ class BatchUpdater:
         return [entry for entry in out if entry[3]]
 
     @staticmethod
-    def _changed_items(w: _Writes) -> list[str]:
+    def _changed_items(w: Changes) -> list[str]:
         """Items whose vector or neighbour list the batch changes: what readers must refetch."""
         vectors = (name[2:] for name in w.deltas if name.startswith("i:"))
         return list(dict.fromkeys([*vectors, *w.pairs]))
 
     async def _write_script(
-        self, w: _Writes, watermarks: list[tuple[str, int, int]], applied: int
+        self, w: Changes, watermarks: list[tuple[str, int, int]], applied: int
     ) -> None:
         cfg, keys = self.config, self.keys
         names = list(w.deltas)
@@ -406,7 +283,7 @@ class BatchUpdater:
             raise _Retry  # another worker applied one of these partitions since the read
 
     async def _write_pipelined(
-        self, w: _Writes, watermarks: list[tuple[str, int, int]], applied: int
+        self, w: Changes, watermarks: list[tuple[str, int, int]], applied: int
     ) -> None:
         cfg, keys = self.config, self.keys
         pipe = self.redis.pipeline(transaction=False)
