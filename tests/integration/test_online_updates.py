@@ -140,7 +140,7 @@ def test_decayed_cooccurrence_and_popularity_equal_a_brute_force_recount_across_
     half_life = span * math.log(2) / (2.5 * REBASE_EXPONENT)
     cfg = dataclasses.replace(
         settings.model_config(),
-        decay_rate=math.log(2) / half_life,
+        decay_half_life_s=half_life,
         neighbours_cap=10_000,
         history_window=10,
     )
