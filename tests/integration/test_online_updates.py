@@ -8,7 +8,6 @@ import dataclasses
 import math
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,10 @@ from redis.asyncio import Redis
 from river import optim, reco
 
 from freshrec.evaluation.synth import SynthConfig, generate
+from freshrec.models.cooccurrence import Cooccurrence
 from freshrec.models.decay import REBASE_EXPONENT
 from freshrec.models.mf import initial_vector, predict_rating, rating_part, vector_width
+from freshrec.models.popularity import Popularity
 from freshrec.settings import Settings
 from freshrec.store.batch_update import INTERACTIONS, BatchUpdater
 from freshrec.store.keys import Keys
@@ -105,31 +106,24 @@ def test_mf_in_redis_equals_river_biased_mf_on_10000_ratings(
             assert ours == pytest.approx(river_mf.predict_one(u, i), abs=1e-6)
 
 
-def _brute_force(events: list[Event], cfg, now: float) -> tuple[dict, dict, dict]:
-    """Decayed co-occurrence, occurrence and popularity recounted from scratch at ``now``."""
-    cooc: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
-    occ: defaultdict[str, float] = defaultdict(float)
-    pop: defaultdict[str, float] = defaultdict(float)
-    windows: defaultdict[str, list[str]] = defaultdict(list)
+def _learned_alone(events: list[Event], cfg, now: float) -> tuple[dict, dict, dict]:
+    """Co-occurrence, occurrence and popularity decayed to ``now``, from the pure learners
+    (tests/unit holds them to a brute-force recount) fed one event at a time."""
+    cooc = Cooccurrence(cfg.history_window, cfg.decay_rate, events[0].ts)
+    pop = Popularity(cfg.decay_rate, events[0].ts)
     for e in events:
-        if e.type not in INTERACTIONS:
-            continue
-        w = math.exp(-cfg.decay_rate * (now - e.ts))
-        window = windows[e.user_id]
-        for other in window:
-            if other != e.item_id:
-                cooc[e.item_id][other] += w
-                cooc[other][e.item_id] += w
-        if e.item_id in window:
-            window.remove(e.item_id)
-        window.insert(0, e.item_id)
-        del window[cfg.history_window :]
-        occ[e.item_id] += w
-        pop[e.item_id] += w * cfg.strengths[e.type]
-    return cooc, occ, pop
+        if e.type in INTERACTIONS:
+            cooc.learn_one(e.user_id, e.item_id, e.ts)
+            pop.learn_one(e.item_id, e.ts, cfg.strengths[e.type])
+    pairs = {
+        item: {other: float(cooc.decay.decayed(v, now)) for other, v in row.items()}
+        for item, row in cooc.pairs.items()
+    }
+    occ = {item: float(cooc.decay.decayed(v, now)) for item, v in cooc.occurrences.items()}
+    return pairs, occ, {item: pop.score(item, now) for item in pop.scores}
 
 
-def test_decayed_cooccurrence_and_popularity_equal_a_brute_force_recount_across_rebases(
+def test_decayed_cooccurrence_and_popularity_in_redis_equal_the_learners_across_rebases(
     settings: Settings, atomic: bool
 ) -> None:
     stream = generate(SynthConfig(users=60, items=80, events=6_000, duration_s=4 * 86400, seed=5))
@@ -172,7 +166,7 @@ def test_decayed_cooccurrence_and_popularity_equal_a_brute_force_recount_across_
     assert landmarks_seen >= 3, "the stream should have forced at least two rebases"
     now = events[-1].ts
     scale = math.exp(-cfg.decay_rate * (now - landmark))  # stored forward sums -> decayed values
-    expected_cooc, expected_occ, expected_pop = _brute_force(events, cfg, now)
+    expected_cooc, expected_occ, expected_pop = _learned_alone(events, cfg, now)
 
     def close(stored: float, expected: float) -> bool:
         return math.isclose(stored * scale, expected, rel_tol=1e-9, abs_tol=1e-12)
