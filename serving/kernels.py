@@ -75,6 +75,7 @@ def warm_up(configs: Iterable[FunnelConfig] = ()) -> WarmUp:
     log.info("warming up the funnel's compiled kernels (cache: %s)", cache_dir())
     for config in list(configs) or [FunnelConfig()]:
         _funnel_stages(config)
+        _empty_catalogue(config)
     _cell_search()
     after = [_counts(kernel) for kernel in KERNELS]
     done = WarmUp(
@@ -158,6 +159,35 @@ def _funnel_stages(config: FunnelConfig) -> None:
         config.diversity,
         3,
     )
+
+
+def _empty_catalogue(config: FunnelConfig) -> None:
+    """Recall before the reader has loaded any item, as the first requests of a new system are.
+
+    The occurrence counts recall reads are a column of the statistics matrix: a strided view
+    (layout "A" to numba) once the snapshot has rows, but a contiguous one ("C") while it has
+    none, which numba compiles apart. With no candidates the later stages do not run.
+    """
+    stats = np.zeros((0, 3))
+    nothing = np.empty(0, dtype=np.int64)
+    scratch = Scratch()
+    with scratch.seen(0, nothing) as seen:
+        merge_channels(
+            seen,
+            scratch.cf_slot,
+            scratch.candidate_slot,
+            nothing,
+            np.full((0, 2), -1, dtype=np.int64),
+            np.zeros((0, 2)),
+            stats[:, 0],
+            config.recall_per_seed,
+            nothing,
+            nothing[: config.recall_popular + 10],
+            nothing,
+            np.empty(0) < config.cold_max_impressions,
+            config.recall_cold,
+            CF | MF | TRENDING | COLD,
+        )
 
 
 def _cell_search() -> None:
