@@ -2,8 +2,17 @@
 
 Supported: MovieLens ``u.data`` (``user<TAB>item<TAB>rating<TAB>unix_ts``), MovieLens
 ``ratings.dat`` (``user::item::rating::ts``), CSV with a header naming at least the user and
-item columns, and JSON lines of events (one event object or an array of events per line). Any
-of them may be gzip-compressed; compression is recognised by content, not by name.
+item columns, RecBole atomic interaction files (``.inter``: tab-separated, a header of
+``name:type`` columns such as ``user_id:token<TAB>item_id:token<TAB>rating:float<TAB>
+timestamp:float``), and JSON lines of events (one event object or an array of events per
+line). Any of them may be gzip-compressed; compression is recognised by content, not by name.
+
+Times. Events carry unix seconds; files do not always. A time that is not a number is read as
+ISO 8601 (``2005-09-06`` is that day's UTC midnight, naive times are UTC), whatever the unit.
+Numbers are scaled by a unit (:data:`TS_UNITS`): given by the caller, else by
+:func:`assume_ts_unit`, else detected by :func:`detect_ts_unit` from the magnitude of the
+median of the file's first numeric times (see there). Days since the epoch (``day``) are never
+guessed: a small number is as likely a synthetic clock in seconds, so that unit must be named.
 
 Files are read line by line so a replay of a large dataset never holds it in memory. Nothing
 here validates the event schema: that is the job of the single validator downstream, so a
@@ -18,15 +27,35 @@ import csv
 import gzip
 import json
 import os
+import statistics
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["FORMATS", "RAW_KEY", "count_lines", "detect_format", "read_events"]
+__all__ = [
+    "FORMATS",
+    "RAW_KEY",
+    "TS_UNITS",
+    "assume_ts_unit",
+    "count_lines",
+    "detect_format",
+    "detect_ts_unit",
+    "read_events",
+]
 
-FORMATS = ("movielens-udata", "movielens-dat", "csv", "jsonl")
+FORMATS = ("movielens-udata", "movielens-dat", "csv", "recbole", "jsonl")
 RAW_KEY = "__raw__"
+TS_UNITS: dict[str, float] = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9, "day": 86_400.0}
+"""Seconds per unit of a file's numeric times."""
+TS_SAMPLE = 1000
+"""Numeric times :func:`detect_ts_unit` looks at, from the start of the file."""
+# Lower bounds of the median numeric time, largest first. 1e11 s is the year 5138 while 1e11 ms
+# is March 1973, so every plausible event time of the last fifty years falls clearly on one side.
+_TS_THRESHOLDS = (("ns", 1e17), ("us", 1e14), ("ms", 1e11))
+_assumed_ts_unit: ContextVar[str | None] = ContextVar("freshrec_assumed_ts_unit", default=None)
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _CSV_DELIMITERS = (",", "\t", ";", "|")
@@ -38,12 +67,14 @@ _COLUMN_ALIASES = {
     "user_id": ("userid", "user", "uid", "customerid"),
     "item_id": ("itemid", "item", "iid", "movieid", "productid"),
     "value": ("rating", "value", "score"),
-    "ts": ("timestamp", "ts", "time", "eventtime", "datetime"),
+    "ts": ("timestamp", "ts", "time", "eventtime", "datetime", "date"),
 }
+# RecBole's atomic files type every header column; these are its field types.
+_RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
 _EXPECTED = (
     "expected MovieLens u.data (user<TAB>item<TAB>rating<TAB>unix_ts), MovieLens ratings.dat "
-    "(user::item::rating::ts), CSV with a header naming user_id and item_id, or JSON lines of "
-    "events"
+    "(user::item::rating::ts), CSV with a header naming user_id and item_id, a RecBole atomic "
+    "file (.inter, tab-separated name:type header), or JSON lines of events"
 )
 
 PathLike = str | os.PathLike[str]
@@ -118,21 +149,42 @@ def _normalise_header(name: str) -> str:
     return "".join(ch for ch in name.strip().lower() if ch not in "_- ")
 
 
+def _map_columns(names: list[str]) -> dict[str, int] | None:
+    """{contract field: column index} of header names, or None without user and item."""
+    normalised = [_normalise_header(n) for n in names]
+    columns: dict[str, int] = {}
+    for field, aliases in _COLUMN_ALIASES.items():
+        for alias in aliases:
+            if alias in normalised:
+                columns[field] = normalised.index(alias)
+                break
+    return columns if "user_id" in columns and "item_id" in columns else None
+
+
 def _csv_columns(header: str) -> tuple[str, dict[str, int]] | None:
     """Delimiter and {contract field: column index} of a header line, or None if not one."""
     for delimiter in _CSV_DELIMITERS:
         if delimiter not in header:
             continue
-        names = [_normalise_header(n) for n in next(csv.reader([header], delimiter=delimiter))]
-        columns: dict[str, int] = {}
-        for field, aliases in _COLUMN_ALIASES.items():
-            for alias in aliases:
-                if alias in names:
-                    columns[field] = names.index(alias)
-                    break
-        if "user_id" in columns and "item_id" in columns:
+        columns = _map_columns(next(csv.reader([header], delimiter=delimiter)))
+        if columns is not None:
             return delimiter, columns
     return None
+
+
+def _recbole_columns(header: str) -> dict[str, int] | None:
+    """{contract field: column index} of a RecBole atomic-file header, or None if not one.
+
+    Every tab-separated column must read ``name:type`` with one of RecBole's field types, and
+    the names must include a user and an item column.
+    """
+    names = []
+    for column in header.split("\t"):
+        name, colon, kind = column.strip().rpartition(":")
+        if not colon or not name or kind not in _RECBOLE_TYPES:
+            return None
+        names.append(name)
+    return _map_columns(names)
 
 
 def detect_format(path: PathLike) -> str:
@@ -148,6 +200,8 @@ def detect_format(path: PathLike) -> str:
         return "movielens-dat"
     if _looks_like_rating_row(_split_udata(line)):
         return "movielens-udata"
+    if _recbole_columns(line) is not None:
+        return "recbole"
     if _csv_columns(line) is not None:
         return "csv"
     raise ValueError(
@@ -166,7 +220,7 @@ def _raw(line: bytes) -> dict[str, bytes]:
 
 
 def _rating_events(
-    lines: IO[bytes], split: Callable[[str], list[str]], prefix: str
+    lines: IO[bytes], split: Callable[[str], list[str]], prefix: str, scale: float
 ) -> Iterator[dict[str, Any]]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -180,7 +234,7 @@ def _rating_events(
                 "user_id": user.strip(),
                 "item_id": item.strip(),
                 "value": float(rating),
-                "ts": float(ts),
+                "ts": float(ts) * scale,
             }
         except (UnicodeDecodeError, ValueError):
             yield _raw(line)
@@ -188,10 +242,13 @@ def _rating_events(
         yield event
 
 
-def _parse_ts(text: str) -> float:
-    """Unix seconds from a number or an ISO 8601 time (naive times are taken as UTC)."""
+def _parse_ts(text: str, scale: float = 1.0) -> float:
+    """Unix seconds from a number in units of ``scale`` seconds, or from an ISO 8601 time.
+
+    ISO times ignore the unit: a date alone is its UTC midnight, naive times are taken as UTC.
+    """
     try:
-        return float(text)
+        return float(text) * scale
     except ValueError:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
         if moment.tzinfo is None:
@@ -199,9 +256,42 @@ def _parse_ts(text: str) -> float:
         return moment.timestamp()
 
 
-def _csv_events(path: PathLike, lines: IO[bytes], prefix: str) -> Iterator[dict[str, Any]]:
+def _cell_event(
+    cell: dict[str, str], number: int, prefix: str, scale: float
+) -> dict[str, Any] | None:
+    """The event of one row of a headed file, by contract field; None if a number is not one."""
+    has_value = bool(cell.get("value"))
+    event: dict[str, Any] = {
+        "event_id": cell.get("event_id") or f"{prefix}:{number}",
+        # A file of bare (user, item) pairs is implicit feedback: the neutral signal is a click.
+        "type": cell.get("type") or ("rating" if has_value else "click"),
+        "user_id": cell["user_id"],
+        "item_id": cell["item_id"],
+    }
+    try:
+        if has_value:
+            event["value"] = float(cell["value"])
+        if cell.get("ts"):
+            event["ts"] = _parse_ts(cell["ts"], scale)
+    except ValueError:
+        return None
+    return event
+
+
+def _headed_events(
+    path: PathLike,
+    lines: IO[bytes],
+    prefix: str,
+    scale: float,
+    header: Callable[[str], tuple[Callable[[str], list[str]], dict[str, int]] | None],
+    kind: str,
+) -> Iterator[dict[str, Any]]:
+    """Rows of a file whose first non-empty line is a header ``header`` understands.
+
+    ``header`` returns how to split a row and which column holds each contract field.
+    """
     columns: dict[str, int] | None = None
-    delimiter = ","
+    split: Callable[[str], list[str]] = str.split
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -209,43 +299,42 @@ def _csv_events(path: PathLike, lines: IO[bytes], prefix: str) -> Iterator[dict[
             text = line.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
         except UnicodeDecodeError:
             if columns is None:
-                raise ValueError(f"{path}: the CSV header is not UTF-8 text") from None
+                raise ValueError(f"{path}: the {kind} header is not UTF-8 text") from None
             yield _raw(line)
             continue
         if columns is None:
-            found = _csv_columns(text)
+            found = header(text)
             if found is None:
                 raise ValueError(
-                    f"{path}: line {number} is not a CSV header naming user_id and item_id"
+                    f"{path}: line {number} is not a {kind} header naming user_id and item_id"
                 )
-            delimiter, columns = found
+            split, columns = found
             continue
         try:
-            row = next(csv.reader([text], delimiter=delimiter))
+            row = split(text)
             cell = {field: row[index].strip() for field, index in columns.items()}
         except (csv.Error, IndexError):
             yield _raw(line)
             continue
-        has_value = bool(cell.get("value"))
-        event: dict[str, Any] = {
-            "event_id": cell.get("event_id") or f"{prefix}:{number}",
-            # A file of bare (user, item) pairs is implicit feedback: the neutral signal is a click.
-            "type": cell.get("type") or ("rating" if has_value else "click"),
-            "user_id": cell["user_id"],
-            "item_id": cell["item_id"],
-        }
-        try:
-            if has_value:
-                event["value"] = float(cell["value"])
-            if cell.get("ts"):
-                event["ts"] = _parse_ts(cell["ts"])
-        except ValueError:
-            yield _raw(line)
-            continue
-        yield event
+        event = _cell_event(cell, number, prefix, scale)
+        yield _raw(line) if event is None else event
 
 
-def _jsonl_events(lines: IO[bytes]) -> Iterator[dict[str, Any]]:
+def _csv_header(text: str) -> tuple[Callable[[str], list[str]], dict[str, int]] | None:
+    found = _csv_columns(text)
+    if found is None:
+        return None
+    delimiter, columns = found
+    return (lambda row: next(csv.reader([row], delimiter=delimiter))), columns
+
+
+def _recbole_header(text: str) -> tuple[Callable[[str], list[str]], dict[str, int]] | None:
+    # Atomic files are plain tab-separated text: no quoting, so a quote is part of a token.
+    columns = _recbole_columns(text)
+    return None if columns is None else ((lambda row: row.split("\t")), columns)
+
+
+def _jsonl_events(lines: IO[bytes], scale: float) -> Iterator[dict[str, Any]]:
     for line in lines:
         if not line.strip():
             continue
@@ -255,13 +344,13 @@ def _jsonl_events(lines: IO[bytes]) -> Iterator[dict[str, Any]]:
             yield _raw(line)
             continue
         if isinstance(payload, dict):
-            yield payload
+            yield _scaled(payload, scale)
         elif isinstance(payload, list):
             for element in payload:
                 # An array element that is not an object cannot be an event; its own
                 # serialisation is the closest thing to its original bytes.
                 yield (
-                    element
+                    _scaled(element, scale)
                     if isinstance(element, dict)
                     else {RAW_KEY: json.dumps(element).encode()}
                 )
@@ -269,32 +358,113 @@ def _jsonl_events(lines: IO[bytes]) -> Iterator[dict[str, Any]]:
             yield _raw(line)
 
 
-def read_events(path: PathLike, fmt: str | None = None) -> Iterator[dict[str, Any]]:
+def _scaled(event: dict[str, Any], scale: float) -> dict[str, Any]:
+    """``event`` itself in seconds; a copy with its numeric ``ts`` scaled in another unit."""
+    ts = event.get("ts")
+    if scale == 1.0 or isinstance(ts, bool) or not isinstance(ts, int | float):
+        return event
+    return {**event, "ts": ts * scale}
+
+
+@contextmanager
+def assume_ts_unit(unit: str | None) -> Iterator[None]:
+    """Within the block, :func:`read_events` calls that name no unit read numbers in ``unit``.
+
+    For tools that reach :func:`read_events` through other code (``freshrec eval --ts-unit``);
+    ``None`` restores detection. Context-local, so concurrent tasks do not see each other's.
+    """
+    if unit is not None:
+        _check_unit(unit)
+    token = _assumed_ts_unit.set(unit)
+    try:
+        yield
+    finally:
+        _assumed_ts_unit.reset(token)
+
+
+def _check_unit(unit: str) -> float:
+    try:
+        return TS_UNITS[unit]
+    except KeyError:
+        raise ValueError(
+            f"unknown timestamp unit {unit!r}; expected one of {', '.join(TS_UNITS)}"
+        ) from None
+
+
+def detect_ts_unit(path: PathLike, fmt: str | None = None) -> str:
+    """The unit of the numeric times of ``path``: ``s``, ``ms``, ``us`` or ``ns``.
+
+    The rule, on the median of the first :data:`TS_SAMPLE` times (ISO times count as the
+    seconds they are; lines that are not events are skipped): at least 1e17 is nanoseconds,
+    at least 1e14 microseconds, at least 1e11 milliseconds, anything smaller seconds. In
+    seconds 1e11 is the year 5138; in milliseconds it is March 1973, so real event times from
+    1973 on are told apart. A file with no time is in seconds. JSON lines are always in
+    seconds: they are events of the schema, whose ``ts`` is unix seconds; name the unit to
+    read others. ``day`` is never detected.
+    """
+    fmt = fmt or detect_format(path)
+    if fmt == "jsonl":
+        return "s"
+    times: list[float] = []
+    with _Lines(path) as lines:
+        for event in _parse(path, fmt, lines, scale=1.0):
+            if isinstance(event.get("ts"), float):
+                times.append(event["ts"])
+                if len(times) >= TS_SAMPLE:
+                    break
+    if not times:
+        return "s"
+    median = statistics.median(times)
+    for unit, floor in _TS_THRESHOLDS:
+        if median >= floor:
+            return unit
+    return "s"
+
+
+def read_events(
+    path: PathLike, fmt: str | None = None, ts_unit: str | None = None
+) -> Iterator[dict[str, Any]]:
     """Stream the events of ``path``, detecting its format unless ``fmt`` names one.
 
     Ratings formats yield ``rating`` events with string ids, float value and ts, and the
     deterministic ``event_id`` ``"<file name>:<line number>"`` (``.gz`` dropped), so replaying
-    a file twice is recognisable as a duplicate. JSON objects pass through unchanged. Lines
-    that cannot become an event are yielded as ``{"__raw__": bytes}``.
+    a file twice is recognisable as a duplicate. Headed formats (CSV, RecBole) without a
+    rating column yield ``click`` events. JSON objects pass through unchanged (unless a unit
+    other than seconds is named: then their numeric ``ts`` is converted in a copy). Lines that
+    cannot become an event are yielded as ``{"__raw__": bytes}``.
+
+    ``ts_unit`` (a key of :data:`TS_UNITS`) is the unit of the file's numeric times; when
+    None, the unit set by :func:`assume_ts_unit`, else the one :func:`detect_ts_unit` finds.
+    Every ``ts`` yielded is in unix seconds.
     """
     if fmt is None:
         fmt = detect_format(path)
     elif fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    return _read(path, fmt)
+    unit = ts_unit or _assumed_ts_unit.get() or detect_ts_unit(path, fmt)
+    return _read(path, fmt, _check_unit(unit))
 
 
-def _read(path: PathLike, fmt: str) -> Iterator[dict[str, Any]]:
-    prefix = _id_prefix(path)
+def _read(path: PathLike, fmt: str, scale: float) -> Iterator[dict[str, Any]]:
     with _Lines(path) as lines:
-        if fmt == "jsonl":
-            yield from _jsonl_events(lines)
-        elif fmt == "csv":
-            yield from _csv_events(path, lines, prefix)
-        elif fmt == "movielens-dat":
-            yield from _rating_events(lines, lambda s: s.split("::"), prefix)
-        else:
-            yield from _rating_events(lines, _split_udata, prefix)
+        yield from _parse(path, fmt, lines, scale)
+
+
+def _parse(path: PathLike, fmt: str, lines: IO[bytes], scale: float) -> Iterator[dict[str, Any]]:
+    """Events of the open ``lines`` of a ``fmt`` file, numeric times scaled by ``scale``."""
+    prefix = _id_prefix(path)
+    if fmt == "jsonl":
+        yield from _jsonl_events(lines, scale)
+        return
+    if fmt == "movielens-dat":
+        events = _rating_events(lines, lambda s: s.split("::"), prefix, scale)
+    elif fmt == "movielens-udata":
+        events = _rating_events(lines, _split_udata, prefix, scale)
+    elif fmt == "csv":
+        events = _headed_events(path, lines, prefix, scale, _csv_header, "CSV")
+    else:
+        events = _headed_events(path, lines, prefix, scale, _recbole_header, "RecBole")
+    yield from events
 
 
 def count_lines(path: PathLike) -> int:

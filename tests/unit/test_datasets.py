@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from freshrec.evaluation.datasets import RAW_KEY, count_lines, detect_format, read_events
+from freshrec.evaluation.datasets import (
+    RAW_KEY,
+    TS_SAMPLE,
+    assume_ts_unit,
+    count_lines,
+    detect_format,
+    detect_ts_unit,
+    read_events,
+)
 
 
 def write(path: Path, text: str) -> Path:
@@ -60,6 +68,8 @@ def test_dat_lines_become_rating_events(tmp_path: Path) -> None:
         ("user_id,item_id,rating,timestamp", "csv"),
         ("userId,movieId,rating,timestamp", "csv"),
         ("user_id,item_id,type,value,ts", "csv"),
+        ("user_id:token\titem_id:token\trating:float\ttimestamp:float", "recbole"),
+        ("item_id:token\tuser_id:token", "recbole"),
         ('{"type": "click", "user_id": "u1", "item_id": "i1", "ts": 1.0}', "jsonl"),
         ('[{"type": "click", "user_id": "u1", "item_id": "i1", "ts": 1.0}]', "jsonl"),
     ],
@@ -190,3 +200,158 @@ def test_count_lines_crosses_block_boundaries(tmp_path: Path) -> None:
     path = tmp_path / "big"
     path.write_bytes(b"x" * 100 + b"\n" + (b"0123456789" * 50_000 + b"\n") * 5)
     assert count_lines(path) == 6
+
+
+# --- RecBole atomic files ------------------------------------------------------------------------
+
+RECBOLE_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+
+
+def test_recbole_inter_rows_become_rating_events(tmp_path: Path) -> None:
+    path = write(tmp_path / "ml-100k.inter", RECBOLE_HEADER + "196\t242\t3\t881250949\n")
+    assert list(read_events(path)) == [
+        {
+            "event_id": "ml-100k.inter:2",
+            "type": "rating",
+            "user_id": "196",
+            "item_id": "242",
+            "value": 3.0,
+            "ts": 881250949.0,
+        }
+    ]
+
+
+def test_recbole_columns_are_found_by_name_in_any_order(tmp_path: Path) -> None:
+    text = 'timestamp:float\titem_id:token\tuser_id:token\treview:token_seq\n5\ti"9\tu1\ta b\n'
+    [event] = read_events(write(tmp_path / "x.inter", text))
+    # No rating column: implicit feedback. No quoting either: a quote belongs to the token.
+    assert event == {
+        "event_id": "x.inter:2",
+        "type": "click",
+        "user_id": "u1",
+        "item_id": 'i"9',
+        "ts": 5.0,
+    }
+
+
+def test_recbole_short_or_unparsable_rows_are_kept_as_raw_bytes(tmp_path: Path) -> None:
+    text = RECBOLE_HEADER + "1\t2\n1\t2\tfive\t100\n1\t3\t4\t101\n"
+    events = list(read_events(write(tmp_path / "r.inter", text)))
+    assert events[:2] == [{RAW_KEY: b"1\t2"}, {RAW_KEY: b"1\t2\tfive\t100"}]
+    assert events[2]["event_id"] == "r.inter:4"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "user_id:token\titem_id:tokenz",  # not a RecBole field type
+        "user_id:token\titem_id",  # a column without a type
+        "user_id:token\tbasket:token",  # no item column
+    ],
+)
+def test_near_recbole_headers_are_not_taken_for_one(tmp_path: Path, header: str) -> None:
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        detect_format(write(tmp_path / "bad.inter", header + "\n1\t2\n"))
+
+
+# --- day-resolution files ------------------------------------------------------------------------
+
+
+def test_csv_date_column_is_utc_midnight(tmp_path: Path) -> None:
+    text = "user_id,item_id,rating,date\n6,1488844,3,2005-09-06\n6,1488844,3,2005-09-07\n"
+    events = list(read_events(write(tmp_path / "netflix.csv", text)))
+    assert [e["ts"] for e in events] == [1125964800.0, 1125964800.0 + 86400]
+
+
+def test_whole_day_numbers_are_read_as_days_when_named(tmp_path: Path) -> None:
+    path = write(tmp_path / "d.csv", "user_id,item_id,rating,timestamp\nu,i,4,13032\n")
+    assert detect_ts_unit(path) == "s"  # days are never guessed
+    [event] = read_events(path, ts_unit="day")
+    assert event["ts"] == 13032 * 86400.0 == 1125964800.0
+
+
+def test_dates_ignore_the_unit_given_for_numbers(tmp_path: Path) -> None:
+    path = write(tmp_path / "d.csv", "user_id,item_id,date\nu,i,2005-09-06\nu,j,13033\n")
+    assert [e["ts"] for e in read_events(path, ts_unit="day")] == [1125964800.0, 1126051200.0]
+
+
+# --- timestamp units -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stamp", "unit"),
+    [
+        ("881250949", "s"),
+        ("100", "s"),  # a small synthetic clock stays in seconds
+        ("99999999999", "s"),  # just under 1e11: the year 5138 in seconds
+        ("100000000000", "ms"),  # 1e11 ms is March 1973
+        ("1700000000123", "ms"),
+        ("1700000000123456", "us"),
+        ("1700000000123456789", "ns"),
+    ],
+)
+def test_unit_is_detected_from_magnitude(tmp_path: Path, stamp: str, unit: str) -> None:
+    path = write(tmp_path / "u.data", f"1\t2\t3\t{stamp}\n")
+    assert detect_ts_unit(path) == unit
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("u.data", "1\t2\t3\t1700000000123\n"),
+        ("ratings.dat", "1::2::3::1700000000123\n"),
+        ("r.csv", "user_id,item_id,rating,timestamp\n1,2,3,1700000000123\n"),
+        ("r.inter", RECBOLE_HEADER + "1\t2\t3\t1700000000123\n"),
+    ],
+)
+def test_millisecond_files_are_read_in_seconds(tmp_path: Path, name: str, text: str) -> None:
+    [event] = read_events(write(tmp_path / name, text))
+    assert event["ts"] == pytest.approx(1700000000.123)
+
+
+def test_detection_takes_the_median_so_a_stray_row_does_not_decide(tmp_path: Path) -> None:
+    rows = "".join(f"1\t{k}\t3\t{1700000000000 + k}\n" for k in range(5))
+    path = write(tmp_path / "u.data", "1\t0\t3\t881250949\n" + rows + "bad line\n")
+    assert detect_ts_unit(path) == "ms"
+
+
+def test_detection_looks_only_at_the_start_of_the_file(tmp_path: Path) -> None:
+    seconds = "1\t2\t3\t1700000000\n" * TS_SAMPLE
+    path = write(tmp_path / "u.data", seconds + "1\t2\t3\t1700000000000\n" * (TS_SAMPLE + 1))
+    assert detect_ts_unit(path) == "s"
+
+
+def test_a_file_without_times_is_in_seconds(tmp_path: Path) -> None:
+    assert detect_ts_unit(write(tmp_path / "p.csv", "user_id,item_id\nu,i\n")) == "s"
+
+
+def test_given_unit_overrides_detection(tmp_path: Path) -> None:
+    path = write(tmp_path / "u.data", "1\t2\t3\t1700000000\n")
+    [event] = read_events(path, ts_unit="ms")
+    assert event["ts"] == pytest.approx(1700000.0)
+
+
+def test_assumed_unit_applies_within_its_block_and_yields_to_a_given_one(tmp_path: Path) -> None:
+    path = write(tmp_path / "u.data", "1\t2\t3\t1700000000\n")
+    with assume_ts_unit("us"):
+        assert next(read_events(path))["ts"] == pytest.approx(1700.0)
+        assert next(read_events(path, ts_unit="s"))["ts"] == 1700000000.0
+    assert next(read_events(path))["ts"] == 1700000000.0
+
+
+def test_unknown_unit_is_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path / "u.data", "1\t2\t3\t4\n")
+    with pytest.raises(ValueError, match=r"unknown timestamp unit 'hours'.*s, ms, us, ns, day"):
+        read_events(path, ts_unit="hours")
+    with pytest.raises(ValueError, match="unknown timestamp unit"), assume_ts_unit("hours"):
+        pass
+
+
+def test_json_lines_are_seconds_unless_told_otherwise(tmp_path: Path) -> None:
+    event = {"type": "click", "user_id": "u1", "item_id": "i1", "ts": 1700000000123}
+    path = write(tmp_path / "e.jsonl", json.dumps(event) + "\n" + json.dumps([event]) + "\n")
+    assert detect_ts_unit(path) == "s"  # the schema's ts is seconds; the validator judges it
+    assert list(read_events(path)) == [event, event]
+    converted = list(read_events(path, ts_unit="ms"))
+    assert [e["ts"] for e in converted] == [pytest.approx(1700000000.123)] * 2
+    assert event["ts"] == 1700000000123  # converted in a copy
