@@ -132,6 +132,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=60_000, help="events to replay")
     p.add_argument("--rate", type=float, default=0.0, help="replay rate (0: as fast as possible)")
 
+    from freshrec.evaluation.fetch import DATASETS
+
+    p = command(
+        "data", _data, "Fetch a public dataset into FRESHREC_HOME/data, or print where it is."
+    )
+    p.add_argument("action", choices=["fetch", "path"], help="fetch (once) or print its path")
+    p.add_argument("name", choices=sorted(DATASETS), help="the dataset")
+    p.add_argument("--force", action="store_true", help="fetch: download even if it is there")
+
     p = command("config", _config, "Print the effective configuration, or its reference table.")
     p.add_argument("--markdown", action="store_true", help="the README's configuration table")
     return parser
@@ -332,6 +341,23 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps(summary))
     return 0 if summary.get("ok") else 1
+
+
+def _data(args: argparse.Namespace, settings: Settings) -> int:
+    from freshrec.evaluation.fetch import fetch_dataset, find_dataset
+
+    if args.action == "path":
+        path = find_dataset(args.name, settings.home)
+        _emit(args, {"name": args.name, "path": str(path)}, str(path))
+        return 0
+
+    def log(line: str) -> None:
+        if not args.json:
+            print(line, file=sys.stderr)
+
+    fetched = fetch_dataset(args.name, settings.home, force=args.force, log=log)
+    _emit(args, fetched.as_dict(), str(fetched.path))
+    return 0
 
 
 def _config(args: argparse.Namespace, settings: Settings) -> int:

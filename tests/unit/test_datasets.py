@@ -1,13 +1,17 @@
-"""Reading ratings files of every contract format into events."""
+"""Reading ratings files of every contract format into events, and fetching datasets."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
+from freshrec import cli
 from freshrec.evaluation.datasets import (
     RAW_KEY,
     TS_SAMPLE,
@@ -16,6 +20,13 @@ from freshrec.evaluation.datasets import (
     detect_format,
     detect_ts_unit,
     read_events,
+)
+from freshrec.evaluation.fetch import (
+    DATASETS,
+    DatasetSpec,
+    dataset_path,
+    fetch_dataset,
+    find_dataset,
 )
 
 
@@ -355,3 +366,166 @@ def test_json_lines_are_seconds_unless_told_otherwise(tmp_path: Path) -> None:
     converted = list(read_events(path, ts_unit="ms"))
     assert [e["ts"] for e in converted] == [pytest.approx(1700000000.123)] * 2
     assert event["ts"] == 1700000000123  # converted in a copy
+
+
+# --- fetching datasets ---------------------------------------------------------------------------
+
+INTER = RECBOLE_HEADER + "1\t2\t3\t881250949\n2\t3\t4\t881250950\n"
+FAKE_PIP = '''#!{python}
+"""Stands in for `python -m pip download`: logs its arguments, then behaves as told."""
+import json, pathlib, sys, zipfile
+here = pathlib.Path(__file__).parent
+with open(here / "calls.jsonl", "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+behaviour = (here / "behaviour").read_text()
+if behaviour == "no-pip":
+    sys.exit(sys.stderr.write(sys.executable + ": No module named pip\\n") and 1)
+if behaviour == "refused":
+    sys.stderr.write(
+        "WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, status=None))"
+        " after connection broken by 'NewConnectionError(\\"HTTPConnection(host='127.0.0.1', "
+        "port=9): Failed to establish a new connection: [Errno 111] Connection refused\\")': "
+        "/simple/recbole/\\n"
+        "ERROR: Could not find a version that satisfies the requirement recbole==1.2.1\\n"
+    )
+    sys.exit(1)
+dest = pathlib.Path(sys.argv[sys.argv.index("--dest") + 1])
+with zipfile.ZipFile(dest / "recbole-1.2.1-py3-none-any.whl", "w") as wheel:
+    wheel.writestr("recbole/__init__.py", "")
+    wheel.writestr("recbole/dataset_example/ml-100k/ml-100k.inter", {inter!r})
+'''
+
+
+@pytest.fixture
+def fake_python(tmp_path: Path) -> tuple[Path, Path]:
+    """An executable standing in for the interpreter pip runs under; its folder, for control."""
+    folder = tmp_path / "fakepython"
+    folder.mkdir()
+    script = folder / "python"
+    script.write_text(FAKE_PIP.format(python=sys.executable, inter=INTER))
+    script.chmod(0o755)
+    (folder / "behaviour").write_text("wheel")
+    return script, folder
+
+
+def small_spec(**changes: object) -> DatasetSpec:
+    fields: dict[str, object] = {
+        "sha256": hashlib.sha256(INTER.encode()).hexdigest(),
+        "rows": 2,
+        **changes,
+    }
+    return dataclasses.replace(DATASETS["ml-100k"], **fields)  # type: ignore[arg-type]
+
+
+def calls(folder: Path) -> list[list[str]]:
+    log = folder / "calls.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_the_registry_pins_movielens_100k_in_the_recbole_wheel(tmp_path: Path) -> None:
+    spec = DATASETS["ml-100k"]
+    assert (spec.package, spec.version, spec.rows) == ("recbole", "1.2.1", 100_000)
+    assert spec.member == "recbole/dataset_example/ml-100k/ml-100k.inter"
+    assert len(spec.sha256) == 64
+    assert dataset_path("ml-100k", tmp_path) == tmp_path / "data/ml-100k/ml-100k.inter"
+
+
+def test_unknown_dataset_names_the_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown dataset 'ml-1m'; known: ml-100k"):
+        fetch_dataset("ml-1m", tmp_path)
+
+
+def test_fetch_extracts_the_member_once(tmp_path: Path, fake_python: tuple[Path, Path]) -> None:
+    python, folder = fake_python
+    home = tmp_path / "home"
+    first = fetch_dataset(small_spec(), home, python=str(python))
+    again = fetch_dataset(small_spec(), home, python=str(python))
+    assert (first.downloaded, again.downloaded) == (True, False)
+    assert first.path == again.path == home / "data/ml-100k/ml-100k.inter"
+    assert first.path.read_text() == INTER
+    assert (first.rows, first.sha256) == (2, small_spec().sha256)
+    assert sorted(p.name for p in first.path.parent.iterdir()) == ["ml-100k.inter"]
+    [args] = calls(folder)  # the second call only checked the checksum
+    assert args[:4] == ["-m", "pip", "download", "--no-deps"]
+    assert "--only-binary=:all:" in args
+    assert args[-1] == "recbole==1.2.1"
+
+
+def test_fetch_replaces_a_damaged_file(tmp_path: Path, fake_python: tuple[Path, Path]) -> None:
+    python, _ = fake_python
+    target = dataset_path("ml-100k", tmp_path)
+    target.parent.mkdir(parents=True)
+    target.write_text(INTER[:-5])  # cut short
+    with pytest.raises(FileNotFoundError, match="does not match the pinned checksum"):
+        find_dataset(small_spec(), tmp_path)
+    assert fetch_dataset(small_spec(), tmp_path, python=str(python)).downloaded
+    assert find_dataset(small_spec(), tmp_path).read_text() == INTER
+
+
+def test_force_downloads_over_an_intact_file(
+    tmp_path: Path, fake_python: tuple[Path, Path]
+) -> None:
+    python, folder = fake_python
+    fetch_dataset(small_spec(), tmp_path, python=str(python))
+    assert fetch_dataset(small_spec(), tmp_path, python=str(python), force=True).downloaded
+    assert len(calls(folder)) == 2
+
+
+def test_a_member_unlike_the_pin_is_not_installed(
+    tmp_path: Path, fake_python: tuple[Path, Path]
+) -> None:
+    python, _ = fake_python
+    with pytest.raises(RuntimeError, match=r"is not the pinned ml-100k.*nothing installed"):
+        fetch_dataset(small_spec(sha256="0" * 64), tmp_path, python=str(python))
+    assert list(dataset_path("ml-100k", tmp_path).parent.iterdir()) == []
+
+
+def test_a_wheel_without_the_member_is_named(
+    tmp_path: Path, fake_python: tuple[Path, Path]
+) -> None:
+    python, _ = fake_python
+    with pytest.raises(RuntimeError, match=r"holds no recbole/dataset_example/x\.inter"):
+        fetch_dataset(
+            small_spec(member="recbole/dataset_example/x.inter"), tmp_path, python=str(python)
+        )
+
+
+def test_missing_pip_says_how_to_install_it(tmp_path: Path, fake_python: tuple[Path, Path]) -> None:
+    python, folder = fake_python
+    (folder / "behaviour").write_text("no-pip")
+    with pytest.raises(RuntimeError, match=r"pip is not installed for .*-m ensurepip"):
+        fetch_dataset(small_spec(), tmp_path, python=str(python))
+
+
+def test_an_unreachable_index_is_reported_in_pips_words(
+    tmp_path: Path, fake_python: tuple[Path, Path]
+) -> None:
+    python, folder = fake_python
+    (folder / "behaviour").write_text("refused")
+    with pytest.raises(RuntimeError) as caught:
+        fetch_dataset(small_spec(), tmp_path, python=str(python))
+    assert str(caught.value) == (
+        "could not download recbole 1.2.1 from the package index: [Errno 111] Connection "
+        "refused; Could not find a version that satisfies the requirement recbole==1.2.1"
+    )
+    assert not dataset_path("ml-100k", tmp_path).exists()
+
+
+def test_data_path_without_the_file_says_to_fetch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FRESHREC_HOME", str(tmp_path))
+    assert cli.main(["data", "path", "ml-100k"]) == 2
+    assert "run `freshrec data fetch ml-100k`" in capsys.readouterr().err
+
+
+def test_data_path_prints_where_an_intact_file_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FRESHREC_HOME", str(tmp_path))
+    monkeypatch.setitem(DATASETS, "ml-100k", small_spec())
+    target = dataset_path("ml-100k", tmp_path)
+    target.parent.mkdir(parents=True)
+    target.write_text(INTER)
+    assert cli.main(["data", "path", "ml-100k", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"name": "ml-100k", "path": str(target)}
