@@ -104,9 +104,11 @@ def test_a_reader_with_an_empty_kernel_cache_is_fast_from_its_first_request(
         # As the client sees a request, once the first has loaded the item snapshot:
         wall = [took for took, _ in requests]
         assert max(wall[1:5]) < max(10 * statistics.median(wall[10:]), 0.25), wall[:10]
-        # The first waits for that first load (half a second here on two busy cores), which
-        # fits the cells with kernels of their own; compiling those would take seconds more.
-        assert wall[0] < 2.5, wall[:10]
+        # The first also waits for that first load, which is no compile but is slow on a busy
+        # machine (about 1 s for these items on two cores at load 5): a loose bound that a
+        # compile of every kernel (30 s to 2 min) still fails. The cell kernels that load runs
+        # are checked exactly by the test below.
+        assert wall[0] < 5.0, wall[:10]
     finally:
         stop_process(proc)
 
