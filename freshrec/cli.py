@@ -47,6 +47,16 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
     print(json.dumps(payload, indent=None if args.json else 2) if args.json else text)
 
 
+_FILE_HELP = "u.data, ratings.dat, CSV with a header, RecBole .inter, or JSON lines"
+_FORMAT_HELP = "movielens-udata, movielens-dat, csv, recbole, jsonl (default: detected)"
+# Kept in step with freshrec.evaluation.datasets.TS_UNITS (not imported: the parser stays light).
+_TS_UNITS = ("s", "ms", "us", "ns", "day")
+_TS_UNIT_HELP = (
+    "unit of the file's numeric times (default: detected from their magnitude; days are "
+    "never guessed)"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="freshrec",
@@ -72,11 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="port (default FRESHREC_SERVE_PORT)")
 
     p = command("replay", _replay, "Publish a ratings or events file to the events topic.")
-    p.add_argument("file", type=Path, help="u.data, ratings.dat, CSV with header, or JSON lines")
+    p.add_argument("file", type=Path, help=_FILE_HELP)
     p.add_argument(
         "--rate", type=float, default=0.0, help="events per second (0: as fast as possible)"
     )
-    p.add_argument("--format", default=None, help="movielens-udata, movielens-dat, csv, jsonl")
+    p.add_argument("--format", default=None, help=_FORMAT_HELP)
+    p.add_argument("--ts-unit", default=None, choices=_TS_UNITS, help=_TS_UNIT_HELP)
     p.add_argument(
         "--events-per-message",
         type=int,
@@ -92,14 +103,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7)
 
     p = command("eval", _eval, "Prequential (test-then-train) evaluation on a ratings/events file.")
-    p.add_argument("file", type=Path, help="u.data, ratings.dat, CSV with header, or JSON lines")
+    p.add_argument("file", type=Path, help=_FILE_HELP)
     p.add_argument(
         "--mode",
         choices=["pipeline", "direct"],
         default="pipeline",
         help="pipeline: Kafka -> Faust worker -> Redis -> reader; direct: in-process",
     )
-    p.add_argument("--format", default=None, help="movielens-udata, movielens-dat, csv, jsonl")
+    p.add_argument("--format", default=None, help=_FORMAT_HELP)
+    p.add_argument("--ts-unit", default=None, choices=_TS_UNITS, help=_TS_UNIT_HELP)
     p.add_argument("--out", type=Path, default=None, help="write a report with PNG plots here")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N events")
     p.add_argument(
@@ -237,7 +249,7 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     bootstrap, _ = _endpoints(settings)
     producer = EventProducer(bootstrap, settings.events_topic, args.events_per_message)
     progress = None if args.json else Progress(count_lines(args.file), f"replay {args.file.name}")
-    events = read_events(args.file, args.format)
+    events = read_events(args.file, args.format, args.ts_unit)
     summary = replay_events(events, producer, rate=args.rate, progress=progress)
     payload = {
         "events": summary.events,
@@ -281,21 +293,23 @@ def _synth(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _eval(args: argparse.Namespace, settings: Settings) -> int:
+    from freshrec.evaluation.datasets import assume_ts_unit
     from freshrec.evaluation.prequential import format_summary, run_eval
 
     if not args.file.exists():
         raise FileNotFoundError(f"no such file: {args.file}")
-    summary = run_eval(
-        settings,
-        args.file,
-        mode=args.mode,
-        fmt=args.format,
-        out_dir=args.out,
-        limit=args.limit,
-        chunk=args.chunk,
-        show_progress=not args.json,
-        ablation=args.ablation,
-    )
+    with assume_ts_unit(args.ts_unit):
+        summary = run_eval(
+            settings,
+            args.file,
+            mode=args.mode,
+            fmt=args.format,
+            out_dir=args.out,
+            limit=args.limit,
+            chunk=args.chunk,
+            show_progress=not args.json,
+            ablation=args.ablation,
+        )
     _emit(args, summary, format_summary(summary))
     return 0
 

@@ -15,6 +15,7 @@ from freshrec import cli
 from freshrec.evaluation.datasets import (
     RAW_KEY,
     TS_SAMPLE,
+    TS_UNITS,
     assume_ts_unit,
     count_lines,
     detect_format,
@@ -529,3 +530,26 @@ def test_data_path_prints_where_an_intact_file_is(
     target.write_text(INTER)
     assert cli.main(["data", "path", "ml-100k", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"name": "ml-100k", "path": str(target)}
+
+
+def test_the_cli_offers_every_timestamp_unit() -> None:
+    assert tuple(TS_UNITS) == cli._TS_UNITS
+
+
+def test_eval_reads_the_file_in_the_unit_it_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from freshrec.evaluation import prequential
+
+    def run_eval(settings: object, path: Path, **kwargs: object) -> dict[str, object]:
+        # Stands in for the evaluation, which reads the file through read_events without a unit.
+        return {"ts": [e["ts"] for e in read_events(path, kwargs["fmt"])]}  # type: ignore[arg-type]
+
+    monkeypatch.setattr(prequential, "run_eval", run_eval)
+    monkeypatch.setattr(prequential, "format_summary", str)
+    path = write(tmp_path / "u.data", "1\t2\t3\t1700000000\n")
+    assert cli.main(["eval", str(path), "--json"]) == 0
+    assert cli.main(["eval", str(path), "--json", "--ts-unit", "ms"]) == 0
+    detected, given = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert detected == {"ts": [1700000000.0]}
+    assert given == {"ts": [pytest.approx(1700000.0)]}
