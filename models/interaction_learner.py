@@ -132,8 +132,9 @@ class InteractionLearner:
         forward-decay weight (the stored sums must be rebased first).
         """
         cfg = self.config
-        if events and ForwardDecay(cfg.decay_rate, snapshot.landmark).needs_rebase(
-            max(e.ts for e in events)
+        newest = max((e.ts for e in events if e.type in INTERACTIONS), default=None)
+        if newest is not None and ForwardDecay(cfg.decay_rate, snapshot.landmark).needs_rebase(
+            newest
         ):
             raise ValueError(
                 f"events reach past the forward-decay range of landmark {snapshot.landmark}: "

@@ -170,7 +170,9 @@ class Reader:
         served = await self.funnel.serve(user_id, k, variant.config)
         request_id = uuid.uuid4().hex
         if self.impressions is not None:
-            self.impressions.log(request_id, user_id, variant.name, served)
+            # Shown at the state's clock: event time, so a replayed log attributes alike.
+            shown_at = max(self.funnel.event_clock or 0.0, served.latest_event_ts or 0.0)
+            self.impressions.log(request_id, user_id, variant.name, served, shown_at or None)
         body: dict[str, object] = {
             "user_id": user_id,
             "k": k,

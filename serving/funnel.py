@@ -168,6 +168,7 @@ class Funnel:
         self.ranker_weights: dict[str, float] | None = None  # as the workers learned them
         self._scorers: dict[int, LinearScorer] = {}
         self.pools = _Pools()
+        self.event_clock: float | None = None  # the newest event time the state has applied
         self.scratch = Scratch()
         self.scripts = ServerScripts(redis)
         self.user_state = MultiplexedRedis.like(redis)  # the per-request read
@@ -196,7 +197,9 @@ class Funnel:
         pipe.zrevrange(keys.popularity, 0, max(POOL_SIZE, cfg.recall_popular) - 1)
         pipe.zrevrange(keys.item_first_seen, 0, max(POOL_SIZE, 2 * cfg.recall_cold) - 1)
         pipe.get(keys.impressions_total)
-        unavailable, ranker_state, popular, newest, total = await pipe.execute()
+        pipe.get(keys.event_clock)
+        unavailable, ranker_state, popular, newest, total, clock = await pipe.execute()
+        self.event_clock = float(clock) if clock is not None else None
         newest_ids = [m.decode() for m in newest]
         shown: list[float | None] = []
         clicked: list[float | None] = []

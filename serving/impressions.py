@@ -31,7 +31,15 @@ class ImpressionLog:
         self.producer = producer
         self.topic = topic
 
-    def log(self, request_id: str, user_id: str, variant: str, served: Served) -> None:
+    def log(
+        self,
+        request_id: str,
+        user_id: str,
+        variant: str,
+        served: Served,
+        ts: float | None = None,
+    ) -> None:
+        """Log a served list; ``ts`` is its event time (the state's clock), else the wall clock."""
         SERVED.labels(variant).inc()
         if not served.items:
             return
@@ -40,7 +48,7 @@ class ImpressionLog:
             "request_id": request_id,
             "user_id": user_id,
             "variant": variant,
-            "ts": time.time(),
+            "ts": time.time() if ts is None else ts,
             "items": [
                 {
                     "item_id": cand.item_id,

@@ -122,11 +122,12 @@ class BatchUpdater:
         writes = self.learner.learn_many(keep, snapshot)
         result.rating_errors.extend(writes.rating_errors)
         watermarks = [(self.keys.watermark(lab), done[lab], marks[lab]) for lab in labels]
+        clock = max((e.ts for e in keep if e.type in INTERACTIONS), default=None)
         if self.atomic:
-            await self._write_script(writes, watermarks, len(keep))
+            await self._write_script(writes, watermarks, len(keep), clock)
         else:
-            await self._write_pipelined(writes, watermarks, len(keep))
-        result.max_ts = max(e.ts for e in keep)
+            await self._write_pipelined(writes, watermarks, len(keep), clock)
+        result.max_ts = clock or 0.0
         return result
 
     # --- read ---------------------------------------------------------------------------------
@@ -141,13 +142,14 @@ class BatchUpdater:
         users, items = self._entities(events)
         query = {
             "landmark": keys.decay_landmark,
-            "first_ts": repr(min(e.ts for e in events)),
             "mean": keys.rating_mean,
             "vectors": [keys.user_vector(u) for u in users] + [keys.item_vector(i) for i in items],
             "histories": [keys.history(u) for u in users],
             "window": self.config.history_window,
             "marks": mark_keys,
         }
+        if (first := _first_decayed(events)) is not None:
+            query["first_ts"] = repr(first)
         landmark, mean, blobs, windows, marks = await self.scripts.read_batch(
             args=[json.dumps(query, separators=(",", ":"))]
         )
@@ -160,7 +162,10 @@ class BatchUpdater:
         keys = self.keys
         users, items = self._entities(events)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(keys.decay_landmark, repr(min(e.ts for e in events)), nx=True, get=True)
+        if (first := _first_decayed(events)) is not None:
+            pipe.set(keys.decay_landmark, repr(first), nx=True, get=True)
+        else:
+            pipe.get(keys.decay_landmark)
         pipe.hmget(keys.rating_mean, "sum", "n")
         for u in users:
             pipe.get(keys.user_vector(u))
@@ -191,9 +196,11 @@ class BatchUpdater:
         windows_raw: list[list[bytes]],
     ) -> Snapshot:
         cfg = self.config
-        landmark = float(landmark_raw) if landmark_raw is not None else min(e.ts for e in events)
+        # Only interactions are weighed by decay: an impression's time moves no landmark.
+        first = _first_decayed(events)
+        landmark = float(landmark_raw) if landmark_raw is not None else (first or 0.0)
         decay = ForwardDecay(cfg.decay_rate, landmark)
-        newest = max(e.ts for e in events)
+        newest = max((e.ts for e in events if e.type in INTERACTIONS), default=landmark)
         if decay.needs_rebase(newest):
             await self.rebase(decay, newest)
             raise _Retry
@@ -241,7 +248,7 @@ class BatchUpdater:
         return list(dict.fromkeys([*vectors, *w.pairs]))
 
     async def _write_script(
-        self, w: Changes, watermarks: list[tuple[str, int, int]], applied: int
+        self, w: Changes, watermarks: list[tuple[str, int, int]], applied: int, clock: float | None
     ) -> None:
         cfg, keys = self.config, self.keys
         names = list(w.deltas)
@@ -274,6 +281,8 @@ class BatchUpdater:
             "dirty": (keys.dirty_users, list(w.history), time.time()),
             "updated": (keys.updated_items, self._changed_items(w)),
         }
+        if clock is not None:  # absent, not null: Lua reads JSON null as a true value
+            ops["clock"] = (keys.event_clock, clock, repr(clock))
         deltas = _pack([w.deltas[n] for n in names])
         bases = _pack([w.bases[n] for n in names])
         done = await self.scripts.apply_batch(
@@ -283,7 +292,7 @@ class BatchUpdater:
             raise _Retry  # another worker applied one of these partitions since the read
 
     async def _write_pipelined(
-        self, w: Changes, watermarks: list[tuple[str, int, int]], applied: int
+        self, w: Changes, watermarks: list[tuple[str, int, int]], applied: int, clock: float | None
     ) -> None:
         cfg, keys = self.config, self.keys
         pipe = self.redis.pipeline(transaction=False)
@@ -304,6 +313,8 @@ class BatchUpdater:
             pipe.incrbyfloat(keys.impressions_total, sum(w.impressions.values()))
         if w.first_seen:
             pipe.zadd(keys.item_first_seen, w.first_seen, lt=True)
+        if clock is not None:
+            await self.scripts.raise_clock(keys=[keys.event_clock], args=[repr(clock)], client=pipe)
         for user, seen in w.history.items():
             key = keys.history(user)
             pipe.zadd(key, seen, gt=True)
@@ -354,3 +365,8 @@ def _pack(vectors: list[np.ndarray]) -> bytes:
     if not vectors:
         return b""
     return np.asarray(vectors, dtype=VECTOR_DTYPE).tobytes()
+
+
+def _first_decayed(events: Sequence[Interaction]) -> float | None:
+    """The earliest time of an event that decay weighs (an interaction), if any."""
+    return min((e.ts for e in events if e.type in INTERACTIONS), default=None)

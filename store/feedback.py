@@ -29,6 +29,7 @@ class Shown:
     variant: str
     request_id: str
     features: dict[str, float]
+    ts: float | None = None  # event time it was shown at (the reader's state clock)
 
 
 class FeedbackLearner:
@@ -58,6 +59,7 @@ class FeedbackLearner:
                 "request_id": s.request_id,
                 "position": s.position,
                 "features": s.features,
+                "ts": s.ts,
             }
             per_user.setdefault(s.user_id, {})[s.item_id] = json.dumps(record)
             self.model.learn_impression(_training_features(s))
@@ -69,20 +71,30 @@ class FeedbackLearner:
             await pipe.execute()
         return Counter(s.variant for s in shown)
 
-    async def attribute_clicks(self, clicks: list[tuple[str, str]]) -> Counter[str]:
-        """Attribute clicks to remembered impressions; returns attributed clicks per variant."""
+    async def attribute_clicks(self, clicks: list[tuple[str, str, float]]) -> Counter[str]:
+        """Attribute clicks ``(user, item, event time)`` to remembered impressions; returns
+        attributed clicks per variant.
+
+        The window is in event time: a click counts when it comes at most ``window_s`` after
+        its impression was shown, so a replayed log attributes as live traffic did. The
+        remembered impressions also expire after ``window_s`` of wall-clock time, which bounds
+        memory.
+        """
         if not clicks:
             return Counter()
         pipe = self.redis.pipeline(transaction=False)
-        for user, item in clicks:
+        for user, item, _ in clicks:
             pipe.hget(self.keys.shown(user), item)
             pipe.hdel(self.keys.shown(user), item)  # a click is attributed once
         replies = await pipe.execute()
         attributed: Counter[str] = Counter()
-        for raw in replies[0::2]:
+        for raw, (_, _, clicked_at) in zip(replies[0::2], clicks, strict=True):
             if raw is None:
                 continue
             record = json.loads(raw)
+            shown_at = record.get("ts")
+            if shown_at is not None and clicked_at - shown_at > self.window_s:
+                continue
             # The click is learned with its impression's features, position included: a
             # positive without it reads as position 0, and then the position weight explains
             # clicks at the top and the served scores are learned backwards.
@@ -129,6 +141,9 @@ def parse_impression(payload: bytes | None) -> list[Shown]:
     if not isinstance(items, list):
         raise ValueError("'items' must be an array")
     variant = str(message.get("variant", "control"))
+    ts = message.get("ts")
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts):
+        ts = None
     request_id = str(message.get("request_id", ""))
     shown = []
     for n, item in enumerate(items):
@@ -141,6 +156,6 @@ def parse_impression(payload: bytes | None) -> list[Shown]:
             raise ValueError(f"items[{n}].features must map names to numbers")
         position = item.get("position", n)
         shown.append(
-            Shown(user, item["item_id"], int(position), variant, request_id, dict(features))
+            Shown(user, item["item_id"], int(position), variant, request_id, dict(features), ts)
         )
     return shown

@@ -97,5 +97,14 @@ class Keys:
         return f"{self.prefix}:decay:landmark"
 
     @property
+    def event_clock(self) -> str:
+        """Float: the newest event time any batch has applied, the state's clock (unix s).
+
+        Time-dependent quantities (impression times, what is "now" for decayed statistics) are
+        taken at this clock, not the wall clock, so a replayed log builds the same state.
+        """
+        return f"{self.prefix}:clock"
+
+    @property
     def worker_stats(self) -> str:
         return f"{self.prefix}:stats:worker"

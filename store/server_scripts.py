@@ -58,8 +58,10 @@ return #ARGV
 """
 
 # One batch read on a single Redis (not Cluster: it reads many keys). ARGV[1] is JSON:
-# {"landmark": key, "first_ts": str, "mean": key, "vectors": [key..], "histories": [key..],
-#  "window": n, "marks": [key..]}. Missing values come back as nil.
+# {"landmark": key, "first_ts": str?, "mean": key, "vectors": [key..], "histories": [key..],
+#  "window": n, "marks": [key..]}. Missing values come back as nil. The landmark is set to
+# first_ts only where none exists; a batch with nothing decayed (impressions only) has no
+# first_ts and only reads it.
 READ_BATCH = """#!lua flags=no-cluster
 local q = cjson.decode(ARGV[1])
 local vectors, histories, marks = {}, {}, {}
@@ -68,7 +70,12 @@ for i, key in ipairs(q.histories) do
   histories[i] = redis.call('ZREVRANGE', key, 0, q.window - 1)
 end
 for i, key in ipairs(q.marks) do marks[i] = redis.call('GET', key) end
-local landmark = redis.call('SET', q.landmark, q.first_ts, 'NX', 'GET')
+local landmark
+if q.first_ts then
+  landmark = redis.call('SET', q.landmark, q.first_ts, 'NX', 'GET')
+else
+  landmark = redis.call('GET', q.landmark)
+end
 return {landmark, redis.call('HMGET', q.mean, 'sum', 'n'), vectors, histories, marks}
 """
 
@@ -120,12 +127,24 @@ if #b.mean > 0 then
   redis.call('HINCRBY', b.mean[1], 'n', b.mean[3])
 end
 for _, c in ipairs(b.counters) do redis.call('INCRBYFLOAT', c[1], c[2]) end
+if b.clock then
+  local cur = tonumber(redis.call('GET', b.clock[1]))
+  if not cur or b.clock[2] > cur then redis.call('SET', b.clock[1], b.clock[3]) end
+end
 for _, user in ipairs(b.dirty[2]) do redis.call('ZADD', b.dirty[1], 'NX', b.dirty[3], user) end
 local clock = redis.call('TIME')  -- one clock for every worker's stamps: the server's
 local stamp = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
 for _, item in ipairs(b.updated[2]) do redis.call('ZADD', b.updated[1], stamp, item) end
 redis.call('HINCRBY', b.stats[1], 'events', b.stats[2])
 redis.call('HSET', b.stats[1], 'applied_at', b.stats[3])
+return 1
+"""
+
+
+# KEYS[1]: the event clock.  ARGV[1]: an event time.  The clock only moves forward.
+RAISE_CLOCK = """
+local cur = tonumber(redis.call('GET', KEYS[1]))
+if not cur or tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
 return 1
 """
 
@@ -176,6 +195,7 @@ class ServerScripts:
         self.add_vector = client.register_script(ADD_VECTOR)
         self.zincrby_many = client.register_script(ZINCRBY_MANY)
         self.stamp_now = client.register_script(STAMP_NOW)
+        self.raise_clock = client.register_script(RAISE_CLOCK)
         self.read_batch = client.register_script(READ_BATCH)
         self.apply_batch = client.register_script(APPLY_BATCH)
         self.pop_due = client.register_script(POP_DUE)

@@ -146,7 +146,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                     FRESHNESS.observe(max(0.0, finished - ts))
             if result.events:
                 LAST_EVENT_TS.set(result.max_ts)
-            clicks = [(e.user_id, e.item_id) for e in valid if e.type == "click"]
+            clicks = [(e.user_id, e.item_id, e.ts) for e in valid if e.type == "click"]
             if clicks and result.events:
                 for variant, n in (await feedback.attribute_clicks(clicks)).items():
                     VARIANT_CLICKS.labels(variant).inc(n)
@@ -166,9 +166,11 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 except ValueError as exc:
                     await dead_letter(message, f"impression: {exc}")
                     continue
-                ts = _seconds(message.timestamp) or time.time()
+                sent = _seconds(message.timestamp) or time.time()  # readers before event time
                 shown.extend(items)
-                events.extend(Event("impression", s.user_id, s.item_id, ts) for s in items)
+                events.extend(
+                    Event("impression", s.user_id, s.item_id, s.ts or sent) for s in items
+                )
                 origins.extend([_origin(message)] * len(items))
             if not events:
                 continue

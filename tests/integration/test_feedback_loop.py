@@ -68,7 +68,8 @@ def test_impression_and_click_counts_match_what_was_served_and_clicked(
     unshown = ("c1", "never-shown-item")
     with EventProducer(settings.kafka_bootstrap, settings.events_topic) as producer:
         for user, item in [*clicked, unshown]:
-            producer.send({"type": "click", "user_id": user, "item_id": item, "ts": time.time()})
+            # A minute after the catalogue's last event, in event time: within the window.
+            producer.send({"type": "click", "user_id": user, "item_id": item, "ts": NOW + 360})
 
     def model_state() -> dict | None:
         raw = redis_client.hgetall(f"{prefix}:ranker:state")
@@ -102,7 +103,7 @@ def test_workers_merge_what_they_learn_into_one_click_model(settings: Settings) 
             user = f"u{n}"
             await worker.record_impressions(shown(user, n))
             if n % 3 == 0:
-                await worker.attribute_clicks([(user, f"i{n}-0")])
+                await worker.attribute_clicks([(user, f"i{n}-0", 0.0)])
             after = worker.model.state()
             for field in added:
                 added[field] += after[field] - before.get(field, 0.0)
@@ -134,8 +135,30 @@ def test_a_click_is_learned_at_the_position_its_impression_had(settings: Setting
         await learner.record_impressions(
             [Shown("u1", f"i{p}", p, "control", "r1", features) for p in range(5)]
         )
-        await learner.attribute_clicks([("u1", "i3")])
+        await learner.attribute_clicks([("u1", "i3", 0.0)])
         assert learned == [{**features, "log_position": pytest.approx(np.log1p(3))}]
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_the_attribution_window_is_counted_in_event_time(settings: Settings) -> None:
+    """A replayed log runs far faster than it was lived: its clicks are attributed by the
+    event times of impression and click, not by when the worker sees them."""
+    keys = Keys(settings.key_prefix)
+    shown_at = 868_000_000.0  # 1997: a replay of an old log
+
+    async def run() -> None:
+        redis = Redis.from_url(settings.redis_url)
+        learner = await FeedbackLearner.load(redis, keys, 600)
+        features = {"mf": 0.5}
+        await learner.record_impressions(
+            [Shown(u, "i1", 0, "control", "r", features, shown_at) for u in ("early", "late")]
+        )
+        attributed = await learner.attribute_clicks(
+            [("early", "i1", shown_at + 599.0), ("late", "i1", shown_at + 601.0)]
+        )
+        assert attributed == {"control": 1}
         await redis.aclose()
 
     asyncio.run(run())

@@ -261,3 +261,35 @@ def test_a_redelivered_batch_is_applied_once(
     assert overlap.applied == list(range(50, 150))  # the positions of the new half
     assert int(redis_client.hget(f"{settings.key_prefix}:stats:worker", "events")) == 300
     assert int(redis_client.get(f"{settings.key_prefix}:wm:freshrec.events/0")) == 299
+
+
+def test_impressions_at_wall_time_leave_an_old_logs_decay_alone(
+    settings: Settings, atomic: bool
+) -> None:
+    """Replaying a 1997 log while readers stamp impressions with today's time: the decay's
+    landmark and sums follow the events only, and the state's clock is the newest event."""
+    keys = Keys(settings.key_prefix)
+    old = 875_000_000.0
+    events = [Event("click", f"u{n % 3}", f"i{n % 5}", old + n) for n in range(30)]
+    wall = [Event("impression", "u0", f"i{n}", 1.8e9) for n in range(5)]
+
+    async def run() -> tuple[float, float, float, float]:
+        redis = Redis.from_url(settings.redis_url)
+        updater = BatchUpdater(redis, keys, settings.model_config(), atomic)
+        await updater.apply(wall)  # before any event: must not become the landmark
+        await updater.apply(events[:15])
+        await updater.apply(wall + events[15:])  # in one batch with events: no rebase
+        landmark = float(await redis.get(keys.decay_landmark))
+        clock = float(await redis.get(keys.event_clock))
+        occurrences = await redis.zscore(keys.occurrences, "i0")
+        impressions = await redis.zscore(keys.impressions, "i0")
+        await redis.aclose()
+        return landmark, clock, occurrences, impressions
+
+    landmark, clock, occurrences, impressions = asyncio.run(run())
+    assert landmark == old and clock == old + 29
+    expected = Popularity(settings.model_config().decay_rate, old)
+    for e in events:
+        expected.learn_one(e.item_id, e.ts, 1.0)
+    assert occurrences == pytest.approx(expected.scores["i0"], rel=1e-12)
+    assert impressions == 2
