@@ -40,7 +40,8 @@ class Settings:
     )
     home: str = _env(
         "FRESHREC_HOME",
-        "Cache and state folder for local services (Kafka jars, data, pid files).",
+        "Cache and state folder: Kafka jars, service data and pid files, datasets, compiled "
+        "kernels (unless NUMBA_CACHE_DIR is set), Faust's data.",
         str(Path.home() / ".cache" / "freshrec"),
     )
     kafka_version: str = _env(
