@@ -18,9 +18,12 @@ the ranker serves a fixed blend of the funnel's scores.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-from river import linear_model, optim
+
+if TYPE_CHECKING:
+    from river import linear_model
 
 FEATURES = (
     "mf",  # preference score y_u . y_i
@@ -51,6 +54,10 @@ class ClickModel:
     model: linear_model.LogisticRegression = field(init=False)
 
     def __post_init__(self) -> None:
+        # river is imported here, not at the top: every command reads FEATURES through the
+        # settings, and importing river costs seconds of start-up that only a learner needs.
+        from river import linear_model, optim
+
         self.model = linear_model.LogisticRegression(
             optimizer=optim.FTRLProximal(alpha=self.alpha, beta=self.beta, l1=self.l1, l2=self.l2)
         )
