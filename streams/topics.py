@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from freshrec.settings import Settings
@@ -46,10 +47,24 @@ def ensure_topics(bootstrap: str, settings: Settings, timeout_s: float = 30.0) -
 
 
 def delete_topics(bootstrap: str, names: list[str], timeout_s: float = 30.0) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
-    doomed = [n for n in names if n in existing]
-    if not doomed:
+    """Delete ``names``; a topic that does not exist is already what was asked for.
+
+    Every name is sent to the controller, not only those a metadata request lists: a broker's
+    metadata can lag a topic created moments before, and filtering by it left such topics
+    behind. Returns once the broker's metadata no longer lists them either (it lags the
+    deletion by a fraction of a second), so a caller that lists topics next sees them gone.
+    """
+    if not names:
         return
-    for future in admin.delete_topics(doomed, operation_timeout=timeout_s).values():
-        future.result()
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    for future in admin.delete_topics(list(names), operation_timeout=timeout_s).values():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise
+    deadline = time.monotonic() + timeout_s
+    while set(names) & set(admin.list_topics(timeout=timeout_s).topics):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics still listed {timeout_s:.0f} s after deletion: {names}")
+        time.sleep(0.05)
