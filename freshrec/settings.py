@@ -114,13 +114,23 @@ class Settings:
     )
     history_window: int = _env(
         "FRESHREC_HISTORY_WINDOW",
-        "Recent items of a user that co-occur with a new one.",
+        "Most recent items of a user that seed item-CF recall.",
         _MODEL.history_window,
     )
     history_cap: int = _env(
         "FRESHREC_HISTORY_CAP",
-        "Items kept per user (seen filter, recall seeds).",
+        "Items kept per user (seen filter, recall seeds); a new item co-occurs with all of them.",
         _MODEL.history_cap,
+    )
+    cooccurrence_gap_exponent: float = _env(
+        "FRESHREC_COOCCURRENCE_GAP_EXPONENT",
+        "gamma: a new item co-occurs with the user's g-th most recent item at weight g^-gamma.",
+        _MODEL.cooccurrence_gap_exponent,
+    )
+    cf_recency: float = _env(
+        "FRESHREC_CF_RECENCY",
+        "tau: item-CF weighs a seed a items back in the user's history by exp(-a / tau).",
+        _FUNNEL.cf_recency,
     )
     neighbours_cap: int = _env(
         "FRESHREC_NEIGHBOURS_CAP",
@@ -230,6 +240,10 @@ class Settings:
             problems.append("FRESHREC_HISTORY_CAP must be at least FRESHREC_HISTORY_WINDOW")
         if self.decay_half_life_s <= 0:
             problems.append("FRESHREC_DECAY_HALF_LIFE_S must be positive")
+        if self.cf_recency <= 0:
+            problems.append("FRESHREC_CF_RECENCY must be positive")
+        if self.cooccurrence_gap_exponent < 0:
+            problems.append("FRESHREC_COOCCURRENCE_GAP_EXPONENT must be at least 0")
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
 
@@ -287,6 +301,7 @@ class Settings:
             decay_half_life_s=self.decay_half_life_s,
             history_window=self.history_window,
             history_cap=self.history_cap,
+            cooccurrence_gap_exponent=self.cooccurrence_gap_exponent,
             neighbours_cap=self.neighbours_cap,
             user_ttl_s=self.user_ttl_s,
         )
@@ -295,6 +310,7 @@ class Settings:
         return FunnelConfig(
             history_window=self.history_window,
             history_cap=self.history_cap,
+            cf_recency=self.cf_recency,
             recall_per_seed=self.recall_per_seed,
             recall_popular=self.recall_popular,
             recall_mf=self.recall_mf,

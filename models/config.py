@@ -21,9 +21,10 @@ class ModelConfig:
     strengths: dict[str, float] = field(
         default_factory=lambda: {"view": 0.5, "click": 1.0, "purchase": 3.0, "rating": 1.0}
     )
-    decay_half_life_s: float = 7 * 86400.0
-    history_window: int = 10
+    decay_half_life_s: float = 30 * 86400.0
+    history_window: int = 30  # the reader's CF seeds (`FunnelConfig`); learning reads the cap
     history_cap: int = 500
+    cooccurrence_gap_exponent: float = 0.5
     neighbours_cap: int = 200
     user_ttl_s: int = 90 * 86400
 

@@ -1,4 +1,4 @@
-r"""Decayed item co-occurrence over each user's recent items: the counts item-CF ranks by."""
+r"""Decayed, gap-weighted item co-occurrence over each user's history: what item-CF ranks by."""
 
 from __future__ import annotations
 
@@ -9,23 +9,34 @@ from freshrec.models.decay import ForwardDecay
 
 
 class Cooccurrence:
-    r"""Forward-decayed co-occurrence of items within each user's window of recent items.
+    r"""Forward-decayed co-occurrence of a user's new item with every item of their history,
+    weighted by how far apart the two are in the user's own sequence.
 
-    When user :math:`u` interacts with item :math:`i` at time :math:`t`, the pair of :math:`i`
-    and every other item :math:`j` of :math:`u`'s window :math:`W_u` (the ``window`` most
-    recent distinct items before this event, most recent first) is counted once each way, with
-    the forward-decay weight :math:`g(t) = e^{\lambda (t - L)}` (Cormode et al., 2009):
+    When user :math:`u` interacts at time :math:`t` with an item :math:`i` that is not in their
+    history :math:`H_u = (h_1, h_2, \dots)` (the ``history_cap`` most recent distinct items,
+    most recent first), :math:`i` pairs with every :math:`h_g` at the gap weight
+    :math:`g^{-\gamma}` (1 for the latest item) times the forward-decay weight
+    :math:`w(t) = e^{\lambda (t - L)}` (Cormode et al., 2009), once each way:
 
     .. math::
 
-        c_{ij} \leftarrow c_{ij} + g(t), \quad c_{ji} \leftarrow c_{ji} + g(t)
-        \quad (j \in W_u,\ j \ne i), \qquad o_i \leftarrow o_i + g(t)
+        c_{i h_g} \leftarrow c_{i h_g} + g^{-\gamma} w(t), \quad
+        c_{h_g i} \leftarrow c_{h_g i} + g^{-\gamma} w(t) \quad (g = 1 .. |H_u|),
+        \qquad o_i \leftarrow o_i + w(t)
 
-    then :math:`i` moves to the front of :math:`W_u`. A stored sum :math:`x` is the decayed
-    value :math:`x\, e^{-\lambda (t_{now} - L)}` at any later :math:`t_{now}`, the same factor
-    for every key, so ratios need no division by it. Items are compared by the cosine of
-    item-to-item CF (Linden, Smith & York, 2003), with counts below 1 taken as 1, exactly as
-    the reader's recall scores a neighbour (`freshrec.serving.recall`):
+    then :math:`i` goes to the front of :math:`H_u`. An item already in :math:`H_u` pairs with
+    nothing again; it only counts toward :math:`o_i` and moves to the front. Items close in a
+    user's sequence are what a user consumes together (a session, a series); the gap weight
+    keeps the whole history as evidence but lets the neighbours in time count most. The
+    sequence-aware item-CF of freshrec's research note (ML-100K: HR@10 0.187 against 0.133 for
+    unweighted full-history item-kNN) uses :math:`\gamma = 0.5`; see also the position-weighted
+    co-occurrence of session-based kNN (Ludewig & Jannach, 2018).
+
+    A stored sum :math:`x` is the decayed value :math:`x\, e^{-\lambda (t_{now} - L)}` at any
+    later :math:`t_{now}`, the same factor for every key, so ratios need no division by it.
+    Items are compared by the cosine of item-to-item CF (Linden, Smith & York, 2003), with
+    counts below 1 taken as 1, exactly as the reader's recall scores a neighbour
+    (`freshrec.serving.recall`):
 
     .. math::
 
@@ -36,59 +47,75 @@ class Cooccurrence:
 
     Parameters
     ----------
-    window
-        How many of a user's most recent distinct items a new item pairs with.
+    history_cap
+        How many of a user's most recent distinct items are held, and pair with a new one.
     rate
         :math:`\lambda` in 1/s, e.g. ``ln 2 / half_life``.
     landmark
         :math:`L`, a unix time no later than the events (roughly).
-    windows
-        Users' windows known already (user -> items, most recent first); taken, not copied.
+    histories
+        Users' histories known already (user -> items, most recent first); taken, not copied.
+    gap_exponent
+        :math:`\gamma`: 0 counts every pair alike, larger favours items close in sequence.
 
     Examples
     --------
-    >>> cooc = Cooccurrence(window=1, rate=0.0, landmark=0.0)  # no decay: every weight is 1
-    >>> for item in ["dune", "heat", "jaws"]:
+    >>> cooc = Cooccurrence(history_cap=3, rate=0.0, landmark=0.0)  # no decay: w(t) = 1
+    >>> for item in ["dune", "heat", "jaws", "heat"]:
     ...     cooc.learn_one("ann", item, ts=0.0)
-    >>> cooc.learn_one("bob", "dune", ts=0.0)
-    >>> cooc.learn_one("bob", "heat", ts=0.0)
-    >>> cooc.windows["ann"], dict(cooc.pairs["heat"]), dict(cooc.occurrences)
-    (['jaws'], {'dune': 2.0, 'jaws': 1.0}, {'dune': 2.0, 'heat': 2.0, 'jaws': 1.0})
-    >>> cooc.similarity("dune", "heat"), cooc.similarity("dune", "jaws")
-    (1.0, 0.0)
+    >>> cooc.histories["ann"]
+    ['heat', 'jaws', 'dune']
+    >>> {other: round(c, 4) for other, c in cooc.pairs["jaws"].items()}  # 1 and 2 apart
+    {'heat': 1.0, 'dune': 0.7071}
+    >>> dict(cooc.occurrences)  # the repeat counts, but pairs with nothing again
+    {'dune': 1.0, 'heat': 2.0, 'jaws': 1.0}
+    >>> round(cooc.similarity("jaws", "heat"), 4), round(cooc.similarity("jaws", "dune"), 4)
+    (0.7071, 0.7071)
     """
 
     def __init__(
         self,
-        window: int,
+        history_cap: int,
         rate: float,
         landmark: float,
-        windows: dict[str, list[str]] | None = None,
+        histories: dict[str, list[str]] | None = None,
+        gap_exponent: float = 0.5,
     ) -> None:
-        self.window = window
+        self.history_cap = history_cap
+        self.gap_exponent = gap_exponent
         self.decay = ForwardDecay(rate, landmark)
-        self.windows: dict[str, list[str]] = windows if windows is not None else {}
+        self.histories: dict[str, list[str]] = histories if histories is not None else {}
         self.pairs: defaultdict[str, defaultdict[str, float]] = defaultdict(
             lambda: defaultdict(float)
         )
         self.occurrences: defaultdict[str, float] = defaultdict(float)
+        self._gaps: list[float] = []
+
+    def gap_weights(self, n: int) -> list[float]:
+        r""":math:`g^{-\gamma}` for :math:`g = 1 .. n` (cached: the same for every event)."""
+        gaps = self._gaps
+        if len(gaps) < n:
+            gaps.extend((g + 1) ** -self.gap_exponent for g in range(len(gaps), n))
+        return gaps[:n]
 
     def learn_one(self, user: str, item: str, ts: float) -> None:
-        """Pairs ``item`` with the user's window at weight :math:`g(ts)`, then moves it to the
-        window's front."""
+        """Pairs a new ``item`` with the user's history at :math:`g^{-\\gamma} w(ts)`, counts
+        it, and moves it to the history's front."""
         if self.decay.needs_rebase(ts):
             self.rebase(ts)
         weight = self.decay.weight(ts)
-        window = self.windows.setdefault(user, [])
-        for other in window:
-            if other != item:
-                self.pairs[item][other] += weight
-                self.pairs[other][item] += weight
-        if item in window:
-            window.remove(item)
-        window.insert(0, item)
-        del window[self.window :]
+        history = self.histories.setdefault(user, [])
         self.occurrences[item] += weight
+        if item in history:
+            history.remove(item)
+        elif history:
+            row, pairs = self.pairs[item], self.pairs
+            for other, gap in zip(history, self.gap_weights(len(history)), strict=True):
+                amount = gap * weight
+                row[other] += amount
+                pairs[other][item] += amount
+        history.insert(0, item)
+        del history[self.history_cap :]
 
     def similarity(self, i: str, j: str) -> float:
         r""":math:`c_{ij} / \sqrt{\max(o_i, 1) \max(o_j, 1)}`; 0 for a pair never counted."""

@@ -1,6 +1,6 @@
 """Every model learns a batch of interactions from one snapshot of the state it touches.
 
-A store reads a snapshot (the vectors of the batch's users and items, the users' recent items,
+A store reads a snapshot (the vectors of the batch's users and items, the users' histories,
 the rating mean, the decay landmark), `InteractionLearner` learns the batch from it and
 returns the changes, aggregated per key, for the store to add to what it holds. Nothing here
 does I/O, so the learning is the same whichever store, and testable without one.
@@ -41,15 +41,16 @@ class Snapshot:
     """Everything learning a batch reads.
 
     ``vectors`` are full rows by name (``"u:<user>"``, ``"i:<item>"``); a row not in it starts
-    at its initial vector. ``windows`` are users' recent items, most recent first; a user not
-    in it has none. Learning leaves the snapshot unchanged.
+    at its initial vector. ``histories`` are users' most recent distinct items (up to the
+    config's ``history_cap``), most recent first; a user not in it has none. Learning leaves the
+    snapshot unchanged.
     """
 
     landmark: float
     mean_sum: float = 0.0
     mean_n: int = 0
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
-    windows: dict[str, list[str]] = field(default_factory=dict)
+    histories: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,7 +89,7 @@ class InteractionLearner:
     * a rating: its prequential error :math:`r - \\hat r` (predicted before anything about it
       is learned), then one `BiasedMF` step;
     * every interaction: one `ImplicitMF` step with its type's strength and negatives drawn
-      from the batch's items, then `Cooccurrence` with the user's window and `Popularity`
+      from the batch's items, then `Cooccurrence` with the user's history and `Popularity`
       weighted by the strength, both at the snapshot's landmark; the user's history and the
       item's first-seen time;
     * a click also counts toward the item's clicks, an impression only toward its impressions.
@@ -144,8 +145,14 @@ class InteractionLearner:
         table = VectorTable(cfg.factors, cfg.init_std, cfg.seed, rows)
         rating = BiasedMF(table, cfg.lr, cfg.reg, snapshot.mean_sum, snapshot.mean_n)
         implicit = ImplicitMF(table, cfg.implicit_lr, cfg.reg, cfg.implicit_alpha, seed=self.rng)
-        windows = {user: list(items) for user, items in snapshot.windows.items()}
-        cooccurrence = Cooccurrence(cfg.history_window, cfg.decay_rate, snapshot.landmark, windows)
+        histories = {user: list(items) for user, items in snapshot.histories.items()}
+        cooccurrence = Cooccurrence(
+            cfg.history_cap,
+            cfg.decay_rate,
+            snapshot.landmark,
+            histories,
+            cfg.cooccurrence_gap_exponent,
+        )
         popularity = Popularity(cfg.decay_rate, snapshot.landmark)
         out = Changes(pairs=cooccurrence.pairs, occurrences=cooccurrence.occurrences)
         out.popularity = popularity.scores

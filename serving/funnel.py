@@ -1,7 +1,8 @@
 """The reader's funnel over the fresh Redis state: recall → coarse rank → fine rank → rerank.
 
 - **Recall** merges channels, each candidate keeping the channels that found it: item-CF
-  neighbours of the user's recent items (summed cosine of decayed co-occurrence), MF top-K
+  neighbours of the user's recent items (cosine of decayed, gap-weighted co-occurrence, summed
+  with the seeds' recency weights), MF top-K
   over every item (``y_u·y_i`` against the in-memory `ItemIndex`), trending (decayed
   popularity), and a cold pool of new items that have had few impressions. An unknown user
   gets trending and cold.
@@ -290,9 +291,11 @@ class Funnel:
         if blob is not None and len(blob) == 4 * vector_width(cfg.factors):
             y_user = implicit_part(decode_vector(blob), cfg.factors)
         seeds = rows[: cfg.history_window]
+        known = seeds >= 0
         return _User(
             latest=float(latest) if latest else None,
-            seeds=seeds[seeds >= 0],
+            seeds=seeds[known],
+            seed_weights=_recency_weights(len(seeds), cfg.cf_recency)[known],
             seen=rows[rows >= 0],
             activity=len(history),
             y=y_user,
@@ -317,6 +320,7 @@ class Funnel:
                     scratch.cf_slot,
                     scratch.candidate_slot,
                     user.seeds,
+                    user.seed_weights,
                     index.neighbours,
                     index.neighbour_weights,
                     index.stats[:, 0],
@@ -438,6 +442,7 @@ class Funnel:
 class _User:
     latest: float | None  # time of the user's latest interaction
     seeds: np.ndarray  # index rows of the most recent items, newest first
+    seed_weights: np.ndarray  # their recency weights exp(-age / tau), age in the user's events
     seen: np.ndarray  # index rows of every item in the history
     activity: int
     y: np.ndarray | None  # preference factors; None for an unknown user
@@ -491,6 +496,14 @@ class _Clock:
 @functools.lru_cache(maxsize=64)
 def _channel_bits(channels: tuple[str, ...]) -> int:
     return sum(bit for name, bit in CHANNEL_BITS.items() if name in channels)
+
+
+@functools.lru_cache(maxsize=64)
+def _recency_weights(count: int, tau: float) -> np.ndarray:
+    """``exp(-a / tau)`` for ages ``a = 0 .. count - 1`` (read-only: cached)."""
+    weights = np.exp(-np.arange(count) / tau)
+    weights.flags.writeable = False
+    return weights
 
 
 @functools.lru_cache(maxsize=64)

@@ -16,6 +16,11 @@ class FunnelConfig:
 
     Parameters
     ----------
+    history_window
+        How many of the user's most recent items seed item-CF recall.
+    cf_recency
+        :math:`\tau` in the seeds' recency weight :math:`e^{-a/\tau}`, :math:`a` the seed's
+        age in the user's own events (`freshrec.serving.recall`).
     channels
         Recall channels in use: item-CF neighbours of recent items, MF top-K over all items,
         trending (decayed popularity), and the cold pool of new, little-shown items.
@@ -34,6 +39,7 @@ class FunnelConfig:
 
     history_window: int = ModelConfig.history_window
     history_cap: int = ModelConfig.history_cap
+    cf_recency: float = 5.0
     factors: int = ModelConfig.factors
     channels: tuple[str, ...] = CHANNELS
     recall_per_seed: int = 20

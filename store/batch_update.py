@@ -1,6 +1,6 @@
 """Apply one batch of interactions to the state in Redis: one read, one atomic write.
 
-The read fetches what the batch needs (the vectors it touches, the users' recent items, the
+The read fetches what the batch needs (the vectors it touches, the users' histories, the
 rating mean, the decay landmark, the partitions' offset watermarks). The batch is then learned
 *sequentially* in memory from that snapshot (`freshrec.models.interaction_learner`), so an item
 that appears twice in a batch sees its own first update, exactly as a one-event-at-a-time
@@ -145,15 +145,15 @@ class BatchUpdater:
             "mean": keys.rating_mean,
             "vectors": [keys.user_vector(u) for u in users] + [keys.item_vector(i) for i in items],
             "histories": [keys.history(u) for u in users],
-            "window": self.config.history_window,
+            "window": self.config.history_cap,
             "marks": mark_keys,
         }
         if (first := _first_decayed(events)) is not None:
             query["first_ts"] = repr(first)
-        landmark, mean, blobs, windows, marks = await self.scripts.read_batch(
+        landmark, mean, blobs, histories, marks = await self.scripts.read_batch(
             args=[json.dumps(query, separators=(",", ":"))]
         )
-        snapshot = await self._snapshot(events, users, items, landmark, mean, blobs, windows)
+        snapshot = await self._snapshot(events, users, items, landmark, mean, blobs, histories)
         return snapshot, [int(m) if m is not None else -1 for m in marks]
 
     async def _read_pipelined(
@@ -172,16 +172,16 @@ class BatchUpdater:
         for i in items:
             pipe.get(keys.item_vector(i))
         for u in users:
-            pipe.zrevrange(keys.history(u), 0, self.config.history_window - 1)
+            pipe.zrevrange(keys.history(u), 0, self.config.history_cap - 1)
         for key in mark_keys:
             pipe.get(key)
         replies = await pipe.execute()
         n = len(users) + len(items)
         blobs = replies[2 : 2 + n]
-        windows = replies[2 + n : 2 + n + len(users)]
+        histories = replies[2 + n : 2 + n + len(users)]
         marks = replies[2 + n + len(users) :]
         snapshot = await self._snapshot(
-            events, users, items, replies[0], replies[1], blobs, windows
+            events, users, items, replies[0], replies[1], blobs, histories
         )
         return snapshot, [int(m) if m is not None else -1 for m in marks]
 
@@ -193,7 +193,7 @@ class BatchUpdater:
         landmark_raw: bytes | None,
         mean_raw: list[bytes | None],
         blobs: list[bytes | None],
-        windows_raw: list[list[bytes]],
+        histories_raw: list[list[bytes]],
     ) -> Snapshot:
         cfg = self.config
         # Only interactions are weighed by decay: an impression's time moves no landmark.
@@ -213,13 +213,13 @@ class BatchUpdater:
                 vectors[name] = decode_vector(blob)
             else:
                 vectors[name] = initial(name)
-        windows = {u: [m.decode() for m in w] for u, w in zip(users, windows_raw, strict=True)}
+        histories = {u: [m.decode() for m in h] for u, h in zip(users, histories_raw, strict=True)}
         return Snapshot(
             landmark=landmark,
             mean_sum=float(mean_raw[0] or 0.0),
             mean_n=int(mean_raw[1] or 0),
             vectors=vectors,
-            windows=windows,
+            histories=histories,
         )
 
     # --- write -------------------------------------------------------------------------------

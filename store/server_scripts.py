@@ -59,9 +59,9 @@ return #ARGV
 
 # One batch read on a single Redis (not Cluster: it reads many keys). ARGV[1] is JSON:
 # {"landmark": key, "first_ts": str?, "mean": key, "vectors": [key..], "histories": [key..],
-#  "window": n, "marks": [key..]}. Missing values come back as nil. The landmark is set to
-# first_ts only where none exists; a batch with nothing decayed (impressions only) has no
-# first_ts and only reads it.
+#  "window": n, "marks": [key..]}: each history's n most recent items. Missing values come
+# back as nil. The landmark is set to first_ts only where none exists; a batch with nothing
+# decayed (impressions only) has no first_ts and only reads it.
 READ_BATCH = """#!lua flags=no-cluster
 local q = cjson.decode(ARGV[1])
 local vectors, histories, marks = {}, {}, {}

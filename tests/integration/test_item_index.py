@@ -46,9 +46,9 @@ def test_the_index_loads_all_items_then_fetches_only_changed_ones(settings: Sett
         changed = await index.refresh()
         assert len(index) == 51
         # The two items of the batch, the sampled negatives it also moved and the items whose
-        # neighbour lists it changed (the recent items of u1 and u2); not the whole catalogue.
-        window = cfg.history_window
-        assert 2 <= changed <= 2 + 2 * cfg.implicit_negatives + 2 * window < 50
+        # neighbour lists it changed (the histories of u1 and u2); not the whole catalogue.
+        history = 50 // 7 + 1
+        assert 2 <= changed <= 2 + 2 * cfg.implicit_negatives + 2 * history < 50
         for item in ("i3", "new", "i40"):
             stored = decode_vector(await redis.get(keys.item_vector(item)))
             row = index.matrix[index.rows[item]]

@@ -109,7 +109,9 @@ def test_mf_in_redis_equals_river_biased_mf_on_10000_ratings(
 def _learned_alone(events: list[Event], cfg, now: float) -> tuple[dict, dict, dict]:
     """Co-occurrence, occurrence and popularity decayed to ``now``, from the pure learners
     (tests/unit holds them to a brute-force recount) fed one event at a time."""
-    cooc = Cooccurrence(cfg.history_window, cfg.decay_rate, events[0].ts)
+    cooc = Cooccurrence(
+        cfg.history_cap, cfg.decay_rate, events[0].ts, gap_exponent=cfg.cooccurrence_gap_exponent
+    )
     pop = Popularity(cfg.decay_rate, events[0].ts)
     for e in events:
         if e.type in INTERACTIONS:
@@ -136,7 +138,7 @@ def test_decayed_cooccurrence_and_popularity_in_redis_equal_the_learners_across_
         settings.model_config(),
         decay_half_life_s=half_life,
         neighbours_cap=10_000,
-        history_window=10,
+        history_cap=40,  # short enough that some users' histories pass it
     )
 
     async def run() -> tuple[dict, dict, dict, float, int]:

@@ -1,4 +1,4 @@
-"""Decayed co-occurrence: every pair in every user's window, against a brute-force recount."""
+"""Decayed, gap-weighted co-occurrence over users' histories, against a brute-force recount."""
 
 from __future__ import annotations
 
@@ -21,29 +21,32 @@ def _stream(seed: int, events: int = 2_000) -> list[Event]:
     return [(e["user_id"], e["item_id"], e["ts"]) for e in stream.events]
 
 
-def _learn(events: list[Event], window: int, rate: float, landmark: float) -> Cooccurrence:
-    cooc = Cooccurrence(window, rate, landmark)
+def _learn(
+    events: list[Event], cap: int, rate: float, landmark: float, gap_exponent: float = 0.5
+) -> Cooccurrence:
+    cooc = Cooccurrence(cap, rate, landmark, gap_exponent=gap_exponent)
     for user, item, ts in events:
         cooc.learn_one(user, item, ts)
     return cooc
 
 
 def _recount(
-    events: list[Event], window: int, rate: float, now: float
+    events: list[Event], cap: int, rate: float, now: float, gap_exponent: float
 ) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
-    """Each event pairs with the ``window`` most recent distinct items its user had before it,
-    at weight ``exp(-rate (now - t))``; from the whole past, with no state carried along."""
+    """An event whose item is not among the ``cap`` most recent distinct items its user had
+    before it pairs with each of them, the g-th most recent at ``g^-gap_exponent``, times
+    ``exp(-rate (now - t))``; from the whole past, with no state carried along."""
     pairs: defaultdict[tuple[str, str], float] = defaultdict(float)
     occurrences: defaultdict[str, float] = defaultdict(float)
     past: defaultdict[str, list[str]] = defaultdict(list)
     for user, item, ts in events:
         last_seen = {other: n for n, other in enumerate(past[user])}
-        recent = sorted(last_seen, key=last_seen.__getitem__, reverse=True)[:window]
+        recent = sorted(last_seen, key=last_seen.__getitem__, reverse=True)[:cap]
         weight = math.exp(-rate * (now - ts))
-        for other in recent:
-            if other != item:
-                pairs[item, other] += weight
-                pairs[other, item] += weight
+        if item not in recent:
+            for gap, other in enumerate(recent, start=1):
+                pairs[item, other] += gap**-gap_exponent * weight
+                pairs[other, item] += gap**-gap_exponent * weight
         occurrences[item] += weight
         past[user].append(item)
     return pairs, occurrences
@@ -58,37 +61,44 @@ def _decayed_pairs(cooc: Cooccurrence, now: float) -> dict[tuple[str, str], floa
 
 
 def _assert_equal_to_the_recount(cooc: Cooccurrence, events: list[Event], now: float) -> None:
-    pairs, occurrences = _recount(events, cooc.window, cooc.decay.rate, now)
+    pairs, occurrences = _recount(events, cooc.history_cap, cooc.decay.rate, now, cooc.gap_exponent)
     assert _decayed_pairs(cooc, now) == pytest.approx(pairs, rel=1e-9)
     decayed = {item: float(cooc.decay.decayed(v, now)) for item, v in cooc.occurrences.items()}
     assert decayed == pytest.approx(occurrences, rel=1e-9)
     assert len(pairs) > 500
 
 
-def test_pairs_within_the_window_are_counted_once_each_way() -> None:
-    cooc = _learn([("ann", "a", 0.0), ("ann", "b", 0.0), ("ann", "c", 0.0)], 3, 0.0, 0.0)
+def test_pairs_are_counted_once_each_way_weighted_by_their_gap() -> None:
+    events = [("ann", "a", 0.0), ("ann", "b", 0.0), ("ann", "c", 0.0)]
+    cooc = _learn(events, 3, 0.0, 0.0, gap_exponent=1.0)
     assert {(i, j): v for i, row in cooc.pairs.items() for j, v in row.items()} == {
         ("b", "a"): 1.0,
         ("a", "b"): 1.0,
         ("c", "b"): 1.0,
         ("b", "c"): 1.0,
-        ("c", "a"): 1.0,
-        ("a", "c"): 1.0,
+        ("c", "a"): 0.5,  # a is c's second most recent item: gap 2
+        ("a", "c"): 0.5,
     }
     assert cooc.occurrences == {"a": 1.0, "b": 1.0, "c": 1.0}
 
 
-def test_a_repeated_item_pairs_again_with_the_others_never_with_itself() -> None:
+def test_a_gap_exponent_of_zero_counts_every_pair_of_the_history_alike() -> None:
+    cooc = _learn([("ann", item, 0.0) for item in "abcdef"], 10, 0.0, 0.0, gap_exponent=0.0)
+    assert cooc.pairs["f"] == dict.fromkeys("abcde", 1.0)
+
+
+def test_a_repeated_item_counts_but_never_pairs_again() -> None:
     cooc = _learn([("ann", "a", 0.0), ("ann", "b", 0.0), ("ann", "a", 0.0)], 3, 0.0, 0.0)
-    assert cooc.pairs["a"] == {"b": 2.0} and cooc.pairs["b"] == {"a": 2.0}
-    assert cooc.windows["ann"] == ["a", "b"]  # moved to the front, held once
+    assert cooc.pairs["a"] == {"b": 1.0} and cooc.pairs["b"] == {"a": 1.0}
+    assert cooc.occurrences == {"a": 2.0, "b": 1.0}
+    assert cooc.histories["ann"] == ["a", "b"]  # moved to the front, held once
 
 
-def test_items_beyond_the_window_do_not_pair_with_a_new_one() -> None:
+def test_items_beyond_the_history_cap_do_not_pair_with_a_new_one() -> None:
     events = [("ann", item, 0.0) for item in "abcd"]
     cooc = _learn(events, 2, 0.0, 0.0)
     assert set(cooc.pairs["d"]) == {"b", "c"}
-    assert cooc.windows["ann"] == ["d", "c"]
+    assert cooc.histories["ann"] == ["d", "c"]
 
 
 def test_items_of_different_users_never_pair() -> None:
@@ -96,10 +106,11 @@ def test_items_of_different_users_never_pair() -> None:
     assert not cooc.pairs
 
 
-def test_decayed_counts_equal_a_brute_force_recount() -> None:
+@pytest.mark.parametrize(("cap", "gap_exponent"), [(500, 0.5), (8, 0.5), (500, 1.0)])
+def test_decayed_counts_equal_a_brute_force_recount(cap: int, gap_exponent: float) -> None:
     events = _stream(seed=1)
     rate = math.log(2) / 3600.0
-    cooc = _learn(events, 10, rate, landmark=events[0][2])
+    cooc = _learn(events, cap, rate, landmark=events[0][2], gap_exponent=gap_exponent)
     _assert_equal_to_the_recount(cooc, events, now=events[-1][2])
 
 
@@ -107,7 +118,7 @@ def test_counts_stay_equal_to_the_recount_across_automatic_rebases() -> None:
     events = _stream(seed=2)
     span = events[-1][2] - events[0][2]
     rate = 2.5 * REBASE_EXPONENT / span  # the weight's exponent passes the threshold twice
-    cooc = _learn(events, 10, rate, landmark=events[0][2])
+    cooc = _learn(events, 500, rate, landmark=events[0][2])
     assert cooc.decay.landmark > events[0][2] + 2 * REBASE_EXPONENT / rate
     _assert_equal_to_the_recount(cooc, events, now=events[-1][2])
 
@@ -116,11 +127,11 @@ def test_a_rebase_leaves_every_decayed_count_unchanged() -> None:
     events = _stream(seed=3)
     rate, landmark, now = math.log(2) / 3600.0, events[0][2], events[-1][2]
     half = len(events) // 2
-    rebased = _learn(events[:half], 10, rate, landmark)
+    rebased = _learn(events[:half], 500, rate, landmark)
     rebased.rebase(events[half][2])
     for user, item, ts in events[half:]:
         rebased.learn_one(user, item, ts)
-    plain = _learn(events, 10, rate, landmark)
+    plain = _learn(events, 500, rate, landmark)
     assert rebased.decay.landmark == events[half][2]
     assert _decayed_pairs(rebased, now) == pytest.approx(_decayed_pairs(plain, now), rel=1e-12)
 
@@ -128,7 +139,7 @@ def test_a_rebase_leaves_every_decayed_count_unchanged() -> None:
 def test_similarity_is_the_cosine_the_readers_recall_scores() -> None:
     events = _stream(seed=4, events=500)
     # A landmark after the events: weights below 1, so some counts take the floor at 1.
-    cooc = _learn(events, 10, math.log(2) / 3600.0, landmark=events[-1][2] + 3600.0)
+    cooc = _learn(events, 500, math.log(2) / 3600.0, landmark=events[-1][2] + 3600.0)
     assert min(cooc.occurrences.values()) < 1.0 < max(cooc.occurrences.values())
     items = sorted(cooc.occurrences)
     row = {item: n for n, item in enumerate(items)}
@@ -148,6 +159,7 @@ def test_similarity_is_the_cosine_the_readers_recall_scores() -> None:
                 scratch.cf_slot,
                 scratch.candidate_slot,
                 seeds=np.array([row[seed]]),
+                seed_weights=np.ones(1),
                 neighbours=neighbours,
                 neighbour_weights=weights,
                 occurrences=occurrences,

@@ -23,7 +23,7 @@ from freshrec.models.interaction_learner import (
 from freshrec.models.mf import VectorTable, initial_vector
 from freshrec.streams.events import Event
 
-CONFIG = ModelConfig(factors=4, history_window=3)
+CONFIG = ModelConfig(factors=4, history_cap=6)
 
 
 def _batch(seed: int = 1, events: int = 400) -> list[Event]:
@@ -43,18 +43,18 @@ def _batch(seed: int = 1, events: int = 400) -> list[Event]:
 
 
 def _snapshot(events: list[Event]) -> Snapshot:
-    """State as a store reads it: learned rows, windows of earlier items, a rating mean."""
+    """State as a store reads it: learned rows, histories of earlier items, a rating mean."""
     rng = np.random.default_rng(0)
     learned = [e for e in events if e.type in INTERACTIONS]
     names = sorted({"u:" + e.user_id for e in learned} | {"i:" + e.item_id for e in learned})
     table = VectorTable(CONFIG.factors, CONFIG.init_std, CONFIG.seed)
     vectors = {name: table.initial(name) + rng.normal(0, 0.05, 9) for name in names}
-    windows = {
-        name[2:]: [f"i{n}" for n in rng.choice(25, CONFIG.history_window, replace=False)]
+    histories = {
+        name[2:]: [f"i{n}" for n in rng.choice(25, CONFIG.history_cap, replace=False)]
         for name in names
         if name.startswith("u:")
     }
-    return Snapshot(events[0].ts - 3600.0, 700.0, 200, vectors, windows)
+    return Snapshot(events[0].ts - 3600.0, 700.0, 200, vectors, histories)
 
 
 def _learn(events: list[Event], snapshot: Snapshot) -> Changes:
@@ -111,24 +111,25 @@ def test_the_mean_moves_by_the_sum_and_count_of_the_ratings() -> None:
     assert changes.mean_sum == pytest.approx(sum(ratings), rel=1e-12)
 
 
-def test_decayed_sums_equal_a_recount_from_the_snapshots_windows() -> None:
+def test_decayed_sums_equal_a_recount_from_the_snapshots_histories() -> None:
     events = _batch()
     snapshot = _snapshot(events)
     changes = _learn(events, snapshot)
     pairs: defaultdict[tuple[str, str], float] = defaultdict(float)
     occurrences: defaultdict[str, float] = defaultdict(float)
     popularity: defaultdict[str, float] = defaultdict(float)
-    past = {user: window[::-1] for user, window in snapshot.windows.items()}  # oldest first
+    past = {user: history[::-1] for user, history in snapshot.histories.items()}  # oldest first
+    gamma = CONFIG.cooccurrence_gap_exponent
     for e in events:
         if e.type == "impression":
             continue
         last_seen = {item: n for n, item in enumerate(past[e.user_id])}
-        window = sorted(last_seen, key=last_seen.__getitem__, reverse=True)
+        history = sorted(last_seen, key=last_seen.__getitem__, reverse=True)
         weight = math.exp(CONFIG.decay_rate * (e.ts - snapshot.landmark))  # at the landmark
-        for other in window[: CONFIG.history_window]:
-            if other != e.item_id:
-                pairs[e.item_id, other] += weight
-                pairs[other, e.item_id] += weight
+        if e.item_id not in history[: CONFIG.history_cap]:
+            for gap, other in enumerate(history[: CONFIG.history_cap], start=1):
+                pairs[e.item_id, other] += gap**-gamma * weight
+                pairs[other, e.item_id] += gap**-gamma * weight
         occurrences[e.item_id] += weight
         popularity[e.item_id] += weight * CONFIG.strengths[e.type]
         past[e.user_id].append(e.item_id)
@@ -172,10 +173,10 @@ def test_the_snapshot_is_left_as_it_was_read() -> None:
     copy = dataclasses.replace(
         snapshot,
         vectors={name: vec.copy() for name, vec in snapshot.vectors.items()},
-        windows={user: list(items) for user, items in snapshot.windows.items()},
+        histories={user: list(items) for user, items in snapshot.histories.items()},
     )
     _learn(events, snapshot)
-    assert snapshot.windows == copy.windows
+    assert snapshot.histories == copy.histories
     assert all(np.array_equal(vec, copy.vectors[name]) for name, vec in snapshot.vectors.items())
 
 

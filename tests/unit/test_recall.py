@@ -30,8 +30,9 @@ def _state(rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 def _recount(seen: np.ndarray, args: dict) -> tuple[list, list, list, list, list]:
     """The merge as the funnel's contract states it, one item at a time."""
-    seeds, neighbours, neighbour_weights = (
+    seeds, seed_weights, neighbours, neighbour_weights = (
         args["seeds"],
+        args["seed_weights"],
         args["neighbours"],
         args["neighbour_weights"],
     )
@@ -41,7 +42,7 @@ def _recount(seen: np.ndarray, args: dict) -> tuple[list, list, list, list, list
     cf: dict[int, float] = {}
     because: dict[int, int] = {}
     strong: set[int] = set()
-    for seed in seeds.tolist():
+    for seed, recency in zip(seeds.tolist(), seed_weights.tolist(), strict=True):
         for position, item in enumerate(neighbours[seed].tolist()):
             if item < 0 or item in excluded:
                 continue
@@ -49,7 +50,7 @@ def _recount(seen: np.ndarray, args: dict) -> tuple[list, list, list, list, list
                 max(occurrences[seed], 1.0) * max(occurrences[item], 1.0)
             )
             because.setdefault(item, seed)
-            cf[item] = cf.get(item, 0.0) + cosine
+            cf[item] = cf.get(item, 0.0) + recency * cosine
             if position < per_seed:
                 strong.add(item)
     fresh = [n for n, row in enumerate(cold_pool.tolist()) if cold_fresh[n] and row not in excluded]
@@ -95,6 +96,7 @@ def test_the_merge_equals_a_plain_recount(channels: int) -> None:
             **state,
         }
         args["cold_fresh"] = rng.random(len(args["cold_pool"])) < 0.7
+        args["seed_weights"] = np.exp(-np.arange(len(args["seeds"])) / rng.uniform(0.5, 10.0))
         with scratch.seen(ITEMS, seen) as mask:
             out = Recalled(*merge_channels(mask, scratch.cf_slot, scratch.candidate_slot, **args))
         rows, bits, cf, because, cold = _recount(seen, args)
@@ -123,6 +125,7 @@ def test_seen_items_are_never_candidates() -> None:
             scratch.cf_slot,
             scratch.candidate_slot,
             seeds=seen[:5],
+            seed_weights=np.ones(5),
             per_seed=WIDTH,
             mf=np.arange(ITEMS),
             trending=np.arange(ITEMS),
