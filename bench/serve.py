@@ -59,10 +59,11 @@ def build_state(
 
     def vectors(n: int, centres: np.ndarray) -> np.ndarray:
         out = rng.normal(0, 0.1, (n, width)).astype(VECTOR_DTYPE)
+        y = slice(factors + 1, 2 * factors + 1)  # freshrec.models.mf.implicit_part
         if tastes:
-            out[:, factors + 1 :] += centres
+            out[:, y] += centres
         else:
-            out[:, factors + 1 :] = rng.normal(0, spread, (n, factors))
+            out[:, y] = rng.normal(0, spread, (n, factors))
         return out
 
     item_vecs = vectors(items, clusters[item_cluster])

@@ -71,8 +71,18 @@ class Settings:
     mf_factors: int = _env(
         "FRESHREC_MF_FACTORS", "Latent factors per user and item.", _MODEL.factors
     )
-    mf_lr: float = _env("FRESHREC_MF_LR", "SGD learning rate on ratings.", _MODEL.lr)
-    mf_reg: float = _env("FRESHREC_MF_REG", "L2 penalty on factors and biases.", _MODEL.reg)
+    mf_lr: float = _env("FRESHREC_MF_LR", "SGD step on the rating factors.", _MODEL.lr)
+    mf_reg: float = _env("FRESHREC_MF_REG", "L2 penalty on the factors.", _MODEL.reg)
+    mf_bias_lr: float = _env(
+        "FRESHREC_MF_BIAS_LR",
+        "Floor eta_b of the bias step 1/(n + beta) + eta_b (n: the user's or item's ratings).",
+        _MODEL.bias_lr,
+    )
+    mf_bias_shrinkage: float = _env(
+        "FRESHREC_MF_BIAS_SHRINKAGE",
+        "beta of the bias step, in ratings: how far a new user's or item's bias is shrunk.",
+        _MODEL.bias_shrinkage,
+    )
     mf_init_std: float = _env(
         "FRESHREC_MF_INIT_STD", "Std of initial latent factors.", _MODEL.init_std
     )
@@ -240,6 +250,8 @@ class Settings:
             problems.append("FRESHREC_HISTORY_CAP must be at least FRESHREC_HISTORY_WINDOW")
         if self.decay_half_life_s <= 0:
             problems.append("FRESHREC_DECAY_HALF_LIFE_S must be positive")
+        if self.mf_bias_shrinkage <= 0:
+            problems.append("FRESHREC_MF_BIAS_SHRINKAGE must be positive")
         if self.cf_recency <= 0:
             problems.append("FRESHREC_CF_RECENCY must be positive")
         if self.cooccurrence_gap_exponent < 0:
@@ -292,6 +304,8 @@ class Settings:
             factors=self.mf_factors,
             lr=self.mf_lr,
             reg=self.mf_reg,
+            bias_lr=self.mf_bias_lr,
+            bias_shrinkage=self.mf_bias_shrinkage,
             init_std=self.mf_init_std,
             seed=self.mf_seed,
             implicit_lr=self.implicit_lr,

@@ -11,8 +11,10 @@ class ModelConfig:
     """What the learners need to know; `freshrec.settings.Settings.model_config` builds it."""
 
     factors: int = 32
-    lr: float = 0.01
+    lr: float = 0.1
     reg: float = 0.02
+    bias_lr: float = 0.02
+    bias_shrinkage: float = 10.0
     init_std: float = 0.1
     seed: int = 42
     implicit_lr: float = 1.0  # the normalised cap in models.mf.implicit_step decides

@@ -143,7 +143,15 @@ class InteractionLearner:
             )
         rows = {name: vec.copy() for name, vec in snapshot.vectors.items()}
         table = VectorTable(cfg.factors, cfg.init_std, cfg.seed, rows)
-        rating = BiasedMF(table, cfg.lr, cfg.reg, snapshot.mean_sum, snapshot.mean_n)
+        rating = BiasedMF(
+            table,
+            cfg.lr,
+            cfg.reg,
+            snapshot.mean_sum,
+            snapshot.mean_n,
+            cfg.bias_lr,
+            cfg.bias_shrinkage,
+        )
         implicit = ImplicitMF(table, cfg.implicit_lr, cfg.reg, cfg.implicit_alpha, seed=self.rng)
         histories = {user: list(items) for user, items in snapshot.histories.items()}
         cooccurrence = Cooccurrence(

@@ -1,22 +1,26 @@
 r"""Online biased matrix factorisation: the SGD steps, over numpy arrays, no I/O.
 
-A user and an item are each one vector ``[b, p_1 .. p_k, y_1 .. y_k]``, the layout they are
-stored in: a bias and rating factors ``p`` (or ``q``), then implicit-preference factors ``y``.
-The two objectives below own separate parameters, so clicks never bend rating predictions and
-ratings never dilute the preference model. Ratings follow Koren, Bell & Volinsky (2009):
+A user and an item are each one vector ``[b, p_1 .. p_k, y_1 .. y_k, n]``, the layout they are
+stored in: a bias and rating factors ``p`` (or ``q``), implicit-preference factors ``y``, then
+the number ``n`` of ratings learned (which sets the bias step; a count, so concurrent workers'
+deltas add up like every other element). The two objectives below own separate parameters, so
+clicks never bend rating predictions and ratings never dilute the preference model. Ratings
+follow Koren, Bell & Volinsky (2009):
 
 .. math::
 
     \hat r_{ui} = \mu + b_u + b_i + p_u^\top q_i, \qquad e_{ui} = r_{ui} - \hat r_{ui}
 
-    b_u \leftarrow b_u + \gamma (e_{ui} - \lambda b_u), \quad
-    b_i \leftarrow b_i + \gamma (e_{ui} - \lambda b_i)
+    b_u \leftarrow b_u + s_u (e_{ui} - \lambda_b b_u), \quad
+    b_i \leftarrow b_i + s_i (e_{ui} - \lambda_b b_i)
 
     p_u \leftarrow p_u + \gamma (e_{ui} q_i - \lambda p_u), \quad
     q_i \leftarrow q_i + \gamma (e_{ui} p_u - \lambda q_i)
 
-with every gradient taken at the old values. This is river's ``reco.BiasedMF`` with
-``lr = gamma / 2`` and ``l2 = 2 lambda`` (river differentiates the unhalved squared loss).
+with every gradient taken at the old values and bias steps :math:`s` chosen by the learner
+(`freshrec.models.biased_mf.BiasedMF`). With :math:`s = \gamma` and
+:math:`\lambda_b = \lambda` this is river's ``reco.BiasedMF`` with ``lr = gamma / 2`` and
+``l2 = 2 lambda`` (river differentiates the unhalved squared loss).
 
 Every interaction (click, view, purchase, and a rating too) is implicit feedback in the sense of
 Hu, Koren & Volinsky (2008): preference 1 with confidence :math:`c = 1 + \alpha f`, where
@@ -67,8 +71,8 @@ import numpy as np
 
 
 def vector_width(factors: int) -> int:
-    """Bias, rating factors, implicit factors."""
-    return 1 + 2 * factors
+    """Bias, rating factors, implicit factors, rating count."""
+    return 2 + 2 * factors
 
 
 def rating_part(vec: np.ndarray, factors: int) -> np.ndarray:
@@ -78,20 +82,25 @@ def rating_part(vec: np.ndarray, factors: int) -> np.ndarray:
 
 def implicit_part(vec: np.ndarray, factors: int) -> np.ndarray:
     """``y``: a view, so steps on it update ``vec`` in place."""
-    return vec[factors + 1 :]
+    return vec[factors + 1 : 2 * factors + 1]
+
+
+def rating_count_at(factors: int) -> int:
+    """Where ``n``, the number of ratings learned, sits in a vector: last."""
+    return 2 * factors + 1
 
 
 def initial_vector(entity_id: str, kind: str, factors: int, std: float, seed: int) -> np.ndarray:
-    """Bias 0 and N(0, std^2) factors (both sets), the same in every process for the same id.
+    """Bias 0, N(0, std^2) factors (both sets) and count 0, the same in every process for the
+    same id.
 
     Deterministic initialisation lets concurrent workers create a vector without coordination:
     whichever writes first, the others' deltas land on the same starting point.
     """
     digest = hashlib.blake2b(f"{kind}:{entity_id}".encode(), digest_size=8).digest()
     rng = np.random.default_rng([seed, int.from_bytes(digest, "little")])
-    vec = np.empty(vector_width(factors), dtype=np.float64)
-    vec[0] = 0.0
-    vec[1:] = rng.normal(0.0, std, 2 * factors)
+    vec = np.zeros(vector_width(factors), dtype=np.float64)
+    vec[1 : 2 * factors + 1] = rng.normal(0.0, std, 2 * factors)
     return vec
 
 
@@ -118,7 +127,7 @@ class VectorTable(dict[str, np.ndarray]):
     --------
     >>> table = VectorTable(factors=2, init_std=0.1, seed=0)
     >>> "u:ann" in table, table["u:ann"].shape, "u:ann" in table
-    (False, (5,), True)
+    (False, (6,), True)
     >>> bool(np.array_equal(table["i:dune"], initial_vector("dune", "i", 2, 0.1, 0)))
     True
     """
@@ -147,9 +156,20 @@ def predict_rating(user: np.ndarray, item: np.ndarray, mean: float) -> float:
 
 
 def rating_step(
-    user: np.ndarray, item: np.ndarray, mean: float, rating: float, lr: float, reg: float
+    user: np.ndarray,
+    item: np.ndarray,
+    mean: float,
+    rating: float,
+    lr: float,
+    reg: float,
+    user_bias_step: float | None = None,
+    item_bias_step: float | None = None,
+    bias_reg: float | None = None,
 ) -> float:
     """One SGD step on a rating over ``rating_part`` views, in place; returns ``r - r_hat``.
+
+    The factors step by ``lr`` with penalty ``reg``; the biases by ``user_bias_step`` and
+    ``item_bias_step`` with penalty ``bias_reg`` (each ``lr`` / ``reg`` when not given).
 
     Examples
     --------
@@ -160,12 +180,15 @@ def rating_step(
     ([0.099, 0.1297, 0.1901], [0.099, 0.3099, -0.0802])
     """
     err = rating - predict_rating(user, item, mean)
-    grad_user = err * item - reg * user
-    grad_item = err * user - reg * item
-    grad_user[0] = err - reg * user[0]
-    grad_item[0] = err - reg * item[0]
-    user += lr * grad_user
-    item += lr * grad_item
+    bias_reg = reg if bias_reg is None else bias_reg
+    step_user = lr if user_bias_step is None else user_bias_step
+    step_item = lr if item_bias_step is None else item_bias_step
+    grad_user = err * item[1:] - reg * user[1:]
+    grad_item = err * user[1:] - reg * item[1:]
+    user[0] += step_user * (err - bias_reg * user[0])
+    item[0] += step_item * (err - bias_reg * item[0])
+    user[1:] += lr * grad_user
+    item[1:] += lr * grad_item
     return err
 
 

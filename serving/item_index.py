@@ -19,7 +19,7 @@ import numpy as np
 from redis.asyncio import Redis
 
 from freshrec.models.inner_product_search import CellIndex
-from freshrec.models.mf import vector_width
+from freshrec.models.mf import implicit_part, vector_width
 from freshrec.store.keys import Keys
 from freshrec.store.server_scripts import ServerScripts
 from freshrec.store.vectors import VECTOR_DTYPE
@@ -43,7 +43,7 @@ class ItemIndex:
     keys
         The key layout.
     factors
-        k: the stored vectors are ``[b, p_1..p_k, y_1..y_k]``; the index keeps ``y``.
+        k: the stored vectors are ``[b, p_1..p_k, y_1..y_k, n]``; the index keeps ``y``.
     neighbours
         How many of each item's strongest neighbours to keep.
     """
@@ -112,7 +112,7 @@ class ItemIndex:
         lists = []
         for n, (item, blob) in enumerate(zip(chunk, blobs, strict=True)):
             if blob is not None and len(blob) == size:
-                y = np.frombuffer(blob, dtype=VECTOR_DTYPE)[self.factors + 1 :]
+                y = implicit_part(np.frombuffer(blob, dtype=VECTOR_DTYPE), self.factors)
                 row = self._put(item, y, (occ[n] or 0.0, pop[n] or 0.0, first[n] or 0.0))
                 lists.append((row, *neighbours[n]))
         # Before the next await: a request never sees a vector its cell's bound does not hold.

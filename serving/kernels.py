@@ -23,6 +23,7 @@ import numpy as np
 from freshrec.models import inner_product_search
 from freshrec.models.click_model import FEATURES, FIXED_BLEND
 from freshrec.models.inner_product_search import CELL_SIZE, MIN_CELLS, CellIndex
+from freshrec.models.mf import implicit_part, vector_width
 from freshrec.serving import features as features_module
 from freshrec.serving.features import candidate_features
 from freshrec.serving.funnel_config import FunnelConfig
@@ -119,7 +120,7 @@ def _funnel_stages(config: FunnelConfig) -> None:
     # The user, as `Funnel._user` reads it: rows of the history, the vector a float64 view.
     history = np.array([0], dtype=np.int64)
     seeds = history[history >= 0]
-    y_user = np.ones(2 * _FACTORS + 1)[_FACTORS + 1 :]
+    y_user = implicit_part(np.ones(vector_width(_FACTORS)), _FACTORS)
     scratch = Scratch()
     with scratch.seen(len(matrix), history) as seen:
         recalled = Recalled(

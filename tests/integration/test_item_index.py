@@ -112,7 +112,8 @@ def test_mf_search_over_a_large_catalogue_stays_exact_as_vectors_change(
         server_now = float(redis_client.time()[0]) + 1.0
         for item in moved:
             vector = decode_vector(redis_client.get(keys.item_vector(item))).copy()
-            vector[factors + 1 :] = target + 0.01 * vector[factors + 1 :]
+            y = implicit_part(vector, factors)
+            y[:] = target + 0.01 * y
             redis_client.set(keys.item_vector(item), vector.astype(VECTOR_DTYPE).tobytes())
             redis_client.zadd(keys.updated_items, {item: server_now})
         assert await index.refresh() == len(moved)

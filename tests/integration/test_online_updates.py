@@ -18,7 +18,13 @@ from river import optim, reco
 from freshrec.evaluation.synth import SynthConfig, generate
 from freshrec.models.cooccurrence import Cooccurrence
 from freshrec.models.decay import REBASE_EXPONENT
-from freshrec.models.mf import initial_vector, predict_rating, rating_part, vector_width
+from freshrec.models.mf import (
+    initial_vector,
+    predict_rating,
+    rating_count_at,
+    rating_part,
+    vector_width,
+)
 from freshrec.models.popularity import Popularity
 from freshrec.settings import Settings
 from freshrec.store.batch_update import INTERACTIONS, BatchUpdater
@@ -50,8 +56,14 @@ async def _apply_in_batches(updater: BatchUpdater, events: list[Event], size: in
 def test_mf_in_redis_equals_river_biased_mf_on_10000_ratings(
     settings: Settings, atomic: bool
 ) -> None:
-    cfg = dataclasses.replace(
-        settings.model_config(), factors=8, lr=0.02, reg=0.05, implicit_negatives=0
+    cfg = dataclasses.replace(  # a constant bias step, without penalty: river's SGD
+        settings.model_config(),
+        factors=8,
+        lr=0.02,
+        reg=0.05,
+        bias_lr=0.02,
+        bias_shrinkage=math.inf,
+        implicit_negatives=0,
     )
     stream = generate(SynthConfig(users=300, items=200, events=10_000, rating_share=1.0, seed=11))
     ratings = _events(stream.events)
@@ -61,7 +73,7 @@ def test_mf_in_redis_equals_river_biased_mf_on_10000_ratings(
         n_factors=cfg.factors,
         bias_optimizer=optim.SGD(cfg.lr / 2),
         latent_optimizer=optim.SGD(cfg.lr / 2),
-        l2_bias=2 * cfg.reg,
+        l2_bias=0.0,
         l2_latent=2 * cfg.reg,
     )
     for e in ratings:  # the same initial vectors
@@ -92,6 +104,9 @@ def test_mf_in_redis_equals_river_biased_mf_on_10000_ratings(
 
     errors, vectors, mean = asyncio.run(run())
     assert len(vectors["u:u0"]) == vector_width(cfg.factors)
+    # Each row counts its ratings: the batches' deltas add up.
+    assert vectors["u:u0"][rating_count_at(cfg.factors)] == sum(e.user_id == "u0" for e in ratings)
+    assert vectors["i:i0"][rating_count_at(cfg.factors)] == sum(e.item_id == "i0" for e in ratings)
     # Every prequential error (predicted before learning) and every final prediction agree.
     np.testing.assert_allclose(errors, river_errors, atol=1e-6)
     users = sorted({e.user_id for e in ratings})[:20]

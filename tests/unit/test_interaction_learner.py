@@ -48,7 +48,9 @@ def _snapshot(events: list[Event]) -> Snapshot:
     learned = [e for e in events if e.type in INTERACTIONS]
     names = sorted({"u:" + e.user_id for e in learned} | {"i:" + e.item_id for e in learned})
     table = VectorTable(CONFIG.factors, CONFIG.init_std, CONFIG.seed)
-    vectors = {name: table.initial(name) + rng.normal(0, 0.05, 9) for name in names}
+    vectors = {}
+    for name in names:  # moved parameters, and some ratings learned already
+        vectors[name] = table.initial(name) + np.append(rng.normal(0, 0.05, 9), rng.integers(5))
     histories = {
         name[2:]: [f"i{n}" for n in rng.choice(25, CONFIG.history_cap, replace=False)]
         for name in names
@@ -66,7 +68,15 @@ def _one_model_at_a_time(events: list[Event], snapshot: Snapshot) -> tuple[Vecto
     generator seeded by the config draws for the batch; the rating errors, predicted first."""
     table = VectorTable(CONFIG.factors, CONFIG.init_std, CONFIG.seed)
     table.update({name: vec.copy() for name, vec in snapshot.vectors.items()})
-    ratings = BiasedMF(table, CONFIG.lr, CONFIG.reg, snapshot.mean_sum, snapshot.mean_n)
+    ratings = BiasedMF(
+        table,
+        CONFIG.lr,
+        CONFIG.reg,
+        snapshot.mean_sum,
+        snapshot.mean_n,
+        CONFIG.bias_lr,
+        CONFIG.bias_shrinkage,
+    )
     implicit = ImplicitMF(table, CONFIG.implicit_lr, CONFIG.reg, CONFIG.implicit_alpha)
     pool = sorted({e.item_id for e in events if e.type in INTERACTIONS})
     rng = np.random.default_rng(CONFIG.seed)

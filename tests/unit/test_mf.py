@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from river import optim, reco
@@ -16,7 +18,7 @@ from freshrec.models.mf import (
 )
 
 
-def test_biased_mf_equals_river_biased_mf() -> None:
+def test_with_a_constant_bias_step_biased_mf_equals_river_biased_mf() -> None:
     gamma, lam, k = 0.02, 0.05, 8
     rng = np.random.default_rng(3)
     users = [f"u{n}" for n in range(30)]
@@ -28,7 +30,14 @@ def test_biased_mf_equals_river_biased_mf() -> None:
         l2_bias=2 * lam,
         l2_latent=2 * lam,
     )
-    ours = BiasedMF(VectorTable(k, 0.1, seed=1), lr=gamma, reg=lam)
+    ours = BiasedMF(
+        VectorTable(k, 0.1, seed=1),
+        lr=gamma,
+        reg=lam,
+        bias_lr=gamma,
+        bias_shrinkage=math.inf,
+        bias_reg=lam,
+    )
     for u in users:  # the same initial factors; biases start at 0 in both
         river_mf.u_latents[u] = rating_part(ours.table["u:" + u], k)[1:].copy()
     for i in items:
@@ -51,16 +60,65 @@ def test_biased_mf_equals_river_biased_mf() -> None:
         assert abs(user[0] - river_mf.u_biases[u]) < 1e-12
 
 
+def _mixed_step_recount(
+    ratings: list[tuple[str, str, float]], k: int, beta: float, eta_b: float, eta: float, lam: float
+) -> dict[str, list[float]]:
+    """The mixed-step rule written out in plain Python, one rating at a time."""
+    table = VectorTable(k, 0.1, seed=1)
+    start = {
+        name: [float(x) for x in table.initial(name)[1 : k + 1]]
+        for u, i, _ in ratings
+        for name in ("u:" + u, "i:" + i)
+    }
+    bias = dict.fromkeys(start, 0.0)
+    factors = {name: list(vec) for name, vec in start.items()}
+    count = dict.fromkeys(start, 0)
+    total = 0.0
+    for n, (u, i, r) in enumerate(ratings, start=1):
+        total += r
+        mu = total / n
+        un, itn = "u:" + u, "i:" + i
+        count[un] += 1
+        count[itn] += 1
+        pu, qi = factors[un], factors[itn]
+        e = r - (mu + bias[un] + bias[itn] + sum(a * b for a, b in zip(pu, qi, strict=True)))
+        bias[un] += (1.0 / (count[un] + beta) + eta_b) * e
+        bias[itn] += (1.0 / (count[itn] + beta) + eta_b) * e
+        factors[un] = [a + eta * (e * b - lam * a) for a, b in zip(pu, qi, strict=True)]
+        factors[itn] = [b + eta * (e * a - lam * b) for a, b in zip(pu, qi, strict=True)]
+    return {name: [bias[name], *factors[name], count[name]] for name in start}
+
+
+def test_biased_mf_steps_its_biases_by_one_over_count_plus_shrinkage_plus_a_floor() -> None:
+    rng = np.random.default_rng(5)
+    ratings = [
+        (f"u{rng.integers(20)}", f"i{rng.integers(30)}", float(rng.integers(1, 6)))
+        for _ in range(1500)
+    ]
+    k, beta, eta_b, eta, lam = 4, 10.0, 0.02, 0.1, 0.02
+    ours = BiasedMF(
+        VectorTable(k, 0.1, seed=1), lr=eta, reg=lam, bias_lr=eta_b, bias_shrinkage=beta
+    )
+    for u, i, r in ratings:
+        ours.learn_one(u, i, r)
+    expected = _mixed_step_recount(ratings, k, beta, eta_b, eta, lam)
+    for name, (b, *p, n) in expected.items():
+        row = ours.table[name]
+        assert row[0] == pytest.approx(b, abs=1e-9)
+        np.testing.assert_allclose(row[1 : k + 1], p, atol=1e-9)
+        assert ours.ratings_learned(name) == n
+
+
 def test_initial_vectors_are_the_same_in_every_process_and_differ_by_id() -> None:
     a = initial_vector("item-1", "i", 16, 0.1, seed=42)
     assert np.array_equal(a, initial_vector("item-1", "i", 16, 0.1, seed=42))
     assert not np.array_equal(a, initial_vector("item-2", "i", 16, 0.1, seed=42))
     assert not np.array_equal(a, initial_vector("item-1", "u", 16, 0.1, seed=42))
-    assert a[0] == 0.0 and 0.05 < a[1:].std() < 0.2
+    assert a[0] == 0.0 and 0.05 < a[1:-1].std() < 0.2 and a[-1] == 0.0  # no rating learned
 
 
 def test_a_row_missing_from_a_vector_table_starts_at_its_initial_vector() -> None:
-    table = VectorTable(16, 0.1, seed=42, rows={"i:item-1": np.zeros(33)})
+    table = VectorTable(16, 0.1, seed=42, rows={"i:item-1": np.zeros(34)})
     assert np.array_equal(table["u:user-1"], initial_vector("user-1", "u", 16, 0.1, seed=42))
     assert table["u:user-1"] is table["u:user-1"]  # created once, then held
     assert not table["i:item-1"].any()  # a row given is kept as it is
