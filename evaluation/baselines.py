@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from river import optim, reco
 
-__all__ = ["BiasedMFRanker", "PopularityBaseline"]
+__all__ = ["BiasedMFRanker", "ItemKNN", "PopularityBaseline"]
 
 
 def _grown(array: np.ndarray, size: int) -> np.ndarray:
@@ -23,6 +23,16 @@ def _grown(array: np.ndarray, size: int) -> np.ndarray:
     rows = max(size, 2 * array.shape[0], 64)
     out = np.zeros((rows, *array.shape[1:]), dtype=array.dtype)
     out[: array.shape[0]] = array
+    return out
+
+
+def _grown_square(array: np.ndarray, size: int) -> np.ndarray:
+    """A square ``array`` zero-padded on both axes to at least ``size`` (doubling)."""
+    if size <= array.shape[0]:
+        return array
+    side = max(size, 2 * array.shape[0], 64)
+    out = np.zeros((side, side), dtype=array.dtype)
+    out[: array.shape[0], : array.shape[1]] = array
     return out
 
 
@@ -77,6 +87,76 @@ class PopularityBaseline:
         if 0 <= item < self.rating_counts.shape[0] and self.rating_counts[item] > 0:
             return float(self.rating_sums[item] / self.rating_counts[item])
         return self.total / self.rated if self.rated else math.nan
+
+
+class ItemKNN:
+    r"""Incremental item-kNN: cosine of co-occurrence counts over each user's full history.
+
+    The classic neighbourhood recommender, kept exact online: every item a user interacts
+    with for the first time co-occurs once with every item already in that user's history,
+    and a user's candidates are scored by their summed cosine similarity to the whole
+    history. It is the strong, non-personalised-parameter baseline a streaming recommender
+    must beat; the research protocol behind ``freshrec eval`` defines it exactly so.
+
+    On a learned interaction :math:`(u, i)`, :math:`n_i \mathrel{+}= 1` and, when
+    :math:`i \notin H_u`, :math:`C_{ih} \mathrel{+}= 1,\ C_{hi} \mathrel{+}= 1` for every
+    :math:`h \in H_u`, then :math:`H_u \leftarrow H_u \cup \{i\}`. The score of item
+    :math:`j` for user :math:`u` is
+
+    .. math::
+
+        s_{uj} = \sum_{h \in H_u} \frac{C_{hj}}{\sqrt{n_h\, n_j}}
+
+    (0 for an item without interactions). ``C`` is a dense ``float32`` matrix of
+    ``n_items^2`` counts (exact up to :math:`2^{24}` per pair; 11 MB for ML-100K's 1,682
+    items), so a user's scores are one single-precision vector-matrix product over the rows
+    of the history: relative error about ``1e-7``, as in the research that defined it.
+
+    Examples
+    --------
+    >>> knn = ItemKNN()
+    >>> for user, item in [("ann", 0), ("ann", 1), ("bob", 0), ("bob", 1), ("bob", 2)]:
+    ...     knn.learn_one(user, item)
+    >>> knn.scores(["ann", "cat"], n_items=3).round(4).tolist()
+    [[1.0, 1.0, 1.4142], [0.0, 0.0, 0.0]]
+    """
+
+    def __init__(self) -> None:
+        self.cooccurrence = np.zeros((0, 0), dtype=np.float32)
+        self.counts = np.zeros(0)
+        self.history: dict[str, list[int]] = {}
+        self._seen: dict[str, set[int]] = {}
+
+    def learn_one(self, user: str, item: int) -> None:
+        """One interaction of ``user`` with ``item``."""
+        self.counts = _grown(self.counts, item + 1)
+        self.counts[item] += 1.0
+        seen = self._seen.setdefault(user, set())
+        if item in seen:
+            return
+        history = self.history.setdefault(user, [])
+        if history:
+            self.cooccurrence = _grown_square(self.cooccurrence, max(item, *history) + 1)
+            rows = np.asarray(history)
+            self.cooccurrence[item, rows] += 1.0
+            self.cooccurrence[rows, item] += 1.0
+        history.append(item)
+        seen.add(item)
+
+    def scores(self, users: Sequence[str], n_items: int) -> np.ndarray:
+        """``(len(users), n_items)`` matrix of :math:`s_{uj}`."""
+        counts = _grown(self.counts, n_items)[:n_items]
+        norm = np.sqrt(counts)
+        inverse = np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0)
+        weights = inverse.astype(np.float32)
+        self.cooccurrence = matrix = _grown_square(self.cooccurrence, n_items)
+        out = np.zeros((len(users), n_items))
+        for row, user in enumerate(users):
+            history = self.history.get(user)
+            if history:
+                rows = np.asarray(history)
+                out[row] = (weights[rows] @ matrix[rows])[:n_items]  # float32 throughout
+        return out * inverse[None, :]
 
 
 class BiasedMFRanker:
@@ -136,6 +216,27 @@ class BiasedMFRanker:
         self._bias = np.zeros(0)
         self._latent = np.zeros((0, factors))
         self._touched: set[int] = set()
+
+    @classmethod
+    def river_documented(cls, seed: int = 73) -> BiasedMFRanker:
+        """river's ``BiasedMF`` exactly as river's own MovieLens 100K tutorial configures it.
+
+        Ten factors, ``SGD(0.025)`` on the biases and ``SGD(0.05)`` on the factors, no L2,
+        biases from zero and factors from ``Normal(0, 0.1)`` with the tutorial's seed 73
+        (river's documentation reports RMSE 0.9479 and MAE 0.7486 over ML-100K, one rating at a
+        time: the reference any personal rating model is held to).
+        """
+        ranker = cls(factors=10, lr=0.05, reg=0.0, init_std=0.1, seed=seed)
+        ranker.model = reco.BiasedMF(
+            n_factors=10,
+            bias_optimizer=optim.SGD(0.025),
+            latent_optimizer=optim.SGD(0.05),
+            l2_bias=0.0,
+            l2_latent=0.0,
+            weight_initializer=optim.initializers.Zeros(),
+            latent_initializer=optim.initializers.Normal(mu=0.0, sigma=0.1, seed=seed),
+        )
+        return ranker
 
     def learn_one(self, user: str, item: int, rating: float) -> None:
         self.model.learn_one(user, item, rating)
