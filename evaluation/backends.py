@@ -67,6 +67,7 @@ class DirectBackend:
             redis, keys, settings.model_config(), atomic=settings.atomic_batches
         )
         self.rating_errors: list[float] = []
+        self._index_behind = True  # the funnel's item snapshot misses learned batches
 
     async def predict(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
         async def one(user: str, item: str) -> float | None:
@@ -86,12 +87,19 @@ class DirectBackend:
             served = [c.to_json() for c in await self.funnel.recommend(user, k, config)]
             return [c["item_id"] for c in served], [c["score"] for c in served]  # type: ignore[misc]
 
+        if not users:
+            return []
+        if self._index_behind:
+            # The reader's item snapshot, caught up as a reader's would be; only when a list is
+            # asked for (ratings are read from Redis directly), so most batches skip it.
+            await self.funnel.refresh()
+            self._index_behind = False
         return await _bounded([one(u) for u in users])
 
     async def learn(self, events: Sequence[Event]) -> None:
         result = await self.updater.apply(events)
         self.rating_errors.extend(result.rating_errors)
-        await self.funnel.refresh()  # the reader's item matrix, caught up as a reader's would be
+        self._index_behind = True
 
     async def close(self) -> None:
         await self.funnel.aclose()

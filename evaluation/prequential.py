@@ -1,32 +1,46 @@
 r"""``freshrec eval``: prequential (test-then-train) evaluation on a ratings or events file.
 
 The file is read in full, validated by the worker's own rules (what fails is skipped and
-counted), and sorted by event time, stably. It is then walked in chunks of ``chunk`` events;
-for every chunk, every system first **predicts** every event of the chunk from its current
-state, then **learns** the chunk:
+counted), and sorted by event time, stably. Every event is then predicted from a *state*: a
+prefix ``[0, upto[e])`` of the sorted stream that every system has learned, and nothing else.
 
-* rating track: each rating is predicted before it is learned, clipped to the rating scale
-  (an item the system has never seen gets the mean rating so far); MAE and RMSE;
-* top-N track: each interaction (click, view, purchase, rating) of a user with history, on an
-  item that user has not interacted with before, is looked up in a list of
-  :data:`LIST_LENGTH` for that user; HR@10, HR@20, NDCG@10 and MRR truncated at the list's
-  end, ties counted against the target (:mod:`freshrec.evaluation.ranking_metrics`); catalog
+* **lag** (the default, ``lag_s = 1``): the state holds exactly the events at least ``lag_s``
+  seconds older than the event,
+
+  .. math::
+
+      \mathrm{upto}[e] = \#\{e' : t_{e'} \le t_e - \mathrm{lag}\}
+      = \texttt{searchsorted}(t, t_e - \mathrm{lag}, \texttt{side="right"}),
+
+  which is what a real-time system with that freshness delivers;
+* **chunk** (``chunk = N``): the stream is cut in blocks of ``N`` events and each block is
+  predicted from the state before it (a batch system's view: up to ``N - 1`` events stale).
+
+Events that share their ``upto`` are predicted together from the same state; then the events up
+to the next group's ``upto`` are learned as one batch, and so on (:func:`prediction_groups`).
+
+* rating track: every rating is predicted, clipped to the rating scale (an item the system has
+  never seen gets the mean of the learned ratings); MAE and RMSE;
+* top-N track: an interaction (click, view, purchase, rating) is a *target* when it is the
+  user's first interaction with that item in the stream and the user has at least one learned
+  interaction (:meth:`IndexedStream.topn_targets`). Each is looked up in a list of
+  :data:`LIST_LENGTH` for its user; HR@10, HR@20, NDCG@10 and MRR truncated at the list's end,
+  ties counted against the target (:mod:`freshrec.evaluation.ranking_metrics`); catalog
   coverage of the top :data:`COVERAGE_K`; the share of hits on cold items (fewer than
-  :data:`COLD_BELOW` interactions before the event).
-
-Predicting a whole chunk from the state before it makes each prediction up to ``chunk - 1``
-events stale: the price of asking the real system, through the real reader, in bulk. The
-staleness is the same for every system and in both modes.
+  :data:`COLD_BELOW` interactions before the event). The baselines rank every item the state
+  knows that the user has not interacted with in the state; an item the state does not know
+  yet is a miss for every system.
 
 Modes: ``direct`` runs the worker's update code
 (:class:`freshrec.store.batch_update.BatchUpdater`) and the reader's funnel
-(:class:`freshrec.serving.funnel.Funnel`) in this process against Redis; ``pipeline``
-produces each chunk to Kafka, waits until a real worker process has applied it (its offset
-watermarks), and asks a real reader process over HTTP. The same chunks and the
-same definitions in both, so their RMSE agrees to far better than 1%.
+(:class:`freshrec.serving.funnel.Funnel`) in this process against Redis; ``pipeline`` produces
+each group's batch to Kafka, waits until a real worker process has applied it (its offset
+watermarks), and asks a real reader process over HTTP. The same groups and definitions in both.
 
-Side by side, learned from the same chunks: a popularity baseline and river's ``reco.BiasedMF``
-(:mod:`freshrec.evaluation.baselines`), so the lift of the personal model shows in the same run.
+Side by side, learned from the same batches (:mod:`freshrec.evaluation.baselines`): popularity,
+incremental item-kNN, river's ``reco.BiasedMF`` at freshrec's settings and at river's own
+documented ones. *The value of freshness* (:func:`run_eval` with ``freshness_lags``) repeats the
+lag protocol at several lags (1 s, 1 min, 1 h, 1 day) for every system.
 """
 
 from __future__ import annotations
@@ -36,9 +50,8 @@ import dataclasses
 import math
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +61,7 @@ from redis.asyncio import Redis
 from freshrec.devenv.isolated_run import isolated_run
 from freshrec.devenv.processes import Children, free_port, group_is_consuming, http_json
 from freshrec.evaluation.backends import Backend, DirectBackend, PipelineBackend
-from freshrec.evaluation.baselines import BiasedMFRanker, PopularityBaseline
+from freshrec.evaluation.baselines import BiasedMFRanker, ItemKNN, PopularityBaseline
 from freshrec.evaluation.datasets import RAW_KEY, detect_format, read_events
 from freshrec.evaluation.ranking_metrics import (
     COLD_BELOW,
@@ -68,12 +81,28 @@ from freshrec.settings import Settings
 from freshrec.store.batch_update import INTERACTIONS
 from freshrec.streams.events import Event, EventValidator, InvalidEvent
 
-__all__ = ["COLD_BELOW", "LIST_LENGTH", "format_summary", "load_events", "run_eval"]
+__all__ = [
+    "COLD_BELOW",
+    "DEFAULT_LAG_S",
+    "FRESHNESS_LAGS_S",
+    "LIST_LENGTH",
+    "IndexedStream",
+    "chunked_upto",
+    "format_summary",
+    "learned_upto",
+    "load_events",
+    "prediction_groups",
+    "run_eval",
+]
 
 LIST_LENGTH = 20
 """Length of every ranked list: HR@20 is its depth and MRR is truncated there."""
 COVERAGE_K = 10
 """Items of each list that count towards catalog coverage."""
+DEFAULT_LAG_S = 1.0
+"""The default protocol: every event predicted from the events at least 1 s older."""
+FRESHNESS_LAGS_S = (1.0, 60.0, 3600.0, 86400.0)
+"""The lags of *the value of freshness*: a second, a minute, an hour, a day."""
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -103,74 +132,243 @@ def load_events(
     return events, skipped, fmt
 
 
-# --- the prequential loop ------------------------------------------------------------------------
-@dataclass
-class _SystemScore:
-    """Accumulated metrics of one system, plus per-event series for the report's plots."""
+# --- the protocol --------------------------------------------------------------------------------
+def learned_upto(ts: np.ndarray, lag_s: float) -> np.ndarray:
+    """``upto[e]``: the state that predicts event ``e`` holds the events ``[0, upto[e])``.
 
-    rating: ErrorAccumulator = field(default_factory=ErrorAccumulator)
-    topn: TopNAccumulator = field(
-        default_factory=lambda: TopNAccumulator(list_length=LIST_LENGTH, coverage_k=COVERAGE_K)
-    )
-    sq_errors: list[np.ndarray] = field(default_factory=list)
-    hits: list[np.ndarray] = field(default_factory=list)
+    The events at least ``lag_s`` seconds older than ``e``; ``ts`` sorted ascending.
+
+    Examples
+    --------
+    >>> learned_upto(np.array([0.0, 0.0, 1.0, 1.5, 3.0]), 1.0).tolist()
+    [0, 0, 2, 2, 4]
+    """
+    if not lag_s > 0:
+        raise ValueError(f"lag must be positive seconds, got {lag_s}")
+    ts = np.asarray(ts, dtype=np.float64)
+    return np.searchsorted(ts, ts - lag_s, side="right").astype(np.int64)
+
+
+def chunked_upto(n: int, chunk: int) -> np.ndarray:
+    """``upto`` of the chunk protocol: each block of ``chunk`` events from the state before it.
+
+    Examples
+    --------
+    >>> chunked_upto(5, 2).tolist()
+    [0, 0, 2, 2, 4]
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    return (np.arange(n, dtype=np.int64) // chunk) * chunk
+
+
+def prediction_groups(upto: np.ndarray) -> list[tuple[int, int]]:
+    """Runs ``[start, stop)`` of events that share their state (their ``upto``), in order.
+
+    Examples
+    --------
+    >>> prediction_groups(np.array([0, 0, 2, 2, 4]))
+    [(0, 2), (2, 4), (4, 5)]
+    """
+    upto = np.asarray(upto)
+    if upto.size == 0:
+        return []
+    starts = [0, *(np.flatnonzero(np.diff(upto)) + 1).tolist()]
+    return list(zip(starts, [*starts[1:], int(upto.size)], strict=True))
+
+
+@dataclass
+class IndexedStream:
+    """The sorted stream as arrays: who, what, when, and what each event is known to follow.
+
+    Users and items are numbered in order of first appearance (items: of their first
+    interaction), so the items a prefix ``[0, U)`` knows are exactly ``0 .. known_items[U] - 1``.
+    """
+
+    events: list[Event]
+    ts: np.ndarray
+    user: np.ndarray  # user number per event
+    item: np.ndarray  # catalog number per interaction, -1 for other events
+    is_rating: np.ndarray
+    value: np.ndarray  # the rating, NaN for other events
+    first_pair: np.ndarray  # the user's first interaction with this item in the stream
+    prior_interactions: np.ndarray  # interactions with the event's item before the event
+    user_first_interaction: np.ndarray  # per user: position of the first interaction (n: none)
+    known_items: np.ndarray  # (n + 1,): distinct items among the interactions of [0, U)
+    user_ids: list[str]
+    item_ids: list[str]
+
+    @classmethod
+    def build(cls, events: Sequence[Event]) -> IndexedStream:
+        """Index ``events`` (sorted by time)."""
+        n = len(events)
+        users: dict[str, int] = {}
+        catalog: dict[str, int] = {}
+        pairs: set[tuple[int, int]] = set()
+        user = np.zeros(n, dtype=np.int64)
+        item = np.full(n, -1, dtype=np.int64)
+        is_rating = np.zeros(n, dtype=bool)
+        value = np.full(n, np.nan)
+        first_pair = np.zeros(n, dtype=bool)
+        prior = np.zeros(n, dtype=np.int64)
+        new_item = np.zeros(n, dtype=np.int64)
+        counts: list[int] = []
+        first_interaction: list[int] = []
+        for e, event in enumerate(events):
+            u = users.setdefault(event.user_id, len(users))
+            if u == len(first_interaction):
+                first_interaction.append(n)
+            user[e] = u
+            if event.type == "rating":
+                is_rating[e] = True
+                value[e] = float(event.value)  # type: ignore[arg-type]
+            if event.type not in INTERACTIONS:
+                continue
+            i = catalog.setdefault(event.item_id, len(catalog))
+            if i == len(counts):
+                counts.append(0)
+                new_item[e] = 1
+            item[e] = i
+            prior[e] = counts[i]
+            counts[i] += 1
+            first_pair[e] = (u, i) not in pairs
+            pairs.add((u, i))
+            first_interaction[u] = min(first_interaction[u], e)
+        return cls(
+            events=list(events),
+            ts=np.array([event.ts for event in events], dtype=np.float64),
+            user=user,
+            item=item,
+            is_rating=is_rating,
+            value=value,
+            first_pair=first_pair,
+            prior_interactions=prior,
+            user_first_interaction=np.array(first_interaction, dtype=np.int64),
+            known_items=np.concatenate([[0], np.cumsum(new_item)]),
+            user_ids=list(users),
+            item_ids=list(catalog),
+        )
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def topn_targets(self, upto: np.ndarray) -> np.ndarray:
+        """Top-N targets: a user's first interaction with an item, the user having learned ones.
+
+        The user has at least one interaction in the state ``[0, upto[e])``.
+        """
+        learned_user = self.user_first_interaction[self.user] < np.asarray(upto)
+        return (self.item >= 0) & self.first_pair & learned_user
+
+
+# --- the prequential loop ------------------------------------------------------------------------
+class _SystemScore:
+    """One system's predictions and ranks, kept per group and scored once at the end.
+
+    Accumulating per group (a few events each under the lag protocol) cost more than the
+    baselines themselves; the arrays are concatenated and scored in one pass instead. A few
+    running sums feed the progress line.
+    """
+
+    def __init__(self) -> None:
+        self.predictions: list[np.ndarray] = []
+        self.truths: list[np.ndarray] = []
+        self.ranks: list[np.ndarray] = []
+        self.cold: list[np.ndarray] = []
+        self.recommended: set[str] = set()  # items of served lists
+        self.recommended_rows = np.zeros(0, dtype=bool)  # catalog rows of ranked lists
+        self.rated = 0
+        self.sq_sum = 0.0
+        self.ranked = 0
+        self.hits = 0
 
     def add_ratings(self, predictions: np.ndarray, truths: np.ndarray) -> None:
-        self.rating.update(predictions, truths)
-        self.sq_errors.append((truths - predictions) ** 2)
+        self.predictions.append(predictions)
+        self.truths.append(truths)
+        ok = np.isfinite(predictions) & np.isfinite(truths)
+        self.rated += int(ok.sum())
+        self.sq_sum += float(np.square(truths - predictions)[ok].sum())
 
     def add_ranks(self, ranks: np.ndarray, cold: np.ndarray) -> None:
-        self.topn.update(ranks, cold)
-        self.hits.append(hit_rate(ranks, 10))
+        self.ranks.append(ranks)
+        self.cold.append(cold)
+        self.ranked += ranks.size
+        self.hits += int((ranks <= 10).sum())
 
-    def metrics(self, catalog_size: int) -> dict[str, float]:
-        out = {"mae": round(self.rating.mae, 6), "rmse": round(self.rating.rmse, 6)}
+    def recommend_rows(self, rows: np.ndarray, size: int) -> None:
+        if self.recommended_rows.size < size:
+            grown = np.zeros(max(size, 2 * self.recommended_rows.size), dtype=bool)
+            grown[: self.recommended_rows.size] = self.recommended_rows
+            self.recommended_rows = grown
+        self.recommended_rows[rows] = True
+
+    @property
+    def running(self) -> str:
+        rmse = math.sqrt(self.sq_sum / self.rated) if self.rated else math.nan
+        hr = self.hits / self.ranked if self.ranked else math.nan
+        return f"rmse {rmse:.3f}  hr@10 {hr:.3f}"
+
+    def squared_errors(self) -> np.ndarray:
+        if not self.truths:
+            return np.zeros(0)
+        return (np.concatenate(self.truths) - np.concatenate(self.predictions)) ** 2
+
+    def hit_series(self) -> np.ndarray:
+        return hit_rate(np.concatenate(self.ranks), 10) if self.ranks else np.zeros(0)
+
+    def accumulators(self, item_ids: Sequence[str]) -> tuple[ErrorAccumulator, TopNAccumulator]:
+        rating = ErrorAccumulator()
+        if self.truths:
+            rating.update(np.concatenate(self.predictions), np.concatenate(self.truths))
+        topn = TopNAccumulator(list_length=LIST_LENGTH, coverage_k=COVERAGE_K)
+        if self.ranks:
+            topn.update(np.concatenate(self.ranks), np.concatenate(self.cold))
+        topn.recommended = self.recommended | {
+            item_ids[r] for r in np.flatnonzero(self.recommended_rows).tolist()
+        }
+        return rating, topn
+
+    def metrics(self, item_ids: Sequence[str]) -> dict[str, float]:
+        rating, topn = self.accumulators(item_ids)
+        out = {"mae": round(rating.mae, 6), "rmse": round(rating.rmse, 6)}
         out["rmse_last_quarter"] = round(self._tail_rmse(), 6)
-        out.update(self.topn.metrics(catalog_size))
+        out.update(topn.metrics(len(item_ids)))
         return out
 
     def _tail_rmse(self) -> float:
         """RMSE over the last quarter of the ratings: where the learning curve has got to."""
-        if not self.sq_errors:
+        squared = self.squared_errors()
+        if not squared.size:
             return math.nan
-        squared = np.concatenate(self.sq_errors)
         tail = squared[-max(1, squared.size // 4) :]
         tail = tail[np.isfinite(tail)]
         return float(np.sqrt(tail.mean())) if tail.size else math.nan
 
 
-@dataclass
-class _Chunk:
-    """What a chunk asks of every system, worked out before any of them learns it."""
-
-    rating_rows: list[int] = field(default_factory=list)  # positions in the chunk
-    topn_rows: list[int] = field(default_factory=list)
-    cold: list[bool] = field(default_factory=list)
-    targets: list[int] = field(default_factory=list)  # catalog index, -1: not in the catalog yet
-    users: list[str] = field(default_factory=list)  # distinct users of the top-N rows
-    known: int = 0  # catalog size before the chunk: the items a ranking can hold
-
-
 class Evaluation:
-    """The prequential state shared by all systems: catalog, histories, counts, scores."""
+    """One prequential walk of a stream under one protocol: every system, same states."""
 
     def __init__(
         self,
         settings: Settings,
         backend: Backend,
+        stream: IndexedStream,
+        upto: np.ndarray,
         ablation: dict[str, FunnelConfig] | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
+        self.stream = stream
+        self.upto = np.asarray(upto, dtype=np.int64)
+        self.targets = stream.topn_targets(self.upto)
         self.ablation = ablation or {}
-        self.catalog: dict[str, int] = {}  # item -> index, in order of first interaction
-        self.item_ids: list[str] = []  # index -> item
-        self.seen: defaultdict[str, set[str]] = defaultdict(set)
-        self.seen_index: defaultdict[str, list[int]] = defaultdict(list)
-        self.interactions: defaultdict[str, int] = defaultdict(int)
+        self.learned = 0  # the state: events [0, learned)
+        self.seen: dict[int, list[int]] = {}  # user number -> learned items, first time each
+        self._seen_sets: dict[int, set[int]] = {}
         self.rating_sum = 0.0
         self.rating_n = 0
         self.popularity = PopularityBaseline()
+        self.item_knn = ItemKNN()
         self.river = BiasedMFRanker(
             settings.mf_factors,
             settings.mf_lr,
@@ -178,202 +376,210 @@ class Evaluation:
             init_std=settings.mf_init_std,
             seed=settings.mf_seed,
         )
+        self.river_docs = BiasedMFRanker.river_documented()
         self.scores = {name: _SystemScore() for name in (*SYSTEMS, *self.ablation)}
         self.rating_positions: list[int] = []
         self.topn_positions: list[int] = []
         self.ours_seconds = 0.0
-        self.events = 0
-        self.users: set[str] = set()
+        self.baseline_seconds = 0.0
 
-    # --- one chunk ---------------------------------------------------------------------------
-    def _plan(self, events: Sequence[Event]) -> _Chunk:
-        """Which events each track scores; history and item counts advance event by event."""
-        plan = _Chunk()
-        added: defaultdict[str, set[str]] = defaultdict(set)
-        counts: defaultdict[str, int] = defaultdict(int)
-        users: dict[str, None] = {}
-        known = plan.known = len(self.catalog)
-        for n, e in enumerate(events):
-            if e.type == "rating":
-                plan.rating_rows.append(n)
-            if e.type not in INTERACTIONS:
-                continue
-            user, item = e.user_id, e.item_id
-            index = self.catalog.setdefault(item, len(self.catalog))  # new: not rankable yet
-            if index == len(self.item_ids):
-                self.item_ids.append(item)
-            history = self.seen.get(user, ())
-            if (history or added[user]) and item not in history and item not in added[user]:
-                plan.topn_rows.append(n)
-                plan.cold.append(self.interactions.get(item, 0) + counts[item] < COLD_BELOW)
-                plan.targets.append(index if index < known else -1)
-                users.setdefault(user, None)
-            added[user].add(item)
-            counts[item] += 1
-        plan.users = list(users)
-        return plan
+    @property
+    def events(self) -> int:
+        return len(self.stream)
 
-    async def step(self, events: Sequence[Event], offset: int) -> None:
-        plan = self._plan(events)
-        ratings = [events[n] for n in plan.rating_rows]
-        truths = np.array([float(e.value) for e in ratings])  # type: ignore[arg-type]
+    # --- the walk ----------------------------------------------------------------------------
+    async def run(self, progress: Progress | None = None) -> None:
+        for start, stop in prediction_groups(self.upto):
+            await self.step(start, stop)
+            if progress is not None:
+                progress.advance(stop - start, note=self.scores["freshrec"].running)
+        # The rest of the stream, so the updater's own per-rating error covers every rating.
+        await self._learn_upto(len(self.stream), baselines=False)
+
+    async def step(self, start: int, stop: int) -> None:
+        """Learn up to the group's state, then predict the group ``[start, stop)``."""
+        await self._learn_upto(int(self.upto[start]))
+        s = self.stream
+        rating_rows = np.flatnonzero(s.is_rating[start:stop]) + start
+        topn_rows = np.flatnonzero(self.targets[start:stop]) + start
+        users = list(dict.fromkeys(s.user[topn_rows].tolist()))
+        user_ids = [s.user_ids[u] for u in users]
+        events = s.events
+        truths = s.value[rating_rows]
         fallback = (
             self.rating_sum / self.rating_n
             if self.rating_n
             else (self.settings.rating_min + self.settings.rating_max) / 2
         )
         lo, hi = self.settings.rating_min, self.settings.rating_max
+        cold = s.prior_interactions[topn_rows] < COLD_BELOW
 
-        # --- freshrec: predict the chunk through the system, then learn it ----------------------
+        # --- freshrec: predict the group through the system -------------------------------------
         started = time.perf_counter()
-        pairs = list(dict.fromkeys((e.user_id, e.item_id) for e in ratings))
+        pairs = list(dict.fromkeys((events[n].user_id, events[n].item_id) for n in rating_rows))
         predicted, ranked = await asyncio.gather(
-            self.backend.predict(pairs), self.backend.recommend(plan.users, LIST_LENGTH)
+            self.backend.predict(pairs), self.backend.recommend(user_ids, LIST_LENGTH)
         )
-        answers = dict(zip(pairs, predicted, strict=True))
-        lists = dict(zip(plan.users, ranked, strict=True))
         self.ours_seconds += time.perf_counter() - started
-
-        if ratings:
+        answers = dict(zip(pairs, predicted, strict=True))
+        lists = dict(zip(user_ids, ranked, strict=True))
+        if rating_rows.size:
             ours = np.array(
-                [answers[(e.user_id, e.item_id)] for e in ratings], dtype=np.float64
-            )  # None -> nan -> the fallback: the mean rating so far
+                [answers[(events[n].user_id, events[n].item_id)] for n in rating_rows],
+                dtype=np.float64,
+            )  # None -> nan -> the fallback: the mean learned rating
             self.scores["freshrec"].add_ratings(clip_predictions(ours, lo, hi, fallback), truths)
-        if plan.topn_rows:
-            ranks = np.array(
-                [rank_in_list(*lists[events[n].user_id], events[n].item_id) for n in plan.topn_rows]
-            )
-            self.scores["freshrec"].add_ranks(ranks, np.array(plan.cold))
-            for items, _ in lists.values():
-                self.scores["freshrec"].topn.recommend(items)
+        if topn_rows.size:
+            self._score_lists("freshrec", lists, topn_rows, cold)
 
         # --- the same funnel with fewer recall channels, same state (direct mode) ---------------
         for name, config in self.ablation.items():
-            alt = await self.backend.recommend(plan.users, LIST_LENGTH, config)  # type: ignore[call-arg]
-            alt_lists = dict(zip(plan.users, alt, strict=True))
-            if plan.topn_rows:
-                ranks = np.array(
-                    [
-                        rank_in_list(*alt_lists[events[n].user_id], events[n].item_id)
-                        for n in plan.topn_rows
-                    ]
-                )
-                self.scores[name].add_ranks(ranks, np.array(plan.cold))
-                for items, _ in alt_lists.values():
-                    self.scores[name].topn.recommend(items)
+            alt = await self.backend.recommend(user_ids, LIST_LENGTH, config)  # type: ignore[call-arg]
+            if topn_rows.size:
+                self._score_lists(name, dict(zip(user_ids, alt, strict=True)), topn_rows, cold)
 
-        # --- baselines, from the same state (before the chunk) -----------------------------------
-        self._baselines_predict(events, plan, ratings, truths, fallback)
-
-        # --- learn -----------------------------------------------------------------------------
+        # --- baselines, from the same state ------------------------------------------------------
         started = time.perf_counter()
-        await self.backend.learn(events)
+        self._baselines_predict(rating_rows, truths, fallback, topn_rows, users, cold)
+        self.baseline_seconds += time.perf_counter() - started
+        self.rating_positions.extend(rating_rows.tolist())
+        self.topn_positions.extend(topn_rows.tolist())
+
+    def _score_lists(
+        self, name: str, lists: dict[str, Any], rows: np.ndarray, cold: np.ndarray
+    ) -> None:
+        events = self.stream.events
+        ranks = np.array(
+            [rank_in_list(*lists[events[n].user_id], events[n].item_id) for n in rows.tolist()]
+        )
+        score = self.scores[name]
+        score.add_ranks(ranks, cold)
+        for items, _ in lists.values():
+            score.recommended.update(items[:COVERAGE_K])
+
+    async def _learn_upto(self, upto: int, baselines: bool = True) -> None:
+        """Every system learns the events ``[learned, upto)`` as one batch."""
+        if upto <= self.learned:
+            return
+        batch = self.stream.events[self.learned : upto]
+        started = time.perf_counter()
+        await self.backend.learn(batch)
         self.ours_seconds += time.perf_counter() - started
-        self._learn(events)
-        self.rating_positions.extend(offset + n for n in plan.rating_rows)
-        self.topn_positions.extend(offset + n for n in plan.topn_rows)
-        self.events += len(events)
+        if baselines:
+            started = time.perf_counter()
+            self._baselines_learn(self.learned, upto)
+            self.baseline_seconds += time.perf_counter() - started
+        self.learned = upto
+
+    def _baselines_learn(self, start: int, stop: int) -> None:
+        s = self.stream
+        for n in range(start, stop):
+            i = int(s.item[n])
+            if i < 0:
+                continue
+            u = int(s.user[n])
+            user_id = s.user_ids[u]
+            rating = float(s.value[n]) if s.is_rating[n] else None
+            self.popularity.learn_one(i, rating)
+            self.item_knn.learn_one(user_id, i)
+            if rating is not None:
+                self.river.learn_one(user_id, i, rating)
+                self.river_docs.learn_one(user_id, i, rating)
+                self.rating_sum += rating
+                self.rating_n += 1
+            seen = self._seen_sets.setdefault(u, set())
+            if i not in seen:
+                seen.add(i)
+                self.seen.setdefault(u, []).append(i)
 
     def _baselines_predict(
         self,
-        events: Sequence[Event],
-        plan: _Chunk,
-        ratings: list[Event],
+        rating_rows: np.ndarray,
         truths: np.ndarray,
         fallback: float,
+        topn_rows: np.ndarray,
+        users: list[int],
+        cold: np.ndarray,
     ) -> None:
+        s = self.stream
         lo, hi = self.settings.rating_min, self.settings.rating_max
-        if ratings:
-            indices = [self.catalog[e.item_id] for e in ratings]
-            pop = np.array([self.popularity.predict_rating(i) for i in indices])
+        if rating_rows.size:
+            items = s.item[rating_rows].tolist()
+            user_ids = [s.user_ids[u] for u in s.user[rating_rows].tolist()]
+            pop = np.array([self.popularity.predict_rating(i) for i in items])
             self.scores["popularity"].add_ratings(clip_predictions(pop, lo, hi, fallback), truths)
-            river = np.array(
-                [
-                    self.river.predict_rating(e.user_id, i)
-                    for e, i in zip(ratings, indices, strict=True)
-                ]
-            )
-            self.scores["river_biased_mf"].add_ratings(
-                clip_predictions(river, lo, hi, fallback), truths
-            )
-        if not plan.topn_rows:
+            for name, model in (
+                ("river_biased_mf", self.river),
+                ("river_biased_mf_docs", self.river_docs),
+            ):
+                predicted = np.array(
+                    [model.predict_rating(u, i) for u, i in zip(user_ids, items, strict=True)]
+                )
+                self.scores[name].add_ratings(clip_predictions(predicted, lo, hi, fallback), truths)
+        if not topn_rows.size:
             return
-        n_items = plan.known
-        row_of = {user: r for r, user in enumerate(plan.users)}
-        candidates = np.ones((len(plan.users), n_items), dtype=bool)
-        for r, user in enumerate(plan.users):
-            candidates[r, self.seen_index.get(user, [])] = False
-        rows = np.array([row_of[events[n].user_id] for n in plan.topn_rows])
-        targets = np.array(plan.targets)
-        cold = np.array(plan.cold)
-        matrices = {
-            "popularity": np.broadcast_to(
-                self.popularity.scores(n_items), (len(plan.users), n_items)
-            ),
-            "river_biased_mf": self.river.scores(plan.users, n_items),
-        }
-        items = self.item_ids
-        for name, matrix in matrices.items():
-            if n_items == 0:
-                ranks = np.full(len(rows), MISSING)
-            else:
-                ranks = pessimistic_ranks(matrix[rows], targets, candidates[rows])
-            self.scores[name].add_ranks(ranks, cold)
-            self._note_lists(name, matrix, candidates, items)
-
-    def _note_lists(
-        self, name: str, matrix: np.ndarray, candidates: np.ndarray, items: list[str]
-    ) -> None:
-        """The top ``COVERAGE_K`` unseen items of each user's row, for coverage."""
-        if matrix.shape[1] == 0:
+        n_items = int(s.known_items[self.learned])
+        names = ("popularity", "item_knn", "river_biased_mf", "river_biased_mf_docs")
+        if n_items == 0:
+            for name in names:
+                self.scores[name].add_ranks(np.full(topn_rows.size, MISSING), cold)
             return
-        masked = np.where(candidates, matrix, -np.inf)
-        k = min(COVERAGE_K, masked.shape[1])
+        candidates = np.ones((len(users), n_items), dtype=bool)
+        for r, user in enumerate(users):
+            candidates[r, self.seen.get(user, [])] = False
+        row_of = {user: r for r, user in enumerate(users)}
+        rows = np.array([row_of[u] for u in s.user[topn_rows].tolist()])
+        targets = s.item[topn_rows]
+        targets = np.where(targets < n_items, targets, -1)  # not in the state: a miss
+        user_ids = [s.user_ids[u] for u in users]
+        stacked = np.empty((len(names), len(users), n_items))
+        stacked[0] = self.popularity.scores(n_items)[None, :]
+        stacked[1] = self.item_knn.scores(user_ids, n_items)
+        stacked[2] = self.river.scores(user_ids, n_items)
+        stacked[3] = self.river_docs.scores(user_ids, n_items)
+        # Every system's ranks in one pass: rows of system-major (system, target) pairs.
+        ranks = pessimistic_ranks(
+            stacked[:, rows].reshape(-1, n_items),
+            np.tile(targets, len(names)),
+            np.tile(candidates[rows], (len(names), 1)),
+        ).reshape(len(names), -1)
+        # Coverage: the top COVERAGE_K unseen items of each user's row, every system at once.
+        masked = np.where(candidates[None], stacked, -np.inf).reshape(-1, n_items)
+        k = min(COVERAGE_K, n_items)
         top = np.argpartition(-masked, k - 1, axis=1)[:, :k]
-        accumulator = self.scores[name].topn
-        for row, columns in enumerate(top):
-            accumulator.recommend([items[c] for c in columns if np.isfinite(masked[row, c])])
-
-    def _learn(self, events: Sequence[Event]) -> None:
-        for e in events:
-            self.users.add(e.user_id)
-            if e.type not in INTERACTIONS:
-                continue
-            index = self.catalog[e.item_id]  # numbered by _plan
-            rating = float(e.value) if e.type == "rating" else None  # type: ignore[arg-type]
-            self.popularity.learn_one(index, rating)
-            if rating is not None:
-                self.river.learn_one(e.user_id, index, rating)
-                self.rating_sum += rating
-                self.rating_n += 1
-            if e.item_id not in self.seen[e.user_id]:
-                self.seen[e.user_id].add(e.item_id)
-                self.seen_index[e.user_id].append(index)
-            self.interactions[e.item_id] += 1
+        listed = np.isfinite(np.take_along_axis(masked, top, axis=1))
+        top = top.reshape(len(names), -1)
+        listed = listed.reshape(len(names), -1)
+        for n, name in enumerate(names):
+            self.scores[name].add_ranks(ranks[n], cold)
+            self.scores[name].recommend_rows(top[n][listed[n]], n_items)
 
     # --- results -----------------------------------------------------------------------------
+    def system_metrics(self) -> dict[str, dict[str, float]]:
+        """Every system's metrics, freshrec first."""
+        return {name: self.scores[name].metrics(self.stream.item_ids) for name in SYSTEMS}
+
     def summary(self) -> dict[str, Any]:
-        catalog = len(self.catalog)
-        ours = self.scores["freshrec"]
+        item_ids = self.stream.item_ids
+        rating, topn = self.scores["freshrec"].accumulators(item_ids)
         out: dict[str, Any] = {
             "events": self.events,
-            "users": len(self.users),
-            "items": catalog,
-            "rating_events": ours.rating.n,
-            "topn_events": ours.topn.n,
-            "cold_event_share": round(ours.topn.cold_events / ours.topn.n, 6)
-            if ours.topn.n
-            else math.nan,
+            "users": len(self.stream.user_ids),
+            "items": len(item_ids),
+            "rating_events": rating.n,
+            "topn_events": topn.n,
+            "cold_event_share": round(topn.cold_events / topn.n, 6) if topn.n else math.nan,
+            "groups": len(prediction_groups(self.upto)),
         }
-        out.update(ours.metrics(catalog))
+        out.update(self.scores["freshrec"].metrics(item_ids))
         out["events_per_s"] = round(self.events / max(self.ours_seconds, 1e-9), 1)
-        out["baselines"] = {
-            name: self.scores[name].metrics(catalog) for name in SYSTEMS if name != "freshrec"
-        }
+        out["baselines_s"] = round(self.baseline_seconds, 2)
+        metrics = self.system_metrics()
+        out["baselines"] = {name: metrics[name] for name in SYSTEMS if name != "freshrec"}
         if self.ablation:
             keep = ("hr@10", "hr@20", "ndcg@10", "mrr", "coverage")
             out["recall_ablation"] = {
-                name: {key: self.scores[name].metrics(catalog)[key] for key in keep}
+                name: {key: self.scores[name].metrics(item_ids)[key] for key in keep}
                 for name in self.ablation
             }
         return out
@@ -387,53 +593,113 @@ def run_eval(
     fmt: str | None = None,
     out_dir: Path | None = None,
     limit: int = 0,
-    chunk: int = 200,
+    chunk: int | None = None,
     show_progress: bool = True,
     ablation: bool = False,
+    lag_s: float | None = None,
+    freshness_lags: Sequence[float] = (),
 ) -> dict[str, Any]:
     """Evaluate ``path`` prequentially in ``mode`` ("pipeline" or "direct"); the summary.
 
-    ``ablation`` (direct mode) also scores the same funnel with MF recall only and with CF
-    recall only, on the same state at the same moments.
+    The protocol is the lag protocol at ``lag_s`` (default :data:`DEFAULT_LAG_S`), or the chunk
+    protocol when ``chunk`` is given; not both. ``freshness_lags`` also runs the lag protocol
+    at each of those lags for every system (*the value of freshness*; a lag equal to the main
+    run's is not run twice). ``ablation`` (direct mode) also scores the same funnel with MF
+    recall only and with CF recall only, on the same state at the same moments.
 
     Services come from ``freshrec.devenv.local_services.resolve`` (started when not configured and
-    stopped at the end); the run uses topics and keys of its own and deletes them at the end.
+    stopped at the end); each run uses topics and keys of its own and deletes them at the end.
     """
     if mode not in ("pipeline", "direct"):
         raise ValueError(f"unknown mode {mode!r}; expected pipeline or direct")
-    if chunk < 1:
+    if chunk is not None and lag_s is not None:
+        raise ValueError("give --lag or --chunk, not both: they are two protocols")
+    if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
+    if lag_s is None and chunk is None:
+        lag_s = DEFAULT_LAG_S
+    if lag_s is not None and not lag_s > 0:
+        raise ValueError(f"lag must be positive seconds, got {lag_s}")
+    if any(not lag > 0 for lag in freshness_lags):
+        raise ValueError(f"freshness lags must be positive seconds, got {list(freshness_lags)}")
     if ablation and mode != "direct":
         raise ValueError("--ablation needs --mode direct (the reader serves one configuration)")
     path = Path(path)
     events, skipped, fmt = load_events(path, settings, fmt, limit)
     if not events:
         raise ValueError(f"{path}: no valid events to evaluate ({skipped} skipped)")
+    stream = IndexedStream.build(events)
+    upto = learned_upto(stream.ts, lag_s) if chunk is None else chunked_upto(len(stream), chunk)
 
-    # Topics and keys of its own on the shared services, all erased at the end.
-    with isolated_run(
-        settings, "eval", worker_metrics_port=0, serve_port=free_port()
-    ) as run_settings:
-        started = time.perf_counter()
-        variants = _recall_ablation(run_settings) if ablation else None
-        evaluation = asyncio.run(_run(run_settings, mode, events, chunk, show_progress, variants))
-        wall = time.perf_counter() - started
-    summary = {"mode": mode, "file": str(path), "format": fmt, "chunk": chunk}
+    started = time.perf_counter()
+    evaluation = _evaluate(settings, mode, stream, upto, show_progress, ablation, label="")
+    wall = time.perf_counter() - started
+    summary: dict[str, Any] = {
+        "mode": mode,
+        "file": str(path),
+        "format": fmt,
+        "protocol": "chunk" if chunk is not None else "lag",
+        "lag_s": lag_s,
+        "chunk": chunk,
+    }
     summary.update(evaluation.summary())
     summary["skipped"] = skipped
     summary["wall_s"] = round(wall, 2)
     if mode == "direct" and isinstance(evaluation.backend, DirectBackend):
         summary["sequential"] = _sequential(evaluation, events, settings)
+    if freshness_lags:
+        started = time.perf_counter()
+        summary["freshness"] = []
+        for lag in freshness_lags:
+            if chunk is None and lag == lag_s:
+                at_lag = evaluation
+            else:
+                at_lag = _evaluate(
+                    settings,
+                    mode,
+                    stream,
+                    learned_upto(stream.ts, lag),
+                    show_progress,
+                    label=f" lag {lag:g} s",
+                )
+            summary["freshness"].append(
+                {
+                    "lag_s": lag,
+                    "rating_events": at_lag.scores["freshrec"].rated,
+                    "topn_events": at_lag.scores["freshrec"].ranked,
+                    "systems": at_lag.system_metrics(),
+                }
+            )
+        summary["freshness_s"] = round(time.perf_counter() - started, 2)
     summary = _json_safe(summary)
     if out_dir is not None:
         summary["report"] = str(write_report(Path(out_dir), summary, evaluation))
     return summary
 
 
+def _evaluate(
+    settings: Settings,
+    mode: str,
+    stream: IndexedStream,
+    upto: np.ndarray,
+    show_progress: bool,
+    ablation: bool = False,
+    label: str = "",
+) -> Evaluation:
+    """One walk of ``stream`` with topics and keys of its own on the shared services."""
+    with isolated_run(
+        settings, "eval", worker_metrics_port=0, serve_port=free_port()
+    ) as run_settings:
+        variants = _recall_ablation(run_settings) if ablation else None
+        return asyncio.run(_run(run_settings, mode, stream, upto, show_progress, variants, label))
+
+
 def _json_safe(value: Any) -> Any:
     """NaN (a metric with nothing to average, e.g. RMSE of a file without ratings) -> None."""
     if isinstance(value, dict):
         return {key: _json_safe(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -442,8 +708,8 @@ def _json_safe(value: Any) -> Any:
 def _sequential(evaluation: Evaluation, events: Sequence[Event], settings: Settings) -> dict:
     """Direct mode only: the per-event prequential error the updater itself measures.
 
-    Every rating predicted just before its own update, no chunk staleness: the lower bound the
-    chunked figure approaches as ``chunk`` goes to 1.
+    Every rating predicted just before its own update, no staleness at all: the lower bound
+    the protocol's figure approaches as the lag (or the chunk) goes to nothing.
     """
     assert isinstance(evaluation.backend, DirectBackend)
     truths = np.array([float(e.value) for e in events if e.type == "rating"])  # type: ignore[arg-type]
@@ -480,10 +746,11 @@ def _recall_ablation(settings: Settings) -> dict[str, FunnelConfig]:
 async def _run(
     settings: Settings,
     mode: str,
-    events: list[Event],
-    chunk: int,
+    stream: IndexedStream,
+    upto: np.ndarray,
     show_progress: bool,
     ablation: dict[str, FunnelConfig] | None = None,
+    label: str = "",
 ) -> Evaluation:
     redis = Redis.from_url(settings.redis_url, socket_timeout=10)
     processes: Children | None = None
@@ -510,16 +777,9 @@ async def _run(
                 "the worker to join its consumer group",
             )
             backend = PipelineBackend(settings, redis, base_url, processes.check)
-        evaluation = Evaluation(settings, backend, ablation)
-        progress = Progress(len(events), f"eval {mode}") if show_progress else None
-        for offset in range(0, len(events), chunk):
-            batch = events[offset : offset + chunk]
-            await evaluation.step(batch, offset)
-            if progress is not None:
-                ours = evaluation.scores["freshrec"]
-                progress.advance(
-                    len(batch), note=f"rmse {ours.rating.rmse:.3f}  hr@10 {ours.topn.hr(10):.3f}"
-                )
+        evaluation = Evaluation(settings, backend, stream, upto, ablation)
+        progress = Progress(len(stream), f"eval {mode}{label}") if show_progress else None
+        await evaluation.run(progress)
         if progress is not None:
             progress.close()
         return evaluation

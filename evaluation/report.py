@@ -19,8 +19,15 @@ from freshrec.evaluation.ranking_metrics import (
     rolling_mean,
 )
 
-SYSTEMS = ("freshrec", "popularity", "river_biased_mf")
-LABELS = {"freshrec": "freshrec", "popularity": "popularity", "river_biased_mf": "river BiasedMF"}
+SYSTEMS = ("freshrec", "popularity", "item_knn", "river_biased_mf", "river_biased_mf_docs")
+LABELS = {
+    "freshrec": "freshrec",
+    "popularity": "popularity",
+    "item_knn": "item-kNN",
+    "river_biased_mf": "river MF (ours)",
+    "river_biased_mf_docs": "river MF (docs)",
+}
+FRESHNESS_ROWS = (("hr@10", "HR@10"), ("ndcg@10", "NDCG@10"), ("rmse", "RMSE"), ("mae", "MAE"))
 
 
 # --- output --------------------------------------------------------------------------------------
@@ -44,21 +51,28 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     lines = [
         f"prequential evaluation of {summary['file']} ({summary['format']}), mode "
-        f"{summary['mode']}, chunks of {summary['chunk']}",
+        f"{summary['mode']}, {protocol_text(summary)}",
         f"{summary['events']:,} events ({summary['skipped']:,} skipped), "
         f"{summary['users']:,} users, {summary['items']:,} items; "
         f"{summary['rating_events']:,} ratings predicted, "
         f"{summary['topn_events']:,} top-N events",
         "",
-        f"{'':16}" + "".join(f"{name:>18}" for name, _ in columns),
+        f"{'':16}" + "".join(f"{name:>16}" for name, _ in columns),
     ]
     for key, label in _ROWS:
-        cells = "".join(f"{_cell(values.get(key)):>18}" for _, values in columns)
+        cells = "".join(f"{_cell(values.get(key)):>16}" for _, values in columns)
         lines.append(f"{label:16}{cells}")
+    if summary.get("freshness"):
+        lines += [
+            "",
+            "the value of freshness (each event predicted from the events this much older):",
+        ]
+        lines += freshness_table(summary["freshness"], markdown=False)
+        lines.append(f"({summary['freshness_s']:.1f} s for the table)")
     if summary.get("sequential"):
         seq = summary["sequential"]
         lines.append(
-            f"\nper-event (no chunk staleness) RMSE {seq['rmse']:.4f}, MAE {seq['mae']:.4f}"
+            f"\nper-event (no staleness at all) RMSE {seq['rmse']:.4f}, MAE {seq['mae']:.4f}"
         )
     if summary.get("recall_ablation"):
         lines.append(
@@ -71,12 +85,54 @@ def format_summary(summary: dict[str, Any]) -> str:
                 f"  coverage {_cell(values['coverage'])}"
             )
     lines.append(
-        f"\n{summary['events_per_s']:,.0f} events/s through freshrec (prediction included); "
-        f"{summary['wall_s']:.1f} s in all"
+        f"\n{summary['events_per_s']:,.0f} events/s through freshrec (prediction included), "
+        f"{summary['events'] / max(summary['wall_s'], 1e-9):,.0f} events/s in all "
+        f"({summary['wall_s']:.1f} s, {summary['baselines_s']:.1f} s of it the baselines)"
     )
     if summary.get("report"):
         lines.append(f"report: {summary['report']}")
     return "\n".join(lines)
+
+
+def protocol_text(summary: dict[str, Any]) -> str:
+    """How the run's states were made, in words."""
+    if summary.get("protocol") == "chunk":
+        return f"chunks of {summary['chunk']} events"
+    return f"lag {summary['lag_s']:g} s (every event predicted from the events that much older)"
+
+
+def _lag_text(lag: float) -> str:
+    for unit, seconds in (("day", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if lag >= seconds and lag % seconds == 0:
+            return f"{lag / seconds:g} {unit}"
+    return f"{lag:g} s"
+
+
+def freshness_table(freshness: list[dict[str, Any]], markdown: bool = True) -> list[str]:
+    """One row per system and metric, one column per lag: what each second of staleness costs."""
+    lags = [_lag_text(entry["lag_s"]) for entry in freshness]
+    systems = list(freshness[0]["systems"]) if freshness else []
+    if markdown:
+        out = ["| system | metric | " + " | ".join(lags) + " |"]
+        out.append("| --- | --- |" + " --- |" * len(lags))
+    else:
+        out = [f"{'':18}{'':9}" + "".join(f"{lag:>10}" for lag in lags)]
+    for system in systems:
+        for key, label in FRESHNESS_ROWS:
+            values = [entry["systems"][system].get(key) for entry in freshness]
+            if all(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+                continue
+            name = LABELS.get(system, system)
+            if markdown:
+                out.append(f"| {name} | {label} | " + " | ".join(_cell(v) for v in values) + " |")
+            else:
+                out.append(f"{name:18}{label:9}" + "".join(f"{_cell(v):>10}" for v in values))
+    targets = [str(entry["topn_events"]) for entry in freshness]
+    if markdown:
+        out.append("| | top-N targets | " + " | ".join(targets) + " |")
+    else:
+        out.append(f"{'':18}{'targets':9}" + "".join(f"{t:>10}" for t in targets))
+    return out
 
 
 def _cell(value: Any) -> str:
@@ -96,8 +152,8 @@ def write_report(out_dir: Path, summary: dict[str, Any], evaluation: Evaluation)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plots = []
     series = (
-        ("rmse.png", "rolling RMSE", evaluation.rating_positions, "sq_errors", True),
-        ("hr10.png", "rolling HR@10", evaluation.topn_positions, "hits", False),
+        ("rmse.png", "rolling RMSE", evaluation.rating_positions, "squared_errors", True),
+        ("hr10.png", "rolling HR@10", evaluation.topn_positions, "hit_series", False),
     )
     for name, title, positions, attribute, root in series:
         if not positions:
@@ -105,10 +161,13 @@ def write_report(out_dir: Path, summary: dict[str, Any], evaluation: Evaluation)
         x = np.asarray(positions)
         window = max(100, len(positions) // 50)
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-        for system in SYSTEMS:
-            parts = getattr(evaluation.scores[system], attribute)
-            values = rolling_mean(np.concatenate(parts), window)
-            ax.plot(x, np.sqrt(values) if root else values, label=LABELS[system])
+        for n, system in enumerate(SYSTEMS):
+            series = getattr(evaluation.scores[system], attribute)()
+            if series.size != x.size or not np.isfinite(series).any():
+                continue  # a system without ratings (item-kNN) has no RMSE curve
+            values = rolling_mean(series, window)
+            y = np.sqrt(values) if root else values
+            ax.plot(x, y, color=f"C{n}", label=LABELS[system])
         ax.set_xlabel("event (stream order)")
         ax.set_ylabel(title.split(" ", 1)[1])
         ax.set_title(f"{title} over the stream (window {window})")
@@ -128,8 +187,8 @@ def write_report(out_dir: Path, summary: dict[str, Any], evaluation: Evaluation)
     text = [
         f"# Prequential evaluation of `{Path(summary['file']).name}`",
         "",
-        f"Mode `{summary['mode']}`, chunks of {summary['chunk']} events: every system predicts "
-        "a chunk from its state before it, then learns it. "
+        f"Mode `{summary['mode']}`, {protocol_text(summary)}: every system predicts each event "
+        "from the same state, then learns the next batch. "
         f"{summary['events']:,} events ({summary['skipped']:,} skipped), "
         f"{summary['rating_events']:,} ratings predicted, {summary['topn_events']:,} top-N "
         f"events; {summary['events_per_s']:,.0f} events/s through freshrec.",
@@ -145,12 +204,55 @@ def write_report(out_dir: Path, summary: dict[str, Any], evaluation: Evaluation)
     if summary.get("sequential"):
         seq = summary["sequential"]
         text += [
-            f"Per rating, with no chunk staleness (the updater's own prequential error): "
+            f"Per rating, with no staleness at all (the updater's own prequential error): "
             f"RMSE {seq['rmse']:.4f}, MAE {seq['mae']:.4f}.",
             "",
         ]
+    if summary.get("freshness"):
+        text += [
+            "## The value of freshness",
+            "",
+            "The same stream and systems under the lag protocol at each lag: every event "
+            "predicted from exactly the events at least that much older.",
+            "",
+            *freshness_table(summary["freshness"]),
+            "",
+        ]
+        if _freshness_plot(out_dir, summary["freshness"]):
+            text += ["![HR@10 and RMSE against lag](freshness.png)", ""]
     for name, title in plots:
         text += [f"![{title}]({name})", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(text))
     return report
+
+
+def _freshness_plot(out_dir: Path, freshness: list[dict[str, Any]]) -> bool:
+    """``freshness.png``: HR@10 and RMSE of every system against the lag, log x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lags = [entry["lag_s"] for entry in freshness]
+    if len(lags) < 2:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
+    for ax, (key, label) in zip(axes, (("hr@10", "HR@10"), ("rmse", "RMSE")), strict=True):
+        for n, system in enumerate(freshness[0]["systems"]):
+            values = [entry["systems"][system].get(key) for entry in freshness]
+            if all(v is None for v in values):
+                continue  # item-kNN predicts no ratings; each system keeps its colour
+            y = [np.nan if v is None else v for v in values]
+            ax.plot(lags, y, marker="o", color=f"C{n}", label=LABELS.get(system, system))
+        ax.set_xscale("log")
+        ax.set_xticks(lags, [_lag_text(lag) for lag in lags])
+        ax.set_xlabel("lag (log scale)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} against freshness")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "freshness.png")
+    plt.close(fig)
+    return True

@@ -114,8 +114,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ts-unit", default=None, choices=_TS_UNITS, help=_TS_UNIT_HELP)
     p.add_argument("--out", type=Path, default=None, help="write a report with PNG plots here")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N events")
+    protocol = p.add_mutually_exclusive_group()
+    protocol.add_argument(
+        "--lag",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="predict each event from the events at least this much older (default 1)",
+    )
+    protocol.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead: predict blocks of N events from the state before each, then learn them",
+    )
     p.add_argument(
-        "--chunk", type=int, default=200, help="events predicted, then learned, per step"
+        "--freshness",
+        action="store_true",
+        help="also run every system at each of --freshness-lags: the value of freshness",
+    )
+    p.add_argument(
+        "--freshness-lags",
+        default="1,60,3600,86400",
+        metavar="S,S,...",
+        help="lags in seconds of --freshness (default 1 s, 1 min, 1 h, 1 day)",
     )
     p.add_argument(
         "--ablation",
@@ -309,9 +332,23 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
             chunk=args.chunk,
             show_progress=not args.json,
             ablation=args.ablation,
+            lag_s=args.lag,
+            freshness_lags=_lags(args.freshness_lags) if args.freshness else (),
         )
     _emit(args, summary, format_summary(summary))
     return 0
+
+
+def _lags(text: str) -> tuple[float, ...]:
+    try:
+        lags = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(
+            f"--freshness-lags takes seconds separated by commas, got {text!r}"
+        ) from None
+    if not lags:
+        raise ValueError("--freshness-lags is empty; give seconds such as 1,60,3600,86400")
+    return lags
 
 
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
