@@ -120,9 +120,14 @@ class _TrackedProducer(EventProducer):
 
 
 class PipelineBackend:
-    """Kafka -> Faust worker -> Redis -> reader: produce a chunk, wait for it, ask over HTTP.
+    """Kafka -> Faust worker -> Redis -> reader: produce a batch, wait for it, ask over HTTP.
 
-    A chunk counts as learned once the worker's offset watermark of every partition it went to
+    The reader reads each user's state from Redis per request, but serves the item side from a
+    snapshot it refreshes on its own timer (every 0.5 s), so a list asked for right after a
+    batch may not reflect that batch's item-side changes yet: the one way this mode can differ
+    from ``direct``, which refreshes before every list.
+
+    A batch counts as learned once the worker's offset watermark of every partition it went to
     has reached the last offset delivered there: exact, whatever else the worker consumes.
     """
 
@@ -193,7 +198,7 @@ class PipelineBackend:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"the worker had not applied the chunk after {APPLY_TIMEOUT_S:.0f} s"
+                    f"the worker had not applied the batch after {APPLY_TIMEOUT_S:.0f} s"
                 )
             self.alive()
             await asyncio.sleep(pause)
