@@ -132,6 +132,7 @@ def real_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return sliced
 
 
+@pytest.mark.timeout(3600)  # two walks of ~10,000 lag groups each on a shared two-core box
 def test_real_data_pipeline_agrees_with_direct_and_freshrec_beats_the_baselines(
     base_settings: Settings, real_slice: Path
 ) -> None:
@@ -155,8 +156,10 @@ def test_personal_model_beats_popularity_on_a_stream_with_known_factors(
     base_settings: Settings, tmp_path: Path
 ) -> None:
     stream = generate(KNOWN)
+    # The chunk protocol the figures below were measured under: at a 1 s lag each of the
+    # synthetic stream's events (80 s apart on average) is a group of its own, 15,000 groups.
     summary = run_eval(
-        base_settings, _written(stream, tmp_path), mode="direct", show_progress=False
+        base_settings, _written(stream, tmp_path), mode="direct", chunk=200, show_progress=False
     )
     # Measured: HR@10 0.206 against 0.096 (2.1x); RMSE 0.652 against a floor of 0.485 (1.35x).
     # The README's full-size stream reaches 2.3x; asserted here is what holds with margin.
@@ -224,7 +227,8 @@ def test_recall_ablation_scores_each_channel_set_on_the_same_state(
     }
     for values in ablation.values():
         assert 0.0 <= values["hr@10"] <= values["hr@20"] <= 1.0
-    # More channels can only widen what the lists cover.
-    assert ablation["all_channels"]["coverage"] >= ablation["mf_recall_only"]["coverage"]
+        # Not ordered by channels: a top 10 drawn from more candidates can cover fewer items
+        # (under the lag protocol all channels covered less than MF recall alone).
+        assert 0.0 < values["coverage"] <= 1.0
     with pytest.raises(ValueError, match="--ablation needs --mode direct"):
         run_eval(base_settings, small_file, mode="pipeline", show_progress=False, ablation=True)
