@@ -129,8 +129,13 @@ class Settings:
     )
     history_cap: int = _env(
         "FRESHREC_HISTORY_CAP",
-        "Items kept per user (seen filter, recall seeds); a new item co-occurs with all of them.",
+        "Items kept per user (seen filter, recall seeds).",
         _MODEL.history_cap,
+    )
+    cooccurrence_history: int = _env(
+        "FRESHREC_COOCCURRENCE_HISTORY",
+        "Most recent items of a user a new item co-occurs with (at most FRESHREC_HISTORY_CAP).",
+        _MODEL.cooccurrence_history,
     )
     cooccurrence_gap_exponent: float = _env(
         "FRESHREC_COOCCURRENCE_GAP_EXPONENT",
@@ -243,11 +248,20 @@ class Settings:
         problems = []
         if not self.rating_min < self.rating_max:
             problems.append("FRESHREC_RATING_MIN must be below FRESHREC_RATING_MAX")
-        for name in ("partitions", "mf_factors", "history_window", "history_cap", "batch_size"):
+        for name in (
+            "partitions",
+            "mf_factors",
+            "history_window",
+            "history_cap",
+            "cooccurrence_history",
+            "batch_size",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{self.env_name(name)} must be at least 1")
         if self.history_cap < self.history_window:
             problems.append("FRESHREC_HISTORY_CAP must be at least FRESHREC_HISTORY_WINDOW")
+        if self.history_cap < self.cooccurrence_history:
+            problems.append("FRESHREC_HISTORY_CAP must be at least FRESHREC_COOCCURRENCE_HISTORY")
         if self.decay_half_life_s <= 0:
             problems.append("FRESHREC_DECAY_HALF_LIFE_S must be positive")
         if self.mf_bias_shrinkage <= 0:
@@ -315,6 +329,7 @@ class Settings:
             decay_half_life_s=self.decay_half_life_s,
             history_window=self.history_window,
             history_cap=self.history_cap,
+            cooccurrence_history=self.cooccurrence_history,
             cooccurrence_gap_exponent=self.cooccurrence_gap_exponent,
             neighbours_cap=self.neighbours_cap,
             user_ttl_s=self.user_ttl_s,

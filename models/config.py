@@ -26,6 +26,7 @@ class ModelConfig:
     decay_half_life_s: float = 30 * 86400.0
     history_window: int = 30  # the reader's CF seeds (`FunnelConfig`); learning reads the cap
     history_cap: int = 500
+    cooccurrence_history: int = 100
     cooccurrence_gap_exponent: float = 0.5
     neighbours_cap: int = 200
     user_ttl_s: int = 90 * 86400

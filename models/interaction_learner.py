@@ -42,8 +42,8 @@ class Snapshot:
 
     ``vectors`` are full rows by name (``"u:<user>"``, ``"i:<item>"``); a row not in it starts
     at its initial vector. ``histories`` are users' most recent distinct items (up to the
-    config's ``history_cap``), most recent first; a user not in it has none. Learning leaves the
-    snapshot unchanged.
+    config's ``cooccurrence_history``), most recent first; a user not in it has none. Learning
+    leaves the snapshot unchanged.
     """
 
     landmark: float
@@ -155,7 +155,7 @@ class InteractionLearner:
         implicit = ImplicitMF(table, cfg.implicit_lr, cfg.reg, cfg.implicit_alpha, seed=self.rng)
         histories = {user: list(items) for user, items in snapshot.histories.items()}
         cooccurrence = Cooccurrence(
-            cfg.history_cap,
+            cfg.cooccurrence_history,
             cfg.decay_rate,
             snapshot.landmark,
             histories,

@@ -145,7 +145,7 @@ class BatchUpdater:
             "mean": keys.rating_mean,
             "vectors": [keys.user_vector(u) for u in users] + [keys.item_vector(i) for i in items],
             "histories": [keys.history(u) for u in users],
-            "window": self.config.history_cap,
+            "window": self.config.cooccurrence_history,
             "marks": mark_keys,
         }
         if (first := _first_decayed(events)) is not None:
@@ -172,7 +172,7 @@ class BatchUpdater:
         for i in items:
             pipe.get(keys.item_vector(i))
         for u in users:
-            pipe.zrevrange(keys.history(u), 0, self.config.history_cap - 1)
+            pipe.zrevrange(keys.history(u), 0, self.config.cooccurrence_history - 1)
         for key in mark_keys:
             pipe.get(key)
         replies = await pipe.execute()

@@ -125,7 +125,10 @@ def _learned_alone(events: list[Event], cfg, now: float) -> tuple[dict, dict, di
     """Co-occurrence, occurrence and popularity decayed to ``now``, from the pure learners
     (tests/unit holds them to a brute-force recount) fed one event at a time."""
     cooc = Cooccurrence(
-        cfg.history_cap, cfg.decay_rate, events[0].ts, gap_exponent=cfg.cooccurrence_gap_exponent
+        cfg.cooccurrence_history,
+        cfg.decay_rate,
+        events[0].ts,
+        gap_exponent=cfg.cooccurrence_gap_exponent,
     )
     pop = Popularity(cfg.decay_rate, events[0].ts)
     for e in events:
@@ -153,7 +156,7 @@ def test_decayed_cooccurrence_and_popularity_in_redis_equal_the_learners_across_
         settings.model_config(),
         decay_half_life_s=half_life,
         neighbours_cap=10_000,
-        history_cap=40,  # short enough that some users' histories pass it
+        cooccurrence_history=40,  # short enough that some users' histories pass it
     )
 
     async def run() -> tuple[dict, dict, dict, float, int]:

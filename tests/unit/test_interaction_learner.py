@@ -23,7 +23,7 @@ from freshrec.models.interaction_learner import (
 from freshrec.models.mf import VectorTable, initial_vector
 from freshrec.streams.events import Event
 
-CONFIG = ModelConfig(factors=4, history_cap=6)
+CONFIG = ModelConfig(factors=4, cooccurrence_history=6)
 
 
 def _batch(seed: int = 1, events: int = 400) -> list[Event]:
@@ -52,7 +52,7 @@ def _snapshot(events: list[Event]) -> Snapshot:
     for name in names:  # moved parameters, and some ratings learned already
         vectors[name] = table.initial(name) + np.append(rng.normal(0, 0.05, 9), rng.integers(5))
     histories = {
-        name[2:]: [f"i{n}" for n in rng.choice(25, CONFIG.history_cap, replace=False)]
+        name[2:]: [f"i{n}" for n in rng.choice(25, CONFIG.cooccurrence_history, replace=False)]
         for name in names
         if name.startswith("u:")
     }
@@ -136,8 +136,8 @@ def test_decayed_sums_equal_a_recount_from_the_snapshots_histories() -> None:
         last_seen = {item: n for n, item in enumerate(past[e.user_id])}
         history = sorted(last_seen, key=last_seen.__getitem__, reverse=True)
         weight = math.exp(CONFIG.decay_rate * (e.ts - snapshot.landmark))  # at the landmark
-        if e.item_id not in history[: CONFIG.history_cap]:
-            for gap, other in enumerate(history[: CONFIG.history_cap], start=1):
+        if e.item_id not in history[: CONFIG.cooccurrence_history]:
+            for gap, other in enumerate(history[: CONFIG.cooccurrence_history], start=1):
                 pairs[e.item_id, other] += gap**-gamma * weight
                 pairs[other, e.item_id] += gap**-gamma * weight
         occurrences[e.item_id] += weight
