@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from redis.asyncio import Redis
 
-from freshrec.serving.funnel import Funnel, FunnelConfig, UnknownItem
+from freshrec.serving.funnel import Funnel, FunnelConfig
 from freshrec.settings import Settings
 from freshrec.store.batch_update import BatchUpdater
 from freshrec.store.keys import Keys
@@ -35,7 +35,7 @@ Ranked = tuple[list[str], list[float]]
 
 class Backend(Protocol):
     async def predict(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
-        """Rating prediction per (user, item); None for an item the system does not know."""
+        """Rating prediction per (user, item); None where the system has no answer."""
 
     async def recommend(self, users: Sequence[str], k: int) -> list[Ranked]:
         """One ranked list (items, scores) per user, as the reader serves it."""
@@ -71,10 +71,7 @@ class DirectBackend:
 
     async def predict(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
         async def one(user: str, item: str) -> float | None:
-            try:
-                answer = await self.funnel.predict(user, item)
-            except UnknownItem:
-                return None
+            answer = await self.funnel.predict(user, item)
             return float(answer["prediction"])  # type: ignore[arg-type]
 
         return await _bounded([one(u, i) for u, i in pairs])

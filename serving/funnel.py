@@ -412,7 +412,12 @@ class Funnel:
         return [{"item_id": m, "score": round(s, 6)} for s, m in scored[:k]]
 
     async def predict(self, user_id: str, item_id: str) -> dict[str, object]:
-        """The MF rating prediction; an unknown user gets mu + b_i."""
+        """The MF rating prediction, backing off to the biases a side has when the other is new.
+
+        ``mu + b_u + b_i + p_u . q_i`` for a known pair; ``mu + b_u`` for an item no event has
+        mentioned yet (what the learner itself predicts before a new item's first update, less
+        its random factors), ``mu + b_i`` for a new user, ``mu`` when both are new.
+        """
         keys = self.keys
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(keys.user_vector(user_id))
@@ -420,22 +425,25 @@ class Funnel:
         pipe.hmget(keys.rating_mean, "sum", "n")
         user_blob, item_blob, mean_raw = await pipe.execute()
         k = self.config.factors
-        width = vector_width(k)
-        if item_blob is None or len(item_blob) != 4 * width:
-            raise UnknownItem(item_id)
-        item = rating_part(decode_vector(item_blob), k)
-        known_user = user_blob is not None and len(user_blob) == 4 * width
+        size = 4 * vector_width(k)
+        user = rating_part(decode_vector(user_blob), k) if _sized(user_blob, size) else None
+        item = rating_part(decode_vector(item_blob), k) if _sized(item_blob, size) else None
         mean = _mean(mean_raw)
-        if known_user:
-            prediction = predict_rating(rating_part(decode_vector(user_blob), k), item, mean)
+        if user is not None and item is not None:
+            prediction = predict_rating(user, item, mean)
         else:
-            prediction = mean + item[0]
+            prediction = mean + sum(float(side[0]) for side in (user, item) if side is not None)
         return {
             "user_id": user_id,
             "item_id": item_id,
             "prediction": round(float(prediction), 6),
-            "known_user": known_user,
+            "known_user": user is not None,
+            "known_item": item is not None,
         }
+
+
+def _sized(blob: bytes | None, size: int) -> bool:
+    return blob is not None and len(blob) == size
 
 
 @dataclass

@@ -66,7 +66,7 @@ OPENAPI: dict[str, Any] = {
             "get": {
                 "summary": "MF rating prediction",
                 "parameters": [_path("user_id"), _path("item_id")],
-                "responses": {**_ok("Prediction"), **_errors(400, 404, 503)},
+                "responses": {**_ok("Prediction"), **_errors(400, 503)},
             }
         },
         "/healthz": {
@@ -140,6 +140,7 @@ OPENAPI: dict[str, Any] = {
                     "item_id": {"type": "string"},
                     "prediction": {"type": "number"},
                     "known_user": {"type": "boolean"},
+                    "known_item": {"type": "boolean"},
                 },
             },
             "Health": {

@@ -115,7 +115,8 @@ def test_reader_answers_bad_requests_with_json_errors(settings: Settings, reader
     assert status == 400 and "k must be an integer" in body["error"]
     status, body = http_json(f"{reader}/similar/never-seen")
     assert status == 404 and "never-seen" in body["error"]
-    assert http_json(f"{reader}/predict/u1/never-seen")[0] == 404
+    status, body = http_json(f"{reader}/predict/u1/never-seen")
+    assert status == 200 and body["known_item"] is False  # mu + b_u: a rating, not an error
     assert http_json(f"{reader}/no/such/route")[0] == 404
 
 

@@ -185,3 +185,37 @@ def test_only_a_configuration_that_opts_in_serves_the_learned_ranker(settings: S
         await redis.aclose()
 
     asyncio.run(run())
+
+
+def test_a_prediction_backs_off_to_the_biases_of_the_side_it_knows(settings: Settings) -> None:
+    """A known pair gets the full model; a new item ``mu + b_u``, a new user ``mu + b_i``."""
+    from freshrec.models.mf import predict_rating, rating_part
+    from freshrec.store.vectors import decode_vector
+
+    async def run() -> None:
+        ratings = [
+            Event("rating", f"u{n % 5}", f"i{n % 7}", TS + n, value=float(1 + n % 5))
+            for n in range(60)
+        ]
+        redis, keys, _ = await _setup(settings, ratings)
+        funnel = Funnel(redis, keys, settings.funnel_config())
+        k = settings.mf_factors
+        user = rating_part(decode_vector(await redis.get(keys.user_vector("u1"))), k)
+        item = rating_part(decode_vector(await redis.get(keys.item_vector("i2"))), k)
+        mu = sum(e.value for e in ratings) / len(ratings)  # type: ignore[misc]
+
+        both = await funnel.predict("u1", "i2")
+        assert both["known_user"] and both["known_item"]
+        assert both["prediction"] == pytest.approx(predict_rating(user, item, mu), abs=1e-5)
+        new_item = await funnel.predict("u1", "never-seen")
+        assert new_item["known_user"] and not new_item["known_item"]
+        assert new_item["prediction"] == pytest.approx(mu + user[0], abs=1e-5)
+        assert user[0] != 0.0  # so the back-off is not the global mean by accident
+        new_user = await funnel.predict("nobody", "i2")
+        assert new_user["prediction"] == pytest.approx(mu + item[0], abs=1e-5)
+        neither = await funnel.predict("nobody", "never-seen")
+        assert neither["prediction"] == pytest.approx(mu, abs=1e-5)
+        await funnel.aclose()
+        await redis.aclose()
+
+    asyncio.run(run())
