@@ -70,11 +70,8 @@ class DirectBackend:
         self._index_behind = True  # the funnel's item snapshot misses learned batches
 
     async def predict(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
-        async def one(user: str, item: str) -> float | None:
-            answer = await self.funnel.predict(user, item)
-            return float(answer["prediction"])  # type: ignore[arg-type]
-
-        return await _bounded([one(u, i) for u, i in pairs])
+        answers = await self.funnel.predict_many(pairs) if pairs else []
+        return [float(answer["prediction"]) for answer in answers]  # type: ignore[arg-type]
 
     async def recommend(
         self, users: Sequence[str], k: int, config: FunnelConfig | None = None

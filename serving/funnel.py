@@ -168,6 +168,7 @@ class Funnel:
         self.max_staleness_s = max_staleness_s
         self.ranker_weights: dict[str, float] | None = None  # as the workers learned them
         self._scorers: dict[int, LinearScorer] = {}
+        self._ranker_state: dict[bytes, bytes] | None = None
         self.pools = _Pools()
         self.event_clock: float | None = None  # the newest event time the state has applied
         self.scratch = Scratch()
@@ -190,28 +191,24 @@ class Funnel:
         return self._refreshing
 
     async def _refresh(self) -> None:
-        await self.index.refresh()
         keys, cfg = self.keys, self.config
         pipe = self.redis.pipeline(transaction=False)
         pipe.smembers(keys.unavailable)
         pipe.hgetall(keys.click_model_state)
         pipe.zrevrange(keys.popularity, 0, max(POOL_SIZE, cfg.recall_popular) - 1)
-        pipe.zrevrange(keys.item_first_seen, 0, max(POOL_SIZE, 2 * cfg.recall_cold) - 1)
+        await self.scripts.newest_items(
+            keys=[keys.item_first_seen, keys.impressions, keys.clicks],
+            args=[max(POOL_SIZE, 2 * cfg.recall_cold)],
+            client=pipe,
+        )
         pipe.get(keys.impressions_total)
         pipe.get(keys.event_clock)
-        unavailable, ranker_state, popular, newest, total, clock = await pipe.execute()
+        _, replies = await asyncio.gather(self.index.refresh(), pipe.execute())
+        unavailable, ranker_state, popular, (newest, shown, clicked), total, clock = replies
         self.event_clock = float(clock) if clock is not None else None
-        newest_ids = [m.decode() for m in newest]
-        shown: list[float | None] = []
-        clicked: list[float | None] = []
-        if newest_ids:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zmscore(keys.impressions, newest_ids)
-            pipe.zmscore(keys.clicks, newest_ids)
-            shown, clicked = await pipe.execute()
         index = self.index
         trending = index.row_of([m.decode() for m in popular])
-        cold = index.row_of(newest_ids)
+        cold = index.row_of(newest.decode().split("\n") if newest else [])
         known = cold >= 0
         blocked = np.zeros(len(index), dtype=bool)
         rows = index.row_of([m.decode() for m in unavailable])
@@ -219,13 +216,15 @@ class Funnel:
         self.pools = _Pools(
             trending=trending[trending >= 0],
             cold=cold[known],
-            cold_impressions=np.array([c or 0.0 for c in shown], dtype=float)[known],
-            cold_clicks=np.array([c or 0.0 for c in clicked], dtype=float)[known],
+            cold_impressions=np.frombuffer(shown, "<f8")[known],
+            cold_clicks=np.frombuffer(clicked, "<f8")[known],
             impressions_total=float(total or 0.0),
             unavailable=blocked,
         )
-        ranker = ClickModel.from_state(state_from_hash(ranker_state))
-        self.ranker_weights, self._scorers = ranker.serving_weights(), {}
+        if ranker_state != self._ranker_state:  # rebuilt only when the workers' model moved
+            ranker = ClickModel.from_state(state_from_hash(ranker_state))
+            self.ranker_weights, self._scorers = ranker.serving_weights(), {}
+            self._ranker_state = ranker_state
 
     def scorer(self, config: FunnelConfig | None = None) -> LinearScorer:
         """The fine ranker a configuration serves: learned once it has its ``min_clicks``."""
@@ -253,6 +252,8 @@ class Funnel:
                 await self.refresh()
         clock = _Clock()
         user = await self._user(user_id, cfg)
+        if "cf" in cfg.channels:
+            await self.index.load_neighbours(user.seeds)
         clock.lap("user")
         recall = self._recall(user, k, cfg)
         clock.lap("recall")
@@ -418,28 +419,40 @@ class Funnel:
         mentioned yet (what the learner itself predicts before a new item's first update, less
         its random factors), ``mu + b_i`` for a new user, ``mu`` when both are new.
         """
+        return (await self.predict_many([(user_id, item_id)]))[0]
+
+    async def predict_many(self, pairs: Sequence[tuple[str, str]]) -> list[dict[str, object]]:
+        """``predict`` of every (user, item) pair, from one read of their vectors."""
         keys = self.keys
+        users = list(dict.fromkeys(u for u, _ in pairs))
+        items = list(dict.fromkeys(i for _, i in pairs))
         pipe = self.redis.pipeline(transaction=False)
-        pipe.get(keys.user_vector(user_id))
-        pipe.get(keys.item_vector(item_id))
         pipe.hmget(keys.rating_mean, "sum", "n")
-        user_blob, item_blob, mean_raw = await pipe.execute()
+        pipe.mget([keys.user_vector(u) for u in users] + [keys.item_vector(i) for i in items])
+        mean_raw, blobs = await pipe.execute()
+        mean = _mean(mean_raw)
         k = self.config.factors
         size = 4 * vector_width(k)
-        user = rating_part(decode_vector(user_blob), k) if _sized(user_blob, size) else None
-        item = rating_part(decode_vector(item_blob), k) if _sized(item_blob, size) else None
-        mean = _mean(mean_raw)
-        if user is not None and item is not None:
-            prediction = predict_rating(user, item, mean)
-        else:
-            prediction = mean + sum(float(side[0]) for side in (user, item) if side is not None)
-        return {
-            "user_id": user_id,
-            "item_id": item_id,
-            "prediction": round(float(prediction), 6),
-            "known_user": user is not None,
-            "known_item": item is not None,
-        }
+        parts = [rating_part(decode_vector(b), k) if _sized(b, size) else None for b in blobs]
+        by_user = dict(zip(users, parts[: len(users)], strict=True))
+        by_item = dict(zip(items, parts[len(users) :], strict=True))
+        answers = []
+        for user_id, item_id in pairs:
+            user, item = by_user[user_id], by_item[item_id]
+            if user is not None and item is not None:
+                prediction = predict_rating(user, item, mean)
+            else:
+                prediction = mean + sum(float(side[0]) for side in (user, item) if side is not None)
+            answers.append(
+                {
+                    "user_id": user_id,
+                    "item_id": item_id,
+                    "prediction": round(float(prediction), 6),
+                    "known_user": user is not None,
+                    "known_item": item is not None,
+                }
+            )
+        return answers
 
 
 def _sized(blob: bytes | None, size: int) -> bool:

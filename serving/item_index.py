@@ -5,10 +5,13 @@ reads the neighbour lists of the user's recent items: in memory, one exact searc
 cells that let it skip most items, `freshrec.models.inner_product_search`) and one gather; from
 Redis, thousands of reads and the parsing of hundreds of replies per request.
 Workers stamp each item whose vector or neighbour list changed in a sorted set (item -> time of
-change, on the Redis server's clock); the index loads everything once, then every ``refresh``
-fetches only the items stamped since the last one. Staleness is bounded by the refresh interval
-plus one fetch: served MF scores and CF neighbours are never older than that. A rebase of the
-decay landmark reloads everything (every decayed statistic was rescaled).
+change, on the Redis server's clock); the index loads every vector once, then every ``refresh``
+fetches the vectors and statistics of the items stamped since the last one, and marks their
+neighbour lists stale. A list is read again when a request first needs it (``load_neighbours``,
+for the user's recent items): one event changes the lists of every item it pairs with, up to
+a hundred, while a request reads a few. Staleness is bounded by the refresh interval plus one
+fetch: served MF scores and CF neighbours are never older than that. A rebase of the decay
+landmark reloads everything (every decayed statistic was rescaled).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from freshrec.store.keys import Keys
 from freshrec.store.server_scripts import ServerScripts
 from freshrec.store.vectors import VECTOR_DTYPE
 
-FETCH_CHUNK = 500  # items per round trip: each chunk's parsing holds the event loop briefly
+FETCH_CHUNK = 1000  # items per round trip: each chunk's parsing holds the event loop briefly
 STATS = ("occurrences", "popularity", "first_seen")
 
 
@@ -34,7 +37,8 @@ class ItemIndex:
     Next to each factor row the index keeps the item's decayed occurrence count and popularity,
     its first-seen time and its strongest co-occurring items (as rows, with their weights). All
     of them change only when the item's vector or neighbour list does, which is what workers
-    stamp, so ranking features and CF recall cost no Redis reads per request.
+    stamp, so ranking features cost no Redis reads per request, and CF recall one read only
+    when a recent item of the user has gained neighbours since its list was last read.
 
     Parameters
     ----------
@@ -60,6 +64,9 @@ class ItemIndex:
         self.stats = np.zeros((0, len(STATS)))
         self.neighbours = np.full((0, neighbours), -1, dtype=np.int64)  # rows; -1 is none
         self.neighbour_weights = np.zeros((0, neighbours))
+        # A row's neighbour list is current when the change it was read after is its latest.
+        self.generation = np.zeros(0, dtype=np.int64)  # changes stamped and seen, per row
+        self.loaded = np.zeros(0, dtype=np.int64)  # the generation its list was read at
         self.landmark: bytes | None = None
         self.refreshed_at = 0.0  # newest change stamp applied
         self.last_refresh = 0.0  # wall time the last refresh finished
@@ -70,56 +77,81 @@ class ItemIndex:
 
     async def refresh(self) -> int:
         """Apply every change stamped since the previous refresh; returns how many items."""
-        landmark = await self.redis.get(self.keys.decay_landmark)
+        keys = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(keys.decay_landmark)
+        pipe.zrangebyscore(keys.updated_items, f"({self.refreshed_at!r}", "+inf", withscores=True)
+        landmark, changed = await pipe.execute()
         if landmark != self.landmark:  # a rebase rescaled every decayed statistic
             self.refreshed_at, self.landmark = 0.0, landmark
+            changed = await self.redis.zrangebyscore(
+                keys.updated_items, "-inf", "+inf", withscores=True
+            )
         # Stamps come from the Redis server's clock and a later batch's script runs later, so
         # nothing is stamped at or before a stamp already seen once this read has happened.
-        changed = await self.redis.zrangebyscore(
-            self.keys.updated_items, f"({self.refreshed_at!r}", "+inf", withscores=True
-        )
         items = [m.decode() for m, _ in changed]
-        lists: list[tuple[int, bytes, bytes]] = []
         for start in range(0, len(items), FETCH_CHUNK):
-            lists += await self._fetch(items[start : start + FETCH_CHUNK])
-        # Neighbours last: a neighbour first seen in this refresh has its row by now.
-        for row, names, weights in lists:
-            found = self.row_of(names.decode().split("\n")) if names else np.empty(0, np.int64)
-            known = found >= 0
-            count = int(known.sum())
-            self.neighbours[row] = -1
-            self.neighbour_weights[row] = 0.0
-            self.neighbours[row, :count] = found[known]
-            self.neighbour_weights[row, :count] = np.frombuffer(weights, "<f8")[known]
+            await self._fetch(items[start : start + FETCH_CHUNK])
         if changed:
             self.refreshed_at = max(score for _, score in changed)
         self.last_refresh = time.time()
         return len(items)
 
-    async def _fetch(self, chunk: list[str]) -> list[tuple[int, bytes, bytes]]:
-        """Loads the vectors and statistics of ``chunk``; returns their packed neighbour lists."""
-        keys = self.keys
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.mget([keys.item_vector(item) for item in chunk])
-        await self.scripts.neighbour_lists(
-            keys=[keys.neighbours(item) for item in chunk], args=[self.width], client=pipe
+    async def _fetch(self, chunk: list[str]) -> None:
+        """Loads the vectors and statistics of ``chunk``; their neighbour lists go stale."""
+        blobs, lengths, stats = await self.scripts.item_rows(
+            keys=[self.keys.occurrences, self.keys.popularity, self.keys.item_first_seen],
+            args=[self.keys.item_vector(""), "\n".join(chunk)],
         )
-        pipe.zmscore(keys.occurrences, chunk)
-        pipe.zmscore(keys.popularity, chunk)
-        pipe.zmscore(keys.item_first_seen, chunk)
-        blobs, neighbours, occ, pop, first = await pipe.execute()
-        size = 4 * vector_width(self.factors)
-        lists = []
-        for n, (item, blob) in enumerate(zip(chunk, blobs, strict=True)):
-            if blob is not None and len(blob) == size:
-                y = implicit_part(np.frombuffer(blob, dtype=VECTOR_DTYPE), self.factors)
-                row = self._put(item, y, (occ[n] or 0.0, pop[n] or 0.0, first[n] or 0.0))
-                lists.append((row, *neighbours[n]))
+        lengths = np.frombuffer(lengths, "<i4")
+        stats = np.frombuffer(stats, "<f8").reshape(-1, len(STATS))
+        if len(lengths) != len(chunk):
+            raise ValueError(f"{len(chunk)} items asked for, {len(lengths)} answered")
+        width = vector_width(self.factors)
+        ends = np.cumsum(lengths)
+        whole = np.flatnonzero(lengths == 4 * width)
+        rows = np.array([self._row(chunk[n]) for n in whole.tolist()], dtype=np.int64)
+        if rows.size:
+            starts = (ends[whole] - lengths[whole]) // 4
+            flat = np.frombuffer(blobs, dtype=VECTOR_DTYPE)
+            vectors = flat[starts[:, None] + np.arange(width)]
+            self.matrix[rows] = implicit_part(vectors.T, self.factors).T
+            self.stats[rows] = stats[whole]
+            self.generation[rows] += 1
         # Before the next await: a request never sees a vector its cell's bound does not hold.
-        self.cells.place(self.matrix, len(self.ids), np.array([row for row, *_ in lists]))
-        return lists
+        self.cells.place(self.matrix, len(self.ids), rows)
 
-    def _put(self, item: str, y: np.ndarray, stats: tuple[float, float, float]) -> int:
+    async def load_neighbours(self, rows: np.ndarray) -> None:
+        """Makes the neighbour lists of ``rows`` current: fetches those that changed since read.
+
+        Lists are read when a request needs them (its user's recent items), not on every
+        refresh: one event changes the lists of every item it pairs with, a request reads a few.
+        """
+        rows = np.unique(rows[self.loaded[rows] != self.generation[rows]])
+        if not rows.size:
+            return
+        generation = self.generation[rows].copy()
+        lists = await self.scripts.neighbour_lists(
+            keys=[self.keys.neighbours(self.ids[row]) for row in rows.tolist()], args=[self.width]
+        )
+        # All lists parsed at once: one split and one lookup of every name, then a scatter.
+        counts = np.array([len(weights) // 8 for _, weights in lists], dtype=np.int64)
+        names = b"\n".join(joined for joined, _ in lists if joined).decode()
+        found = self.row_of(names.split("\n")) if names else np.empty(0, np.int64)
+        weights = np.frombuffer(b"".join(w for _, w in lists), "<f8")
+        known = found >= 0
+        owner = np.repeat(np.arange(len(rows)), counts)
+        before = np.concatenate([[0], np.cumsum(np.bincount(owner[known], minlength=len(rows)))])
+        slot = np.cumsum(known) - 1 - before[owner]  # place among the list's known neighbours
+        self.neighbours[rows] = -1
+        self.neighbour_weights[rows] = 0.0
+        self.neighbours[rows[owner[known]], slot[known]] = found[known]
+        self.neighbour_weights[rows[owner[known]], slot[known]] = weights[known]
+        # A list naming an item the snapshot does not hold yet is read again next time.
+        complete = np.bincount(owner[~known], minlength=len(rows)) == 0
+        self.loaded[rows] = np.maximum(self.loaded[rows], np.where(complete, generation, -1))
+
+    def _row(self, item: str) -> int:
         row = self.rows.get(item)
         if row is None:
             row = len(self.ids)
@@ -127,8 +159,6 @@ class ItemIndex:
                 self._grow(max(1024, 2 * len(self.matrix)))
             self.rows[item] = row
             self.ids.append(item)
-        self.matrix[row] = y
-        self.stats[row] = stats
         return row
 
     def _grow(self, size: int) -> None:
@@ -141,6 +171,8 @@ class ItemIndex:
         self.stats = grown(self.stats, 0.0)
         self.neighbours = grown(self.neighbours, -1)
         self.neighbour_weights = grown(self.neighbour_weights, 0.0)
+        self.generation = grown(self.generation, 0)
+        self.loaded = grown(self.loaded, -1)
 
     def row_of(self, items: list[str]) -> np.ndarray:
         """Rows of ``items``; -1 where the index does not know the item (yet)."""

@@ -6,8 +6,8 @@ Two workers may update the same hot item at the same moment; applying *deltas* o
 Two families: single-key scripts (``ADD_VECTOR``, ``ZINCRBY_MANY``, ``STAMP_NOW``) that run
 unchanged on Redis Cluster, and whole-batch scripts (``READ_BATCH``, ``APPLY_BATCH``) for a
 single Redis, where one command per batch replaces thousands and makes the batch and its offset
-watermarks atomic. The reader's ``NEIGHBOUR_LISTS`` and ``USER_STATE`` pack many replies into
-few strings.
+watermarks atomic. The reader's scripts (``ITEM_ROWS``, ``NEIGHBOUR_LISTS``, ``NEWEST_ITEMS``,
+``USER_STATE``) pack many replies into few strings.
 """
 
 from __future__ import annotations
@@ -178,6 +178,39 @@ end
 return out
 """
 
+# KEYS: the occurrences, popularity and first-seen sorted sets.  ARGV[1]: the key prefix of item
+# vectors, ARGV[2]: item ids joined by newlines.  Returns every item's vector concatenated, their
+# byte lengths (packed little-endian int32, 0 for none) and the three statistics (packed doubles,
+# 0 where absent, three per item): a chunk of the reader's item snapshot in one command, whose
+# arguments and reply are a handful of strings however many items it holds.
+ITEM_ROWS = """
+local vectors, lengths, stats = {}, {}, {}
+local n = 0
+for item in string.gmatch(ARGV[2], '[^\\n]+') do
+  n = n + 1
+  local blob = redis.call('GET', ARGV[1] .. item)
+  vectors[n] = blob or ''
+  lengths[n] = struct.pack('<i', blob and #blob or 0)
+  local row = {}
+  for k = 1, 3 do row[k] = tonumber(redis.call('ZSCORE', KEYS[k], item) or 0) end
+  stats[n] = struct.pack('<ddd', row[1], row[2], row[3])
+end
+return {table.concat(vectors), table.concat(lengths), table.concat(stats)}
+"""
+
+# KEYS[1]: items by first-seen time, KEYS[2]: impressions, KEYS[3]: clicks.  ARGV[1]: how many
+# of the newest items.  Returns them newest first joined by newlines, and their impressions and
+# clicks as packed doubles (0 where absent): the cold pool in three strings.
+NEWEST_ITEMS = """
+local names = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+local shown, clicked = {}, {}
+for i, name in ipairs(names) do
+  shown[i] = struct.pack('<d', tonumber(redis.call('ZSCORE', KEYS[2], name) or 0))
+  clicked[i] = struct.pack('<d', tonumber(redis.call('ZSCORE', KEYS[3], name) or 0))
+end
+return {table.concat(names, '\\n'), table.concat(shown), table.concat(clicked)}
+"""
+
 # KEYS[1]: a user's history, KEYS[2]: their vector.  ARGV[1]: most items to return.  Returns the
 # history's items newest first joined by newlines, the newest one's time, and the vector (or
 # nil): the reader's whole per-request read, in one command and three strings.
@@ -200,3 +233,5 @@ class ServerScripts:
         self.apply_batch = client.register_script(APPLY_BATCH)
         self.pop_due = client.register_script(POP_DUE)
         self.neighbour_lists = client.register_script(NEIGHBOUR_LISTS)
+        self.item_rows = client.register_script(ITEM_ROWS)
+        self.newest_items = client.register_script(NEWEST_ITEMS)

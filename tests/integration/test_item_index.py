@@ -54,6 +54,12 @@ def test_the_index_loads_all_items_then_fetches_only_changed_ones(settings: Sett
             row = index.matrix[index.rows[item]]
             np.testing.assert_allclose(row, implicit_part(stored, cfg.factors), rtol=1e-6)
 
+        # Neighbour lists are read when a request needs them: the changed ones are stale until
+        # then, and reading them once makes them current.
+        lists = index.row_of(["i3", "new", "i1"])
+        assert (index.loaded[lists] != index.generation[lists]).all()
+        await index.load_neighbours(lists)
+        assert (index.loaded[lists] == index.generation[lists]).all()
         for item in ("i3", "new", "i1"):  # u1's click on i3 paired it with i1, among others
             stored = await redis.zrevrange(keys.neighbours(item), 0, index.width - 1, True)
             row = index.rows[item]
