@@ -184,16 +184,20 @@ return out
 # 0 where absent, three per item): a chunk of the reader's item snapshot in one command, whose
 # arguments and reply are a handful of strings however many items it holds.
 ITEM_ROWS = """
-local vectors, lengths, stats = {}, {}, {}
-local n = 0
+local items, keys, vectors, lengths, stats = {}, {}, {}, {}, {}
 for item in string.gmatch(ARGV[2], '[^\\n]+') do
-  n = n + 1
-  local blob = redis.call('GET', ARGV[1] .. item)
-  vectors[n] = blob or ''
-  lengths[n] = struct.pack('<i', blob and #blob or 0)
-  local row = {}
-  for k = 1, 3 do row[k] = tonumber(redis.call('ZSCORE', KEYS[k], item) or 0) end
-  stats[n] = struct.pack('<ddd', row[1], row[2], row[3])
+  items[#items + 1] = item
+  keys[#items] = ARGV[1] .. item
+end
+if #items == 0 then return {'', '', ''} end
+local blobs = redis.call('MGET', unpack(keys))
+local scores = {}
+for k = 1, 3 do scores[k] = redis.call('ZMSCORE', KEYS[k], unpack(items)) end
+for n = 1, #items do
+  vectors[n] = blobs[n] or ''
+  lengths[n] = struct.pack('<i', blobs[n] and #blobs[n] or 0)
+  stats[n] = struct.pack('<ddd', tonumber(scores[1][n] or 0), tonumber(scores[2][n] or 0),
+    tonumber(scores[3][n] or 0))
 end
 return {table.concat(vectors), table.concat(lengths), table.concat(stats)}
 """
@@ -203,12 +207,15 @@ return {table.concat(vectors), table.concat(lengths), table.concat(stats)}
 # clicks as packed doubles (0 where absent): the cold pool in three strings.
 NEWEST_ITEMS = """
 local names = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-local shown, clicked = {}, {}
-for i, name in ipairs(names) do
-  shown[i] = struct.pack('<d', tonumber(redis.call('ZSCORE', KEYS[2], name) or 0))
-  clicked[i] = struct.pack('<d', tonumber(redis.call('ZSCORE', KEYS[3], name) or 0))
+if #names == 0 then return {'', '', ''} end
+local shown = redis.call('ZMSCORE', KEYS[2], unpack(names))
+local clicked = redis.call('ZMSCORE', KEYS[3], unpack(names))
+local packed_shown, packed_clicked = {}, {}
+for i = 1, #names do
+  packed_shown[i] = struct.pack('<d', tonumber(shown[i] or 0))
+  packed_clicked[i] = struct.pack('<d', tonumber(clicked[i] or 0))
 end
-return {table.concat(names, '\\n'), table.concat(shown), table.concat(clicked)}
+return {table.concat(names, '\\n'), table.concat(packed_shown), table.concat(packed_clicked)}
 """
 
 # KEYS[1]: a user's history, KEYS[2]: their vector.  ARGV[1]: most items to return.  Returns the
