@@ -117,9 +117,10 @@ class PipelineBackend:
     """Kafka -> Faust worker -> Redis -> reader: produce a batch, wait for it, ask over HTTP.
 
     The reader reads each user's state from Redis per request, but serves the item side from a
-    snapshot it refreshes on its own timer (every 0.5 s), so a list asked for right after a
-    batch may not reflect that batch's item-side changes yet: the one way this mode can differ
-    from ``direct``, which refreshes before every list.
+    snapshot it refreshes on its own timer (every 0.5 s), and at once for a user whose newest
+    event the snapshot does not hold yet. A list for a user with nothing new in a batch may thus
+    miss that batch's item-side changes (other users' co-occurrences, trending): the one way
+    this mode can differ from ``direct``, which refreshes before every list.
 
     A batch counts as learned once the worker's offset watermark of every partition it went to
     has reached the last offset delivered there: exact, whatever else the worker consumes.

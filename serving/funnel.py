@@ -139,7 +139,9 @@ class Funnel:
     script call); the item side (factors, statistics, neighbours, trending and cold pools,
     unavailable items, the ranker's weights) is the in-memory snapshot that ``refresh`` keeps
     caught up. Past ``max_staleness_s`` a request starts a refresh in the background and is
-    served from the snapshot it has; only the very first request waits for one.
+    served from the snapshot it has; only the very first request waits for one. A request
+    whose user has an event newer than the snapshot's event clock waits for a refresh
+    (single-flight, shared with any running): a user's own latest event is in their list.
 
     Parameters
     ----------
@@ -286,6 +288,9 @@ class Funnel:
         joined, latest, blob = await self.user_state.run_script(
             USER_STATE, [keys.history(user_id), keys.user_vector(user_id)], [cfg.history_cap]
         )
+        latest_ts = float(latest) if latest else None
+        if latest_ts is not None and self.event_clock is not None and latest_ts > self.event_clock:
+            await self.refresh()  # the user's newest event is past the snapshot: catch up first
         history = joined.decode().split("\n") if joined else []
         rows = self.index.row_of(history)
         y_user = None
@@ -294,7 +299,7 @@ class Funnel:
         seeds = rows[: cfg.history_window]
         known = seeds >= 0
         return _User(
-            latest=float(latest) if latest else None,
+            latest=latest_ts,
             seeds=seeds[known],
             seed_weights=_recency_weights(len(seeds), cfg.cf_recency)[known],
             seen=rows[rows >= 0],

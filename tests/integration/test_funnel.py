@@ -219,3 +219,31 @@ def test_a_prediction_backs_off_to_the_biases_of_the_side_it_knows(settings: Set
         await redis.aclose()
 
     asyncio.run(run())
+
+
+def test_a_users_own_newest_event_is_in_their_next_list(settings: Settings) -> None:
+    """Read-your-writes: a request whose user acted after the snapshot refreshes it first;
+    other users are served from the snapshot as it is."""
+
+    async def run() -> None:
+        events = _catalogue()
+        redis, keys, updater = await _setup(settings, events)
+        funnel = Funnel(redis, keys, settings.funnel_config(), max_staleness_s=3600.0)
+        await funnel.refresh()
+        refreshed = funnel.index.last_refresh
+        await funnel.serve("u2", 10)  # nothing new for u2: the snapshot serves as it is
+        assert funnel.index.last_refresh == refreshed
+
+        later = events[-1].ts + 10.0
+        await updater.apply([Event("click", "u1", "brand-new", later)])
+        assert "brand-new" not in funnel.index.rows
+        served = await funnel.serve("u1", 10)
+        assert funnel.index.last_refresh > refreshed and funnel.event_clock == later
+        assert "brand-new" in funnel.index.rows  # the snapshot holds u1's new item
+        assert served.latest_event_ts == later and "brand-new" not in [
+            c.item_id for c in served.items
+        ]
+        await funnel.aclose()
+        await redis.aclose()
+
+    asyncio.run(run())
