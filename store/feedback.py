@@ -127,35 +127,110 @@ def _with_position(features: dict[str, float], position: int) -> dict[str, float
     return {**features, "log_position": math.log1p(position)}
 
 
-def parse_impression(payload: bytes | None) -> list[Shown]:
-    """One impressions-topic message into its items; ValueError with a reason if malformed."""
+MAX_POSITION = 10_000  # a served list is at most FRESHREC_MAX_K long; this is generous
+MAX_ITEMS = 10_000
+MAX_FEATURES = 64
+MAX_FEATURE_NAME = 64
+MAX_VARIANT = 64
+MAX_REQUEST_ID = 256
+
+
+def parse_impression(
+    payload: bytes | None, max_id_length: int = 128, max_message_bytes: int = 1_000_000
+) -> list[Shown]:
+    """One impressions-topic message into its items; ValueError with a reason if malformed.
+
+    Never raises anything else, whatever the bytes (a poison message must not stop the worker).
+    """
     try:
-        message = json.loads(payload or b"")
+        return _parse_impression(payload, max_id_length, max_message_bytes)
+    except ValueError:
+        raise
+    except Exception as exc:  # an unforeseen input is a reason, not a crash
+        raise ValueError(f"could not be validated ({type(exc).__name__})") from None
+
+
+def _parse_impression(
+    payload: bytes | None, max_id_length: int, max_message_bytes: int
+) -> list[Shown]:
+    if payload and len(payload) > max_message_bytes:
+        raise ValueError(
+            f"message of {len(payload)} bytes exceeds the limit of {max_message_bytes}"
+        )
+    try:
+        message = json.loads(payload or b"", parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("not valid JSON: nested too deeply") from None
     except ValueError as exc:
-        raise ValueError(f"not valid JSON: {exc}") from None
+        raise ValueError(f"not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(message, dict):
         raise ValueError("an impression must be a JSON object")
     user, items = message.get("user_id"), message.get("items")
-    if not isinstance(user, str) or not user:
-        raise ValueError("'user_id' must be a non-empty string")
+    if not _is_id(user, max_id_length):
+        raise ValueError(
+            f"'user_id' must be a non-empty printable string of at most {max_id_length}"
+        )
     if not isinstance(items, list):
         raise ValueError("'items' must be an array")
-    variant = str(message.get("variant", "control"))
+    if len(items) > MAX_ITEMS:
+        raise ValueError(f"{len(items)} items, over the limit of {MAX_ITEMS}")
+    variant = message.get("variant", "control")
+    if not _is_id(variant, MAX_VARIANT):
+        raise ValueError(f"'variant' must be a non-empty printable string of at most {MAX_VARIANT}")
     ts = message.get("ts")
-    if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts):
-        ts = None
-    request_id = str(message.get("request_id", ""))
+    if not _is_number(ts) or not math.isfinite(float(ts)):
+        ts = None  # readers before event time: the worker uses the message's time instead
+    request_id = message.get("request_id", "")
+    if not isinstance(request_id, str) or len(request_id) > MAX_REQUEST_ID:
+        raise ValueError(f"'request_id' must be a string of at most {MAX_REQUEST_ID} characters")
     shown = []
     for n, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get("item_id"), str):
-            raise ValueError(f"items[{n}] needs a string 'item_id'")
-        features = item.get("features") or {}
-        if not isinstance(features, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in features.values()
-        ):
-            raise ValueError(f"items[{n}].features must map names to numbers")
+        if not isinstance(item, dict) or not _is_id(item.get("item_id"), max_id_length):
+            raise ValueError(
+                f"items[{n}] needs a non-empty printable string 'item_id' of at most "
+                f"{max_id_length} characters"
+            )
+        features = _features(item.get("features") or {}, n)
         position = item.get("position", n)
-        shown.append(
-            Shown(user, item["item_id"], int(position), variant, request_id, dict(features), ts)
-        )
+        if not (
+            _is_number(position)
+            and math.isfinite(float(position))
+            and float(position).is_integer()
+            and 0 <= position <= MAX_POSITION
+        ):
+            raise ValueError(f"items[{n}].position must be an integer from 0 to {MAX_POSITION}")
+        shown.append(Shown(user, item["item_id"], int(position), variant, request_id, features, ts))
     return shown
+
+
+def _features(features: Any, n: int) -> dict[str, float]:
+    if not isinstance(features, dict):
+        raise ValueError(f"items[{n}].features must be a JSON object")
+    if len(features) > MAX_FEATURES:
+        raise ValueError(
+            f"items[{n}] has {len(features)} features, over the limit of {MAX_FEATURES}"
+        )
+    out = {}
+    for name, value in features.items():
+        if len(name) > MAX_FEATURE_NAME:
+            raise ValueError(f"items[{n}] has a feature name over {MAX_FEATURE_NAME} characters")
+        if not _is_number(value) or not math.isfinite(float(value)):
+            raise ValueError(f"items[{n}].features must map names to finite numbers")
+        out[name] = float(value)
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    """A JSON number that fits a float (a huge integer overflows ``float()``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return not isinstance(value, int) or abs(value) < 2**1023
+
+
+def _is_id(value: Any, limit: int) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= limit and value.isprintable()
+
+
+def _reject_constant(name: str) -> float:
+    # json.loads accepts NaN/Infinity by default; a feature or position must be a real number.
+    raise ValueError(f"{name} is not a JSON number")

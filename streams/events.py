@@ -17,6 +17,8 @@ from freshrec.settings import Settings
 
 EVENT_TYPES = ("click", "view", "rating", "purchase", "impression")
 _FIELDS = frozenset(("event_id", "type", "user_id", "item_id", "value", "ts", "context"))
+MAX_REASON_CHARS = 300  # one event's reason
+MAX_REASON_HEADER_BYTES = 4096  # a dead letter's reason header, however many events failed
 
 
 class InvalidEvent(ValueError):
@@ -79,8 +81,15 @@ class EventValidator:
         """Split one message into its valid events and the reasons for the invalid ones.
 
         A message that is not JSON at all, or too large, is one error; in an array each element
-        stands alone, so one bad event does not discard its neighbours.
+        stands alone, so one bad event does not discard its neighbours. Never raises: whatever
+        the bytes, every failure becomes a reason (a poison message must not stop the worker).
         """
+        try:
+            return self._parse_message(payload)
+        except Exception as exc:  # the last line of defence, see above
+            return [], [InvalidEvent(f"message could not be validated ({_describe(exc)})")]
+
+    def _parse_message(self, payload: bytes | None) -> tuple[list[Event], list[InvalidEvent]]:
         if payload is None or len(payload) == 0:
             return [], [InvalidEvent("empty message")]
         if len(payload) > self.settings.max_message_bytes:
@@ -92,8 +101,10 @@ class EventValidator:
             ]
         try:
             decoded = json.loads(payload, parse_constant=_reject_constant)
+        except RecursionError:
+            return [], [InvalidEvent("not valid JSON: nested too deeply")]
         except (ValueError, UnicodeDecodeError) as exc:
-            return [], [InvalidEvent(f"not valid JSON: {exc}")]
+            return [], [InvalidEvent(_bounded(f"not valid JSON: {exc}"))]
         if isinstance(decoded, list):
             if not decoded:
                 return [], [InvalidEvent("empty event array")]
@@ -110,16 +121,29 @@ class EventValidator:
             return [], [exc]
 
     def parse_one(self, obj: Any) -> Event:
+        """One decoded event, or `InvalidEvent` (and only that) with the reason it is not one."""
+        try:
+            return self._parse_one(obj)
+        except InvalidEvent:
+            raise
+        except Exception as exc:  # an unforeseen input is a reason, not a crash
+            raise InvalidEvent(f"event could not be validated ({_describe(exc)})") from None
+
+    def _parse_one(self, obj: Any) -> Event:
         if not isinstance(obj, dict):
             raise InvalidEvent(f"an event must be a JSON object, got {_json_type(obj)}")
         unknown = obj.keys() - _FIELDS
         if unknown:
-            raise InvalidEvent(f"unknown field(s) {sorted(unknown)}; allowed: {sorted(_FIELDS)}")
+            names = sorted(_short(name, 40) for name in unknown)
+            shown = ", ".join(names[:5]) + (
+                f", ... ({len(names)} in all)" if len(names) > 5 else ""
+            )
+            raise InvalidEvent(f"unknown field(s) [{shown}]; allowed: {sorted(_FIELDS)}")
         kind = obj.get("type")
         if kind not in EVENT_TYPES:
             if "type" not in obj:
                 raise InvalidEvent("missing field 'type'")
-            raise InvalidEvent(f"unknown type {kind!r}; expected one of {list(EVENT_TYPES)}")
+            raise InvalidEvent(f"unknown type {_short(kind)}; expected one of {list(EVENT_TYPES)}")
         user_id = self._identifier(obj, "user_id")
         item_id = self._identifier(obj, "item_id")
         ts = self._timestamp(obj)
@@ -170,28 +194,71 @@ class EventValidator:
             value = _number(raw, "value")
             lo, hi = self.settings.rating_min, self.settings.rating_max
             if not lo <= value <= hi:
-                raise InvalidEvent(f"rating {raw!r} outside the scale [{lo}, {hi}]")
+                raise InvalidEvent(f"rating {_short(raw)} outside the scale [{lo}, {hi}]")
             return value
         if raw is None:
             return None
         value = _number(raw, "value")
         if value < 0:
-            raise InvalidEvent(f"'value' of a {kind} must not be negative, got {raw!r}")
+            raise InvalidEvent(f"'value' of a {kind} must not be negative, got {_short(raw)}")
         return value
 
 
 def _number(raw: Any, name: str) -> float:
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         raise InvalidEvent(f"{name!r} must be a number, got {_json_type(raw)}")
-    value = float(raw)
+    try:
+        value = float(raw)  # an integer of hundreds of digits overflows a float
+    except OverflowError:
+        value = math.inf
     if not math.isfinite(value):
-        raise InvalidEvent(f"{name!r} must be finite, got {raw!r}")
+        raise InvalidEvent(f"{name!r} must be a finite number, got {_short(raw)}")
     return value
 
 
 def _reject_constant(name: str) -> float:
     # json.loads accepts NaN/Infinity by default; the schema does not.
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` of a value from a message, cut to ``limit`` characters (reasons stay small)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
+        return f"<integer of {len(str(abs(value)))} digits>"  # before repr: huge ints are slow
+    text = repr(value) if isinstance(value, (str, int, float, bool)) or value is None else None
+    if text is None:
+        return f"<{_json_type(value)}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _bounded(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(exc: BaseException) -> str:
+    return _bounded(f"{type(exc).__name__}: {exc}", 200)
+
+
+def summarise_reasons(
+    reasons: list[str], shown: int = 10, max_bytes: int = MAX_REASON_HEADER_BYTES
+) -> str:
+    """One dead letter's reason header: the first ``shown`` reasons, then how many more.
+
+    The result is at most ``max_bytes`` once encoded as UTF-8 (unencodable characters, such as
+    lone surrogates from a JSON string, are backslash-escaped), however many reasons there are.
+
+    >>> summarise_reasons(["event [0]: missing field 'type'"] * 12, shown=2)
+    "event [0]: missing field 'type'; event [0]: missing field 'type'; ... and 10 more"
+    """
+    parts = [_bounded(r) for r in reasons[:shown]]
+    if len(reasons) > shown:
+        parts.append(f"... and {len(reasons) - shown} more")
+    encoded = "; ".join(parts).encode("utf-8", "backslashreplace")
+    if len(encoded) > max_bytes:
+        tail = f" ... (cut to {max_bytes} bytes; {len(reasons)} reasons)".encode()
+        encoded = encoded[: max(0, max_bytes - len(tail))] + tail
+        encoded = encoded[:max_bytes]
+    return encoded.decode("utf-8", "ignore")
 
 
 def _json_type(value: Any) -> str:

@@ -1,11 +1,13 @@
 """The Faust worker: decode and validate event batches, learn them into Redis.
 
-The agent stays thin: it takes a batch, splits valid events from invalid ones (invalid ones go
-to the dead-letter topic with their original bytes and a reason) and hands the valid ones, with
-their partition offsets, to `freshrec.store.batch_update.BatchUpdater` (which also marks the touched
-users, whose fresh lists the reader then publishes). A Redis outage pauses the agent (retrying
-with backoff) instead of dropping or half-applying a batch; Kafka offsets advance only after
-the batch is applied, and a redelivered message is skipped by its offset.
+The agent stays thin: it takes a batch, splits valid events from invalid ones and hands the
+valid ones, with their partition offsets, to `freshrec.store.batch_update.BatchUpdater` (which
+also marks the touched users, whose fresh lists the reader then publishes). A message with any
+invalid event goes to the dead-letter topic once, with its original bytes, a bounded summary of
+the reasons and the number of events rejected; validation never raises, so a poison message
+cannot stop the agent. A Redis outage pauses the agent (retrying with backoff) instead of
+dropping or half-applying a batch; Kafka offsets advance only after the batch is applied, and a
+redelivered message is skipped by its offset.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +25,22 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from freshrec.serving.variants import Variants
 from freshrec.settings import Settings
 from freshrec.store.batch_update import BatchUpdater
 from freshrec.store.feedback import FeedbackLearner, Shown, parse_impression
 from freshrec.store.keys import Keys
-from freshrec.streams.events import Event, EventValidator
+from freshrec.streams.events import Event, EventValidator, summarise_reasons
 
 log = logging.getLogger(__name__)
 
 EVENTS = Counter("freshrec_events_total", "Valid events learned", ["type"])
-DEAD_LETTERS = Counter("freshrec_dead_letters_total", "Messages or events sent to the DLQ")
+DEAD_LETTERS = Counter(
+    "freshrec_dead_letters_total", "Messages sent to the DLQ (one per message, however many bad)"
+)
+REJECTED_EVENTS = Counter(
+    "freshrec_rejected_events_total", "Events (or impression messages) rejected as invalid"
+)
 BATCHES = Counter("freshrec_batches_total", "Batches applied")
 BATCH_SECONDS = Histogram(
     "freshrec_batch_apply_seconds",
@@ -103,13 +112,19 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 state["feedback"] = feedback
         return state["updater"], state["feedback"]
 
-    async def dead_letter(message: Any, reason: str) -> None:
+    variant_label = variant_labels(settings)
+
+    async def dead_letter(message: Any, reasons: list[str]) -> None:
+        """One DLQ record for a message, however many of its events were invalid: the original
+        bytes, a bounded summary of the reasons, and how many were rejected."""
         DEAD_LETTERS.inc()
+        REJECTED_EVENTS.inc(len(reasons))
         await dlq_topic.send(
             key=message.key,
             value=message.value,
             headers={
-                "freshrec-reason": reason.encode(),
+                "freshrec-reason": summarise_reasons(reasons).encode(),
+                "freshrec-rejected": str(len(reasons)).encode(),
                 "freshrec-source": f"{message.topic}/{message.partition}/{message.offset}".encode(),
             },
         )
@@ -127,8 +142,8 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 valid.extend(events)
                 origins.extend([_origin(message)] * len(events))
                 arrived.append(_seconds(message.timestamp))
-                for error in errors:
-                    await dead_letter(message, error.reason)
+                if errors:
+                    await dead_letter(message, [error.reason for error in errors])
             if not valid:
                 continue
             started = time.perf_counter()
@@ -149,7 +164,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             clicks = [(e.user_id, e.item_id, e.ts) for e in valid if e.type == "click"]
             if clicks and result.events:
                 for variant, n in (await feedback.attribute_clicks(clicks)).items():
-                    VARIANT_CLICKS.labels(variant).inc(n)
+                    VARIANT_CLICKS.labels(variant_label(variant)).inc(n)
 
     @app.agent(impressions_topic)
     async def count_impressions(stream: faust.StreamT) -> None:
@@ -162,9 +177,11 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             for record in batch:
                 message = record.message
                 try:
-                    items = parse_impression(message.value)
+                    items = parse_impression(
+                        message.value, settings.max_id_length, settings.max_message_bytes
+                    )
                 except ValueError as exc:
-                    await dead_letter(message, f"impression: {exc}")
+                    await dead_letter(message, [f"impression: {exc}"])
                     continue
                 sent = _seconds(message.timestamp) or time.time()  # readers before event time
                 shown.extend(items)
@@ -179,7 +196,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             if not fresh:
                 continue
             for variant, n in (await feedback.record_impressions(fresh)).items():
-                VARIANT_IMPRESSIONS.labels(variant).inc(n)
+                VARIANT_IMPRESSIONS.labels(variant_label(variant)).inc(n)
 
     @app.timer(interval=2.0)
     async def merge_click_model() -> None:
@@ -197,6 +214,24 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 )
 
     return app
+
+
+OTHER_VARIANT = "other"
+
+
+def variant_labels(settings: Settings) -> Callable[[str], str]:
+    """The metric label of a variant: its name if FRESHREC_VARIANTS configures it, else
+    "other", so a producer cannot grow the label set (a Prometheus series per label value).
+
+    The worker reads the same FRESHREC_VARIANTS as the readers; without it only "control" is
+    configured. A spec the worker cannot parse leaves "control" alone (the readers refuse it).
+    """
+    try:
+        names = frozenset(Variants.parse(settings.variants, settings.funnel_config()).names)
+    except (ValueError, TypeError, AttributeError) as exc:
+        log.warning("FRESHREC_VARIANTS not understood (%s); variant metrics: control, other", exc)
+        names = frozenset(("control",))
+    return lambda variant: variant if variant in names else OTHER_VARIANT
 
 
 async def _apply_until_done(

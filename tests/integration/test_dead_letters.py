@@ -81,3 +81,108 @@ def test_each_bad_message_lands_in_the_dlq_and_every_valid_one_is_applied(
         )
     assert redis_client.exists(f"{settings.key_prefix}:hist:u") == 0  # nothing of the bad user
     assert worker.poll() is None, "the worker stopped"
+
+
+def _rating(value: str, user: str = "poison") -> str:
+    return f'{{"type":"rating","user_id":"{user}","item_id":"i","value":{value},"ts":{TS}}}'
+
+
+# Messages that once crashed the agent (OverflowError, RecursionError) or multiplied on the DLQ
+# (one dead letter per bad element, each with the whole message), with the reason each must give
+# and how many events each rejects.
+POISON = {
+    _rating("9" * 400).encode(): ("'value' must be a finite number", 1),
+    b"[" * 100_000: ("nested too deeply", 1),
+    b"[" + b",".join([b"{}"] * 2000) + b"]": ("... and 1990 more", 2000),
+    json.dumps(
+        [{"type": "click", "user_id": "poison", "ts": TS, "n": n} for n in range(20)]
+    ).encode(): ("unknown field(s)", 20),
+}
+
+
+def _impression(item: str, variant: str = "control") -> str:
+    return (
+        f'{{"request_id":"r","user_id":"shown-user","variant":"{variant}","ts":{TS},'
+        f'"items":[{item}]}}'
+    )
+
+
+POISON_IMPRESSIONS = {
+    _impression('{"item_id":"i","position":1e999}').encode(): "position must be an integer",
+    _impression('{"item_id":"i","position":0,"features":{"mf":NaN}}').encode(): "NaN",
+    _impression('{"item_id":"i","position":0}', "v" * 100_000).encode(): "'variant' must be",
+}
+
+
+def test_each_poison_message_is_one_dead_letter_and_the_worker_keeps_learning(
+    settings: Settings, worker, redis_client
+) -> None:
+    """Poison among valid messages: exactly one dead letter each, and whatever comes after them
+    (on the same partition and others) is still learned: the agent did not crash."""
+    # A message whose valid events sit next to a poison one: one dead letter, valid ones learned.
+    mixed = f"[{_valid(300).decode()},{_rating('9' * 400)},{_valid(301).decode()}]".encode()
+    poison = {**POISON, mixed: ("event [1]: 'value' must be a finite number", 1)}
+    marker = json.dumps({"type": "click", "user_id": "poison", "ts": TS}).encode()
+    with EventProducer(settings.kafka_bootstrap, settings.events_topic) as producer:
+        for n, bad in enumerate(poison):
+            producer.send_raw(_valid(200 + n), key=f"ok-{200 + n}".encode())
+            producer.send_raw(bad, key=b"poison")
+        # Sent last on the poison partition: once its dead letter arrives, all earlier ones have
+        # (the worker sends them in order, with the same key, so to the same DLQ partition).
+        producer.send_raw(marker, key=b"poison")
+        for n in range(250, 255):  # valid events after the poison, on the same partition too
+            producer.send_raw(_valid(n), key=b"poison")
+    valid_impression = _impression('{"item_id":"seen","position":1,"features":{"mf":0.5}}')
+    impression_marker = b'{"not an impression"}'
+    with EventProducer(settings.kafka_bootstrap, settings.impressions_topic) as producer:
+        for bad in POISON_IMPRESSIONS:
+            producer.send_raw(bad, key=b"poison")
+        producer.send_raw(impression_marker, key=b"poison")
+        producer.send_raw(valid_impression.encode(), key=b"poison")  # after the poison
+
+    dlq = TopicReader(settings.kafka_bootstrap, settings.dlq_topic)
+    try:
+        messages = wait_until(
+            lambda: (
+                (m := dlq.poll())
+                and {marker, impression_marker} <= {x.value() for x in m}
+                and list(m)
+            ),
+            60,
+            "the markers sent after the poison messages on the DLQ",
+        )
+        values = [m.value() for m in dlq.poll()]
+        headers = {m.value(): dict(m.headers()) for m in messages}
+        for bad, (expected, rejected) in poison.items():
+            assert values.count(bad) == 1, (bad[:80], values.count(bad))
+            reason = headers[bad]["freshrec-reason"].decode()
+            assert expected in reason, (bad[:80], reason)
+            assert len(headers[bad]["freshrec-reason"]) <= 4096
+            assert headers[bad]["freshrec-rejected"] == str(rejected).encode()
+        for bad, expected in POISON_IMPRESSIONS.items():
+            assert values.count(bad) == 1, (bad[:80], values.count(bad))
+            assert expected in headers[bad]["freshrec-reason"].decode()
+            assert headers[bad]["freshrec-source"].startswith(settings.impressions_topic.encode())
+        assert len(values) == len(poison) + 1 + len(POISON_IMPRESSIONS) + 1
+    finally:
+        dlq.close()
+
+    for n in [*range(200, 200 + len(poison)), 300, 301]:
+        wait_until(
+            lambda n=n: redis_client.zscore(f"{settings.key_prefix}:hist:ok-{n}", f"item-{n}"),
+            30,
+            f"valid event {n} to be applied",
+        )
+    for n in range(250, 255):
+        wait_until(
+            lambda n=n: redis_client.zscore(f"{settings.key_prefix}:hist:ok-{n}", f"item-{n}"),
+            30,
+            f"valid event {n}, sent after the poison on its partition, to be applied",
+        )
+    wait_until(
+        lambda: redis_client.hget(f"{settings.key_prefix}:shown:shown-user", "seen"),
+        30,
+        "the valid impression sent after the poison ones to be remembered",
+    )
+    assert redis_client.exists(f"{settings.key_prefix}:hist:poison") == 0
+    assert worker.poll() is None, "the worker stopped"
