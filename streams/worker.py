@@ -5,9 +5,39 @@ valid ones, with their partition offsets, to `freshrec.store.batch_update.BatchU
 also marks the touched users, whose fresh lists the reader then publishes). A message with any
 invalid event goes to the dead-letter topic once, with its original bytes, a bounded summary of
 the reasons and the number of events rejected; validation never raises, so a poison message
-cannot stop the agent. A Redis outage pauses the agent (retrying with backoff) instead of
-dropping or half-applying a batch; Kafka offsets advance only after the batch is applied, and a
+cannot stop the agent. Kafka offsets advance only after the batch is applied, and a
 redelivered message is skipped by its offset.
+
+Redis failures (`RedisSteps`). Every Redis step of both agents (applying a batch, then
+attributing its clicks or recording its impressions, and loading the click model at start)
+runs under one policy, decided per error:
+
+- *Transient*, retried with capped exponential backoff and full jitter for as long as it takes:
+  a lost or refused connection or a timeout (``ConnectionError``, ``TimeoutError``, "max
+  number of clients reached"), a server still loading its data (``LOADING``), busy in a slow
+  script (``BUSY``), out of memory under ``noeviction`` (``OOM command not allowed``), a
+  script cache flushed under us (``NOSCRIPT``; redis-py reloads a registered script when it
+  meets one, a retry covers the pipelined case), a replica that is not (or no longer) the
+  primary (``READONLY``), a cluster mid-failover or resharding (``TRYAGAIN``,
+  ``CLUSTERDOWN``, ``MASTERDOWN``). Meanwhile the agent holds its batch (nothing is acked),
+  logs at most once per `LOG_EVERY_S` per step, counts each retry in
+  ``freshrec_worker_redis_retries_total{error}`` (one label per kind above) and sets
+  ``freshrec_worker_blocked`` to 1.
+- *Fatal*, everything else: an error reply retrying cannot fix (``WRONGTYPE``, a script
+  error, ``NOPERM``, a rejected password), or an exception from our own code. The worker logs
+  it with its context and exits at once with status `EXIT_FATAL`, without acknowledging the
+  batch; the supervisor restarts it and Kafka redelivers from the last committed offset. The
+  exit is immediate (``os._exit``) on purpose: an exception leaving the agent would close
+  Faust's batch generator, which acks the batch, and a graceful stop then commits it.
+
+Likewise a stop request (cancellation) that arrives while a step is waiting out a failure
+exits at once with `EXIT_UNAPPLIED`, so the batch it holds is redelivered, not acked.
+
+A retried step is safe to repeat: the batch write is skipped by its offset watermarks if it
+landed, impressions are written with HSET (idempotent), clicks are attributed once (HDEL), and
+the in-memory click model is put back as it was before a failed attempt (under the lock the
+merge timer takes too). The click model's merge timer (`merge_click_model`) catches and logs
+its own failures (at a bounded rate) and tries again on its next tick: it never stops the app.
 """
 
 from __future__ import annotations
@@ -15,10 +45,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
+import random
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import faust
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -60,7 +94,14 @@ RATING_ABS_ERROR = Histogram(
 REDELIVERED = Counter(
     "freshrec_redelivered_events_total", "Events skipped because their offset was applied before"
 )
-REDIS_RETRIES = Counter("freshrec_redis_retries_total", "Batch applications retried")
+REDIS_RETRIES = Counter(
+    "freshrec_worker_redis_retries_total",
+    "Redis steps retried after a transient error, by kind of error",
+    ["error"],
+)
+BLOCKED = Gauge(
+    "freshrec_worker_blocked", "1 while an agent holds a batch Redis has not accepted yet"
+)
 VARIANT_IMPRESSIONS = Counter(
     "freshrec_variant_impressions_total", "Items shown, by A/B variant", ["variant"]
 )
@@ -98,6 +139,10 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
     validator = EventValidator(settings)
     keys = Keys(settings.key_prefix)
     state: dict[str, Any] = {}
+    steps = RedisSteps()
+    # The click model in memory: a failed attempt of a step that learns it is undone, and the
+    # merge timer must not run between the learning and the undoing.
+    click_model = asyncio.Lock()
 
     first_use = asyncio.Lock()  # both agents start at once; one of them builds the state
 
@@ -105,12 +150,30 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         async with first_use:
             if not state:
                 client = Redis.from_url(redis_url, socket_timeout=5, health_check_interval=10)
-                feedback = await FeedbackLearner.load(client, keys, settings.attribution_window_s)
+                feedback = await steps.run(
+                    "loading the click model",
+                    lambda: FeedbackLearner.load(client, keys, settings.attribution_window_s),
+                )
                 state["updater"] = BatchUpdater(
                     client, keys, settings.model_config(), atomic=settings.atomic_batches
                 )
                 state["feedback"] = feedback
         return state["updater"], state["feedback"]
+
+    async def learning(feedback: FeedbackLearner, what: str, step: Callable[[], Awaitable[T]]) -> T:
+        """A step that also learns the click model in memory, retried as one: the model is
+        put back as it was before a failed attempt, so a retry does not learn twice."""
+
+        async def attempt() -> T:
+            async with click_model:
+                saved = feedback.model.state()
+                try:
+                    return await step()
+                except BaseException:
+                    feedback.model.load_state(saved)
+                    raise
+
+        return await steps.run(what, attempt)
 
     variant_label = variant_labels(settings)
 
@@ -147,7 +210,10 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             if not valid:
                 continue
             started = time.perf_counter()
-            result = await _apply_until_done(updater, valid, origins)
+            where = _batch_context(batch)
+            result = await steps.run(
+                f"applying {len(valid)} events ({where})", partial(updater.apply, valid, origins)
+            )
             finished = time.time()
             BATCH_SECONDS.observe(time.perf_counter() - started)
             BATCHES.inc()
@@ -163,7 +229,12 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 LAST_EVENT_TS.set(result.max_ts)
             clicks = [(e.user_id, e.item_id, e.ts) for e in valid if e.type == "click"]
             if clicks and result.events:
-                for variant, n in (await feedback.attribute_clicks(clicks)).items():
+                attributed = await learning(
+                    feedback,
+                    f"attributing {len(clicks)} clicks ({where})",
+                    partial(feedback.attribute_clicks, clicks),
+                )
+                for variant, n in attributed.items():
                     VARIANT_CLICKS.labels(variant_label(variant)).inc(n)
 
     @app.agent(impressions_topic)
@@ -191,17 +262,54 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 origins.extend([_origin(message)] * len(items))
             if not events:
                 continue
-            result = await _apply_until_done(updater, events, origins)
+            where = _batch_context(batch)
+            result = await steps.run(
+                f"applying {len(events)} impressions ({where})",
+                partial(updater.apply, events, origins),
+            )
             fresh = [shown[n] for n in result.applied]  # a redelivered part was learned before
             if not fresh:
                 continue
-            for variant, n in (await feedback.record_impressions(fresh)).items():
+            recorded = await learning(
+                feedback,
+                f"recording {len(fresh)} impressions ({where})",
+                partial(feedback.record_impressions, fresh),
+            )
+            for variant, n in recorded.items():
                 VARIANT_IMPRESSIONS.labels(variant_label(variant)).inc(n)
+
+    sync_failures = {"count": 0, "logged_at": float("-inf")}
 
     @app.timer(interval=2.0)
     async def merge_click_model() -> None:
-        if "feedback" in state:
-            await state["feedback"].sync()
+        """Merge the click model; a failure is logged (at a bounded rate) and the merge tried
+        again on the next tick (`FeedbackLearner.sync` changes nothing when it fails)."""
+        if "feedback" not in state:
+            return
+        try:
+            async with click_model:
+                await state["feedback"].sync()
+        except Exception as exc:
+            sync_failures["count"] += 1
+            kind = transient_error(exc)
+            if kind is not None:
+                REDIS_RETRIES.labels(kind).inc()
+            now = time.monotonic()
+            if now - sync_failures["logged_at"] >= LOG_EVERY_S:
+                sync_failures["logged_at"] = now
+                log.log(
+                    logging.WARNING if kind else logging.ERROR,
+                    "click model merge failed (%d times since it last worked), trying again "
+                    "on the next tick: %s: %s",
+                    sync_failures["count"],
+                    type(exc).__name__,
+                    exc,
+                    exc_info=None if kind else exc,
+                )
+        else:
+            if sync_failures["count"]:
+                log.warning("click model merged again after %d failures", sync_failures["count"])
+                sync_failures["count"] = 0
 
     @app.task
     async def serve_metrics() -> None:
@@ -234,24 +342,189 @@ def variant_labels(settings: Settings) -> Callable[[str], str]:
     return lambda variant: variant if variant in names else OTHER_VARIANT
 
 
-async def _apply_until_done(
-    updater: BatchUpdater, events: list[Event], origins: list[tuple[str, int]]
-) -> Any:
-    """Apply a batch, waiting out a Redis outage; the batch is never dropped.
+T = TypeVar("T")
 
-    A retry is safe: the offset watermarks skip whatever did land.
+EXIT_FATAL = 70  # EX_SOFTWARE: an error retrying cannot fix
+EXIT_UNAPPLIED = 75  # EX_TEMPFAIL: stopped while a batch waited for Redis
+LOG_EVERY_S = 10.0
+"""At most one log line per step and this many seconds while a step is being retried."""
+
+TRANSIENT_ERRORS = (
+    "connection",
+    "timeout",
+    "loading",
+    "busy",
+    "oom",
+    "noscript",
+    "readonly",
+    "tryagain",
+    "clusterdown",
+)
+"""The ``error`` label values of ``freshrec_worker_redis_retries_total``: a fixed set."""
+
+# Error replies that can also reach us as text (an old server wraps a script's error in
+# "ERR Error running script ... -OOM ..."; BUSY has no exception class of its own).
+_TRANSIENT_TEXT = (
+    ("command not allowed when used memory", "oom"),
+    ("BUSY Redis is busy", "busy"),
+    ("LOADING Redis is loading", "loading"),
+    ("NOSCRIPT", "noscript"),
+    ("READONLY You can't write", "readonly"),
+    ("TRYAGAIN", "tryagain"),
+    ("CLUSTERDOWN", "clusterdown"),
+    ("MASTERDOWN", "clusterdown"),
+)
+
+
+def transient_error(exc: BaseException) -> str | None:
+    """The kind of a transient Redis error (one of `TRANSIENT_ERRORS`), or None when retrying
+    cannot help (see the module docstring)."""
+    e = redis_errors
+    if isinstance(exc, (e.AuthenticationError, e.AuthorizationError)):
+        return None  # a ConnectionError, but a wrong password stays wrong
+    if isinstance(exc, e.BusyLoadingError):  # LOADING, also a ConnectionError
+        return "loading"
+    if isinstance(exc, e.TimeoutError):
+        return "timeout"
+    if isinstance(exc, e.ConnectionError):
+        return "connection"
+    kinds: tuple[tuple[type[BaseException], str], ...] = (
+        (e.OutOfMemoryError, "oom"),
+        (e.NoScriptError, "noscript"),
+        (e.ReadOnlyError, "readonly"),
+        (e.TryAgainError, "tryagain"),
+        (e.ClusterDownError, "clusterdown"),  # MASTERDOWN too
+    )
+    for kind, label in kinds:
+        if isinstance(exc, kind):
+            return label
+    if isinstance(exc, e.ResponseError):
+        text = str(exc)
+        for needle, label in _TRANSIENT_TEXT:
+            if needle in text:
+                return label
+    return None
+
+
+def _exit_now(status: int) -> NoReturn:
+    """Leave the process without unwinding: no generator finalizer acks the batch held, no
+    graceful stop commits it."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+class RedisSteps:
+    """Runs the agents' Redis steps under the worker's failure policy (module docstring).
+
+    ``exit`` and ``sleep`` are for tests; the backoff starts at ``first_s`` and doubles up
+    to ``cap_s``, each wait drawn uniformly below it (full jitter).
     """
-    delay = 0.1
-    while True:
+
+    def __init__(
+        self,
+        first_s: float = 0.05,
+        cap_s: float = 5.0,
+        log_every_s: float = LOG_EVERY_S,
+        exit: Callable[[int], NoReturn] = _exit_now,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.first_s = first_s
+        self.cap_s = cap_s
+        self.log_every_s = log_every_s
+        self.exit = exit
+        self.sleep = sleep
+        self.blocked = 0  # steps waiting out a failure now
+
+    async def run(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
+        """``step()`` until it succeeds; ``what`` names the step and its batch in logs."""
+        attempt = 0
+        since = time.monotonic()
+        logged_at = float("-inf")
         try:
-            return await updater.apply(events, origins)
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-            REDIS_RETRIES.inc()
-            log.warning(
-                "Redis unavailable, retrying batch of %d in %.1fs: %s", len(events), delay, exc
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            while True:
+                try:
+                    result = await step()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    kind = transient_error(exc)
+                    if kind is None:
+                        log.critical(
+                            "%s failed with an error retrying cannot fix; exiting (status %d) "
+                            "without acknowledging the batch, Kafka redelivers it from the "
+                            "last committed offset: %s: %s",
+                            what,
+                            EXIT_FATAL,
+                            type(exc).__name__,
+                            exc,
+                            exc_info=exc,
+                        )
+                        self.exit(EXIT_FATAL)
+                        raise  # only when a test's exit returns
+                    REDIS_RETRIES.labels(kind).inc()
+                    if attempt == 0:
+                        self._block()
+                    attempt += 1
+                    delay = random.uniform(0, min(self.cap_s, self.first_s * 2**attempt))
+                    now = time.monotonic()
+                    if now - logged_at >= self.log_every_s:
+                        logged_at = now
+                        log.warning(
+                            "Redis refused %s (%s), holding the batch and retrying "
+                            "(attempt %d, %.0fs so far): %s: %s",
+                            what,
+                            kind,
+                            attempt,
+                            now - since,
+                            type(exc).__name__,
+                            exc,
+                        )
+                    await self.sleep(delay)
+                else:
+                    if attempt:
+                        log.warning(
+                            "Redis accepted %s after %d retries (%.1fs)",
+                            what,
+                            attempt,
+                            time.monotonic() - since,
+                        )
+                    return result
+        except asyncio.CancelledError:
+            if attempt:
+                log.critical(
+                    "stopped while %s waited for Redis (%d retries); exiting (status %d) "
+                    "without acknowledging the batch, Kafka redelivers it",
+                    what,
+                    attempt,
+                    EXIT_UNAPPLIED,
+                )
+                self.exit(EXIT_UNAPPLIED)
+            raise
+        finally:
+            if attempt:
+                self._unblock()
+
+    def _block(self) -> None:
+        self.blocked += 1
+        BLOCKED.set(1)
+
+    def _unblock(self) -> None:
+        self.blocked -= 1
+        if not self.blocked:
+            BLOCKED.set(0)
+
+
+def _batch_context(batch: list[Any]) -> str:
+    """Where a batch came from, for logs: each partition's first and last offset."""
+    spans: dict[str, list[int]] = {}
+    for record in batch:
+        label, offset = _origin(record.message)
+        span = spans.setdefault(label, [offset, offset])
+        span[0], span[1] = min(span[0], offset), max(span[1], offset)
+    return ", ".join(f"{label}@{lo}-{hi}" for label, (lo, hi) in sorted(spans.items()))
 
 
 def _origin(message: Any) -> tuple[str, int]:

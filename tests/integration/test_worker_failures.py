@@ -1,0 +1,199 @@
+"""Redis refusing writes holds the worker's batches; nothing is lost or applied twice.
+
+The real-server test makes the test's Redis refuse writes with OOM (``maxmemory`` below what it
+uses, ``noeviction``), checks that the worker says it is holding its batches and applies
+nothing meanwhile, then lifts the limit and checks every event is applied exactly once. The
+tests without the integration mark check the failure policy itself (transient or fatal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+from redis import exceptions as redis_errors
+
+from freshrec.settings import Settings
+from freshrec.streams.producer import EventProducer
+from freshrec.streams.worker import TRANSIENT_ERRORS, RedisSteps, transient_error
+from tests.support import wait_until
+
+TS = time.time() - 60
+USERS = 12
+
+
+def _click(n: int) -> bytes:
+    return json.dumps(
+        {"type": "click", "user_id": f"held-{n}", "item_id": f"item-{n}", "ts": TS}
+    ).encode()
+
+
+def _impression(n: int) -> bytes:
+    return json.dumps(
+        {
+            "request_id": f"r-{n}",
+            "user_id": f"seen-{n}",
+            "variant": "control",
+            "ts": TS,
+            "items": [{"item_id": f"shown-{n}", "position": 0, "features": {"mf": 0.5}}],
+        }
+    ).encode()
+
+
+@pytest.mark.integration
+def test_a_full_redis_holds_every_batch_until_it_accepts_writes_then_applies_each_once(
+    settings: Settings, worker, redis_client, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "worker.log"
+    prefix = settings.key_prefix
+    stats = f"{prefix}:stats:worker"
+    before = redis_client.config_get("maxmemory*")
+    try:
+        used = int(redis_client.info("memory")["used_memory"])
+        redis_client.config_set("maxmemory-policy", "noeviction")
+        # Below what the server uses: with noeviction every write is refused (OOM), reads work.
+        redis_client.config_set("maxmemory", max(1, used // 2))
+        with pytest.raises(redis_errors.OutOfMemoryError):
+            redis_client.set(f"{prefix}:probe", "1")
+
+        with EventProducer(settings.kafka_bootstrap, settings.events_topic) as producer:
+            for n in range(USERS):
+                producer.send_raw(_click(n), key=f"held-{n}".encode())
+        with EventProducer(settings.kafka_bootstrap, settings.impressions_topic) as producer:
+            for n in range(3):
+                producer.send_raw(_impression(n), key=f"seen-{n}".encode())
+
+        def held() -> bool:
+            text = log_path.read_text(errors="replace")
+            return "events" in text and "impressions" in text and "(oom)" in text
+
+        wait_until(
+            lambda: worker.poll() is not None or held(),
+            60,
+            "the worker to report both agents holding batches Redis refused (OOM)",
+        )
+        assert worker.poll() is None, log_path.read_text()[-3000:]
+        text = log_path.read_text(errors="replace")
+        assert "Redis refused applying" in text, text[-3000:]
+        # Nothing landed while Redis refused writes.
+        for n in range(USERS):
+            assert not redis_client.exists(f"{prefix}:hist:held-{n}"), n
+        for n in range(3):
+            assert not redis_client.exists(f"{prefix}:shown:seen-{n}"), n
+        assert redis_client.hget(stats, "events") is None
+    finally:
+        redis_client.config_set("maxmemory", before["maxmemory"])
+        redis_client.config_set("maxmemory-policy", before["maxmemory-policy"])
+
+    for n in range(USERS):
+        wait_until(
+            lambda n=n: redis_client.zscore(f"{prefix}:hist:held-{n}", f"item-{n}"),
+            60,
+            f"held click {n} to be applied once Redis accepts writes",
+        )
+    for n in range(3):
+        wait_until(
+            lambda n=n: redis_client.hget(f"{prefix}:shown:seen-{n}", f"shown-{n}"),
+            60,
+            f"held impression {n} to be recorded once Redis accepts writes",
+        )
+    # Exactly once: each click and each shown item counted by the one batch that applied it.
+    wait_until(
+        lambda: int(redis_client.hget(stats, "events") or 0) >= USERS + 3,
+        30,
+        "every held event counted",
+    )
+    assert int(redis_client.hget(stats, "events")) == USERS + 3
+    wait_until(
+        lambda: "Redis accepted" in log_path.read_text(errors="replace"),
+        30,
+        "the worker to report Redis accepting the held batches",
+    )
+    assert worker.poll() is None, "the worker stopped"
+
+
+# --- the policy, without servers ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (redis_errors.ConnectionError("Connection refused"), "connection"),
+        (redis_errors.TimeoutError("Timeout reading from socket"), "timeout"),
+        (redis_errors.BusyLoadingError("Redis is loading the dataset in memory"), "loading"),
+        (redis_errors.ResponseError("BUSY Redis is busy running a script."), "busy"),
+        (
+            redis_errors.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+            "oom",
+        ),
+        (
+            redis_errors.ResponseError(
+                "Error running script (call to f_1): @user_script:3: -OOM command not allowed "
+                "when used memory > 'maxmemory'."
+            ),
+            "oom",
+        ),
+        (redis_errors.NoScriptError("No matching script."), "noscript"),
+        (redis_errors.ReadOnlyError("You can't write against a read only replica."), "readonly"),
+        (redis_errors.TryAgainError("Multiple keys request during rehashing of slot"), "tryagain"),
+        (redis_errors.MasterDownError("Link with MASTER is down"), "clusterdown"),
+        (redis_errors.ResponseError("WRONGTYPE Operation against a key"), None),
+        (redis_errors.ResponseError("ERR user_script:1: Script attempted to access"), None),
+        (redis_errors.AuthenticationError("invalid username-password pair"), None),
+        (redis_errors.NoPermissionError("this user has no permissions"), None),
+        (ValueError("a bug of ours"), None),
+    ],
+)
+def test_transient_or_fatal(error: Exception, kind: str | None) -> None:
+    assert transient_error(error) == kind
+    assert kind is None or kind in TRANSIENT_ERRORS
+
+
+class _Exited(Exception):
+    pass
+
+
+def _steps(exits: list[int], slept: list[float]) -> RedisSteps:
+    def exit(status: int):
+        exits.append(status)
+        raise _Exited
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    return RedisSteps(first_s=0.05, cap_s=1.0, exit=exit, sleep=sleep)
+
+
+def test_a_transient_error_is_retried_with_capped_backoff_until_the_step_succeeds() -> None:
+    exits: list[int] = []
+    slept: list[float] = []
+    steps = _steps(exits, slept)
+    calls = 0
+
+    async def step() -> str:
+        nonlocal calls
+        calls += 1
+        if calls <= 30:
+            raise redis_errors.OutOfMemoryError("command not allowed when used memory")
+        return "done"
+
+    assert asyncio.run(steps.run("a step", step)) == "done"
+    assert calls == 31 and len(slept) == 30 and not exits
+    assert all(0 <= s <= 1.0 for s in slept)
+    assert steps.blocked == 0
+
+
+def test_an_error_retrying_cannot_fix_exits_without_returning() -> None:
+    exits: list[int] = []
+    slept: list[float] = []
+    steps = _steps(exits, slept)
+
+    async def step() -> None:
+        raise redis_errors.ResponseError("WRONGTYPE Operation against a key")
+
+    with pytest.raises(_Exited):
+        asyncio.run(steps.run("a step", step))
+    assert exits == [70] and not slept
