@@ -5,7 +5,28 @@ aiohttp's server spent 0.16 ms of CPU on each such request before the handler ra
 as the whole MF scan; this one spends about 0.04 ms. It does what the reader needs and no more:
 GET (and HEAD) routes with path parameters, keep-alive, pipelined requests answered in order,
 limits on request size, an idle timeout and a graceful stop. Anything else is answered with a
-JSON error: 400 for what cannot be parsed, 404, 405, 413 and 414.
+JSON error: 400 for what cannot be parsed, 404, 405, 408, 413, 414, 431 and 503.
+
+Limits (module constants, each also an `HttpServer` parameter where a test or an embedder may
+want another value; none is a setting):
+
+* ``MAX_URL_BYTES`` (8 KiB, else 414) and ``MAX_HEADER_BYTES`` (16 KiB, else 431) count bytes
+  as they arrive: httptools buffers a header line until it ends, so a line that never ends is
+  measured here from the raw stream (bytes since the last newline) and cut at the limit.
+* ``MAX_BODY_BYTES`` (64 KiB, else 413).
+* ``REQUEST_DEADLINE_S`` (10 s): a whole request must arrive within this from its first byte,
+  however slowly it trickles (slowloris); past it the connection gets 408 and is closed.
+  ``IDLE_TIMEOUT_S`` (75 s) separately closes keep-alive connections with nothing to do.
+* ``HANDLER_DEADLINE_S`` (2 s): a request whose handler runs longer is answered 503 with
+  ``Retry-After`` and the handler is cancelled.
+* ``MAX_CONNECTIONS`` (1024): a connection beyond it is answered 503 with ``Retry-After`` and
+  closed. Every refusal (400, 408, 413, 414, 431, this 503) half-closes and drains input for
+  ``LINGER_S`` (1 s) before closing, so the answer is not lost to a TCP reset.
+* ``MAX_IN_FLIGHT`` (1024 across connections) and ``MAX_PIPELINED`` (64 on one connection):
+  requests beyond either are answered 503 with ``Retry-After`` without running.
+* Backpressure: while the transport's write buffer is above its high-water mark the
+  connection stops reading, so a client that does not read its answers cannot grow the
+  reader's memory.
 """
 
 from __future__ import annotations
@@ -32,6 +53,14 @@ MAX_URL_BYTES = 8192
 MAX_HEADER_BYTES = 16384
 MAX_BODY_BYTES = 65536
 IDLE_TIMEOUT_S = 75.0  # longer than common client pools' keep-alive (60 s), as nginx's default
+REQUEST_DEADLINE_S = 10.0  # from a request's first byte to its last
+HANDLER_DEADLINE_S = 2.0  # from a request's last byte to its answer being ready
+MAX_CONNECTIONS = 1024
+MAX_IN_FLIGHT = 1024  # requests whose handlers run, across connections
+MAX_PIPELINED = 64  # requests queued on one connection, answered or not
+RETRY_AFTER_S = 1  # what a 503 for load or a deadline tells the client
+LINGER_S = 1.0  # how long a refused connection drains input before it is closed
+SWEEP_INTERVAL_S = 0.5  # how often deadlines and idle connections are checked
 
 
 @dataclass
@@ -90,12 +119,34 @@ Dispatch = Callable[[Request, str, Handler], Awaitable[Response]]
 
 
 class HttpServer:
-    """Serves ``router`` through ``dispatch``; unmatched requests get JSON errors here."""
+    """Serves ``router`` through ``dispatch``; unmatched requests get JSON errors here.
 
-    def __init__(self, router: Router, dispatch: Dispatch) -> None:
+    The keyword parameters are the limits the module docstring describes, defaulting to its
+    constants.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        dispatch: Dispatch,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        max_pipelined: int = MAX_PIPELINED,
+        request_deadline_s: float = REQUEST_DEADLINE_S,
+        handler_deadline_s: float = HANDLER_DEADLINE_S,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+    ) -> None:
         self.router = router
         self.dispatch = dispatch
+        self.max_connections = max_connections
+        self.max_in_flight = max_in_flight
+        self.max_pipelined = max_pipelined
+        self.request_deadline_s = request_deadline_s
+        self.handler_deadline_s = handler_deadline_s
+        self.idle_timeout_s = idle_timeout_s
         self.connections: set[_Connection] = set()
+        self.in_flight = 0
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -104,7 +155,7 @@ class HttpServer:
         self._server = await loop.create_server(
             lambda: _Connection(self), host, port, reuse_address=True, backlog=1024
         )
-        self._sweeper = asyncio.create_task(self._close_idle())
+        self._sweeper = asyncio.create_task(self._sweep())
 
     @property
     def port(self) -> int:
@@ -138,14 +189,37 @@ class HttpServer:
         else:
             route, handler, params = matched
         query = dict(parse_qsl(url.query.decode("latin-1"))) if url.query else {}
-        return await self.dispatch(Request(method, path, params, query), route, handler)
+        bounded = functools.partial(self._within_deadline, handler)
+        return await self.dispatch(Request(method, path, params, query), route, bounded)
 
-    async def _close_idle(self) -> None:
+    def _finished(self, _: object) -> None:
+        self.in_flight -= 1
+
+    async def _within_deadline(self, handler: Handler, request: Request) -> Response:
+        """The handler, or 503 once it has run longer than ``handler_deadline_s``."""
+        deadline = asyncio.timeout(self.handler_deadline_s)
+        try:
+            async with deadline:
+                return await handler(request)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            log.warning("%s took longer than %s s; answered 503", request.path,
+                        self.handler_deadline_s)  # fmt: skip
+            return unavailable(f"no answer within {self.handler_deadline_s} s; retry shortly")
+
+    async def _sweep(self) -> None:
+        """Closes idle connections and those whose request is not in by its deadline."""
         while True:
-            await asyncio.sleep(IDLE_TIMEOUT_S / 5)
-            cutoff = time.monotonic() - IDLE_TIMEOUT_S
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            now = time.monotonic()
+            idle_cutoff = now - self.idle_timeout_s
+            request_cutoff = now - self.request_deadline_s
             for connection in list(self.connections):
-                if not connection.busy and connection.last_active < cutoff:
+                started = connection.request_started
+                if started is not None and started < request_cutoff and not connection.refused:
+                    connection.late()
+                elif not connection.busy and connection.last_active < idle_cutoff:
                     connection.close()
 
 
@@ -156,14 +230,18 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        self.pending: collections.deque[tuple[asyncio.Task[Response], bool, bool]] = (
+        self.pending: collections.deque[tuple[asyncio.Future[Response], bool, bool]] = (
             collections.deque()
         )
         self.url = b""
         self.header_bytes = 0
+        self.line_bytes = 0  # of the head's line in progress, which httptools buffers unseen
+        self.in_head = True  # between requests or inside one's request line and headers
+        self.request_started: float | None = None  # a request's first byte, until its last
         self.body_bytes = 0
         self.last_active = time.monotonic()
         self.refused = False
+        self.rejected = False
 
     @property
     def busy(self) -> bool:
@@ -172,6 +250,9 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if len(self.server.connections) >= self.server.max_connections:
+            self._reject()
+            return
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -180,26 +261,49 @@ class _Connection(asyncio.Protocol):
             task.cancel()
         self.pending.clear()
 
+    def pause_writing(self) -> None:
+        """The client reads slower than it asks: stop reading until its answers drain."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing() and not self.refused:
+            self.transport.resume_reading()
+
     def data_received(self, data: bytes) -> None:
-        if self.refused:  # the stream is out of step; what follows cannot be parsed
+        if self.refused or self.rejected:  # the stream is out of step, or never listened to
             return
-        self.last_active = time.monotonic()
+        now = self.last_active = time.monotonic()
+        if self.in_head and self.request_started is None:
+            self.request_started = now
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._refuse(400, "protocol upgrades are not supported")
+            return
         except httptools.HttpParserError as exc:
             limit = exc.__context__  # a callback's exception arrives wrapped
             if isinstance(limit, _TooLarge):
                 self._refuse(limit.status, str(limit))
             else:
                 self._refuse(400, f"malformed HTTP request: {exc}")
+            return
+        if self.in_head:  # count what httptools holds back: the line in progress
+            newline = data.rfind(b"\n")
+            self.line_bytes = (
+                len(data) - newline - 1 if newline >= 0 else self.line_bytes + len(data)
+            )
+            if self.header_bytes + self.line_bytes > MAX_HEADER_BYTES:
+                self._refuse(431, f"the headers are longer than {MAX_HEADER_BYTES} bytes")
 
     # --- httptools callbacks ------------------------------------------------------------------
     def on_message_begin(self) -> None:
         self.url = b""
         self.header_bytes = 0
         self.body_bytes = 0
+        self.in_head = True
+        if self.request_started is None:
+            self.request_started = time.monotonic()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -211,15 +315,30 @@ class _Connection(asyncio.Protocol):
         if self.header_bytes > MAX_HEADER_BYTES:
             raise _TooLarge(431, f"the headers are longer than {MAX_HEADER_BYTES} bytes")
 
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.line_bytes = 0
+
     def on_body(self, body: bytes) -> None:
         self.body_bytes += len(body)
         if self.body_bytes > MAX_BODY_BYTES:
             raise _TooLarge(413, f"the body is longer than {MAX_BODY_BYTES} bytes")
 
     def on_message_complete(self) -> None:
+        self.in_head = True
+        self.request_started = None
         method = self.parser.get_method().decode("latin-1")
-        task = asyncio.ensure_future(self.server.handle(method, self.url))
-        self.pending.append((task, method == "HEAD", self.parser.should_keep_alive()))
+        head_only, keep_alive = method == "HEAD", self.parser.should_keep_alive()
+        server = self.server
+        task: asyncio.Future[Response]
+        if len(self.pending) >= server.max_pipelined or server.in_flight >= server.max_in_flight:
+            task = asyncio.get_running_loop().create_future()
+            task.set_result(unavailable("too many requests in flight; retry shortly"))
+        else:
+            task = asyncio.ensure_future(server.handle(method, self.url))
+            server.in_flight += 1  # counted here: tasks of one read have not started yet
+            task.add_done_callback(server._finished)
+        self.pending.append((task, head_only, keep_alive))
         task.add_done_callback(self._flush)
 
     # --- responses ----------------------------------------------------------------------------
@@ -259,6 +378,7 @@ class _Connection(asyncio.Protocol):
     def _refuse(self, status: int, message: str) -> None:
         """Answer after the requests already queued, then close: the stream cannot be trusted."""
         self.refused = True
+        self.request_started = None
         for task, _, _ in self.pending:
             task.remove_done_callback(self._flush)
         answered = list(self.pending)
@@ -269,9 +389,32 @@ class _Connection(asyncio.Protocol):
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     self._write(await task, head_only, True)
             self._write(_error(status, message), False, False)
-            self.close()
+            self._linger()
 
         self.closing = asyncio.ensure_future(last())
+
+    def late(self) -> None:
+        """The request in progress missed its deadline: 408 after what is queued, then close."""
+        log.info("closing a connection whose request took over %s s to arrive",
+                 self.server.request_deadline_s)  # fmt: skip
+        self._refuse(408, f"the request did not arrive within {self.server.request_deadline_s} s")
+
+    def _reject(self) -> None:
+        """Over the connection cap: 503 at once, then drain briefly so the answer is not reset."""
+        self.rejected = True
+        self._write(unavailable("too many connections; retry shortly"), False, False)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Half-close, discard what still comes for ``LINGER_S``, then close: closing with
+        unread input would send a reset, which can destroy the answer before the client reads
+        it."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_S, self.close)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -303,3 +446,8 @@ def _answer(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()
 
 def _error(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> Response:
     return Response.json({"error": message, "status": status}, status, headers)
+
+
+def unavailable(message: str, retry_after_s: int = RETRY_AFTER_S) -> Response:
+    """503 with ``Retry-After``: overload, a deadline, or a dependency that will be back."""
+    return _error(503, message, (("Retry-After", str(retry_after_s)),))
