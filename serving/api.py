@@ -1,18 +1,30 @@
 """The reader's HTTP API: the contract's routes, JSON errors, Prometheus metrics.
 
 Stateless over Redis, so any number of replicas can sit behind a load balancer. A Redis outage
-answers 503 with a message and the client reconnects on the next request by itself.
+answers 503 with a message and ``Retry-After``, and the client reconnects on the next request by
+itself; so does a Redis that is up but cannot answer now (``BUSY`` running a script, ``LOADING``
+its dataset, ``OOM``, ``TRYAGAIN``, ``MASTERDOWN``, ``CLUSTERDOWN``).
+
+The background loops (the snapshot refresh, the publisher) run under a supervisor: a loop that
+fails is logged with its traceback and restarted after a back-off (``LOOP_BACKOFF_S`` doubling
+up to ``LOOP_BACKOFF_MAX_S``). ``/healthz`` answers 503 while a loop is down, when the item
+snapshot is older than ``MAX_SNAPSHOT_AGE_S`` (30 s), or when Redis does not answer a PING on the
+connection requests use. The HTTP limits (connections, deadlines, sizes) are
+`freshrec.serving.http_server`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
+import resource
 import signal
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +35,15 @@ from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from freshrec.serving.funnel import Funnel, FunnelConfig, UnknownItem
-from freshrec.serving.http_server import Handler, HttpServer, Request, Response, Router
+from freshrec.serving.http_server import (
+    MAX_CONNECTIONS,
+    Handler,
+    HttpServer,
+    Request,
+    Response,
+    Router,
+    unavailable,
+)
 from freshrec.serving.impressions import ImpressionLog
 from freshrec.serving.kernels import warm_up
 from freshrec.serving.openapi import OPENAPI
@@ -40,6 +60,16 @@ LATENCY = Histogram(
     ["route"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
+LOOP_RESTARTS = Counter(
+    "freshrec_reader_loop_restarts_total", "Background loops restarted after a failure", ["loop"]
+)
+
+MAX_SNAPSHOT_AGE_S = 30.0  # /healthz: an item snapshot older than this is unhealthy
+LOOP_BACKOFF_S = 0.5  # first wait before restarting a failed background loop
+LOOP_BACKOFF_MAX_S = 30.0
+LOOP_HEALTHY_AFTER_S = 60.0  # a loop running this long since its restart resets its back-off
+TRANSIENT_REDIS_ERRORS = ("BUSY", "LOADING", "OOM", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN")
+"""Error replies from a Redis that is up but cannot answer now: 503 and retry, not 500."""
 
 
 class BadRequest(ValueError):
@@ -58,6 +88,27 @@ class Publishing:
     interval_s: float = 0.1
 
 
+@dataclass
+class LoopHealth:
+    """A supervised background loop: up, or down since its last failure until it restarts."""
+
+    running: bool = False
+    restarts: int = 0
+    last_error: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {"running": self.running, "restarts": self.restarts, "last_error": self.last_error}
+
+
+def is_transient_redis_error(exc: BaseException) -> bool:
+    """Redis is busy, loading, out of memory or failing over: worth a retry shortly."""
+    if isinstance(exc, redis_errors.BusyLoadingError):
+        return True
+    return isinstance(exc, redis_errors.ResponseError) and str(exc).startswith(
+        TRANSIENT_REDIS_ERRORS
+    )
+
+
 class Reader:
     """The routes over one funnel, with the background work that keeps it fresh and publishes.
 
@@ -66,6 +117,8 @@ class Reader:
     index_refresh_s
         How often the item snapshot and the pools catch up with Redis; a request finding the
         snapshot older than ten intervals starts a catch-up itself.
+    max_snapshot_age_s
+        ``/healthz`` answers 503 when the snapshot is older than this.
     """
 
     def __init__(
@@ -78,6 +131,7 @@ class Reader:
         publishing: Publishing | None = None,
         variants: Variants | None = None,
         index_refresh_s: float = 0.5,
+        max_snapshot_age_s: float = MAX_SNAPSHOT_AGE_S,
     ) -> None:
         self.redis = redis
         self.funnel = Funnel(redis, keys, config, max_staleness_s=10 * index_refresh_s)
@@ -85,6 +139,8 @@ class Reader:
         self.max_k = max_k
         self.max_id_length = max_id_length
         self.index_refresh_s = index_refresh_s
+        self.max_snapshot_age_s = max_snapshot_age_s
+        self.loops: dict[str, LoopHealth] = {}
         self.publishing = publishing
         self.impressions: ImpressionLog | None = None
         self.publisher: RecommendationPublisher | None = None
@@ -124,11 +180,11 @@ class Reader:
         yet open already means "not up yet" to every client, probe and load balancer.
         """
         warm_up([self.funnel.config, *(v.config for v in self.variants.variants)])
-        self._background.append(asyncio.create_task(self._keep_fresh()))
-        if self.publisher is not None and self.publishing is not None:
-            self._background.append(
-                asyncio.create_task(self.publisher.run(self.publishing.interval_s))
-            )
+        self._background.append(asyncio.create_task(self._supervise("refresh", self._keep_fresh)))
+        publisher, publishing = self.publisher, self.publishing
+        if publisher is not None and publishing is not None:
+            run = functools.partial(publisher.run, publishing.interval_s)
+            self._background.append(asyncio.create_task(self._supervise("publisher", run)))
         await self.server.start(host, port)
 
     async def stop(self) -> None:
@@ -142,6 +198,30 @@ class Reader:
             self.publisher.close()
         await self.funnel.aclose()
         await self.redis.aclose()
+
+    async def _supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Runs ``loop`` forever: a failure is logged, backed off and restarted, never silent."""
+        health = self.loops[name] = LoopHealth()
+        backoff = LOOP_BACKOFF_S
+        while True:
+            health.running = True
+            started = time.monotonic()
+            try:
+                await loop()
+                raise RuntimeError("returned")  # loops run until cancelled
+            except asyncio.CancelledError:
+                health.running = False
+                raise
+            except Exception as exc:
+                health.running = False
+                health.last_error = f"{type(exc).__name__}: {exc}"
+                if time.monotonic() - started > LOOP_HEALTHY_AFTER_S:
+                    backoff = LOOP_BACKOFF_S
+                log.exception("background loop %r failed; restarting in %.1f s", name, backoff)
+            LOOP_RESTARTS.labels(name).inc()
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, LOOP_BACKOFF_MAX_S)
+            health.restarts += 1
 
     async def _keep_fresh(self) -> None:
         """The item snapshot, pools and click-model weights, refreshed in the background.
@@ -158,6 +238,10 @@ class Reader:
                     gc.freeze()
                     frozen = True
             except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+                log.warning("funnel state not refreshed: %s", exc)
+            except redis_errors.ResponseError as exc:
+                if not is_transient_redis_error(exc):
+                    raise
                 log.warning("funnel state not refreshed: %s", exc)
             await asyncio.sleep(self.index_refresh_s)
 
@@ -204,8 +288,23 @@ class Reader:
         return Response.json(await self.funnel.predict(user_id, item_id))
 
     async def healthz(self, request: Request) -> Response:
-        await self.redis.ping()
-        return Response.json({"status": "ok", "redis": "ok"})
+        """Redis answers on the requests' own connection, the snapshot is recent, loops run."""
+        await self.funnel.user_state.execute("PING")
+        age = self.funnel.index.staleness_s
+        loops = {name: health.to_json() for name, health in self.loops.items()}
+        problems = [f"the {name} loop is down" for name, h in self.loops.items() if not h.running]
+        if age > self.max_snapshot_age_s:
+            problems.append(f"the item snapshot is older than {self.max_snapshot_age_s} s")
+        body = {
+            "status": "unhealthy" if problems else "ok",
+            "redis": "ok",
+            "snapshot_age_s": round(age, 3) if age != float("inf") else None,
+            "loops": loops,
+        }
+        if problems:
+            body["error"] = "; ".join(problems)
+            return Response.json(body, 503, (("Retry-After", "1"),))
+        return Response.json(body)
 
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)
@@ -224,10 +323,14 @@ class Reader:
             response = _error(404, f"unknown item {exc.args[0]!r}: no event has mentioned it yet")
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             log.warning("Redis unavailable: %s", exc)
-            response = _error(503, "state store (Redis) unavailable; retry shortly")
-        except Exception:
-            log.exception("unhandled error on %s", request.path)
-            response = _error(500, "internal error; see the reader's log")
+            response = unavailable("state store (Redis) unavailable; retry shortly")
+        except Exception as exc:
+            if is_transient_redis_error(exc):
+                log.warning("Redis cannot answer now: %s", exc)
+                response = unavailable(f"state store (Redis) cannot answer now ({exc}); retry")
+            else:
+                log.exception("unhandled error on %s", request.path)
+                response = _error(500, "internal error; see the reader's log")
         requests, latency = self._metric_children(route, response.status)
         requests.inc()
         latency.observe(time.perf_counter() - started)
@@ -277,6 +380,8 @@ def run_reader(
 ) -> None:
     """Serves until SIGTERM or SIGINT, then finishes requests in flight and closes cleanly."""
 
+    _allow_open_files(MAX_CONNECTIONS + 256)
+
     async def main() -> None:
         # Requests beyond the pool wait for a connection (up to the timeout) instead of failing.
         pool = BlockingConnectionPool.from_url(
@@ -296,3 +401,13 @@ def run_reader(
             await reader.stop()
 
     uvloop.run(main())
+
+
+def _allow_open_files(wanted: int) -> None:
+    """Raises the soft limit on open files towards ``wanted`` (within the hard limit), so the
+    connection cap, not the file table, decides when clients are turned away."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
