@@ -16,12 +16,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import redis
 
 from freshrec.devenv.local_services import wait_for_redis
-from freshrec.serving.http_server import MAX_CONNECTIONS, MAX_HEADER_BYTES, REQUEST_DEADLINE_S
+from freshrec.serving.http_server import (
+    MAX_CONNECTIONS,
+    MAX_HEADER_BYTES,
+    MAX_PIPELINED,
+    REQUEST_DEADLINE_S,
+)
 from freshrec.settings import Settings
 from tests.support import free_port, freshrec_process, http_json, stop_process, wait_until
 
@@ -58,6 +64,16 @@ def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
             break
         rest += chunk
     return status, headers, rest[:length]
+
+
+def _read_buffered(stream: BinaryIO) -> tuple[int, dict[str, str], bytes]:
+    """One of several responses on a stream, leaving the next ones unread."""
+    status = int(stream.readline().split()[1])
+    headers: dict[str, str] = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, stream.read(int(headers.get("content-length", "0")))
 
 
 def _closed_by_peer(sock: socket.socket) -> bool:
@@ -147,6 +163,20 @@ def test_connections_beyond_the_cap_get_503_with_retry_after(reader: str) -> Non
         for sock in held:
             sock.close()
     wait_until(lambda: http_json(f"{reader}/healthz")[0] == 200, 10, "the reader to serve again")
+    _serves(reader)
+
+
+def test_pipelined_requests_beyond_the_cap_get_503_in_order(reader: str) -> None:
+    count = 2 * MAX_PIPELINED
+    with _connect(reader) as sock:
+        sock.sendall(GET * count)  # one write: parsed at once, before any handler runs
+        stream = sock.makefile("rb")
+        answers = [_read_buffered(stream) for _ in range(count)]
+    statuses = [status for status, _, _ in answers]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses[:MAX_PIPELINED] == [200] * MAX_PIPELINED
+    assert 503 in statuses
+    assert all(headers.get("retry-after") for status, headers, _ in answers if status == 503)
     _serves(reader)
 
 
