@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, TopicPartition
 
+from freshrec.devenv.local_services import wait_for_redis
 from freshrec.devenv.processes import (
     free_port,
     group_is_consuming,
@@ -21,6 +23,7 @@ from freshrec.devenv.processes import (
 from freshrec.settings import Settings
 
 __all__ = [
+    "OwnRedis",
     "TopicReader",
     "free_port",
     "freshrec_process",
@@ -73,3 +76,31 @@ class TopicReader:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+class OwnRedis:
+    """A redis-server of a test's own, so the test may kill it, restart it or keep it busy."""
+
+    def __init__(self, port: int, workdir: Path) -> None:
+        self.port, self.workdir = port, workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--save", "", "--appendonly", "no"],
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for_redis(self.url, 10)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

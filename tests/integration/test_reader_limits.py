@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import shutil
 import socket
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 import redis
 
-from freshrec.devenv.local_services import wait_for_redis
 from freshrec.serving.http_server import (
     MAX_CONNECTIONS,
     MAX_HEADER_BYTES,
@@ -29,7 +26,7 @@ from freshrec.serving.http_server import (
     REQUEST_DEADLINE_S,
 )
 from freshrec.settings import Settings
-from tests.support import free_port, freshrec_process, http_json, stop_process, wait_until
+from tests.support import OwnRedis, free_port, freshrec_process, http_json, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -180,35 +177,6 @@ def test_pipelined_requests_beyond_the_cap_get_503_in_order(reader: str) -> None
     _serves(reader)
 
 
-class _RedisServer:
-    def __init__(self, port: int, workdir: Path) -> None:
-        self.port = port
-        binary = shutil.which("redis-server")
-        assert binary is not None
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(port), "--save", "", "--appendonly", "no"],
-            cwd=workdir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        self.url = f"redis://127.0.0.1:{port}/0"
-        wait_for_redis(self.url, 10)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[_RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs a local redis-server binary to keep busy")
-    server = _RedisServer(free_port(), tmp_path)
-    yield server
-    server.kill()
-
-
 BUSY_LOOP = """
 local start = redis.call('TIME')
 while true do
@@ -221,7 +189,7 @@ end
 
 
 def test_a_busy_redis_is_503_with_retry_after_then_recovers(
-    settings: Settings, own_redis: _RedisServer, tmp_path: Path
+    settings: Settings, own_redis: OwnRedis, tmp_path: Path
 ) -> None:
     port = free_port()
     configured = dataclasses.replace(settings, redis_url=own_redis.url)

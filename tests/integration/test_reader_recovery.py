@@ -3,60 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from freshrec.devenv.local_services import wait_for_redis
 from freshrec.settings import Settings
-from tests.support import free_port, freshrec_process, http_json, stop_process, wait_until
+from tests.support import OwnRedis, free_port, freshrec_process, http_json, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
 
 
-class _RedisServer:
-    """A redis-server of this test's own, so it can be killed and started again."""
-
-    def __init__(self, port: int, workdir: Path) -> None:
-        self.port, self.workdir = port, workdir
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary is not None
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--save", "", "--appendonly", "no"],
-            cwd=self.workdir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        wait_for_redis(self.url, 10)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[_RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs a local redis-server binary to kill and restart")
-    server = _RedisServer(free_port(), tmp_path)
-    server.start()
-    yield server
-    server.kill()
-
-
 def test_the_reader_answers_503_while_redis_is_down_and_recovers(
-    settings: Settings, own_redis: _RedisServer, tmp_path: Path
+    settings: Settings, own_redis: OwnRedis, tmp_path: Path
 ) -> None:
     port = free_port()
     configured = dataclasses.replace(settings, redis_url=own_redis.url)
