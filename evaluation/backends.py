@@ -27,6 +27,8 @@ from freshrec.streams.producer import EventProducer
 CONCURRENCY = 32
 """Requests in flight to the reader (pipeline) or to Redis through the funnel (direct)."""
 APPLY_TIMEOUT_S = 120.0
+RETRY_503_S = 60.0
+"""How long the pipeline mode retries a request the reader sheds with 503 and Retry-After."""
 
 
 # --- the system under evaluation: in process, or through Kafka and the reader -------------------
@@ -146,18 +148,24 @@ class PipelineBackend:
         await self.session.close()
 
     async def _get(self, path: str) -> tuple[int, Any]:
+        """GET as a well-behaved client: a 503 is retried after its ``Retry-After``, until
+        ``RETRY_503_S`` has passed (a reader under load sheds requests that way)."""
         from yarl import URL
 
-        async with self.session.get(URL(self.base_url + path, encoded=True)) as response:
-            return response.status, await response.json()
+        deadline = time.monotonic() + RETRY_503_S
+        while True:
+            async with self.session.get(URL(self.base_url + path, encoded=True)) as response:
+                status, body = response.status, await response.json()
+                wait = float(response.headers.get("Retry-After", "1"))
+            if status != 503 or time.monotonic() + wait > deadline:
+                return status, body
+            await asyncio.sleep(wait)
 
     async def predict(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
         async def one(user: str, item: str) -> float | None:
             status, body = await self._get(
                 f"/predict/{quote(user, safe='')}/{quote(item, safe='')}"
             )
-            if status == 404:
-                return None
             if status != 200:
                 raise RuntimeError(f"reader answered {status} to a prediction: {body}")
             return float(body["prediction"])
