@@ -19,10 +19,9 @@ from freshrec.devenv import local_services
 from freshrec.settings import Settings
 from freshrec.streams.topics import delete_topics, ensure_topics, topic_specs
 from tests.support import (
-    free_port,
     freshrec_process,
     group_is_consuming,
-    http_json,
+    running_reader,
     stop_process,
     wait_until,
 )
@@ -87,16 +86,5 @@ def worker(settings: Settings, tmp_path: Path) -> Iterator[object]:
 
 @pytest.fixture
 def reader(settings: Settings, tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    proc = freshrec_process(["serve", "--port", str(port)], settings, tmp_path / "reader.log")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(
-            lambda: proc.poll() is not None or http_json(base + "/healthz")[0] == 200,
-            30,
-            "the reader to answer /healthz",
-        )
-        assert proc.poll() is None, (tmp_path / "reader.log").read_text()[-3000:]
+    with running_reader(settings, tmp_path / "reader.log") as (base, _):
         yield base
-    finally:
-        stop_process(proc)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ __all__ = [
     "freshrec_process",
     "group_is_consuming",
     "http_json",
+    "running_reader",
     "stop_process",
     "wait_until",
 ]
@@ -47,6 +49,24 @@ def freshrec_process(command: list[str], settings: Settings, log_path: Path) -> 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
     stop_processes([proc], timeout_s)
+
+
+@contextlib.contextmanager
+def running_reader(settings: Settings, log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A reader process on a free port, once it answers /healthz: (base URL, process)."""
+    port = free_port()
+    proc = freshrec_process(["serve", "--port", str(port)], settings, log_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or http_json(base + "/healthz")[0] == 200,
+            30,
+            "the reader to answer /healthz",
+        )
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        yield base, proc
+    finally:
+        stop_process(proc)
 
 
 class TopicReader:

@@ -26,7 +26,7 @@ from freshrec.serving.http_server import (
     REQUEST_DEADLINE_S,
 )
 from freshrec.settings import Settings
-from tests.support import OwnRedis, free_port, freshrec_process, http_json, stop_process, wait_until
+from tests.support import OwnRedis, http_json, running_reader, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -191,17 +191,11 @@ end
 def test_a_busy_redis_is_503_with_retry_after_then_recovers(
     settings: Settings, own_redis: OwnRedis, tmp_path: Path
 ) -> None:
-    port = free_port()
     configured = dataclasses.replace(settings, redis_url=own_redis.url)
-    reader = freshrec_process(["serve", "--port", str(port)], configured, tmp_path / "reader.log")
-    base = f"http://127.0.0.1:{port}"
-    admin = redis.Redis.from_url(own_redis.url, socket_timeout=10)
-    try:
-        wait_until(
-            lambda: reader.poll() is not None or http_json(f"{base}/healthz")[0] == 200,
-            30,
-            "the reader to answer /healthz",
-        )
+    with (
+        running_reader(configured, tmp_path / "reader.log") as (base, reader),
+        redis.Redis.from_url(own_redis.url, socket_timeout=10) as admin,
+    ):
         _serves(base)
         with contextlib.suppress(redis.ResponseError):  # the option's name before Redis 7
             admin.config_set("busy-reply-threshold", 100)
@@ -239,9 +233,6 @@ def test_a_busy_redis_is_503_with_retry_after_then_recovers(
             "the reader to serve again once Redis is no longer busy",
         )
         assert reader.poll() is None
-    finally:
-        admin.close()
-        stop_process(reader)
 
 
 def _script_killed(admin: redis.Redis) -> Callable[[], bool]:

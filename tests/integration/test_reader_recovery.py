@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from freshrec.settings import Settings
-from tests.support import OwnRedis, free_port, freshrec_process, http_json, stop_process, wait_until
+from tests.support import OwnRedis, http_json, running_reader, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -16,16 +16,8 @@ pytestmark = pytest.mark.integration
 def test_the_reader_answers_503_while_redis_is_down_and_recovers(
     settings: Settings, own_redis: OwnRedis, tmp_path: Path
 ) -> None:
-    port = free_port()
     configured = dataclasses.replace(settings, redis_url=own_redis.url)
-    reader = freshrec_process(["serve", "--port", str(port)], configured, tmp_path / "reader.log")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(
-            lambda: reader.poll() is not None or http_json(f"{base}/healthz")[0] == 200,
-            30,
-            "the reader to answer /healthz",
-        )
+    with running_reader(configured, tmp_path / "reader.log") as (base, reader):
         assert http_json(f"{base}/recommendations/someone?k=5")[0] == 200
 
         own_redis.kill()
@@ -40,5 +32,3 @@ def test_the_reader_answers_503_while_redis_is_down_and_recovers(
             "the reader to serve again once Redis is back",
         )
         assert reader.poll() is None
-    finally:
-        stop_process(reader)
