@@ -8,6 +8,7 @@ drift from what the code does.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from dataclasses import dataclass, field
@@ -235,6 +236,7 @@ class Settings:
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
         """Read every field from its variable; a malformed value is an error naming it."""
         environ = dict(os.environ if environ is None else environ)
+        _refuse_unknown_names(environ, [f.metadata["env"] for f in dataclasses.fields(cls)])
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = environ.get(f.metadata["env"])
@@ -369,6 +371,23 @@ class Settings:
             shown = f"`{default}`" if default != "" else "(unset)"
             rows.append(f"| `{f.metadata['env']}` | {shown} | {f.metadata['doc']} |")
         return "\n".join(rows)
+
+
+def _refuse_unknown_names(environ: dict[str, str], known: list[str]) -> None:
+    """A misspelt variable would silently leave its setting at the default (an unset address
+    starts fresh local services that look healthy), so any unknown ``FRESHREC_*`` is an error."""
+    unknown = sorted(n for n in environ if n.startswith("FRESHREC_") and n not in known)
+    if not unknown:
+        return
+    described = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        described.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    plural = "s" if len(unknown) > 1 else ""
+    raise ValueError(
+        f"unknown environment variable{plural} {', '.join(described)}; rename or unset it "
+        "(`freshrec config --markdown` lists every setting)"
+    )
 
 
 def _parse(env_name: str, raw: str, kind: type) -> Any:

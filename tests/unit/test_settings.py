@@ -26,3 +26,21 @@ def test_inconsistent_values_are_refused() -> None:
 def test_settings_round_trip_through_the_environment() -> None:
     s = Settings(topic_prefix="x", mf_lr=0.5, redis_persist=True)
     assert Settings.from_env(s.environ()) == s
+
+
+def test_an_unknown_name_is_refused_with_the_closest_known_one() -> None:
+    with pytest.raises(ValueError) as refused:
+        Settings.from_env({"FRESHREC_REDIS_ULR": "redis://10.0.0.5:6379/0"})
+    assert "FRESHREC_REDIS_ULR (did you mean FRESHREC_REDIS_URL?)" in str(refused.value)
+
+
+def test_every_unknown_name_is_listed() -> None:
+    with pytest.raises(ValueError) as refused:
+        Settings.from_env({"FRESHREC_KAFKA_BOOTSTRAPS": "h:9092", "FRESHREC_ZZZ": "1"})
+    message = str(refused.value)
+    assert "FRESHREC_KAFKA_BOOTSTRAPS (did you mean FRESHREC_KAFKA_BOOTSTRAP?)" in message
+    assert "FRESHREC_ZZZ" in message
+
+
+def test_other_variables_are_not_ours_to_judge() -> None:
+    assert Settings.from_env({"PATH": "/bin", "FRESHRECX": "1"}) == Settings()
