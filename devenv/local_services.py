@@ -473,9 +473,12 @@ def _redis_command(
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["sh", "-c", install], check=True, env=env, timeout=900)
         binary = _require("redis-server", "redis-server (Debian: apt-get install -y redis-server)")
+    # The append-only file lives in the service folder (--dir), fsynced once a second: a
+    # restarted redis-server comes back with the learned state, losing at most that second.
     command = [
         binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
         "--save", "", "--appendonly", "yes" if settings.redis_persist else "no",
+        "--appendfsync", "everysec",
         "--daemonize", "no", "--logfile", str(workdir / "redis.log"),
     ]  # fmt: skip
     return command, f"redis://127.0.0.1:{port}/0", ["redis.log"]
@@ -556,7 +559,7 @@ def _start_container(service: str, settings: Settings, keep: bool) -> tuple[dict
 
             container = RedisContainer("redis:7")
             if settings.redis_persist:
-                container.with_command("redis-server --appendonly yes")
+                container.with_command("redis-server --appendonly yes --appendfsync everysec")
             container.start()
             host, port = container.get_container_host_ip(), container.get_exposed_port(6379)
             address = f"redis://{host}:{port}/0"

@@ -49,7 +49,10 @@ class Settings:
         "FRESHREC_KAFKA_VERSION", "Apache Kafka version run locally.", "4.1.2"
     )
     redis_persist: bool = _env(
-        "FRESHREC_REDIS_PERSIST", "Local redis-server writes an append-only file.", False
+        "FRESHREC_REDIS_PERSIST",
+        "A redis-server freshrec starts keeps an append-only file (fsync every second) in its "
+        "folder, so a restart keeps the state; 0: memory only.",
+        True,
     )
     # --- topics and keys -------------------------------------------------------------------
     topic_prefix: str = _env("FRESHREC_TOPIC_PREFIX", "Prefix of every topic name.", "freshrec")

@@ -146,3 +146,25 @@ def test_env_endpoints_are_used_without_starting_anything(
     finally:
         stop()
     assert _children() == children
+
+
+def test_a_restarted_local_redis_keeps_its_state(settings: Settings, tmp_path: Path) -> None:
+    """Writes a key to a redis-server started as freshrec starts it, stops the server and
+    starts it again in the same folder: the key is back, read from the append-only file."""
+    from freshrec.devenv.local_services import _choose_ports, _start_process, _stop_record
+
+    ports = _choose_ports([], [6390])
+    record = _start_process("redis", settings, tmp_path / "redis", ports)
+    try:
+        client = redis.Redis.from_url(record["address"])
+        client.set("freshrec:persisted", "v")
+        assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        client.close()
+        assert _stop_record(record)
+        record = _start_process("redis", settings, tmp_path / "redis", ports)
+        client = redis.Redis.from_url(record["address"])
+        assert client.get("freshrec:persisted") == b"v"
+        client.close()
+        assert list((tmp_path / "redis").rglob("*.aof"))
+    finally:
+        _stop_record(record)
