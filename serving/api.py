@@ -30,10 +30,11 @@ from typing import Any
 
 import uvloop
 from confluent_kafka import Producer
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from freshrec.serving.exposure import ExposureMeter
 from freshrec.serving.funnel import Funnel, FunnelConfig, UnknownItem
 from freshrec.serving.http_server import (
     MAX_CONNECTIONS,
@@ -44,6 +45,7 @@ from freshrec.serving.http_server import (
     Router,
     unavailable,
 )
+from freshrec.serving.impressions import SERVED as VARIANT_SERVED
 from freshrec.serving.impressions import ImpressionLog
 from freshrec.serving.kernels import warm_up
 from freshrec.serving.openapi import OPENAPI
@@ -62,6 +64,10 @@ LATENCY = Histogram(
 )
 LOOP_RESTARTS = Counter(
     "freshrec_reader_loop_restarts_total", "Background loops restarted after a failure", ["loop"]
+)
+SNAPSHOT_AGE = Gauge(
+    "freshrec_reader_snapshot_age_seconds",
+    "Time since the reader's item snapshot last caught up with Redis (+Inf before the first)",
 )
 
 MAX_SNAPSHOT_AGE_S = 30.0  # /healthz: an item snapshot older than this is unhealthy
@@ -168,6 +174,11 @@ class Reader:
         self.server = HttpServer(router, self.dispatch)
         self._background: list[asyncio.Task[None]] = []
         self._labels: dict[tuple[str, int], tuple[Any, Any]] = {}
+        for variant in self.variants.variants:  # every bounded series exists from the start
+            VARIANT_SERVED.labels(variant.name)
+        self.exposure = ExposureMeter(lambda: len(self.funnel.index))
+        self.exposure.export()
+        SNAPSHOT_AGE.set_function(lambda: self.funnel.index.staleness_s)
 
     async def start(self, host: str, port: int) -> None:
         """Compiles the kernels, starts the background work, then binds ``host:port``.
@@ -253,6 +264,7 @@ class Reader:
         variant = self.variants.assign(user_id)
         served = await self.funnel.serve(user_id, k, variant.config)
         request_id = uuid.uuid4().hex
+        self.exposure.record([c.item_id for c in served.items], (c.channels for c in served.items))
         if self.impressions is not None:
             # Shown at the state's clock: event time, so a replayed log attributes alike.
             shown_at = max(self.funnel.event_clock or 0.0, served.latest_event_ts or 0.0)

@@ -64,16 +64,22 @@ from freshrec.settings import Settings
 from freshrec.store.batch_update import BatchUpdater
 from freshrec.store.feedback import FeedbackLearner, Shown, parse_impression
 from freshrec.store.keys import Keys
-from freshrec.streams.events import Event, EventValidator, summarise_reasons
+from freshrec.streams.events import EVENT_TYPES, Event, EventValidator, summarise_reasons
+from freshrec.streams.reason_classes import REASON_CLASSES, reason_class
 
 log = logging.getLogger(__name__)
 
 EVENTS = Counter("freshrec_events_total", "Valid events learned", ["type"])
 DEAD_LETTERS = Counter(
-    "freshrec_dead_letters_total", "Messages sent to the DLQ (one per message, however many bad)"
+    "freshrec_dead_letters_total",
+    "Messages sent to the DLQ (one per message, however many bad), by source topic and the "
+    "class of its first reason",
+    ["source", "reason"],
 )
 REJECTED_EVENTS = Counter(
-    "freshrec_rejected_events_total", "Events (or impression messages) rejected as invalid"
+    "freshrec_rejected_events_total",
+    "Events (or impression messages) rejected as invalid, by class of reason",
+    ["reason"],
 )
 BATCHES = Counter("freshrec_batches_total", "Batches applied")
 BATCH_SECONDS = Histogram(
@@ -109,6 +115,20 @@ VARIANT_CLICKS = Counter(
     "freshrec_variant_clicks_total", "Clicks attributed to an impression, by variant", ["variant"]
 )
 LAST_EVENT_TS = Gauge("freshrec_last_event_time_seconds", "Event time of the newest event learned")
+CONSUMER_LAG = Gauge(
+    "freshrec_consumer_lag_messages",
+    "Messages in a partition this worker owns that it has not processed yet (high-water mark "
+    "minus the next offset to process)",
+    ["topic", "partition"],
+)
+REDIS_MEMORY = Gauge("freshrec_redis_memory_used_bytes", "Redis used_memory (INFO memory)")
+REDIS_MAXMEMORY = Gauge(
+    "freshrec_redis_memory_max_bytes", "Redis maxmemory (0: no limit configured)"
+)
+TOPIC_LABELS = ("events", "impressions")
+"""The ``topic`` label values of the lag gauge: the role of a topic, not its (prefixed) name."""
+OBSERVE_EVERY_S = 5.0
+"""How often the worker reads its consumer lag and Redis memory."""
 
 
 def faust_options(settings: Settings, kafka_bootstrap: str) -> dict[str, Any]:
@@ -176,12 +196,24 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         return await steps.run(what, attempt)
 
     variant_label = variant_labels(settings)
+    for variant in variant_label.names:  # every bounded series exists from the start
+        VARIANT_IMPRESSIONS.labels(variant)
+        VARIANT_CLICKS.labels(variant)
+    for kind in EVENT_TYPES:
+        EVENTS.labels(kind)
+    for reason in REASON_CLASSES:
+        REJECTED_EVENTS.labels(reason)
+        for source in TOPIC_LABELS:
+            DEAD_LETTERS.labels(source, reason)
+    topic_label = {settings.events_topic: "events", settings.impressions_topic: "impressions"}
+    processed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset to process
 
-    async def dead_letter(message: Any, reasons: list[str]) -> None:
+    async def dead_letter(message: Any, reasons: list[str], source: str = "events") -> None:
         """One DLQ record for a message, however many of its events were invalid: the original
         bytes, a bounded summary of the reasons, and how many were rejected."""
-        DEAD_LETTERS.inc()
-        REJECTED_EVENTS.inc(len(reasons))
+        DEAD_LETTERS.labels(source, reason_class(reasons[0]) if reasons else "other").inc()
+        for kind, count in collections.Counter(map(reason_class, reasons)).items():
+            REJECTED_EVENTS.labels(kind).inc(count)
         await dlq_topic.send(
             key=message.key,
             value=message.value,
@@ -201,6 +233,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             arrived: list[float] = []
             for record in batch:
                 message = record.message
+                processed[message.topic, message.partition] = message.offset + 1
                 events, errors = validator.parse_message(message.value)
                 valid.extend(events)
                 origins.extend([_origin(message)] * len(events))
@@ -247,12 +280,13 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             origins: list[tuple[str, int]] = []
             for record in batch:
                 message = record.message
+                processed[message.topic, message.partition] = message.offset + 1
                 try:
                     items = parse_impression(
                         message.value, settings.max_id_length, settings.max_message_bytes
                     )
                 except ValueError as exc:
-                    await dead_letter(message, [f"impression: {exc}"])
+                    await dead_letter(message, [f"impression: {exc}"], "impressions")
                     continue
                 sent = _seconds(message.timestamp) or time.time()  # readers before event time
                 shown.extend(items)
@@ -311,6 +345,46 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 log.warning("click model merged again after %d failures", sync_failures["count"])
                 sync_failures["count"] = 0
 
+    @app.timer(interval=OBSERVE_EVERY_S)
+    async def observe_lag() -> None:
+        """Consumer lag of the partitions this worker owns; a revoked one's series goes away."""
+        owned = set()
+        try:
+            assigned = app.consumer.assignment()
+            for tp in assigned:
+                label = topic_label.get(tp.topic)
+                highwater = app.consumer.highwater(tp)
+                if label is None or highwater is None:
+                    continue
+                position = processed.get((tp.topic, tp.partition))
+                if position is None:  # nothing processed yet: where the consumer fetches from
+                    position = await app.consumer.position(tp)
+                if position is None:
+                    continue
+                owned.add((label, str(tp.partition)))
+                CONSUMER_LAG.labels(label, str(tp.partition)).set(max(0, highwater - position))
+        except Exception as exc:  # the consumer starting or rebalancing: next tick
+            log.debug("consumer lag not read: %s", exc)
+            return
+        for labels in exported_lag - owned:
+            CONSUMER_LAG.remove(*labels)
+        exported_lag.clear()
+        exported_lag.update(owned)
+
+    exported_lag: set[tuple[str, str]] = set()
+    memory_client = Redis.from_url(redis_url, socket_timeout=5)
+
+    @app.timer(interval=OBSERVE_EVERY_S)
+    async def observe_redis_memory() -> None:
+        """Redis memory against its limit: an alert before writes start failing with OOM."""
+        try:
+            info = await memory_client.info("memory")
+        except (redis_errors.RedisError, OSError) as exc:
+            log.debug("Redis memory not read: %s", exc)
+            return
+        REDIS_MEMORY.set(float(info.get("used_memory", 0)))
+        REDIS_MAXMEMORY.set(float(info.get("maxmemory", 0)))
+
     @app.task
     async def serve_metrics() -> None:
         if settings.worker_metrics_port:
@@ -327,7 +401,18 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
 OTHER_VARIANT = "other"
 
 
-def variant_labels(settings: Settings) -> Callable[[str], str]:
+class VariantLabels:
+    """Maps a variant name to its metric label; ``names`` is every label but "other"."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self.names = sorted(names | {OTHER_VARIANT})
+        self._configured = names
+
+    def __call__(self, variant: str) -> str:
+        return variant if variant in self._configured else OTHER_VARIANT
+
+
+def variant_labels(settings: Settings) -> VariantLabels:
     """The metric label of a variant: its name if FRESHREC_VARIANTS configures it, else
     "other", so a producer cannot grow the label set (a Prometheus series per label value).
 
@@ -339,7 +424,7 @@ def variant_labels(settings: Settings) -> Callable[[str], str]:
     except (ValueError, TypeError, AttributeError) as exc:
         log.warning("FRESHREC_VARIANTS not understood (%s); variant metrics: control, other", exc)
         names = frozenset(("control",))
-    return lambda variant: variant if variant in names else OTHER_VARIANT
+    return VariantLabels(names)
 
 
 T = TypeVar("T")
