@@ -213,6 +213,7 @@ class Reader:
     async def _supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         """Runs ``loop`` forever: a failure is logged, backed off and restarted, never silent."""
         health = self.loops[name] = LoopHealth()
+        LOOP_RESTARTS.labels(name)  # the series exists (at 0) before any restart
         backoff = LOOP_BACKOFF_S
         while True:
             health.running = True

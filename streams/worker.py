@@ -201,6 +201,8 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         VARIANT_CLICKS.labels(variant)
     for kind in EVENT_TYPES:
         EVENTS.labels(kind)
+    for kind in TRANSIENT_ERRORS:
+        REDIS_RETRIES.labels(kind)
     for reason in REASON_CLASSES:
         REJECTED_EVENTS.labels(reason)
         for source in TOPIC_LABELS:
