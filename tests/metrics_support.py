@@ -1,10 +1,16 @@
-"""Reading a process's Prometheus exposition in tests: its samples, and how many series."""
+"""Metrics in tests: a worker that serves them, and reading a process's exposition."""
 
 from __future__ import annotations
 
+import contextlib
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from freshrec.settings import Settings
+from tests.support import freshrec_process, group_is_consuming, stop_process, wait_until
 
 Series = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -28,3 +34,22 @@ def total(samples: dict[Series, float], name: str) -> float:
 def freshrec_series(samples: dict[Series, float]) -> set[Series]:
     """The project's own series (not the client library's process and runtime ones)."""
     return {series for series in samples if series[0].startswith("freshrec_")}
+
+
+@contextlib.contextmanager
+def metered_worker(settings: Settings, log: Path) -> Iterator[str]:
+    """A worker serving its metrics on ``settings.worker_metrics_port``; yields their URL."""
+    proc = freshrec_process(["worker", "--loglevel", "warning"], settings, log)
+    try:
+        wait_until(
+            lambda: (
+                proc.poll() is not None
+                or group_is_consuming(settings.kafka_bootstrap, f"{settings.topic_prefix}-worker")
+            ),
+            60,
+            "the worker to join its consumer group",
+        )
+        assert proc.poll() is None, log.read_text()[-3000:]
+        yield f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"
+    finally:
+        stop_process(proc)

@@ -12,14 +12,11 @@ from confluent_kafka import Producer
 
 from freshrec.settings import Settings
 from freshrec.streams.producer import EventProducer
-from tests.metrics_support import freshrec_series, scrape, total
+from tests.metrics_support import freshrec_series, metered_worker, scrape, total
 from tests.support import (
     free_port,
-    freshrec_process,
-    group_is_consuming,
     http_json,
     running_reader,
-    stop_process,
     wait_until,
 )
 
@@ -53,23 +50,9 @@ def metered(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def metered_worker(metered: Settings, tmp_path: Path) -> Iterator[str]:
-    """A worker serving its metrics; yields their URL."""
-    log = tmp_path / "worker.log"
-    proc = freshrec_process(["worker", "--loglevel", "warning"], metered, log)
-    try:
-        wait_until(
-            lambda: (
-                proc.poll() is not None
-                or group_is_consuming(metered.kafka_bootstrap, f"{metered.topic_prefix}-worker")
-            ),
-            60,
-            "the worker to join its consumer group",
-        )
-        assert proc.poll() is None, log.read_text()[-3000:]
-        yield f"http://127.0.0.1:{metered.worker_metrics_port}/metrics"
-    finally:
-        stop_process(proc)
+def worker_metrics(metered: Settings, tmp_path: Path) -> Iterator[str]:
+    with metered_worker(metered, tmp_path / "worker.log") as url:
+        yield url
 
 
 def _traffic(metered: Settings, base: str, worker: str, tag: str, events: list[dict]) -> None:
@@ -99,33 +82,33 @@ def _traffic(metered: Settings, base: str, worker: str, tag: str, events: list[d
 
 
 def test_ten_thousand_new_users_and_items_add_no_series(
-    metered: Settings, metered_worker: str, tmp_path: Path
+    metered: Settings, worker_metrics: str, tmp_path: Path
 ) -> None:
     with running_reader(metered, tmp_path / "reader.log") as (base, _):
         reader = f"{base}/metrics"
         scrape(reader)  # a scrape is a request too: its own series exist from here on
-        _traffic(metered, base, metered_worker, "small", _events("small", 400, 40, 40))
+        _traffic(metered, base, worker_metrics, "small", _events("small", 400, 40, 40))
         # The lag gauges come with the worker's first observation of every partition it owns.
         wait_until(
             lambda: (
-                len({s for s in scrape(metered_worker) if s[0] == "freshrec_consumer_lag_messages"})
+                len({s for s in scrape(worker_metrics) if s[0] == "freshrec_consumer_lag_messages"})
                 == 2 * metered.partitions
             ),
             30,
             "the consumer lag of both topics' partitions",
             poll_s=0.5,
         )
-        worker_small = freshrec_series(scrape(metered_worker))
+        worker_small = freshrec_series(scrape(worker_metrics))
         reader_small = freshrec_series(scrape(reader))
 
-        _traffic(metered, base, metered_worker, "big", _events("big", 10_000, 10_000, 10_000))
+        _traffic(metered, base, worker_metrics, "big", _events("big", 10_000, 10_000, 10_000))
         wait_until(
             lambda: total(scrape(reader), "freshrec_catalogue_items") >= 10_000,
             60,
             "the reader's snapshot to hold the 10,000 new items",
             poll_s=0.5,
         )
-        worker_big = freshrec_series(scrape(metered_worker))
+        worker_big = freshrec_series(scrape(worker_metrics))
         reader_big = freshrec_series(scrape(reader))
 
     print(f"worker series {len(worker_small)} -> {len(worker_big)}")
