@@ -178,6 +178,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("config", _config, "Print the effective configuration, or its reference table.")
     p.add_argument("--markdown", action="store_true", help="the README's configuration table")
+
+    p = command("dashboards", _dashboards, "Draw the Grafana dashboards as PNGs from a Prometheus.")
+    p.add_argument("action", choices=["render"])
+    p.add_argument("--out", type=Path, default=Path("dashboards"), help="folder for the PNGs")
+    p.add_argument("--prometheus", default="http://127.0.0.1:9090", help="Prometheus base URL")
+    p.add_argument("--minutes", type=float, default=30.0, help="the last N minutes (default 30)")
     return parser
 
 
@@ -419,6 +425,16 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
 
     values = dataclasses.asdict(settings)
     _emit(args, values, "\n".join(f"{Settings.env_name(k)}={v}" for k, v in values.items()))
+    return 0
+
+
+def _dashboards(args: argparse.Namespace, settings: Settings) -> int:
+    from freshrec.dashboards import render_all
+
+    written = render_all(args.prometheus, args.out, args.minutes)
+    lines = [f"{w['png']}  {w['dashboard']}: {w['panels']} panels, "
+             f"{w['panels_without_data']} without data" for w in written]  # fmt: skip
+    _emit(args, {"dashboards": written}, "\n".join(lines))
     return 0
 
 

@@ -11,6 +11,7 @@ import json
 import random
 import re
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -193,3 +194,26 @@ def test_every_dashboard_panel_returns_data_from_a_live_run(
     alerts = set(re.findall(r"- alert: (\w+)", (RULES / "alerts.yml").read_text()))
     assert {r["name"] for r in rules if r["type"] == "alerting"} == alerts
     assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
+
+
+def test_dashboards_render_draws_every_dashboard_from_a_live_run(
+    watched: tuple[LocalPrometheus, str], tmp_path: Path
+) -> None:
+    prometheus, _ = watched
+    wait_until(
+        lambda: not _problems(prometheus, _panels()), 180, "every panel to return data", poll_s=2
+    )
+    out = tmp_path / "png"
+    rendered = subprocess.run(
+        [sys.executable, "-m", "freshrec.cli", "dashboards", "render", "--json",
+         "--prometheus", prometheus.url, "--out", str(out), "--minutes", "5"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr[-3000:]
+    written = json.loads(rendered.stdout)["dashboards"]
+    titles = {json.loads(p.read_text())["title"] for p in DASHBOARDS.glob("*.json")}
+    assert {w["dashboard"] for w in written} == titles
+    for dashboard in written:
+        png = Path(dashboard["png"])
+        assert png.parent == out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", dashboard
+        assert dashboard["panels_without_data"] == 0, dashboard
