@@ -15,6 +15,7 @@ from pathlib import Path
 
 import redis
 
+from freshrec.connections import kafka_config, redis_sync_client
 from freshrec.devenv.isolated_run import isolated_run
 from freshrec.devenv.processes import Children, free_port, http_json
 from freshrec.evaluation.synth import SynthConfig, generate
@@ -43,7 +44,7 @@ def run_demo(base: Settings, events: int = 60_000, rate: float = 0.0, quiet: boo
         base, "demo", serve_port=free_port(), worker_metrics_port=0, publish_interval_s=0.2
     ) as settings:
         demo = Demo(settings, quiet)
-        store = redis.Redis.from_url(settings.redis_url)
+        store = redis_sync_client(settings)
         try:
             return _run(demo, settings, store, events, rate)
         finally:
@@ -70,7 +71,10 @@ def _run(demo: Demo, settings: Settings, store: redis.Redis, events: int, rate: 
     # --- replay with live progress ------------------------------------------------------------
     bad = [b"{oops", encode_events({"type": "like", "user_id": "u1", "item_id": "i1", "ts": 1.7e9})]
     producer = EventProducer(
-        settings.kafka_bootstrap, settings.events_topic, events_per_message=100
+        settings.kafka_bootstrap,
+        settings.events_topic,
+        events_per_message=100,
+        config=kafka_config(settings),
     )
     progress = Progress(len(stream.events), "replay", stream=None if not demo.quiet else _Null())
     started = time.monotonic()
@@ -126,11 +130,9 @@ def _run(demo: Demo, settings: Settings, store: redis.Redis, events: int, rate: 
         new = [i for i in after if i not in before]
         say(f"  new:    {' '.join(new) or '(reordered)'}")
 
-    published = _topic_size(settings.kafka_bootstrap, settings.recommendations_topic)
-    demo.wait(
-        lambda: _topic_size(settings.kafka_bootstrap, settings.dlq_topic) >= len(bad), 30, "the DLQ"
-    )
-    dead = _topic_size(settings.kafka_bootstrap, settings.dlq_topic)
+    published = _topic_size(settings, settings.recommendations_topic)
+    demo.wait(lambda: _topic_size(settings, settings.dlq_topic) >= len(bad), 30, "the DLQ")
+    dead = _topic_size(settings, settings.dlq_topic)
     summary = {
         "ok": True,
         "events": len(stream.events),
@@ -193,11 +195,11 @@ def _popular_unseen(store: redis.Redis, settings: Settings, user: str, current: 
     raise RuntimeError(f"no unseen item for {user}")
 
 
-def _topic_size(bootstrap: str, topic: str) -> int:
+def _topic_size(settings: Settings, topic: str) -> int:
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": "freshrec-demo-size", "log_level": 3}
+        kafka_config(settings, **{"group.id": "freshrec-demo-size", "log_level": 3})
     )
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions

@@ -14,8 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import redis
-
+from freshrec.connections import redis_sync_client
 from freshrec.devenv import local_services
 from freshrec.settings import Settings
 from freshrec.streams.topics import delete_topics, ensure_topics, topic_specs
@@ -38,8 +37,8 @@ def isolated_settings(
 
 def erase(settings: Settings) -> None:
     """Delete the run's topics and every key under its prefix."""
-    delete_topics(settings.kafka_bootstrap, list(topic_specs(settings)))
-    client = redis.Redis.from_url(settings.redis_url)
+    delete_topics(settings.kafka_bootstrap, list(topic_specs(settings)), settings=settings)
+    client = redis_sync_client(settings)
     try:
         doomed = list(client.scan_iter(match=f"{settings.key_prefix}:*", count=5000))
         for start in range(0, len(doomed), 5000):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from freshrec.settings import Settings
+from freshrec.settings import Settings, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,9 @@ def status(settings: Settings, state_dir: Path | None = None) -> dict[str, Any]:
     for service in SERVICES:
         record = state.get(service) or {}
         alive: bool | None = bool(record) and _running(record)
+        secured = None
         if env := _env_address(settings, service):  # not ours to see: only whether it answers
-            record, alive = {"source": "env", "address": env}, None
+            record, alive, secured = {"source": "env", "address": env}, None, settings
         address = record.get("address") if alive is not False else None
         report[service] = {
             "source": record.get("source"),
@@ -128,15 +129,18 @@ def status(settings: Settings, state_dir: Path | None = None) -> dict[str, Any]:
             "container_id": record.get("container_id") if alive else None,
             "address": address,
             "alive": alive,
-            "answering": bool(address) and _answers(service, address, 2.0),
+            "answering": bool(address) and _answers(service, address, 2.0, secured),
         }
     return report
 
 
-def wait_for_kafka(bootstrap: str, timeout_s: float) -> None:
-    """Return once the broker answers a metadata request; a listening port is not enough."""
+def wait_for_kafka(bootstrap: str, timeout_s: float, settings: Settings | None = None) -> None:
+    """Return once the broker answers a metadata request; a listening port is not enough.
+    ``settings`` brings the security options of a configured broker (default: PLAINTEXT)."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
+
+    from freshrec.connections import kafka_config
 
     deadline, last = time.monotonic() + timeout_s, "no answer"
     quiet = logging.getLogger(f"{__name__}.librdkafka")
@@ -146,7 +150,7 @@ def wait_for_kafka(bootstrap: str, timeout_s: float) -> None:
             time.sleep(min(0.2, remaining))
             continue
         try:
-            admin = AdminClient({"bootstrap.servers": bootstrap, "logger": quiet})
+            admin = AdminClient(kafka_config(settings or Settings(), bootstrap, logger=quiet))
             if admin.list_topics(timeout=max(0.5, min(remaining, 5.0))).brokers:
                 return
         except KafkaException as exc:
@@ -157,13 +161,18 @@ def wait_for_kafka(bootstrap: str, timeout_s: float) -> None:
     )
 
 
-def wait_for_redis(url: str, timeout_s: float) -> None:
-    """Return once Redis answers PING."""
+def wait_for_redis(url: str, timeout_s: float, settings: Settings | None = None) -> None:
+    """Return once Redis answers PING (``settings``: the credentials and TLS options of a
+    configured server)."""
     import redis
+
+    from freshrec.connections import redis_sync_client
 
     deadline, last = time.monotonic() + timeout_s, "no answer"
     while (remaining := deadline - time.monotonic()) > 0:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
+        client = redis_sync_client(
+            settings or Settings(), url, socket_connect_timeout=1.0, socket_timeout=1.0
+        )
         try:
             if client.ping():
                 return
@@ -173,7 +182,7 @@ def wait_for_redis(url: str, timeout_s: float) -> None:
         finally:
             client.close()
     raise TimeoutError(
-        f"Redis at {url} did not answer PING within {timeout_s:.0f} s ({last}); "
+        f"Redis at {mask_url(url)} did not answer PING within {timeout_s:.0f} s ({last}); "
         "start it with `freshrec services up` or fix FRESHREC_REDIS_URL"
     )
 
@@ -258,9 +267,11 @@ def _describe(service: str, record: dict[str, Any]) -> str:
     return f"{service} ({what}, {record['address']})"
 
 
-def _answers(service: str, address: str, timeout_s: float) -> bool:
+def _answers(
+    service: str, address: str, timeout_s: float, settings: Settings | None = None
+) -> bool:
     try:
-        (wait_for_kafka if service == "kafka" else wait_for_redis)(address, timeout_s)
+        (wait_for_kafka if service == "kafka" else wait_for_redis)(address, timeout_s, settings)
         return True
     except TimeoutError:
         return False

@@ -176,12 +176,18 @@ def http_json(url: str, timeout_s: float = 5.0) -> tuple[int, Any]:
         return exc.code, json.loads(exc.read())
 
 
-def group_is_consuming(bootstrap: str, group: str, admin: Any = None) -> bool:
-    """Whether a consumer group is stable with partitions assigned: a worker that consumes."""
+def group_is_consuming(
+    bootstrap: str, group: str, admin: Any = None, settings: Settings | None = None
+) -> bool:
+    """Whether a consumer group is stable with partitions assigned: a worker that consumes.
+    ``settings`` brings the security options of a configured broker."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    admin = admin or AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    from freshrec.connections import kafka_config
+
+    if admin is None:  # not `admin or ...`: a client with an empty queue is falsy (__len__)
+        admin = AdminClient(kafka_config(settings or Settings(), bootstrap, log_level=3))
     try:
         found = admin.describe_consumer_groups([group], request_timeout=5)[group].result()
     except KafkaException:

@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from redis.asyncio import Redis
 
+from freshrec.connections import kafka_config
 from freshrec.serving.funnel import Funnel, FunnelConfig
 from freshrec.settings import Settings
 from freshrec.store.batch_update import BatchUpdater
@@ -104,9 +105,11 @@ class DirectBackend:
 class _TrackedProducer(EventProducer):
     """The producer helper, remembering the last offset delivered to each partition."""
 
-    def __init__(self, bootstrap: str, topic: str, events_per_message: int) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, events_per_message: int, config: dict[str, Any]
+    ) -> None:
         self.delivered: dict[int, int] = {}
-        super().__init__(bootstrap, topic, events_per_message)
+        super().__init__(bootstrap, topic, events_per_message, config)
 
     def _delivered(self, err: Any, msg: Any) -> None:
         super()._delivered(err, msg)
@@ -132,7 +135,10 @@ class PipelineBackend:
         import aiohttp
 
         self.producer = _TrackedProducer(
-            settings.kafka_bootstrap, settings.events_topic, events_per_message=100
+            settings.kafka_bootstrap,
+            settings.events_topic,
+            events_per_message=100,
+            config=kafka_config(settings),
         )
         self.redis = redis
         self.keys = Keys(settings.key_prefix)

@@ -56,8 +56,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from redis.asyncio import Redis
 
+from freshrec.connections import redis_client
 from freshrec.devenv.isolated_run import isolated_run
 from freshrec.devenv.processes import Children, free_port, group_is_consuming, http_json
 from freshrec.evaluation.backends import Backend, DirectBackend, PipelineBackend
@@ -752,7 +752,7 @@ async def _run(
     ablation: dict[str, FunnelConfig] | None = None,
     label: str = "",
 ) -> Evaluation:
-    redis = Redis.from_url(settings.redis_url, socket_timeout=10)
+    redis = redis_client(settings, socket_timeout=10)
     processes: Children | None = None
     backend: Any = None
     try:
@@ -771,7 +771,7 @@ async def _run(
             processes.wait(lambda: http_json(base_url + "/healthz")[0] == 200, 60, "the reader")
             processes.wait(
                 lambda: group_is_consuming(
-                    settings.kafka_bootstrap, f"{settings.topic_prefix}-worker"
+                    settings.kafka_bootstrap, f"{settings.topic_prefix}-worker", settings=settings
                 ),
                 90,
                 "the worker to join its consumer group",

@@ -9,6 +9,7 @@ Each line printed is a user whose list changed, with the new top items.
 
 from __future__ import annotations
 
+from freshrec.connections import kafka_config
 from freshrec.devenv import local_services
 from freshrec.settings import Settings
 from freshrec.streams.recommendations_consumer import RecommendationsConsumer
@@ -19,7 +20,10 @@ def main() -> None:
     endpoints = local_services.up(settings)
     latest: dict[str, list[str]] = {}
     consumer = RecommendationsConsumer(
-        endpoints.kafka_bootstrap, settings.recommendations_topic, group="example-cache"
+        endpoints.kafka_bootstrap,
+        settings.recommendations_topic,
+        group="example-cache",
+        config=kafka_config(settings, endpoints.kafka_bootstrap),
     )
     try:
         for update in consumer:

@@ -194,7 +194,10 @@ def _services(args: argparse.Namespace, settings: Settings) -> int:
     from freshrec.devenv import local_services
 
     if args.action == "up":
+        from freshrec.settings import mask_url
+
         endpoints = local_services.up(settings)
+        shown_url = mask_url(endpoints.redis_url)
         from freshrec.streams.topics import ensure_topics
 
         ensure_topics(endpoints.kafka_bootstrap, settings)
@@ -202,13 +205,13 @@ def _services(args: argparse.Namespace, settings: Settings) -> int:
             args,
             {
                 "kafka_bootstrap": endpoints.kafka_bootstrap,
-                "redis_url": endpoints.redis_url,
+                "redis_url": shown_url,
                 "source": endpoints.source,
             },
-            f"Kafka  {endpoints.kafka_bootstrap}\nRedis  {endpoints.redis_url}\n"
+            f"Kafka  {endpoints.kafka_bootstrap}\nRedis  {shown_url}\n"
             f"(source: {endpoints.source}; use them with\n"
             f"  export FRESHREC_KAFKA_BOOTSTRAP={endpoints.kafka_bootstrap}\n"
-            f"  export FRESHREC_REDIS_URL={endpoints.redis_url})",
+            f"  export FRESHREC_REDIS_URL={shown_url})",
         )
     elif args.action == "down":
         stopped = local_services.down(settings)
@@ -224,11 +227,15 @@ def _services(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _endpoints(settings: Settings) -> tuple[str, str]:
-    """Configured services, else the local ones (started if not running yet)."""
+    """Configured services, else the local ones (started if not running yet); refused
+    credentials or certificates stop the command here, with what to fix."""
+    from freshrec.connections import check_kafka, check_redis
     from freshrec.devenv import local_services
     from freshrec.streams.topics import ensure_topics
 
     endpoints = local_services.up(settings)
+    check_redis(settings, endpoints.redis_url)
+    check_kafka(settings, endpoints.kafka_bootstrap)
     ensure_topics(endpoints.kafka_bootstrap, settings)
     return endpoints.kafka_bootstrap, endpoints.redis_url
 
@@ -242,6 +249,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from freshrec.connections import kafka_config, redis_options
     from freshrec.serving.api import Publishing, run_reader
     from freshrec.serving.variants import Variants
     from freshrec.store.keys import Keys
@@ -261,13 +269,16 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             settings.impressions_topic,
             k=settings.publish_k,
             debounce_s=settings.publish_interval_s,
+            client_config=kafka_config(settings, bootstrap),
         ),
         variants=Variants.parse(settings.variants, settings.funnel_config()),
+        redis_options=redis_options(settings, redis_url),
     )
     return 0
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    from freshrec.connections import kafka_config
     from freshrec.evaluation.datasets import count_lines, read_events
     from freshrec.progress import Progress
     from freshrec.streams.producer import EventProducer
@@ -276,7 +287,12 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     if not args.file.exists():
         raise FileNotFoundError(f"no such file: {args.file}")
     bootstrap, _ = _endpoints(settings)
-    producer = EventProducer(bootstrap, settings.events_topic, args.events_per_message)
+    producer = EventProducer(
+        bootstrap,
+        settings.events_topic,
+        args.events_per_message,
+        config=kafka_config(settings, bootstrap),
+    )
     progress = None if args.json else Progress(count_lines(args.file), f"replay {args.file.name}")
     events = read_events(args.file, args.format, args.ts_unit)
     summary = replay_events(events, producer, rate=args.rate, progress=progress)
@@ -421,9 +437,7 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
     if args.markdown:
         print(Settings.markdown_reference())
         return 0
-    import dataclasses
-
-    values = dataclasses.asdict(settings)
+    values = settings.shown()  # secrets masked, the Redis URL's password too
     _emit(args, values, "\n".join(f"{Settings.env_name(k)}={v}" for k, v in values.items()))
     return 0
 

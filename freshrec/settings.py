@@ -24,8 +24,13 @@ _MODEL = ModelConfig()
 _FUNNEL = FunnelConfig()
 
 
-def _env(name: str, doc: str, default: Any) -> Any:
-    return field(default=default, metadata={"env": name, "doc": doc})
+def _env(name: str, doc: str, default: Any, secret: bool = False) -> Any:
+    return field(default=default, metadata={"env": name, "doc": doc, "secret": secret})
+
+
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+REDIS_CERT_REQS = ("required", "optional", "none")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,77 @@ class Settings:
         "FRESHREC_REDIS_PERSIST",
         "A redis-server freshrec starts keeps an append-only file (fsync every second) in its "
         "folder, so a restart keeps the state; 0: memory only.",
+        True,
+    )
+    # --- Kafka security (every Kafka client: worker, producers, admin, reader, consumer) -----
+    kafka_security_protocol: str = _env(
+        "FRESHREC_KAFKA_SECURITY_PROTOCOL",
+        "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.",
+        "PLAINTEXT",
+    )
+    kafka_sasl_mechanism: str = _env(
+        "FRESHREC_KAFKA_SASL_MECHANISM",
+        "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with a SASL_* protocol).",
+        "SCRAM-SHA-512",
+    )
+    kafka_sasl_username: str = _env(
+        "FRESHREC_KAFKA_SASL_USERNAME", "SASL user (with a SASL_* protocol).", ""
+    )
+    kafka_sasl_password: str = _env(
+        "FRESHREC_KAFKA_SASL_PASSWORD", "SASL password; never printed.", "", secret=True
+    )
+    kafka_ssl_cafile: str = _env(
+        "FRESHREC_KAFKA_SSL_CAFILE",
+        "PEM CA bundle the broker's certificate is checked against; unset: the system's.",
+        "",
+    )
+    kafka_ssl_certfile: str = _env(
+        "FRESHREC_KAFKA_SSL_CERTFILE", "PEM client certificate (mutual TLS).", ""
+    )
+    kafka_ssl_keyfile: str = _env(
+        "FRESHREC_KAFKA_SSL_KEYFILE", "PEM private key of the client certificate.", ""
+    )
+    kafka_ssl_key_password: str = _env(
+        "FRESHREC_KAFKA_SSL_KEY_PASSWORD",
+        "Password of an encrypted client key; never printed.",
+        "",
+        secret=True,
+    )
+    kafka_ssl_check_hostname: bool = _env(
+        "FRESHREC_KAFKA_SSL_CHECK_HOSTNAME",
+        "The broker's certificate must name the host connected to.",
+        True,
+    )
+    # --- Redis security (every Redis client: worker, reader incl. its request path, tools) ---
+    redis_username: str = _env(
+        "FRESHREC_REDIS_USERNAME", "ACL user, when FRESHREC_REDIS_URL names none.", ""
+    )
+    redis_password: str = _env(
+        "FRESHREC_REDIS_PASSWORD",
+        "Password, when FRESHREC_REDIS_URL carries none; never printed.",
+        "",
+        secret=True,
+    )
+    redis_ssl_ca_certs: str = _env(
+        "FRESHREC_REDIS_SSL_CA_CERTS",
+        "PEM CA bundle the server's certificate is checked against (rediss:// URLs); unset: "
+        "the system's.",
+        "",
+    )
+    redis_ssl_certfile: str = _env(
+        "FRESHREC_REDIS_SSL_CERTFILE", "PEM client certificate (rediss://, mutual TLS).", ""
+    )
+    redis_ssl_keyfile: str = _env(
+        "FRESHREC_REDIS_SSL_KEYFILE", "PEM private key of the client certificate.", ""
+    )
+    redis_ssl_cert_reqs: str = _env(
+        "FRESHREC_REDIS_SSL_CERT_REQS",
+        "Verification of the server's certificate: required, optional or none.",
+        "required",
+    )
+    redis_ssl_check_hostname: bool = _env(
+        "FRESHREC_REDIS_SSL_CHECK_HOSTNAME",
+        "The server's certificate must name the host connected to.",
         True,
     )
     # --- topics and keys -------------------------------------------------------------------
@@ -275,8 +351,67 @@ class Settings:
             problems.append("FRESHREC_CF_RECENCY must be positive")
         if self.cooccurrence_gap_exponent < 0:
             problems.append("FRESHREC_COOCCURRENCE_GAP_EXPONENT must be at least 0")
+        problems.extend(self._security_problems())
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
+
+    def _security_problems(self) -> list[str]:
+        """Credentials and TLS options that could not take effect are errors, not ignored."""
+        problems = []
+        protocol = self.kafka_security_protocol
+        if protocol not in KAFKA_SECURITY_PROTOCOLS:
+            problems.append(
+                f"FRESHREC_KAFKA_SECURITY_PROTOCOL={protocol!r} is not one of "
+                + ", ".join(KAFKA_SECURITY_PROTOCOLS)
+            )
+        if self.kafka_sasl_mechanism not in KAFKA_SASL_MECHANISMS:
+            problems.append(
+                f"FRESHREC_KAFKA_SASL_MECHANISM={self.kafka_sasl_mechanism!r} is not one of "
+                + ", ".join(KAFKA_SASL_MECHANISMS)
+            )
+        sasl = protocol.startswith("SASL_")
+        if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            problems.append(
+                f"FRESHREC_KAFKA_SECURITY_PROTOCOL={protocol} needs FRESHREC_KAFKA_SASL_USERNAME "
+                "and FRESHREC_KAFKA_SASL_PASSWORD"
+            )
+        if not sasl and (self.kafka_sasl_username or self.kafka_sasl_password):
+            problems.append(
+                "FRESHREC_KAFKA_SASL_USERNAME/PASSWORD are set but "
+                f"FRESHREC_KAFKA_SECURITY_PROTOCOL is {protocol}; use SASL_SSL or SASL_PLAINTEXT"
+            )
+        kafka_tls = ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+        if protocol not in ("SSL", "SASL_SSL") and any(getattr(self, n) for n in kafka_tls):
+            problems.append(
+                "FRESHREC_KAFKA_SSL_* files are set but FRESHREC_KAFKA_SECURITY_PROTOCOL is "
+                f"{protocol}; use SSL or SASL_SSL"
+            )
+        if protocol != "PLAINTEXT" and not self.kafka_bootstrap:
+            problems.append(
+                f"FRESHREC_KAFKA_SECURITY_PROTOCOL={protocol} needs FRESHREC_KAFKA_BOOTSTRAP "
+                "(the local broker freshrec starts speaks PLAINTEXT)"
+            )
+        if self.redis_ssl_cert_reqs not in REDIS_CERT_REQS:
+            problems.append(
+                f"FRESHREC_REDIS_SSL_CERT_REQS={self.redis_ssl_cert_reqs!r} is not one of "
+                + ", ".join(REDIS_CERT_REQS)
+            )
+        redis_tls = ("redis_ssl_ca_certs", "redis_ssl_certfile", "redis_ssl_keyfile")
+        if any(getattr(self, n) for n in redis_tls) and not self.redis_url.startswith("rediss://"):
+            problems.append(
+                "FRESHREC_REDIS_SSL_* files are set but FRESHREC_REDIS_URL is not a rediss:// URL"
+            )
+        if (self.redis_username or self.redis_password) and not self.redis_url:
+            problems.append(
+                "FRESHREC_REDIS_USERNAME/PASSWORD need FRESHREC_REDIS_URL (the local "
+                "redis-server freshrec starts has no users)"
+            )
+        if self.redis_password and _url_password(self.redis_url):
+            problems.append(
+                "FRESHREC_REDIS_URL carries a password and FRESHREC_REDIS_PASSWORD is set too; "
+                "give it once"
+            )
+        return problems
 
     @classmethod
     def env_name(cls, field_name: str) -> str:
@@ -366,6 +501,19 @@ class Settings:
             out[f.metadata["env"]] = str(int(value) if isinstance(value, bool) else value)
         return out
 
+    def shown(self) -> dict[str, Any]:
+        """Every field and its value as it may be printed or logged: secrets masked,
+        including a password inside the Redis URL."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"] and value:
+                value = MASK
+            elif f.name == "redis_url":
+                value = mask_url(value)
+            out[f.name] = value
+        return out
+
     @classmethod
     def markdown_reference(cls) -> str:
         rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
@@ -374,6 +522,27 @@ class Settings:
             shown = f"`{default}`" if default != "" else "(unset)"
             rows.append(f"| `{f.metadata['env']}` | {shown} | {f.metadata['doc']} |")
         return "\n".join(rows)
+
+
+MASK = "***"
+
+
+def mask_url(url: str) -> str:
+    """``url`` with the password of its user part replaced, for printing and logging."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:{MASK}@{hostpart}"
+
+
+def _url_password(url: str) -> str:
+    _, sep, rest = url.partition("://")
+    userinfo, at, _ = rest.rpartition("@")
+    return userinfo.partition(":")[2] if sep and at else ""
 
 
 def _refuse_unknown_names(environ: dict[str, str], known: list[str]) -> None:

@@ -24,8 +24,8 @@ import resource
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import uvloop
@@ -92,6 +92,8 @@ class Publishing:
     k: int = 10
     debounce_s: float = 0.5
     interval_s: float = 0.1
+    client_config: Mapping[str, Any] = field(default_factory=dict)
+    """More librdkafka options: the security ones (``freshrec.connections.kafka_config``)."""
 
 
 @dataclass
@@ -152,7 +154,12 @@ class Reader:
         self.publisher: RecommendationPublisher | None = None
         if publishing is not None:
             producer = Producer(
-                {"bootstrap.servers": publishing.kafka_bootstrap, "linger.ms": 20, "log_level": 3}
+                {
+                    **publishing.client_config,
+                    "bootstrap.servers": publishing.kafka_bootstrap,
+                    "linger.ms": 20,
+                    "log_level": 3,
+                }
             )
             self.impressions = ImpressionLog(producer, publishing.impressions_topic)
             self.publisher = RecommendationPublisher(
@@ -390,15 +397,25 @@ def run_reader(
     max_id_length: int = 128,
     publishing: Publishing | None = None,
     variants: Variants | None = None,
+    redis_options: Mapping[str, Any] | None = None,
 ) -> None:
-    """Serves until SIGTERM or SIGINT, then finishes requests in flight and closes cleanly."""
+    """Serves until SIGTERM or SIGINT, then finishes requests in flight and closes cleanly.
+
+    ``redis_options`` are redis-py's options beside the URL (ACL user, password, TLS files:
+    ``freshrec.connections.redis_options``); the request path's multiplexed connection takes
+    them from the same pool."""
 
     _allow_open_files(MAX_CONNECTIONS + 256)
 
     async def main() -> None:
         # Requests beyond the pool wait for a connection (up to the timeout) instead of failing.
         pool = BlockingConnectionPool.from_url(
-            redis_url, max_connections=64, timeout=2, socket_timeout=2, socket_connect_timeout=2
+            redis_url,
+            max_connections=64,
+            timeout=2,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            **(redis_options or {}),
         )
         reader = Reader(Redis(connection_pool=pool), keys, config, max_k, max_id_length,
                         publishing, variants)  # fmt: skip

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import functools
 import hashlib
+import ssl as tls
 from typing import Any
 
 import hiredis
@@ -36,7 +37,8 @@ class MultiplexedRedis:
     db, username, password
         Selected and authenticated on every (re)connection.
     ssl
-        TLS, as ``rediss://`` URLs ask.
+        TLS, as ``rediss://`` URLs ask: True for the default context (the system's CAs, host
+        name checked), or the context to use (own CA, client certificate, verify mode).
     timeout_s
         The longest wait for a connection or for a reply.
     """
@@ -49,7 +51,7 @@ class MultiplexedRedis:
         db: int = 0,
         username: str | None = None,
         password: str | None = None,
-        ssl: bool = False,
+        ssl: bool | tls.SSLContext = False,
         timeout_s: float = 2.0,
     ) -> None:
         self._address = (host, port, path, ssl)
@@ -61,9 +63,14 @@ class MultiplexedRedis:
 
     @classmethod
     def like(cls, client: Redis, timeout_s: float = 2.0) -> MultiplexedRedis:
-        """The same server, database and credentials as a redis-py client."""
+        """The same server, database, credentials and TLS options (CA, client certificate,
+        verify mode) as a redis-py client."""
         pool = client.connection_pool
         kwargs = pool.connection_kwargs
+        context: bool | tls.SSLContext = False
+        if "SSL" in pool.connection_class.__name__:
+            # redis-py's own SSLContext from the pool's options, so both clients trust alike.
+            context = pool.connection_class(**kwargs).ssl_context.get()
         return cls(
             host=kwargs.get("host", "127.0.0.1"),
             port=kwargs.get("port", 6379),
@@ -71,7 +78,7 @@ class MultiplexedRedis:
             db=kwargs.get("db", 0),
             username=kwargs.get("username"),
             password=kwargs.get("password"),
-            ssl="SSL" in pool.connection_class.__name__,
+            ssl=context,
             timeout_s=timeout_s,
         )
 

@@ -31,6 +31,9 @@ class EventProducer:
     events_per_message
         1 sends each event as its own keyed message; more packs up to that many events of the
         same partition into one JSON array.
+    config
+        More librdkafka options: the security ones from
+        ``freshrec.connections.kafka_config(settings)``.
     """
 
     def __init__(

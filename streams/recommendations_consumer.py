@@ -8,7 +8,7 @@ mindset: the newest message for a user replaces the older ones.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,10 +39,18 @@ class RecommendationsConsumer:
         The consumer group of the downstream service.
     from_beginning
         Start from the oldest retained list when the group has no committed offset.
+    config
+        More librdkafka options: the security ones from
+        ``freshrec.connections.kafka_config(settings)``.
     """
 
     def __init__(
-        self, bootstrap: str, topic: str, group: str, from_beginning: bool = False
+        self,
+        bootstrap: str,
+        topic: str,
+        group: str,
+        from_beginning: bool = False,
+        config: Mapping[str, Any] | None = None,
     ) -> None:
         self._consumer = Consumer(
             {
@@ -51,6 +59,7 @@ class RecommendationsConsumer:
                 "auto.offset.reset": "earliest" if from_beginning else "latest",
                 "enable.auto.commit": True,
                 "log_level": 3,
+                **(config or {}),
             }
         )
         self._consumer.subscribe([topic])

@@ -8,6 +8,7 @@ import time
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from freshrec.connections import kafka_config
 from freshrec.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ def topic_specs(settings: Settings) -> dict[str, int]:
 
 def ensure_topics(bootstrap: str, settings: Settings, timeout_s: float = 30.0) -> list[str]:
     """Create whichever of the topics is missing; returns the names created."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    admin = AdminClient(kafka_config(settings, bootstrap, log_level=3))
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     wanted = [
         NewTopic(name, num_partitions=n, replication_factor=1)
@@ -46,17 +47,20 @@ def ensure_topics(bootstrap: str, settings: Settings, timeout_s: float = 30.0) -
     return created
 
 
-def delete_topics(bootstrap: str, names: list[str], timeout_s: float = 30.0) -> None:
+def delete_topics(
+    bootstrap: str, names: list[str], timeout_s: float = 30.0, settings: Settings | None = None
+) -> None:
     """Delete ``names``; a topic that does not exist is already what was asked for.
 
     Every name is sent to the controller, not only those a metadata request lists: a broker's
     metadata can lag a topic created moments before, and filtering by it left such topics
     behind. Returns once the broker's metadata no longer lists them either (it lags the
     deletion by a fraction of a second), so a caller that lists topics next sees them gone.
+    ``settings`` brings the security options (default: none, a PLAINTEXT broker).
     """
     if not names:
         return
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    admin = AdminClient(kafka_config(settings or Settings(), bootstrap, log_level=3))
     for future in admin.delete_topics(list(names), operation_timeout=timeout_s).values():
         try:
             future.result()

@@ -57,8 +57,8 @@ from typing import Any, NoReturn, TypeVar
 import faust
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
 
+from freshrec.connections import faust_credentials, redis_client
 from freshrec.serving.variants import Variants
 from freshrec.settings import Settings
 from freshrec.store.batch_update import BatchUpdater
@@ -137,6 +137,7 @@ def faust_options(settings: Settings, kafka_bootstrap: str) -> dict[str, Any]:
     data.mkdir(parents=True, exist_ok=True)  # Faust creates only the last folder of its datadir
     return {
         "broker": f"kafka://{kafka_bootstrap}",
+        "broker_credentials": faust_credentials(settings),  # SASL and TLS, None for PLAINTEXT
         "store": "memory://",
         # Faust's data folder (its tables' state) under FRESHREC_HOME, not the working directory.
         "datadir": str(data / "{conf.name}-data"),
@@ -169,7 +170,9 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
     async def ready() -> tuple[BatchUpdater, FeedbackLearner]:
         async with first_use:
             if not state:
-                client = Redis.from_url(redis_url, socket_timeout=5, health_check_interval=10)
+                client = redis_client(
+                    settings, redis_url, socket_timeout=5, health_check_interval=10
+                )
                 feedback = await steps.run(
                     "loading the click model",
                     lambda: FeedbackLearner.load(client, keys, settings.attribution_window_s),
@@ -374,7 +377,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         exported_lag.update(owned)
 
     exported_lag: set[tuple[str, str]] = set()
-    memory_client = Redis.from_url(redis_url, socket_timeout=5)
+    memory_client = redis_client(settings, redis_url, socket_timeout=5)
 
     @app.timer(interval=OBSERVE_EVERY_S)
     async def observe_redis_memory() -> None:

@@ -44,3 +44,51 @@ def test_every_unknown_name_is_listed() -> None:
 
 def test_other_variables_are_not_ours_to_judge() -> None:
     assert Settings.from_env({"PATH": "/bin", "FRESHRECX": "1"}) == Settings()
+
+
+def test_secrets_are_masked_in_what_is_shown() -> None:
+    s = Settings.from_env(
+        {
+            "FRESHREC_REDIS_URL": "rediss://reader:s3cret-url@redis.internal:6380/0",
+            "FRESHREC_KAFKA_BOOTSTRAP": "kafka.internal:9093",
+            "FRESHREC_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "FRESHREC_KAFKA_SASL_USERNAME": "worker",
+            "FRESHREC_KAFKA_SASL_PASSWORD": "s3cret-sasl",
+            "FRESHREC_KAFKA_SSL_KEY_PASSWORD": "s3cret-key",
+        }
+    )
+    shown = repr(s.shown())
+    assert "s3cret" not in shown
+    assert "rediss://reader:***@redis.internal:6380/0" in shown and "worker" in shown
+
+
+def test_the_password_option_is_masked_too() -> None:
+    s = Settings.from_env(
+        {"FRESHREC_REDIS_URL": "rediss://h:6380/0", "FRESHREC_REDIS_PASSWORD": "s3cret"}
+    )
+    assert s.shown()["redis_password"] == "***" and "s3cret" not in repr(s.shown())
+
+
+@pytest.mark.parametrize(
+    ("environ", "problem"),
+    [
+        ({"FRESHREC_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "FRESHREC_KAFKA_BOOTSTRAP": "h:1"},
+         "needs FRESHREC_KAFKA_SASL_USERNAME"),
+        ({"FRESHREC_KAFKA_SECURITY_PROTOCOL": "TLS"}, "is not one of PLAINTEXT"),
+        ({"FRESHREC_KAFKA_SASL_USERNAME": "u", "FRESHREC_KAFKA_SASL_PASSWORD": "p"},
+         "use SASL_SSL or SASL_PLAINTEXT"),
+        ({"FRESHREC_KAFKA_SSL_CAFILE": "/ca.pem"}, "use SSL or SASL_SSL"),
+        ({"FRESHREC_KAFKA_SECURITY_PROTOCOL": "SSL"}, "needs FRESHREC_KAFKA_BOOTSTRAP"),
+        ({"FRESHREC_REDIS_URL": "redis://h:1/0", "FRESHREC_REDIS_SSL_CA_CERTS": "/ca.pem"},
+         "not a rediss:// URL"),
+        ({"FRESHREC_REDIS_PASSWORD": "p"}, "need FRESHREC_REDIS_URL"),
+        ({"FRESHREC_REDIS_URL": "redis://:a@h:1/0", "FRESHREC_REDIS_PASSWORD": "b"},
+         "give it once"),
+        ({"FRESHREC_REDIS_SSL_CERT_REQS": "maybe"}, "is not one of required"),
+    ],
+)  # fmt: skip
+def test_security_options_that_cannot_take_effect_are_refused(
+    environ: dict[str, str], problem: str
+) -> None:
+    with pytest.raises(ValueError, match=problem):
+        Settings.from_env(environ)
