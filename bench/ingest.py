@@ -37,13 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from freshrec.connections import kafka_config, redis_client, redis_sync_client
 from freshrec.devenv.processes import Children, free_port, group_is_consuming
 from freshrec.progress import Say
 from freshrec.settings import Settings
 
 if TYPE_CHECKING:
     import faust
-    import redis
     from confluent_kafka.admin import AdminClient
 
     from freshrec.streams.events import Event
@@ -142,10 +142,8 @@ class _Bench:
         self.base = base
         self.say = say
         self.workdir = Path(tempfile.mkdtemp(prefix="freshrec-bench-"))
-        self.admin: AdminClient = AdminClient(
-            {"bootstrap.servers": base.kafka_bootstrap, "log_level": 3}
-        )
-        self.store = _redis(base.redis_url)
+        self.admin: AdminClient = AdminClient(kafka_config(base, log_level=3))
+        self.store = redis_sync_client(base)
         self.topic_settings: list[Settings] = []
         self.groups: set[str] = set()
         # In the work folder, so the data folders Faust creates go where the bench cleans up.
@@ -203,7 +201,9 @@ class _Bench:
         self.topic_settings.append(settings)
         ensure_topics(settings.kafka_bootstrap, settings)
         started = time.perf_counter()
-        producer = EventProducer(settings.kafka_bootstrap, settings.events_topic, per_message)
+        producer = EventProducer(
+            settings.kafka_bootstrap, settings.events_topic, per_message, kafka_config(settings)
+        )
         producer.send_many(events)
         producer.flush(timeout=120)
         self.say(
@@ -364,7 +364,7 @@ class _Bench:
             except Exception as exc:  # cleanup goes on; the group is empty and will expire
                 print(f"bench: consumer group {group} not deleted: {exc}", file=sys.stderr)
         for settings in self.topic_settings:
-            delete_topics(settings.kafka_bootstrap, list(topic_specs(settings)))
+            delete_topics(settings.kafka_bootstrap, list(topic_specs(settings)), settings=settings)
         self._delete_keys(f"{self.base.key_prefix}-*")
         self.store.close()
         if self.succeeded:
@@ -383,12 +383,10 @@ async def _apply_all(
 ) -> Run:
     """The direct path: ``FRESHREC_BATCH_SIZE`` events per batch, with origins as the worker
     passes them (so offset watermarks are checked and written), one batch after another."""
-    from redis.asyncio import Redis
-
     from freshrec.store.batch_update import BatchUpdater
     from freshrec.store.keys import Keys
 
-    client = Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     try:
         updater = BatchUpdater(
             client,
@@ -422,7 +420,6 @@ def create_noop_app(settings: Settings, app_id: str) -> faust.App:
     least that makes its progress observable from outside, as the worker's own count is.
     """
     import faust
-    from redis.asyncio import Redis
 
     from freshrec.store.keys import Keys
     from freshrec.streams.worker import faust_options
@@ -433,7 +430,7 @@ def create_noop_app(settings: Settings, app_id: str) -> faust.App:
 
     @app.agent(topic)
     async def drain(stream: faust.StreamT) -> None:
-        client = Redis.from_url(settings.redis_url)
+        client = redis_client(settings)
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
             await client.hincrby(stats, "messages", len(batch))
 
@@ -458,12 +455,6 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 # --- probes ----------------------------------------------------------------------------------
-def _redis(url: str) -> redis.Redis:
-    import redis
-
-    return redis.Redis.from_url(url)
-
-
 def process_cpu_seconds(pid: int) -> float | None:
     """User plus system CPU time of a process, from /proc (Linux); None elsewhere."""
     try:

@@ -22,6 +22,7 @@ import numpy as np
 import redis
 
 from freshrec.bench.ingest import process_cpu_seconds
+from freshrec.connections import redis_sync_client
 from freshrec.devenv.isolated_run import isolated_run
 from freshrec.devenv.processes import Children, free_port, http_json
 from freshrec.models.mf import vector_width
@@ -187,7 +188,7 @@ def run_serve_bench(
 ) -> dict[str, Any]:
     say = Say(show_progress)
     with isolated_run(base, "bench-serve", serve_port=free_port()) as settings:
-        client = redis.Redis.from_url(settings.redis_url)
+        client = redis_sync_client(settings)
         children = Children(Path(tempfile.mkdtemp(prefix="freshrec-bench-serve-")), settings)
         try:
             started = time.perf_counter()
