@@ -92,3 +92,14 @@ def test_security_options_that_cannot_take_effect_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match=problem):
         Settings.from_env(environ)
+
+
+def test_a_command_refuses_to_start_with_an_unknown_name(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from freshrec.cli import main
+
+    monkeypatch.setenv("FRESHREC_KAFKA_BOOTSTRAP_SERVERS", "10.0.0.5:9092")
+    assert main(["worker"]) == 2
+    error = capsys.readouterr().err
+    assert "FRESHREC_KAFKA_BOOTSTRAP_SERVERS (did you mean FRESHREC_KAFKA_BOOTSTRAP?)" in error
