@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from freshrec.connections import kafka_config, redis_client, redis_sync_client
 from freshrec.devenv.processes import Children, free_port, group_is_consuming
 from freshrec.progress import Say
-from freshrec.settings import Settings
+from freshrec.settings import Settings, mask_url
 
 if TYPE_CHECKING:
     import faust
@@ -121,7 +121,7 @@ def run_bench(
     bench = _Bench(base, say)
     try:
         say(
-            f"bench: Kafka {endpoints.kafka_bootstrap}, Redis {endpoints.redis_url} "
+            f"bench: Kafka {endpoints.kafka_bootstrap}, Redis {mask_url(endpoints.redis_url)} "
             f"({endpoints.source}); work folder {bench.workdir}"
         )
         runs = bench.measure(events, repeat, events_per_message, single_events)
@@ -595,7 +595,7 @@ def _summarise(
         "setup": {
             "services": source,
             "kafka_bootstrap": settings.kafka_bootstrap,
-            "redis_url": settings.redis_url,
+            "redis_url": mask_url(settings.redis_url),
             "topic_prefix": settings.topic_prefix,
             "key_prefix": settings.key_prefix,
             "cpus": os.cpu_count(),

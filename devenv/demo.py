@@ -20,7 +20,7 @@ from freshrec.devenv.isolated_run import isolated_run
 from freshrec.devenv.processes import Children, free_port, http_json
 from freshrec.evaluation.synth import SynthConfig, generate
 from freshrec.progress import Progress
-from freshrec.settings import Settings
+from freshrec.settings import Settings, mask_url
 from freshrec.streams.events import encode_events
 from freshrec.streams.producer import EventProducer
 
@@ -54,7 +54,7 @@ def run_demo(base: Settings, events: int = 60_000, rate: float = 0.0, quiet: boo
 
 def _run(demo: Demo, settings: Settings, store: redis.Redis, events: int, rate: float) -> dict:
     say = demo.say
-    say(f"Kafka {settings.kafka_bootstrap} and Redis {settings.redis_url}")
+    say(f"Kafka {settings.kafka_bootstrap} and Redis {mask_url(settings.redis_url)}")
     worker = demo.start("worker", ["worker", "--loglevel", "warning"])
     demo.start("reader", ["serve"])
     base_url = f"http://{settings.serve_host}:{settings.serve_port}"
