@@ -1,9 +1,11 @@
 """Publishes fresh top-K lists of the users new events touched to the recommendations topic.
 
-Workers mark each touched user in a sorted set, scored by when a batch *first* touched them
-since their last publication. The reader pops the users whose mark is at least the debounce
-interval old and publishes their lists: a user who sends ten events in a second gets one
-message, not ten, and ranking never runs on the learning path. Popping is atomic, so any
+Workers mark each touched user in a sorted set, scored by when the batch that *first* touched
+them since their last publication reached Kafka (its oldest message). The reader pops the users
+whose mark is at least the debounce interval old and publishes their lists: a user who sends
+ten events in a second gets one message, not ten, a user whose events waited in Kafka longer
+than that is published as soon as they are learned, and ranking never runs on the learning
+path. The mark's age at publication is the event-to-published freshness. Popping is atomic, so any
 number of reader replicas share the work without publishing a user twice.
 """
 
@@ -28,9 +30,10 @@ log = logging.getLogger(__name__)
 
 PUBLISHED = Counter("freshrec_recommendations_published_total", "Lists published to Kafka")
 PUBLISH_DELAY = Histogram(
-    "freshrec_publish_delay_seconds",
-    "From a user's first new event being learned to their list being published",
-    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+    "freshrec_event_to_published_seconds",
+    "From the arrival in Kafka of a user's oldest unpublished event to their list being "
+    "published (the oldest message of the batch that learned it)",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
 )
 
 

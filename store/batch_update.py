@@ -87,21 +87,29 @@ class BatchUpdater:
         self.learner = InteractionLearner(config)
 
     async def apply(
-        self, events: Sequence[Interaction], origins: Sequence[Origin] | None = None
+        self,
+        events: Sequence[Interaction],
+        origins: Sequence[Origin] | None = None,
+        arrived: float | None = None,
     ) -> BatchResult:
-        """Learn ``events``; with ``origins`` (one per event), skip what was applied before."""
+        """Learn ``events``; with ``origins`` (one per event), skip what was applied before.
+
+        ``arrived`` (wall clock, unix seconds) is when the batch's oldest message reached Kafka:
+        the users it touches are marked for publication from then, so the publisher's delay is
+        the event-to-published freshness. Without it, from now.
+        """
         if origins is not None and len(origins) != len(events):
             raise ValueError("origins must have one entry per event")
         if not events:
             return BatchResult()
         while True:
             try:
-                return await self._apply_once(events, origins or [])
+                return await self._apply_once(events, origins or [], arrived)
             except _Retry:
                 continue
 
     async def _apply_once(
-        self, events: Sequence[Interaction], origins: Sequence[Origin]
+        self, events: Sequence[Interaction], origins: Sequence[Origin], arrived: float | None
     ) -> BatchResult:
         labels = sorted({label for label, _ in origins})
         read = self._read_script if self.atomic else self._read_pipelined
@@ -123,10 +131,11 @@ class BatchUpdater:
         result.rating_errors.extend(writes.rating_errors)
         watermarks = [(self.keys.watermark(lab), done[lab], marks[lab]) for lab in labels]
         clock = max((e.ts for e in keep if e.type in INTERACTIONS), default=None)
+        touched_at = time.time() if arrived is None else arrived
         if self.atomic:
-            await self._write_script(writes, watermarks, len(keep), clock)
+            await self._write_script(writes, watermarks, len(keep), clock, touched_at)
         else:
-            await self._write_pipelined(writes, watermarks, len(keep), clock)
+            await self._write_pipelined(writes, watermarks, len(keep), clock, touched_at)
         result.max_ts = clock or 0.0
         return result
 
@@ -248,7 +257,12 @@ class BatchUpdater:
         return list(dict.fromkeys([*vectors, *w.pairs]))
 
     async def _write_script(
-        self, w: Changes, watermarks: list[tuple[str, int, int]], applied: int, clock: float | None
+        self,
+        w: Changes,
+        watermarks: list[tuple[str, int, int]],
+        applied: int,
+        clock: float | None,
+        touched_at: float,
     ) -> None:
         cfg, keys = self.config, self.keys
         names = list(w.deltas)
@@ -278,7 +292,7 @@ class BatchUpdater:
             if w.impressions
             else [],
             "stats": (keys.worker_stats, applied, repr(time.time())),
-            "dirty": (keys.dirty_users, list(w.history), time.time()),
+            "dirty": (keys.dirty_users, list(w.history), touched_at),
             "updated": (keys.updated_items, self._changed_items(w)),
         }
         if clock is not None:  # absent, not null: Lua reads JSON null as a true value
@@ -292,7 +306,12 @@ class BatchUpdater:
             raise _Retry  # another worker applied one of these partitions since the read
 
     async def _write_pipelined(
-        self, w: Changes, watermarks: list[tuple[str, int, int]], applied: int, clock: float | None
+        self,
+        w: Changes,
+        watermarks: list[tuple[str, int, int]],
+        applied: int,
+        clock: float | None,
+        touched_at: float,
     ) -> None:
         cfg, keys = self.config, self.keys
         pipe = self.redis.pipeline(transaction=False)
@@ -321,7 +340,7 @@ class BatchUpdater:
             pipe.zremrangebyrank(key, 0, -cfg.history_cap - 1)
             pipe.expire(key, cfg.user_ttl_s)
         if w.history:
-            pipe.zadd(keys.dirty_users, dict.fromkeys(w.history, time.time()), nx=True)
+            pipe.zadd(keys.dirty_users, dict.fromkeys(w.history, touched_at), nx=True)
         if changed := self._changed_items(w):
             await self.scripts.stamp_now(keys=[keys.updated_items], args=changed, client=pipe)
         pipe.hincrby(keys.worker_stats, "events", applied)

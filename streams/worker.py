@@ -249,8 +249,10 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 continue
             started = time.perf_counter()
             where = _batch_context(batch)
+            oldest = min((ts for ts in arrived if ts > 0), default=None)
             result = await steps.run(
-                f"applying {len(valid)} events ({where})", partial(updater.apply, valid, origins)
+                f"applying {len(valid)} events ({where})",
+                partial(updater.apply, valid, origins, oldest),
             )
             finished = time.time()
             BATCH_SECONDS.observe(time.perf_counter() - started)

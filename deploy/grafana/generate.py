@@ -89,10 +89,11 @@ PIPELINE = Dashboard(
             "s",
         ),
         Panel(
-            "Freshness: event learned to list published",
-            quantiles("freshrec_publish_delay_seconds"),
+            "Freshness: event in Kafka to list published",
+            quantiles("freshrec_event_to_published_seconds"),
             "s",
-            "From a user's first new event landing in Redis to their list on the topic.",
+            "From a user's oldest unpublished event reaching Kafka to their list on the topic "
+            "(the publisher's debounce included).",
         ),
         Panel(
             "Dead letters per second, by source and reason class",
