@@ -190,7 +190,13 @@ def test_every_dashboard_panel_returns_data_from_a_live_run(
     targets = prometheus.api("targets")["activeTargets"]
     assert {t["labels"]["job"] for t in targets} == {"freshrec-worker", "freshrec-reader"}
     assert all(t["health"] == "up" for t in targets), targets
-    rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
+
+    def evaluated() -> list[dict]:
+        """The rules once each has been evaluated (health "unknown" until its group's turn)."""
+        rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
+        return rules if all(r["health"] != "unknown" for r in rules) else []
+
+    rules = wait_until(evaluated, 60, "every alert rule to be evaluated", poll_s=1.0)
     alerts = set(re.findall(r"- alert: (\w+)", (RULES / "alerts.yml").read_text()))
     assert {r["name"] for r in rules if r["type"] == "alerting"} == alerts
     assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
