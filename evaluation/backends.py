@@ -81,7 +81,10 @@ class DirectBackend:
     ) -> list[Ranked]:
         async def one(user: str) -> Ranked:
             # Through the reader's own JSON form, so scores carry the same rounding as served.
-            served = [c.to_json() for c in await self.funnel.recommend(user, k, config)]
+            # A request as a reader serves it: the lists of the default configuration teach the
+            # choice ranker; an ablation's lists of the same moment must not teach it again.
+            lists = await self.funnel.recommend(user, k, config, learn=config is None)
+            served = [c.to_json() for c in lists]
             return [c["item_id"] for c in served], [c["score"] for c in served]  # type: ignore[misc]
 
         if not users:

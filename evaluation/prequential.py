@@ -730,9 +730,11 @@ def _recall_ablation(settings: Settings) -> dict[str, FunnelConfig]:
     recommender by itself: its candidates in the order of its own score, no diversity. None
     has exploration slots, which reserve positions for unproven items and would count against
     whichever variant has a cold pool; the served configuration, exploration included, is
-    ``freshrec``.
+    ``freshrec``. ``fixed_blend`` is the served configuration with the fixed blend in the fine
+    stage instead of the choice ranker (which learns from ``freshrec``'s lists only).
     """
-    base = dataclasses.replace(settings.funnel_config(), exploration_slots=0)
+    served = settings.funnel_config()
+    base = dataclasses.replace(served, exploration_slots=0)
     alone = dataclasses.replace(base, diversity=0.0)
     return {
         "all_channels": base,
@@ -740,6 +742,7 @@ def _recall_ablation(settings: Settings) -> dict[str, FunnelConfig]:
         "cf_recall_only": dataclasses.replace(base, channels=("cf",)),
         "mf_recall_alone": dataclasses.replace(alone, channels=("mf",), blend=(("mf", 1.0),)),
         "cf_recall_alone": dataclasses.replace(alone, channels=("cf",), blend=(("cf", 1.0),)),
+        "fixed_blend": dataclasses.replace(served, choice_ranker=False),
     }
 
 

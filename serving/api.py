@@ -270,7 +270,7 @@ class Reader:
         k = self._k(request)
         started = time.perf_counter()
         variant = self.variants.assign(user_id)
-        served = await self.funnel.serve(user_id, k, variant.config)
+        served = await self.funnel.serve(user_id, k, variant.config, learn=True)
         request_id = uuid.uuid4().hex
         self.exposure.record([c.item_id for c in served.items], (c.channels for c in served.items))
         if self.impressions is not None:

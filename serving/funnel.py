@@ -8,7 +8,9 @@
   gets trending and cold.
 - **Coarse rank** keeps the best few hundred by a fixed blend of those scores.
 - **Fine rank** scores them with the click model learned online from impressions and clicks
-  (`freshrec.models.click_model`), or the fixed blend until it has enough clicks.
+  (`freshrec.models.click_model`) once it has enough clicks; until then with the ranker learned
+  from users' choices among the candidates the funnel held for them
+  (`freshrec.models.choice_ranker`), which starts at the fixed blend.
 - **Rerank** drops what the user has interacted with, unavailable items and whatever the
   business rules drop, applies their boosts, diversifies by MMR and fills the exploration slots
   with cold items chosen by UCB on their impressions and clicks.
@@ -25,13 +27,15 @@ import functools
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
 
+from freshrec.models.choice_ranker import ChoiceRanker
 from freshrec.models.click_model import (
     FEATURES,
     FIXED_BLEND,
@@ -62,6 +66,12 @@ STAGE_SECONDS = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05),
 )
 _STAGES: dict[str, Histogram] = {}
+CHOICES = Counter(
+    "freshrec_choices_total",
+    "Items users interacted with after a list was served to them, by whether the funnel's "
+    "ranked candidates held the item (recall's hit rate on real choices)",
+    ["recalled"],
+)
 MF_SHARE_READ = Histogram(
     "freshrec_mf_recall_share_read",
     "Share of the catalogue MF recall read to find its exact top-n (1: no cell was skipped)",
@@ -89,6 +99,8 @@ CHANNEL_BITS = {"cf": CF, "mf": MF, "trending": TRENDING, "cold": COLD}  # expla
 _NO_ROWS = np.empty(0, dtype=np.int64)
 NEIGHBOURS_KEPT = 50  # per item in memory; a variant's recall_per_seed may ask up to this
 POOL_SIZE = 300  # trending and newest items kept per refresh: recall_popular plus the largest k
+CHOICES_PER_LIST = 10  # most new items learned as choices among one served list's candidates
+CHOICE_MERGE_S = 1.0  # how often the choice ranker adds what it learned to the shared state
 BusinessRule = Callable[[str, list[str]], Awaitable[np.ndarray]]
 """``rule(user_id, items)`` -> a multiplier per item: 0 drops it, 1 keeps it, more boosts it."""
 
@@ -149,6 +161,9 @@ class Funnel:
         The in-memory item state (a reader refreshes it on a timer too).
     rules
         Business rules applied in rerank, in order.
+    remembered_users
+        Users whose last ranked candidates (and their features) are kept, to learn the choice
+        ranker from what each does next; least recently served forgotten first.
     """
 
     def __init__(
@@ -159,6 +174,7 @@ class Funnel:
         index: ItemIndex | None = None,
         rules: Sequence[BusinessRule] = (),
         max_staleness_s: float = 1.0,
+        remembered_users: int = 10_000,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -177,6 +193,10 @@ class Funnel:
         self.scripts = ServerScripts(redis)
         self.user_state = MultiplexedRedis.like(redis)  # the per-request read
         self._refreshing: asyncio.Future[None] | None = None
+        self.choice_ranker = ChoiceRanker()
+        self._offered: OrderedDict[str, _Offered] = OrderedDict()
+        self.remembered_users = remembered_users
+        self._choices_merged_at = -math.inf
 
     async def refresh(self) -> None:
         """Catch up with Redis now: item state, trending and cold pools, unavailable, ranker.
@@ -205,8 +225,16 @@ class Funnel:
         )
         pipe.get(keys.impressions_total)
         pipe.get(keys.event_clock)
+        merging = time.monotonic() - self._choices_merged_at >= CHOICE_MERGE_S
+        if merging:
+            self._choices_merged_at = time.monotonic()
+            for name, amount in self.choice_ranker.take_pending().items():
+                pipe.hincrbyfloat(keys.choice_ranker_state, name, amount)
+            pipe.hgetall(keys.choice_ranker_state)
         _, replies = await asyncio.gather(self.index.refresh(), pipe.execute())
-        unavailable, ranker_state, popular, (newest, shown, clicked), total, clock = replies
+        unavailable, ranker_state, popular, (newest, shown, clicked), total, clock = replies[:6]
+        if merging:
+            self.choice_ranker.load_merged(state_from_hash(replies[-1]))
         self.event_clock = float(clock) if clock is not None else None
         index = self.index
         trending = index.row_of([m.decode() for m in popular])
@@ -241,11 +269,17 @@ class Funnel:
         await self.user_state.aclose()
 
     async def recommend(
-        self, user_id: str, k: int, config: FunnelConfig | None = None
+        self, user_id: str, k: int, config: FunnelConfig | None = None, learn: bool = False
     ) -> list[Candidate]:
-        return (await self.serve(user_id, k, config)).items
+        return (await self.serve(user_id, k, config, learn)).items
 
-    async def serve(self, user_id: str, k: int, config: FunnelConfig | None = None) -> Served:
+    async def serve(
+        self, user_id: str, k: int, config: FunnelConfig | None = None, learn: bool = False
+    ) -> Served:
+        """The user's list of ``k``. With ``learn``, the items the user has interacted with
+        since their last list that learned too teach the choice ranker, and this list's
+        candidates are kept for their next choices (for requests; not for lists a process
+        makes on its own, which would teach it twice)."""
         cfg = config or self.config
         if self.index.staleness_s > self.max_staleness_s:
             if self.index.last_refresh:  # serve the snapshot; catch up in the background
@@ -254,6 +288,8 @@ class Funnel:
                 await self.refresh()
         clock = _Clock()
         user = await self._user(user_id, cfg)
+        if learn:
+            self._learn_choices(user_id, user.history)
         if "cf" in cfg.channels:
             await self.index.load_neighbours(user.seeds)
         clock.lap("user")
@@ -271,16 +307,56 @@ class Funnel:
         keep = top_n(np.dot(features, blend), cfg.coarse_keep)
         clock.lap("coarse")
         scorer = self.scorer(cfg)
-        if scorer.learned or not cfg.blend:
+        if scorer.learned:
             fine = scorer.scores(features[keep])
-        else:  # the configuration's own fixed blend
+        elif cfg.blend:  # the configuration's own fixed blend
             fine = np.dot(features[keep], blend)
+        elif cfg.choice_ranker:
+            fine = self.choice_ranker.scores(features[keep])
+        else:
+            fine = scorer.scores(features[keep])
+        if learn:
+            self._remember(user_id, user.history, recall.rows[keep], features[keep])
         clock.lap("fine")
         ranked, rows = await self._rerank(user_id, recall, keep, features[keep], fine, k, cfg)
         clock.lap("rerank")
         for stage, ms in clock.laps.items():
             _stage_histogram(stage).observe(ms / 1000.0)
         return Served(ranked, user.latest, rows, clock.laps, recall.mf_items_read)
+
+    # --- the choice ranker's examples -------------------------------------------------------------
+    def _remember(
+        self, user_id: str, history: np.ndarray, rows: np.ndarray, features: np.ndarray
+    ) -> None:
+        offered = self._offered
+        offered[user_id] = _Offered(int(history[0]) if len(history) else _NOTHING, rows, features)
+        offered.move_to_end(user_id)
+        while len(offered) > self.remembered_users:
+            offered.popitem(last=False)
+
+    def _learn_choices(self, user_id: str, history: np.ndarray) -> None:
+        """Each item newer in ``history`` (index rows, newest first) than the user's last list
+        is a choice among that list's candidates, oldest first; a chosen item leaves the set."""
+        offered = self._offered.pop(user_id, None)
+        if offered is None or not len(history):
+            return
+        if offered.newest == _NOTHING:
+            new = history
+        else:
+            at = np.flatnonzero(history == offered.newest)
+            if not len(at):
+                return
+            new = history[: at[0]]
+        available = np.ones(len(offered.rows), dtype=bool)
+        for row in new[:CHOICES_PER_LIST][::-1].tolist():
+            where = np.flatnonzero((offered.rows == row) & available)
+            CHOICES.labels("yes" if len(where) else "no").inc()
+            if len(where):
+                kept = np.flatnonzero(available)
+                self.choice_ranker.learn(
+                    offered.features[kept], int(np.searchsorted(kept, where[0]))
+                )
+                available[where[0]] = False
 
     # --- recall --------------------------------------------------------------------------------
     async def _user(self, user_id: str, cfg: FunnelConfig) -> _User:
@@ -300,6 +376,7 @@ class Funnel:
         known = seeds >= 0
         return _User(
             latest=latest_ts,
+            history=rows,
             seeds=seeds[known],
             seed_weights=_recency_weights(len(seeds), cfg.cf_recency)[known],
             seen=rows[rows >= 0],
@@ -467,11 +544,24 @@ def _sized(blob: bytes | None, size: int) -> bool:
 @dataclass
 class _User:
     latest: float | None  # time of the user's latest interaction
+    history: np.ndarray  # index rows of the history, newest first (-1: not in the snapshot)
     seeds: np.ndarray  # index rows of the most recent items, newest first
     seed_weights: np.ndarray  # their recency weights exp(-age / tau), age in the user's events
     seen: np.ndarray  # index rows of every item in the history
     activity: int
     y: np.ndarray | None  # preference factors; None for an unknown user
+
+
+_NOTHING = -2  # an empty history's newest row (-1 is an item the snapshot lacks)
+
+
+@dataclass
+class _Offered:
+    """A user's last ranked candidates, as index rows and feature rows."""
+
+    newest: int  # the history's newest row then
+    rows: np.ndarray
+    features: np.ndarray
 
 
 @dataclass

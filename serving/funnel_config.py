@@ -35,6 +35,11 @@ class FunnelConfig:
         ``(feature, weight)`` pairs of this configuration's fixed blend, which ranks the coarse
         stage, and the fine stage unless the click model does; empty means
         `freshrec.models.click_model.FIXED_BLEND`. ``(("cf", 1.0),)`` ranks by the CF score alone.
+    choice_ranker
+        Without a blend of its own and until the click model serves, rank the fine stage with
+        the ranker learned from users' choices among their candidates
+        (`freshrec.models.choice_ranker`), which starts at the fixed blend; False keeps the
+        fixed blend.
     """
 
     history_window: int = ModelConfig.history_window
@@ -53,6 +58,7 @@ class FunnelConfig:
     ucb_beta: float = 0.2
     min_clicks: int = 0
     blend: tuple[tuple[str, float], ...] = ()
+    choice_ranker: bool = True
 
     def __post_init__(self) -> None:
         unknown = {name for name, _ in self.blend} - set(FEATURES)

@@ -78,6 +78,11 @@ class Keys:
         """Hash: the fine ranker's mergeable state (FTRL sums per feature, intercept, counts)."""
         return f"{self.prefix}:ranker:state"
 
+    @property
+    def choice_ranker_state(self) -> str:
+        """Hash: the choice ranker's mergeable state (summed weight and AdaGrad terms, count)."""
+        return f"{self.prefix}:ranker:choices"
+
     def shown(self, user_id: str) -> str:
         """Hash item -> impression record (features, variant), for attributing a later click."""
         return f"{self.prefix}:shown:{user_id}"

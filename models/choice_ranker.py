@@ -1,0 +1,141 @@
+r"""The fine ranker learned from what users choose: a conditional logit over the candidates.
+
+Every interaction is a choice: when a user picked item :math:`c`, the funnel held a candidate
+set :math:`C` for them. The conditional logit (McFadden, 1974; the first place of
+Plackett-Luce) models it as
+
+.. math::
+
+    P(c \mid C) = \frac{\exp(w^\top \phi(x_c))}{\sum_{j \in C} \exp(w^\top \phi(x_j))}
+
+and one online step on its log-likelihood is the listwise top-one gradient (ListNet, Cao et
+al., 2007), taken with AdaGrad's per-weight steps (Duchi et al., 2011):
+
+.. math::
+
+    g = \phi(x_c) - \sum_{j \in C} P(j \mid C)\, \phi(x_j), \qquad
+    G \leftarrow G + g^2, \qquad w \leftarrow w + \eta\, g / \sqrt{G}
+
+It needs no impressions and has no selection bias beyond recall's: a choice outside
+:math:`C` teaches nothing. :math:`\phi` is the funnel's features (`FEATURES`, less the two that
+are the same for every candidate of a request) and their products with the user's log history
+length, so the blend can lean on popularity for a user with little history and on the user's
+own signals for a long one. :math:`w` starts at the fixed blend, which is thus what it serves
+until it has learned.
+
+State merges like the click model's: :math:`w - w_0` and :math:`G - G_0` are sums of per-step
+terms, so each process adds the terms it learned since its last merge to one shared hash and
+continues from the sum; no process's learning overwrites another's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from freshrec.models.click_model import FEATURES, FIXED_BLEND
+
+_PER_USER = ("log_user_activity", "log_position")  # equal across one request's candidates
+_CROSSED = ("mf", "cf", "log_popularity", "log_age_h")
+COLUMNS = tuple(name for name in FEATURES if name not in _PER_USER) + tuple(
+    f"{name}*log_user_activity" for name in _CROSSED
+)
+_BASE = np.array([FEATURES.index(name) for name in COLUMNS[: len(COLUMNS) - len(_CROSSED)]])
+_CROSS = np.array([FEATURES.index(name) for name in _CROSSED])
+_ACTIVITY = FEATURES.index("log_user_activity")
+
+
+def expand(features: np.ndarray) -> np.ndarray:
+    """:math:`\\phi`: the feature rows (columns as `FEATURES`) to the ranker's `COLUMNS`."""
+    activity = features[:, _ACTIVITY : _ACTIVITY + 1]
+    return np.hstack([features[:, _BASE], features[:, _CROSS] * activity])
+
+
+class ChoiceRanker:
+    """Online conditional-logit ranker over candidate sets.
+
+    Parameters
+    ----------
+    step
+        AdaGrad's :math:`\\eta`.
+    adagrad_floor
+        :math:`G_0`, the squared-gradient sum before any choice; it bounds the first steps.
+
+    Examples
+    --------
+    Two candidates that differ only in popularity; users keep choosing the popular one:
+
+    >>> x = np.zeros((2, len(FEATURES)))
+    >>> x[:, FEATURES.index("log_popularity")] = [1.0, 0.0]
+    >>> ranker = ChoiceRanker()
+    >>> before = ranker.scores(x)
+    >>> for _ in range(50):
+    ...     ranker.learn(x, 0)
+    >>> bool(ranker.scores(x)[0] - ranker.scores(x)[1] > before[0] - before[1]), ranker.choices
+    (True, 50)
+    """
+
+    def __init__(self, step: float = 0.05, adagrad_floor: float = 0.01) -> None:
+        self.step = step
+        self.w0 = np.array([FIXED_BLEND.get(name, 0.0) for name in COLUMNS])
+        self.g0 = np.full(len(COLUMNS), adagrad_floor)
+        self.choices = 0
+        self._merged_w = np.zeros(len(COLUMNS))  # what the shared state held at the last merge
+        self._merged_g = np.zeros(len(COLUMNS))
+        self._merged_choices = 0
+        self._pending_w = np.zeros(len(COLUMNS))  # learned here since then
+        self._pending_g = np.zeros(len(COLUMNS))
+        self._pending_choices = 0
+        self._sync()
+
+    def _sync(self) -> None:
+        self.w = self.w0 + self._merged_w + self._pending_w
+        self.g = self.g0 + self._merged_g + self._pending_g
+        self.choices = self._merged_choices + self._pending_choices
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """:math:`w^\\top \\phi(x)` per row of ``features`` (columns as `FEATURES`)."""
+        return expand(features) @ self.w
+
+    def learn(self, features: np.ndarray, chosen: int) -> None:
+        """One step on the choice of row ``chosen`` among the rows of ``features``."""
+        phi = expand(features)
+        z = phi @ self.w
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        grad = phi[chosen] - p @ phi
+        square = grad * grad
+        self._pending_g += square
+        self.g += square
+        change = self.step * grad / np.sqrt(self.g)
+        self._pending_w += change
+        self.w += change
+        self._pending_choices += 1
+        self.choices += 1
+
+    def take_pending(self) -> dict[str, float]:
+        """The terms learned since the last merge, as hash fields to add; forgets them."""
+        if not self._pending_choices:
+            return {}
+        out = {}
+        for kind, terms in (("w", self._pending_w), ("g", self._pending_g)):
+            out.update({f"{kind}:{name}": float(v) for name, v in zip(COLUMNS, terms, strict=True)})
+        out["choices"] = float(self._pending_choices)
+        self._merged_w += self._pending_w
+        self._merged_g += self._pending_g
+        self._merged_choices += self._pending_choices
+        self._pending_w = np.zeros(len(COLUMNS))
+        self._pending_g = np.zeros(len(COLUMNS))
+        self._pending_choices = 0
+        return out
+
+    def load_merged(self, state: dict[str, float]) -> None:
+        """Continue from the shared sums ``state`` (hash fields as `take_pending` writes them),
+        keeping what was learned here since `take_pending`."""
+        self._merged_w = np.array([state.get(f"w:{name}", 0.0) for name in COLUMNS])
+        self._merged_g = np.array([state.get(f"g:{name}", 0.0) for name in COLUMNS])
+        self._merged_choices = int(state.get("choices", 0.0))
+        self._sync()
+
+    def weights(self) -> dict[str, float]:
+        """The current weights by column name."""
+        return {name: float(v) for name, v in zip(COLUMNS, self.w, strict=True)}

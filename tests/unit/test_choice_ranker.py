@@ -1,0 +1,93 @@
+"""The choice ranker: its step against the log-likelihood's numeric gradient, merging, learning."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from freshrec.models.choice_ranker import COLUMNS, ChoiceRanker, expand
+from freshrec.models.click_model import FEATURES, FIXED_BLEND
+
+
+def _candidates(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = rng.normal(size=(n, len(FEATURES)))
+    x[:, FEATURES.index("log_user_activity")] = rng.uniform(0.0, 5.0)  # one user per set
+    x[:, FEATURES.index("log_position")] = 0.0
+    return x
+
+
+def _log_likelihood(w: np.ndarray, x: np.ndarray, chosen: int) -> float:
+    z = expand(x) @ w
+    return float(z[chosen] - np.log(np.exp(z).sum()))
+
+
+def test_starts_at_the_fixed_blend() -> None:
+    x = _candidates(np.random.default_rng(0), 20)
+    fixed = x @ np.array([FIXED_BLEND.get(name, 0.0) for name in FEATURES])
+    assert np.allclose(ChoiceRanker().scores(x), fixed)
+
+
+def test_step_follows_the_numeric_gradient_of_the_log_likelihood() -> None:
+    rng = np.random.default_rng(1)
+    x = _candidates(rng, 30)
+    ranker = ChoiceRanker(step=0.1)
+    w = ranker.w.copy()
+    numeric = np.zeros(len(COLUMNS))
+    for d in range(len(COLUMNS)):
+        e = np.zeros(len(COLUMNS))
+        e[d] = 1e-6
+        numeric[d] = (_log_likelihood(w + e, x, 7) - _log_likelihood(w - e, x, 7)) / 2e-6
+    ranker.learn(x, 7)
+    g = ranker.g0 + numeric**2
+    assert np.allclose(ranker.w - w, 0.1 * numeric / np.sqrt(g), atol=1e-6)
+    assert _log_likelihood(ranker.w, x, 7) > _log_likelihood(w, x, 7)
+
+
+def test_processes_merge_by_adding_what_each_learned() -> None:
+    rng = np.random.default_rng(2)
+    sets = [(_candidates(rng, 10), int(rng.integers(10))) for _ in range(40)]
+    a, b = ChoiceRanker(), ChoiceRanker()
+    shared: Counter[str] = Counter()  # the Redis hash, which HINCRBYFLOAT adds to
+    for n, (x, chosen) in enumerate(sets):
+        (a if n % 2 else b).learn(x, chosen)
+    w0, learned_w = a.w0, (a.w - a.w0) + (b.w - b.w0)
+    g0, learned_g = a.g0, (a.g - a.g0) + (b.g - b.g0)
+    shared.update(a.take_pending())
+    a.learn(*sets[0])  # learned after its merge was sent: kept on top of the sum
+    after_w = a.w - (a.w0 + a._merged_w)
+    shared.update(b.take_pending())
+    a.load_merged(dict(shared))
+    b.load_merged(dict(shared))
+    assert b.choices == 40 and a.choices == 41
+    assert np.allclose(b.w, w0 + learned_w) and np.allclose(b.g, g0 + learned_g)
+    assert np.allclose(a.w, w0 + learned_w + after_w)
+    assert b.take_pending() == {}
+
+
+def test_learns_the_preference_users_choose_by() -> None:
+    """Choices drawn from a logit that prefers popular items for short histories and the MF
+    score for long ones: the ranker ends up ranking the chosen item higher than it started."""
+    rng = np.random.default_rng(3)
+    true = np.zeros(len(COLUMNS))
+    true[COLUMNS.index("log_popularity")] = 1.0
+    true[COLUMNS.index("mf*log_user_activity")] = 0.8
+    true[COLUMNS.index("log_popularity*log_user_activity")] = -0.4
+    ranker, start = ChoiceRanker(), ChoiceRanker()
+
+    def hit_rate(model: ChoiceRanker, sets: list[tuple[np.ndarray, int]]) -> float:
+        return float(np.mean([np.argmax(model.scores(x)) == c for x, c in sets]))
+
+    def draw(count: int) -> list[tuple[np.ndarray, int]]:
+        out = []
+        for _ in range(count):
+            x = _candidates(rng, 20)
+            p = np.exp(expand(x) @ true)
+            out.append((x, int(rng.choice(20, p=p / p.sum()))))
+        return out
+
+    for x, chosen in draw(3000):
+        ranker.learn(x, chosen)
+    held_out = draw(1000)
+    assert hit_rate(ranker, held_out) > hit_rate(start, held_out) + 0.05
+    assert ranker.w[COLUMNS.index("mf*log_user_activity")] > 0.3
