@@ -1,0 +1,137 @@
+"""The drift monitor against river's detectors fed directly, the divergences against recounts."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+
+import pytest
+from river import drift
+
+from freshrec.models.drift import DriftMonitor, WindowDivergence, jensen_shannon, total_variation
+
+
+def _shifting_stream(seed: int, n: int = 6000, shifts: int = 3) -> list[float]:
+    """Gaussian values whose mean and spread jump at evenly spaced points."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(shifts + 1):
+        mu, sigma = rng.uniform(-2, 2), rng.uniform(0.5, 2)
+        out += [rng.gauss(mu, sigma) for _ in range(n // (shifts + 1))]
+    return out
+
+
+def _river_firings(values: list[float], warmup: int, detector: object) -> list[int]:
+    """Positions (1-based, as the monitor counts) where river's detector fires on the
+    values standardised by the mean and sample deviation of the first ``warmup``."""
+    head = values[:warmup]
+    mu = sum(head) / warmup
+    sigma = math.sqrt(sum((x - mu) ** 2 for x in head) / (warmup - 1))
+    out = []
+    for position, x in enumerate(values[warmup:], start=warmup + 1):
+        detector.update((x - mu) / sigma)
+        if detector.drift_detected:
+            out.append(position)
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["up", "down", "both"])
+def test_the_monitor_fires_exactly_when_river_does_on_the_same_stream(seed: int, mode: str) -> None:
+    values = _shifting_stream(seed)
+    monitor = DriftMonitor(modes={"s": mode}, warmup=300, ph_threshold=20.0, history=1000)
+    for t, x in enumerate(values):
+        monitor.update("s", x, ts=float(t))
+    adwin = _river_firings(values, 300, drift.ADWIN(delta=0.002, clock=32))
+    ph = _river_firings(
+        values, 300, drift.PageHinkley(min_instances=30, delta=0.1, threshold=20.0, mode=mode)
+    )
+    got = {
+        name: [f.position for f in monitor.firings if f.detector == name]
+        for name in ("adwin", "page_hinkley")
+    }
+    assert got == {"adwin": adwin, "page_hinkley": ph}
+    assert adwin and ph  # the stream does shift, so the comparison is not vacuous
+    assert monitor.detections["s", "adwin"] == len(adwin)
+
+
+def test_a_firing_carries_the_event_time_and_the_means_before_and_after() -> None:
+    monitor = DriftMonitor(warmup=100, recent=50)
+    rng = random.Random(4)
+    values = [rng.gauss(0, 1) for _ in range(2000)] + [rng.gauss(5, 1) for _ in range(500)]
+    for t, x in enumerate(values):
+        monitor.update("s", x, ts=1000.0 + t)
+    first = monitor.firings[0]
+    assert first.signal == "s" and first.ts == 1000.0 + first.position - 1
+    assert 2000 < first.position < 2100
+    recent = values[first.position - 50 : first.position]
+    assert first.after == pytest.approx(sum(recent) / 50)
+    assert first.before == pytest.approx(
+        sum(values[100 : first.position - 1]) / (first.position - 101)
+    )
+    assert first.as_dict()["detector"] == first.detector
+
+
+def test_signals_are_independent_and_silent_during_their_warmup() -> None:
+    monitor = DriftMonitor(warmup=500)
+    for t in range(499):
+        assert monitor.update("a", 0.0 if t < 250 else 100.0, ts=float(t)) == []
+    assert monitor.update("b", 1.0, ts=0.0) == []
+    assert set(monitor.means()) == {"a", "b"}
+
+
+def test_the_history_keeps_only_the_latest_firings() -> None:
+    monitor = DriftMonitor(warmup=50, history=3, ph_threshold=5.0)
+    rng = random.Random(5)
+    for t in range(20_000):
+        monitor.update("s", rng.gauss(0 if (t // 1000) % 2 else 4, 1), ts=float(t))
+    assert len(monitor.firings) == 3
+    assert sum(monitor.detections.values()) > 3
+    assert [f.position for f in monitor.firings] == sorted(f.position for f in monitor.firings)
+
+
+def test_an_unknown_mode_is_refused_with_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="'up', 'down', 'both'"):
+        DriftMonitor(modes={"s": "sideways"})
+
+
+def _brute_js(p: Counter[str], q: Counter[str]) -> float:
+    keys = sorted(set(p) | set(q))
+    pn = [p[k] / sum(p.values()) for k in keys]
+    qn = [q[k] / sum(q.values()) for k in keys]
+    m = [(a + b) / 2 for a, b in zip(pn, qn, strict=True)]
+
+    def kl(x: list[float]) -> float:
+        return sum(a * math.log(a / c, 2) for a, c in zip(x, m, strict=True) if a > 0)
+
+    return (kl(pn) + kl(qn)) / 2
+
+
+def test_window_divergence_equals_a_brute_force_recount_of_each_window() -> None:
+    rng = random.Random(6)
+    keys = [f"i{int(rng.paretovariate(1.2))}" for _ in range(5000)]
+    keys += [f"j{rng.randrange(20)}" for _ in range(1000)]  # a new cluster takes over
+    window, refs = 300, 4
+    got = WindowDivergence(window=window, reference_windows=refs).update(keys)
+    tv = WindowDivergence(window=window, reference_windows=refs, measure="tv").update(keys)
+    windows = [Counter(keys[k : k + window]) for k in range(0, len(keys) - window + 1, window)]
+    expected_js, expected_tv = [], []
+    for k in range(1, len(windows)):
+        reference = sum(windows[max(0, k - refs) : k], Counter())
+        expected_js.append(_brute_js(windows[k], reference))
+        p, q = windows[k], reference
+        union = set(p) | set(q)
+        expected_tv.append(sum(abs(p[x] / window - q[x] / sum(q.values())) for x in union) / 2)
+    assert got == pytest.approx(expected_js, abs=1e-12)
+    assert tv == pytest.approx(expected_tv, abs=1e-12)
+    assert max(got[-3:]) > 2 * max(got[:10])
+
+
+def test_divergence_is_symmetric_and_zero_only_for_equal_distributions() -> None:
+    p, q = Counter(a=3, b=1), Counter(b=2, c=2)
+    assert jensen_shannon(p, q) == pytest.approx(jensen_shannon(q, p))
+    assert jensen_shannon(p, Counter(a=6, b=2)) == 0.0
+    assert total_variation(p, q) == pytest.approx(0.75)
+    with pytest.raises(ValueError):
+        jensen_shannon(p, Counter())
