@@ -19,8 +19,11 @@ from river import drift
 
 __all__ = [
     "DETECTORS",
+    "PER_EVENT",
+    "PER_WINDOW",
     "DriftMonitor",
     "Firing",
+    "Watch",
     "WindowDivergence",
     "jensen_shannon",
     "total_variation",
@@ -51,6 +54,66 @@ class Firing:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Watch:
+    r"""How one signal is watched; thresholds in units of the signal's warm-up deviation.
+
+    Parameters
+    ----------
+    mode
+        The direction in which the signal gets worse: ``"up"`` (an error, a divergence),
+        ``"down"`` (a hit or click-through rate) or ``"both"``. Page-Hinkley tests that
+        direction; ADWIN, two-sided by construction, has its cuts kept only when the newer
+        window's mean moved that way.
+    warmup
+        Values spent measuring :math:`\mu_0, \sigma_0` before detection starts.
+    adwin_delta
+        ADWIN's confidence :math:`\delta`.
+    adwin_clock
+        How often (in values) ADWIN checks for a cut.
+    ph_delta
+        Page-Hinkley's tolerated drift :math:`\delta`, in standard deviations.
+    ph_threshold
+        Page-Hinkley's threshold :math:`\lambda`, in standard deviations.
+    ph_min_instances
+        Values Page-Hinkley needs (after the warm-up and after each firing) before it fires.
+    ph_alpha
+        Page-Hinkley's forgetting factor on its sums (river's default); 1 is Page's CUSUM
+        without forgetting, which fires about a third as often on a level stream but, after
+        a long prefix, reacts far later to a shift.
+    """
+
+    mode: str = "both"
+    warmup: int = 500
+    adwin_delta: float = 0.002
+    adwin_clock: int = 32
+    ph_delta: float = 0.05
+    ph_threshold: float = 50.0
+    ph_min_instances: int = 30
+    ph_alpha: float = 0.9999
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.warmup < 2:
+            raise ValueError("warmup must be at least 2 values, to measure a standard deviation")
+
+
+# A value per event (an error, a hit, a click): noisy one by one, so Page-Hinkley accumulates
+# a small tolerated drift against a high threshold. A shift of 0.1 sigma is seen after about
+# 50 / (0.1 - 0.05) = 1,000 values. At no shift, on a level stream of absolute Gaussian errors,
+# it fires about once in 8,000 values (measured: 26 in 200,000): the price of seeing a shift
+# of a tenth of the noise; a model that is still learning makes its errors fall, which
+# lengthens that, and a firing comes with its before and after means to judge it by.
+PER_EVENT = Watch(mode="up")
+# A value per window of events (a divergence): few values, each an average already, so a
+# shift shows in one or two of them; 20 windows of warm-up, then a 0.5 sigma tolerance and
+# a threshold of 8 sigma (a mean run of exp(8) / 0.5 = 6,000 windows at no shift).
+PER_WINDOW = Watch(
+    mode="up", warmup=20, adwin_clock=1, ph_delta=0.5, ph_threshold=8.0, ph_min_instances=5
+)
+
+
 @dataclass
 class _Mean:
     """Running mean (Welford) and variance of a stream of floats."""
@@ -74,7 +137,7 @@ class _Mean:
 class _Signal:
     """A signal's warm-up scale, its detectors, and the means reported with a firing."""
 
-    mode: str
+    watch: Watch
     warmup: _Mean = field(default_factory=_Mean)
     detectors: dict[str, Any] = field(default_factory=dict)
     since_firing: dict[str, _Mean] = field(default_factory=dict)
@@ -85,26 +148,26 @@ class _Signal:
 class DriftMonitor:
     r"""ADWIN and Page-Hinkley on every named signal, each firing recorded with its context.
 
-    Every signal first spends ``warmup`` values measuring its own mean :math:`\mu_0` and
-    standard deviation :math:`\sigma_0`; from then on both detectors see the standardised
-    value :math:`z = (x - \mu_0) / \sigma_0`. The detectors' parameters are therefore in
-    units of each signal's own noise, so one setting serves an absolute rating error, a 0/1
-    hit or click stream and a divergence alike, on any dataset, without tuning per stream.
+    Every signal first spends its `Watch`'s ``warmup`` values measuring its own mean
+    :math:`\mu_0` and standard deviation :math:`\sigma_0`; from then on both detectors see
+    the standardised value :math:`z = (x - \mu_0) / \sigma_0`. The detectors' parameters are
+    therefore in units of each signal's own noise, so one setting serves an absolute rating
+    error or a 0/1 click stream on any dataset without tuning per stream (`PER_EVENT`), and
+    another any windowed divergence (`PER_WINDOW`).
 
     * **ADWIN** (Bifet & Gavaldà, 2007, *Learning from time-changing data with adaptive
       windowing*) keeps the longest window whose every split into an older part
       :math:`W_0` and a newer :math:`W_1` has means closer than
       :math:`\epsilon_{cut} = \sqrt{\tfrac{2}{m}\sigma_W^2 \ln\tfrac{2}{\delta'}} +
       \tfrac{2}{3m}\ln\tfrac{2}{\delta'}` (:math:`m` the harmonic mean of the parts'
-      sizes); it fires when it drops the old part. Two-sided, with false-alarm rate bounded
-      by ``adwin_delta``.
-    * **Page-Hinkley** (Page, 1954; Hinkley, 1971) accumulates
+      sizes), with false-alarm rate bounded by ``adwin_delta``; it detects when it drops
+      the old part, and the monitor keeps the detection when the kept, newer part's mean
+      moved in the watched direction.
+    * **Page-Hinkley** (Page, 1954, *Continuous inspection schemes*; Hinkley, 1971) sums
       :math:`m_T = \sum_{t \le T} (z_t - \bar z_t - \delta)` and fires when
       :math:`m_T - \min_{t \le T} m_t > \lambda` (for increases; mirrored for decreases),
-      a CUSUM against the running mean. ``ph_delta`` (:math:`\delta`) is the drift that is
-      tolerated, ``ph_threshold`` (:math:`\lambda`) trades delay for false alarms. Each
-      signal watches the direction in which it gets worse (``modes``): up for an error or a
-      divergence, down for a hit or a click-through rate.
+      a CUSUM against the running mean: ``ph_delta`` (:math:`\delta`) is the drift that is
+      tolerated, ``ph_threshold`` (:math:`\lambda`) trades delay for false alarms.
 
     The detectors are river's own ``drift.ADWIN`` and ``drift.PageHinkley``, fed value by
     value: the monitor fires exactly when they do. A firing records the signal's mean since
@@ -112,21 +175,10 @@ class DriftMonitor:
 
     Parameters
     ----------
-    modes
-        Page-Hinkley's direction per signal (``"up"``, ``"down"`` or ``"both"``); a signal
-        not named here is watched in both directions.
-    warmup
-        Values each signal spends measuring :math:`\mu_0, \sigma_0` before detection starts.
-    adwin_delta
-        ADWIN's confidence :math:`\delta`.
-    adwin_clock
-        How often (in values) ADWIN checks for a cut.
-    ph_delta
-        Page-Hinkley's tolerated drift :math:`\delta`, in standard deviations.
-    ph_threshold
-        Page-Hinkley's threshold :math:`\lambda`, in standard deviations.
-    ph_min_instances
-        Values Page-Hinkley needs (after the warm-up and after each firing) before it fires.
+    watches
+        How each signal is watched; a signal not named here gets ``default``.
+    default
+        The `Watch` of the signals not in ``watches``.
     recent
         How many of a signal's latest values make its current mean (``after``).
     history
@@ -136,42 +188,30 @@ class DriftMonitor:
     --------
     >>> import random
     >>> rng = random.Random(1)
-    >>> monitor = DriftMonitor(modes={"rating_error": "up"}, warmup=200)
+    >>> monitor = DriftMonitor({"rating_error": Watch(mode="up", warmup=200)})
     >>> errors = [abs(rng.gauss(0, 0.5)) for _ in range(3000)]
     >>> errors += [abs(rng.gauss(0, 1.0)) for _ in range(1000)]  # the model gets worse
     >>> for t, error in enumerate(errors):
     ...     _ = monitor.update("rating_error", error, ts=float(t))
     >>> for firing in monitor.firings:  # mean since the start, mean of the last 100 values
     ...     print(firing.detector, firing.ts, round(firing.before, 2), round(firing.after, 2))
-    page_hinkley 3028.0 0.4 0.55
+    page_hinkley 3021.0 0.4 0.52
     adwin 3047.0 0.41 0.62
+    page_hinkley 3781.0 0.77 0.86
+    >>> monitor.detections["rating_error", "adwin"], round(monitor.means()["rating_error"], 2)
+    (1, 0.86)
     """
 
     def __init__(
         self,
-        modes: Mapping[str, str] | None = None,
+        watches: Mapping[str, Watch] | None = None,
         *,
-        warmup: int = 500,
-        adwin_delta: float = 0.002,
-        adwin_clock: int = 32,
-        ph_delta: float = 0.1,
-        ph_threshold: float = 50.0,
-        ph_min_instances: int = 30,
+        default: Watch = PER_EVENT,
         recent: int = 100,
         history: int = 100,
     ) -> None:
-        for name, mode in (modes or {}).items():
-            if mode not in MODES:
-                raise ValueError(f"mode of signal {name!r} must be one of {MODES}, not {mode!r}")
-        if warmup < 2:
-            raise ValueError("warmup must be at least 2 values, to measure a standard deviation")
-        self.modes = dict(modes or {})
-        self.warmup = warmup
-        self.adwin_delta = adwin_delta
-        self.adwin_clock = adwin_clock
-        self.ph_delta = ph_delta
-        self.ph_threshold = ph_threshold
-        self.ph_min_instances = ph_min_instances
+        self.watches = dict(watches or {})
+        self.default = default
         self.recent = recent
         self.firings: deque[Firing] = deque(maxlen=history)
         self.detections: Counter[tuple[str, str]] = Counter()
@@ -180,18 +220,21 @@ class DriftMonitor:
     def _signal(self, name: str) -> _Signal:
         signal = self._signals.get(name)
         if signal is None:
-            signal = _Signal(mode=self.modes.get(name, "both"), recent=deque(maxlen=self.recent))
+            watch = self.watches.get(name, self.default)
+            signal = _Signal(watch=watch, recent=deque(maxlen=self.recent))
             self._signals[name] = signal
         return signal
 
-    def _detectors(self, mode: str) -> dict[str, Any]:
+    @staticmethod
+    def _detectors(watch: Watch) -> dict[str, Any]:
         return {
-            "adwin": drift.ADWIN(delta=self.adwin_delta, clock=self.adwin_clock),
+            "adwin": drift.ADWIN(delta=watch.adwin_delta, clock=watch.adwin_clock),
             "page_hinkley": drift.PageHinkley(
-                min_instances=self.ph_min_instances,
-                delta=self.ph_delta,
-                threshold=self.ph_threshold,
-                mode=mode,
+                min_instances=watch.ph_min_instances,
+                delta=watch.ph_delta,
+                threshold=watch.ph_threshold,
+                alpha=watch.ph_alpha,
+                mode=watch.mode,
             ),
         }
 
@@ -200,28 +243,31 @@ class DriftMonitor:
         state = self._signal(signal)
         state.count += 1
         state.recent.append(value)
+        watch = state.watch
         if not state.detectors:
             state.warmup.update(value)
-            if state.warmup.n >= self.warmup:
-                state.detectors = self._detectors(state.mode)
+            if state.warmup.n >= watch.warmup:
+                state.detectors = self._detectors(watch)
                 state.since_firing = {name: _Mean() for name in state.detectors}
             return []
-        scale = state.warmup.std or 1.0
-        z = (value - state.warmup.mean) / scale
+        z = (value - state.warmup.mean) / (state.warmup.std or 1.0)
         fired: list[Firing] = []
         for name, detector in state.detectors.items():
+            estimation = detector.estimation if name == "adwin" else 0.0
             detector.update(z)
             since = state.since_firing[name]
-            if detector.drift_detected:
-                after = sum(state.recent) / len(state.recent)
-                before = since.mean if since.n else after
-                firing = Firing(signal, name, ts, state.count, before, after)
-                fired.append(firing)
-                self.firings.append(firing)
-                self.detections[signal, name] += 1
-                state.since_firing[name] = _Mean()
-            else:
+            if not detector.drift_detected:
                 since.update(value)
+                continue
+            if name == "adwin" and not _moved(watch.mode, estimation, detector.estimation):
+                since.update(value)
+                continue
+            after = sum(state.recent) / len(state.recent)
+            firing = Firing(signal, name, ts, state.count, since.mean if since.n else after, after)
+            fired.append(firing)
+            self.firings.append(firing)
+            self.detections[signal, name] += 1
+            state.since_firing[name] = _Mean()
         return fired
 
     def update_many(self, signal: str, values: Iterable[float], ts: float) -> list[Firing]:
@@ -238,6 +284,11 @@ class DriftMonitor:
             for name, state in self._signals.items()
             if state.recent
         }
+
+
+def _moved(mode: str, before: float, after: float) -> bool:
+    """Whether a mean went from ``before`` to ``after`` in the direction ``mode`` watches."""
+    return mode == "both" or (after > before if mode == "up" else after < before)
 
 
 def _distributions(

@@ -9,7 +9,13 @@ from collections import Counter
 import pytest
 from river import drift
 
-from freshrec.models.drift import DriftMonitor, WindowDivergence, jensen_shannon, total_variation
+from freshrec.models.drift import (
+    DriftMonitor,
+    Watch,
+    WindowDivergence,
+    jensen_shannon,
+    total_variation,
+)
 
 
 def _shifting_stream(seed: int, n: int = 6000, shifts: int = 3) -> list[float]:
@@ -22,17 +28,26 @@ def _shifting_stream(seed: int, n: int = 6000, shifts: int = 3) -> list[float]:
     return out
 
 
-def _river_firings(values: list[float], warmup: int, detector: object) -> list[int]:
+def _river_firings(
+    values: list[float], warmup: int, detector: drift.ADWIN | drift.PageHinkley, mode: str
+) -> list[int]:
     """Positions (1-based, as the monitor counts) where river's detector fires on the
-    values standardised by the mean and sample deviation of the first ``warmup``."""
+    values standardised by the mean and sample deviation of the first ``warmup``; for
+    ADWIN, only the cuts after which its estimate moved in the direction ``mode``."""
     head = values[:warmup]
     mu = sum(head) / warmup
     sigma = math.sqrt(sum((x - mu) ** 2 for x in head) / (warmup - 1))
     out = []
     for position, x in enumerate(values[warmup:], start=warmup + 1):
+        before = detector.estimation if isinstance(detector, drift.ADWIN) else 0.0
         detector.update((x - mu) / sigma)
-        if detector.drift_detected:
-            out.append(position)
+        if not detector.drift_detected:
+            continue
+        if isinstance(detector, drift.ADWIN) and mode != "both":
+            after = detector.estimation
+            if (after > before) != (mode == "up"):
+                continue
+        out.append(position)
     return out
 
 
@@ -40,12 +55,16 @@ def _river_firings(values: list[float], warmup: int, detector: object) -> list[i
 @pytest.mark.parametrize("mode", ["up", "down", "both"])
 def test_the_monitor_fires_exactly_when_river_does_on_the_same_stream(seed: int, mode: str) -> None:
     values = _shifting_stream(seed)
-    monitor = DriftMonitor(modes={"s": mode}, warmup=300, ph_threshold=20.0, history=1000)
+    watch = Watch(mode=mode, warmup=300, ph_threshold=20.0, ph_delta=0.1, ph_alpha=0.999)
+    monitor = DriftMonitor({"s": watch}, history=1000)
     for t, x in enumerate(values):
         monitor.update("s", x, ts=float(t))
-    adwin = _river_firings(values, 300, drift.ADWIN(delta=0.002, clock=32))
+    adwin = _river_firings(values, 300, drift.ADWIN(delta=0.002, clock=32), mode)
     ph = _river_firings(
-        values, 300, drift.PageHinkley(min_instances=30, delta=0.1, threshold=20.0, mode=mode)
+        values,
+        300,
+        drift.PageHinkley(min_instances=30, delta=0.1, threshold=20.0, alpha=0.999, mode=mode),
+        mode,
     )
     got = {
         name: [f.position for f in monitor.firings if f.detector == name]
@@ -57,7 +76,7 @@ def test_the_monitor_fires_exactly_when_river_does_on_the_same_stream(seed: int,
 
 
 def test_a_firing_carries_the_event_time_and_the_means_before_and_after() -> None:
-    monitor = DriftMonitor(warmup=100, recent=50)
+    monitor = DriftMonitor(default=Watch(warmup=100), recent=50)
     rng = random.Random(4)
     values = [rng.gauss(0, 1) for _ in range(2000)] + [rng.gauss(5, 1) for _ in range(500)]
     for t, x in enumerate(values):
@@ -73,8 +92,20 @@ def test_a_firing_carries_the_event_time_and_the_means_before_and_after() -> Non
     assert first.as_dict()["detector"] == first.detector
 
 
+def test_adwin_cuts_in_the_direction_that_is_not_watched_are_not_firings() -> None:
+    rng = random.Random(7)
+    values = [rng.gauss(1, 1) for _ in range(3000)] + [rng.gauss(0, 1) for _ in range(3000)]
+    up = DriftMonitor({"s": Watch(mode="up", warmup=100)})
+    both = DriftMonitor({"s": Watch(mode="both", warmup=100)})
+    for t, x in enumerate(values):
+        up.update("s", x, ts=float(t))
+        both.update("s", x, ts=float(t))
+    assert both.detections["s", "adwin"] >= 1
+    assert up.detections["s", "adwin"] == 0 and up.detections["s", "page_hinkley"] == 0
+
+
 def test_signals_are_independent_and_silent_during_their_warmup() -> None:
-    monitor = DriftMonitor(warmup=500)
+    monitor = DriftMonitor(default=Watch(warmup=500))
     for t in range(499):
         assert monitor.update("a", 0.0 if t < 250 else 100.0, ts=float(t)) == []
     assert monitor.update("b", 1.0, ts=0.0) == []
@@ -82,7 +113,7 @@ def test_signals_are_independent_and_silent_during_their_warmup() -> None:
 
 
 def test_the_history_keeps_only_the_latest_firings() -> None:
-    monitor = DriftMonitor(warmup=50, history=3, ph_threshold=5.0)
+    monitor = DriftMonitor(default=Watch(warmup=50, ph_threshold=5.0), history=3)
     rng = random.Random(5)
     for t in range(20_000):
         monitor.update("s", rng.gauss(0 if (t // 1000) % 2 else 4, 1), ts=float(t))
@@ -93,7 +124,7 @@ def test_the_history_keeps_only_the_latest_firings() -> None:
 
 def test_an_unknown_mode_is_refused_with_the_known_ones() -> None:
     with pytest.raises(ValueError, match="'up', 'down', 'both'"):
-        DriftMonitor(modes={"s": "sideways"})
+        Watch(mode="sideways")
 
 
 def _brute_js(p: Counter[str], q: Counter[str]) -> float:
