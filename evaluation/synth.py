@@ -17,6 +17,17 @@ The model, all of it in :class:`SynthConfig`:
   ``∝ pop_i · exp(U_u·V_i / affinity_temperature)``, then a type by its share;
 * a rating is ``clip(mu + b_u + b_i + U_u·V_i + N(0, noise_std^2), rating_min, rating_max)``,
   a float (not rounded) so that the noise floor is ``noise_std`` up to clipping.
+
+A concept change can be injected at a known event ``change_at`` (a position in the stream),
+so that drift detectors can be scored on when they fire:
+
+* ``rotate_user_share``: from that event on, the factors of a random group of that share of
+  users turn by one random rotation ``U_u <- R U_u`` (``R`` orthogonal): their tastes move,
+  not their activity nor the size of their factors, so only a model that keeps learning
+  follows them;
+* ``cluster_items``: that many new items are released at that event, with factors
+  ``c + N(0, (s/4)^2 I)`` around one random centre ``c`` and popularity weights that together
+  take ``cluster_share`` of the popularity mass: a new popular cluster.
 """
 
 from __future__ import annotations
@@ -67,6 +78,10 @@ class SynthConfig:
     item_bias_std: float = 0.3
     rating_min: float = 1.0
     rating_max: float = 5.0
+    change_at: int | None = None
+    rotate_user_share: float = 0.0
+    cluster_items: int = 0
+    cluster_share: float = 0.3
 
     def __post_init__(self) -> None:
         problems = [
@@ -92,6 +107,17 @@ class SynthConfig:
                 problems.append(f"{name} must be positive")
         if not self.rating_min < self.rating_max:
             problems.append("rating_min must be below rating_max")
+        changes = self.rotate_user_share > 0 or self.cluster_items > 0
+        if changes and (self.change_at is None or not 0 <= self.change_at < self.events):
+            problems.append(
+                "a change (rotate_user_share, cluster_items) needs 0 <= change_at < events"
+            )
+        if not 0.0 <= self.rotate_user_share <= 1.0:
+            problems.append("rotate_user_share must lie in [0, 1]")
+        if self.cluster_items < 0:
+            problems.append("cluster_items must not be negative")
+        if not 0.0 < self.cluster_share < 1.0:
+            problems.append("cluster_share must lie in (0, 1)")
         if problems:
             raise ValueError("invalid SynthConfig: " + "; ".join(problems))
 
@@ -102,7 +128,10 @@ class SynthStream:
 
     User ``"u{k}"`` is row ``k`` of the user arrays, item ``"i{k}"`` row ``k`` of the item
     arrays. ``rating_positions`` indexes the rating events in ``events``;
-    ``expected_ratings`` holds their noise-free clipped value, in the same order.
+    ``expected_ratings`` holds their noise-free clipped value, in the same order, under the
+    factors in effect at each event. With a change, ``rotated_users`` are the users whose
+    factors are ``changed_user_factors`` from event ``config.change_at`` on, and
+    ``cluster_items`` the items of the new cluster.
     """
 
     config: SynthConfig
@@ -119,16 +148,23 @@ class SynthStream:
     item_index: np.ndarray = field(repr=False)
     rating_positions: np.ndarray = field(repr=False)
     expected_ratings: np.ndarray = field(repr=False)
+    rotated_users: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), repr=False)
+    changed_user_factors: np.ndarray | None = field(default=None, repr=False)
+    cluster_items: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), repr=False)
 
-    def expected_rating(self, users: Any, items: Any) -> np.ndarray:
-        """Noise-free rating ``clip(mu + b_u + b_i + U_u·V_i)`` of user and item indices."""
+    def expected_rating(self, users: Any, items: Any, changed: bool = False) -> np.ndarray:
+        """Noise-free rating ``clip(mu + b_u + b_i + U_u·V_i)`` of user and item indices,
+        with the users' factors after the change when ``changed``."""
         users = np.asarray(users, dtype=np.int64)
         items = np.asarray(items, dtype=np.int64)
+        factors = self.user_factors
+        if changed and self.changed_user_factors is not None:
+            factors = self.changed_user_factors
         mean = (
             self.global_mean
             + self.user_bias[users]
             + self.item_bias[items]
-            + np.einsum("...k,...k->...", self.user_factors[users], self.item_factors[items])
+            + np.einsum("...k,...k->...", factors[users], self.item_factors[items])
         )
         return np.clip(mean, self.config.rating_min, self.config.rating_max)
 
@@ -222,7 +258,9 @@ def generate(config: SynthConfig | None = None) -> SynthStream:
     0.5
     """
     config = config or SynthConfig()
-    model_seed, event_seed, noise_seed = np.random.SeedSequence(config.seed).spawn(3)
+    # A fourth child for the change leaves the first three, so every unchanged draw, as before.
+    seeds = np.random.SeedSequence(config.seed).spawn(4)
+    model_seed, event_seed, noise_seed, change_seed = seeds
     model_rng = np.random.default_rng(model_seed)
     event_rng = np.random.default_rng(event_seed)
     noise_rng = np.random.default_rng(noise_seed)
@@ -245,15 +283,57 @@ def generate(config: SynthConfig | None = None) -> SynthStream:
     # --- the events -------------------------------------------------------------------------
     n = config.events
     ts = np.sort(event_rng.uniform(config.start_ts, config.start_ts + config.duration_s, n))
+
+    # --- the change -------------------------------------------------------------------------
+    change_rng = np.random.default_rng(change_seed)
+    changed_user_factors = None
+    rotated_users = np.empty(0, dtype=np.int64)
+    cluster = np.empty(0, dtype=np.int64)
+    if config.rotate_user_share > 0:
+        size = round(config.rotate_user_share * config.users)
+        rotated_users = np.sort(change_rng.choice(config.users, size=size, replace=False))
+        # QR of a Gaussian matrix, signs fixed by R's diagonal: a uniformly random rotation.
+        q, r = np.linalg.qr(change_rng.normal(size=(config.factors, config.factors)))
+        rotation = q * np.sign(np.diag(r))
+        changed_user_factors = user_factors.copy()
+        changed_user_factors[rotated_users] = user_factors[rotated_users] @ rotation.T
+    if config.cluster_items > 0:
+        centre = change_rng.normal(0.0, scale, config.factors)
+        cluster_factors = centre + change_rng.normal(
+            0.0, scale / 4, (config.cluster_items, config.factors)
+        )
+        cluster_weights = (
+            np.full(config.cluster_items, config.cluster_share / (1 - config.cluster_share))
+            / config.cluster_items
+        )
+        item_factors = np.vstack([item_factors, cluster_factors])
+        item_bias = np.concatenate(
+            [item_bias, change_rng.normal(0.0, config.item_bias_std, config.cluster_items)]
+        )
+        popularity = np.concatenate([popularity, cluster_weights])
+        popularity /= popularity.sum()
+        release_ts = np.concatenate(
+            [release_ts, np.full(config.cluster_items, ts[config.change_at])]
+        )
+        # Items stay numbered in release order: the cluster slots in at its release time.
+        order = np.argsort(release_ts, kind="stable")
+        item_factors, item_bias = item_factors[order], item_bias[order]
+        popularity, release_ts = popularity[order], release_ts[order]
+        cluster = np.sort(np.flatnonzero(order >= config.items))
+
     users = event_rng.choice(config.users, size=n, p=activity)
     view, click, purchase = config.implicit_shares
     implicit = 1.0 - config.rating_share
     type_p = [config.rating_share, implicit * view, implicit * click, implicit * purchase]
     types = event_rng.choice(len(EVENT_TYPES), size=n, p=type_p)
     released = np.searchsorted(release_ts, ts, side="right")
+    event_user_factors = user_factors[users]
+    after = np.arange(n) >= (config.change_at if config.change_at is not None else n)
+    if changed_user_factors is not None:
+        event_user_factors[after] = changed_user_factors[users[after]]
     items = _choose_items(
         event_rng,
-        user_factors[users],
+        event_user_factors,
         item_factors,
         np.log(popularity),
         released,
@@ -275,17 +355,22 @@ def generate(config: SynthConfig | None = None) -> SynthStream:
         item_index=items,
         rating_positions=np.flatnonzero(types == 0),
         expected_ratings=np.empty(0),
+        rotated_users=rotated_users,
+        changed_user_factors=changed_user_factors,
+        cluster_items=cluster,
     )
     rated_users = users[stream.rating_positions]
     rated_items = items[stream.rating_positions]
-    stream.expected_ratings = stream.expected_rating(rated_users, rated_items)
-    noisy = (
+    noise_free = (
         config.global_mean
         + user_bias[rated_users]
         + item_bias[rated_items]
-        + np.einsum("ek,ek->e", user_factors[rated_users], item_factors[rated_items])
-        + noise_rng.normal(0.0, config.noise_std, rated_users.size)
+        + np.einsum(
+            "ek,ek->e", event_user_factors[stream.rating_positions], item_factors[rated_items]
+        )
     )
+    stream.expected_ratings = np.clip(noise_free, config.rating_min, config.rating_max)
+    noisy = noise_free + noise_rng.normal(0.0, config.noise_std, rated_users.size)
     values = np.full(n, np.nan)
     values[stream.rating_positions] = np.clip(noisy, config.rating_min, config.rating_max)
     stream.events = _event_dicts(config.seed, ts, users, items, types, values)
