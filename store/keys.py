@@ -111,5 +111,10 @@ class Keys:
         return f"{self.prefix}:clock"
 
     @property
+    def drift_firings(self) -> str:
+        """List of JSON drift firings, newest first, trimmed to the latest 100."""
+        return f"{self.prefix}:drift:firings"
+
+    @property
     def worker_stats(self) -> str:
         return f"{self.prefix}:stats:worker"

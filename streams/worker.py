@@ -59,9 +59,11 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from redis import exceptions as redis_errors
 
 from freshrec.connections import faust_credentials, redis_client
+from freshrec.models.drift import DETECTORS
 from freshrec.serving.variants import Variants
 from freshrec.settings import Settings
 from freshrec.store.batch_update import BatchUpdater
+from freshrec.store.drift_log import SIGNALS, BatchDrift, record_firings
 from freshrec.store.feedback import FeedbackLearner, Shown, parse_impression
 from freshrec.store.keys import Keys
 from freshrec.streams.events import EVENT_TYPES, Event, EventValidator, summarise_reasons
@@ -113,6 +115,14 @@ VARIANT_IMPRESSIONS = Counter(
 )
 VARIANT_CLICKS = Counter(
     "freshrec_variant_clicks_total", "Clicks attributed to an impression, by variant", ["variant"]
+)
+DRIFT_DETECTIONS = Counter(
+    "freshrec_drift_detections_total",
+    "Drift detector firings (freshrec.models.drift), by signal and detector",
+    ["signal", "detector"],
+)
+DRIFT_SIGNAL = Gauge(
+    "freshrec_drift_signal_mean", "Mean of a drift signal's latest 100 values", ["signal"]
 )
 LAST_EVENT_TS = Gauge("freshrec_last_event_time_seconds", "Event time of the newest event learned")
 CONSUMER_LAG = Gauge(
@@ -206,6 +216,10 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         EVENTS.labels(kind)
     for kind in TRANSIENT_ERRORS:
         REDIS_RETRIES.labels(kind)
+    for signal in SIGNALS:
+        for detector in DETECTORS:
+            DRIFT_DETECTIONS.labels(signal, detector)
+    drift = BatchDrift()
     for reason in REASON_CLASSES:
         REJECTED_EVENTS.labels(reason)
         for source in TOPIC_LABELS:
@@ -228,6 +242,30 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 "freshrec-source": f"{message.topic}/{message.partition}/{message.offset}".encode(),
             },
         )
+
+    async def watch_drift(
+        updater: BatchUpdater, valid: list[Event], errors: list[float], ts: float
+    ) -> None:
+        """Feed the batch's drift signals; count, log and record what fired."""
+        items, users = [e.item_id for e in valid], [e.user_id for e in valid]
+        firings = drift.observe(items, users, errors, ts)
+        for signal, mean in drift.monitor.means().items():
+            DRIFT_SIGNAL.labels(signal).set(mean)
+        for f in firings:
+            DRIFT_DETECTIONS.labels(f.signal, f.detector).inc()
+            log.warning(
+                "drift detected: signal=%s detector=%s event_ts=%.3f before=%.4g after=%.4g",
+                f.signal,
+                f.detector,
+                f.ts,
+                f.before,
+                f.after,
+            )
+        if firings:
+            await steps.run(
+                f"recording {len(firings)} drift firings",
+                partial(record_firings, updater.redis, keys, firings),
+            )
 
     @app.agent(events_topic)
     async def learn(stream: faust.StreamT) -> None:
@@ -267,6 +305,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                     FRESHNESS.observe(max(0.0, finished - ts))
             if result.events:
                 LAST_EVENT_TS.set(result.max_ts)
+                await watch_drift(updater, valid, result.rating_errors, result.max_ts)
             clicks = [(e.user_id, e.item_id, e.ts) for e in valid if e.type == "click"]
             if clicks and result.events:
                 attributed = await learning(
