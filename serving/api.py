@@ -51,6 +51,7 @@ from freshrec.serving.kernels import warm_up
 from freshrec.serving.openapi import OPENAPI
 from freshrec.serving.publisher import RecommendationPublisher
 from freshrec.serving.variants import Variants
+from freshrec.store.drift_log import read_firings
 from freshrec.store.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class Reader:
         max_snapshot_age_s: float = MAX_SNAPSHOT_AGE_S,
     ) -> None:
         self.redis = redis
+        self.keys = keys
         self.funnel = Funnel(redis, keys, config, max_staleness_s=10 * index_refresh_s)
         self.variants = variants or Variants.parse("", config)
         self.max_k = max_k
@@ -176,6 +178,7 @@ class Reader:
         router.add("/similar/{item_id}", self.similar)
         router.add("/predict/{user_id}/{item_id}", self.predict)
         router.add("/healthz", self.healthz)
+        router.add("/drift", self.drift)
         router.add("/metrics", self.metrics)
         router.add("/openapi.json", self.openapi)
         self.server = HttpServer(router, self.dispatch)
@@ -325,6 +328,10 @@ class Reader:
             body["error"] = "; ".join(problems)
             return Response.json(body, 503, (("Retry-After", "1"),))
         return Response.json(body)
+
+    async def drift(self, request: Request) -> Response:
+        """The workers' latest drift firings, newest first (`freshrec.store.drift_log`)."""
+        return Response.json({"firings": await read_firings(self.redis, self.keys)})
 
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)

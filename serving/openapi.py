@@ -75,6 +75,12 @@ OPENAPI: dict[str, Any] = {
                 "responses": {**_ok("Health"), **_errors(503)},
             }
         },
+        "/drift": {
+            "get": {
+                "summary": "The latest drift detector firings, newest first",
+                "responses": {**_ok("Drift"), **_errors(503)},
+            }
+        },
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics",
@@ -84,6 +90,27 @@ OPENAPI: dict[str, Any] = {
     },
     "components": {
         "schemas": {
+            "Drift": {
+                "type": "object",
+                "required": ["firings"],
+                "properties": {
+                    "firings": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["signal", "detector", "ts", "position", "before", "after"],
+                            "properties": {
+                                "signal": {"type": "string"},
+                                "detector": {"enum": ["adwin", "page_hinkley"]},
+                                "ts": {"type": "number", "description": "event time (unix s)"},
+                                "position": {"type": "integer"},
+                                "before": {"type": "number"},
+                                "after": {"type": "number"},
+                            },
+                        },
+                    }
+                },
+            },
             "Error": {
                 "type": "object",
                 "required": ["error", "status"],
