@@ -217,6 +217,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
     for kind in TRANSIENT_ERRORS:
         REDIS_RETRIES.labels(kind)
     for signal in SIGNALS:
+        DRIFT_SIGNAL.labels(signal).set(float("nan"))  # no value yet, not a level of 0
         for detector in DETECTORS:
             DRIFT_DETECTIONS.labels(signal, detector)
     drift = BatchDrift()
