@@ -101,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=1000)
     p.add_argument("--events", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--change-at", type=int, help="event (position) of an injected concept change")
+    p.add_argument(
+        "--rotate-user-share", type=float, default=0.0, help="share of users whose tastes rotate"
+    )
+    p.add_argument(
+        "--cluster-items", type=int, default=0, help="items of a new popular cluster released"
+    )
 
     p = command("eval", _eval, "Prequential (test-then-train) evaluation on a ratings/events file.")
     p.add_argument("file", type=Path, help=_FILE_HELP)
@@ -318,7 +325,15 @@ def _synth(args: argparse.Namespace, settings: Settings) -> int:
     from freshrec.evaluation.synth import SynthConfig, generate, write_jsonl
 
     stream = generate(
-        SynthConfig(users=args.users, items=args.items, events=args.events, seed=args.seed)
+        SynthConfig(
+            users=args.users,
+            items=args.items,
+            events=args.events,
+            seed=args.seed,
+            change_at=args.change_at,
+            rotate_user_share=args.rotate_user_share,
+            cluster_items=args.cluster_items,
+        )
     )
     write_jsonl(stream.events, args.out)
     payload = {
