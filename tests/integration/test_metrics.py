@@ -87,7 +87,10 @@ def test_ten_thousand_new_users_and_items_add_no_series(
     with running_reader(metered, tmp_path / "reader.log") as (base, _):
         reader = f"{base}/metrics"
         scrape(reader)  # a scrape is a request too: its own series exist from here on
-        _traffic(metered, base, worker_metrics, "small", _events("small", 400, 40, 40))
+        # Few users and items, but events enough for every windowed statistic to report
+        # (the drift monitor's divergences need several windows of 500): the series a long
+        # run has, so that only the number of distinct users and items differs below.
+        _traffic(metered, base, worker_metrics, "small", _events("small", 5_000, 40, 40))
         # The lag gauges come with the worker's first observation of every partition it owns.
         wait_until(
             lambda: (
