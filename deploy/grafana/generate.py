@@ -36,11 +36,22 @@ class Panel:
 
 
 @dataclass(frozen=True)
+class Annotation:
+    """Events drawn over every panel: a query whose samples mark when something happened."""
+
+    name: str
+    expr: str
+    title: str
+    color: str = "red"
+
+
+@dataclass(frozen=True)
 class Dashboard:
     uid: str
     title: str
     description: str
     panels: tuple[Panel, ...] = field(default_factory=tuple)
+    annotations: tuple[Annotation, ...] = ()
 
 
 def quantiles(metric: str, by: str = "", window: str = RATE) -> tuple[Query, ...]:
@@ -142,8 +153,9 @@ PIPELINE = Dashboard(
 
 QUALITY = Dashboard(
     "freshrec-model-quality",
-    "freshrec / Model quality",
-    "Prequential rating error, the hit rate of served lists and CTR per variant.",
+    "freshrec / Model quality and drift",
+    "Prequential rating error, the hit rate of served lists, CTR per variant, and the drift "
+    "detectors (their firings also mark every panel).",
     (
         Panel(
             "Rolling rating MAE (predicted before learned)",
@@ -202,6 +214,30 @@ QUALITY = Dashboard(
                 ),
             ),
             "ops",
+        ),
+        Panel(
+            "Drift detector firings (per 5 min), by signal and detector",
+            (
+                Query(
+                    "sum by (signal, detector) "
+                    f"(increase(freshrec_drift_detections_total[{RATIO}]))",
+                    "{{signal}} {{detector}}",
+                ),
+            ),
+            "short",
+            "ADWIN and Page-Hinkley over the rating error and the item and user divergences.",
+        ),
+        Panel(
+            "Drift signals: mean of the latest 100 values",
+            (Query("max by (signal) (freshrec_drift_signal_mean)", "{{signal}}"),),
+            "short",
+        ),
+    ),
+    (
+        Annotation(
+            "Drift detected",
+            "sum by (signal, detector) (increase(freshrec_drift_detections_total[1m])) > 0",
+            "drift: {{signal}} ({{detector}})",
         ),
     ),
 )
@@ -353,7 +389,21 @@ def to_grafana(dashboard: Dashboard) -> dict[str, object]:
         "refresh": "10s",
         "time": {"from": "now-30m", "to": "now"},
         "templating": {"list": []},
-        "annotations": {"list": []},
+        "annotations": {
+            "list": [
+                {
+                    "name": a.name,
+                    "datasource": DATASOURCE,
+                    "enable": True,
+                    "iconColor": a.color,
+                    "expr": a.expr,
+                    "step": "30s",
+                    "titleFormat": a.title,
+                    "useValueForTime": False,
+                }
+                for a in dashboard.annotations
+            ]
+        },
         "panels": panels,
     }
 

@@ -186,6 +186,12 @@ def test_every_dashboard_panel_returns_data_from_a_live_run(
     except TimeoutError:
         pytest.fail("panels without data after 180 s:\n" + "\n".join(last[0]))
     assert _problems(prometheus, bogus), "a nonexistent metric went unnoticed"
+    known = set(prometheus.api("label/__name__/values"))
+    for path in DASHBOARDS.glob("*.json"):  # annotations mark events: no data is normal
+        for annotation in json.loads(path.read_text())["annotations"]["list"]:
+            missing = set(METRIC.findall(annotation["expr"])) - known
+            assert not missing, (path.name, annotation["name"], missing)
+            prometheus.api("query", query=annotation["expr"])  # valid PromQL
 
     targets = prometheus.api("targets")["activeTargets"]
     assert {t["labels"]["job"] for t in targets} == {"freshrec-worker", "freshrec-reader"}
