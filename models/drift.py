@@ -77,6 +77,8 @@ class Watch:
         Page-Hinkley's threshold :math:`\lambda`, in standard deviations.
     ph_min_instances
         Values Page-Hinkley needs (after the warm-up and after each firing) before it fires.
+    recent
+        How many of the signal's latest values make its current mean (a firing's ``after``).
     ph_alpha
         Page-Hinkley's forgetting factor on its sums (river's default); 1 is Page's CUSUM
         without forgetting, which fires about a third as often on a level stream but, after
@@ -91,6 +93,7 @@ class Watch:
     ph_threshold: float = 50.0
     ph_min_instances: int = 30
     ph_alpha: float = 0.9999
+    recent: int = 100
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -110,7 +113,13 @@ PER_EVENT = Watch(mode="up")
 # shift shows in one or two of them; 20 windows of warm-up, then a 0.5 sigma tolerance and
 # a threshold of 8 sigma (a mean run of exp(8) / 0.5 = 6,000 windows at no shift).
 PER_WINDOW = Watch(
-    mode="up", warmup=20, adwin_clock=1, ph_delta=0.5, ph_threshold=8.0, ph_min_instances=5
+    mode="up",
+    warmup=20,
+    adwin_clock=1,
+    ph_delta=0.5,
+    ph_threshold=8.0,
+    ph_min_instances=5,
+    recent=3,
 )
 
 
@@ -171,7 +180,8 @@ class DriftMonitor:
 
     The detectors are river's own ``drift.ADWIN`` and ``drift.PageHinkley``, fed value by
     value: the monitor fires exactly when they do. A firing records the signal's mean since
-    the detector last fired (``before``) and over its last ``recent`` values (``after``).
+    the detector last fired (``before``) and over its `Watch`'s last ``recent`` values
+    (``after``).
 
     Parameters
     ----------
@@ -179,8 +189,6 @@ class DriftMonitor:
         How each signal is watched; a signal not named here gets ``default``.
     default
         The `Watch` of the signals not in ``watches``.
-    recent
-        How many of a signal's latest values make its current mean (``after``).
     history
         How many firings the monitor keeps (the oldest are dropped first).
 
@@ -207,12 +215,10 @@ class DriftMonitor:
         watches: Mapping[str, Watch] | None = None,
         *,
         default: Watch = PER_EVENT,
-        recent: int = 100,
         history: int = 100,
     ) -> None:
         self.watches = dict(watches or {})
         self.default = default
-        self.recent = recent
         self.firings: deque[Firing] = deque(maxlen=history)
         self.detections: Counter[tuple[str, str]] = Counter()
         self._signals: dict[str, _Signal] = {}
@@ -221,7 +227,7 @@ class DriftMonitor:
         signal = self._signals.get(name)
         if signal is None:
             watch = self.watches.get(name, self.default)
-            signal = _Signal(watch=watch, recent=deque(maxlen=self.recent))
+            signal = _Signal(watch=watch, recent=deque(maxlen=watch.recent))
             self._signals[name] = signal
         return signal
 

@@ -76,7 +76,7 @@ def test_the_monitor_fires_exactly_when_river_does_on_the_same_stream(seed: int,
 
 
 def test_a_firing_carries_the_event_time_and_the_means_before_and_after() -> None:
-    monitor = DriftMonitor(default=Watch(warmup=100), recent=50)
+    monitor = DriftMonitor(default=Watch(warmup=100, recent=50))
     rng = random.Random(4)
     values = [rng.gauss(0, 1) for _ in range(2000)] + [rng.gauss(5, 1) for _ in range(500)]
     for t, x in enumerate(values):
