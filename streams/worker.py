@@ -59,11 +59,11 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from redis import exceptions as redis_errors
 
 from freshrec.connections import faust_credentials, redis_client
-from freshrec.models.drift import DETECTORS
+from freshrec.models.drift import DETECTORS, Firing
 from freshrec.serving.variants import Variants
 from freshrec.settings import Settings
 from freshrec.store.batch_update import BatchUpdater
-from freshrec.store.drift_log import SIGNALS, BatchDrift, record_firings
+from freshrec.store.drift_log import BatchDrift, record_firings
 from freshrec.store.feedback import FeedbackLearner, Shown, parse_impression
 from freshrec.store.keys import Keys
 from freshrec.streams.events import EVENT_TYPES, Event, EventValidator, summarise_reasons
@@ -122,7 +122,9 @@ DRIFT_DETECTIONS = Counter(
     ["signal", "detector"],
 )
 DRIFT_SIGNAL = Gauge(
-    "freshrec_drift_signal_mean", "Mean of a drift signal's latest 100 values", ["signal"]
+    "freshrec_drift_signal_mean",
+    "A drift signal's current level (mean of its latest values)",
+    ["signal"],
 )
 LAST_EVENT_TS = Gauge("freshrec_last_event_time_seconds", "Event time of the newest event learned")
 CONSUMER_LAG = Gauge(
@@ -216,11 +218,11 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         EVENTS.labels(kind)
     for kind in TRANSIENT_ERRORS:
         REDIS_RETRIES.labels(kind)
-    for signal in SIGNALS:
+    drift = BatchDrift(variant_label.names)
+    for signal in drift.monitor.watches:
         DRIFT_SIGNAL.labels(signal).set(float("nan"))  # no value yet, not a level of 0
         for detector in DETECTORS:
             DRIFT_DETECTIONS.labels(signal, detector)
-    drift = BatchDrift()
     for reason in REASON_CLASSES:
         REJECTED_EVENTS.labels(reason)
         for source in TOPIC_LABELS:
@@ -249,7 +251,9 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
     ) -> None:
         """Feed the batch's drift signals; count, log and record what fired."""
         items, users = [e.item_id for e in valid], [e.user_id for e in valid]
-        firings = drift.observe(items, users, errors, ts)
+        await report_drift(updater, drift.observe(items, users, errors, ts))
+
+    async def report_drift(updater: BatchUpdater, firings: list[Firing]) -> None:
         for signal, mean in drift.monitor.means().items():
             DRIFT_SIGNAL.labels(signal).set(mean)
         for f in firings:
@@ -316,6 +320,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 )
                 for variant, n in attributed.items():
                     VARIANT_CLICKS.labels(variant_label(variant)).inc(n)
+                drift.observe_clicks(_by_label(attributed, variant_label))
 
     @app.agent(impressions_topic)
     async def count_impressions(stream: faust.StreamT) -> None:
@@ -358,6 +363,9 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             )
             for variant, n in recorded.items():
                 VARIANT_IMPRESSIONS.labels(variant_label(variant)).inc(n)
+            shown_ts = max((s.ts for s in fresh if s.ts), default=time.time())
+            firings = drift.observe_impressions(_by_label(recorded, variant_label), shown_ts)
+            await report_drift(updater, firings)
 
     sync_failures = {"count": 0, "logged_at": float("-inf")}
 
@@ -647,6 +655,14 @@ class RedisSteps:
         self.blocked -= 1
         if not self.blocked:
             BLOCKED.set(0)
+
+
+def _by_label(counts: dict[str, int], label: Callable[[str], str]) -> dict[str, int]:
+    """Counts per variant summed per metric label (unknown variants share "other")."""
+    out: collections.Counter[str] = collections.Counter()
+    for variant, n in counts.items():
+        out[label(variant)] += n
+    return dict(out)
 
 
 def _batch_context(batch: list[Any]) -> str:
