@@ -155,6 +155,10 @@ class PipelineBackend:
 
     async def close(self) -> None:
         await self.session.close()
+        self.producer.close()
+        # The last reference: librdkafka's threads stop now, not at exit after the broker has
+        # stopped, where they would log a refused connection every few milliseconds.
+        del self.producer
 
     async def _get(self, path: str) -> tuple[int, Any]:
         """GET as a well-behaved client: a 503 is retried after its ``Retry-After``, until
