@@ -220,6 +220,7 @@ def test_recall_ablation_scores_each_channel_set_on_the_same_state(
         "cf_recall_only",
         "mf_recall_alone",
         "cf_recall_alone",
+        "fixed_blend",
     }
     for values in ablation.values():
         assert 0.0 <= values["hr@10"] <= values["hr@20"] <= 1.0
