@@ -59,6 +59,7 @@ SYNTH_SEED = 7
 
 MEASUREMENTS = {
     "direct": "in-process, {batch} events/batch",
+    "direct_drift": "in-process, {batch} events/batch, drift monitor on",
     "pipeline": "worker, {epm} events/message",
     "noop": "no-op agent, {epm} events/message",
     "pipeline_single": "worker, 1 event/message",
@@ -182,6 +183,7 @@ class _Bench:
         for r in range(1, repeat + 1):
             plan: list[tuple[str, Callable[[], Run]]] = [
                 ("direct", lambda r=r: self._direct(f"d{r}", valid, origins)),
+                ("direct_drift", lambda r=r: self._direct(f"dd{r}", valid, origins, drift=True)),
                 ("pipeline", lambda r=r: self._pipeline(batched, f"p{r}")),
                 ("noop", lambda r=r: self._noop(batched, f"n{r}")),
                 ("pipeline_single", lambda r=r: self._pipeline(single, f"ps{r}")),
@@ -213,10 +215,12 @@ class _Bench:
         )
         return _Topic(settings, producer.sent_events, producer.sent_messages)
 
-    def _direct(self, label: str, events: list[Event], origins: list[tuple[str, int]]) -> Run:
+    def _direct(
+        self, label: str, events: list[Event], origins: list[tuple[str, int]], drift: bool = False
+    ) -> Run:
         settings = self._keyed(self.base, label)
         try:
-            return asyncio.run(_apply_all(settings, events, origins))
+            return asyncio.run(_apply_all(settings, events, origins, drift))
         finally:
             self._delete_keys(settings.key_prefix)
 
@@ -379,11 +383,13 @@ class _Topic:
 
 
 async def _apply_all(
-    settings: Settings, events: list[Event], origins: list[tuple[str, int]]
+    settings: Settings, events: list[Event], origins: list[tuple[str, int]], drift: bool = False
 ) -> Run:
     """The direct path: ``FRESHREC_BATCH_SIZE`` events per batch, with origins as the worker
-    passes them (so offset watermarks are checked and written), one batch after another."""
+    passes them (so offset watermarks are checked and written), one batch after another; with
+    ``drift``, each batch then feeds the worker's drift monitor as the worker does."""
     from freshrec.store.batch_update import BatchUpdater
+    from freshrec.store.drift_log import BatchDrift
     from freshrec.store.keys import Keys
 
     client = redis_client(settings)
@@ -396,9 +402,14 @@ async def _apply_all(
         )
         await client.ping()
         size = settings.batch_size
+        watch = BatchDrift() if drift else None
         cpu, started = time.process_time(), time.perf_counter()
         for start in range(0, len(events), size):
-            await updater.apply(events[start : start + size], origins[start : start + size])
+            batch = events[start : start + size]
+            result = await updater.apply(batch, origins[start : start + size])
+            if watch is not None:
+                items, users = [e.item_id for e in batch], [e.user_id for e in batch]
+                watch.observe(items, users, result.rating_errors, result.max_ts)
         seconds = time.perf_counter() - started
         cpu = time.process_time() - cpu
     finally:
@@ -589,6 +600,9 @@ def _summarise(
         ),
         "pipeline_over_direct": ratio(
             paired("pipeline", "direct"), None, "pipeline / direct (batch sizes differ)"
+        ),
+        "direct_drift_over_direct": ratio(
+            paired("direct_drift", "direct"), None, "direct with / without the drift monitor"
         ),
     }
     return {
