@@ -113,8 +113,9 @@ class ChoiceRanker:
         self.choices += 1
 
     def take_pending(self) -> dict[str, float]:
-        """The terms learned since the last merge, as hash fields to add; forgets them."""
-        if not self._pending_choices:
+        """The terms learned since the last merge, as hash fields to add; forgets them (a failed
+        merge gives them back with `restore_pending`)."""
+        if not (self._pending_choices or self._pending_w.any() or self._pending_g.any()):
             return {}
         out = {}
         for kind, terms in (("w", self._pending_w), ("g", self._pending_g)):
@@ -127,6 +128,20 @@ class ChoiceRanker:
         self._pending_g = np.zeros(len(COLUMNS))
         self._pending_choices = 0
         return out
+
+    def restore_pending(self, terms: dict[str, float]) -> None:
+        """Give back ``terms`` from `take_pending` that never reached the shared state (their
+        merge failed): the next `take_pending` sends them again, with what was learned since.
+        ``terms`` may be any subset of the fields taken; the weights served do not move."""
+        w = np.array([terms.get(f"w:{name}", 0.0) for name in COLUMNS])
+        g = np.array([terms.get(f"g:{name}", 0.0) for name in COLUMNS])
+        choices = int(terms.get("choices", 0.0))
+        self._merged_w -= w
+        self._merged_g -= g
+        self._merged_choices -= choices
+        self._pending_w += w
+        self._pending_g += g
+        self._pending_choices += choices
 
     def load_merged(self, state: dict[str, float]) -> None:
         """Continue from the shared sums ``state`` (hash fields as `take_pending` writes them),

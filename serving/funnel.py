@@ -30,10 +30,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from freshrec.models.choice_ranker import ChoiceRanker
 from freshrec.models.click_model import (
@@ -226,12 +228,17 @@ class Funnel:
         pipe.get(keys.impressions_total)
         pipe.get(keys.event_clock)
         merging = time.monotonic() - self._choices_merged_at >= CHOICE_MERGE_S
+        taken: dict[str, float] = {}
+        first_term = len(pipe)
         if merging:
             self._choices_merged_at = time.monotonic()
-            for name, amount in self.choice_ranker.take_pending().items():
+            taken = self.choice_ranker.take_pending()
+            for name, amount in taken.items():
                 pipe.hincrbyfloat(keys.choice_ranker_state, name, amount)
             pipe.hgetall(keys.choice_ranker_state)
-        _, replies = await asyncio.gather(self.index.refresh(), pipe.execute())
+        _, replies = await asyncio.gather(
+            self.index.refresh(), self._execute_merging(pipe, taken, first_term)
+        )
         unavailable, ranker_state, popular, (newest, shown, clicked), total, clock = replies[:6]
         if merging:
             self.choice_ranker.load_merged(state_from_hash(replies[-1]))
@@ -255,6 +262,32 @@ class Funnel:
             ranker = ClickModel.from_state(state_from_hash(ranker_state))
             self.ranker_weights, self._scorers = ranker.serving_weights(), {}
             self._ranker_state = ranker_state
+
+    async def _execute_merging(
+        self, pipe: Pipeline, taken: dict[str, float], first_term: int
+    ) -> list[Any]:
+        """The pipeline's replies. Choice-ranker terms ``taken`` for it (its increments from
+        command ``first_term`` on, in order) that did not reach Redis go back to the ranker for
+        the next merge, so a failed refresh loses nothing learned; terms whose increment was
+        applied are not given back, which would count them twice. When the whole call fails,
+        all go back."""
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except BaseException:
+            self.choice_ranker.restore_pending(taken)
+            raise
+        increments = replies[first_term : first_term + len(taken)]
+        failed = {
+            name: amount
+            for (name, amount), reply in zip(taken.items(), increments, strict=True)
+            if isinstance(reply, Exception)
+        }
+        if failed:
+            self.choice_ranker.restore_pending(failed)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     def scorer(self, config: FunnelConfig | None = None) -> LinearScorer:
         """The fine ranker a configuration serves: learned once it has its ``min_clicks``."""

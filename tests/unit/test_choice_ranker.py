@@ -1,4 +1,5 @@
-"""The choice ranker: its step against the log-likelihood's numeric gradient, merging, learning."""
+"""The choice ranker: its step against the log-likelihood's numeric gradient, merging (and
+giving back a failed merge), learning."""
 
 from __future__ import annotations
 
@@ -63,6 +64,37 @@ def test_processes_merge_by_adding_what_each_learned() -> None:
     assert np.allclose(b.w, w0 + learned_w) and np.allclose(b.g, g0 + learned_g)
     assert np.allclose(a.w, w0 + learned_w + after_w)
     assert b.take_pending() == {}
+
+
+def test_terms_given_back_after_a_failed_merge_are_sent_with_the_next() -> None:
+    rng = np.random.default_rng(4)
+    sets = [(_candidates(rng, 10), int(rng.integers(10))) for _ in range(20)]
+    failing, steady = ChoiceRanker(), ChoiceRanker()
+    for x, chosen in sets[:10]:
+        failing.learn(x, chosen)
+        steady.learn(x, chosen)
+    served = failing.w.copy()
+    failing.restore_pending(failing.take_pending())  # the merge's pipeline raised
+    assert np.array_equal(failing.w, served) and failing.choices == 10
+    for x, chosen in sets[10:]:
+        failing.learn(x, chosen)
+        steady.learn(x, chosen)
+    shared: Counter[str] = Counter()
+    shared.update(failing.take_pending())
+    assert shared["choices"] == 20
+    failing.load_merged(dict(shared))
+    assert np.allclose(failing.w, steady.w) and np.allclose(failing.g, steady.g)
+    assert failing.take_pending() == {}
+
+
+def test_a_part_given_back_is_sent_again_alone() -> None:
+    rng = np.random.default_rng(5)
+    ranker = ChoiceRanker()
+    ranker.learn(_candidates(rng, 10), 3)
+    taken = ranker.take_pending()
+    lost = {name: taken[name] for name in ("w:mf", "g:mf")}  # only these increments failed
+    ranker.restore_pending(lost)
+    assert ranker.take_pending() == {**dict.fromkeys(taken, 0.0), **lost, "choices": 0.0}
 
 
 def test_learns_the_preference_users_choose_by() -> None:
