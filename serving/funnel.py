@@ -74,6 +74,8 @@ CHOICES = Counter(
     "ranked candidates held the item (recall's hit rate on real choices)",
     ["recalled"],
 )
+_CHOSEN_RECALLED = CHOICES.labels("yes")  # looked up once: ``labels()`` costs more than ``inc()``
+_CHOSEN_MISSED = CHOICES.labels("no")
 MF_SHARE_READ = Histogram(
     "freshrec_mf_recall_share_read",
     "Share of the catalogue MF recall read to find its exact top-n (1: no cell was skipped)",
@@ -383,7 +385,7 @@ class Funnel:
         available = np.ones(len(offered.rows), dtype=bool)
         for row in new[:CHOICES_PER_LIST][::-1].tolist():
             where = np.flatnonzero((offered.rows == row) & available)
-            CHOICES.labels("yes" if len(where) else "no").inc()
+            (_CHOSEN_RECALLED if len(where) else _CHOSEN_MISSED).inc()
             if len(where):
                 kept = np.flatnonzero(available)
                 self.choice_ranker.learn(
