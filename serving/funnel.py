@@ -364,7 +364,7 @@ class Funnel:
         self, user_id: str, history: np.ndarray, rows: np.ndarray, features: np.ndarray
     ) -> None:
         offered = self._offered
-        offered[user_id] = _Offered(int(history[0]) if len(history) else _NOTHING, rows, features)
+        offered[user_id] = _Offered(int(history[0]) if len(history) else None, rows, features)
         offered.move_to_end(user_id)
         while len(offered) > self.remembered_users:
             offered.popitem(last=False)
@@ -373,15 +373,9 @@ class Funnel:
         """Each item newer in ``history`` (index rows, newest first) than the user's last list
         is a choice among that list's candidates, oldest first; a chosen item leaves the set."""
         offered = self._offered.pop(user_id, None)
-        if offered is None or not len(history):
+        if offered is None:
             return
-        if offered.newest == _NOTHING:
-            new = history
-        else:
-            at = np.flatnonzero(history == offered.newest)
-            if not len(at):
-                return
-            new = history[: at[0]]
+        new = choices_since(history, offered.newest)
         available = np.ones(len(offered.rows), dtype=bool)
         for row in new[:CHOICES_PER_LIST][::-1].tolist():
             where = np.flatnonzero((offered.rows == row) & available)
@@ -587,14 +581,24 @@ class _User:
     y: np.ndarray | None  # preference factors; None for an unknown user
 
 
-_NOTHING = -2  # an empty history's newest row (-1 is an item the snapshot lacks)
+def choices_since(history: np.ndarray, newest: int | None) -> np.ndarray:
+    """The rows of ``history`` (index rows, newest first) newer than ``newest``, its newest row
+    when the user's last list was made; all of it when that history was empty (``None``).
+
+    Empty when the boundary is unknown: ``newest`` is -1 (an item the snapshot lacked, which
+    any other such item's -1 would match) or has left the capped history.
+    """
+    if newest is None:
+        return history
+    at = np.flatnonzero(history == newest) if newest >= 0 else _NO_ROWS
+    return history[: at[0]] if len(at) else _NO_ROWS
 
 
 @dataclass
 class _Offered:
     """A user's last ranked candidates, as index rows and feature rows."""
 
-    newest: int  # the history's newest row then
+    newest: int | None  # the history's newest row then (-1: not in the snapshot; None: empty)
     rows: np.ndarray
     features: np.ndarray
 

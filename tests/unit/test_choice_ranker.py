@@ -1,5 +1,5 @@
 """The choice ranker: its step against the log-likelihood's numeric gradient, merging (and
-giving back a failed merge), learning."""
+giving back a failed merge), learning, and which items count as choices."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 
 from freshrec.models.choice_ranker import COLUMNS, ChoiceRanker, expand
 from freshrec.models.click_model import FEATURES, FIXED_BLEND
+from freshrec.serving.funnel import choices_since
 
 
 def _candidates(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -95,6 +96,18 @@ def test_a_part_given_back_is_sent_again_alone() -> None:
     lost = {name: taken[name] for name in ("w:mf", "g:mf")}  # only these increments failed
     ranker.restore_pending(lost)
     assert ranker.take_pending() == {**dict.fromkeys(taken, 0.0), **lost, "choices": 0.0}
+
+
+def test_choices_are_the_items_newer_than_the_last_lists_newest() -> None:
+    history = np.array([5, -1, 7, 3, 9])
+    assert choices_since(history, 7).tolist() == [5, -1]
+    assert choices_since(history, None).tolist() == history.tolist()  # the history was empty
+    assert choices_since(history, 4).tolist() == []  # left the capped history
+
+
+def test_an_item_missing_from_the_snapshot_never_passes_for_another() -> None:
+    """Both unknown items are row -1; the boundary is unknown, so nothing is taken as chosen."""
+    assert choices_since(np.array([5, -1, 7, -1, 3]), -1).tolist() == []
 
 
 def test_learns_the_preference_users_choose_by() -> None:
