@@ -22,9 +22,10 @@ A concept change can be injected at a known event ``change_at`` (a position in t
 so that drift detectors can be scored on when they fire:
 
 * ``rotate_user_share``: from that event on, the factors of a random group of that share of
-  users turn by one random rotation ``U_u <- R U_u`` (``R`` orthogonal): their tastes move,
-  not their activity nor the size of their factors, so only a model that keeps learning
-  follows them;
+  users turn by one random rotation ``U_u <- R U_u`` (`quarter_turn`: a quarter turn in
+  random planes, so each new taste is orthogonal to the old one): their tastes move, not
+  their activity nor the size of their factors, so only a model that keeps learning follows
+  them;
 * ``cluster_items``: that many new items are released at that event, with factors
   ``c + N(0, (s/4)^2 I)`` around one random centre ``c`` and popularity weights that together
   take ``cluster_share`` of the popularity mass: a new popular cluster.
@@ -41,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EVENT_TYPES", "SynthConfig", "SynthStream", "generate", "write_jsonl"]
+__all__ = ["EVENT_TYPES", "SynthConfig", "SynthStream", "generate", "quarter_turn", "write_jsonl"]
 
 EVENT_TYPES = ("rating", "view", "click", "purchase")
 # Cells (events x items) scored per vectorised step: about 16 MB of float32 per array, large
@@ -184,6 +185,30 @@ class SynthStream:
         return float(np.sqrt(np.mean(error * error)))
 
 
+def quarter_turn(rng: np.random.Generator, k: int) -> np.ndarray:
+    r"""A random rotation by a quarter turn: :math:`R = Q J Q^T`, :math:`x \cdot Rx = 0`.
+
+    ``Q`` is a uniformly random orthogonal basis (QR of a Gaussian matrix, signs fixed by
+    R's diagonal) and ``J`` turns each consecutive pair of its axes by 90 degrees (an odd
+    last axis stays). A uniformly random rotation can come out near the identity, above all
+    in few dimensions, and then change nothing; this one moves every vector as far as a
+    rotation can without reversing it: in an even number of dimensions, every rotated
+    vector is orthogonal to where it was, so a rotated user's old taste says nothing of the
+    new one.
+
+    >>> r = quarter_turn(np.random.default_rng(0), 4)
+    >>> x = np.arange(1.0, 5.0)
+    >>> bool(np.allclose(r @ r.T, np.eye(4))), round(float(x @ (r @ x)), 12) == 0
+    (True, True)
+    """
+    q, upper = np.linalg.qr(rng.normal(size=(k, k)))
+    q = q * np.sign(np.diag(upper))
+    turn = np.eye(k)
+    for a in range(0, k - 1, 2):
+        turn[a : a + 2, a : a + 2] = [[0.0, -1.0], [1.0, 0.0]]
+    return q @ turn @ q.T
+
+
 def _zipf_weights(rng: np.random.Generator, n: int, exponent: float) -> np.ndarray:
     """Normalised weights ``rank^-exponent`` over a random ranking of ``n`` entities."""
     weights = np.arange(1, n + 1, dtype=np.float64) ** -exponent
@@ -198,20 +223,24 @@ def _choose_items(
     log_popularity: np.ndarray,
     released: np.ndarray,
     temperature: float,
-) -> np.ndarray:
-    """Gumbel-max draw per event of one item among the first ``released[e]`` items.
+    chunk: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gumbel-max draw per event of one item among the first ``released[e]`` items; the
+    drawn items and their perturbed logits (to take the larger of two draws).
 
     ``argmax(logit + G)`` with ``G = -log(E)``, ``E ~ Exp(1)`` samples the softmax of the
-    logits without normalising them; float32 and chunking keep it memory- and cache-friendly.
+    logits without normalising them; float32 and ``chunk`` events at a time keep it memory-
+    and cache-friendly. The draws of a chunk depend only on its events and the items
+    released by then, so items released later (a new cluster) leave earlier draws unchanged.
     """
     n_events = user_factors.shape[0]
     n_items = item_factors.shape[0]
     chosen = np.empty(n_events, dtype=np.int64)
+    best = np.empty(n_events, dtype=np.float32)
     item_t = (item_factors.T / temperature).astype(np.float32)
     log_pop = log_popularity.astype(np.float32)
     columns = np.arange(n_items)
     tiny = np.finfo(np.float32).tiny
-    chunk = max(1, _CHUNK_CELLS // n_items)
     for start in range(0, n_events, chunk):
         stop = min(start + chunk, n_events)
         # Items are numbered in release order, so only the first max(released) columns matter.
@@ -224,7 +253,8 @@ def _choose_items(
         np.log(noise, out=noise)
         logits -= noise
         chosen[start:stop] = logits.argmax(axis=1)
-    return chosen
+        best[start:stop] = logits[np.arange(stop - start), chosen[start:stop]]
+    return chosen, best
 
 
 def generate(config: SynthConfig | None = None) -> SynthStream:
@@ -292,9 +322,7 @@ def generate(config: SynthConfig | None = None) -> SynthStream:
     if config.rotate_user_share > 0:
         size = round(config.rotate_user_share * config.users)
         rotated_users = np.sort(change_rng.choice(config.users, size=size, replace=False))
-        # QR of a Gaussian matrix, signs fixed by R's diagonal: a uniformly random rotation.
-        q, r = np.linalg.qr(change_rng.normal(size=(config.factors, config.factors)))
-        rotation = q * np.sign(np.diag(r))
+        rotation = quarter_turn(change_rng, config.factors)
         changed_user_factors = user_factors.copy()
         changed_user_factors[rotated_users] = user_factors[rotated_users] @ rotation.T
     if config.cluster_items > 0:
@@ -306,20 +334,19 @@ def generate(config: SynthConfig | None = None) -> SynthStream:
             np.full(config.cluster_items, config.cluster_share / (1 - config.cluster_share))
             / config.cluster_items
         )
-        item_factors = np.vstack([item_factors, cluster_factors])
-        item_bias = np.concatenate(
+        all_factors = np.vstack([item_factors, cluster_factors])
+        all_bias = np.concatenate(
             [item_bias, change_rng.normal(0.0, config.item_bias_std, config.cluster_items)]
         )
-        popularity = np.concatenate([popularity, cluster_weights])
-        popularity /= popularity.sum()
-        release_ts = np.concatenate(
+        all_popularity = np.concatenate([popularity, cluster_weights])
+        all_release_ts = np.concatenate(
             [release_ts, np.full(config.cluster_items, ts[config.change_at])]
         )
         # Items stay numbered in release order: the cluster slots in at its release time.
-        order = np.argsort(release_ts, kind="stable")
-        item_factors, item_bias = item_factors[order], item_bias[order]
-        popularity, release_ts = popularity[order], release_ts[order]
-        cluster = np.sort(np.flatnonzero(order >= config.items))
+        order = np.argsort(all_release_ts, kind="stable")
+        number = np.empty_like(order)
+        number[order] = np.arange(order.size)
+        cluster = np.sort(number[config.items :])
 
     users = event_rng.choice(config.users, size=n, p=activity)
     view, click, purchase = config.implicit_shares
@@ -331,14 +358,36 @@ def generate(config: SynthConfig | None = None) -> SynthStream:
     after = np.arange(n) >= (config.change_at if config.change_at is not None else n)
     if changed_user_factors is not None:
         event_user_factors[after] = changed_user_factors[users[after]]
-    items = _choose_items(
+    chunk = max(1, _CHUNK_CELLS // config.items)
+    items, best = _choose_items(
         event_rng,
         event_user_factors,
         item_factors,
         np.log(popularity),
         released,
         config.affinity_temperature,
+        chunk,
     )
+    if config.cluster_items > 0:
+        # The Gumbel-max over all items is the larger of the maxima over the catalogue and
+        # over the cluster, each with noise of its own generator: the catalogue's draws, and
+        # so every event before the change, are those of the stream without a cluster.
+        late, late_best = _choose_items(
+            change_rng,
+            event_user_factors[after],
+            cluster_factors,
+            np.log(cluster_weights),
+            np.full(int(after.sum()), config.cluster_items),
+            config.affinity_temperature,
+            chunk,
+        )
+        picked = items[after]
+        wins = late_best > best[after]
+        picked[wins] = config.items + late[wins]
+        items[after] = picked
+        items = number[items]
+        item_factors, item_bias = all_factors[order], all_bias[order]
+        popularity, release_ts = all_popularity[order], all_release_ts[order]
 
     stream = SynthStream(
         config=config,
@@ -349,7 +398,7 @@ def generate(config: SynthConfig | None = None) -> SynthStream:
         item_bias=item_bias,
         global_mean=config.global_mean,
         release_ts=release_ts,
-        item_popularity=popularity,
+        item_popularity=popularity / popularity.sum(),
         user_activity=activity,
         user_index=users,
         item_index=items,

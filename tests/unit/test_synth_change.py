@@ -46,6 +46,8 @@ def test_the_unchanged_prefix_equals_the_stream_without_a_change() -> None:
     plain = generate(SynthConfig(**{**BASE.__dict__, "change_at": None}))
     rotated = generate(SynthConfig(**{**BASE.__dict__, "rotate_user_share": 0.5}))
     assert rotated.events[: BASE.change_at] == plain.events[: BASE.change_at]
+    clustered = generate(SynthConfig(**{**BASE.__dict__, "cluster_items": 10}))
+    assert clustered.events[: BASE.change_at] == plain.events[: BASE.change_at]
 
 
 def test_a_change_without_its_event_is_refused() -> None:
