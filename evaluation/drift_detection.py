@@ -33,12 +33,17 @@ CHANGES: dict[str, dict[str, Any]] = {
     "rotate_users": {"rotate_user_share": 0.5},
     "new_cluster": {"cluster_items": 20, "cluster_share": 0.5},
 }
-# A world small enough for an online MF to learn its users' tastes within the prefix, where
-# users pick items mostly by popularity (temperature 1), so that ratings, not only choices,
-# carry the tastes a rotation changes; ratings with little noise.
+# A world small enough for an online MF to learn its users' tastes within the prefix (150
+# users of 2 taste factors, about 100 ratings each before the change), where users pick
+# items mostly by popularity (temperature 1), so that ratings, not only choices, carry the
+# tastes a rotation changes; ratings with little noise. A rotation can only move the error
+# of a model as far as the model had learned the tastes it turns: with 300 users of 8
+# factors, the same MF's error rose by 0.02 to 0.07 of its deviation, below what a detector
+# can tell from noise.
 WORLD = SynthConfig(
-    users=300,
+    users=150,
     items=300,
+    factors=2,
     events=40_000,
     rating_share=0.5,
     affinity_temperature=1.0,

@@ -65,8 +65,21 @@ class Watch:
         ``"down"`` (a hit or click-through rate) or ``"both"``. Page-Hinkley tests that
         direction; ADWIN, two-sided by construction, has its cuts kept only when the newer
         window's mean moved that way.
+    block
+        Consecutive values averaged into one before the detectors see it. One absolute
+        error is skewed and heavy-tailed; the mean of 25 is close to Gaussian (central limit
+        theorem), which is what the thresholds' false-alarm rates assume.
     warmup
-        Values spent measuring :math:`\mu_0, \sigma_0` before detection starts.
+        Values (block means, when ``block > 1``) spent measuring :math:`\mu_0, \sigma_0`
+        before detection starts.
+    reference_halflife
+        ``None``: the reference stays the warm-up's :math:`\mu_0, \sigma_0`. A number: the
+        reference mean and variance are exponentially weighted moving averages of the values
+        seen so far, with this half-life (in values, or block means), each value judged
+        against the reference before it. A model still learning makes its errors fall for
+        a long time; against a fixed reference that trend hides a rise (and Page-Hinkley's
+        own mean since the start still holds the early, large errors), against a slow
+        moving one it does not, while a change faster than the half-life stands out.
     adwin_delta
         ADWIN's confidence :math:`\delta`.
     adwin_clock
@@ -86,7 +99,9 @@ class Watch:
     """
 
     mode: str = "both"
+    block: int = 1
     warmup: int = 500
+    reference_halflife: float | None = None
     adwin_delta: float = 0.002
     adwin_clock: int = 32
     ph_delta: float = 0.05
@@ -100,15 +115,30 @@ class Watch:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
         if self.warmup < 2:
             raise ValueError("warmup must be at least 2 values, to measure a standard deviation")
+        if self.block < 1:
+            raise ValueError("block must be at least 1 value")
+        if self.reference_halflife is not None and self.reference_halflife <= 0:
+            raise ValueError("reference_halflife must be positive (or None, a fixed reference)")
 
 
-# A value per event (an error, a hit, a click): noisy one by one, so Page-Hinkley accumulates
-# a small tolerated drift against a high threshold. A shift of 0.1 sigma is seen after about
-# 50 / (0.1 - 0.05) = 1,000 values. At no shift, on a level stream of absolute Gaussian errors,
-# it fires about once in 8,000 values (measured: 26 in 200,000): the price of seeing a shift
-# of a tenth of the noise; a model that is still learning makes its errors fall, which
-# lengthens that, and a firing comes with its before and after means to judge it by.
-PER_EVENT = Watch(mode="up")
+# A value per event (an error): averaged in blocks of 25, each block mean judged against a
+# moving reference (half-life 100 blocks, 2,500 values), so that the errors' slow fall while
+# a model learns is not taken for a change. In units of a block mean's deviation, Page's
+# CUSUM with a tolerated drift of 0.5 and a threshold of 10 runs about
+# (exp(2 * 0.5 * (10 + 1.166)) - 1) / (2 * 0.5**2) = 140,000 blocks between false alarms on a
+# level Gaussian stream (Siegmund's approximation) and sees a shift of one block deviation
+# (a fifth of one error's deviation) after about (10 + 1.166) / 0.5 = 22 blocks, 560 values.
+PER_EVENT = Watch(
+    mode="up",
+    block=25,
+    warmup=20,
+    reference_halflife=100.0,
+    adwin_clock=1,
+    ph_delta=0.5,
+    ph_threshold=10.0,
+    ph_min_instances=5,
+    ph_alpha=1.0,
+)
 # A value per window of events (a divergence): few values, each an average already, so a
 # shift shows in one or two of them; 20 windows of warm-up, then a 0.5 sigma tolerance and
 # a threshold of 8 sigma (a mean run of exp(8) / 0.5 = 6,000 windows at no shift).
@@ -143,11 +173,28 @@ class _Mean:
 
 
 @dataclass
+class _Reference:
+    """Exponentially weighted mean and variance: the moving reference of a signal."""
+
+    mean: float
+    var: float
+    alpha: float
+
+    def update(self, x: float) -> None:
+        delta = x - self.mean
+        self.mean += self.alpha * delta
+        self.var = (1.0 - self.alpha) * (self.var + self.alpha * delta * delta)
+
+
+@dataclass
 class _Signal:
     """A signal's warm-up scale, its detectors, and the means reported with a firing."""
 
     watch: Watch
     warmup: _Mean = field(default_factory=_Mean)
+    reference: _Reference | None = None
+    block_sum: float = 0.0
+    block_n: int = 0
     detectors: dict[str, Any] = field(default_factory=dict)
     since_firing: dict[str, _Mean] = field(default_factory=dict)
     recent: deque[float] = field(default_factory=deque)
@@ -159,10 +206,12 @@ class DriftMonitor:
 
     Every signal first spends its `Watch`'s ``warmup`` values measuring its own mean
     :math:`\mu_0` and standard deviation :math:`\sigma_0`; from then on both detectors see
-    the standardised value :math:`z = (x - \mu_0) / \sigma_0`. The detectors' parameters are
-    therefore in units of each signal's own noise, so one setting serves an absolute rating
-    error or a 0/1 click stream on any dataset without tuning per stream (`PER_EVENT`), and
-    another any windowed divergence (`PER_WINDOW`).
+    the standardised value :math:`z = (x - \mu_0) / \sigma_0` (with a moving reference,
+    ``reference_halflife``, :math:`\mu, \sigma` follow the signal slowly; with ``block``,
+    :math:`x` is the mean of that many values). The detectors' parameters are therefore in
+    units of each signal's own noise, so one setting serves the absolute rating error of
+    any model on any dataset without tuning per stream (`PER_EVENT`), and another any
+    windowed divergence or click-through (`PER_WINDOW`).
 
     * **ADWIN** (Bifet & Gavaldà, 2007, *Learning from time-changing data with adaptive
       windowing*) keeps the longest window whose every split into an older part
@@ -250,17 +299,38 @@ class DriftMonitor:
         state.count += 1
         state.recent.append(value)
         watch = state.watch
+        if watch.block > 1:
+            state.block_sum += value
+            state.block_n += 1
+            if state.block_n < watch.block:
+                return []
+            value = state.block_sum / state.block_n
+            state.block_sum, state.block_n = 0.0, 0
         if not state.detectors:
             state.warmup.update(value)
             if state.warmup.n >= watch.warmup:
                 state.detectors = self._detectors(watch)
                 state.since_firing = {name: _Mean() for name in state.detectors}
+                if watch.reference_halflife is not None:
+                    alpha = 1.0 - 0.5 ** (1.0 / watch.reference_halflife)
+                    state.reference = _Reference(state.warmup.mean, state.warmup.std**2, alpha)
             return []
-        z = (value - state.warmup.mean) / (state.warmup.std or 1.0)
+        return self._detect(signal, state, value, ts)
+
+    def _detect(self, signal: str, state: _Signal, value: float, ts: float) -> list[Firing]:
+        """Feed one value (or block mean), standardised by the reference, to the detectors."""
+        watch = state.watch
+        z_fixed = (value - state.warmup.mean) / (state.warmup.std or 1.0)
+        z_moving = z_fixed
+        if state.reference is not None:
+            z_moving = (value - state.reference.mean) / (math.sqrt(state.reference.var) or 1.0)
+            state.reference.update(value)
         fired: list[Firing] = []
         for name, detector in state.detectors.items():
             estimation = detector.estimation if name == "adwin" else 0.0
-            detector.update(z)
+            # ADWIN adapts its own window to a trend; Page-Hinkley compares each value with
+            # its mean since it last fired, which a trend biases: it gets the moving reference.
+            detector.update(z_fixed if name == "adwin" else z_moving)
             since = state.since_firing[name]
             if not detector.drift_detected:
                 since.update(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections import Counter
@@ -73,6 +74,87 @@ def test_the_monitor_fires_exactly_when_river_does_on_the_same_stream(seed: int,
     assert got == {"adwin": adwin, "page_hinkley": ph}
     assert adwin and ph  # the stream does shift, so the comparison is not vacuous
     assert monitor.detections["s", "adwin"] == len(adwin)
+
+
+def test_blocks_and_a_moving_reference_feed_river_what_a_recount_gives() -> None:
+    values = _shifting_stream(4, n=8000)
+    block, warmup, halflife = 10, 30, 50.0
+    watch = Watch(
+        mode="up",
+        block=block,
+        warmup=warmup,
+        reference_halflife=halflife,
+        adwin_clock=1,
+        ph_delta=0.5,
+        ph_threshold=8.0,
+        ph_min_instances=5,
+        ph_alpha=1.0,
+    )
+    monitor = DriftMonitor({"s": watch}, history=1000)
+    for t, x in enumerate(values):
+        monitor.update("s", x, ts=float(t))
+    means = [sum(values[i : i + block]) / block for i in range(0, len(values), block)]
+    ph = drift.PageHinkley(min_instances=5, delta=0.5, threshold=8.0, alpha=1.0, mode="up")
+    head = means[:warmup]
+    mu = sum(head) / warmup
+    var = sum((x - mu) ** 2 for x in head) / (warmup - 1)
+    alpha = 1 - 0.5 ** (1 / halflife)
+    expected = []
+    for index, x in enumerate(means[warmup:], start=warmup + 1):
+        ph.update((x - mu) / math.sqrt(var))
+        mu, var = mu + alpha * (x - mu), (1 - alpha) * (var + alpha * (x - mu) ** 2)
+        if ph.drift_detected:
+            expected.append(index * block)  # a block fires on its last value
+    got = [f.position for f in monitor.firings if f.detector == "page_hinkley"]
+    assert got == expected and expected
+
+
+def _learning_errors(seed: int, step_at: int | None) -> list[float]:
+    """Absolute errors of a model that keeps learning: their level falls from 1.0 to 0.5
+    over 20,000 values; with ``step_at``, it rises by 0.15 there for 2,000 values."""
+    rng = random.Random(seed)
+    out = []
+    for t in range(24_000):
+        level = 1.0 - 0.5 * min(t, 20_000) / 20_000
+        if step_at is not None and step_at <= t < step_at + 2000:
+            level += 0.15
+        out.append(abs(rng.gauss(0.0, level)))
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_moving_reference_sees_a_rise_that_a_learning_trend_hides(seed: int) -> None:
+    moving = Watch(
+        mode="up",
+        block=25,
+        warmup=20,
+        reference_halflife=100.0,
+        ph_delta=0.5,
+        ph_threshold=10.0,
+        ph_min_instances=5,
+        ph_alpha=1.0,
+    )
+    fixed = dataclasses.replace(moving, reference_halflife=None)
+    for watch, seen in ((moving, True), (fixed, False)):
+        level = DriftMonitor({"s": watch})
+        stepped = DriftMonitor({"s": watch})
+        for t, (a, b) in enumerate(
+            zip(_learning_errors(seed, None), _learning_errors(seed, 20_000), strict=True)
+        ):
+            level.update("s", a, ts=float(t))
+            stepped.update("s", b, ts=float(t))
+        assert not [f for f in level.firings if f.detector == "page_hinkley"]
+        fired = [f.ts for f in stepped.firings if f.detector == "page_hinkley"]
+        assert bool(fired) == seen, (watch, fired)
+        if seen:
+            assert 20_000 <= fired[0] < 21_000
+
+
+def test_a_block_or_a_reference_that_cannot_work_is_refused() -> None:
+    with pytest.raises(ValueError, match="block"):
+        Watch(block=0)
+    with pytest.raises(ValueError, match="reference_halflife"):
+        Watch(reference_halflife=0.0)
 
 
 def test_a_firing_carries_the_event_time_and_the_means_before_and_after() -> None:

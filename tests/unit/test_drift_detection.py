@@ -10,7 +10,7 @@ from freshrec.evaluation.drift_detection import WORLD, detection_runs
 # seeds 1-8 by `python -m freshrec.evaluation.drift_detection` are in the README.
 CASES = [
     ("new_cluster", "item_divergence", "page_hinkley", 500),
-    ("rotate_users", "rating_error", "page_hinkley", 6_000),
+    ("rotate_users", "rating_error", "page_hinkley", 2_000),
 ]
 
 
