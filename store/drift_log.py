@@ -2,9 +2,11 @@
 
 The worker predicts every rating before it learns it, so the batch's prequential errors come
 for free; its items and users are the data whose distributions may drift; the impressions
-and attributed clicks of each variant give its click-through. `BatchDrift` feeds them to a
-`freshrec.models.drift.DriftMonitor` (signals ``rating_error``, ``item_divergence``,
-``user_divergence`` and ``ctr:<variant>``) and `record_firings` keeps the latest
+and attributed clicks of each variant give its click-through, and whether each click was on
+an item served to that user (the attribution already looks it up) the top-N hit rate of the
+served lists. `BatchDrift` feeds them to a `freshrec.models.drift.DriftMonitor` (signals
+``rating_error``, ``top_n_hit``, ``item_divergence``, ``user_divergence`` and
+``ctr:<variant>``) and `record_firings` keeps the latest
 `RECENT_FIRINGS` firings, newest first, as JSON in one Redis list the reader shows at
 ``GET /drift``. The monitor lives in each worker's memory: with several workers each watches
 its own partitions, and their firings share the list.
@@ -22,6 +24,7 @@ from freshrec.models.drift import PER_EVENT, PER_WINDOW, DriftMonitor, Firing, W
 from freshrec.store.keys import Keys
 
 __all__ = [
+    "HIT",
     "RECENT_FIRINGS",
     "SIGNALS",
     "BatchDrift",
@@ -31,8 +34,11 @@ __all__ = [
 ]
 
 RECENT_FIRINGS = 100
+# A click's hit (1: the item was in a list served to the user): a rate, whose drop is the harm.
+HIT = dataclasses.replace(PER_EVENT, mode="down")
 SIGNALS = {
     "rating_error": PER_EVENT,
+    "top_n_hit": HIT,
     "item_divergence": PER_WINDOW,
     "user_divergence": PER_WINDOW,
 }
@@ -78,9 +84,13 @@ class BatchDrift:
         fired += self.monitor.update_many("user_divergence", self.users.update(users), ts)
         return fired
 
-    def observe_clicks(self, clicks: Mapping[str, int]) -> None:
-        """Count clicks attributed to each variant's impressions."""
+    def observe_clicks(
+        self, clicks: Mapping[str, int], hits: Sequence[bool] = (), ts: float = 0.0
+    ) -> list[Firing]:
+        """Count clicks attributed to each variant's impressions; feed each click's hit (its
+        item was in a list served to its user) observed up to event time ``ts``."""
         self._clicked.update(clicks)
+        return self.monitor.update_many("top_n_hit", map(float, hits), ts)
 
     def observe_impressions(self, shown: Mapping[str, int], ts: float) -> list[Firing]:
         """Count each variant's impressions; each time a variant has had

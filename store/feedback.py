@@ -72,8 +72,15 @@ class FeedbackLearner:
         return Counter(s.variant for s in shown)
 
     async def attribute_clicks(self, clicks: list[tuple[str, str, float]]) -> Counter[str]:
+        """Attribute clicks ``(user, item, event time)``; attributed clicks per variant."""
+        return (await self.attribute(clicks))[0]
+
+    async def attribute(
+        self, clicks: list[tuple[str, str, float]]
+    ) -> tuple[Counter[str], list[bool]]:
         """Attribute clicks ``(user, item, event time)`` to remembered impressions; returns
-        attributed clicks per variant.
+        attributed clicks per variant, and for each click whether it was attributed: whether
+        the item had been in a list served to that user (the served lists' hit).
 
         The window is in event time: a click counts when it comes at most ``window_s`` after
         its impression was shown, so a replayed log attributes as live traffic did. The
@@ -81,26 +88,28 @@ class FeedbackLearner:
         memory.
         """
         if not clicks:
-            return Counter()
+            return Counter(), []
         pipe = self.redis.pipeline(transaction=False)
         for user, item, _ in clicks:
             pipe.hget(self.keys.shown(user), item)
             pipe.hdel(self.keys.shown(user), item)  # a click is attributed once
         replies = await pipe.execute()
         attributed: Counter[str] = Counter()
-        for raw, (_, _, clicked_at) in zip(replies[0::2], clicks, strict=True):
+        hits = [False] * len(clicks)
+        for n, (raw, (_, _, clicked_at)) in enumerate(zip(replies[0::2], clicks, strict=True)):
             if raw is None:
                 continue
             record = json.loads(raw)
             shown_at = record.get("ts")
             if shown_at is not None and clicked_at - shown_at > self.window_s:
                 continue
+            hits[n] = True
             # The click is learned with its impression's features, position included: a
             # positive without it reads as position 0, and then the position weight explains
             # clicks at the top and the served scores are learned backwards.
             self.model.learn_click(_with_position(record["features"], record.get("position", 0)))
             attributed[record["variant"]] += 1
-        return attributed
+        return attributed, hits
 
     async def sync(self) -> None:
         """Add what this worker learned since the last merge to the shared state, atomically,

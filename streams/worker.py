@@ -313,14 +313,15 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 await watch_drift(updater, valid, result.rating_errors, result.max_ts)
             clicks = [(e.user_id, e.item_id, e.ts) for e in valid if e.type == "click"]
             if clicks and result.events:
-                attributed = await learning(
+                attributed, hits = await learning(
                     feedback,
                     f"attributing {len(clicks)} clicks ({where})",
-                    partial(feedback.attribute_clicks, clicks),
+                    partial(feedback.attribute, clicks),
                 )
                 for variant, n in attributed.items():
                     VARIANT_CLICKS.labels(variant_label(variant)).inc(n)
-                drift.observe_clicks(_by_label(attributed, variant_label))
+                by_variant = _by_label(attributed, variant_label)
+                await report_drift(updater, drift.observe_clicks(by_variant, hits, result.max_ts))
 
     @app.agent(impressions_topic)
     async def count_impressions(stream: faust.StreamT) -> None:

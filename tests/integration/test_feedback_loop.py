@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,15 +16,22 @@ from freshrec.settings import Settings
 from freshrec.store.feedback import FeedbackLearner, Shown
 from freshrec.store.keys import Keys
 from freshrec.streams.producer import EventProducer
-from tests.support import http_json, wait_until
+from tests.metrics_support import metered_worker, scrape
+from tests.support import free_port, http_json, wait_until
 
 pytestmark = pytest.mark.integration
 NOW = time.time() - 3600
 
 
 def test_impression_and_click_counts_match_what_was_served_and_clicked(
-    settings: Settings, worker: object, reader: str, redis_client
+    settings: Settings, reader: str, redis_client, tmp_path: Path
 ) -> None:
+    metered = dataclasses.replace(settings, worker_metrics_port=free_port())
+    with metered_worker(metered, tmp_path / "worker.log") as worker:
+        _serve_then_click(settings, worker, reader, redis_client)
+
+
+def _serve_then_click(settings: Settings, worker: str, reader: str, redis_client) -> None:
     prefix = settings.key_prefix
     events = [
         {"type": "click", "user_id": f"c{n % 9}", "item_id": f"i{(n * 7) % 61}", "ts": NOW + n}
@@ -82,6 +91,14 @@ def test_impression_and_click_counts_match_what_was_served_and_clicked(
     for user, item in clicked:  # attributed once: the impression record is consumed
         assert redis_client.hget(f"{prefix}:shown:{user}", item) is None
         assert redis_client.zscore(f"{prefix}:clk", item) >= 1
+    # The served lists' hit rate over the latest 100 clicks: the catalogue's clicks came
+    # before any list was served, then 3 of the 4 clicks were on served items.
+    hit_rate = ("freshrec_drift_signal_mean", (("signal", "top_n_hit"),))
+    wait_until(
+        lambda: scrape(worker).get(hit_rate) == pytest.approx(3 / 100),
+        30,
+        "the hit rate of the latest 100 clicks to be exported",
+    )
 
 
 def test_workers_merge_what_they_learn_into_one_click_model(settings: Settings) -> None:

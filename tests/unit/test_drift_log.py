@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from freshrec.models.drift import DriftMonitor, WindowDivergence
-from freshrec.store.drift_log import CTR, SIGNALS, BatchDrift, ctr_signal
+from freshrec.store.drift_log import CTR, HIT, SIGNALS, BatchDrift, ctr_signal
 
 
 def test_batches_feed_the_same_values_as_the_stream_one_by_one() -> None:
@@ -52,3 +52,16 @@ def test_a_click_through_that_halves_fires() -> None:
     assert fired and all(f.ts >= 70 for f in fired)
     assert any(f.detector == "page_hinkley" and f.ts <= 85 for f in fired)
     assert fired[0].signal == "ctr:control" and fired[0].after < fired[0].before
+
+
+def test_a_top_n_hit_rate_that_halves_fires_after_the_drop_only() -> None:
+    rng = random.Random(10)
+    drift = BatchDrift()
+    fired = []
+    for batch in range(400):
+        p = 0.3 if batch < 300 else 0.15
+        hits = [rng.random() < p for _ in range(50)]
+        fired += drift.observe_clicks({}, hits, ts=float(batch))
+    assert drift.monitor.watches["top_n_hit"] == HIT and HIT.mode == "down"
+    assert fired and all(f.signal == "top_n_hit" and f.ts >= 300 for f in fired)
+    assert fired[0].ts <= 310 and fired[0].after < fired[0].before
