@@ -35,9 +35,10 @@ def isolated_settings(
     )
 
 
-def erase(settings: Settings) -> None:
-    """Delete the run's topics and every key under its prefix."""
-    delete_topics(settings.kafka_bootstrap, list(topic_specs(settings)), settings=settings)
+def erase(settings: Settings, topics: bool = True) -> None:
+    """Delete the run's topics (when it has any) and every key under its prefix."""
+    if topics:
+        delete_topics(settings.kafka_bootstrap, list(topic_specs(settings)), settings=settings)
     client = redis_sync_client(settings)
     try:
         doomed = list(client.scan_iter(match=f"{settings.key_prefix}:*", count=5000))
@@ -48,15 +49,23 @@ def erase(settings: Settings) -> None:
 
 
 @contextmanager
-def isolated_run(base: Settings, name: str, **overrides: Any) -> Iterator[Settings]:
-    """Services resolved (and stopped if started here), topics created, everything erased."""
-    endpoints, stop_services = local_services.resolve(base)
+def isolated_run(
+    base: Settings, name: str, kafka: bool = True, **overrides: Any
+) -> Iterator[Settings]:
+    """Services resolved (and stopped if started here), topics created, everything erased.
+
+    ``kafka=False`` for a run that works on Redis alone (direct-mode evaluation): no broker
+    is provided or started, and no topics are made.
+    """
+    services = local_services.SERVICES if kafka else ("redis",)
+    endpoints, stop_services = local_services.resolve(base, services=services)
     settings = isolated_settings(base, endpoints, name, **overrides)
     try:
-        ensure_topics(settings.kafka_bootstrap, settings)
+        if kafka:
+            ensure_topics(settings.kafka_bootstrap, settings)
         yield settings
     finally:
         try:
-            erase(settings)
+            erase(settings, topics=kafka)
         finally:
             stop_services()

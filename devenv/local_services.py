@@ -21,7 +21,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,9 +57,13 @@ class ServiceError(RuntimeError):
 
 # --- public API --------------------------------------------------------------------------------
 def resolve(
-    settings: Settings, state_dir: Path | None = None
+    settings: Settings, state_dir: Path | None = None, services: Sequence[str] = SERVICES
 ) -> tuple[Endpoints, Callable[[], None]]:
-    """Endpoints for this process; `stop()` stops only what this call started (also at exit)."""
+    """Endpoints for this process; `stop()` stops only what this call started (also at exit).
+
+    Only ``services`` are provided; a service left out keeps the address in ``settings``
+    unchecked (a run that needs only Redis never starts a broker).
+    """
     state_dir = _state_dir(settings, state_dir)
     scratch = state_dir / f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # never what `up` records
     stoppers: list[Callable[[], Any]] = []
@@ -75,7 +79,9 @@ def resolve(
         with _locked(state_dir):
             state = _load(state_dir)
             state.pop("ports", None)
-            endpoints = _provide(settings, state, scratch, False, lambda *a: stoppers.append(a[2]))
+            endpoints = _provide(
+                settings, state, scratch, False, lambda *a: stoppers.append(a[2]), services
+            )
     except BaseException:
         stop()
         raise
@@ -203,11 +209,13 @@ def _provide(
     workdir: Path,
     keep: bool,
     started: Callable[[str, dict[str, Any], Callable[[], Any]], None],
+    services: Sequence[str] = SERVICES,
 ) -> Endpoints:
     """Each service from the env, else the recorded one if it answers, else a new one."""
-    addresses, sources = {}, {}
+    addresses = {"kafka": settings.kafka_bootstrap, "redis": settings.redis_url}
+    sources: dict[str, str] = {}
     use_docker: bool | None = None
-    for service in SERVICES:
+    for service in services:
         record = state.get(service)
         if env := _env_address(settings, service):
             record = {"source": "env", "address": env}

@@ -688,7 +688,11 @@ def _evaluate(
 ) -> Evaluation:
     """One walk of ``stream`` with topics and keys of its own on the shared services."""
     with isolated_run(
-        settings, "eval", worker_metrics_port=0, serve_port=free_port()
+        settings,
+        "eval",
+        kafka=mode != "direct",
+        worker_metrics_port=0,
+        serve_port=free_port(),
     ) as run_settings:
         variants = _recall_ablation(run_settings) if ablation else None
         return asyncio.run(_run(run_settings, mode, stream, upto, show_progress, variants, label))

@@ -168,3 +168,18 @@ def test_a_restarted_local_redis_keeps_its_state(settings: Settings, tmp_path: P
         assert list((tmp_path / "redis").rglob("*.aof"))
     finally:
         _stop_record(record)
+
+
+def test_a_run_on_redis_alone_starts_no_broker(settings: Settings, tmp_path: Path) -> None:
+    children = _children()
+    endpoints, stop = resolve(settings, tmp_path, services=("redis",))
+    try:
+        assert endpoints.kafka_bootstrap == settings.kafka_bootstrap  # left as given: unused
+        client = redis.Redis.from_url(endpoints.redis_url)
+        assert client.ping()
+        client.close()
+        started = [_processes()[pid][1] for pid in _children() - children]
+        assert len(started) == 1 and "redis-server" in started[0], started
+    finally:
+        stop()
+    _wait_until(lambda: _children() == children, 10, "the run's Redis to stop")
