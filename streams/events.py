@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -100,11 +101,23 @@ class EventValidator:
                 )
             ]
         try:
-            decoded = json.loads(payload, parse_constant=_reject_constant)
+            # UTF-8 only: json.loads would also guess UTF-16 and UTF-32 from the bytes.
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return [], [
+                InvalidEvent(
+                    f"not valid JSON: not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                    "send JSON encoded as UTF-8"
+                )
+            ]
+        if problem := _not_json_text(text):
+            return [], [InvalidEvent(f"not valid JSON: {problem}")]
+        try:
+            decoded = json.loads(text, parse_constant=_reject_constant)
         except RecursionError:
             return [], [InvalidEvent("not valid JSON: nested too deeply")]
-        except (ValueError, UnicodeDecodeError) as exc:
-            return [], [InvalidEvent(_bounded(f"not valid JSON: {exc}"))]
+        except ValueError as exc:
+            return [], [InvalidEvent(_bounded(f"not valid JSON: {_json_error(exc)}"))]
         if isinstance(decoded, list):
             if not decoded:
                 return [], [InvalidEvent("empty event array")]
@@ -149,10 +162,8 @@ class EventValidator:
         ts = self._timestamp(obj)
         value = self._value(obj, kind)
         event_id = obj.get("event_id")
-        if event_id is not None and (
-            not isinstance(event_id, str) or len(event_id) > 4 * self.settings.max_id_length
-        ):
-            raise InvalidEvent("'event_id' must be a string of reasonable length")
+        if event_id is not None:
+            self._event_id(event_id)
         context = obj.get("context")
         if context is not None and not isinstance(context, dict):
             raise InvalidEvent(f"'context' must be a JSON object, got {_json_type(context)}")
@@ -172,6 +183,18 @@ class EventValidator:
                 f"{self.settings.max_id_length} (FRESHREC_MAX_ID_LENGTH)"
             )
         return value
+
+    def _event_id(self, value: Any) -> None:
+        if not isinstance(value, str):
+            raise InvalidEvent(f"'event_id' must be a string, got {_json_type(value)}")
+        if not value or not value.isprintable():
+            raise InvalidEvent("'event_id' must be non-empty printable text")
+        limit = 4 * self.settings.max_id_length
+        if len(value) > limit:
+            raise InvalidEvent(
+                f"'event_id' is {len(value)} characters, over the limit of {limit} "
+                "(4 x FRESHREC_MAX_ID_LENGTH)"
+            )
 
     def _timestamp(self, obj: dict[str, Any]) -> float:
         if "ts" not in obj:
@@ -214,6 +237,27 @@ def _number(raw: Any, name: str) -> float:
     if not math.isfinite(value):
         raise InvalidEvent(f"{name!r} must be a finite number, got {_short(raw)}")
     return value
+
+
+def _not_json_text(text: str) -> str | None:
+    """What makes decoded text plainly not a JSON text, where json.loads would say it less
+    clearly (a character out of place) or not at all."""
+    if text.startswith("\ufeff"):
+        return "starts with a byte order mark (U+FEFF); send UTF-8 without one"
+    if "\x00" in text:  # never in JSON text: what UTF-16 or UTF-32 look like read as UTF-8
+        return "holds NUL characters (UTF-16 or UTF-32?); send JSON encoded as UTF-8"
+    return None
+
+
+_DIGITS_LIMIT = re.compile(r"Exceeds the limit \((\d+) digits\).*value has (\d+) digits")
+
+
+def _json_error(exc: ValueError) -> str:
+    """The decoder's complaint, in the producer's terms."""
+    text = str(exc)
+    if digits := _DIGITS_LIMIT.search(text):  # Python's int() limit, not a JSON rule as such
+        return f"a number of {digits[2]} digits, over the limit of {digits[1]}"
+    return text
 
 
 def _reject_constant(name: str) -> float:
