@@ -27,8 +27,12 @@ log = logging.getLogger(__name__)
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 CONFIG = DEPLOY / "prometheus.yml"
 RULES = DEPLOY / "prometheus"
-COMPOSE_TARGETS = {"freshrec-worker": "worker:9464", "freshrec-reader": "reader:8080"}
-"""The scrape targets of `CONFIG`, by job: what `LocalPrometheus` points elsewhere."""
+COMPOSE_DISCOVERY = {
+    "freshrec-worker": "dns_sd_configs: [{ names: [worker], type: A, port: 9464 }]",
+    "freshrec-reader": 'static_configs: [{ targets: ["reader:8080"] }]',
+}
+"""How `CONFIG` finds each job's targets in compose (every worker replica by DNS): what
+`project_config` replaces with a static target."""
 INSTALL = "apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus"
 
 
@@ -55,12 +59,14 @@ def binary(name: str = "prometheus") -> str:
 
 
 def project_config(targets: dict[str, str], workdir: Path) -> Path:
-    """`CONFIG` with each job's target replaced by ``targets[job]``, its rules beside it."""
+    """`CONFIG` with each job's targets replaced by ``targets[job]``, its rules beside it."""
     text = CONFIG.read_text()
-    for job, compose_target in COMPOSE_TARGETS.items():
-        if f'"{compose_target}"' not in text:
-            raise ValueError(f"{CONFIG} no longer scrapes {compose_target} for {job}")
-        text = text.replace(f'"{compose_target}"', json.dumps(targets[job]))
+    for job, discovery in COMPOSE_DISCOVERY.items():
+        if discovery not in text:
+            raise ValueError(f"{CONFIG} no longer finds {job}'s targets with {discovery}")
+        text = text.replace(
+            discovery, f"static_configs: [{{ targets: [{json.dumps(targets[job])}] }}]"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copytree(RULES, workdir / RULES.name, dirs_exist_ok=True)
     config = workdir / CONFIG.name
