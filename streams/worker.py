@@ -141,6 +141,9 @@ TOPIC_LABELS = ("events", "impressions")
 """The ``topic`` label values of the lag gauge: the role of a topic, not its (prefixed) name."""
 OBSERVE_EVERY_S = 5.0
 """How often the worker reads its consumer lag and Redis memory."""
+DEAD_LETTER_BYTES = 900_000
+"""The longest message a dead letter carries whole; room is left for key and headers under
+the 1,000,000-byte request limit of Faust's producer and the broker's default message size."""
 
 
 def faust_options(settings: Settings, kafka_bootstrap: str) -> dict[str, Any]:
@@ -232,19 +235,25 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
 
     async def dead_letter(message: Any, reasons: list[str], source: str = "events") -> None:
         """One DLQ record for a message, however many of its events were invalid: the original
-        bytes, a bounded summary of the reasons, and how many were rejected."""
+        bytes, a bounded summary of the reasons, and how many were rejected.
+
+        A record must fit the producer's request and the broker's message size (both about
+        1 MB by default) with its headers: a message longer than `DEAD_LETTER_BYTES` goes as
+        its first bytes, with ``freshrec-original-bytes``; ``freshrec-source`` names where
+        the whole message stays."""
         DEAD_LETTERS.labels(source, reason_class(reasons[0]) if reasons else "other").inc()
         for kind, count in collections.Counter(map(reason_class, reasons)).items():
             REJECTED_EVENTS.labels(kind).inc(count)
-        await dlq_topic.send(
-            key=message.key,
-            value=message.value,
-            headers={
-                "freshrec-reason": summarise_reasons(reasons).encode(),
-                "freshrec-rejected": str(len(reasons)).encode(),
-                "freshrec-source": f"{message.topic}/{message.partition}/{message.offset}".encode(),
-            },
-        )
+        value = message.value
+        headers = {
+            "freshrec-reason": summarise_reasons(reasons).encode(),
+            "freshrec-rejected": str(len(reasons)).encode(),
+            "freshrec-source": f"{message.topic}/{message.partition}/{message.offset}".encode(),
+        }
+        if value is not None and len(value) > DEAD_LETTER_BYTES:
+            headers["freshrec-original-bytes"] = str(len(value)).encode()
+            value = value[:DEAD_LETTER_BYTES]
+        await dlq_topic.send(key=message.key, value=value, headers=headers)
 
     async def watch_drift(
         updater: BatchUpdater, valid: list[Event], errors: list[float], ts: float

@@ -32,6 +32,7 @@ import redis
 from freshrec.devenv.processes import wait_for
 from freshrec.settings import Settings
 from freshrec.streams.producer import EventProducer
+from freshrec.streams.worker import DEAD_LETTER_BYTES
 from tests.support import TopicReader
 
 pytestmark = pytest.mark.integration
@@ -53,7 +54,8 @@ ITEMS = [f"item-{n}" for n in range(40)] + [
 ]
 # The broker's default max message size is 1 MiB plus a little; the producer's, 1,000,000.
 PRODUCER_CONFIG = {"message.max.bytes": 1_048_000}
-NEAR_LIMIT = LIMIT - 10_000
+# Longer bad messages are dead-lettered as their first DEAD_LETTER_BYTES (see the last test).
+NEAR_LIMIT = min(LIMIT, DEAD_LETTER_BYTES) - 10_000
 
 
 @dataclass
@@ -351,9 +353,8 @@ def _padded(size: int, **fields: Any) -> dict[str, Any]:
 
 
 def _near_the_size_limit() -> list[Bad]:
-    """Bad messages close under FRESHREC_MAX_MESSAGE_BYTES, whose dead letters (their bytes and
-    headers) still fit what the worker's producer sends; at and over the limit, see the test
-    marked xfail below."""
+    """Bad messages close under the longest a dead letter carries whole; longer ones, and
+    those at and over FRESHREC_MAX_MESSAGE_BYTES, see the last test."""
     return [
         Bad("oversize", json.dumps(_padded(size, **_event(), colour="red")).encode(), "colour")
         for size in (LIMIT // 2, NEAR_LIMIT)
@@ -468,13 +469,6 @@ def test_hostile_messages_each_give_one_dead_letter_and_every_valid_event_lands_
     )
 
 
-@pytest.mark.xfail(
-    reason="worker bug: the dead letter of a message of about 1,000,000 bytes or more (the "
-    "original bytes plus headers) is over the Faust producer's max request size; the send "
-    "raises MessageSizeTooLargeError out of the events agent, which dies while the process "
-    "lives on: no dead letter, and nothing after it is learned",
-    strict=False,
-)
 @pytest.mark.timeout(600)
 def test_messages_at_and_over_the_size_limit_each_give_one_dead_letter(
     settings: Settings, worker: subprocess.Popen, redis_client: redis.Redis, tmp_path: Path
@@ -507,6 +501,9 @@ def test_messages_at_and_over_the_size_limit_each_give_one_dead_letter(
         headers = dict(letter.headers())
         assert b.reason in headers["freshrec-reason"].decode(), key
         assert (b.payload or b"").startswith(letter.value()), key
+        assert len(letter.value()) == min(len(b.payload or b""), DEAD_LETTER_BYTES), key
+        if len(b.payload or b"") > DEAD_LETTER_BYTES:
+            assert headers["freshrec-original-bytes"] == str(len(b.payload or b"")).encode()
     _assert_applied_exactly_once(settings, redis_client, valid)
     _assert_still_running(worker, tmp_path / "worker.log")
 
