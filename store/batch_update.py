@@ -124,7 +124,10 @@ class BatchUpdater:
         result = BatchResult(events=len(keep), skipped=len(events) - len(keep), applied=positions)
         if not keep:
             return result
-        marks = {}
+        # Never below what is applied: a partition whose part of the batch was all redelivered
+        # keeps its watermark (its batch maximum would move it back, and what follows it
+        # would be learned again).
+        marks = dict(done)
         for lab, off in origins:
             marks[lab] = max(off, marks.get(lab, -1))
         writes = self.learner.learn_many(keep, snapshot)
