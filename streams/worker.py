@@ -309,7 +309,8 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             finished = time.time()
             BATCH_SECONDS.observe(time.perf_counter() - started)
             BATCHES.inc()
-            for kind, count in collections.Counter(e.type for e in valid).items():
+            learned = (valid[n].type for n in result.applied)  # not what was redelivered
+            for kind, count in collections.Counter(learned).items():
                 EVENTS.labels(kind).inc(count)
             REDELIVERED.inc(result.skipped)
             for err in result.rating_errors:

@@ -203,10 +203,8 @@ def _owns_a_partition(metrics_url: str) -> bool:
 
 
 def _learned(samples: dict) -> float:
-    """Events a worker learned: those it took, less the redelivered ones it skipped."""
-    return total(samples, "freshrec_events_total") - total(
-        samples, "freshrec_redelivered_events_total"
-    )
+    """Events a worker learned (the redelivered ones it skipped are not counted)."""
+    return total(samples, "freshrec_events_total")
 
 
 def _produce(settings: Settings, events: list[dict]) -> None:
