@@ -141,6 +141,8 @@ TOPIC_LABELS = ("events", "impressions")
 """The ``topic`` label values of the lag gauge: the role of a topic, not its (prefixed) name."""
 OBSERVE_EVERY_S = 5.0
 """How often the worker reads its consumer lag and Redis memory."""
+SESSION_TIMEOUT_S = 15.0
+"""Kafka consumer-group session: how long a crashed worker's partitions wait for another."""
 DEAD_LETTER_BYTES = 900_000
 """The longest message a dead letter carries whole; room is left for key and headers under
 the 1,000,000-byte request limit of Faust's producer and the broker's default message size."""
@@ -163,6 +165,11 @@ def faust_options(settings: Settings, kafka_bootstrap: str) -> dict[str, Any]:
         "web_enabled": False,
         "consumer_auto_offset_reset": "earliest",
         "stream_buffer_maxsize": max(4 * settings.batch_size, 4096),
+        # A worker killed without leaving its group holds its partitions until its session
+        # times out: Faust's 60 s would keep a restarted worker idle that long. Heartbeats
+        # every 3 s, so a member is dropped after five missed ones, not on one slow batch.
+        "broker_session_timeout": SESSION_TIMEOUT_S,
+        "broker_heartbeat_interval": 3.0,
         "broker_max_poll_records": max(settings.batch_size, 500),
     }
 

@@ -21,8 +21,8 @@ a tail that depends on where it ends) and how the two partitions interleave (MF 
 item rated by users of both partitions come in another order, and the implicit negatives are
 drawn per batch), hence RMSE within 1% rather than equal factors.
 
-The workers run with a Kafka session timeout of 6 s instead of Faust's 60 s: a restarted worker
-waits that long for the group to give up on the one it replaces before it gets its partitions.
+A restarted worker waits for the group to give up on the one it replaces (the worker's Kafka
+session timeout, `SESSION_TIMEOUT_S`) before it gets its partitions.
 """
 
 from __future__ import annotations
@@ -68,7 +68,6 @@ worker starts (the first consumes these while the group rebalances), the rest on
 owns a partition (so that both have work)."""
 MILESTONE_S = 180.0
 """Longest wait from a worker's start to its next milestone (a kill, or the end)."""
-SESSION_TIMEOUT_S = 6
 EVENTS_PER_MESSAGE = 10  # as `freshrec replay` packs them (100 there), in smaller arrays
 
 
@@ -257,10 +256,7 @@ def test_workers_killed_and_rebalanced_mid_replay_end_with_the_state_of_an_unint
     redis_client: redis.Redis,
     stream: list[dict],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("BROKER_SESSION_TIMEOUT", str(SESSION_TIMEOUT_S))  # read by Faust
-    monkeypatch.setenv("BROKER_HEARTBEAT_INTERVAL", "1")
     steady = Run(_replaying(settings), redis_client, tmp_path, "steady")
     crashed = Run(_replaying(crash_settings), redis_client, tmp_path, "crashed")
     upfront, by_join = int(UPFRONT * EVENTS), int(BY_JOIN * EVENTS)
