@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from river import drift
@@ -121,24 +121,6 @@ class Watch:
             raise ValueError("reference_halflife must be positive (or None, a fixed reference)")
 
 
-# A value per event (an error): averaged in blocks of 25, each block mean judged against a
-# moving reference (half-life 100 blocks, 2,500 values), so that the errors' slow fall while
-# a model learns is not taken for a change. In units of a block mean's deviation, Page's
-# CUSUM with a tolerated drift of 0.5 and a threshold of 10 runs about
-# (exp(2 * 0.5 * (10 + 1.166)) - 1) / (2 * 0.5**2) = 140,000 blocks between false alarms on a
-# level Gaussian stream (Siegmund's approximation) and sees a shift of one block deviation
-# (a fifth of one error's deviation) after about (10 + 1.166) / 0.5 = 22 blocks, 560 values.
-PER_EVENT = Watch(
-    mode="up",
-    block=25,
-    warmup=20,
-    reference_halflife=100.0,
-    adwin_clock=1,
-    ph_delta=0.5,
-    ph_threshold=10.0,
-    ph_min_instances=5,
-    ph_alpha=1.0,
-)
 # A value per window of events (a divergence): few values, each an average already, so a
 # shift shows in one or two of them; 20 windows of warm-up, then a 0.5 sigma tolerance and
 # a threshold of 8 sigma (a mean run of exp(8) / 0.5 = 6,000 windows at no shift).
@@ -150,6 +132,21 @@ PER_WINDOW = Watch(
     ph_threshold=8.0,
     ph_min_instances=5,
     recent=3,
+)
+# A value per event (an error): averaged in blocks of 25, each block mean judged against a
+# moving reference (half-life 100 blocks, 2,500 values), so that the errors' slow fall while
+# a model learns is not taken for a change. In units of a block mean's deviation, Page's
+# CUSUM with a tolerated drift of 0.5 and a threshold of 10 runs about
+# (exp(2 * 0.5 * (10 + 1.166)) - 1) / (2 * 0.5**2) = 140,000 blocks between false alarms on a
+# level Gaussian stream (Siegmund's approximation) and sees a shift of one block deviation
+# (a fifth of one error's deviation) after about (10 + 1.166) / 0.5 = 22 blocks, 560 values.
+PER_EVENT = replace(
+    PER_WINDOW,
+    block=25,
+    reference_halflife=100.0,
+    ph_threshold=10.0,
+    ph_alpha=1.0,
+    recent=100,
 )
 
 

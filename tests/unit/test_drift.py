@@ -11,6 +11,7 @@ import pytest
 from river import drift
 
 from freshrec.models.drift import (
+    PER_EVENT,
     DriftMonitor,
     Watch,
     WindowDivergence,
@@ -124,16 +125,7 @@ def _learning_errors(seed: int, step_at: int | None) -> list[float]:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_a_moving_reference_sees_a_rise_that_a_learning_trend_hides(seed: int) -> None:
-    moving = Watch(
-        mode="up",
-        block=25,
-        warmup=20,
-        reference_halflife=100.0,
-        ph_delta=0.5,
-        ph_threshold=10.0,
-        ph_min_instances=5,
-        ph_alpha=1.0,
-    )
+    moving = PER_EVENT  # the rating error's watch
     fixed = dataclasses.replace(moving, reference_halflife=None)
     for watch, seen in ((moving, True), (fixed, False)):
         level = DriftMonitor({"s": watch})
