@@ -348,8 +348,10 @@ class BatchUpdater:
             await self.scripts.stamp_now(keys=[keys.updated_items], args=changed, client=pipe)
         pipe.hincrby(keys.worker_stats, "events", applied)
         pipe.hset(keys.worker_stats, "applied_at", repr(time.time()))
-        for key, _, offset in watermarks:  # last: a batch cut short is redelivered whole
-            pipe.set(key, offset)
+        # Last: a batch cut short is redelivered whole. Only ever raised: a worker that read
+        # before another applied the same partition (a rebalance) must not move it back.
+        for key, _, offset in watermarks:
+            await self.scripts.raise_clock(keys=[key], args=[offset], client=pipe)
         await pipe.execute()
 
     async def rebase(self, decay: ForwardDecay, now: float) -> None:

@@ -141,7 +141,8 @@ return 1
 """
 
 
-# KEYS[1]: the event clock.  ARGV[1]: an event time.  The clock only moves forward.
+# KEYS[1]: the event clock or an offset watermark.  ARGV[1]: an event time or an offset.  It
+# only moves forward.
 RAISE_CLOCK = """
 local cur = tonumber(redis.call('GET', KEYS[1]))
 if not cur or tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end

@@ -374,3 +374,33 @@ def test_a_partition_redelivered_beside_new_events_keeps_its_watermark(
     assert int(redis_client.get(keys.watermark("events/0"))) == 199
     assert int(redis_client.get(keys.watermark("events/1"))) == 99
     assert int(redis_client.hget(keys.worker_stats, "events")) == 300
+
+
+def test_on_the_cluster_safe_path_a_slower_worker_never_moves_a_watermark_back(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Without one atomic script (Redis Cluster), two workers can overlap on a partition during
+    a rebalance: the one that read first may write last. Its watermark must not undo the
+    other's, or the messages between them would be learned again after the next restart."""
+    keys = Keys(settings.key_prefix)
+    mark = keys.watermark("events/0")
+    events = [Event("click", f"u{n % 5}", f"i{n % 9}", 1_700_000_000.0 + n) for n in range(20)]
+
+    async def run() -> None:
+        client = Redis.from_url(settings.redis_url)
+        updater = BatchUpdater(client, keys, settings.model_config(), atomic=False)
+        read = updater._read_pipelined
+
+        async def read_then_overtaken(*args: object) -> object:
+            snapshot = await read(*args)
+            await client.set(mark, 500)  # the other worker applies up to offset 500 meanwhile
+            return snapshot
+
+        updater._read_pipelined = read_then_overtaken  # type: ignore[method-assign]
+        try:
+            await updater.apply(events, [("events/0", n) for n in range(20)])
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+    assert int(redis_client.get(mark)) == 500
