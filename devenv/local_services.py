@@ -226,8 +226,7 @@ def _provide(
                 started(service, record, container.stop)
             else:
                 wanted = state.get("ports", {}).get(service, [])
-                ports = _choose_ports(wanted, PREFERRED_PORTS[service])
-                record = _start_process(service, settings, workdir / service, ports)
+                record = _start_on_free_ports(service, settings, workdir, wanted)
                 started(service, record, lambda r=record: _stop_record(r))
         addresses[service], sources[service] = record["address"], record["source"]
     return Endpoints(addresses["kafka"], addresses["redis"], _source(sources))
@@ -512,12 +511,33 @@ def _require(program: str, what: str) -> str:
     return path
 
 
+def _start_on_free_ports(
+    service: str, settings: Settings, workdir: Path, wanted: list[int]
+) -> dict[str, Any]:
+    """`_start_process` on `_choose_ports`; once more on other free ports if another process
+    took a chosen port between the check and the server's bind (two runs starting at once)."""
+    ports = _choose_ports(wanted, PREFERRED_PORTS[service])
+    try:
+        return _start_process(service, settings, workdir / service, ports)
+    except ServiceError:
+        if all(_port_free(p) for p in ports):
+            raise  # the service failed on its own, not for want of its port
+        log.warning("%s: port %s taken meanwhile; starting on other ports", service, ports)
+        others = _any_free_ports(len(ports))
+        return _start_process(service, settings, workdir / f"{service}-{others[0]}", others)
+
+
 def _choose_ports(wanted: list[int], preferred: list[int]) -> list[int]:
     """Recorded ports, else the usual ones, else any free ones: never a port something holds."""
     for ports in (wanted, preferred):
         if len(ports) == len(preferred) and all(_port_free(p) for p in ports):
             return list(ports)
-    sockets = [socket.socket() for _ in preferred]
+    return _any_free_ports(len(preferred))
+
+
+def _any_free_ports(n: int) -> list[int]:
+    """``n`` ports the kernel hands out as free now."""
+    sockets = [socket.socket() for _ in range(n)]
     try:
         for s in sockets:
             s.bind(("127.0.0.1", 0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from freshrec.devenv import local_services
 from freshrec.devenv.local_services import down, resolve, status, up
 from freshrec.settings import Settings
 
@@ -183,3 +185,23 @@ def test_a_run_on_redis_alone_starts_no_broker(settings: Settings, tmp_path: Pat
     finally:
         stop()
     _wait_until(lambda: _children() == children, 10, "the run's Redis to stop")
+
+
+def test_a_port_taken_between_the_check_and_the_bind_is_given_up_for_another(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs starting at once can both find the usual port free; the one whose server then
+    cannot bind it starts on another, instead of failing."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        monkeypatch.setattr(local_services, "_choose_ports", lambda wanted, preferred: [taken])
+        endpoints, stop = resolve(settings, tmp_path, services=("redis",))
+        try:
+            assert f":{taken}/" not in endpoints.redis_url
+            client = redis.Redis.from_url(endpoints.redis_url)
+            assert client.ping()
+            client.close()
+        finally:
+            stop()
