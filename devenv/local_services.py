@@ -140,6 +140,36 @@ def status(settings: Settings, state_dir: Path | None = None) -> dict[str, Any]:
     return report
 
 
+def start_local(
+    service: str, settings: Settings, workdir: Path, ports: Sequence[int]
+) -> dict[str, Any]:
+    """Start a local broker (``ports``: client, controller) or redis-server (``ports``: one)
+    in ``workdir`` and return its record once it answers.
+
+    Started again on the same folder and ports after `stop_local`, it comes back with its data
+    (Kafka's log dirs, Redis's append-only file when ``settings.redis_persist``) at the same
+    address: what a test of a service restart needs. Nothing is recorded for `down`.
+    """
+    return _start_process(service, settings, Path(workdir), list(ports))
+
+
+def stop_local(record: dict[str, Any], hard: bool = False) -> bool:
+    """Stop what `start_local` started: SIGTERM (a clean shutdown, SIGKILL past a deadline),
+    or SIGKILL at once with ``hard`` (a crash). True when something was stopped."""
+    if not hard:
+        return _stop_record(record)
+    if not (_alive(record["pid"]) and _ours(record)):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(record["pid"], signal.SIGKILL)  # its own session: its children go too
+    deadline = time.monotonic() + 10.0
+    while _alive(record["pid"]):
+        if time.monotonic() > deadline:
+            raise ServiceError(f"pid {record['pid']} survived SIGKILL")
+        time.sleep(0.02)
+    return True
+
+
 def wait_for_kafka(bootstrap: str, timeout_s: float, settings: Settings | None = None) -> None:
     """Return once the broker answers a metadata request; a listening port is not enough.
     ``settings`` brings the security options of a configured broker (default: PLAINTEXT)."""

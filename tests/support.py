@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, TopicPartition
 
-from freshrec.devenv.local_services import wait_for_redis
+from freshrec.devenv.local_services import start_local, stop_local, wait_for_redis
 from freshrec.devenv.processes import (
     free_port,
     group_is_consuming,
@@ -25,6 +25,7 @@ from freshrec.settings import Settings
 
 __all__ = [
     "OwnRedis",
+    "OwnService",
     "TopicReader",
     "free_port",
     "freshrec_process",
@@ -124,3 +125,39 @@ class OwnRedis:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+class OwnService:
+    """A Kafka broker or redis-server of a test's own, run as `freshrec services up` runs the
+    local ones (Redis with its append-only file), so the test may crash it and start it again
+    on the same ports and data: the address the clients know comes back with the state."""
+
+    def __init__(self, service: str, settings: Settings, workdir: Path) -> None:
+        self.service, self.settings, self.workdir = service, settings, workdir
+        self.ports = _distinct_free_ports(2 if service == "kafka" else 1)
+        self.record: dict[str, Any] | None = None
+
+    @property
+    def address(self) -> str:
+        """The bootstrap (``127.0.0.1:port``) or the Redis URL."""
+        port = self.ports[0]
+        return f"127.0.0.1:{port}" if self.service == "kafka" else f"redis://127.0.0.1:{port}/0"
+
+    def start(self) -> float:
+        """Start it and return the monotonic time at which it answered."""
+        self.record = start_local(self.service, self.settings, self.workdir, self.ports)
+        return time.monotonic()
+
+    def stop(self, hard: bool = False) -> None:
+        """A clean shutdown, or with ``hard`` a crash (SIGKILL)."""
+        if self.record is not None:
+            stop_local(self.record, hard=hard)
+            self.record = None
+
+
+def _distinct_free_ports(n: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < n:
+        if (port := free_port()) not in ports:
+            ports.append(port)
+    return ports
