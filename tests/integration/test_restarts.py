@@ -29,7 +29,9 @@ the worker fetched before the crash can still be applied meanwhile, so they prov
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import json
 import math
 import shutil
 import subprocess
@@ -52,7 +54,16 @@ from freshrec.store.vectors import decode_vector
 from freshrec.streams.producer import EventProducer
 from freshrec.streams.topics import delete_topics, ensure_topics, topic_specs
 from tests.metrics_support import scrape, total
-from tests.support import OwnService, free_port, freshrec_process, stop_process, wait_until
+from tests.support import (
+    OwnService,
+    TopicReader,
+    free_port,
+    freshrec_process,
+    http_json,
+    running_reader,
+    stop_process,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -311,33 +322,45 @@ def test_the_worker_resumes_by_itself_after_the_kafka_broker_crashes_and_restart
     started = time.monotonic()
     _produce(settings, stream[:upfront])
     before = _last_offsets(settings)
-    worker = Worker(settings, tmp_path / "worker.log")
-    # Made while the broker is up (it learns the partitions then); quiet about the refused
-    # connections it retries while the broker is down.
-    during = _producer(settings, log_level=2)
-    try:
+    with contextlib.ExitStack() as stack:
+        # A reader too: its publisher sends the lists of the users learned to Kafka.
+        base, reader = stack.enter_context(running_reader(settings, tmp_path / "reader.log"))
+        worker = Worker(settings, tmp_path / "worker.log")
+        stack.callback(worker.stop)
+        # Made while the broker is up (it learns the partitions then); quiet about the
+        # refused connections it retries while the broker is down.
+        during = _producer(settings, log_level=2)
         worker.wait(lambda: worker.applied() >= CRASH_AT * EVENTS, MILESTONE_S, "the backlog")
         broker.stop(hard=True)
         crashed_at = time.monotonic()
         assert worker.applied() < upfront, "the crash did not land mid-stream"
         during.send_many(stream[upfront:by_restart])  # buffered until the broker is back
 
-        back = broker.start()
+        back, back_wall = broker.start(), time.time()
         worker.wait(
             lambda: any(m > before[p] for p, m in worker.watermarks().items()),
             RESUME_S,
             "the worker to apply an event produced while the broker was down",
         )
         resumed_s = time.monotonic() - back
+        lists = TopicReader(settings.kafka_bootstrap, settings.recommendations_topic)
+        stack.callback(lists.close)
+        worker.wait(
+            lambda: any(json.loads(m.value())["generated_at"] > back_wall for m in lists.poll()),
+            RESUME_S,
+            "the reader to publish a list made after the broker came back",
+        )
+        published_s = time.monotonic() - back
         during.flush(RESUME_S)
         _produce(settings, stream[by_restart:])
         worker.finish()
-    finally:
-        worker.stop()
+        assert reader.poll() is None, "the reader exited"
+        assert http_json(base + "/healthz")[0] == 200
     print(
-        f"Kafka down {back - crashed_at:.1f} s; the worker applied an event produced meanwhile "
-        f"{resumed_s:.2f} s after the broker answered; test {time.monotonic() - started:.0f} s"
+        f"Kafka down {back - crashed_at:.1f} s; from the broker answering to the worker "
+        f"applying an event produced meanwhile {resumed_s:.2f} s, to the reader publishing a "
+        f"list {published_s:.2f} s; test {time.monotonic() - started:.0f} s"
     )
-    assert resumed_s <= RESUME_S
+    assert resumed_s <= RESUME_S and published_s <= RESUME_S
     with redis.Redis.from_url(settings.redis_url) as client:
         _assert_each_event_applied_once(client, settings, stream)
