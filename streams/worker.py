@@ -66,6 +66,7 @@ from freshrec.store.batch_update import BatchUpdater
 from freshrec.store.drift_log import BatchDrift, record_firings
 from freshrec.store.feedback import FeedbackLearner, Shown, parse_impression
 from freshrec.store.keys import Keys
+from freshrec.streams.client_logs import limit_kafka_client_logs
 from freshrec.streams.events import EVENT_TYPES, Event, EventValidator, summarise_reasons
 from freshrec.streams.reason_classes import REASON_CLASSES, reason_class
 
@@ -709,4 +710,5 @@ def run_worker(settings: Settings, kafka_bootstrap: str, redis_url: str, logleve
     from faust.worker import Worker
 
     app = create_app(settings, kafka_bootstrap, redis_url)
+    limit_kafka_client_logs(LOG_EVERY_S)  # a broker outage is waited out, not logged per try
     Worker(app, loglevel=loglevel).execute_from_commandline()

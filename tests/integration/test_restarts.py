@@ -53,6 +53,7 @@ from freshrec.store.keys import Keys
 from freshrec.store.vectors import decode_vector
 from freshrec.streams.producer import EventProducer
 from freshrec.streams.topics import delete_topics, ensure_topics, topic_specs
+from freshrec.streams.worker import LOG_EVERY_S
 from tests.metrics_support import scrape, total
 from tests.support import (
     OwnService,
@@ -362,5 +363,13 @@ def test_the_worker_resumes_by_itself_after_the_kafka_broker_crashes_and_restart
         f"list {published_s:.2f} s; test {time.monotonic() - started:.0f} s"
     )
     assert resumed_s <= RESUME_S and published_s <= RESUME_S
+    # The Kafka client's errors while the broker was down, at most one per kind and interval.
+    errors = collections.Counter(
+        line.split("[ERROR]", 1)[1].split(":")[0].strip()
+        for line in (tmp_path / "worker.log").read_text(errors="replace").splitlines()
+        if "[ERROR]" in line
+    )
+    allowed = (back - crashed_at + resumed_s) / LOG_EVERY_S + 2
+    assert errors and max(errors.values()) <= allowed, errors
     with redis.Redis.from_url(settings.redis_url) as client:
         _assert_each_event_applied_once(client, settings, stream)
