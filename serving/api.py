@@ -381,10 +381,10 @@ class Reader:
     def _k(self, request: Request) -> int:
         raw = request.query.get("k", "10")
         limit = self.max_k
-        try:
-            k = int(raw)
-        except ValueError:
-            raise BadRequest(f"k must be an integer from 1 to {limit}, got {raw!r}") from None
+        # ASCII digits only: int() would also take " 5", "+5", "1_0" and other scripts' digits.
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+            raise BadRequest(f"k must be an integer from 1 to {limit}, got {raw[:32]!r}")
+        k = int(raw)
         if not 1 <= k <= limit:
             raise BadRequest(f"k must be an integer from 1 to {limit}, got {k}")
         return k

@@ -188,7 +188,9 @@ class HttpServer:
             route, handler, params = matched[0], refusal, {}
         else:
             route, handler, params = matched
-        query = dict(parse_qsl(url.query.decode("latin-1"))) if url.query else {}
+        raw_query = url.query.decode("latin-1") if url.query else ""
+        # Blank values kept: `?k=` is a k that is not a number (400), not a k left to default.
+        query = dict(parse_qsl(raw_query, keep_blank_values=True)) if raw_query else {}
         bounded = functools.partial(self._within_deadline, handler)
         return await self.dispatch(Request(method, path, params, query), route, bounded)
 

@@ -84,6 +84,18 @@ def test_routes_parameters_and_query() -> None:
     asyncio.run(run())
 
 
+def test_blank_query_values_are_kept_not_dropped() -> None:
+    """``?k=`` reaches the handler as an empty k (refused there), not as no k (the default)."""
+
+    async def run() -> None:
+        async with _connected() as (_, reader, writer):
+            writer.write(b"GET /items/x?k=&debug HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, body = await _answer(reader)
+            assert status == 200 and json.loads(body)["query"] == {"k": "", "debug": ""}
+
+    asyncio.run(run())
+
+
 def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
     async def run() -> None:
         async with _connected() as (_, reader, writer):
