@@ -6,12 +6,22 @@ from typing import Any
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
+PRINTABLE = "printable"
+"""The format of ids: no control, format, private-use, unassigned or separator characters but
+the space, as events require; JSON Schema's regular expressions cannot say it in a pattern."""
+
 
 def _errors(*codes: int) -> dict[str, Any]:
-    text = {400: "bad request", 404: "unknown route or item", 503: "Redis unreachable"}
+    """Error answers; 503 is on every route (overload, a handler past its deadline, Redis)."""
+    text = {
+        400: "bad request: a parameter out of its range or not an identifier",
+        404: "unknown item",
+        414: "the URL is longer than 8 KiB",
+        503: "overloaded, past the handler deadline, or Redis unavailable; see Retry-After",
+    }
     return {
         str(c): {"description": text[c], "content": {"application/json": {"schema": _ERROR}}}
-        for c in codes
+        for c in (*codes, 503)
     }
 
 
@@ -27,6 +37,7 @@ def _ok(schema: str) -> dict[str, Any]:
 _K = {
     "name": "k",
     "in": "query",
+    "description": "ASCII decimal digits; 400 for anything else or out of range",
     "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 10},
 }
 
@@ -36,7 +47,8 @@ def _path(name: str) -> dict[str, Any]:
         "name": name,
         "in": "path",
         "required": True,
-        "schema": {"type": "string", "maxLength": 128},
+        "description": "Percent-encoded UTF-8; 400 unless printable (Python's str.isprintable)",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 128, "format": PRINTABLE},
     }
 
 
@@ -50,41 +62,76 @@ OPENAPI: dict[str, Any] = {
                 "parameters": [
                     _path("user_id"),
                     _K,
-                    {"name": "debug", "in": "query", "schema": {"type": "string", "enum": ["1"]}},
+                    {
+                        "name": "debug",
+                        "in": "query",
+                        "description": "1 or true adds the stage timings; other values do not",
+                        "schema": {"type": "string"},
+                    },
                 ],
-                "responses": {**_ok("Recommendations"), **_errors(400, 503)},
+                "responses": {**_ok("Recommendations"), **_errors(400, 414)},
             }
         },
         "/similar/{item_id}": {
             "get": {
                 "summary": "Items by cosine of decayed co-occurrence",
                 "parameters": [_path("item_id"), _K],
-                "responses": {**_ok("Similar"), **_errors(400, 404, 503)},
+                "responses": {**_ok("Similar"), **_errors(400, 404, 414)},
             }
         },
         "/predict/{user_id}/{item_id}": {
             "get": {
                 "summary": "MF rating prediction",
                 "parameters": [_path("user_id"), _path("item_id")],
-                "responses": {**_ok("Prediction"), **_errors(400, 503)},
+                "responses": {**_ok("Prediction"), **_errors(400, 414)},
             }
         },
         "/healthz": {
             "get": {
-                "summary": "200 when Redis answers",
-                "responses": {**_ok("Health"), **_errors(503)},
+                "summary": "200 when Redis answers, the snapshot is recent and the loops run",
+                "responses": {
+                    **_ok("Health"),
+                    "503": {
+                        "description": "unhealthy (a Health with its error) or overloaded",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "anyOf": [{"$ref": "#/components/schemas/Health"}, _ERROR]
+                                }
+                            }
+                        },
+                    },
+                },
             }
         },
         "/drift": {
             "get": {
                 "summary": "The latest drift detector firings, newest first",
-                "responses": {**_ok("Drift"), **_errors(503)},
+                "responses": {**_ok("Drift"), **_errors()},
             }
         },
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics",
-                "responses": {"200": {"description": "text exposition format"}},
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This description",
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    **_errors(),
+                },
             }
         },
     },
@@ -146,12 +193,14 @@ OPENAPI: dict[str, Any] = {
             },
             "Similar": {
                 "type": "object",
+                "required": ["item_id", "items"],
                 "properties": {
                     "item_id": {"type": "string"},
                     "items": {
                         "type": "array",
                         "items": {
                             "type": "object",
+                            "required": ["item_id", "score"],
                             "properties": {
                                 "item_id": {"type": "string"},
                                 "score": {"type": "number"},
@@ -162,6 +211,7 @@ OPENAPI: dict[str, Any] = {
             },
             "Prediction": {
                 "type": "object",
+                "required": ["user_id", "item_id", "prediction", "known_user", "known_item"],
                 "properties": {
                     "user_id": {"type": "string"},
                     "item_id": {"type": "string"},
@@ -172,7 +222,28 @@ OPENAPI: dict[str, Any] = {
             },
             "Health": {
                 "type": "object",
-                "properties": {"status": {"type": "string"}, "redis": {"type": "string"}},
+                "required": ["status", "redis", "snapshot_age_s", "loops"],
+                "properties": {
+                    "status": {"enum": ["ok", "unhealthy"]},
+                    "redis": {"type": "string"},
+                    "snapshot_age_s": {
+                        "type": ["number", "null"],
+                        "description": "null before the first snapshot",
+                    },
+                    "loops": {
+                        "type": "object",
+                        "additionalProperties": {
+                            "type": "object",
+                            "required": ["running", "restarts", "last_error"],
+                            "properties": {
+                                "running": {"type": "boolean"},
+                                "restarts": {"type": "integer"},
+                                "last_error": {"type": ["string", "null"]},
+                            },
+                        },
+                    },
+                    "error": {"type": "string", "description": "what is wrong, when unhealthy"},
+                },
             },
         }
     },
