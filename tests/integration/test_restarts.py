@@ -19,11 +19,17 @@ backlog, and more events are produced while the service is down:
   watermarks, which the append-only file keeps with the state they belong to.
 - Kafka: the producer buffers what is produced during the outage and delivers it once the
   broker is back; the worker's consumer finds the broker and its group again and goes on from
-  its last committed offsets, the redelivered part skipped by the watermarks.
+  its last committed offsets, the redelivered part skipped by the watermarks. A reader runs
+  through the crash too: its publisher must get lists onto the topic again, and the worker's
+  log must hold the Kafka client's errors at a bounded rate, not one per attempt.
 
 "Resumed" is measured from the moment the restarted service answers: for Redis, to the next
 event applied; for Kafka, to the first event produced during the outage being applied (events
-the worker fetched before the crash can still be applied meanwhile, so they prove nothing).
+the worker fetched before the crash can still be applied meanwhile, so they prove nothing),
+and to the first list made after that moment reaching the recommendations topic.
+
+A broker killed this way takes longer to come back than one stopped cleanly (10-20 s here):
+its controller refuses the new registration until the old one's session has expired.
 """
 
 from __future__ import annotations
