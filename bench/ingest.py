@@ -233,7 +233,7 @@ class _Bench:
         try:
             self.groups.add(group)
             started, cpu_before = self._wait_assigned(group, proc, label)
-            metrics_before = _scrape(port)
+            metrics_before = scrape_worker(port)
             finished = self._wait_applied(settings, "events", topic.events, proc, label)
             cpu_after = process_cpu_seconds(proc.pid)
             metrics_after = _scrape_settled(port, topic.events)
@@ -335,23 +335,8 @@ class _Bench:
 
     # --- cleanup -----------------------------------------------------------------------------
     def _delete_group(self, group: str, timeout_s: float = 90.0) -> None:
-        """Forget the group's offsets, so the next run on the topic reads it from the start."""
-        from confluent_kafka import KafkaError, KafkaException
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self.admin.delete_consumer_groups([group], request_timeout=10)[group].result()
-                self.groups.discard(group)
-                return
-            except KafkaException as exc:
-                code = exc.args[0].code() if exc.args else None
-                if code == KafkaError.GROUP_ID_NOT_FOUND:
-                    self.groups.discard(group)
-                    return
-                if code != KafkaError.NON_EMPTY_GROUP or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)  # a stopped member is still leaving the group
+        delete_group(self.admin, group, timeout_s)
+        self.groups.discard(group)
 
     def _delete_keys(self, prefix: str) -> None:
         doomed = list(self.store.scan_iter(match=f"{prefix}:*", count=1000))
@@ -373,6 +358,25 @@ class _Bench:
         self.store.close()
         if self.succeeded:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def delete_group(admin: AdminClient, group: str, timeout_s: float = 90.0) -> None:
+    """Forget a consumer group's offsets (so the next run on its topics reads them from the
+    start), once its stopped members have left; a group that is not there is fine."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin.delete_consumer_groups([group], request_timeout=10)[group].result()
+            return
+        except KafkaException as exc:
+            code = exc.args[0].code() if exc.args else None
+            if code == KafkaError.GROUP_ID_NOT_FOUND:
+                return
+            if code != KafkaError.NON_EMPTY_GROUP or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # a stopped member is still leaving the group
 
 
 @dataclass(frozen=True)
@@ -475,7 +479,7 @@ def process_cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def _scrape(port: int) -> dict[str, float]:
+def scrape_worker(port: int) -> dict[str, float]:
     """The worker's counters that say where its time went; empty if /metrics does not answer."""
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -496,7 +500,7 @@ def _scrape_settled(port: int, events: int, timeout_s: float = 3.0) -> dict[str,
     """Metrics once the last batch is in them: the worker counts a batch just after it lands."""
     deadline = time.monotonic() + timeout_s
     while True:
-        metrics = _scrape(port)
+        metrics = scrape_worker(port)
         if metrics.get("freshrec_events_total", 0.0) >= events or time.monotonic() > deadline:
             return metrics
         time.sleep(0.02)

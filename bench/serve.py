@@ -97,59 +97,84 @@ def build_state(
         pipe.execute()
 
 
+CLIENT_ERRORS = (OSError, TimeoutError, asyncio.IncompleteReadError, IndexError, ValueError)
+"""What `KeepAliveClient.get` raises when a request got no answer (or an unreadable one)."""
+
+
+class KeepAliveClient:
+    """GETs over keep-alive HTTP/1.1 connections, one request in flight on each, as many
+    connections as the backlog needs up to ``limit``.
+
+    Lean on purpose: aiohttp's client spent ~0.5 ms of CPU per request, which on a small
+    machine the reader would lose to its own load generator.
+    """
+
+    def __init__(self, url_base: str, limit: int = MAX_CONNECTIONS) -> None:
+        self.host, port = url_base.removeprefix("http://").rsplit(":", 1)
+        self.port = int(port)
+        self.limit = limit
+        self.idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+            asyncio.Queue()
+        )
+        self.opened = 0
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.idle.empty() and self.opened < self.limit:
+            self.opened += 1
+            try:
+                return await asyncio.open_connection(self.host, self.port)
+            except OSError:
+                self.opened -= 1
+                raise
+        return await self.idle.get()  # at the limit: wait for one to come back
+
+    async def get(self, path: str) -> int:
+        """The answer's status; raises one of `CLIENT_ERRORS` when there is none in time."""
+        request = f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode()
+        writer = None
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                reader, writer = await self._connection()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]
+                await reader.readexactly(int(length))
+        except CLIENT_ERRORS:
+            if writer is not None:
+                writer.close()
+                self.opened -= 1
+            raise
+        self.idle.put_nowait((reader, writer))
+        return int(head[9:12])
+
+    def close(self) -> None:
+        while not self.idle.empty():
+            self.idle.get_nowait()[1].close()
+
+
 def _load(url_base: str, users: int, rate: float, seconds: float, queue: Any) -> None:
     """Runs in its own process: open-loop requests, every latency recorded.
 
-    A lean HTTP/1.1 client over keep-alive connections, one request in flight on each, as many
-    connections as the backlog needs up to ``MAX_CONNECTIONS``: aiohttp's client spent ~0.5 ms
-    of CPU per request, which on a small machine the reader would lose to its own load
-    generator. Each latency runs from the request's scheduled time, so queueing anywhere
-    (for a connection included) is counted.
+    Each latency runs from the request's scheduled time, so queueing anywhere (for a
+    connection included) is counted.
     """
     import uvloop
-
-    host, port = url_base.removeprefix("http://").rsplit(":", 1)
 
     async def run() -> dict[str, Any]:
         rng = np.random.default_rng(1)
         total = int(rate * seconds)
         latencies = np.full(total, np.nan)
         errors = 0
-        idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
-        opened = 0
-
-        async def connection() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-            nonlocal opened
-            if idle.empty() and opened < MAX_CONNECTIONS:
-                opened += 1
-                try:
-                    return await asyncio.open_connection(host, port)
-                except OSError:
-                    opened -= 1
-                    raise
-            return await idle.get()  # at the limit: wait for one to come back
+        client = KeepAliveClient(url_base)
 
         async def one(n: int, due: float, user: str) -> None:
-            nonlocal errors, opened
-            request = f"GET /recommendations/{user}?k=10 HTTP/1.1\r\nHost: {host}\r\n\r\n"
-            writer = None
+            nonlocal errors
             try:
-                async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                    reader, writer = await connection()
-                    writer.write(request.encode())
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    length = head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]
-                    await reader.readexactly(int(length))
-                latencies[n] = time.perf_counter() - due
-                if not head.startswith(b"HTTP/1.1 200"):
+                if await client.get(f"/recommendations/{user}?k=10") != 200:
                     errors += 1
-                idle.put_nowait((reader, writer))
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, IndexError, ValueError):
+            except CLIENT_ERRORS:
                 errors += 1
-                latencies[n] = time.perf_counter() - due
-                if writer is not None:
-                    writer.close()
-                    opened -= 1
+            latencies[n] = time.perf_counter() - due
 
         begin = time.perf_counter()
         tasks = []
@@ -161,20 +186,26 @@ def _load(url_base: str, users: int, rate: float, seconds: float, queue: Any) ->
             tasks.append(asyncio.create_task(one(n, due, f"u{rng.integers(users)}")))
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - begin
-        while not idle.empty():
-            idle.get_nowait()[1].close()
+        client.close()
         done = latencies[~np.isnan(latencies)] * 1000.0
         return {
             "requests": total,
             "achieved_rps": round(total / elapsed, 1),
             "errors": errors,
-            "p50_ms": round(float(np.percentile(done, 50)), 3),
-            "p90_ms": round(float(np.percentile(done, 90)), 3),
-            "p99_ms": round(float(np.percentile(done, 99)), 3),
-            "max_ms": round(float(done.max()), 3),
+            **latency_figures(done),
         }
 
     queue.put(uvloop.run(run()))
+
+
+def latency_figures(ms: np.ndarray) -> dict[str, float]:
+    """p50, p90, p99 and max of latencies in milliseconds."""
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p90_ms": round(float(np.percentile(ms, 90)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "max_ms": round(float(ms.max()), 3),
+    }
 
 
 def run_serve_bench(
