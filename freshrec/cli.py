@@ -156,16 +156,30 @@ def _parser() -> argparse.ArgumentParser:
     p = command(
         "bench",
         _bench,
-        "Measure update throughput (direct path, full pipeline, no-op agent) or, with `serve`, "
-        "the reader's latency under load.",
+        "Measure update throughput (direct path, full pipeline, no-op agent); with `serve`, "
+        "the reader's latency under load; with --soak, memory and lag of the whole pipeline "
+        "held at 70 percent of its maximum ingest rate.",
     )
-    p.add_argument("target", nargs="?", choices=["updates", "serve"], default="updates")
+    p.add_argument("target", nargs="?", choices=["updates", "serve"], default=None)
+    p.add_argument(
+        "--soak",
+        action="store_true",
+        help="soak the whole pipeline (worker, reader, Kafka, Redis) for --seconds (default 600)",
+    )
     p.add_argument("--events", type=int, default=100_000, help="updates: events per measurement")
     p.add_argument("--repeat", type=int, default=3, help="updates: runs per measurement (medians)")
     p.add_argument("--items", type=int, default=50_000, help="serve: items in the state")
     p.add_argument("--users", type=int, default=100_000, help="serve: users in the state")
     p.add_argument("--rates", default="250,1000", help="serve: request rates to hold, req/s")
-    p.add_argument("--seconds", type=float, default=10.0, help="serve: seconds per rate")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="serve: seconds per rate (default 10); --soak: seconds to hold (default 600)",
+    )
+    p.add_argument(
+        "--serve-rps", type=float, default=100.0, help="--soak: reader requests per second"
+    )
     p.add_argument(
         "--tastes", type=int, default=20, help="serve: taste clusters in the factors (0: none)"
     )
@@ -389,6 +403,8 @@ def _lags(text: str) -> tuple[float, ...]:
 
 
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    if args.soak:
+        return _soak(args, settings)
     if args.target == "serve":
         from freshrec.bench.serve import format_serve_results, run_serve_bench
 
@@ -398,7 +414,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
             args.items,
             args.users,
             rates,
-            args.seconds,
+            10.0 if args.seconds is None else args.seconds,
             show_progress=not args.json,
             tastes=args.tastes,
         )
@@ -411,6 +427,24 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     )
     _emit(args, results, format_results(results))
     return 0
+
+
+def _soak(args: argparse.Namespace, settings: Settings) -> int:
+    """Non-zero, with the reasons on stderr, when the worker fell behind or the reader failed."""
+    from freshrec.bench.soak import format_soak, run_soak
+
+    if args.target is not None:
+        raise ValueError(f"--soak runs the whole pipeline; drop the target {args.target!r}")
+    results = run_soak(
+        settings,
+        seconds=600.0 if args.seconds is None else args.seconds,
+        serve_rps=args.serve_rps,
+        show_progress=not args.json,
+    )
+    _emit(args, results, format_soak(results))
+    for failure in results["failures"]:
+        print(f"freshrec: soak failed: {failure}", file=sys.stderr)
+    return 0 if results["ok"] else 1
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,4 +1,5 @@
 """``freshrec bench`` on tiny sizes: every figure and ratio is reported, and nothing is left behind.
+The soak, briefly: every process sampled, the worker within its lag bound at 70 % of its maximum.
 
 No timing is asserted: speed targets are goals the bench reports, measured side by side in one
 run, not pass/fail conditions on a shared machine.
@@ -15,6 +16,7 @@ import redis
 from confluent_kafka.admin import AdminClient
 
 from freshrec.bench.ingest import MEASUREMENTS, format_results, run_bench
+from freshrec.bench.soak import format_soak, run_soak
 from freshrec.devenv import local_services
 from freshrec.settings import Settings
 
@@ -87,5 +89,52 @@ def test_the_bench_leaves_no_topics_keys_or_groups(bench: tuple[Settings, dict[s
     client = redis.Redis.from_url(settings.redis_url)
     try:
         assert not list(client.scan_iter(match=f"{results['setup']['key_prefix']}*", count=1000))
+    finally:
+        client.close()
+
+
+def test_a_short_soak_samples_every_process_and_keeps_up(
+    endpoints: local_services.Endpoints,
+) -> None:
+    """``freshrec bench --soak`` for about 20 s: a probe, a hold at 70 % of what it measured,
+    memory of all three processes in every sample, a lag within its bound and no 5xx."""
+    settings = dataclasses.replace(
+        Settings.from_env(),
+        kafka_bootstrap=endpoints.kafka_bootstrap,
+        redis_url=endpoints.redis_url,
+        partitions=2,
+    )
+    results = run_soak(
+        settings,
+        seconds=12.0,
+        probe_s=6.0,
+        sample_s=2.0,
+        serve_rps=20.0,
+        probe_backlog=2_000,
+        show_progress=False,
+    )
+    assert json.loads(json.dumps(results)) == results
+    rates = results["rates"]
+    assert rates["max_events_per_s"] > 0 and rates["probe"]["batches"] >= 2
+    assert rates["target_events_per_s"] == pytest.approx(0.7 * rates["max_events_per_s"], 0.01)
+    assert rates["applied_events_per_s"] > 0
+    hold = [s for s in results["samples"] if s["phase"] == "hold"]
+    assert len(hold) >= 6
+    fields = ("worker_rss_mib", "reader_rss_mib", "redis_rss_mib", "redis_used_memory_mib")
+    for sample in hold:
+        assert all(sample[field] and sample[field] > 0 for field in fields), sample
+    for field in fields:
+        series = results["memory_mib"][field]
+        assert series["start"] <= series["max"] and series["end"] <= series["max"]
+        assert series["growth_per_min"] is not None
+    lag = results["lag_events"]
+    assert lag["end"] <= lag["bound"], lag
+    assert results["serving"]["hold_requests"] > 0 and results["serving"]["errors_5xx"] == 0
+    # The verdict itself also weighs the lag's trend, which a busy machine can tip in 12 s.
+    assert results["ok"] == (not results["failures"])
+    assert ("soak: ok" in format_soak(results)) == results["ok"]
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        assert not list(client.scan_iter(match=f"{results['setup']['key_prefix']}:*", count=1000))
     finally:
         client.close()

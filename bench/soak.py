@@ -1,0 +1,698 @@
+"""``freshrec bench --soak``: the whole pipeline held at 70 % of its maximum, watched for growth.
+
+A benchmark of minutes says how fast; a soak says whether it stays that way. One run starts a
+real worker and a real reader (as ``freshrec demo`` does, on the configured or local Kafka and
+Redis, under prefixes of its own) and, from two processes of its own, a producer of synthetic
+events and an open-loop serving load. Then:
+
+1. *probe*: the producer sends as fast as the worker takes events (a backlog of at most
+   ``probe_backlog`` events, so the worker is always busy and the backlog drains in seconds),
+   and the worker's own count of events learned (``freshrec_events_total``) gives the
+   maximum sustained ingest rate, from its first batch landing to its last in the window;
+2. *drain*: the producer pauses until the worker has learned everything;
+3. *hold*: the producer paces ``HOLD_SHARE`` of that maximum for ``seconds``.
+
+The serving load (``GET /recommendations/{user}`` for random users of the stream) runs through
+both the probe and the hold, so the maximum is measured under the load that is then held. Every
+``sample_s`` the run records the RSS of the worker, the reader and redis-server, Redis's
+``used_memory``, the lag (events produced minus events learned) and the reader's errors. A lag
+that grows through the hold, or any 5xx or unanswered request, fails the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+
+from freshrec.bench.ingest import delete_group, process_cpu_seconds, scrape_worker
+from freshrec.bench.serve import (
+    CLIENT_ERRORS,
+    REQUEST_TIMEOUT_S,
+    KeepAliveClient,
+    latency_figures,
+)
+from freshrec.connections import kafka_config, redis_sync_client
+from freshrec.devenv.isolated_run import isolated_run
+from freshrec.devenv.processes import (
+    Children,
+    free_port,
+    group_is_consuming,
+    http_json,
+    wait_for,
+)
+from freshrec.progress import Say
+from freshrec.serving.kernels import warm_up
+from freshrec.settings import Settings, mask_url
+
+HOLD_SHARE = 0.7
+"""Share of the measured maximum that the hold paces."""
+LAG_FLOOR_S = 5.0
+"""A lag below this many seconds of the held rate is a worker keeping up, whatever its trend."""
+LAG_BOUND_S = 30.0
+"""A lag above this many seconds of the held rate at the end is a worker that fell behind."""
+SYNTH_USERS = 10_000
+SYNTH_ITEMS = 2_000
+SYNTH_EVENTS = 100_000
+SYNTH_SEED = 7
+EVENTS_PER_MESSAGE = 100
+SEND_CHUNK = 500  # events the producer sends between looks at its mode and the clock
+FLUSH_S = 0.2  # the producer's longest hold on a partly filled array (as linger would)
+
+# The producer's modes, set by the bench through a shared value.
+PAUSE, FAST, PACED, STOP = range(4)
+# The load generator's shared counters.
+SENT, OK, CLIENT_ERROR, SERVER_ERROR, NO_ANSWER = range(5)
+
+
+@dataclass
+class _Shared:
+    """What the bench and its two helper processes share."""
+
+    mode: Any  # multiprocessing.Value("i"): PAUSE, FAST, PACED or STOP
+    rate: Any  # Value("d"): events/s in PACED
+    backlog: Any  # Value("q"): FAST keeps at most this many events unlearned
+    produced: Any  # Value("q"): events handed to Kafka
+    applied: Any  # Value("q"): events the worker has learned, as the bench last read them
+    ready: Any  # Value("i"): 1 once the producer has its stream and its connection
+    requests: Any  # Array("q", 5): SENT, OK, CLIENT_ERROR, SERVER_ERROR, NO_ANSWER
+    stop_load: Any  # Event
+    hold_since: Any  # Value("d"): wall-clock start of the hold, whose latencies are reported
+
+
+def run_soak(
+    base: Settings,
+    seconds: float = 600.0,
+    probe_s: float = 25.0,
+    sample_s: float = 10.0,
+    serve_rps: float = 100.0,
+    probe_backlog: int = 20_000,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Probe the maximum ingest rate, hold ``HOLD_SHARE`` of it for ``seconds``; every figure,
+    every sample and the verdict (``ok``, ``failures``)."""
+    if seconds <= 0 or probe_s <= 0 or sample_s <= 0 or serve_rps <= 0 or probe_backlog < 1:
+        raise ValueError("seconds, probe_s, sample_s, serve_rps and probe_backlog must be > 0")
+    say = Say(show_progress)
+    context = multiprocessing.get_context("spawn")
+    shared = _Shared(
+        mode=context.Value("i", PAUSE),
+        rate=context.Value("d", 0.0),
+        backlog=context.Value("q", probe_backlog),
+        produced=context.Value("q", 0),
+        applied=context.Value("q", 0),
+        ready=context.Value("i", 0),
+        requests=context.Array("q", 5),
+        stop_load=context.Event(),
+        hold_since=context.Value("d", float("inf")),
+    )
+    load_average = {"start": _load_average()}
+    with isolated_run(
+        base,
+        "bench-soak",
+        serve_port=free_port(),
+        worker_metrics_port=free_port(),
+        serve_host="127.0.0.1",
+    ) as settings:
+        from confluent_kafka.admin import AdminClient
+
+        workdir = Path(tempfile.mkdtemp(prefix="freshrec-soak-"))
+        children = Children(workdir, settings)
+        store = redis_sync_client(settings)
+        admin = AdminClient(kafka_config(settings, log_level=3))
+        group = f"{settings.topic_prefix}-worker"  # the worker's app id is its group id
+        helpers: list[multiprocessing.process.BaseProcess] = []
+        results: Any = context.Queue()
+        try:
+            say(
+                f"soak: Kafka {settings.kafka_bootstrap}, Redis {mask_url(settings.redis_url)}; "
+                f"logs in {workdir}"
+            )
+            say(f"soak: {warm_up([settings.funnel_config()])}")
+            worker = children.start("worker", ["worker", "--loglevel", "warning"], cwd=workdir)
+            reader = children.start("reader", ["serve"])
+            base_url = f"http://{settings.serve_host}:{settings.serve_port}"
+            children.wait(lambda: http_json(f"{base_url}/healthz")[0] == 200, 120, "the reader")
+            children.wait(
+                lambda: group_is_consuming(settings.kafka_bootstrap, group, admin, settings),
+                120,
+                "the worker to join its consumer group",
+            )
+            producer = context.Process(
+                target=_produce, args=(settings, shared), name="producer", daemon=True
+            )
+            load = context.Process(
+                target=_serve_load,
+                args=(base_url, SYNTH_USERS, serve_rps, shared, results),
+                name="serving load",
+                daemon=True,
+            )
+            helpers += [producer, load]
+            producer.start()
+            watch = _Watch(settings, store, children, helpers, shared, worker.pid, reader.pid)
+            watch.wait(
+                lambda: shared.ready.value,
+                300,
+                f"the producer's {SYNTH_EVENTS:,}-event synthetic stream",
+            )
+            load.start()
+            watch.sample("idle")
+            say(
+                f"soak: worker pid {worker.pid}, reader pid {reader.pid}, "
+                f"redis-server pid {watch.redis_pid or '(not on this machine)'}; "
+                f"serving {serve_rps:,.0f} req/s"
+            )
+
+            probe = _probe(watch, shared, probe_s, sample_s, say)
+            held_rate = HOLD_SHARE * probe["max_events_per_s"]
+            shared.mode.value = PAUSE
+            watch.wait(lambda: watch.lag() <= 0, 300, "the worker to learn the backlog")
+            # Requests the probe held up are answered (or time out) before the hold's count.
+            watch.wait(
+                lambda: watch.in_flight() < serve_rps, 120, "the reader to catch up on requests"
+            )
+            say(
+                f"soak: holding {held_rate:,.0f} events/s ({HOLD_SHARE:.0%} of the maximum) "
+                f"for {seconds:,.0f} s, a sample every {sample_s:g} s"
+            )
+            hold = _hold(watch, shared, held_rate, seconds, sample_s, say)
+            shared.stop_load.set()
+            serving = results.get(timeout=120)
+            load_average["end"] = _load_average()
+        finally:
+            shared.mode.value = STOP
+            shared.stop_load.set()
+            for helper in helpers:
+                if helper.pid is not None:
+                    helper.join(30)
+                    if helper.is_alive():
+                        helper.kill()
+            children.stop()
+            try:
+                delete_group(admin, group, timeout_s=30)
+            finally:
+                store.close()
+    return _summarise(
+        settings, watch.samples, probe, hold, serving, serve_rps, load_average, seconds
+    )
+
+
+class _Watch:
+    """The run's probes: progress from the worker's metrics, memory from /proc and INFO."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: redis.Redis,
+        children: Children,
+        helpers: list[multiprocessing.process.BaseProcess],
+        shared: _Shared,
+        worker_pid: int,
+        reader_pid: int,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.children = children
+        self.helpers = helpers
+        self.shared = shared
+        self.worker_pid = worker_pid
+        self.reader_pid = reader_pid
+        self.redis_pid = _local_redis_pid(store)
+        self.started = time.monotonic()
+        self.samples: list[dict[str, Any]] = []
+        self._applied = 0
+
+    def alive(self) -> None:
+        """Raise, naming the process, if one the run depends on has exited."""
+        self.children.check()
+        for helper in self.helpers:
+            if helper.exitcode is not None:
+                raise RuntimeError(
+                    f"the soak's {helper.name} process exited with code {helper.exitcode}"
+                )
+
+    def wait(self, condition: Callable[[], Any], timeout_s: float, what: str) -> None:
+        """`wait_for` that stops at once when a process the run depends on has exited."""
+        wait_for(condition, timeout_s, f"{what}; logs in {self.children.logs}", check=self.alive)
+
+    def applied(self) -> int:
+        """Events the worker has learned from the events topic (impressions are not counted).
+
+        The last count read stands in while its /metrics does not answer."""
+        metrics = scrape_worker(self.settings.worker_metrics_port)
+        if "freshrec_events_total" in metrics:
+            self._applied = int(metrics["freshrec_events_total"])
+            self.shared.applied.value = self._applied  # the producer's backlog in the probe
+        return self._applied
+
+    def in_flight(self) -> int:
+        """Requests sent and not answered yet (nor given up on)."""
+        counts = list(self.shared.requests)
+        return counts[SENT] - sum(counts[OK:])
+
+    def lag(self) -> int:
+        produced = self.shared.produced.value
+        return produced - self.applied()
+
+    def sample(self, phase: str) -> dict[str, Any]:
+        self.alive()
+        produced = self.shared.produced.value
+        applied = self.applied()
+        used = self.store.info("memory")["used_memory"]
+        requests = list(self.shared.requests)
+        sample = {
+            "t_s": round(time.monotonic() - self.started, 1),
+            "phase": phase,
+            "produced": produced,
+            "applied": applied,
+            "lag": produced - applied,
+            "worker_rss_mib": _rss_mib(self.worker_pid),
+            "reader_rss_mib": _rss_mib(self.reader_pid),
+            "redis_rss_mib": None if self.redis_pid is None else _rss_mib(self.redis_pid),
+            "redis_used_memory_mib": round(used / 2**20, 1),
+            "requests": requests[SENT],
+            "reader_errors": requests[CLIENT_ERROR] + requests[SERVER_ERROR] + requests[NO_ANSWER],
+            "reader_5xx": requests[SERVER_ERROR],
+            "no_answer": requests[NO_ANSWER],
+            "in_flight": requests[SENT] - sum(requests[OK:]),
+        }
+        self.samples.append(sample)
+        return sample
+
+
+def _probe(
+    watch: _Watch, shared: _Shared, probe_s: float, sample_s: float, say: Say
+) -> dict[str, Any]:
+    """Events as fast as the worker learns them; its rate between batch landings.
+
+    The window runs from the first batch that lands (its start-up is not the steady rate) to
+    the last one to land within ``probe_s``, or later if fewer than three landed by then.
+    """
+    landings: list[tuple[float, int]] = []
+    backlogs: list[int] = []
+    shared.mode.value = FAST
+    started = next_sample = time.monotonic()
+    deadline = started + max(probe_s * 4, 120.0)
+    while True:
+        now = time.monotonic()
+        if now >= next_sample:
+            watch.sample("probe")
+            next_sample += sample_s
+        applied = watch.applied()
+        backlogs.append(shared.produced.value - applied)
+        if applied and (not landings or applied > landings[-1][1]):
+            landings.append((now, applied))
+        if now - started >= probe_s and len(landings) >= 3:
+            break
+        if now > deadline:
+            raise TimeoutError(
+                f"soak: the worker landed {len(landings)} batches in {now - started:.0f} s; "
+                "at least 3 are needed to measure its rate"
+            )
+        watch.alive()
+        time.sleep(0.1)
+    (t0, a0), (t1, a1) = landings[0], landings[-1]
+    rate = (a1 - a0) / (t1 - t0)
+    say(
+        f"soak: maximum {rate:,.0f} events/s ({a1 - a0:,} events in {len(landings) - 1} "
+        f"batches over {t1 - t0:.1f} s; mean backlog {statistics.fmean(backlogs):,.0f} of "
+        f"at most {shared.backlog.value:,})"
+    )
+    return {
+        "max_events_per_s": round(rate, 1),
+        "seconds": round(t1 - t0, 2),
+        "events": a1 - a0,
+        "batches": len(landings) - 1,
+        "backlog_mean": round(statistics.fmean(backlogs)),
+        "backlog_cap": shared.backlog.value,
+    }
+
+
+def _hold(
+    watch: _Watch, shared: _Shared, rate: float, seconds: float, sample_s: float, say: Say
+) -> dict[str, Any]:
+    """``rate`` events/s for ``seconds``, sampled every ``sample_s``."""
+    shared.rate.value = rate
+    shared.mode.value = PACED
+    shared.hold_since.value = time.time()
+    begin = time.monotonic()
+    first = watch.sample("hold")
+    cpu = {"worker": process_cpu_seconds(watch.worker_pid)}
+    cpu["reader"] = process_cpu_seconds(watch.reader_pid)
+    ticks = max(1, round(seconds / sample_s))
+    for tick in range(1, ticks + 1):
+        due = begin + tick * seconds / ticks
+        while (left := due - time.monotonic()) > 0:
+            time.sleep(min(left, 1.0))  # pacing, with a look at the processes every second
+            watch.alive()
+        last = watch.sample("hold")
+        say(
+            f"soak: {last['t_s']:>6.0f} s  lag {last['lag']:>8,}  worker "
+            f"{last['worker_rss_mib']:,.0f} MiB  reader {last['reader_rss_mib']:,.0f} MiB  "
+            f"redis {last['redis_used_memory_mib']:,.0f} MiB used  "
+            f"errors {last['reader_errors']}"
+        )
+    elapsed = time.monotonic() - begin
+    shared.mode.value = PAUSE
+    cpu_share = {
+        name: None
+        if before is None or (after := process_cpu_seconds(pid)) is None
+        else round((after - before) / elapsed, 3)
+        for (name, before), pid in zip(
+            cpu.items(), (watch.worker_pid, watch.reader_pid), strict=True
+        )
+    }
+    return {
+        "seconds": round(elapsed, 1),
+        "target_events_per_s": round(rate, 1),
+        "produced_events_per_s": round((last["produced"] - first["produced"]) / elapsed, 1),
+        "applied_events_per_s": round((last["applied"] - first["applied"]) / elapsed, 1),
+        "cpu_share": cpu_share,
+    }
+
+
+# --- the helper processes --------------------------------------------------------------------
+def _produce(settings: Settings, shared: _Shared) -> None:
+    """Runs in its own process: the synthetic stream, cycled, as live traffic.
+
+    Each event is stamped with the wall clock as it is sent (event time advances as it would in
+    production, whatever the rate) and its event id with the cycle, so repeats are new events.
+    Users and items stay those of the stream: a state that keeps growing over the hold is not
+    new users arriving.
+    """
+    from freshrec.evaluation.synth import SynthConfig, generate
+    from freshrec.streams.producer import EventProducer
+
+    stream = generate(
+        SynthConfig(events=SYNTH_EVENTS, users=SYNTH_USERS, items=SYNTH_ITEMS, seed=SYNTH_SEED)
+    ).events
+    producer = EventProducer(
+        settings.kafka_bootstrap, settings.events_topic, EVENTS_PER_MESSAGE, kafka_config(settings)
+    )
+    position = 0  # events taken from the cycled stream (some may wait in a partial array)
+    pace: tuple[float, int, float] | None = None  # (since, position then, rate)
+    flushed = time.monotonic()
+    shared.ready.value = 1
+
+    def send(count: int) -> None:
+        nonlocal position
+        now = time.time()
+        for _ in range(count):
+            event = stream[position % SYNTH_EVENTS]
+            cycle = position // SYNTH_EVENTS
+            producer.send({**event, "event_id": f"{event['event_id']}-{cycle}", "ts": now})
+            position += 1
+        shared.produced.value = producer.sent_events
+
+    while (mode := shared.mode.value) != STOP:
+        now = time.monotonic()
+        if mode == PACED:
+            rate = shared.rate.value
+            if pace is None or pace[2] != rate:
+                pace = (now, position, rate)
+            due = pace[1] + int((now - pace[0]) * rate)
+            if due > position:
+                send(min(due - position, SEND_CHUNK))
+            else:
+                time.sleep(0.002)
+        else:
+            pace = None
+            room = shared.backlog.value - (position - shared.applied.value) if mode == FAST else 0
+            if room > 0:
+                send(min(room, SEND_CHUNK))
+            else:
+                time.sleep(0.005)
+        if now - flushed >= FLUSH_S:
+            producer.flush()
+            shared.produced.value = producer.sent_events
+            flushed = now
+    producer.flush()
+    shared.produced.value = producer.sent_events
+
+
+def _serve_load(base_url: str, users: int, rate: float, shared: _Shared, results: Any) -> None:
+    """Runs in its own process: ``GET /recommendations/u{n}?k=10`` open-loop at ``rate`` for
+    random users of the stream until told to stop; answers counted as they come, the latencies
+    (from each request's due time) of the requests due in the hold summarised at the end."""
+    import uvloop
+
+    counts = shared.requests
+
+    async def run() -> dict[str, Any]:
+        rng = np.random.default_rng(1)
+        client = KeepAliveClient(base_url)
+        latencies: list[tuple[float, float]] = []  # (due, wall clock; latency)
+        pending: set[asyncio.Task[None]] = set()
+
+        async def one(due: float, user: str) -> None:
+            try:
+                status = await client.get(f"/recommendations/{user}?k=10")
+                kind = OK if status == 200 else SERVER_ERROR if status >= 500 else CLIENT_ERROR
+            except CLIENT_ERRORS:
+                kind = NO_ANSWER
+            latencies.append((wall + due - begin, time.perf_counter() - due))
+            counts[kind] += 1
+
+        begin, wall = time.perf_counter(), time.time()
+        n = 0
+        while not shared.stop_load.is_set():
+            due = begin + n / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(due, f"u{rng.integers(users)}"))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            counts[SENT] += 1
+            n += 1
+        elapsed = time.perf_counter() - begin
+        if pending:
+            await asyncio.gather(*pending)
+        client.close()
+        since = shared.hold_since.value
+        held = np.array([latency for due, latency in latencies if due >= since])
+        return {
+            "requests": n,
+            "achieved_rps": round(n / elapsed, 1),
+            "hold_requests": len(held),
+            **(latency_figures(held * 1000.0) if len(held) else {}),
+        }
+
+    results.put(uvloop.run(run()))
+
+
+# --- probes ----------------------------------------------------------------------------------
+def _rss_mib(pid: int) -> float | None:
+    """Resident memory of a process (VmRSS in /proc/<pid>/status); None where there is none."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _local_redis_pid(store: redis.Redis) -> int | None:
+    """redis-server's pid when it runs on this machine (not in a container or elsewhere)."""
+    pid = int(store.info("server")["process_id"])
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+    return pid if name.startswith("redis") else None
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# --- results ---------------------------------------------------------------------------------
+MEMORY = {
+    "worker_rss_mib": "worker RSS",
+    "reader_rss_mib": "reader RSS",
+    "redis_rss_mib": "redis-server RSS",
+    "redis_used_memory_mib": "Redis used_memory",
+}
+
+
+def _slope_per_min(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares growth per minute of (seconds, value) points; None below two points."""
+    if len(points) < 2 or len({t for t, _ in points}) < 2:
+        return None
+    t, v = np.array(points).T
+    return round(float(np.polyfit(t / 60.0, v, 1)[0]), 2)
+
+
+def _series(samples: list[dict[str, Any]], field: str) -> dict[str, Any]:
+    """Start, end, max and growth per minute of one field over the hold; growth also over its
+    second half, where a state that fills up at first has levelled off and a leak has not."""
+    idle = [s[field] for s in samples if s["phase"] == "idle"]
+    hold = [(s["t_s"], s[field]) for s in samples if s["phase"] == "hold" and s[field] is not None]
+    if not hold:
+        return {"idle": idle[0] if idle else None, "start": None, "end": None, "max": None}
+    late = [p for p in hold if p[0] >= (hold[0][0] + hold[-1][0]) / 2]
+    return {
+        "idle": idle[0] if idle else None,
+        "start": hold[0][1],
+        "end": hold[-1][1],
+        "max": max(v for _, v in hold),
+        "growth_per_min": _slope_per_min(hold),
+        "growth_per_min_late": _slope_per_min(late),
+    }
+
+
+def _summarise(
+    settings: Settings,
+    samples: list[dict[str, Any]],
+    probe: dict[str, Any],
+    hold: dict[str, Any],
+    serving: dict[str, Any],
+    serve_rps: float,
+    load_average: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    held = hold["target_events_per_s"]
+    lag = _series(samples, "lag")
+    lag["floor"] = round(LAG_FLOOR_S * held)
+    lag["bound"] = round(LAG_BOUND_S * held)
+    lags = [s["lag"] for s in samples if s["phase"] == "hold"]
+    third = len(lags) // 3
+    rising = third > 0 and min(lags[-third:]) > max(lags[:third])
+    lag["rising"] = rising
+    start = next(s for s in samples if s["phase"] == "hold")
+    end = samples[-1]
+    errors = {
+        field: end[field] - start[field]
+        for field in ("requests", "reader_errors", "reader_5xx", "no_answer")
+    }
+    failures = []
+    if lag["end"] > lag["floor"] and (lag["end"] > lag["bound"] or rising):
+        failures.append(
+            f"the worker fell behind: lag {lag['end']:,} events at the end "
+            f"({lag['end'] / held:.0f} s of the held rate), "
+            + (
+                f"rising through the hold ({lag['growth_per_min']:+,.0f} events/min)"
+                if rising
+                else f"over the bound of {LAG_BOUND_S:.0f} s"
+            )
+        )
+    if errors["reader_errors"]:
+        failures.append(
+            f"the reader failed {errors['reader_errors']:,} of the hold's "
+            f"{errors['requests']:,} requests: {errors['reader_5xx']:,} answered 5xx, "
+            f"{errors['no_answer']:,} unanswered in {REQUEST_TIMEOUT_S:.0f} s, "
+            f"{errors['reader_errors'] - errors['reader_5xx'] - errors['no_answer']:,} "
+            "other non-200"
+        )
+    notes = []
+    if hold["produced_events_per_s"] < 0.95 * held:
+        notes.append(
+            f"the producer sent {hold['produced_events_per_s']:,.0f} events/s of the "
+            f"{held:,.0f} asked: it, not the worker, set the held rate"
+        )
+    if probe["backlog_mean"] < 0.1 * probe["backlog_cap"]:
+        notes.append(
+            "the probe's backlog stayed low: the producer may have set the maximum, not the worker"
+        )
+    return {
+        "ok": not failures,
+        "failures": failures,
+        "notes": notes,
+        "seconds": seconds,
+        "rates": {
+            "max_events_per_s": probe["max_events_per_s"],
+            "hold_share": HOLD_SHARE,
+            **{k: v for k, v in hold.items() if k != "cpu_share"},
+            "probe": probe,
+        },
+        "cpu_share": hold["cpu_share"],
+        "memory_mib": {field: _series(samples, field) for field in MEMORY},
+        "lag_events": lag,
+        "serving": {
+            "target_rps": serve_rps,
+            **serving,
+            "errors": errors["reader_errors"],
+            "errors_5xx": errors["reader_5xx"],
+            "unanswered": errors["no_answer"],
+            "before_hold": {
+                "requests": start["requests"],
+                "errors": start["reader_errors"],
+                "errors_5xx": start["reader_5xx"],
+                "unanswered": start["no_answer"],
+            },
+        },
+        "load_average": load_average,
+        "setup": {
+            "cpus": os.cpu_count(),
+            "partitions": settings.partitions,
+            "batch_size": settings.batch_size,
+            "events_per_message": EVENTS_PER_MESSAGE,
+            "synthetic_users": SYNTH_USERS,
+            "synthetic_items": SYNTH_ITEMS,
+            "synthetic_events_per_cycle": SYNTH_EVENTS,
+            "topic_prefix": settings.topic_prefix,
+            "key_prefix": settings.key_prefix,
+        },
+        "samples": samples,
+    }
+
+
+def format_soak(results: dict[str, Any]) -> str:
+    """Rates, then memory and lag at the hold's start and end, then the verdict."""
+    r, s = results["rates"], results["serving"]
+    load = results["load_average"]
+    lines = [
+        f"freshrec bench --soak: {r['seconds']:,.0f} s held; {results['setup']['cpus']} CPUs "
+        f"shared with Kafka and Redis; load average {load.get('start')} at the start, "
+        f"{load.get('end')} at the end",
+        f"maximum ingest {r['max_events_per_s']:,.0f} events/s (probe: "
+        f"{r['probe']['events']:,} events in {r['probe']['batches']} batches over "
+        f"{r['probe']['seconds']:.1f} s); held {r['target_events_per_s']:,.0f} events/s "
+        f"({r['hold_share']:.0%}): produced {r['produced_events_per_s']:,.0f}, learned "
+        f"{r['applied_events_per_s']:,.0f}",
+        f"serving {s['target_rps']:,.0f} req/s: {s['hold_requests']:,} requests in the hold, "
+        f"p50 {s.get('p50_ms', float('nan')):.1f} ms, p99 {s.get('p99_ms', float('nan')):.1f} "
+        f"ms, {s['errors']} errors ({s['errors_5xx']} 5xx, {s['unanswered']} unanswered); "
+        f"before it (probe at the maximum, drain): {s['before_hold']['requests']:,} requests, "
+        f"{s['before_hold']['errors']:,} errors ({s['before_hold']['errors_5xx']:,} 5xx)",
+        "",
+        f"{'':<20}{'idle':>9}{'start':>9}{'end':>9}{'max':>9}{'per min':>10}{'per min, late':>15}",
+    ]
+
+    def row(label: str, v: dict[str, Any], digits: int) -> str:
+        def cell(x: float | None, width: int, sign: bool = False) -> str:
+            if x is None:
+                return f"{'-':>{width}}"
+            return f"{x:>{'+' if sign else ''}{width},.{digits}f}"
+
+        return (
+            f"{label:<20}{cell(v['idle'], 9)}{cell(v['start'], 9)}{cell(v['end'], 9)}"
+            f"{cell(v['max'], 9)}{cell(v.get('growth_per_min'), 10, True)}"
+            f"{cell(v.get('growth_per_min_late'), 15, True)}"
+        )
+
+    for field, label in MEMORY.items():
+        lines.append(row(f"{label}, MiB", results["memory_mib"][field], 1))
+    lines.append(row("lag, events", results["lag_events"], 0))
+    cpu = results["cpu_share"]
+    lines.append(f"\nCPU over the hold (cores): worker {cpu['worker']}, reader {cpu['reader']}")
+    lines += [f"note: {n}" for n in results["notes"]]
+    if results["ok"]:
+        lines.append("soak: ok (the worker kept up and the reader answered every request)")
+    else:
+        lines += [f"soak FAILED: {f}" for f in results["failures"]]
+    return "\n".join(lines)
