@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -133,6 +134,7 @@ def run_soak(
         group = f"{settings.topic_prefix}-worker"  # the worker's app id is its group id
         helpers: list[multiprocessing.process.BaseProcess] = []
         results: Any = context.Queue()
+        succeeded = False  # the logs stay for a run that raised
         try:
             say(
                 f"soak: Kafka {settings.kafka_bootstrap}, Redis {mask_url(settings.redis_url)}; "
@@ -189,6 +191,7 @@ def run_soak(
             shared.stop_load.set()
             serving = results.get(timeout=120)
             load_average["end"] = _load_average()
+            succeeded = True
         finally:
             shared.mode.value = STOP
             shared.stop_load.set()
@@ -202,6 +205,8 @@ def run_soak(
                 delete_group(admin, group, timeout_s=30)
             finally:
                 store.close()
+                if succeeded:
+                    shutil.rmtree(workdir, ignore_errors=True)
     return _summarise(
         settings, watch.samples, probe, hold, serving, serve_rps, load_average, seconds
     )
