@@ -237,6 +237,12 @@ class Settings:
         "Idle time after which a user's history and factors expire.",
         _MODEL.user_ttl_s,
     )
+    item_ttl_s: int = _env(
+        "FRESHREC_ITEM_TTL_S",
+        "Idle time (no event, impression or neighbour change) after which an item's factors, "
+        "neighbours and statistics are retired.",
+        _MODEL.item_ttl_s,
+    )
     # --- worker ------------------------------------------------------------------------------
     atomic_batches: bool = _env(
         "FRESHREC_ATOMIC_BATCHES",
@@ -336,6 +342,9 @@ class Settings:
             "history_cap",
             "cooccurrence_history",
             "batch_size",
+            "neighbours_cap",
+            "user_ttl_s",
+            "item_ttl_s",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{self.env_name(name)} must be at least 1")
@@ -473,6 +482,7 @@ class Settings:
             cooccurrence_gap_exponent=self.cooccurrence_gap_exponent,
             neighbours_cap=self.neighbours_cap,
             user_ttl_s=self.user_ttl_s,
+            item_ttl_s=self.item_ttl_s,
         )
 
     def funnel_config(self) -> FunnelConfig:

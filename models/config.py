@@ -30,6 +30,7 @@ class ModelConfig:
     cooccurrence_gap_exponent: float = 0.5
     neighbours_cap: int = 200
     user_ttl_s: int = 90 * 86400
+    item_ttl_s: int = 90 * 86400
 
     @property
     def decay_rate(self) -> float:

@@ -259,6 +259,11 @@ class BatchUpdater:
         vectors = (name[2:] for name in w.deltas if name.startswith("i:"))
         return list(dict.fromkeys([*vectors, *w.pairs]))
 
+    @classmethod
+    def _active_items(cls, w: Changes) -> list[str]:
+        """Items the batch writes anything about: retention keeps them for another TTL."""
+        return list(dict.fromkeys([*cls._changed_items(w), *w.impressions, *w.clicks]))
+
     async def _write_script(
         self,
         w: Changes,
@@ -297,6 +302,7 @@ class BatchUpdater:
             "stats": (keys.worker_stats, applied, repr(time.time())),
             "dirty": (keys.dirty_users, list(w.history), touched_at),
             "updated": (keys.updated_items, self._changed_items(w)),
+            "active": (keys.active_items, self._active_items(w)),
         }
         if clock is not None:  # absent, not null: Lua reads JSON null as a true value
             ops["clock"] = (keys.event_clock, clock, repr(clock))
@@ -346,6 +352,8 @@ class BatchUpdater:
             pipe.zadd(keys.dirty_users, dict.fromkeys(w.history, touched_at), nx=True)
         if changed := self._changed_items(w):
             await self.scripts.stamp_now(keys=[keys.updated_items], args=changed, client=pipe)
+        if active := self._active_items(w):
+            await self.scripts.stamp_now(keys=[keys.active_items], args=active, client=pipe)
         pipe.hincrby(keys.worker_stats, "events", applied)
         pipe.hset(keys.worker_stats, "applied_at", repr(time.time()))
         # Last: a batch cut short is redelivered whole. Only ever raised: a worker that read

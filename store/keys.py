@@ -93,6 +93,24 @@ class Keys:
         return f"{self.prefix}:items:updated"
 
     @property
+    def active_items(self) -> str:
+        """Sorted set item -> when anything about it was last written (server clock): what
+        retention reads to find the items idle for longer than the item TTL."""
+        return f"{self.prefix}:items:active"
+
+    @property
+    def retired_items(self) -> str:
+        """Sorted set item -> when retention removed it (server clock): readers drop it.
+        Records are kept for the item TTL."""
+        return f"{self.prefix}:items:retired"
+
+    @property
+    def retired_horizon(self) -> str:
+        """Float: the newest retirement record forgotten. A reader that has not seen every
+        record up to it has missed a retirement and loads its snapshot again."""
+        return f"{self.prefix}:items:retired:horizon"
+
+    @property
     def dirty_users(self) -> str:
         """Sorted set user -> when a batch first touched them since their list was published."""
         return f"{self.prefix}:dirty"

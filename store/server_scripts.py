@@ -4,7 +4,8 @@ Two workers may update the same hot item at the same moment; applying *deltas* o
 (never read-modify-write from Python) makes concurrent updates commute, so none is lost.
 
 Two families: single-key scripts (``ADD_VECTOR``, ``ZINCRBY_MANY``, ``STAMP_NOW``) that run
-unchanged on Redis Cluster, and whole-batch scripts (``READ_BATCH``, ``APPLY_BATCH``) for a
+unchanged on Redis Cluster, and whole-batch scripts (``READ_BATCH``, ``APPLY_BATCH``,
+``RETIRE_IDLE``) for a
 single Redis, where one command per batch replaces thousands and makes the batch and its offset
 watermarks atomic. The reader's scripts (``ITEM_ROWS``, ``NEIGHBOUR_LISTS``, ``NEWEST_ITEMS``,
 ``USER_STATE``) pack many replies into few strings.
@@ -135,6 +136,7 @@ for _, user in ipairs(b.dirty[2]) do redis.call('ZADD', b.dirty[1], 'NX', b.dirt
 local clock = redis.call('TIME')  -- one clock for every worker's stamps: the server's
 local stamp = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
 for _, item in ipairs(b.updated[2]) do redis.call('ZADD', b.updated[1], stamp, item) end
+for _, item in ipairs(b.active[2]) do redis.call('ZADD', b.active[1], stamp, item) end
 redis.call('HINCRBY', b.stats[1], 'events', b.stats[2])
 redis.call('HSET', b.stats[1], 'applied_at', b.stats[3])
 return 1
@@ -157,6 +159,40 @@ POP_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
 for i = 1, #due, 2 do redis.call('ZREM', KEYS[1], due[i]) end
 return due
+"""
+
+
+# KEYS: the items' activity, retirement records, retirement horizon, then the change-stamp,
+# occurrence, popularity, impression, click and first-seen sorted sets.  ARGV: the key prefixes
+# of item vectors and of neighbour lists, the TTL in seconds, the most items to retire.
+# Retires (atomically, on the server's clock) up to that many items not written for the TTL:
+# their vector and neighbour list, their entries in every per-item sorted set and in the lists
+# of the neighbours they name (pairs are counted both ways), each recorded as retired for
+# readers; records older than the TTL are forgotten, the newest of them kept as the horizon.
+# Returns how many it retired. The limit bounds the time one call holds Redis.
+RETIRE_IDLE = """#!lua flags=no-cluster
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+local cutoff = now - tonumber(ARGV[3])
+local idle = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff, 'LIMIT', 0, tonumber(ARGV[4]))
+for _, item in ipairs(idle) do
+  local list = ARGV[2] .. item
+  for _, other in ipairs(redis.call('ZRANGE', list, 0, -1)) do
+    redis.call('ZREM', ARGV[2] .. other, item)
+  end
+  redis.call('DEL', ARGV[1] .. item, list)
+  redis.call('ZADD', KEYS[2], now, item)
+end
+if #idle > 0 then
+  redis.call('ZREM', KEYS[1], unpack(idle))
+  for k = 4, #KEYS do redis.call('ZREM', KEYS[k], unpack(idle)) end
+end
+local old = redis.call('ZREVRANGEBYSCORE', KEYS[2], cutoff, '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
+if #old > 0 then
+  redis.call('SET', KEYS[3], old[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
+end
+return #idle
 """
 
 
@@ -240,6 +276,7 @@ class ServerScripts:
         self.read_batch = client.register_script(READ_BATCH)
         self.apply_batch = client.register_script(APPLY_BATCH)
         self.pop_due = client.register_script(POP_DUE)
+        self.retire_idle = client.register_script(RETIRE_IDLE)
         self.neighbour_lists = client.register_script(NEIGHBOUR_LISTS)
         self.item_rows = client.register_script(ITEM_ROWS)
         self.newest_items = client.register_script(NEWEST_ITEMS)

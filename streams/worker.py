@@ -66,6 +66,7 @@ from freshrec.store.batch_update import BatchUpdater
 from freshrec.store.drift_log import BatchDrift, record_firings
 from freshrec.store.feedback import FeedbackLearner, Shown, parse_impression
 from freshrec.store.keys import Keys
+from freshrec.store.retention import retire_idle_items
 from freshrec.streams.client_logs import limit_kafka_client_logs
 from freshrec.streams.events import EVENT_TYPES, Event, EventValidator, summarise_reasons
 from freshrec.streams.reason_classes import REASON_CLASSES, reason_class
@@ -142,6 +143,9 @@ TOPIC_LABELS = ("events", "impressions")
 """The ``topic`` label values of the lag gauge: the role of a topic, not its (prefixed) name."""
 OBSERVE_EVERY_S = 5.0
 """How often the worker reads its consumer lag and Redis memory."""
+RETIRED_ITEMS = Counter(
+    "freshrec_retired_items_total", "Items retired after the item TTL without any write"
+)
 SESSION_TIMEOUT_S = 15.0
 """Kafka consumer-group session: how long a crashed worker's partitions wait for another."""
 DEAD_LETTER_BYTES = 900_000
@@ -419,6 +423,30 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 log.warning("click model merged again after %d failures", sync_failures["count"])
                 sync_failures["count"] = 0
 
+    retire_failures = {"logged_at": float("-inf")}
+
+    @app.timer(interval=retire_every_s(settings.item_ttl_s))
+    async def retire_items() -> None:
+        """Retire the items idle for the item TTL (`freshrec.store.retention`); a failure is
+        logged at a bounded rate and the next tick tries again (a retired item is gone in
+        one atomic step, or not at all)."""
+        if "updater" not in state:
+            return
+        updater = state["updater"]
+        try:
+            retired = await retire_idle_items(
+                updater.redis, keys, settings.item_ttl_s, atomic=settings.atomic_batches
+            )
+        except Exception as exc:
+            now = time.monotonic()
+            if now - retire_failures["logged_at"] >= LOG_EVERY_S:
+                retire_failures["logged_at"] = now
+                log.warning("retiring idle items failed, next tick tries again: %s", exc)
+            return
+        if retired:
+            RETIRED_ITEMS.inc(retired)
+            log.info("retired %d items idle for %d s", retired, settings.item_ttl_s)
+
     @app.timer(interval=OBSERVE_EVERY_S)
     async def observe_lag() -> None:
         """Consumer lag of the partitions this worker owns; a revoked one's series goes away."""
@@ -563,6 +591,12 @@ def transient_error(exc: BaseException) -> str | None:
             if needle in text:
                 return label
     return None
+
+
+def retire_every_s(item_ttl_s: float) -> float:
+    """How often a worker retires idle items: a tenth of the TTL, between 1 s and a minute,
+    so an item outlives its TTL by at most that much."""
+    return min(60.0, max(1.0, item_ttl_s / 10))
 
 
 def _exit_now(status: int) -> NoReturn:
