@@ -186,7 +186,7 @@ class Reader:
         self._labels: dict[tuple[str, int], tuple[Any, Any]] = {}
         for variant in self.variants.variants:  # every bounded series exists from the start
             VARIANT_SERVED.labels(variant.name)
-        self.exposure = ExposureMeter(lambda: len(self.funnel.index))
+        self.exposure = ExposureMeter(lambda: self.funnel.index.live)
         self.exposure.export()
         SNAPSHOT_AGE.set_function(lambda: self.funnel.index.staleness_s)
 
@@ -293,7 +293,8 @@ class Reader:
             learned = self.funnel.scorer(variant.config).learned
             body["debug"] = {
                 "stages_ms": served.timings_ms,
-                "index_items": len(self.funnel.index),
+                "index_items": self.funnel.index.live,
+                "index_rows": len(self.funnel.index),
                 "mf_items_read": served.mf_items_read,
                 "index_staleness_s": round(self.funnel.index.staleness_s, 3),
                 "ranker": "learned" if learned else "fixed blend",

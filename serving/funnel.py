@@ -246,12 +246,17 @@ class Funnel:
             self.choice_ranker.load_merged(state_from_hash(replies[-1]))
         self.event_clock = float(clock) if clock is not None else None
         index = self.index
+        if index.needs_rebuild:  # requests go on with the old index and pools meanwhile
+            index = await index.rebuilt()
         trending = index.row_of([m.decode() for m in popular])
         cold = index.row_of(newest.decode().split("\n") if newest else [])
         known = cold >= 0
-        blocked = np.zeros(len(index), dtype=bool)
+        blocked = index.dead[: len(index)].copy()  # retired items are never served
         rows = index.row_of([m.decode() for m in unavailable])
         blocked[rows[rows >= 0]] = True
+        if index is not self.index:  # swapped with its pools in one step; rows changed
+            self.index = index
+            self._offered.clear()
         self.pools = _Pools(
             trending=trending[trending >= 0],
             cold=cold[known],
@@ -314,7 +319,11 @@ class Funnel:
         """The user's list of ``k``. With ``learn``, the items the user has interacted with
         since their last list that learned too teach the choice ranker, and this list's
         candidates are kept for their next choices (for requests; not for lists a process
-        makes on its own, which would teach it twice)."""
+        makes on its own, which would teach it twice).
+
+        A request works on the index and pools current when it reads the user (`_user`) to
+        the end, even if a refresh swaps in a rebuilt index meanwhile: rows mean the items of
+        one index only."""
         cfg = config or self.config
         if self.index.staleness_s > self.max_staleness_s:
             if self.index.last_refresh:  # serve the snapshot; catch up in the background
@@ -324,9 +333,9 @@ class Funnel:
         clock = _Clock()
         user = await self._user(user_id, cfg)
         if learn:
-            self._learn_choices(user_id, user.history)
+            self._learn_choices(user_id, user)
         if "cf" in cfg.channels:
-            await self.index.load_neighbours(user.seeds)
+            await user.index.load_neighbours(user.seeds)
         clock.lap("user")
         recall = self._recall(user, k, cfg)
         clock.lap("recall")
@@ -335,7 +344,7 @@ class Funnel:
                 [], user.latest, np.zeros((0, len(FEATURES))), clock.laps, recall.mf_items_read
             )
         features = candidate_features(
-            recall.recalled, self.index.stats, self.index.matrix, user.y, user.latest, user.activity
+            recall.recalled, user.index.stats, user.index.matrix, user.y, user.latest, user.activity
         )
         clock.lap("features")
         blend = _blend(cfg.blend)
@@ -351,31 +360,32 @@ class Funnel:
         else:
             fine = scorer.scores(features[keep])
         if learn:
-            self._remember(user_id, user.history, recall.rows[keep], features[keep])
+            self._remember(user_id, user, recall.rows[keep], features[keep])
         clock.lap("fine")
-        ranked, rows = await self._rerank(user_id, recall, keep, features[keep], fine, k, cfg)
+        ranked, rows = await self._rerank(user_id, user, recall, keep, features[keep], fine, k, cfg)
         clock.lap("rerank")
         for stage, ms in clock.laps.items():
             _stage_histogram(stage).observe(ms / 1000.0)
         return Served(ranked, user.latest, rows, clock.laps, recall.mf_items_read)
 
     # --- the choice ranker's examples -------------------------------------------------------------
-    def _remember(
-        self, user_id: str, history: np.ndarray, rows: np.ndarray, features: np.ndarray
-    ) -> None:
+    def _remember(self, user_id: str, user: _User, rows: np.ndarray, features: np.ndarray) -> None:
         offered = self._offered
-        offered[user_id] = _Offered(int(history[0]) if len(history) else None, rows, features)
+        history = user.history
+        newest = int(history[0]) if len(history) else None
+        offered[user_id] = _Offered(newest, rows, features, user.index.epoch)
         offered.move_to_end(user_id)
         while len(offered) > self.remembered_users:
             offered.popitem(last=False)
 
-    def _learn_choices(self, user_id: str, history: np.ndarray) -> None:
-        """Each item newer in ``history`` (index rows, newest first) than the user's last list
-        is a choice among that list's candidates, oldest first; a chosen item leaves the set."""
+    def _learn_choices(self, user_id: str, user: _User) -> None:
+        """Each item newer in the user's history (index rows, newest first) than their last
+        list is a choice among that list's candidates, oldest first; a chosen item leaves the
+        set. A list whose rows belong to an index since rebuilt teaches nothing."""
         offered = self._offered.pop(user_id, None)
-        if offered is None:
+        if offered is None or offered.epoch != user.index.epoch:
             return
-        new = choices_since(history, offered.newest)
+        new = choices_since(user.history, offered.newest)
         available = np.ones(len(offered.rows), dtype=bool)
         for row in new[:CHOICES_PER_LIST][::-1].tolist():
             where = np.flatnonzero((offered.rows == row) & available)
@@ -396,8 +406,9 @@ class Funnel:
         latest_ts = float(latest) if latest else None
         if latest_ts is not None and self.event_clock is not None and latest_ts > self.event_clock:
             await self.refresh()  # the user's newest event is past the snapshot: catch up first
+        index, pools = self.index, self.pools  # the request's from here on (see `serve`)
         history = joined.decode().split("\n") if joined else []
-        rows = self.index.row_of(history)
+        rows = index.row_of(history)
         y_user = None
         if blob is not None and len(blob) == 4 * vector_width(cfg.factors):
             y_user = implicit_part(decode_vector(blob), cfg.factors)
@@ -411,11 +422,13 @@ class Funnel:
             seen=rows[rows >= 0],
             activity=len(history),
             y=y_user,
+            index=index,
+            pools=pools,
         )
 
     def _recall(self, user: _User, k: int, cfg: FunnelConfig) -> _Recall:
         """Every channel's candidates as index rows, merged; each keeps its channels."""
-        index, pools = self.index, self.pools
+        index, pools = user.index, user.pools
         channels = _channel_bits(cfg.channels)
         if user.y is None:
             channels |= TRENDING
@@ -456,6 +469,7 @@ class Funnel:
     async def _rerank(
         self,
         user_id: str,
+        user: _User,
         recall: _Recall,
         keep: np.ndarray,
         features: np.ndarray,
@@ -463,7 +477,7 @@ class Funnel:
         k: int,
         cfg: FunnelConfig,
     ) -> tuple[list[Candidate], np.ndarray]:
-        index = self.index
+        index, pools = user.index, user.pools
         rows = recall.rows[keep]
         multiplier = np.ones(len(rows))
         if self.rules:
@@ -474,11 +488,11 @@ class Funnel:
             rows,
             fine,
             multiplier,
-            self.pools.unavailable,
+            pools.unavailable,
             recall.recalled.cold_slot[keep],
             recall.cold_clicks,
             recall.cold_impressions,
-            self.pools.impressions_total,
+            pools.impressions_total,
             cfg.ucb_beta,
             cfg.exploration_slots,
             index.matrix,
@@ -579,6 +593,8 @@ class _User:
     seen: np.ndarray  # index rows of every item in the history
     activity: int
     y: np.ndarray | None  # preference factors; None for an unknown user
+    index: ItemIndex  # what the rows above mean
+    pools: _Pools  # made for that index
 
 
 def choices_since(history: np.ndarray, newest: int | None) -> np.ndarray:
@@ -601,6 +617,7 @@ class _Offered:
     newest: int | None  # the history's newest row then (-1: not in the snapshot; None: empty)
     rows: np.ndarray
     features: np.ndarray
+    epoch: int  # of the index the rows are of
 
 
 @dataclass

@@ -12,6 +12,14 @@ for the user's recent items): one event changes the lists of every item it pairs
 a hundred, while a request reads a few. Staleness is bounded by the refresh interval plus one
 fetch: served MF scores and CF neighbours are never older than that. A rebase of the decay
 landmark reloads everything (every decayed statistic was rescaled).
+
+Items retired by retention (`freshrec.store.retention`) are read from their own sorted set on
+each refresh: a retired row is emptied and marked ``dead`` (the funnel never serves it) and its
+id forgotten, so an item that comes back gets a new row. Records are kept for the item TTL; an
+index that went that long without a refresh sees the horizon of forgotten records pass what it
+has read, and loads again. Once dead rows outnumber live ones
+the index is built again from Redis and swapped in whole, so its memory follows the catalogue
+down as well as up (`rebuilt`); rows change then, and ``epoch`` counts such rebuilds.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from freshrec.store.server_scripts import ServerScripts
 from freshrec.store.vectors import VECTOR_DTYPE
 
 FETCH_CHUNK = 1000  # items per round trip: each chunk's parsing holds the event loop briefly
+COMPACT_MIN_DEAD = 1024  # dead rows below this never trigger a rebuild
 STATS = ("occurrences", "popularity", "first_seen")
 
 
@@ -67,21 +76,43 @@ class ItemIndex:
         # A row's neighbour list is current when the change it was read after is its latest.
         self.generation = np.zeros(0, dtype=np.int64)  # changes stamped and seen, per row
         self.loaded = np.zeros(0, dtype=np.int64)  # the generation its list was read at
+        self.dead = np.zeros(0, dtype=bool)  # rows of retired items
+        self.dead_rows = 0
+        self.epoch = 0  # rebuilds so far: rows from an earlier epoch mean other items
         self.landmark: bytes | None = None
         self.refreshed_at = 0.0  # newest change stamp applied
+        self.retired_at = 0.0  # newest retirement stamp applied
+        self.missed_retirements = False  # idle for longer than retirement records are kept
         self.last_refresh = 0.0  # wall time the last refresh finished
         self.cells = CellIndex(factors, background=True)  # MF recall's search over the matrix
 
     def __len__(self) -> int:
+        """Rows, dead ones included: the length of every per-row array the funnel builds."""
         return len(self.ids)
 
+    @property
+    def live(self) -> int:
+        """Items the index serves: rows less the retired ones."""
+        return len(self.ids) - self.dead_rows
+
     async def refresh(self) -> int:
-        """Apply every change stamped since the previous refresh; returns how many items."""
+        """Apply every change and retirement stamped since the previous refresh; returns how
+        many items changed."""
         keys = self.keys
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(keys.decay_landmark)
+        pipe.get(keys.retired_horizon)
+        pipe.zrangebyscore(keys.retired_items, f"({self.retired_at!r}", "+inf", withscores=True)
         pipe.zrangebyscore(keys.updated_items, f"({self.refreshed_at!r}", "+inf", withscores=True)
-        landmark, changed = await pipe.execute()
+        landmark, horizon, retired, changed = await pipe.execute()
+        forgotten = float(horizon or 0.0)
+        if not self.last_refresh:  # the first load has nothing to retire that it could miss
+            self.retired_at = max(self.retired_at, forgotten)
+        elif forgotten > self.retired_at:  # records this index never saw are gone
+            self.missed_retirements = True
+        if retired:
+            self._retire([m.decode() for m, _ in retired])
+            self.retired_at = max(self.retired_at, max(score for _, score in retired))
         if landmark != self.landmark:  # a rebase rescaled every decayed statistic
             self.refreshed_at, self.landmark = 0.0, landmark
             changed = await self.redis.zrangebyscore(
@@ -96,6 +127,34 @@ class ItemIndex:
             self.refreshed_at = max(score for _, score in changed)
         self.last_refresh = time.time()
         return len(items)
+
+    def _retire(self, items: list[str]) -> None:
+        """Empties the rows of ``items`` and forgets their ids (an item that comes back is new)."""
+        rows = np.array([self.rows.pop(item) for item in items if item in self.rows], np.int64)
+        if not rows.size:
+            return
+        self.dead[rows] = True
+        self.dead_rows += len(rows)
+        self.matrix[rows] = 0.0
+        self.stats[rows] = 0.0
+        self.neighbours[rows] = -1
+        self.neighbour_weights[rows] = 0.0
+        self.generation[rows] += 1
+        self.cells.place(self.matrix, len(self.ids), rows)
+
+    @property
+    def needs_rebuild(self) -> bool:
+        """Dead rows outnumber live ones (and are many), or retirements went unseen: time
+        for `rebuilt`."""
+        return self.missed_retirements or self.dead_rows >= max(COMPACT_MIN_DEAD, self.live)
+
+    async def rebuilt(self) -> ItemIndex:
+        """A new index loaded from Redis, holding only live items, in the next epoch; the
+        caller swaps it in, with everything it holds as rows, in one step."""
+        fresh = ItemIndex(self.redis, self.keys, self.factors, self.width)
+        await fresh.refresh()
+        fresh.epoch = self.epoch + 1
+        return fresh
 
     async def _fetch(self, chunk: list[str]) -> None:
         """Loads the vectors and statistics of ``chunk``; their neighbour lists go stale."""
@@ -173,6 +232,7 @@ class ItemIndex:
         self.neighbour_weights = grown(self.neighbour_weights, 0.0)
         self.generation = grown(self.generation, 0)
         self.loaded = grown(self.loaded, -1)
+        self.dead = grown(self.dead, False)
 
     def row_of(self, items: list[str]) -> np.ndarray:
         """Rows of ``items``; -1 where the index does not know the item (yet)."""
