@@ -10,7 +10,9 @@ server-side scripts, so two workers touching the same hot item lose nothing.
 On a single Redis the read and the write are one script call each, whatever the batch size, and
 the write is atomic with the per-partition offset watermarks: a message at or below its
 partition's watermark was applied already (Kafka redelivered it after a crash or rebalance) and
-is skipped, and a crash mid-batch applies nothing. On Redis Cluster the same
+is skipped, and a crash mid-batch applies nothing. A batch of more than `MAX_EVENTS_PER_WRITE`
+events goes as several such steps, split between messages, so no script holds Redis for long
+(a message's events always share a step: its offset is one watermark). On Redis Cluster the same
 changes go as pipelined single-key commands and scripts, watermarks last: at least once
 (``atomic=False``).
 """
@@ -45,6 +47,10 @@ __all__ = ["INTERACTIONS", "BatchResult", "BatchUpdater", "Interaction", "Origin
 Origin = tuple[str, int]
 """Where an event came from: (partition label such as ``"freshrec.events/3"``, offset)."""
 
+MAX_EVENTS_PER_WRITE = 2_000
+"""Events per read-learn-write step at most (whole messages): a step's write script runs about
+100 sorted-set increments per event, so this keeps one under a few hundred milliseconds."""
+
 
 @dataclass
 class BatchResult:
@@ -76,13 +82,23 @@ class BatchUpdater:
     atomic
         One script per batch, atomic with its offset watermarks (a single Redis). False for
         Redis Cluster: only single-key commands and scripts, at-least-once batches.
+    max_events
+        Events per step at most (`MAX_EVENTS_PER_WRITE`).
     """
 
-    def __init__(self, redis: Redis, keys: Keys, config: ModelConfig, atomic: bool = True) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        config: ModelConfig,
+        atomic: bool = True,
+        max_events: int = MAX_EVENTS_PER_WRITE,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.config = config
         self.atomic = atomic
+        self.max_events = max_events
         self.scripts = ServerScripts(redis)
         self.learner = InteractionLearner(config)
 
@@ -102,9 +118,24 @@ class BatchUpdater:
             raise ValueError("origins must have one entry per event")
         if not events:
             return BatchResult()
+        total = BatchResult()
+        for start, end in _steps(origins, len(events), self.max_events):
+            part = await self._apply_step(
+                events[start:end], origins[start:end] if origins else [], arrived
+            )
+            total.events += part.events
+            total.skipped += part.skipped
+            total.rating_errors.extend(part.rating_errors)
+            total.max_ts = max(total.max_ts, part.max_ts)
+            total.applied.extend(start + n for n in part.applied)
+        return total
+
+    async def _apply_step(
+        self, events: Sequence[Interaction], origins: Sequence[Origin], arrived: float | None
+    ) -> BatchResult:
         while True:
             try:
-                return await self._apply_once(events, origins or [], arrived)
+                return await self._apply_once(events, origins, arrived)
             except _Retry:
                 continue
 
@@ -390,6 +421,28 @@ class BatchUpdater:
             await pipe.execute()
         finally:
             await self.redis.delete(lock)
+
+
+def _steps(origins: Sequence[Origin] | None, count: int, most: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of at most ``most`` events, cut only where the message changes (a
+    message longer than ``most`` is a step of its own)."""
+    if count <= most:
+        return [(0, count)]
+    steps, start = [], 0
+    while start < count:
+        end = min(start + most, count)
+        if origins and end < count:
+            cut = end
+            while cut > start and origins[cut] == origins[cut - 1]:
+                cut -= 1
+            if cut == start:  # one message fills the step: take it whole
+                cut = end
+                while cut < count and origins[cut] == origins[cut - 1]:
+                    cut += 1
+            end = cut
+        steps.append((start, end))
+        start = end
+    return steps
 
 
 def _pack(vectors: list[np.ndarray]) -> bytes:

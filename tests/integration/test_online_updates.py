@@ -283,6 +283,32 @@ def test_a_redelivered_batch_is_applied_once(
     assert int(redis_client.get(f"{settings.key_prefix}:wm:freshrec.events/0")) == 299
 
 
+def test_a_long_batch_is_written_in_steps_of_whole_messages_each_once(
+    settings: Settings, redis_client
+) -> None:
+    """Steps of at most 7 events over messages of 3: each step ends between messages, so the
+    offset watermark a step writes never skips the rest of a message in the next one."""
+    stream = generate(SynthConfig(users=30, items=40, events=300, seed=9))
+    events = _events(stream.events)
+    origins = [("freshrec.events/0", n // 3) for n in range(len(events))]
+    keys = Keys(settings.key_prefix)
+
+    async def apply(lo: int, hi: int):
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            updater = BatchUpdater(redis, keys, settings.model_config(), max_events=7)
+            return await updater.apply(events[lo:hi], origins[lo:hi])
+        finally:
+            await redis.aclose()
+
+    first = asyncio.run(apply(0, 300))
+    assert first.events == 300 and first.skipped == 0 and first.applied == list(range(300))
+    assert int(redis_client.hget(keys.worker_stats, "events")) == 300
+    assert int(redis_client.get(keys.watermark("freshrec.events/0"))) == 99
+    again = asyncio.run(apply(150, 300))
+    assert again.events == 0 and again.skipped == 150
+
+
 def test_impressions_at_wall_time_leave_an_old_logs_decay_alone(
     settings: Settings, atomic: bool
 ) -> None:
