@@ -133,6 +133,12 @@ class Settings:
     # --- topics and keys -------------------------------------------------------------------
     topic_prefix: str = _env("FRESHREC_TOPIC_PREFIX", "Prefix of every topic name.", "freshrec")
     partitions: int = _env("FRESHREC_PARTITIONS", "Partitions of the events topic.", 4)
+    replication_factor: int = _env(
+        "FRESHREC_REPLICATION_FACTOR",
+        "Copies of each partition of the topics freshrec creates (3 on a production cluster; "
+        "above 1, a write needs all but one of them).",
+        1,
+    )
     key_prefix: str = _env("FRESHREC_KEY_PREFIX", "Prefix of every Redis key.", "fr")
     # --- events ----------------------------------------------------------------------------
     rating_min: float = _env("FRESHREC_RATING_MIN", "Lowest valid rating.", 1.0)
@@ -337,6 +343,7 @@ class Settings:
             problems.append("FRESHREC_RATING_MIN must be below FRESHREC_RATING_MAX")
         for name in (
             "partitions",
+            "replication_factor",
             "mf_factors",
             "history_window",
             "history_cap",

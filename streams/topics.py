@@ -25,16 +25,29 @@ def topic_specs(settings: Settings) -> dict[str, int]:
 
 
 def ensure_topics(bootstrap: str, settings: Settings, timeout_s: float = 30.0) -> list[str]:
-    """Create whichever of the topics is missing; returns the names created."""
+    """Create whichever of the topics is missing; returns the names created.
+
+    Each partition gets ``FRESHREC_REPLICATION_FACTOR`` copies; above one, a write must reach
+    all but one of them (``min.insync.replicas``), so with the producers' ``acks=all`` an
+    acknowledged event survives the loss of a broker.
+    """
     admin = AdminClient(kafka_config(settings, bootstrap, log_level=3))
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    metadata = admin.list_topics(timeout=timeout_s)
+    existing = set(metadata.topics)
+    copies = settings.replication_factor
+    options = {"min.insync.replicas": str(copies - 1)} if copies > 1 else {}
     wanted = [
-        NewTopic(name, num_partitions=n, replication_factor=1)
+        NewTopic(name, num_partitions=n, replication_factor=copies, config=options)
         for name, n in topic_specs(settings).items()
         if name not in existing
     ]
     if not wanted:
         return []
+    if copies > len(metadata.brokers):
+        raise ValueError(
+            f"FRESHREC_REPLICATION_FACTOR={copies} needs at least {copies} brokers; "
+            f"{bootstrap} has {len(metadata.brokers)}"
+        )
     created = []
     for name, future in admin.create_topics(wanted, operation_timeout=timeout_s).items():
         try:
