@@ -293,6 +293,26 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 partial(record_firings, updater.redis, keys, firings),
             )
 
+    @app.on_rebalance_complete.connect
+    async def resume_after_watermarks(app: faust.App, **kwargs: Any) -> None:
+        """Commit each assigned partition's offset as its watermark + 1, so that the seek to
+        the committed offsets that follows resumes right after what Redis holds."""
+        consumer = app.consumer
+        owned = [tp for tp in consumer.assignment() if tp.topic in topic_label]
+        if not owned:
+            return
+        updater, _ = await ready()
+        marks = await steps.run(
+            "reading the offset watermarks",
+            partial(
+                updater.redis.mget, [keys.watermark(f"{tp.topic}/{tp.partition}") for tp in owned]
+            ),
+        )
+        resume = {tp: int(mark) + 1 for tp, mark in zip(owned, marks, strict=True) if mark}
+        if resume:
+            await consumer._commit(resume)  # the transport's commit of given offsets
+            log.info("resuming after the watermarks: %s", _offsets_text(resume))
+
     @app.agent(events_topic)
     async def learn(stream: faust.StreamT) -> None:
         updater, feedback = await ready()
@@ -726,6 +746,10 @@ def _batch_context(batch: list[Any]) -> str:
         span = spans.setdefault(label, [offset, offset])
         span[0], span[1] = min(span[0], offset), max(span[1], offset)
     return ", ".join(f"{label}@{lo}-{hi}" for label, (lo, hi) in sorted(spans.items()))
+
+
+def _offsets_text(offsets: dict[Any, int]) -> str:
+    return ", ".join(f"{tp.topic}/{tp.partition}@{o}" for tp, o in sorted(offsets.items()))
 
 
 def _origin(message: Any) -> tuple[str, int]:

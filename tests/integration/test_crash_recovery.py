@@ -4,10 +4,10 @@ then joined by a second one (a rebalance), end with the state of a worker that n
 The same 50,000 synthetic events (ratings, views, clicks, purchases) are replayed twice, each
 run on topics and keys of its own. Run A: one worker, never interrupted. Run B: a worker killed
 with ``SIGKILL`` when the events applied pass 20%, 45% and 70% of the stream, and started again
-each time; Kafka then redelivers everything after the last offsets the dead worker committed,
-which the batches' offset watermarks must skip. Before the last restart the group's offsets are
-taken back to the start, as if its commits were lost, so every partition comes again from its
-first message. At 80% a second worker joins, and the group rebalances while the first one
+each time; a restarted worker resumes after the offset watermarks in Redis (its commits on
+assignment), and whatever Kafka still redelivers (a partition moved in a rebalance mid-batch)
+the watermarks skip. Before the last restart the group's offsets are taken back to the start,
+as if its commits were lost: the worker must still resume after what Redis holds. At 80% a second worker joins, and the group rebalances while the first one
 consumes; run B's last 5% are produced once the second worker owns a partition, so both have
 work. Both runs end when every partition's watermark is its last offset. Then, key by key:
 every event was applied once; histories, first-seen times and click counts are identical;
