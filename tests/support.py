@@ -22,6 +22,7 @@ from freshrec.devenv.processes import (
     wait_for,
 )
 from freshrec.settings import Settings
+from freshrec.store.keys import Keys
 
 __all__ = [
     "OwnRedis",
@@ -161,3 +162,15 @@ def _distinct_free_ports(n: int) -> list[int]:
         if (port := free_port()) not in ports:
             ports.append(port)
     return ports
+
+
+def applied_events(client: Any, settings: Settings) -> int:
+    """Events the workers have applied to the state (their stats hash in Redis)."""
+    return int(client.hget(Keys(settings.key_prefix).worker_stats, "events") or 0)
+
+
+def partition_watermarks(client: Any, settings: Settings) -> dict[int, int]:
+    """Each events partition's offset watermark in Redis (absent: none applied yet)."""
+    keys, topic = Keys(settings.key_prefix), settings.events_topic
+    marks = client.mget([keys.watermark(f"{topic}/{p}") for p in range(settings.partitions)])
+    return {p: int(m) for p, m in enumerate(marks) if m is not None}

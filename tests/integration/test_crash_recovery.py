@@ -7,9 +7,10 @@ with ``SIGKILL`` when the events applied pass 20%, 45% and 70% of the stream, an
 each time; a restarted worker resumes after the offset watermarks in Redis (its commits on
 assignment), and whatever Kafka still redelivers (a partition moved in a rebalance mid-batch)
 the watermarks skip. Before the last restart the group's offsets are taken back to the start,
-as if its commits were lost: the worker must still resume after what Redis holds. At 80% a second worker joins, and the group rebalances while the first one
-consumes; run B's last 5% are produced once the second worker owns a partition, so both have
-work. Both runs end when every partition's watermark is its last offset. Then, key by key:
+as if its commits were lost: the worker must still resume after what Redis holds. At 80% a
+second worker joins, and the group rebalances while the first one consumes; run B's last 5%
+are produced once the second worker owns a partition, so both have work. Both runs end when
+every partition's watermark is its last offset. Then, key by key:
 every event was applied once; histories, first-seen times and click counts are identical;
 co-occurrence, occurrence and popularity sums are equal to float tolerance (each taken at the
 newest event time, as the runs' decay landmarks may differ); every user and item counted each
@@ -53,7 +54,14 @@ from freshrec.streams.events import Event
 from freshrec.streams.producer import EventProducer
 from freshrec.streams.topics import delete_topics, ensure_topics, topic_specs
 from tests.metrics_support import scrape, total
-from tests.support import free_port, freshrec_process, stop_process, wait_until
+from tests.support import (
+    applied_events,
+    free_port,
+    freshrec_process,
+    partition_watermarks,
+    stop_process,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -152,14 +160,10 @@ class Run:
         return f"http://127.0.0.1:{metrics_port}/metrics"
 
     def applied(self) -> int:
-        return int(self.client.hget(self.keys.worker_stats, "events") or 0)
+        return applied_events(self.client, self.settings)
 
     def watermarks(self) -> dict[int, int]:
-        topic = self.settings.events_topic
-        marks = self.client.mget(
-            [self.keys.watermark(f"{topic}/{p}") for p in range(self.settings.partitions)]
-        )
-        return {p: int(m) for p, m in enumerate(marks) if m is not None}
+        return partition_watermarks(self.client, self.settings)
 
     def wait(self, condition: Callable[[], bool], what: str) -> None:
         def reached() -> bool:

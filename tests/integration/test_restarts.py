@@ -64,9 +64,11 @@ from tests.metrics_support import scrape, total
 from tests.support import (
     OwnService,
     TopicReader,
+    applied_events,
     free_port,
     freshrec_process,
     http_json,
+    partition_watermarks,
     running_reader,
     stop_process,
     wait_until,
@@ -163,14 +165,10 @@ class Worker:
         )
 
     def applied(self) -> int:
-        return int(self.client.hget(self.keys.worker_stats, "events") or 0)
+        return applied_events(self.client, self.settings)
 
     def watermarks(self) -> dict[int, int]:
-        topic = self.settings.events_topic
-        marks = self.client.mget(
-            [self.keys.watermark(f"{topic}/{p}") for p in range(self.settings.partitions)]
-        )
-        return {p: int(m) for p, m in enumerate(marks) if m is not None}
+        return partition_watermarks(self.client, self.settings)
 
     def blocked(self, retries: int = 1) -> bool:
         """Whether the worker reports a batch held for Redis, after at least ``retries``."""
