@@ -23,7 +23,7 @@ demo: install
 	$(VENV)/bin/freshrec demo
 
 test: install lint
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check .
