@@ -17,7 +17,7 @@ Items retired by retention (`freshrec.store.retention`) are read from their own 
 each refresh: a retired row is emptied and marked ``dead`` (the funnel never serves it) and its
 id forgotten, so an item that comes back gets a new row. Records are kept for the item TTL; an
 index that went that long without a refresh sees the horizon of forgotten records pass what it
-has read, and loads again. Once dead rows outnumber live ones
+has read, and loads again. Once dead rows outnumber live ones (or every row is dead)
 the index is built again from Redis and swapped in whole, so its memory follows the catalogue
 down as well as up (`rebuilt`); rows change then, and ``epoch`` counts such rebuilds.
 """
@@ -144,9 +144,11 @@ class ItemIndex:
 
     @property
     def needs_rebuild(self) -> bool:
-        """Dead rows outnumber live ones (and are many), or retirements went unseen: time
-        for `rebuilt`."""
-        return self.missed_retirements or self.dead_rows >= max(COMPACT_MIN_DEAD, self.live)
+        """Dead rows outnumber live ones (and are many), nothing is live any more, or
+        retirements went unseen: time for `rebuilt`."""
+        if self.missed_retirements or (self.dead_rows and not self.live):
+            return True
+        return self.dead_rows >= max(COMPACT_MIN_DEAD, self.live)
 
     async def rebuilt(self) -> ItemIndex:
         """A new index loaded from Redis, holding only live items, in the next epoch; the

@@ -159,6 +159,14 @@ def test_the_index_rebuilds_once_dead_rows_outnumber_live_ones(
             first = ItemIndex(client, keys, cfg.factors)
             await first.refresh()
             assert not first.needs_rebuild and first.live == 2
+
+            # However few, dead rows are rebuilt away once nothing is live.
+            monkeypatch.setattr(item_index, "COMPACT_MIN_DEAD", 1024)
+            await client.zadd(keys.retired_items, dict.fromkeys(["i3", "i4"], now + 7200.0))
+            await first.refresh()
+            assert first.live == 0 and first.needs_rebuild
+            await client.zrem(keys.updated_items, "i3", "i4")
+            assert len(await first.rebuilt()) == 0
         finally:
             await client.aclose()
 
