@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,20 @@ import numpy as np
 import redis
 
 from freshrec.bench.ingest import process_cpu_seconds
+from freshrec.bench.mf_search import compare_searches, format_search_comparison
 from freshrec.connections import redis_sync_client
 from freshrec.devenv.isolated_run import isolated_run
 from freshrec.devenv.processes import Children, free_port, http_json
-from freshrec.models.mf import vector_width
+from freshrec.evaluation.fetch import DATASETS, find_dataset
+from freshrec.evaluation.prequential import load_events
+from freshrec.models.config import ModelConfig
+from freshrec.models.interaction_learner import (
+    INTERACTIONS,
+    Interaction,
+    InteractionLearner,
+    Snapshot,
+)
+from freshrec.models.mf import implicit_part, vector_width
 from freshrec.progress import Say
 from freshrec.serving.kernels import warm_up
 from freshrec.settings import Settings
@@ -37,16 +48,26 @@ MAX_CONNECTIONS = 256  # the load generator's, like a client's connection pool
 REQUEST_TIMEOUT_S = 30.0
 HISTORY = 20
 CHUNK = 5000
+LEARN_BATCH = 1000  # events per learned batch, as the direct update bench applies them
+GROWTH_NOISE = 0.25  # a grown vector's noise, as a share of each element's spread
 
 
 def build_state(
-    client: redis.Redis, keys: Keys, items: int, users: int, factors: int, tastes: int = 20
-) -> None:
+    client: redis.Redis,
+    keys: Keys,
+    items: int,
+    users: int,
+    factors: int,
+    tastes: int = 20,
+    learned: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
     """Write a realistic-looking state: Zipf popularity, clustered tastes, co-occurrences.
 
     Preference factors lie around ``tastes`` cluster centres; with ``tastes=0`` they have no
     cluster structure (each dimension drawn alone, about as spread), the hard case for MF
-    recall's cell search.
+    recall's cell search. ``learned`` (item and user vectors, `learned_state`) replaces them
+    with factors learned from a real stream; popularity, neighbours and histories stay drawn.
+    Returns each user's history as item numbers (``users`` x `HISTORY`).
     """
     rng = np.random.default_rng(0)
     width = vector_width(factors)
@@ -67,7 +88,10 @@ def build_state(
             out[:, y] = rng.normal(0, spread, (n, factors))
         return out
 
-    item_vecs = vectors(items, clusters[item_cluster])
+    if learned is None:
+        item_vecs = vectors(items, clusters[item_cluster])
+    else:
+        item_vecs = learned[0].astype(VECTOR_DTYPE)
     cum = np.cumsum(popularity / popularity.sum())
     pipe = client.pipeline(transaction=False)
     for start in range(0, items, CHUNK):
@@ -86,15 +110,100 @@ def build_state(
         pipe.zadd(keys.updated_items, dict.fromkeys((names[n] for n in block), now))
         pipe.execute()
     pipe.set(keys.impressions_total, 5_000_000)
+    histories = np.empty((users, HISTORY), dtype=np.int64)
     user_cluster = rng.integers(0, max(tastes, 1), users)
-    user_vecs = vectors(users, clusters[user_cluster])
+    if learned is None:
+        user_vecs = vectors(users, clusters[user_cluster])
+    else:
+        user_vecs = learned[1].astype(VECTOR_DTYPE)
     for start in range(0, users, CHUNK):
         for n in range(start, min(start + CHUNK, users)):
             user = f"u{n}"
             pipe.set(keys.user_vector(user), user_vecs[n].tobytes())
-            seen = np.searchsorted(cum, rng.random(HISTORY))
+            seen = histories[n] = np.searchsorted(cum, rng.random(HISTORY))
             pipe.zadd(keys.history(user), {names[p]: now - i for i, p in enumerate(seen)})
         pipe.execute()
+    return histories
+
+
+def learned_vectors(
+    events: Sequence[Interaction], config: ModelConfig, batch: int = LEARN_BATCH
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every user's and item's full vector after learning ``events`` in batches of ``batch``.
+
+    The learning is the workers' own (`InteractionLearner`, each batch from a snapshot of the
+    vectors so far, negatives drawn from the batch's items), less Redis: the vectors are what a
+    worker would have stored after the same stream. Rows in order of each id's first event.
+    """
+    learner = InteractionLearner(config)
+    vectors: dict[str, np.ndarray] = {}
+    mean_sum, mean_n = 0.0, 0
+    for start in range(0, len(events), batch):
+        part = events[start : start + batch]
+        landmark = min((e.ts for e in part), default=0.0)  # the co-occurrences are not kept
+        changes = learner.learn_many(part, Snapshot(landmark, mean_sum, mean_n, vectors))
+        for name, delta in changes.deltas.items():
+            vectors[name] = changes.bases[name] + delta
+        mean_sum += changes.mean_sum
+        mean_n += changes.mean_n
+    order = list(
+        dict.fromkeys(
+            f"{kind}:{e.user_id if kind == 'u' else e.item_id}"
+            for e in events
+            if e.type in INTERACTIONS
+            for kind in "ui"
+        )
+    )
+    users = [vectors[name] for name in order if name.startswith("u:") and name in vectors]
+    items = [vectors[name] for name in order if name.startswith("i:") and name in vectors]
+    width = vector_width(config.factors)
+    return (
+        np.array(users, np.float64).reshape(-1, width),
+        np.array(items, np.float64).reshape(-1, width),
+    )
+
+
+def grown(
+    vectors: np.ndarray, count: int, rng: np.random.Generator, noise: float = GROWTH_NOISE
+) -> np.ndarray:
+    """``count`` vectors that keep the geometry of ``vectors``: those first, then copies of
+    them picked at random, each element moved by Gaussian noise of ``noise`` times that
+    element's spread over ``vectors`` (the last element, a count, is copied as it is).
+
+    So a catalogue or audience learned from a small stream is grown to a large one with the
+    same directions, norms and lack (or presence) of cluster structure, which is what decides
+    how much of it an inner-product search must read.
+    """
+    if count <= len(vectors):
+        return vectors[:count].copy()
+    spread = vectors.std(axis=0)
+    spread[-1] = 0.0
+    parents = rng.integers(0, len(vectors), count - len(vectors))
+    copies = vectors[parents] + rng.normal(0.0, 1.0, (len(parents), vectors.shape[1])) * (
+        noise * spread
+    )
+    return np.concatenate([vectors, copies])
+
+
+def learned_state(
+    source: str, settings: Settings, items: int, users: int, limit: int = 0
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Item and user vectors learned from ``source`` (a dataset name such as ``ml-100k`` or a
+    ratings file), grown to ``items`` and ``users``; and what was learned, for the report."""
+    path = find_dataset(source, settings.home) if source in DATASETS else Path(source)
+    events, _, _ = load_events(path, settings, limit=limit)
+    started = time.perf_counter()
+    user_vecs, item_vecs = learned_vectors(events, settings.model_config())
+    rng = np.random.default_rng(0)
+    about = {
+        "source": source,
+        "events": len(events),
+        "learned_items": len(item_vecs),
+        "learned_users": len(user_vecs),
+        "learn_seconds": round(time.perf_counter() - started, 1),
+        "growth_noise": GROWTH_NOISE,
+    }
+    return grown(item_vecs, items, rng), grown(user_vecs, users, rng), about
 
 
 CLIENT_ERRORS = (OSError, TimeoutError, asyncio.IncompleteReadError, IndexError, ValueError)
@@ -216,20 +325,42 @@ def run_serve_bench(
     seconds: float = 10.0,
     show_progress: bool = True,
     tastes: int = 20,
+    factors_from: str | None = None,
+    search_queries: int = 2000,
 ) -> dict[str, Any]:
+    """The reader's latency at each of ``rates`` on a state of ``items`` and ``users``.
+
+    With ``factors_from`` (a dataset name or a ratings file) the factors are learned from that
+    stream and grown (`learned_state`) instead of drawn around ``tastes`` clusters. Before the
+    reader starts, ``search_queries`` users' MF recall searches are compared in this process
+    (`freshrec.bench.mf_search`): nothing else runs then, and the reader's figures follow.
+    """
     say = Say(show_progress)
+    learned, about = None, None
+    if factors_from is not None:
+        item_vecs, user_vecs, about = learned_state(factors_from, base, items, users)
+        learned = (item_vecs, user_vecs)
+        say(
+            f"bench serve: factors learned from {about['events']:,} events of {factors_from} "
+            f"({about['learned_items']:,} items, {about['learned_users']:,} users) "
+            f"in {about['learn_seconds']} s, grown to {items:,} items and {users:,} users"
+        )
     with isolated_run(base, "bench-serve", serve_port=free_port()) as settings:
         client = redis_sync_client(settings)
         children = Children(Path(tempfile.mkdtemp(prefix="freshrec-bench-serve-")), settings)
         try:
             started = time.perf_counter()
-            build_state(
-                client, Keys(settings.key_prefix), items, users, settings.mf_factors, tastes
-            )
+            keys = Keys(settings.key_prefix)
+            factors = settings.mf_factors
+            histories = build_state(client, keys, items, users, factors, tastes, learned)
             say(
                 f"bench serve: state of {items:,} items and {users:,} users written "
                 f"in {time.perf_counter() - started:.1f} s"
             )
+            search = None
+            if search_queries:
+                search = _compare_searches(client, keys, factors, histories, search_queries)
+                say(format_search_comparison(search))
             # The reader loads the kernels this compiles on a first run from the shared cache,
             # so its start-up deadline below never includes a compile.
             say(f"bench serve: {warm_up([settings.funnel_config()])}")
@@ -249,13 +380,17 @@ def run_serve_bench(
                     else round(1000 * (cpu_after - cpu_before) / run["requests"], 3)
                 )
                 runs.append(run)
+            share_read = _mf_share_read(base_url, users)
         finally:
             children.stop()
             client.close()
     return {
         "items": items,
         "users": users,
-        "tastes": tastes,
+        "tastes": None if learned else tastes,
+        "factors_from": about,
+        "search": search,
+        "mf_share_read": share_read,
         "seconds_per_rate": seconds,
         "cpus": os.cpu_count(),
         "runs": runs,
@@ -281,9 +416,15 @@ def _hold_rate(base_url: str, users: int, rate: float, seconds: float, say: Say)
 
 
 def format_serve_results(results: dict[str, Any]) -> str:
+    learned = results.get("factors_from")
+    state = (
+        f"factors learned from {learned['source']} and grown"
+        if learned
+        else f"{results['tastes'] or 'no'} taste clusters"
+    )
     lines = [
         f"reader latency, {results['items']:,} items / {results['users']:,} users "
-        f"({results['tastes'] or 'no'} taste clusters), "
+        f"({state}), "
         f"k=10, {results['seconds_per_rate']:.0f} s per rate, {results['cpus']} CPUs "
         "(reader, load generator and Redis share them)",
         f"{'target req/s':>12} {'achieved':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
@@ -299,6 +440,13 @@ def format_serve_results(results: dict[str, Any]) -> str:
     lines.append(
         f"targets: p50 <= {t['p50_ms']} ms, p99 <= {t['p99_ms']} ms at >= {t['rps']:,.0f} req/s"
     )
+    if results.get("mf_share_read") is not None:
+        lines.append(
+            f"MF recall (exact) read {100 * results['mf_share_read']:.1f}% of the items per "
+            "request (the reader's debug answers for 50 users); recall 1.0"
+        )
+    if results.get("search"):
+        lines.extend(["", format_search_comparison(results["search"])])
     return "\n".join(lines)
 
 
@@ -306,6 +454,36 @@ def _index_items(base_url: str) -> int:
     """How many items the reader's snapshot holds (its debug output says)."""
     status, body = http_json(f"{base_url}/recommendations/u0?k=1&debug=1")
     return body["debug"]["index_items"] if status == 200 else 0
+
+
+def _compare_searches(
+    client: redis.Redis, keys: Keys, factors: int, histories: np.ndarray, queries: int
+) -> dict[str, Any]:
+    """`compare_searches` on the item and user factors as written, the users' histories seen."""
+    items = client.zcard(keys.updated_items)
+    item_y = _implicit_rows(client, [keys.item_vector(f"i{n}") for n in range(items)], factors)
+    picked = np.random.default_rng(2).choice(len(histories), min(queries, len(histories)), False)
+    user_y = _implicit_rows(client, [keys.user_vector(f"u{n}") for n in picked.tolist()], factors)
+    return compare_searches(item_y, user_y, [histories[n] for n in picked.tolist()])
+
+
+def _implicit_rows(client: redis.Redis, names: list[str], factors: int) -> np.ndarray:
+    """The implicit parts ``y`` of the stored vectors ``names``, one row each."""
+    blobs = []
+    for start in range(0, len(names), CHUNK):
+        blobs.extend(client.mget(names[start : start + CHUNK]))
+    full = np.frombuffer(b"".join(blobs), dtype=VECTOR_DTYPE).reshape(len(names), -1)
+    return np.ascontiguousarray(implicit_part(full.T, factors).T)
+
+
+def _mf_share_read(base_url: str, users: int, requests: int = 50) -> float | None:
+    """The mean share of the catalogue MF recall read, from the debug answers of a few users."""
+    shares = []
+    for n in range(min(requests, users)):
+        status, body = http_json(f"{base_url}/recommendations/u{n}?k=10&debug=1")
+        if status == 200 and body["debug"]["index_items"]:
+            shares.append(body["debug"]["mf_items_read"] / body["debug"]["index_items"])
+    return round(float(np.mean(shares)), 4) if shares else None
 
 
 def _cell(value: float | None) -> str:

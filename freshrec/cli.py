@@ -183,6 +183,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tastes", type=int, default=20, help="serve: taste clusters in the factors (0: none)"
     )
+    p.add_argument(
+        "--factors-from",
+        default=None,
+        help="serve: learn the factors from this dataset (ml-100k) or ratings file, then grow "
+        "them to --items and --users",
+    )
 
     p = command("demo", _demo, "Run the whole system on a synthetic stream and show it working.")
     p.add_argument("--events", type=int, default=60_000, help="events to replay")
@@ -417,6 +423,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
             10.0 if args.seconds is None else args.seconds,
             show_progress=not args.json,
             tastes=args.tastes,
+            factors_from=args.factors_from,
         )
         _emit(args, results, format_serve_results(results))
         return 0
