@@ -56,6 +56,12 @@ class CellIndex:
         The vectors' width.
     seed
         Seed of the k-means sampling, so fits are repeatable.
+    background
+        Refit on a thread (the reader) rather than in ``place``.
+    read_share
+        1 for the exact answer. Below 1, an approximate one: each search reads the cells in
+        order of their bound until it has read this share of the rows (and holds n), never
+        flat, like an inverted-file index probing a fixed share of its lists.
 
     Examples
     --------
@@ -73,9 +79,12 @@ class CellIndex:
     (True, True)
     """
 
-    def __init__(self, factors: int, seed: int = 0, background: bool = False) -> None:
+    def __init__(
+        self, factors: int, seed: int = 0, background: bool = False, read_share: float = 1.0
+    ) -> None:
         self.rng = np.random.default_rng(seed)
         self.background = background
+        self.read_share = read_share
         self._fitting: concurrent.futures.Future[tuple[np.ndarray, ...]] | None = None
         self._fit_count = 0  # rows the running fit was given
         self._since_fit: list[np.ndarray] = []  # rows placed while it runs
@@ -171,7 +180,10 @@ class CellIndex:
         query = np.ascontiguousarray(query, dtype=np.float32)
         n = min(n, count)
         self.searches += 1
-        if len(self.radius) and (self.misses < MISSES or self.searches % PROBE_EVERY == 0):
+        approximate = self.read_share < 1.0
+        if len(self.radius) and (
+            approximate or self.misses < MISSES or self.searches % PROBE_EVERY == 0
+        ):
             rows, scores, scanned = top_inner_products(
                 query,
                 n,
@@ -184,7 +196,8 @@ class CellIndex:
                 self.grouped,
                 self.start,
                 min(self.covered, count),
-                int(FLAT_SHARE * count),
+                count if approximate else int(FLAT_SHARE * count),
+                int(self.read_share * count) if approximate else -1,
             )
             if scanned >= 0:
                 self.misses, self.last_scanned = 0, scanned
@@ -321,6 +334,7 @@ def top_inner_products(
     start: np.ndarray,
     covered: int,
     give_up: int,
+    budget: int = -1,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Rows and scores of the ``n`` largest ``vectors[:count] @ query``, and how many were read.
 
@@ -329,7 +343,9 @@ def top_inner_products(
     ``order``) by their bound. Once n rows
     are kept, if the cells whose bound still reaches the n-th best hold more than ``give_up``
     rows, it stops and returns -1 as the count: the bound is not pruning, and a flat scan
-    costs less than reading them cell by cell.
+    costs less than reading them cell by cell. With a ``budget`` of rows (not -1), it also
+    stops before the next cell once n rows are kept and that many were read: the answer is then
+    approximate, the best of the cells with the highest bounds.
     """
     if n <= 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), 0
@@ -361,6 +377,8 @@ def top_inner_products(
     for position, cell in enumerate(cells):
         if kept == n and bound[cell] < best_scores[0]:
             break  # no member of this cell, or of any after it, can enter
+        if kept == n and 0 <= budget <= scanned:
+            break
         if kept == n and not judged:  # how much could still be read, at most?
             judged = True
             ahead = 0

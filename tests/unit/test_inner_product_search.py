@@ -154,3 +154,24 @@ def test_a_background_refit_keeps_every_search_exact_and_is_adopted() -> None:
     for _ in range(10):
         query = _clustered(rng, 1)[0]
         _assert_a_full_scans_top(cells, query, vectors[:count], np.zeros(count, dtype=bool))
+
+
+def test_an_approximate_search_reads_its_share_of_the_best_cells() -> None:
+    rng = np.random.default_rng(8)
+    vectors = _gaussian(rng, ITEMS)  # no clusters: the exact search would read every row
+    cells = CellIndex(FACTORS, read_share=0.2)
+    cells.place(vectors, ITEMS, np.arange(ITEMS))
+    largest_cell = int(np.diff(cells.start).max())
+    recalls = []
+    for _ in range(30):
+        query = _gaussian(rng, 1)[0]
+        excluded = rng.random(ITEMS) < 0.01
+        rows, scores = cells.top(query, N, vectors, ITEMS, excluded)
+        exact = vectors.astype(np.float64) @ query.astype(np.float64)
+        np.testing.assert_allclose(scores, exact[rows], rtol=1e-5, atol=1e-5)
+        assert len(rows) == N == len(set(rows.tolist())) and not excluded[rows].any()
+        assert 0.2 * ITEMS <= cells.last_scanned < 0.2 * ITEMS + largest_cell
+        exact[excluded] = -np.inf
+        recalls.append(len(np.intersect1d(rows, np.argsort(-exact)[:N])) / N)
+    # A fifth of the rows, the cells whose bound is highest: better than a random fifth's 0.2.
+    assert np.mean(recalls) > 0.4
