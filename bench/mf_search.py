@@ -14,7 +14,9 @@ reader asks them (`freshrec.serving.item_index.ItemIndex.top_rows`), found by
   product into the nearest neighbour (Bachrach et al., *Speeding up the Xbox recommender
   system using a Euclidean transformation for inner-product spaces*, RecSys 2014);
 - ``ivf``: faiss's inverted lists over k-means cells (``IndexIVFFlat``, inner product) at a
-  few ``nprobe``: the cell search without the bound, reading a fixed number of cells.
+  few ``nprobe``: the cell search without the bound, reading a fixed number of cells;
+- ``cells read=x%``: the reader's own cells, approximate: the best cells by their bound until
+  that share of the items is read (`CellIndex` with ``read_share``).
 
 An approximate index is asked for n plus the user's seen items, which are then dropped, so the
 answer is filtered as the exact one is. Each query is timed alone, one after another on one
@@ -39,6 +41,7 @@ HNSW_M = 32  # links per node: faiss's and hnswlib's usual choice at 32 dimensio
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = (128, 256, 512)
 IVF_NPROBE = (8, 32, 64)
+CELL_SHARES = (0.05, 0.1, 0.2)
 
 
 def compare_searches(
@@ -73,6 +76,8 @@ def compare_searches(
         return top_n(scores, n)
 
     searches: dict[str, Search] = {"exact": exact, "flat": flat}
+    for share in CELL_SHARES:
+        searches[f"cells read={share:.0%}"] = _cells_search(items, n, share, built)
     notes = []
     try:
         searches.update(_faiss_searches(items, n, built))
@@ -104,6 +109,23 @@ def compare_searches(
         }
     results["exact"]["share_read"] = round(float(np.mean(read)) / count, 4)
     return {"items": count, "queries": len(users), "n": n, "searches": results, "notes": notes}
+
+
+def _cells_search(items: np.ndarray, n: int, share: float, built: dict[str, float]) -> Search:
+    count = len(items)
+    started = time.perf_counter()
+    cells = CellIndex(items.shape[1], read_share=share)
+    cells.place(items, count, np.arange(count))
+    built["cells"] = time.perf_counter() - started
+    mask = np.zeros(count, dtype=bool)
+
+    def search(query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        mask[rows] = True
+        found, _ = cells.top(query, n, items, count, mask, rows)
+        mask[rows] = False
+        return found
+
+    return search
 
 
 def _faiss_searches(items: np.ndarray, n: int, built: dict[str, float]) -> dict[str, Search]:

@@ -11,6 +11,7 @@ as a politely lower rate) and records every latency.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import tempfile
@@ -50,6 +51,8 @@ HISTORY = 20
 CHUNK = 5000
 LEARN_BATCH = 1000  # events per learned batch, as the direct update bench applies them
 GROWTH_NOISE = 0.25  # a grown vector's noise, as a share of each element's spread
+WARM_REQUESTS = 20_000
+WARM_CONCURRENCY = 8
 
 
 def build_state(
@@ -327,6 +330,7 @@ def run_serve_bench(
     tastes: int = 20,
     factors_from: str | None = None,
     search_queries: int = 2000,
+    warm_requests: int = WARM_REQUESTS,
 ) -> dict[str, Any]:
     """The reader's latency at each of ``rates`` on a state of ``items`` and ``users``.
 
@@ -334,6 +338,8 @@ def run_serve_bench(
     stream and grown (`learned_state`) instead of drawn around ``tastes`` clusters. Before the
     reader starts, ``search_queries`` users' MF recall searches are compared in this process
     (`freshrec.bench.mf_search`): nothing else runs then, and the reader's figures follow.
+    The reader is first warmed with ``warm_requests`` requests for random users, as many at a
+    time as `WARM_CONCURRENCY` (`_warm`), so the rates measure a replica in service.
     """
     say = Say(show_progress)
     learned, about = None, None
@@ -369,6 +375,11 @@ def run_serve_bench(
             children.wait(
                 lambda: _index_items(base_url) >= items, 120, f"the reader to load {items:,} items"
             )
+            warm = _warm(base_url, users, warm_requests, reader.pid)
+            say(
+                f"bench serve: warmed with {warm['requests']:,} requests in {warm['seconds']} s "
+                f"({warm['reader_cpu_ms_per_request']} ms of reader CPU each)"
+            )
             runs = []
             for rate in rates:
                 cpu_before = process_cpu_seconds(reader.pid)
@@ -391,11 +402,51 @@ def run_serve_bench(
         "factors_from": about,
         "search": search,
         "mf_share_read": share_read,
+        "warm_up": warm,
         "seconds_per_rate": seconds,
         "cpus": os.cpu_count(),
         "runs": runs,
         "targets": {"p50_ms": 2.0, "p99_ms": 10.0, "rps": 1000.0},
         "setup": {"key_prefix": settings.key_prefix},
+    }
+
+
+def _warm(base_url: str, users: int, requests: int, pid: int) -> dict[str, Any]:
+    """Closed-loop requests for random users until ``requests`` are answered; how long that
+    took and the reader's CPU per request.
+
+    A fresh reader reads a recent item's neighbour list from Redis the first time a request
+    needs it (`freshrec.serving.item_index.ItemIndex.load_neighbours`); on this state the first
+    requests read a score of lists each, several times the cost of a request that reads none.
+    The warm-up pays that before the clock starts, with users drawn apart from the measured
+    ones (the items they reach follow the same popularity).
+    """
+    import uvloop
+
+    async def run() -> None:
+        client = KeepAliveClient(base_url, WARM_CONCURRENCY)
+        picks = iter(np.random.default_rng(3).integers(users, size=requests).tolist())
+
+        async def worker() -> None:
+            for user in picks:
+                with contextlib.suppress(*CLIENT_ERRORS):  # the measured requests count errors
+                    await client.get(f"/recommendations/u{user}?k=10")
+
+        await asyncio.gather(*(worker() for _ in range(WARM_CONCURRENCY)))
+        client.close()
+
+    cpu_before, started = process_cpu_seconds(pid), time.perf_counter()
+    if requests:
+        uvloop.run(run())
+    cpu_after = process_cpu_seconds(pid)
+    return {
+        "requests": requests,
+        "seconds": round(time.perf_counter() - started, 1),
+        "reader_cpu_ms_per_request": (
+            None
+            if cpu_before is None or cpu_after is None or not requests
+            else round(1000 * (cpu_after - cpu_before) / requests, 3)
+        ),
     }
 
 
@@ -440,6 +491,13 @@ def format_serve_results(results: dict[str, Any]) -> str:
     lines.append(
         f"targets: p50 <= {t['p50_ms']} ms, p99 <= {t['p99_ms']} ms at >= {t['rps']:,.0f} req/s"
     )
+    warm = results.get("warm_up")
+    if warm and warm["requests"]:
+        lines.append(
+            f"warm-up before the rates: {warm['requests']:,} requests for random users in "
+            f"{warm['seconds']} s, {_cell(warm['reader_cpu_ms_per_request'])} ms of reader CPU "
+            "each (first reads of neighbour lists)"
+        )
     if results.get("mf_share_read") is not None:
         lines.append(
             f"MF recall (exact) read {100 * results['mf_share_read']:.1f}% of the items per "
