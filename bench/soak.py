@@ -17,6 +17,9 @@ both the probe and the hold, so the maximum is measured under the load that is t
 ``sample_s`` the run records the RSS of the worker, the reader and redis-server, Redis's
 ``used_memory``, the lag (events produced minus events learned) and the reader's errors. A lag
 that grows through the hold, or any 5xx or unanswered request, fails the run.
+
+`running_pipeline` (the processes, the probe, pacing and draining) is shared with the freshness
+bench (`freshrec.bench.freshness`), which holds other shares of the same maximum.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +59,7 @@ from freshrec.devenv.processes import (
 from freshrec.progress import Say
 from freshrec.serving.kernels import warm_up
 from freshrec.settings import Settings, mask_url
+from freshrec.store.keys import Keys
 
 HOLD_SHARE = 0.7
 """Share of the measured maximum that the hold paces."""
@@ -88,7 +93,6 @@ class _Shared:
     ready: Any  # Value("i"): 1 once the producer has its stream and its connection
     requests: Any  # Array("q", 5): SENT, OK, CLIENT_ERROR, SERVER_ERROR, NO_ANSWER
     stop_load: Any  # Event
-    hold_since: Any  # Value("d"): wall-clock start of the hold, whose latencies are reported
 
 
 def run_soak(
@@ -102,9 +106,89 @@ def run_soak(
 ) -> dict[str, Any]:
     """Probe the maximum ingest rate, hold ``HOLD_SHARE`` of it for ``seconds``; every figure,
     every sample and the verdict (``ok``, ``failures``)."""
-    if seconds <= 0 or probe_s <= 0 or sample_s <= 0 or serve_rps <= 0 or probe_backlog < 1:
-        raise ValueError("seconds, probe_s, sample_s, serve_rps and probe_backlog must be > 0")
+    if seconds <= 0 or probe_s <= 0 or sample_s <= 0:
+        raise ValueError("seconds, probe_s and sample_s must be > 0")
     say = Say(show_progress)
+    load_average = {"start": load_average_now()}
+    with running_pipeline(base, "soak", serve_rps, probe_backlog, say) as run:
+        probe = run.measure_maximum(probe_s, sample_s)
+        held_rate = HOLD_SHARE * probe["max_events_per_s"]
+        run.drain()
+        say(
+            f"soak: holding {held_rate:,.0f} events/s ({HOLD_SHARE:.0%} of the maximum) "
+            f"for {seconds:,.0f} s, a sample every {sample_s:g} s"
+        )
+        hold_since = time.time()
+        hold = _hold(run.watch, run.shared, held_rate, seconds, sample_s, say)
+        requests = run.stop_load()
+        load_average["end"] = load_average_now()
+    held = window_latency(requests["latencies"], hold_since)
+    serving = {
+        "requests": requests["requests"],
+        "achieved_rps": requests["achieved_rps"],
+        "hold_requests": held.pop("requests"),
+        **held,
+    }
+    return _summarise(
+        run.settings, run.watch.samples, probe, hold, serving, serve_rps, load_average, seconds
+    )
+
+
+@dataclass
+class Pipeline:
+    """A running worker and reader fed by the producer process and asked by the load process.
+
+    What `running_pipeline` yields; the soak and the freshness bench drive it."""
+
+    settings: Settings
+    shared: _Shared
+    watch: _Watch
+    base_url: str
+    serve_rps: float
+    say: Say
+    label: str  # starts its progress lines
+    results: Any  # the load process's queue
+    context: Any  # the spawn context, for more helper processes
+
+    def measure_maximum(self, probe_s: float, sample_s: float) -> dict[str, Any]:
+        """The worker's maximum sustained ingest rate under the serving load (`_probe`)."""
+        return _probe(self.watch, self.shared, probe_s, sample_s, self.say, self.label)
+
+    def pace(self, rate: float) -> None:
+        """The producer sends ``rate`` events/s from now on."""
+        self.shared.rate.value = rate
+        self.shared.mode.value = PACED
+
+    def drain(self) -> None:
+        """Pause the producer until the worker has learned every event sent, the reader has
+        published every list due, and the requests held up meanwhile are answered (or given
+        up on)."""
+        self.shared.mode.value = PAUSE
+        self.watch.wait(lambda: self.watch.lag() <= 0, 300, "the worker to learn the backlog")
+        self.watch.wait(
+            lambda: self.watch.unpublished() == 0, 300, "the reader to publish the lists due"
+        )
+        self.watch.wait(
+            lambda: self.watch.in_flight() < self.serve_rps,
+            120,
+            "the reader to catch up on requests",
+        )
+
+    def stop_load(self) -> dict[str, Any]:
+        """Stop the serving load; its counts and every request's (due wall clock, latency s)."""
+        self.shared.stop_load.set()
+        return self.results.get(timeout=120)
+
+
+@contextmanager
+def running_pipeline(
+    base: Settings, label: str, serve_rps: float, probe_backlog: int, say: Say
+) -> Iterator[Pipeline]:
+    """A worker, a reader, the producer (paused) and the serving load (running) on the
+    configured or local services, under prefixes of their own; all stopped and erased after,
+    the logs kept when the run raised. ``label`` starts its progress lines and names its run."""
+    if serve_rps <= 0 or probe_backlog < 1:
+        raise ValueError("serve_rps and probe_backlog must be > 0")
     context = multiprocessing.get_context("spawn")
     shared = _Shared(
         mode=context.Value("i", PAUSE),
@@ -115,19 +199,17 @@ def run_soak(
         ready=context.Value("i", 0),
         requests=context.Array("q", 5),
         stop_load=context.Event(),
-        hold_since=context.Value("d", float("inf")),
     )
-    load_average = {"start": _load_average()}
     with isolated_run(
         base,
-        "bench-soak",
+        f"bench-{label}",
         serve_port=free_port(),
         worker_metrics_port=free_port(),
         serve_host="127.0.0.1",
     ) as settings:
         from confluent_kafka.admin import AdminClient
 
-        workdir = Path(tempfile.mkdtemp(prefix="freshrec-soak-"))
+        workdir = Path(tempfile.mkdtemp(prefix=f"freshrec-{label}-"))
         children = Children(workdir, settings)
         store = redis_sync_client(settings)
         admin = AdminClient(kafka_config(settings, log_level=3))
@@ -137,10 +219,10 @@ def run_soak(
         succeeded = False  # the logs stay for a run that raised
         try:
             say(
-                f"soak: Kafka {settings.kafka_bootstrap}, Redis {mask_url(settings.redis_url)}; "
-                f"logs in {workdir}"
+                f"{label}: Kafka {settings.kafka_bootstrap}, Redis "
+                f"{mask_url(settings.redis_url)}; logs in {workdir}"
             )
-            say(f"soak: {warm_up([settings.funnel_config()])}")
+            say(f"{label}: {warm_up([settings.funnel_config()])}")
             worker = children.start("worker", ["worker", "--loglevel", "warning"], cwd=workdir)
             reader = children.start("reader", ["serve"])
             base_url = f"http://{settings.serve_host}:{settings.serve_port}"
@@ -170,27 +252,13 @@ def run_soak(
             load.start()
             watch.sample("idle")
             say(
-                f"soak: worker pid {worker.pid}, reader pid {reader.pid}, "
+                f"{label}: worker pid {worker.pid}, reader pid {reader.pid}, "
                 f"redis-server pid {watch.redis_pid or '(not on this machine)'}; "
                 f"serving {serve_rps:,.0f} req/s"
             )
-
-            probe = _probe(watch, shared, probe_s, sample_s, say)
-            held_rate = HOLD_SHARE * probe["max_events_per_s"]
-            shared.mode.value = PAUSE
-            watch.wait(lambda: watch.lag() <= 0, 300, "the worker to learn the backlog")
-            # Requests the probe held up are answered (or time out) before the hold's count.
-            watch.wait(
-                lambda: watch.in_flight() < serve_rps, 120, "the reader to catch up on requests"
+            yield Pipeline(
+                settings, shared, watch, base_url, serve_rps, say, label, results, context
             )
-            say(
-                f"soak: holding {held_rate:,.0f} events/s ({HOLD_SHARE:.0%} of the maximum) "
-                f"for {seconds:,.0f} s, a sample every {sample_s:g} s"
-            )
-            hold = _hold(watch, shared, held_rate, seconds, sample_s, say)
-            shared.stop_load.set()
-            serving = results.get(timeout=120)
-            load_average["end"] = _load_average()
             succeeded = True
         finally:
             shared.mode.value = STOP
@@ -207,9 +275,6 @@ def run_soak(
                 store.close()
                 if succeeded:
                     shutil.rmtree(workdir, ignore_errors=True)
-    return _summarise(
-        settings, watch.samples, probe, hold, serving, serve_rps, load_average, seconds
-    )
 
 
 class _Watch:
@@ -233,6 +298,7 @@ class _Watch:
         self.worker_pid = worker_pid
         self.reader_pid = reader_pid
         self.redis_pid = _local_redis_pid(store)
+        self.dirty_users = Keys(settings.key_prefix).dirty_users
         self.started = time.monotonic()
         self.samples: list[dict[str, Any]] = []
         self._applied = 0
@@ -243,7 +309,7 @@ class _Watch:
         for helper in self.helpers:
             if helper.exitcode is not None:
                 raise RuntimeError(
-                    f"the soak's {helper.name} process exited with code {helper.exitcode}"
+                    f"the bench's {helper.name} process exited with code {helper.exitcode}"
                 )
 
     def wait(self, condition: Callable[[], Any], timeout_s: float, what: str) -> None:
@@ -269,6 +335,10 @@ class _Watch:
         produced = self.shared.produced.value
         return produced - self.applied()
 
+    def unpublished(self) -> int:
+        """Users whose fresh list the reader has yet to publish."""
+        return int(self.store.zcard(self.dirty_users))
+
     def sample(self, phase: str) -> dict[str, Any]:
         self.alive()
         produced = self.shared.produced.value
@@ -290,13 +360,14 @@ class _Watch:
             "reader_5xx": requests[SERVER_ERROR],
             "no_answer": requests[NO_ANSWER],
             "in_flight": requests[SENT] - sum(requests[OK:]),
+            "unpublished": self.unpublished(),
         }
         self.samples.append(sample)
         return sample
 
 
 def _probe(
-    watch: _Watch, shared: _Shared, probe_s: float, sample_s: float, say: Say
+    watch: _Watch, shared: _Shared, probe_s: float, sample_s: float, say: Say, label: str
 ) -> dict[str, Any]:
     """Events as fast as the worker learns them; its rate between batch landings.
 
@@ -321,7 +392,7 @@ def _probe(
             break
         if now > deadline:
             raise TimeoutError(
-                f"soak: the worker landed {len(landings)} batches in {now - started:.0f} s; "
+                f"{label}: the worker landed {len(landings)} batches in {now - started:.0f} s; "
                 "at least 3 are needed to measure its rate"
             )
         watch.alive()
@@ -329,7 +400,7 @@ def _probe(
     (t0, a0), (t1, a1) = landings[0], landings[-1]
     rate = (a1 - a0) / (t1 - t0)
     say(
-        f"soak: maximum {rate:,.0f} events/s ({a1 - a0:,} events in {len(landings) - 1} "
+        f"{label}: maximum {rate:,.0f} events/s ({a1 - a0:,} events in {len(landings) - 1} "
         f"batches over {t1 - t0:.1f} s; mean backlog {statistics.fmean(backlogs):,.0f} of "
         f"at most {shared.backlog.value:,})"
     )
@@ -349,7 +420,6 @@ def _hold(
     """``rate`` events/s for ``seconds``, sampled every ``sample_s``."""
     shared.rate.value = rate
     shared.mode.value = PACED
-    shared.hold_since.value = time.time()
     begin = time.monotonic()
     first = watch.sample("hold")
     cpu = {"worker": process_cpu_seconds(watch.worker_pid)}
@@ -447,8 +517,8 @@ def _produce(settings: Settings, shared: _Shared) -> None:
 
 def _serve_load(base_url: str, users: int, rate: float, shared: _Shared, results: Any) -> None:
     """Runs in its own process: ``GET /recommendations/u{n}?k=10`` open-loop at ``rate`` for
-    random users of the stream until told to stop; answers counted as they come, the latencies
-    (from each request's due time) of the requests due in the hold summarised at the end."""
+    random users of the stream until told to stop; answers counted as they come, and every
+    request's due time (wall clock) and latency (from that due time) returned at the end."""
     import uvloop
 
     counts = shared.requests
@@ -456,7 +526,7 @@ def _serve_load(base_url: str, users: int, rate: float, shared: _Shared, results
     async def run() -> dict[str, Any]:
         rng = np.random.default_rng(1)
         client = KeepAliveClient(base_url)
-        latencies: list[tuple[float, float]] = []  # (due, wall clock; latency)
+        latencies: list[tuple[float, float]] = []  # (due, wall clock; latency, s)
         pending: set[asyncio.Task[None]] = set()
 
         async def one(due: float, user: str) -> None:
@@ -484,16 +554,22 @@ def _serve_load(base_url: str, users: int, rate: float, shared: _Shared, results
         if pending:
             await asyncio.gather(*pending)
         client.close()
-        since = shared.hold_since.value
-        held = np.array([latency for due, latency in latencies if due >= since])
         return {
             "requests": n,
             "achieved_rps": round(n / elapsed, 1),
-            "hold_requests": len(held),
-            **(latency_figures(held * 1000.0) if len(held) else {}),
+            "latencies": np.array(latencies).reshape(-1, 2),
         }
 
     results.put(uvloop.run(run()))
+
+
+def window_latency(
+    latencies: np.ndarray, since: float, until: float = float("inf")
+) -> dict[str, Any]:
+    """How many requests fell due in [since, until) (wall clock), and their latency figures."""
+    due = latencies[:, 0]
+    ms = latencies[(due >= since) & (due < until), 1] * 1000.0
+    return {"requests": len(ms), **(latency_figures(ms) if len(ms) else {})}
 
 
 # --- probes ----------------------------------------------------------------------------------
@@ -518,7 +594,7 @@ def _local_redis_pid(store: redis.Redis) -> int | None:
     return pid if name.startswith("redis") else None
 
 
-def _load_average() -> list[float] | None:
+def load_average_now() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
