@@ -156,11 +156,13 @@ def _parser() -> argparse.ArgumentParser:
     p = command(
         "bench",
         _bench,
-        "Measure update throughput (direct path, full pipeline, no-op agent); with `serve`, "
-        "the reader's latency under load; with --soak, memory and lag of the whole pipeline "
-        "held at 70 percent of its maximum ingest rate.",
+        "Measure update throughput (direct path, full pipeline, no-op agent) and freshness "
+        "under load (event to served and to published list at 50 and 80 percent of the "
+        "maximum ingest rate); `updates` or `freshness` alone; with `serve`, the reader's "
+        "latency under load; with --soak, memory and lag of the whole pipeline held at 70 "
+        "percent of its maximum ingest rate.",
     )
-    p.add_argument("target", nargs="?", choices=["updates", "serve"], default=None)
+    p.add_argument("target", nargs="?", choices=["updates", "freshness", "serve"], default=None)
     p.add_argument(
         "--soak",
         action="store_true",
@@ -175,10 +177,14 @@ def _parser() -> argparse.ArgumentParser:
         "--seconds",
         type=float,
         default=None,
-        help="serve: seconds per rate (default 10); --soak: seconds to hold (default 600)",
+        help="serve: seconds per rate (default 10); freshness: seconds of tracer events per "
+        "load (default 40); --soak: seconds to hold (default 600)",
     )
     p.add_argument(
-        "--serve-rps", type=float, default=100.0, help="--soak: reader requests per second"
+        "--serve-rps",
+        type=float,
+        default=100.0,
+        help="freshness and --soak: reader requests per second beside the events",
     )
     p.add_argument(
         "--tastes", type=int, default=20, help="serve: taste clusters in the factors (0: none)"
@@ -427,12 +433,25 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         )
         _emit(args, results, format_serve_results(results))
         return 0
+    from freshrec.bench.freshness import format_freshness, run_freshness
     from freshrec.bench.ingest import format_results, run_bench
 
-    results = run_bench(
-        settings, events=args.events, repeat=args.repeat, show_progress=not args.json
-    )
-    _emit(args, results, format_results(results))
+    results: dict[str, Any] = {}
+    text = []
+    if args.target in (None, "updates"):
+        results = run_bench(
+            settings, events=args.events, repeat=args.repeat, show_progress=not args.json
+        )
+        text.append(format_results(results))
+    if args.target in (None, "freshness"):
+        results["freshness"] = run_freshness(
+            settings,
+            seconds=40.0 if args.seconds is None else args.seconds,
+            serve_rps=args.serve_rps,
+            show_progress=not args.json,
+        )
+        text.append(format_freshness(results["freshness"]))
+    _emit(args, results, "\n\n".join(text))
     return 0
 
 

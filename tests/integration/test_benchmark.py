@@ -1,5 +1,6 @@
 """``freshrec bench`` on tiny sizes: every figure and ratio is reported, and nothing is left behind.
 The soak, briefly: every process sampled, the worker within its lag bound at 70 % of its maximum.
+Freshness, briefly: every tracer event is found in a served and in a published list.
 
 No timing is asserted: speed targets are goals the bench reports, measured side by side in one
 run, not pass/fail conditions on a shared machine.
@@ -15,6 +16,7 @@ import pytest
 import redis
 from confluent_kafka.admin import AdminClient
 
+from freshrec.bench.freshness import format_freshness, run_freshness
 from freshrec.bench.ingest import MEASUREMENTS, format_results, run_bench
 from freshrec.bench.soak import format_soak, run_soak
 from freshrec.devenv import local_services
@@ -22,15 +24,40 @@ from freshrec.settings import Settings
 
 pytestmark = pytest.mark.integration
 
+SHORT_PIPELINE: dict[str, Any] = {
+    "probe_s": 6.0,
+    "serve_rps": 20.0,
+    "probe_backlog": 2_000,
+    "show_progress": False,
+}
+"""The soak's and the freshness bench's pipeline, briefly: its maximum from a 6 s probe."""
 
-@pytest.fixture(scope="module")
-def bench(endpoints: local_services.Endpoints) -> tuple[Settings, dict[str, Any]]:
-    settings = dataclasses.replace(
+
+def _bench_settings(endpoints: local_services.Endpoints) -> Settings:
+    return dataclasses.replace(
         Settings.from_env(),
         kafka_bootstrap=endpoints.kafka_bootstrap,
         redis_url=endpoints.redis_url,
         partitions=2,
     )
+
+
+def _assert_nothing_left(settings: Settings, topic_prefix: str, keys: str) -> None:
+    """No topic or consumer group under ``topic_prefix``, no key matching the glob ``keys``."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 3})
+    assert not [t for t in admin.list_topics(timeout=10).topics if t.startswith(topic_prefix)]
+    groups = admin.list_consumer_groups(request_timeout=10).result().valid
+    assert not [g.group_id for g in groups if g.group_id.startswith(topic_prefix)]
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        assert not list(client.scan_iter(match=keys, count=1000))
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def bench(endpoints: local_services.Endpoints) -> tuple[Settings, dict[str, Any]]:
+    settings = _bench_settings(endpoints)
     results = run_bench(
         settings,
         events=400,
@@ -81,16 +108,8 @@ def test_results_print_as_a_table_and_as_json(bench: tuple[Settings, dict[str, A
 
 def test_the_bench_leaves_no_topics_keys_or_groups(bench: tuple[Settings, dict[str, Any]]) -> None:
     settings, results = bench
-    prefix = results["setup"]["topic_prefix"]
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 3})
-    assert not [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefix)]
-    groups = admin.list_consumer_groups(request_timeout=10).result().valid
-    assert not [g.group_id for g in groups if g.group_id.startswith(prefix)]
-    client = redis.Redis.from_url(settings.redis_url)
-    try:
-        assert not list(client.scan_iter(match=f"{results['setup']['key_prefix']}*", count=1000))
-    finally:
-        client.close()
+    setup = results["setup"]
+    _assert_nothing_left(settings, setup["topic_prefix"], f"{setup['key_prefix']}*")
 
 
 def test_a_short_soak_samples_every_process_and_keeps_up(
@@ -98,21 +117,8 @@ def test_a_short_soak_samples_every_process_and_keeps_up(
 ) -> None:
     """``freshrec bench --soak`` for about 20 s: a probe, a hold at 70 % of what it measured,
     memory of all three processes in every sample, a lag within its bound and no 5xx."""
-    settings = dataclasses.replace(
-        Settings.from_env(),
-        kafka_bootstrap=endpoints.kafka_bootstrap,
-        redis_url=endpoints.redis_url,
-        partitions=2,
-    )
-    results = run_soak(
-        settings,
-        seconds=12.0,
-        probe_s=6.0,
-        sample_s=2.0,
-        serve_rps=20.0,
-        probe_backlog=2_000,
-        show_progress=False,
-    )
+    settings = _bench_settings(endpoints)
+    results = run_soak(settings, seconds=12.0, sample_s=2.0, **SHORT_PIPELINE)
     assert json.loads(json.dumps(results)) == results
     rates = results["rates"]
     assert rates["max_events_per_s"] > 0 and rates["probe"]["batches"] >= 2
@@ -133,8 +139,35 @@ def test_a_short_soak_samples_every_process_and_keeps_up(
     # The verdict itself also weighs the lag's trend, which a busy machine can tip in 12 s.
     assert results["ok"] == (not results["failures"])
     assert ("soak: ok" in format_soak(results)) == results["ok"]
-    client = redis.Redis.from_url(settings.redis_url)
-    try:
-        assert not list(client.scan_iter(match=f"{results['setup']['key_prefix']}:*", count=1000))
-    finally:
-        client.close()
+    setup = results["setup"]
+    _assert_nothing_left(settings, setup["topic_prefix"], f"{setup['key_prefix']}:*")
+
+
+def test_every_tracer_event_is_seen_served_and_published(
+    endpoints: local_services.Endpoints,
+) -> None:
+    """Freshness at a tenth of the measured maximum for 5 s: every tracer found in the list
+    the reader serves and in the one it publishes, ordered figures, and nothing left behind.
+
+    A tenth, not the bench's half: at half, the reader's publisher falls behind on this
+    stream's many users (`bench/README.md`), and published lists can pass the deadline."""
+    settings = _bench_settings(endpoints)
+    results = run_freshness(
+        settings, seconds=5.0, shares=(0.1,), tracers_per_s=4.0, settle_s=1.0, **SHORT_PIPELINE
+    )
+    assert json.loads(json.dumps(results)) == results
+    assert results["max_events_per_s"] > 0
+    (level,) = results["levels"]
+    assert level["target_events_per_s"] == pytest.approx(0.1 * results["max_events_per_s"], 0.01)
+    assert level["applied_events_per_s"] > 0
+    for path in ("served", "published"):
+        figures = level[path]
+        assert figures["tracers"] == figures["seen"] == 20 and figures["missing"] == 0, figures
+        assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"], figures
+    assert level["polls"]["requests"] >= 20 and level["polls"]["errors"] == 0
+    assert level["serving"]["requests"] > 0
+    assert results["target"]["met"] is None  # no level at the target's half of the maximum
+    table = format_freshness(results)
+    assert " 10%" in table and "target:" in table
+    setup = results["setup"]
+    _assert_nothing_left(settings, setup["topic_prefix"], f"{setup['key_prefix']}:*")
