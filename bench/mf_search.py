@@ -37,7 +37,7 @@ from freshrec.models.top_k import top_n
 Search = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """``search(query, seen_rows)`` -> the rows found, best first, none of them seen."""
 
-HNSW_M = 32  # links per node: faiss's and hnswlib's usual choice at 32 dimensions
+HNSW_M = 32  # links per node above the bottom layer (twice that on it)
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = (128, 256, 512)
 IVF_NPROBE = (8, 32, 64)

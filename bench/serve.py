@@ -2,10 +2,12 @@
 
 The state (by default 50,000 items and 100,000 users: factor vectors, histories, co-occurrence
 neighbours, popularity, impressions) is written straight into Redis in the layout the workers
-produce, under a key prefix of its own. One reader process serves it; a *separate* process
-sends ``GET /recommendations/{user}?k=10`` open-loop at the target rate (requests are sent on
-schedule whether or not earlier ones have returned, so a slow reader shows up as latency, not
-as a politely lower rate) and records every latency.
+produce, under a key prefix of its own. The factors are drawn around taste clusters, or
+learned from a real stream by the workers' own learner and grown to the catalogue's size
+(`learned_state`), which is the harder case for MF recall's search. One reader process serves
+it, warmed first; a *separate* process sends ``GET /recommendations/{user}?k=10`` open-loop at
+the target rate (requests are sent on schedule whether or not earlier ones have returned, so a
+slow reader shows up as latency, not as a politely lower rate) and records every latency.
 """
 
 from __future__ import annotations
