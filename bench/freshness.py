@@ -151,6 +151,8 @@ def _level(
         time.sleep(max(0.0, paced + settle_s - time.monotonic()))  # pacing, not waiting on work
         first = watch.sample(label)
         pids = {"worker": watch.worker_pid, "reader": watch.reader_pid}
+        if watch.redis_pid is not None:
+            pids["redis"] = watch.redis_pid
         cpu = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
         since, begin = time.time(), time.monotonic()
         go.set()
@@ -507,7 +509,8 @@ def format_freshness(results: dict[str, Any]) -> str:
     for lv in results["levels"]:
         cpu, polls = lv["cpu_cores"], lv["polls"]
         lines.append(
-            f"at {lv['share']:.0%}: worker {cpu['worker']} and reader {cpu['reader']} cores; "
+            f"at {lv['share']:.0%}: CPU cores: worker {cpu['worker']}, reader {cpu['reader']}, "
+            f"redis-server {cpu.get('redis', '-')}; "
             f"{lv['lists_published_per_s']:,.0f} lists published/s; tracer polls "
             f"{polls['per_s']:,.0f}/s, round trip p50 {polls['round_trip_p50_ms']} ms"
         )
