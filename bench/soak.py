@@ -148,7 +148,7 @@ class Pipeline:
     say: Say
     label: str  # starts its progress lines
     results: Any  # the load process's queue
-    context: Any  # the spawn context, for more helper processes
+    context: Any  # the spawn context, for more processes of the bench (the tracer)
 
     def measure_maximum(self, probe_s: float, sample_s: float) -> dict[str, Any]:
         """The worker's maximum sustained ingest rate under the serving load (`_probe`)."""
