@@ -34,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from freshrec.serving.cancellation import pause
 from freshrec.serving.exposure import ExposureMeter
 from freshrec.serving.funnel import Funnel, FunnelConfig, UnknownItem
 from freshrec.serving.http_server import (
@@ -241,7 +242,7 @@ class Reader:
                     backoff = LOOP_BACKOFF_S
                 log.exception("background loop %r failed; restarting in %.1f s", name, backoff)
             LOOP_RESTARTS.labels(name).inc()
-            await asyncio.sleep(backoff)
+            await pause(backoff)
             backoff = min(2 * backoff, LOOP_BACKOFF_MAX_S)
             health.restarts += 1
 
@@ -265,7 +266,7 @@ class Reader:
                 if not is_transient_redis_error(exc):
                     raise
                 log.warning("funnel state not refreshed: %s", exc)
-            await asyncio.sleep(self.index_refresh_s)
+            await pause(self.index_refresh_s)
 
     # --- routes -------------------------------------------------------------------------------
     async def recommendations(self, request: Request) -> Response:

@@ -22,6 +22,7 @@ from prometheus_client import Counter, Histogram
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from freshrec.serving.cancellation import pause, raise_if_cancelled
 from freshrec.serving.funnel import Funnel
 from freshrec.store.keys import Keys
 from freshrec.store.server_scripts import ServerScripts
@@ -116,6 +117,7 @@ class RecommendationPublisher:
         """Publish until cancelled; outages of Redis or Kafka only delay publishing."""
         delay = interval_s
         while True:
+            raise_if_cancelled()
             try:
                 published = await self.publish_due()
                 delay = interval_s
@@ -129,7 +131,7 @@ class RecommendationPublisher:
             ) as exc:
                 log.warning("publishing deferred: %s", exc)
                 delay = min(max(delay * 2, 0.5), 5.0)
-            await asyncio.sleep(delay)
+            await pause(delay)
 
     def close(self, timeout_s: float = 10.0) -> Any:
         return self.producer.flush(timeout_s)
