@@ -306,6 +306,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         ),
         variants=Variants.parse(settings.variants, settings.funnel_config()),
         redis_options=redis_options(settings, redis_url),
+        reuse_port=settings.serve_reuse_port,
+        metrics_port=settings.reader_metrics_port,
     )
     return 0
 

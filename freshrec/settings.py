@@ -268,6 +268,18 @@ class Settings:
     # --- reader ------------------------------------------------------------------------------
     serve_host: str = _env("FRESHREC_SERVE_HOST", "Reader bind address.", "127.0.0.1")
     serve_port: int = _env("FRESHREC_SERVE_PORT", "Reader port.", 8080)
+    serve_reuse_port: bool = _env(
+        "FRESHREC_SERVE_REUSE_PORT",
+        "Several readers may bind the same port (SO_REUSEPORT, Linux): the kernel spreads new "
+        "connections among them. Give each its own FRESHREC_READER_METRICS_PORT.",
+        False,
+    )
+    reader_metrics_port: int = _env(
+        "FRESHREC_READER_METRICS_PORT",
+        "Port of this reader's own /metrics beside the one on its serving port (0: none); "
+        "readers sharing a port each need one, as a scrape of the shared port reaches any.",
+        0,
+    )
     recall_per_seed: int = _env(
         "FRESHREC_RECALL_PER_SEED",
         "Neighbours read per recent item in recall.",

@@ -24,13 +24,20 @@ import resource
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import uvloop
 from confluent_kafka import Producer
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
 
@@ -191,23 +198,33 @@ class Reader:
         self.exposure.export()
         SNAPSHOT_AGE.set_function(lambda: self.funnel.index.staleness_s)
 
-    async def start(self, host: str, port: int) -> None:
-        """Compiles the kernels, starts the background work, then binds ``host:port``.
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        """Binds ``host:port`` (beside other readers on it with ``reuse_port``: they share the
+        connections and, through the atomic pop of due users, the publishing), compiles the
+        kernels, starts the background work, then listens.
 
-        The port opens only once the kernels are ready, so neither a request nor the first
+        A port another process listens on fails at once, before anything else starts. The
+        port listens only once the kernels are ready, so neither a request nor the first
         refresh of the snapshot pays for a compile, and no route (``/healthz`` included) can
-        answer before the reader serves at speed. Binding first and answering 503 until ready
-        would need the compile on a thread beside the loop (it holds the GIL most of the time,
-        so even those answers would be slow) and every route to refuse meanwhile; a port not
-        yet open already means "not up yet" to every client, probe and load balancer.
+        answer before the reader serves at speed. Listening first and answering 503 until
+        ready would need the compile on a thread beside the loop (it holds the GIL most of the
+        time, so even those answers would be slow) and every route to refuse meanwhile; a port
+        not yet open already means "not up yet" to every client, probe and load balancer.
         """
+        with _port_taken(host, port, reuse_port):
+            await self.server.bind(host, port, reuse_port)
         warm_up([self.funnel.config, *(v.config for v in self.variants.variants)])
         self._background.append(asyncio.create_task(self._supervise("refresh", self._keep_fresh)))
         publisher, publishing = self.publisher, self.publishing
         if publisher is not None and publishing is not None:
             run = functools.partial(publisher.run, publishing.interval_s)
             self._background.append(asyncio.create_task(self._supervise("publisher", run)))
-        await self.server.start(host, port)
+        try:
+            with _port_taken(host, port, reuse_port):  # another took it while we compiled
+                await self.server.serve()
+        except RuntimeError:
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         await self.server.stop()
@@ -407,14 +424,23 @@ def run_reader(
     publishing: Publishing | None = None,
     variants: Variants | None = None,
     redis_options: Mapping[str, Any] | None = None,
+    reuse_port: bool = False,
+    metrics_port: int = 0,
 ) -> None:
     """Serves until SIGTERM or SIGINT, then finishes requests in flight and closes cleanly.
 
     ``redis_options`` are redis-py's options beside the URL (ACL user, password, TLS files:
     ``freshrec.connections.redis_options``); the request path's multiplexed connection takes
-    them from the same pool."""
+    them from the same pool. With ``reuse_port`` several readers listen on one port; each then
+    needs a ``metrics_port`` of its own for Prometheus, since a scrape of the shared port
+    reaches whichever reader the kernel picks."""
 
     _allow_open_files(MAX_CONNECTIONS + 256)
+    if metrics_port:  # the default registry, as /metrics on the serving port
+        try:
+            start_http_server(metrics_port, addr=host)
+        except OSError as exc:
+            raise RuntimeError(f"the reader's metrics port {host}:{metrics_port}: {exc}") from exc
 
     async def main() -> None:
         # Requests beyond the pool wait for a connection (up to the timeout) instead of failing.
@@ -432,7 +458,7 @@ def run_reader(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await reader.start(host, port)
+        await reader.start(host, port, reuse_port)
         log.info("reader listening on http://%s:%d", host, port)
         try:
             await stop.wait()
@@ -440,6 +466,16 @@ def run_reader(
             await reader.stop()
 
     uvloop.run(main())
+
+
+@contextlib.contextmanager
+def _port_taken(host: str, port: int, reuse_port: bool) -> Iterator[None]:
+    """An OSError binding or listening becomes a RuntimeError saying which port and why."""
+    try:
+        yield
+    except OSError as exc:
+        shared = "" if reuse_port else " (readers share a port with FRESHREC_SERVE_REUSE_PORT)"
+        raise RuntimeError(f"the reader cannot take {host}:{port}: {exc}{shared}") from exc
 
 
 def _allow_open_files(wanted: int) -> None:

@@ -150,11 +150,31 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        """Listens on ``host:port``: `bind`, then `serve`."""
+        await self.bind(host, port, reuse_port)
+        await self.serve()
+
+    async def bind(self, host: str, port: int, reuse_port: bool = False) -> None:
+        """Takes ``host:port`` without listening yet: a port in use fails here, before any
+        other start-up work, while clients are still refused. With ``reuse_port`` other
+        processes may listen there too (SO_REUSEPORT: the kernel hashes each new connection
+        to one of them)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, reuse_address=True, backlog=1024
+            lambda: _Connection(self),
+            host,
+            port,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
+            backlog=1024,
+            start_serving=False,
         )
+
+    async def serve(self) -> None:
+        """Starts listening on the bound port."""
+        assert self._server is not None, "bind first"
+        await self._server.start_serving()
         self._sweeper = asyncio.create_task(self._sweep())
 
     @property

@@ -135,7 +135,7 @@ class OwnService:
 
     def __init__(self, service: str, settings: Settings, workdir: Path) -> None:
         self.service, self.settings, self.workdir = service, settings, workdir
-        self.ports = _distinct_free_ports(2 if service == "kafka" else 1)
+        self.ports = distinct_free_ports(2 if service == "kafka" else 1)
         self.record: dict[str, Any] | None = None
 
     @property
@@ -156,7 +156,8 @@ class OwnService:
             self.record = None
 
 
-def _distinct_free_ports(n: int) -> list[int]:
+def distinct_free_ports(n: int) -> list[int]:
+    """``n`` free ports, no two alike."""
     ports: list[int] = []
     while len(ports) < n:
         if (port := free_port()) not in ports:

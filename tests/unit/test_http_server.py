@@ -162,6 +162,32 @@ def test_stop_lets_a_request_in_flight_finish() -> None:
     asyncio.run(run())
 
 
+def test_a_bound_port_refuses_connections_until_served() -> None:
+    """``bind`` takes the port but clients are refused until ``serve``: a reader compiles its
+    kernels between the two. Once served, another bind there fails at once."""
+
+    async def run() -> None:
+        router = Router()
+        router.add("/healthz", _echo)
+        first, second = HttpServer(router, _dispatch), HttpServer(router, _dispatch)
+        await first.bind("127.0.0.1", 0)
+        try:
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", first.port)
+            await first.serve()
+            with pytest.raises(OSError):
+                await second.bind("127.0.0.1", first.port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", first.port)
+            writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+            status, _, _ = await _answer(reader)
+            assert status == 200
+            writer.close()
+        finally:
+            await first.stop()
+
+    asyncio.run(run())
+
+
 async def _until(condition: Callable[[], bool]) -> None:
     while not condition():
         await asyncio.sleep(0.005)
