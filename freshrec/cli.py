@@ -160,18 +160,35 @@ def _parser() -> argparse.ArgumentParser:
         "under load (event to served and to published list at 50 and 80 percent of the "
         "maximum ingest rate); `updates` or `freshness` alone; with `serve`, the reader's "
         "latency under load; with --soak, memory and lag of the whole pipeline held at 70 "
-        "percent of its maximum ingest rate.",
+        "percent of its maximum ingest rate; with `memory`, Redis memory per user and per item.",
     )
-    p.add_argument("target", nargs="?", choices=["updates", "freshness", "serve"], default=None)
+    p.add_argument(
+        "target", nargs="?", choices=["updates", "freshness", "serve", "memory"], default=None
+    )
     p.add_argument(
         "--soak",
         action="store_true",
         help="soak the whole pipeline (worker, reader, Kafka, Redis) for --seconds (default 600)",
     )
-    p.add_argument("--events", type=int, default=100_000, help="updates: events per measurement")
+    p.add_argument(
+        "--events",
+        type=int,
+        default=100_000,
+        help="updates: events per measurement; memory: events to learn",
+    )
     p.add_argument("--repeat", type=int, default=3, help="updates: runs per measurement (medians)")
-    p.add_argument("--items", type=int, default=50_000, help="serve: items in the state")
-    p.add_argument("--users", type=int, default=100_000, help="serve: users in the state")
+    p.add_argument(
+        "--items",
+        type=int,
+        default=None,
+        help="serve: items in the state (default 50,000); memory: synthetic items (2,000)",
+    )
+    p.add_argument(
+        "--users",
+        type=int,
+        default=None,
+        help="serve: users in the state (default 100,000); memory: synthetic users (10,000)",
+    )
     p.add_argument("--rates", default="250,1000", help="serve: request rates to hold, req/s")
     p.add_argument(
         "--seconds",
@@ -194,6 +211,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="serve: learn the factors from this dataset (ml-100k) or ratings file, then grow "
         "them to --items and --users",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        default=None,
+        help="memory: learn this dataset (ml-100k) or events file instead of a synthetic stream",
     )
 
     p = command("demo", _demo, "Run the whole system on a synthetic stream and show it working.")
@@ -425,8 +448,8 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         rates = tuple(float(r) for r in args.rates.split(","))
         results = run_serve_bench(
             settings,
-            args.items,
-            args.users,
+            50_000 if args.items is None else args.items,
+            100_000 if args.users is None else args.users,
             rates,
             10.0 if args.seconds is None else args.seconds,
             show_progress=not args.json,
@@ -434,6 +457,19 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
             factors_from=args.factors_from,
         )
         _emit(args, results, format_serve_results(results))
+        return 0
+    if args.target == "memory":
+        from freshrec.bench.memory import format_memory, run_memory_bench
+
+        results = run_memory_bench(
+            settings,
+            args.source,
+            users=10_000 if args.users is None else args.users,
+            items=2_000 if args.items is None else args.items,
+            events=args.events,
+            show_progress=not args.json,
+        )
+        _emit(args, results, format_memory(results))
         return 0
     from freshrec.bench.freshness import format_freshness, run_freshness
     from freshrec.bench.ingest import format_results, run_bench

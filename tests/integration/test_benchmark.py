@@ -1,6 +1,7 @@
 """``freshrec bench`` on tiny sizes: every figure and ratio is reported, and nothing is left behind.
 The soak, briefly: every process sampled, the worker within its lag bound at 70 % of its maximum.
 Freshness, briefly: every tracer event is found in a served and in a published list.
+Memory: every user and item of a small stream is measured.
 
 No timing is asserted: speed targets are goals the bench reports, measured side by side in one
 run, not pass/fail conditions on a shared machine.
@@ -18,6 +19,7 @@ from confluent_kafka.admin import AdminClient
 
 from freshrec.bench.freshness import format_freshness, run_freshness
 from freshrec.bench.ingest import MEASUREMENTS, format_results, run_bench
+from freshrec.bench.memory import format_memory, run_memory_bench, stream_events
 from freshrec.bench.soak import format_soak, run_soak
 from freshrec.devenv import local_services
 from freshrec.settings import Settings
@@ -171,3 +173,24 @@ def test_every_tracer_event_is_seen_served_and_published(
     assert " 10%" in table and "target:" in table
     setup = results["setup"]
     _assert_nothing_left(settings, setup["topic_prefix"], f"{setup['key_prefix']}:*")
+
+
+def test_memory_per_user_and_per_item_counts_every_user_and_item_of_the_stream(
+    endpoints: local_services.Endpoints,
+) -> None:
+    """Every user and item of the stream is found and measured, a user's history holds each
+    distinct item they touched, the figures print, and the prefix is erased afterwards."""
+    settings = _bench_settings(endpoints)
+    stream, _ = stream_events(None, settings, users=300, items=100, events=3_000)
+    histories: dict[str, set[str]] = {}
+    for event in stream:
+        histories.setdefault(event.user_id, set()).add(event.item_id)
+    result = run_memory_bench(settings, users=300, items=100, events=3_000, show_progress=False)
+    assert result["users"] == len(histories)
+    assert result["items"] == len({event.item_id for event in stream})
+    mean_history = sum(len(items) for items in histories.values()) / len(histories)
+    assert result["mean_history"] == pytest.approx(mean_history, abs=0.05)
+    assert result["bytes_per_user"] > 0 and result["bytes_per_item"] > 0
+    assert result["bytes_per_waiting_user"] > 0
+    assert "per user" in format_memory(result)
+    _assert_nothing_left(settings, "freshrec-bench-memory", "fr-bench-memory-*")
