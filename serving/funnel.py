@@ -16,8 +16,10 @@
   with cold items chosen by UCB on their impressions and clicks.
 
 One round trip to Redis per request (the user's history and vector) whatever the number of
-candidates: the item side is an in-memory snapshot, refreshed in the background, and every stage
-works on arrays of index rows; strings and objects are made only for the k items served.
+candidates, and a second on the same connection when some of the user's recent items have
+neighbour lists changed since read: the item side is an in-memory snapshot, refreshed in the
+background, and every stage works on arrays of index rows; strings and objects are made only
+for the k items served.
 """
 
 from __future__ import annotations
@@ -335,7 +337,7 @@ class Funnel:
         if learn:
             self._learn_choices(user_id, user)
         if "cf" in cfg.channels:
-            await user.index.load_neighbours(user.seeds)
+            await user.index.load_neighbours(user.seeds, self.user_state)
         clock.lap("user")
         recall = self._recall(user, k, cfg)
         clock.lap("recall")

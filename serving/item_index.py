@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import time
 
+import numba
 import numpy as np
 from redis.asyncio import Redis
 
 from freshrec.models.inner_product_search import CellIndex
 from freshrec.models.mf import implicit_part, vector_width
+from freshrec.serving.multiplexed_redis import MultiplexedRedis
 from freshrec.store.keys import Keys
-from freshrec.store.server_scripts import ServerScripts
+from freshrec.store.server_scripts import NEIGHBOUR_LISTS, ServerScripts
 from freshrec.store.vectors import VECTOR_DTYPE
 
 FETCH_CHUNK = 1000  # items per round trip: each chunk's parsing holds the event loop briefly
@@ -182,35 +184,32 @@ class ItemIndex:
         # Before the next await: a request never sees a vector its cell's bound does not hold.
         self.cells.place(self.matrix, len(self.ids), rows)
 
-    async def load_neighbours(self, rows: np.ndarray) -> None:
+    async def load_neighbours(
+        self, rows: np.ndarray, client: MultiplexedRedis | None = None
+    ) -> None:
         """Makes the neighbour lists of ``rows`` current: fetches those that changed since read.
 
         Lists are read when a request needs them (its user's recent items), not on every
         refresh: one event changes the lists of every item it pairs with, a request reads a few.
+        ``client``, when given, runs the read (a request's own connection); else the index's.
         """
-        rows = np.unique(rows[self.loaded[rows] != self.generation[rows]])
-        if not rows.size:
+        stale = rows[self.loaded[rows] != self.generation[rows]]
+        if not stale.size:
             return
-        generation = self.generation[rows].copy()
-        lists = await self.scripts.neighbour_lists(
-            keys=[self.keys.neighbours(self.ids[row]) for row in rows.tolist()], args=[self.width]
-        )
+        rows = np.unique(stale)
+        generation = self.generation[rows]
+        keys = [self.keys.neighbours(self.ids[row]) for row in rows.tolist()]
+        if client is None:
+            lists = await self.scripts.neighbour_lists(keys=keys, args=[self.width])
+        else:
+            lists = await client.run_script(NEIGHBOUR_LISTS, keys, [self.width])
         # All lists parsed at once: one split and one lookup of every name, then a scatter.
         counts = np.array([len(weights) // 8 for _, weights in lists], dtype=np.int64)
         names = b"\n".join(joined for joined, _ in lists if joined).decode()
         found = self.row_of(names.split("\n")) if names else np.empty(0, np.int64)
         weights = np.frombuffer(b"".join(w for _, w in lists), "<f8")
-        known = found >= 0
-        owner = np.repeat(np.arange(len(rows)), counts)
-        before = np.concatenate([[0], np.cumsum(np.bincount(owner[known], minlength=len(rows)))])
-        slot = np.cumsum(known) - 1 - before[owner]  # place among the list's known neighbours
-        self.neighbours[rows] = -1
-        self.neighbour_weights[rows] = 0.0
-        self.neighbours[rows[owner[known]], slot[known]] = found[known]
-        self.neighbour_weights[rows[owner[known]], slot[known]] = weights[known]
-        # A list naming an item the snapshot does not hold yet is read again next time.
-        complete = np.bincount(owner[~known], minlength=len(rows)) == 0
-        self.loaded[rows] = np.maximum(self.loaded[rows], np.where(complete, generation, -1))
+        fill_lists(rows, generation, counts, found, weights,
+                   self.neighbours, self.neighbour_weights, self.loaded)  # fmt: skip
 
     def _row(self, item: str) -> int:
         row = self.rows.get(item)
@@ -270,3 +269,49 @@ class ItemIndex:
     def staleness_s(self) -> float:
         """How long ago the index last caught up with Redis."""
         return time.time() - self.last_refresh if self.last_refresh else float("inf")
+
+
+@numba.njit(cache=True, nogil=True)
+def fill_lists(
+    rows: np.ndarray,
+    generation: np.ndarray,
+    counts: np.ndarray,
+    found: np.ndarray,
+    weights: np.ndarray,
+    neighbours: np.ndarray,
+    neighbour_weights: np.ndarray,
+    loaded: np.ndarray,
+) -> None:
+    """Writes the lists read for ``rows`` (distinct) into their rows of ``neighbours`` and
+    ``neighbour_weights``: list ``i`` is the next ``counts[i]`` entries of ``found`` (rows, -1
+    for an item the index does not hold) and ``weights``, strongest first. Unknown items are
+    left out, the known ones keep their order. A list that named no unknown item is current as
+    of ``generation[i]`` (``loaded``); one that did is read again next time.
+
+    Examples
+    --------
+    >>> neighbours, weights = np.full((3, 2), -1), np.zeros((3, 2))
+    >>> loaded = np.full(3, -1)
+    >>> fill_lists(np.array([0, 2]), np.array([1, 4]), np.array([2, 1]), np.array([-1, 1, 0]),
+    ...            np.array([3.0, 2.0, 5.0]), neighbours, weights, loaded)
+    >>> neighbours.tolist(), weights.tolist(), loaded.tolist()
+    ([[1, -1], [-1, -1], [0, -1]], [[2.0, 0.0], [0.0, 0.0], [5.0, 0.0]], [-1, -1, 4])
+    """
+    width = neighbours.shape[1]
+    at = 0
+    for i in range(len(rows)):
+        row = rows[i]
+        neighbours[row, :] = -1
+        neighbour_weights[row, :] = 0.0
+        slot = 0
+        complete = True
+        for _ in range(counts[i]):
+            if found[at] < 0:
+                complete = False
+            elif slot < width:
+                neighbours[row, slot] = found[at]
+                neighbour_weights[row, slot] = weights[at]
+                slot += 1
+            at += 1
+        if complete:
+            loaded[row] = max(loaded[row], generation[i])

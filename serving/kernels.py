@@ -1,14 +1,15 @@
 """The funnel's compiled kernels, made ready before anything is served.
 
-Recall's merge, the ranking features, rerank and MF recall's cell search are numba functions
-compiled on their first call, for the argument types of that call, and cached on disk
-(``NUMBA_CACHE_DIR``, by default under ``FRESHREC_HOME``: see `freshrec`). Compiling them all
-takes from half a minute to a couple of minutes on a small machine; loading them from the cache
-about a second. Whatever pays for that first call must not be a request, so `warm_up` calls
-each kernel once with tiny inputs built the way the request path builds its own (same dtypes,
-same number of dimensions, same memory layouts, and the configuration's own scalars), which
-compiles or loads exactly the specialisations requests then use. The reader runs it before it
-binds its port; in-process users of the funnel (``freshrec eval``) before their first request.
+Recall's merge, the ranking features, rerank, MF recall's cell search and the scatter of
+neighbour lists read from Redis are numba functions compiled on their first call, for the
+argument types of that call, and cached on disk (``NUMBA_CACHE_DIR``, by default under
+``FRESHREC_HOME``: see `freshrec`). Compiling them all takes from half a minute to a couple
+of minutes on a small machine; loading them from the cache about a second. Whatever pays for
+that first call must not be a request, so `warm_up` calls each kernel once with tiny inputs
+built the way the request path builds its own (same dtypes, same number of dimensions, same
+memory layouts, and the configuration's own scalars), which compiles or loads exactly the
+specialisations requests then use. The reader runs it before it binds its port; in-process
+users of the funnel (``freshrec eval``) before their first request.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from freshrec.models.mf import implicit_part, vector_width
 from freshrec.serving import features as features_module
 from freshrec.serving.features import candidate_features
 from freshrec.serving.funnel_config import FunnelConfig
+from freshrec.serving.item_index import fill_lists
 from freshrec.serving.recall import CF, COLD, MF, TRENDING, Recalled, Scratch, merge_channels
 from freshrec.serving.rerank import rerank
 
@@ -37,6 +39,7 @@ KERNELS = (
     features_module._features,
     rerank,
     inner_product_search.top_inner_products,
+    fill_lists,
     # The cell index's upkeep, run by every refresh of the item snapshot on the event loop.
     inner_product_search._sums,
     inner_product_search._widen,
@@ -78,6 +81,7 @@ def warm_up(configs: Iterable[FunnelConfig] = ()) -> WarmUp:
         _funnel_stages(config)
         _empty_catalogue(config)
     _cell_search()
+    _neighbour_lists()
     after = [_counts(kernel) for kernel in KERNELS]
     done = WarmUp(
         seconds=time.perf_counter() - started,
@@ -191,6 +195,21 @@ def _empty_catalogue(config: FunnelConfig) -> None:
             config.recall_cold,
             CF | MF | TRENDING | COLD,
         )
+
+
+def _neighbour_lists() -> None:
+    """Two neighbour lists read from Redis into the index's rows, as `ItemIndex.load_neighbours`
+    parses them: the weights a read-only view of the reply."""
+    fill_lists(
+        np.array([0, 1], dtype=np.int64),
+        np.array([1, 1], dtype=np.int64),
+        np.array([1, 1], dtype=np.int64),
+        np.array([1, -1], dtype=np.int64),
+        np.frombuffer(np.ones(2).tobytes(), "<f8"),
+        np.full((2, 2), -1, dtype=np.int64),
+        np.zeros((2, 2)),
+        np.zeros(2, dtype=np.int64),
+    )
 
 
 def _cell_search() -> None:
