@@ -60,14 +60,15 @@ def stream_events(source: str | None, settings: Settings, users: int, items: int
     return loaded, source
 
 
-def classify(keys: Keys, key: str) -> str:
-    """``user``, ``item``, ``per-item set``, ``queue`` or ``shared``, by the key's name."""
+def classify(keys: Keys, key: str, item_sets: set[str]) -> str:
+    """``user``, ``item``, ``per-item set`` (one of ``item_sets``), ``queue`` or ``shared``,
+    by the key's name."""
     name = key[len(keys.prefix) + 1 :]
     if name.startswith(("mf:u:", "hist:", "shown:")):
         return "user"
     if name.startswith(("mf:i:", "cf:")):
         return "item"
-    if key in per_item_sets(keys):
+    if key in item_sets:
         return "per-item set"
     if key == keys.dirty_users:
         return "queue"
@@ -99,11 +100,12 @@ def measure_keys(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     for name in names:
         pipe.memory_usage(name, samples=0)
     sizes = pipe.execute()
+    item_sets = per_item_sets(keys)
     for name, size in zip(names, sizes, strict=True):
-        group = groups.setdefault(classify(keys, name), {"keys": 0, "bytes": 0})
+        group = groups.setdefault(classify(keys, name, item_sets), {"keys": 0, "bytes": 0})
         group["keys"] += 1
         group["bytes"] += int(size or 0)
-    for name in (per_item_sets(keys) | {keys.dirty_users}) & set(names):
+    for name in (item_sets | {keys.dirty_users}) & set(names):
         kind = client.type(name).decode()
         members[name] = int(client.zcard(name) if kind == "zset" else client.hlen(name))
     return {
@@ -137,8 +139,8 @@ def run_memory_bench(
             used_after = int(client.info("memory")["used_memory"])
             say("bench memory: measuring every key")
             measured = measure_keys(client, keys)
-            histories = _mean_length(client, keys, "hist:*", "zcard")
-            neighbours = _mean_length(client, keys, "cf:*", "zcard")
+            histories = _mean_length(client, keys, "hist:*")
+            neighbours = _mean_length(client, keys, "cf:*")
         finally:
             client.close()
     return summarise(measured, about, len(stream), learn_s, used_after - used_before,
@@ -157,13 +159,14 @@ async def _learn(settings: Settings, keys: Keys, stream: Sequence[Event], say: S
         await client.aclose()
 
 
-def _mean_length(client: redis.Redis, keys: Keys, pattern: str, command: str) -> float:
+def _mean_length(client: redis.Redis, keys: Keys, pattern: str) -> float:
+    """The mean number of members of the sorted sets named by ``pattern``."""
     names = list(client.scan_iter(match=f"{keys.prefix}:{pattern}", count=5000))
     if not names:
         return 0.0
     pipe = client.pipeline(transaction=False)
     for name in names:
-        getattr(pipe, command)(name)
+        pipe.zcard(name)
     return sum(pipe.execute()) / len(names)
 
 
