@@ -64,9 +64,9 @@ def classify(keys: Keys, key: str, item_sets: set[str]) -> str:
     """``user``, ``item``, ``per-item set`` (one of ``item_sets``), ``queue`` or ``shared``,
     by the key's name."""
     name = key[len(keys.prefix) + 1 :]
-    if name.startswith(("mf:u:", "hist:", "shown:")):
+    if name.startswith(("mf:u:", "hist:", "shown:", "rated:")):
         return "user"
-    if name.startswith(("mf:i:", "cf:")):
+    if name.startswith(("mf:i:", "cf:", "rp:")):
         return "item"
     if key in item_sets:
         return "per-item set"
@@ -83,6 +83,7 @@ def per_item_sets(keys: Keys) -> set[str]:
         keys.impressions,
         keys.clicks,
         keys.item_first_seen,
+        keys.item_ratings,
         keys.updated_items,
         keys.active_items,
         keys.retired_items,

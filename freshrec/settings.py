@@ -238,6 +238,16 @@ class Settings:
         "Co-occurring items kept per item (by weight).",
         _MODEL.neighbours_cap,
     )
+    rating_history: int = _env(
+        "FRESHREC_RATING_HISTORY",
+        "Ratings kept per user for the rating blend's neighbours and session terms.",
+        _MODEL.rating_history,
+    )
+    rating_pairs_cap: int = _env(
+        "FRESHREC_RATING_PAIRS_CAP",
+        "Co-rated items whose rating statistics are kept per item (by co-raters).",
+        _MODEL.rating_pairs_cap,
+    )
     user_ttl_s: int = _env(
         "FRESHREC_USER_TTL_S",
         "Idle time after which a user's history and factors expire.",
@@ -362,6 +372,8 @@ class Settings:
             "cooccurrence_history",
             "batch_size",
             "neighbours_cap",
+            "rating_history",
+            "rating_pairs_cap",
             "user_ttl_s",
             "item_ttl_s",
         ):
@@ -500,6 +512,8 @@ class Settings:
             cooccurrence_history=self.cooccurrence_history,
             cooccurrence_gap_exponent=self.cooccurrence_gap_exponent,
             neighbours_cap=self.neighbours_cap,
+            rating_history=self.rating_history,
+            rating_pairs_cap=self.rating_pairs_cap,
             user_ttl_s=self.user_ttl_s,
             item_ttl_s=self.item_ttl_s,
         )

@@ -67,14 +67,15 @@ class BiasedMF:
     --------
     >>> from freshrec.models.mf import VectorTable
     >>> mf = BiasedMF(VectorTable(factors=2, init_std=0.1, seed=0), lr=0.1, reg=0.0)
-    >>> mf.learn_one("ann", "dune", 5.0)  # mu = 5: nothing left for the biases
-    >>> mf.learn_one("bob", "dune", 3.0)  # mu = 4, e = -1.03: b_bob = (1/11 + 0.02) e
+    >>> round(mf.learn_one("ann", "dune", 5.0), 2)  # mu = 5: only -p.q is left
+    0.01
+    >>> round(mf.learn_one("bob", "dune", 3.0), 2)  # mu = 4: b_bob = (1/11 + 0.02) e
+    -1.04
     >>> round(mf.mean, 2), round(mf.bias("bob"), 3), mf.ratings_learned("i:dune")
     (4.0, -0.115, 2)
     >>> for _ in range(100):
-    ...     mf.learn_one("ann", "dune", 5.0)
-    ...     mf.learn_one("bob", "dune", 3.0)
-    ...     mf.learn_one("ann", "heat", 4.0)
+    ...     _ = mf.learn_one("ann", "dune", 5.0), mf.learn_one("bob", "dune", 3.0)
+    ...     _ = mf.learn_one("ann", "heat", 4.0)
     >>> round(mf.predict_one("ann", "dune"), 1), round(mf.predict_one("bob", "dune"), 1)
     (5.0, 3.0)
     """
@@ -108,8 +109,9 @@ class BiasedMF:
         i_part = rating_part(self.table["i:" + item], k)
         return predict_rating(u_part, i_part, self.mean)
 
-    def learn_one(self, user: str, item: str, rating: float) -> None:
-        """Fold ``rating`` into the mean and the counts, then one step on both rows."""
+    def learn_one(self, user: str, item: str, rating: float) -> float:
+        """Fold ``rating`` into the mean and the counts, then one step on both rows; returns
+        the error the step was taken on."""
         k = self.table.factors
         u_row, i_row = self.table["u:" + user], self.table["i:" + item]
         at = rating_count_at(k)
@@ -117,7 +119,7 @@ class BiasedMF:
         i_row[at] += 1.0
         self.mean_sum += rating
         self.mean_n += 1
-        rating_step(
+        return rating_step(
             rating_part(u_row, k),
             rating_part(i_row, k),
             self.mean_sum / self.mean_n,

@@ -29,6 +29,8 @@ class ModelConfig:
     cooccurrence_history: int = 100
     cooccurrence_gap_exponent: float = 0.5
     neighbours_cap: int = 200
+    rating_history: int = 200
+    rating_pairs_cap: int = 500
     user_ttl_s: int = 90 * 86400
     item_ttl_s: int = 90 * 86400
 

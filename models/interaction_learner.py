@@ -23,6 +23,7 @@ from freshrec.models.decay import ForwardDecay
 from freshrec.models.implicit_mf import ImplicitMF, draw_negatives
 from freshrec.models.mf import VectorTable
 from freshrec.models.popularity import Popularity
+from freshrec.models.rating_stack import Blend, RatingRecord, RatingStack
 
 INTERACTIONS = frozenset(("click", "view", "purchase", "rating"))
 """The event types the models learn from; an impression only counts toward its item's CTR."""
@@ -42,8 +43,11 @@ class Snapshot:
 
     ``vectors`` are full rows by name (``"u:<user>"``, ``"i:<item>"``); a row not in it starts
     at its initial vector. ``histories`` are users' most recent distinct items (up to the
-    config's ``cooccurrence_history``), most recent first; a user not in it has none. Learning
-    leaves the snapshot unchanged.
+    config's ``cooccurrence_history``), most recent first; a user not in it has none. The rating
+    side (`freshrec.models.rating_stack`): ``ratings`` are users' rating records, newest first;
+    ``rating_pairs`` item -> partner -> the pair's statistics, for every item a rating of the
+    batch meets in its user's records; ``item_ratings`` the rating counts of those items; and
+    ``blend`` the blend's state (None: its prior). Learning leaves the snapshot unchanged.
     """
 
     landmark: float
@@ -51,6 +55,10 @@ class Snapshot:
     mean_n: int = 0
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     histories: dict[str, list[str]] = field(default_factory=dict)
+    ratings: dict[str, list[RatingRecord]] = field(default_factory=dict)
+    rating_pairs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    item_ratings: dict[str, float] = field(default_factory=dict)
+    blend: np.ndarray | None = None
 
 
 @dataclass
@@ -60,7 +68,9 @@ class Changes:
     Vectors change by ``deltas[name]`` from ``bases[name]`` (the snapshot's row, or its
     initial vector); forward-decayed sums (``pairs``, ``occurrences``, ``popularity``) are at
     the snapshot's landmark. ``first_seen`` and ``history`` hold the earliest and latest event
-    time per item (and user). ``rating_errors`` are the prequential errors, not state.
+    time per item (and user). ``rating_records`` are each user's new records, oldest first;
+    ``rating_pairs``, ``item_ratings`` and ``blend`` amounts to add. ``rating_errors`` are the
+    prequential errors (of the blend, what is served), not state.
     """
 
     deltas: dict[str, np.ndarray] = field(default_factory=dict)
@@ -76,6 +86,10 @@ class Changes:
     impressions: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     first_seen: dict[str, float] = field(default_factory=dict)
     history: defaultdict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
+    rating_records: dict[str, list[RatingRecord]] = field(default_factory=dict)
+    rating_pairs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    item_ratings: dict[str, float] = field(default_factory=dict)
+    blend: np.ndarray | None = None
     rating_errors: list[float] = field(default_factory=list)
 
 
@@ -86,8 +100,9 @@ class InteractionLearner:
     appears twice in a batch sees its own first update, exactly as one-event-at-a-time
     learners would:
 
-    * a rating: its prequential error :math:`r - \\hat r` (predicted before anything about it
-      is learned), then one `BiasedMF` step;
+    * a rating: its prequential error :math:`r - \\hat r` (predicted by the `RatingStack`
+      before anything about it is learned), then the stack learns it (one `BiasedMF` step, the
+      blend, the user's rating record and the pair statistics with the user's earlier ratings);
     * every interaction: one `ImplicitMF` step with its type's strength and negatives drawn
       from the batch's items, then `Cooccurrence` with the user's history and `Popularity`
       weighted by the strength, both at the snapshot's landmark; the user's history and the
@@ -118,8 +133,8 @@ class InteractionLearner:
     ({'heat': 1.0}, {'dune': 1.5, 'heat': 1.0})
     >>> dict(changes.impressions), dict(changes.clicks), changes.mean_sum, changes.mean_n
     ({'dune': 1.0}, {'dune': 1.0}, 4.0, 1)
-    >>> sorted(changes.deltas), [round(e, 2) for e in changes.rating_errors]  # r - r_hat
-    (['i:dune', 'i:heat', 'u:ann', 'u:bob'], [3.99])
+    >>> sorted(changes.deltas), [round(e, 2) for e in changes.rating_errors]  # r - mu
+    (['i:dune', 'i:heat', 'u:ann', 'u:bob'], [4.0])
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -152,6 +167,14 @@ class InteractionLearner:
             cfg.bias_lr,
             cfg.bias_shrinkage,
         )
+        stack = RatingStack(
+            rating,
+            snapshot.ratings,
+            snapshot.rating_pairs,
+            snapshot.item_ratings,
+            Blend.prior_state() if snapshot.blend is None else snapshot.blend,
+            cfg.rating_history,
+        )
         implicit = ImplicitMF(table, cfg.implicit_lr, cfg.reg, cfg.implicit_alpha, seed=self.rng)
         histories = {user: list(items) for user, items in snapshot.histories.items()}
         cooccurrence = Cooccurrence(
@@ -176,8 +199,7 @@ class InteractionLearner:
             strength = cfg.strengths.get(ev.type, 1.0)
             if ev.type == "rating":
                 value = float(ev.value)  # type: ignore[arg-type]
-                out.rating_errors.append(value - rating.predict_one(user, item))
-                rating.learn_one(user, item, value)
+                out.rating_errors.append(stack.learn_one(user, item, value))
             elif ev.type == "click":
                 out.clicks[item] += 1.0
             implicit.learn_one(user, item, strength, [pool[pick] for pick in picks[n].tolist()])
@@ -197,4 +219,9 @@ class InteractionLearner:
                 out.bases[name] = base
         out.mean_sum = rating.mean_sum - snapshot.mean_sum
         out.mean_n = rating.mean_n - snapshot.mean_n
+        if stack.new_records:
+            out.rating_records = dict(stack.new_records)
+            out.rating_pairs = dict(stack.pair_changes)
+            out.item_ratings = dict(stack.rating_increments)
+            out.blend = stack.blend_change()
         return out

@@ -47,7 +47,14 @@ from freshrec.models.click_model import (
     LinearScorer,
     state_from_hash,
 )
-from freshrec.models.mf import implicit_part, predict_rating, rating_part, vector_width
+from freshrec.models.mf import implicit_part, vector_width
+from freshrec.models.rating_stack import (
+    PAIR_FIELDS,
+    Blend,
+    decode_records,
+    row_features,
+    solve_weights,
+)
 from freshrec.models.top_k import top_n
 from freshrec.serving.features import candidate_features
 from freshrec.serving.funnel_config import CHANNELS, FunnelConfig
@@ -540,46 +547,76 @@ class Funnel:
         return [{"item_id": m, "score": round(s, 6)} for s, m in scored[:k]]
 
     async def predict(self, user_id: str, item_id: str) -> dict[str, object]:
-        """The MF rating prediction, backing off to the biases a side has when the other is new.
+        """The rating prediction of `freshrec.models.rating_stack`: the blend of the MF, the
+        item-kNN predictors and the user's session terms, learned from the stream.
 
-        ``mu + b_u + b_i + p_u . q_i`` for a known pair; ``mu + b_u`` for an item no event has
-        mentioned yet (what the learner itself predicts before a new item's first update, less
-        its random factors), ``mu + b_i`` for a new user, ``mu`` when both are new.
+        A side no rating has reached yet contributes no bias and no factor term, so an item
+        no event has mentioned gets what the blend makes of ``mu``, the user's terms and
+        neighbours; before any rating is learned the blend is ``mu + b_u + b_i + p_u . q_i``.
         """
         return (await self.predict_many([(user_id, item_id)]))[0]
 
     async def predict_many(self, pairs: Sequence[tuple[str, str]]) -> list[dict[str, object]]:
-        """``predict`` of every (user, item) pair, from one read of their vectors."""
+        """``predict`` of every (user, item) pair, from two reads: the vectors, the users'
+        rating records and the blend, then each pair's statistics with those records."""
         keys = self.keys
         users = list(dict.fromkeys(u for u, _ in pairs))
         items = list(dict.fromkeys(i for _, i in pairs))
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(keys.rating_mean, "sum", "n")
         pipe.mget([keys.user_vector(u) for u in users] + [keys.item_vector(i) for i in items])
-        mean_raw, blobs = await pipe.execute()
+        pipe.get(keys.rating_blend)
+        for user in users:
+            pipe.lrange(keys.rating_history(user), 0, -1)
+        mean_raw, blobs, blend, *histories = await pipe.execute()
         mean = _mean(mean_raw)
         k = self.config.factors
         size = 4 * vector_width(k)
-        parts = [rating_part(decode_vector(b), k) if _sized(b, size) else None for b in blobs]
-        by_user = dict(zip(users, parts[: len(users)], strict=True))
-        by_item = dict(zip(items, parts[len(users) :], strict=True))
+        rows = [decode_vector(b) if _sized(b, size) else None for b in blobs]
+        by_user = dict(zip(users, rows[: len(users)], strict=True))
+        by_item = dict(zip(items, rows[len(users) :], strict=True))
+        records = {u: decode_records(raw) for u, raw in zip(users, histories, strict=True)}
+        state = Blend.prior_state()
+        if blend is not None and len(blend) == 8 * state.size:
+            state = np.frombuffer(blend, "<f8")
+        weights = solve_weights(state)
+
+        pipe = self.redis.pipeline(transaction=False)
+        for user_id, item_id in pairs:
+            partners = [r.item for r in records[user_id]]
+            if partners:
+                pipe.hmget(keys.rating_pairs(item_id), partners)
+                pipe.zmscore(keys.item_ratings, partners)
+        stats = iter(await pipe.execute())
         answers = []
         for user_id, item_id in pairs:
-            user, item = by_user[user_id], by_item[item_id]
-            if user is not None and item is not None:
-                prediction = predict_rating(user, item, mean)
+            user, item, history = by_user[user_id], by_item[item_id], records[user_id]
+            if history:
+                packed, counts = next(stats), next(stats)
+                pair_stats = np.array([_pair(p) for p in packed]).reshape(-1, PAIR_FIELDS)
+                partners = np.array([c or 0.0 for c in counts], dtype=np.float64)
             else:
-                prediction = mean + sum(float(side[0]) for side in (user, item) if side is not None)
+                pair_stats, partners = np.zeros((0, PAIR_FIELDS)), np.zeros(0)
+            x = row_features(mean, user, item, k, history, pair_stats, partners)
             answers.append(
                 {
                     "user_id": user_id,
                     "item_id": item_id,
-                    "prediction": round(float(prediction), 6),
+                    "prediction": round(float(weights @ x), 6),
                     "known_user": user is not None,
                     "known_item": item is not None,
                 }
             )
         return answers
+
+
+_NO_PAIR = np.zeros(PAIR_FIELDS)
+
+
+def _pair(packed: bytes | None) -> np.ndarray:
+    if packed is None or len(packed) != 4 * PAIR_FIELDS:
+        return _NO_PAIR
+    return np.frombuffer(packed, "<f4")
 
 
 def _sized(blob: bytes | None, size: int) -> bool:

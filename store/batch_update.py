@@ -38,6 +38,12 @@ from freshrec.models.interaction_learner import (
     Snapshot,
 )
 from freshrec.models.mf import VectorTable, vector_width
+from freshrec.models.rating_stack import (
+    PAIR_FIELDS,
+    RECORD_HEAD,
+    Blend,
+    decode_records,
+)
 from freshrec.store.keys import Keys
 from freshrec.store.server_scripts import ServerScripts
 from freshrec.store.vectors import VECTOR_DTYPE, decode_vector, encode_vector
@@ -178,11 +184,21 @@ class BatchUpdater:
         learners = [e for e in events if e.type in INTERACTIONS]
         return sorted({e.user_id for e in learners}), sorted({e.item_id for e in learners})
 
+    @staticmethod
+    def _raters(events: Sequence[Interaction]) -> dict[str, list[str]]:
+        """User -> the distinct items they rate in the batch, in order."""
+        out: dict[str, dict[str, None]] = {}
+        for e in events:
+            if e.type == "rating":
+                out.setdefault(e.user_id, {})[e.item_id] = None
+        return {user: list(items) for user, items in out.items()}
+
     async def _read_script(
         self, events: Sequence[Interaction], mark_keys: list[str]
     ) -> tuple[Snapshot, list[int]]:
         keys = self.keys
         users, items = self._entities(events)
+        raters = self._raters(events)
         query = {
             "landmark": keys.decay_landmark,
             "mean": keys.rating_mean,
@@ -190,13 +206,21 @@ class BatchUpdater:
             "histories": [keys.history(u) for u in users],
             "window": self.config.cooccurrence_history,
             "marks": mark_keys,
+            "ratings": [
+                (keys.rating_history(u), [keys.rating_pairs(i) for i in rated], rated)
+                for u, rated in raters.items()
+            ],
+            "rating_history": self.config.rating_history,
+            "item_ratings": keys.item_ratings,
+            "blend": keys.rating_blend,
         }
         if (first := _first_decayed(events)) is not None:
             query["first_ts"] = repr(first)
-        landmark, mean, blobs, histories, marks = await self.scripts.read_batch(
+        landmark, mean, blobs, histories, marks, rated, blend = await self.scripts.read_batch(
             args=[json.dumps(query, separators=(",", ":"))]
         )
         snapshot = await self._snapshot(events, users, items, landmark, mean, blobs, histories)
+        _rating_state(snapshot, raters, rated, blend)
         return snapshot, [int(m) if m is not None else -1 for m in marks]
 
     async def _read_pipelined(
@@ -218,14 +242,32 @@ class BatchUpdater:
             pipe.zrevrange(keys.history(u), 0, self.config.cooccurrence_history - 1)
         for key in mark_keys:
             pipe.get(key)
+        raters = self._raters(events)
+        for u in raters:
+            pipe.lrange(keys.rating_history(u), 0, self.config.rating_history - 1)
+        pipe.get(keys.rating_blend)
         replies = await pipe.execute()
         n = len(users) + len(items)
         blobs = replies[2 : 2 + n]
         histories = replies[2 + n : 2 + n + len(users)]
-        marks = replies[2 + n + len(users) :]
+        marks = replies[2 + n + len(users) : 2 + n + len(users) + len(mark_keys)]
+        records = replies[2 + n + len(users) + len(mark_keys) : -1]
         snapshot = await self._snapshot(
             events, users, items, replies[0], replies[1], blobs, histories
         )
+        # Each item's pairs are a key of their own: a second round, once the partners are known.
+        pipe = self.redis.pipeline(transaction=False)
+        for rated, raw in zip(raters.values(), records, strict=True):
+            partners = [r[RECORD_HEAD:] for r in raw] + [i.encode() for i in rated]
+            for i in rated:
+                pipe.hmget(keys.rating_pairs(i), partners)
+            pipe.zmscore(keys.item_ratings, partners)
+        stats = await pipe.execute()
+        rated_raw, at = [], 0
+        for (_, rated), raw in zip(raters.items(), records, strict=True):
+            rated_raw.append([raw, stats[at : at + len(rated)], stats[at + len(rated)]])
+            at += len(rated) + 1
+        _rating_state(snapshot, raters, rated_raw, replies[-1])
         return snapshot, [int(m) if m is not None else -1 for m in marks]
 
     async def _snapshot(
@@ -277,6 +319,7 @@ class BatchUpdater:
         keys, cap = self.keys, self.config.neighbours_cap
         out = [(keys.neighbours(item), cap, 0, row) for item, row in w.pairs.items()]
         out += [
+            (keys.item_ratings, 0, 0, w.item_ratings),
             (keys.occurrences, 0, 0, w.occurrences),
             (keys.popularity, 0, 0, w.popularity),
             (keys.clicks, 0, 0, w.clicks),
@@ -306,6 +349,7 @@ class BatchUpdater:
         cfg, keys = self.config, self.keys
         names = list(w.deltas)
         vector_keys = [self._vector_key(name) for name in names]
+        records = _encoded_records(w)
         ops = {
             "marks": watermarks,
             "width": vector_width(cfg.factors),
@@ -334,13 +378,37 @@ class BatchUpdater:
             "dirty": (keys.dirty_users, list(w.history), touched_at),
             "updated": (keys.updated_items, self._changed_items(w)),
             "active": (keys.active_items, self._active_items(w)),
+            "rating_pairs": [
+                (keys.rating_pairs(item), cfg.rating_pairs_cap, list(row))
+                for item, row in w.rating_pairs.items()
+            ],
+            "rating_records": [
+                (
+                    keys.rating_history(user),
+                    cfg.rating_history,
+                    cfg.user_ttl_s,
+                    [len(r) for r in encoded],
+                )
+                for user, encoded in records.items()
+            ],
         }
+        if w.blend is not None:
+            ops["blend"] = keys.rating_blend
         if clock is not None:  # absent, not null: Lua reads JSON null as a true value
             ops["clock"] = (keys.event_clock, clock, repr(clock))
         deltas = _pack([w.deltas[n] for n in names])
         bases = _pack([w.bases[n] for n in names])
+        pair_deltas = _pack([d for row in w.rating_pairs.values() for d in row.values()])
+        blend = (w.blend, Blend.prior_state()) if w.blend is not None else (np.zeros(0),) * 2
         done = await self.scripts.apply_batch(
-            args=[json.dumps(ops, separators=(",", ":")), deltas, bases]
+            args=[
+                json.dumps(ops, separators=(",", ":")),
+                deltas,
+                bases,
+                pair_deltas,
+                b"".join(r for encoded in records.values() for r in encoded),
+                *(part.astype("<f8").tobytes() for part in blend),
+            ]
         )
         if not done:
             raise _Retry  # another worker applied one of these partitions since the read
@@ -368,6 +436,19 @@ class BatchUpdater:
                 args.append(member)
                 args.append(repr(amount))
             await self.scripts.zincrby_many(keys=[key], args=args, client=pipe)
+        for item, row in w.rating_pairs.items():
+            args = [cfg.rating_pairs_cap, _pack(list(row.values())), *row]
+            await self.scripts.add_rating_pairs(
+                keys=[keys.rating_pairs(item)], args=args, client=pipe
+            )
+        for user, encoded in _encoded_records(w).items():
+            args = [cfg.rating_history, cfg.user_ttl_s, *encoded]
+            await self.scripts.push_records(
+                keys=[keys.rating_history(user)], args=args, client=pipe
+            )
+        if w.blend is not None:
+            args = [w.blend.astype("<f8").tobytes(), Blend.prior_state().astype("<f8").tobytes()]
+            await self.scripts.add_doubles(keys=[keys.rating_blend], args=args, client=pipe)
         if w.impressions:
             pipe.incrbyfloat(keys.impressions_total, sum(w.impressions.values()))
         if w.first_seen:
@@ -450,6 +531,35 @@ def _pack(vectors: list[np.ndarray]) -> bytes:
     if not vectors:
         return b""
     return np.asarray(vectors, dtype=VECTOR_DTYPE).tobytes()
+
+
+def _encoded_records(w: Changes) -> dict[str, list[bytes]]:
+    return {user: [r.encode() for r in records] for user, records in w.rating_records.items()}
+
+
+def _rating_state(
+    snapshot: Snapshot,
+    raters: dict[str, list[str]],
+    replies: Sequence[Sequence[object]],
+    blend: bytes | None,
+) -> None:
+    """Fills the snapshot's rating side from the read's replies: per rating user, their
+    records, the pair statistics of each item they rate, and the partners' rating counts."""
+    for (user, rated), (raw, stats, counts) in zip(raters.items(), replies, strict=True):
+        records = decode_records(raw)  # type: ignore[arg-type]
+        snapshot.ratings[user] = records
+        partners = [r.item for r in records] + rated
+        for item, values in zip(rated, stats, strict=True):  # type: ignore[call-overload]
+            row = snapshot.rating_pairs.setdefault(item, {})
+            for partner, value in zip(partners, values, strict=True):
+                if value is not None and len(value) == 4 * PAIR_FIELDS:
+                    row[partner] = np.frombuffer(value, "<f4").astype(np.float64)
+        for partner, count in zip(partners, counts, strict=True):  # type: ignore[call-overload]
+            if count is not None:
+                snapshot.item_ratings[partner] = float(count)
+    width = Blend.state_size()
+    if blend is not None and len(blend) == 8 * width:
+        snapshot.blend = np.frombuffer(blend, "<f8").copy()
 
 
 def _first_decayed(events: Sequence[Interaction]) -> float | None:

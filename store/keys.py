@@ -26,6 +26,24 @@ class Keys:
         """Hash {sum, n}: the running global mean rating mu."""
         return f"{self.prefix}:mf:mean"
 
+    def rating_history(self, user_id: str) -> str:
+        """List of the user's rating records, newest first (`freshrec.models.rating_stack`)."""
+        return f"{self.prefix}:rated:{user_id}"
+
+    def rating_pairs(self, item_id: str) -> str:
+        """Hash partner -> the pair's rating statistics from ``item_id``'s side (4 float32)."""
+        return f"{self.prefix}:rp:{item_id}"
+
+    @property
+    def item_ratings(self) -> str:
+        """Sorted set item -> number of ratings learned (the co-rating kNN's norms)."""
+        return f"{self.prefix}:rcount"
+
+    @property
+    def rating_blend(self) -> str:
+        """The rating blend's state (G, m) as packed float64: what every worker adds to."""
+        return f"{self.prefix}:mf:blend"
+
     def history(self, user_id: str) -> str:
         """Sorted set item -> last interaction time: recency window, seen filter, recall seeds."""
         return f"{self.prefix}:hist:{user_id}"

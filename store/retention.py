@@ -57,6 +57,7 @@ def _per_item_sets(keys: Keys) -> list[str]:
         keys.impressions,
         keys.clicks,
         keys.item_first_seen,
+        keys.item_ratings,
     ]
 
 
@@ -70,7 +71,7 @@ async def _retire_script(redis: Redis, keys: Keys, ttl_s: int, limit: int) -> in
                 keys.retired_horizon,
                 *_per_item_sets(keys),
             ],
-            args=[keys.item_vector(""), keys.neighbours(""), ttl_s, limit],
+            args=[keys.item_vector(""), keys.neighbours(""), ttl_s, limit, keys.rating_pairs("")],
         )
     )
 
@@ -89,13 +90,17 @@ async def _retire_pipelined(redis: Redis, keys: Keys, ttl_s: int, limit: int) ->
     pipe = redis.pipeline(transaction=False)
     for item in idle:
         pipe.zrange(keys.neighbours(item), 0, -1)
+        pipe.hkeys(keys.rating_pairs(item))
     lists = await pipe.execute()
     pipe = redis.pipeline(transaction=False)
-    for item, others in zip(idle, lists, strict=True):
-        for other in others:
+    for n, item in enumerate(idle):
+        for other in lists[2 * n]:
             pipe.zrem(keys.neighbours(other.decode()), item)
+        for other in lists[2 * n + 1]:
+            pipe.hdel(keys.rating_pairs(other.decode()), item)
         pipe.delete(keys.item_vector(item))
         pipe.delete(keys.neighbours(item))
+        pipe.delete(keys.rating_pairs(item))
     for key in _per_item_sets(keys):
         pipe.zrem(key, *idle)
     pipe.zadd(keys.retired_items, dict.fromkeys(idle, now))

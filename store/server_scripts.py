@@ -58,10 +58,94 @@ for i = 1, #ARGV do redis.call('ZADD', KEYS[1], stamp, ARGV[i]) end
 return #ARGV
 """
 
+# Lua functions the rating side's writes share, on a single Redis and on Cluster alike.
+# add_rating_pairs: adds packed '<ffff' deltas (from byte ``at`` of ``deltas``) to the hash
+# ``key``'s members; past twice ``cap`` members, keeps the ``cap`` with the most co-raters (the
+# first float). add_doubles: adds packed float64 ``delta`` to the blob ``key`` (``base`` where it
+# is missing). push_records: pushes records cut from ``blob`` by ``lengths``, newest last, and
+# keeps the ``cap`` newest. Each returns the byte after what it read.
+RATING_WRITES = """
+local function add_rating_pairs(key, cap, members, deltas, at)
+  for j = 1, #members do
+    local c, s, a, o = struct.unpack('<ffff', deltas, at)
+    at = at + 16
+    local cur = redis.call('HGET', key, members[j])
+    if cur and #cur == 16 then
+      local c0, s0, a0, o0 = struct.unpack('<ffff', cur)
+      c, s, a, o = c + c0, s + s0, a + a0, o + o0
+    end
+    redis.call('HSET', key, members[j], struct.pack('<ffff', c, s, a, o))
+  end
+  if cap > 0 and redis.call('HLEN', key) > 2 * cap then
+    local all = redis.call('HGETALL', key)
+    local rows = {}
+    for j = 1, #all, 2 do rows[#rows + 1] = {all[j], (struct.unpack('<f', all[j + 1]))} end
+    table.sort(rows, function(x, y) return x[2] > y[2] end)
+    for j = cap + 1, #rows do redis.call('HDEL', key, rows[j][1]) end
+  end
+  return at
+end
+local function add_doubles(key, delta, base)
+  local n = #delta / 8
+  local fmt = '<' .. string.rep('d', n)
+  local cur = redis.call('GET', key)
+  if not cur or #cur ~= #delta then cur = base end
+  local a = {struct.unpack(fmt, cur)}
+  local d = {struct.unpack(fmt, delta)}
+  for i = 1, n do a[i] = a[i] + d[i] end
+  redis.call('SET', key, struct.pack(fmt, unpack(a, 1, n)))
+end
+local function push_records(key, cap, ttl, lengths, blob, at)
+  for _, len in ipairs(lengths) do
+    redis.call('LPUSH', key, string.sub(blob, at, at + len - 1))
+    at = at + len
+  end
+  redis.call('LTRIM', key, 0, cap - 1)
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+  return at
+end
+"""
+
+# KEYS[1]: an item's rating pairs.  ARGV[1]: cap, ARGV[2]: packed deltas, then the members.
+ADD_RATING_PAIRS = (
+    RATING_WRITES
+    + """
+local members = {}
+for i = 3, #ARGV do members[#members + 1] = ARGV[i] end
+add_rating_pairs(KEYS[1], tonumber(ARGV[1]), members, ARGV[2], 1)
+return #members
+"""
+)
+
+# KEYS[1]: a packed float64 blob.  ARGV[1]: packed delta, ARGV[2]: the value where it is missing.
+ADD_DOUBLES = (
+    RATING_WRITES
+    + """
+add_doubles(KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+)
+
+# KEYS[1]: a user's rating records.  ARGV[1]: cap, ARGV[2]: ttl, ARGV[3..]: records, oldest
+# first.
+PUSH_RECORDS = (
+    RATING_WRITES
+    + """
+local lengths, blob = {}, {}
+for i = 3, #ARGV do lengths[#lengths + 1] = #ARGV[i]; blob[#blob + 1] = ARGV[i] end
+push_records(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), lengths, table.concat(blob), 1)
+return #lengths
+"""
+)
+
 # One batch read on a single Redis (not Cluster: it reads many keys). ARGV[1] is JSON:
 # {"landmark": key, "first_ts": str?, "mean": key, "vectors": [key..], "histories": [key..],
-#  "window": n, "marks": [key..]}: each history's n most recent items. Missing values come
-# back as nil. The landmark is set to first_ts only where none exists; a batch with nothing
+#  "window": n, "marks": [key..], "ratings": [[records key, [pair keys..], [items..]]..],
+#  "rating_history": n, "item_ratings": key, "blend": key}: each history's n most recent items;
+# per rating user, their n newest rating records, then for each item they rate in the batch its
+# pair statistics with the items of those records and of the batch's items (in that order), and
+# those items' rating counts. Missing values come back as nil. The landmark is set to first_ts
+# only where none exists; a batch with nothing
 # decayed (impressions only) has no first_ts and only reads it.
 READ_BATCH = """#!lua flags=no-cluster
 local q = cjson.decode(ARGV[1])
@@ -71,21 +155,38 @@ for i, key in ipairs(q.histories) do
   histories[i] = redis.call('ZREVRANGE', key, 0, q.window - 1)
 end
 for i, key in ipairs(q.marks) do marks[i] = redis.call('GET', key) end
+local rated = {}
+for n, r in ipairs(q.ratings) do
+  local records = redis.call('LRANGE', r[1], 0, q.rating_history - 1)
+  local partners = {}
+  for _, record in ipairs(records) do partners[#partners + 1] = string.sub(record, 21) end
+  for _, item in ipairs(r[3]) do partners[#partners + 1] = item end
+  local stats = {}
+  for m, key in ipairs(r[2]) do stats[m] = redis.call('HMGET', key, unpack(partners)) end
+  rated[n] = {records, stats, redis.call('ZMSCORE', q.item_ratings, unpack(partners))}
+end
 local landmark
 if q.first_ts then
   landmark = redis.call('SET', q.landmark, q.first_ts, 'NX', 'GET')
 else
   landmark = redis.call('GET', q.landmark)
 end
-return {landmark, redis.call('HMGET', q.mean, 'sum', 'n'), vectors, histories, marks}
+return {landmark, redis.call('HMGET', q.mean, 'sum', 'n'), vectors, histories, marks, rated,
+  redis.call('GET', q.blend)}
 """
 
 # One batch write on a single Redis, atomic: every change of a batch and its offset watermarks
 # land together or not at all. ARGV[1] is JSON (see BatchUpdater._batch_ops), ARGV[2] the
 # packed float32 deltas of all vectors back to back, ARGV[3] their bases (the vectors as read,
-# used where a key is missing). Returns 0 without writing anything when a watermark is not what
+# used where a key is missing), ARGV[4] the rating pairs' packed deltas, ARGV[5] the rating
+# records back to back, ARGV[6] the blend's packed delta and ARGV[7] its prior. Returns 0
+# without writing anything when a watermark is not what
 # the batch was read against (another worker applied these partitions meanwhile).
-APPLY_BATCH = """#!lua flags=no-cluster
+APPLY_BATCH = (
+    """#!lua flags=no-cluster
+"""
+    + RATING_WRITES
+    + """
 local b = cjson.decode(ARGV[1])
 for _, m in ipairs(b.marks) do
   local cur = redis.call('GET', m[1])
@@ -115,6 +216,11 @@ for _, z in ipairs(b.increments) do
   if trim > 0 then redis.call('ZREMRANGEBYRANK', key, 0, -trim - 1) end
   if ttl > 0 then redis.call('EXPIRE', key, ttl) end
 end
+local at = 1
+for _, p in ipairs(b.rating_pairs) do at = add_rating_pairs(p[1], p[2], p[3], ARGV[4], at) end
+at = 1
+for _, r in ipairs(b.rating_records) do at = push_records(r[1], r[2], r[3], r[4], ARGV[5], at) end
+if b.blend then add_doubles(b.blend, ARGV[6], ARGV[7]) end
 for _, h in ipairs(b.histories) do
   local key, cap, ttl, members, times = h[1], h[2], h[3], h[4], h[5]
   for j = 1, #members do redis.call('ZADD', key, 'GT', times[j], members[j]) end
@@ -141,6 +247,7 @@ redis.call('HINCRBY', b.stats[1], 'events', b.stats[2])
 redis.call('HSET', b.stats[1], 'applied_at', b.stats[3])
 return 1
 """
+)
 
 
 # KEYS[1]: the event clock or an offset watermark.  ARGV[1]: an event time or an offset.  It
@@ -163,11 +270,12 @@ return due
 
 
 # KEYS: the items' activity, retirement records, retirement horizon, then the change-stamp,
-# occurrence, popularity, impression, click and first-seen sorted sets.  ARGV: the key prefixes
-# of item vectors and of neighbour lists, the TTL in seconds, the most items to retire.
-# Retires (atomically, on the server's clock) up to that many items not written for the TTL:
-# their vector and neighbour list, their entries in every per-item sorted set and in the lists
-# of the neighbours they name (pairs are counted both ways), each recorded as retired for
+# occurrence, popularity, impression, click, first-seen and rating-count sorted sets.  ARGV: the
+# key prefixes of item vectors and of neighbour lists, the TTL in seconds, the most items to
+# retire, the key prefix of rating pairs. Retires (atomically, on the server's clock) up to that
+# many items not written for the TTL: their vector, neighbour list and rating pairs, their
+# entries in every per-item sorted set and in the lists and pairs of the items they name (pairs
+# are kept both ways), each recorded as retired for
 # readers; records older than the TTL are forgotten, the newest of them kept as the horizon.
 # Returns how many it retired. The limit bounds the time one call holds Redis.
 RETIRE_IDLE = """#!lua flags=no-cluster
@@ -180,7 +288,11 @@ for _, item in ipairs(idle) do
   for _, other in ipairs(redis.call('ZRANGE', list, 0, -1)) do
     redis.call('ZREM', ARGV[2] .. other, item)
   end
-  redis.call('DEL', ARGV[1] .. item, list)
+  local rated = ARGV[5] .. item
+  for _, other in ipairs(redis.call('HKEYS', rated)) do
+    redis.call('HDEL', ARGV[5] .. other, item)
+  end
+  redis.call('DEL', ARGV[1] .. item, list, rated)
   redis.call('ZADD', KEYS[2], now, item)
 end
 if #idle > 0 then
@@ -275,6 +387,9 @@ class ServerScripts:
         self.raise_clock = client.register_script(RAISE_CLOCK)
         self.read_batch = client.register_script(READ_BATCH)
         self.apply_batch = client.register_script(APPLY_BATCH)
+        self.add_rating_pairs = client.register_script(ADD_RATING_PAIRS)
+        self.add_doubles = client.register_script(ADD_DOUBLES)
+        self.push_records = client.register_script(PUSH_RECORDS)
         self.pop_due = client.register_script(POP_DUE)
         self.retire_idle = client.register_script(RETIRE_IDLE)
         self.neighbour_lists = client.register_script(NEIGHBOUR_LISTS)

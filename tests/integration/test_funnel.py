@@ -187,34 +187,44 @@ def test_only_a_configuration_that_opts_in_serves_the_learned_ranker(settings: S
     asyncio.run(run())
 
 
-def test_a_prediction_backs_off_to_the_biases_of_the_side_it_knows(settings: Settings) -> None:
-    """A known pair gets the full model; a new item ``mu + b_u``, a new user ``mu + b_i``."""
-    from freshrec.models.mf import predict_rating, rating_part
-    from freshrec.store.vectors import decode_vector
+def test_a_prediction_is_the_rating_stacks_on_the_stored_state(settings: Settings) -> None:
+    """Ratings learned in batches through Redis (records, pair statistics, counts and blend
+    read back and added to) predict what the stack learned one rating at a time in memory
+    predicts: for a known pair, a new item, a new user and neither."""
+    from freshrec.models.biased_mf import BiasedMF
+    from freshrec.models.mf import VectorTable
+    from freshrec.models.rating_stack import Blend, RatingStack
 
     async def run() -> None:
         ratings = [
-            Event("rating", f"u{n % 5}", f"i{n % 7}", TS + n, value=float(1 + n % 5))
+            Event("rating", f"u{n % 5}", f"i{n % 7}", TS + n, value=float(1 + n * n % 5))
             for n in range(60)
         ]
-        redis, keys, _ = await _setup(settings, ratings)
+        redis = Redis.from_url(settings.redis_url)
+        keys = Keys(settings.key_prefix)
+        config = settings.model_config()
+        updater = BatchUpdater(redis, keys, config)
+        for start in range(0, len(ratings), 20):
+            await updater.apply(ratings[start : start + 20])
+        table = VectorTable(config.factors, config.init_std, config.seed)
+        mf = BiasedMF(table, config.lr, config.reg, 0.0, 0, config.bias_lr, config.bias_shrinkage)
+        stack = RatingStack(mf, {}, {}, {}, Blend.prior_state(), config.rating_history)
+        for e in ratings:
+            stack.learn_one(e.user_id, e.item_id, e.value)  # type: ignore[arg-type]
         funnel = Funnel(redis, keys, settings.funnel_config())
-        k = settings.mf_factors
-        user = rating_part(decode_vector(await redis.get(keys.user_vector("u1"))), k)
-        item = rating_part(decode_vector(await redis.get(keys.item_vector("i2"))), k)
-        mu = sum(e.value for e in ratings) / len(ratings)  # type: ignore[misc]
-
-        both = await funnel.predict("u1", "i2")
-        assert both["known_user"] and both["known_item"]
-        assert both["prediction"] == pytest.approx(predict_rating(user, item, mu), abs=1e-5)
-        new_item = await funnel.predict("u1", "never-seen")
-        assert new_item["known_user"] and not new_item["known_item"]
-        assert new_item["prediction"] == pytest.approx(mu + user[0], abs=1e-5)
-        assert user[0] != 0.0  # so the back-off is not the global mean by accident
-        new_user = await funnel.predict("nobody", "i2")
-        assert new_user["prediction"] == pytest.approx(mu + item[0], abs=1e-5)
-        neither = await funnel.predict("nobody", "never-seen")
-        assert neither["prediction"] == pytest.approx(mu, abs=1e-5)
+        cases = [("u1", "i2"), ("u1", "never-seen"), ("nobody", "i2"), ("nobody", "never-seen")]
+        answers = await funnel.predict_many(cases)
+        assert [(a["known_user"], a["known_item"]) for a in answers] == [
+            (True, True),
+            (True, False),
+            (False, True),
+            (False, False),
+        ]
+        for (user, item), answer in zip(cases, answers, strict=True):
+            expected = stack.predict_one(user, item)
+            assert answer["prediction"] == pytest.approx(expected, abs=1e-3), (user, item)
+        assert len(await redis.lrange(keys.rating_history("u1"), 0, -1)) == 12
+        assert await redis.get(keys.rating_blend) is not None
         await funnel.aclose()
         await redis.aclose()
 

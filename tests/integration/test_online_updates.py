@@ -16,9 +16,11 @@ from redis.asyncio import Redis
 from river import optim, reco
 
 from freshrec.evaluation.synth import SynthConfig, generate
+from freshrec.models.biased_mf import BiasedMF
 from freshrec.models.cooccurrence import Cooccurrence
 from freshrec.models.decay import REBASE_EXPONENT
 from freshrec.models.mf import (
+    VectorTable,
     initial_vector,
     predict_rating,
     rating_count_at,
@@ -26,6 +28,7 @@ from freshrec.models.mf import (
     vector_width,
 )
 from freshrec.models.popularity import Popularity
+from freshrec.models.rating_stack import Blend, RatingStack, decode_records
 from freshrec.settings import Settings
 from freshrec.store.batch_update import INTERACTIONS, BatchUpdater
 from freshrec.store.keys import Keys
@@ -84,15 +87,13 @@ def test_mf_in_redis_equals_river_biased_mf_on_10000_ratings(
             if name not in table:
                 vec = initial_vector(name, kind, cfg.factors, cfg.init_std, cfg.seed)
                 table[name] = rating_part(vec, cfg.factors)[1:].copy()
-    river_errors = []
     for e in ratings:
-        river_errors.append(e.value - river_mf.predict_one(e.user_id, e.item_id))
         river_mf.learn_one(e.user_id, e.item_id, e.value)
 
-    async def run() -> tuple[list[float], dict[str, np.ndarray], float]:
+    async def run() -> tuple[dict[str, np.ndarray], float]:
         redis = Redis.from_url(settings.redis_url)
         keys = Keys(settings.key_prefix)
-        errors = await _apply_in_batches(BatchUpdater(redis, keys, cfg, atomic), ratings, 500)
+        await _apply_in_batches(BatchUpdater(redis, keys, cfg, atomic), ratings, 500)
         names = sorted({("u", e.user_id) for e in ratings} | {("i", e.item_id) for e in ratings})
         blobs = await redis.mget(
             [keys.user_vector(n) if k == "u" else keys.item_vector(n) for k, n in names]
@@ -100,15 +101,14 @@ def test_mf_in_redis_equals_river_biased_mf_on_10000_ratings(
         total, n = await redis.hmget(keys.rating_mean, "sum", "n")
         await redis.aclose()
         vectors = {f"{k}:{n}": decode_vector(b) for (k, n), b in zip(names, blobs, strict=True)}
-        return errors, vectors, float(total) / int(n)
+        return vectors, float(total) / int(n)
 
-    errors, vectors, mean = asyncio.run(run())
+    vectors, mean = asyncio.run(run())
     assert len(vectors["u:u0"]) == vector_width(cfg.factors)
     # Each row counts its ratings: the batches' deltas add up.
     assert vectors["u:u0"][rating_count_at(cfg.factors)] == sum(e.user_id == "u0" for e in ratings)
     assert vectors["i:i0"][rating_count_at(cfg.factors)] == sum(e.item_id == "i0" for e in ratings)
-    # Every prequential error (predicted before learning) and every final prediction agree.
-    np.testing.assert_allclose(errors, river_errors, atol=1e-6)
+    # Every final prediction agrees (the served errors are the blend's: the next test).
     users = sorted({e.user_id for e in ratings})[:20]
     items = sorted({e.item_id for e in ratings})[:20]
     for u in users:
@@ -119,6 +119,73 @@ def test_mf_in_redis_equals_river_biased_mf_on_10000_ratings(
                 mean,
             )
             assert ours == pytest.approx(river_mf.predict_one(u, i), abs=1e-6)
+
+
+def test_the_rating_stack_in_redis_equals_the_stack_learned_one_rating_at_a_time(
+    settings: Settings, atomic: bool
+) -> None:
+    """Batches read the records, pair statistics, counts and blend back from Redis and add to
+    them; the served (blend) errors and the stored state are those of one pass in memory, up
+    to the float32 the state is stored in."""
+    cfg = dataclasses.replace(settings.model_config(), rating_history=40, rating_pairs_cap=100)
+    stream = generate(SynthConfig(users=60, items=90, events=3_000, rating_share=1.0, seed=5))
+    ratings = _events(stream.events)
+    table = VectorTable(cfg.factors, cfg.init_std, cfg.seed)
+    mf = BiasedMF(table, cfg.lr, cfg.reg, 0.0, 0, cfg.bias_lr, cfg.bias_shrinkage)
+    stack = RatingStack(mf, {}, {}, {}, Blend.prior_state(), cfg.rating_history)
+    expected = [stack.learn_one(e.user_id, e.item_id, e.value) for e in ratings]
+
+    async def run() -> tuple[list[float], dict[str, list[bytes]], dict[str, dict], bytes]:
+        redis = Redis.from_url(settings.redis_url)
+        keys = Keys(settings.key_prefix)
+        errors = await _apply_in_batches(BatchUpdater(redis, keys, cfg, atomic), ratings, 250)
+        users = sorted({e.user_id for e in ratings})
+        items = sorted({e.item_id for e in ratings})
+        records = {u: await redis.lrange(keys.rating_history(u), 0, -1) for u in users}
+        pairs = {i: await redis.hgetall(keys.rating_pairs(i)) for i in items}
+        blend = await redis.get(keys.rating_blend)
+        await redis.aclose()
+        return errors, records, pairs, blend
+
+    errors, records, pairs, blend = asyncio.run(run())
+    np.testing.assert_allclose(errors, expected, atol=2e-3)
+    assert np.sqrt(np.mean(np.square(errors))) < np.std([e.value for e in ratings])
+    for user, raw in records.items():
+        stored = decode_records(raw)
+        assert [r.item for r in stored] == [r.item for r in stack.histories[user]], user
+        assert len(stored) <= cfg.rating_history
+    for item, row in pairs.items():
+        assert {p.decode() for p in row} == set(stack.pairs[item]), item
+        for partner, packed in row.items():
+            assert np.frombuffer(packed, "<f4") == pytest.approx(
+                stack.pairs[item][partner.decode()], rel=1e-4, abs=1e-3
+            )
+    state = np.frombuffer(blend, "<f8")
+    assert state == pytest.approx(stack.blend.state, rel=1e-3, abs=1e-3)
+
+
+def test_an_items_rating_pairs_past_twice_the_cap_keep_the_most_co_rated(
+    settings: Settings, redis_client
+) -> None:
+    """The pair hash grows to twice its cap, then keeps the cap partners with the most
+    co-raters: memory stays bounded and the strongest evidence stays."""
+    from freshrec.store.server_scripts import ServerScripts
+
+    key = Keys(settings.key_prefix).rating_pairs("capped")
+    scripts = ServerScripts(redis_client)
+    counts = {f"p{n}": float((7 * n) % 13 + 1) for n in range(13)}
+    deltas = [np.array([c, 0.5, 1, 2], "<f4").tobytes() for c in counts.values()]
+    try:
+        scripts.add_rating_pairs(keys=[key], args=[6, b"".join(deltas[:12]), *list(counts)[:12]])
+        assert redis_client.hlen(key) == 12  # twice the cap: nothing dropped yet
+        more = np.array([20, 0.5, 1, 2], "<f4").tobytes()  # p0 now has the most co-raters
+        scripts.add_rating_pairs(keys=[key], args=[6, deltas[12] + more, "p12", "p0"])
+        counts["p0"] += 20
+        row = redis_client.hgetall(key)
+        assert sorted(p.decode() for p in row) == sorted(sorted(counts, key=counts.get)[-6:])
+        assert np.frombuffer(row[b"p0"], "<f4").tolist() == [counts["p0"], 1.0, 2.0, 4.0]
+    finally:
+        redis_client.delete(key)
 
 
 def _learned_alone(events: list[Event], cfg, now: float) -> tuple[dict, dict, dict]:

@@ -21,6 +21,7 @@ from freshrec.models.interaction_learner import (
     Snapshot,
 )
 from freshrec.models.mf import VectorTable, initial_vector
+from freshrec.models.rating_stack import Blend, RatingStack
 from freshrec.streams.events import Event
 
 CONFIG = ModelConfig(factors=4, cooccurrence_history=6)
@@ -64,8 +65,9 @@ def _learn(events: list[Event], snapshot: Snapshot) -> Changes:
 
 
 def _one_model_at_a_time(events: list[Event], snapshot: Snapshot) -> tuple[VectorTable, list]:
-    """Each rating through BiasedMF, each interaction through ImplicitMF with the negatives a
-    generator seeded by the config draws for the batch; the rating errors, predicted first."""
+    """Each rating through the rating stack (BiasedMF inside), each interaction through
+    ImplicitMF with the negatives a generator seeded by the config draws for the batch; the
+    rating errors, predicted first."""
     table = VectorTable(CONFIG.factors, CONFIG.init_std, CONFIG.seed)
     table.update({name: vec.copy() for name, vec in snapshot.vectors.items()})
     ratings = BiasedMF(
@@ -77,6 +79,7 @@ def _one_model_at_a_time(events: list[Event], snapshot: Snapshot) -> tuple[Vecto
         CONFIG.bias_lr,
         CONFIG.bias_shrinkage,
     )
+    stack = RatingStack(ratings, {}, {}, {}, Blend.prior_state(), CONFIG.rating_history)
     implicit = ImplicitMF(table, CONFIG.implicit_lr, CONFIG.reg, CONFIG.implicit_alpha)
     pool = sorted({e.item_id for e in events if e.type in INTERACTIONS})
     rng = np.random.default_rng(CONFIG.seed)
@@ -86,8 +89,8 @@ def _one_model_at_a_time(events: list[Event], snapshot: Snapshot) -> tuple[Vecto
         if e.type == "impression":
             continue
         if e.type == "rating":
-            errors.append(e.value - ratings.predict_one(e.user_id, e.item_id))
-            ratings.learn_one(e.user_id, e.item_id, e.value)
+            errors.append(e.value - stack.predict_one(e.user_id, e.item_id))
+            stack.learn_one(e.user_id, e.item_id, e.value)
         strength = CONFIG.strengths[e.type]
         implicit.learn_one(e.user_id, e.item_id, strength, [pool[p] for p in row])
     return table, errors
@@ -109,7 +112,7 @@ def test_each_rating_error_is_predicted_before_the_rating_is_learned() -> None:
     events = _batch()
     snapshot = _snapshot(events)
     _, errors = _one_model_at_a_time(events, snapshot)
-    assert _learn(events, snapshot).rating_errors == errors
+    assert _learn(events, snapshot).rating_errors == pytest.approx(errors, abs=1e-12)
     assert len(errors) == sum(e.type == "rating" for e in events) > 50
 
 

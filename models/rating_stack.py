@@ -1,0 +1,380 @@
+r"""Rating prediction: the biased MF, two item-kNN predictors and session terms, blended online.
+
+A rating is predicted as :math:`\hat r_{ui} = w^\top x_{ui}`, a linear blend of nine signals
+(`SIGNALS`), each also multiplied by :math:`\ln(1 + n_u)` and by :math:`\ln(1 + n_i)` (the
+user's and the item's numbers of ratings), plus an intercept: 28 entries. The gates let the
+blend trust the factors for a well-known user and item and the biases, the neighbours or the
+session for a new one (the count-dependent blending of Koren, 2008, learned instead of set).
+
+The signals, all from the state before the rating is learned:
+
+* :math:`\mu, b_u, b_i, p_u^\top q_i`: the `BiasedMF` terms (a side with no rating: bias and
+  factor term 0);
+* co-rating kNN: :math:`\sum_j s_{ij} \rho_j / \sum_j s_{ij}` over the items :math:`j` the user
+  rated, with :math:`s_{ij} = \frac{c_{ij}}{\sqrt{n_i n_j}} \frac{c_{ij}}{c_{ij} + \beta}` and
+  :math:`\rho_j = r_{uj} - (\mu + b_u + b_j)`, the user's residual on :math:`j` when it was
+  learned (:math:`c_{ij}`: users who rated both);
+* adjusted-cosine kNN (Sarwar et al., 2001): the same with
+  :math:`s_{ij} = \frac{S_{ij}}{\sqrt{A_{ij} A_{ji}}} \frac{c_{ij}}{c_{ij} + \beta}` and
+  :math:`\sum_j |s_{ij}|` below, where :math:`S_{ij} = \sum_v z_{vi} z_{vj}` and
+  :math:`A_{ij} = \sum_v z_{vi}^2` run over the co-raters, and :math:`z_{vi}` is
+  :math:`r_{vi}` less :math:`v`'s mean rating when it was learned;
+* the mean residual of the user's last `RECENT` ratings;
+* two session terms: exponential moving averages (rate `SESSION_RATE`, about the last five
+  ratings) of the MF's and of the blend's own errors on the user's ratings.
+
+:math:`w` is exponentially weighted least squares (recursive least squares with forgetting
+factor :math:`\lambda`, Haykin, *Adaptive Filter Theory*, ch. 10): it minimises
+:math:`\lambda^t (w - w_0)^\top (w - w_0) + \sum_s \lambda^{t-s} (r_s - w^\top x_s)^2`, whose
+normal equations are :math:`G w = m` with
+
+.. math::
+
+    G \leftarrow \lambda G + x x^\top, \qquad m \leftarrow \lambda m + r x, \qquad
+    G_0 = I,\ m_0 = w_0 .
+
+:math:`w_0` is 1 on :math:`\mu, b_u, b_i, p^\top q` and 0 elsewhere, so the blend starts as the
+MF and moves only as far as the stream shows it should. The features are in rating units and
+the weights have none, so the prior fits any rating scale; every other constant counts ratings,
+not seconds, so it holds for any timestamp resolution. :math:`(G, m)` is the whole state, and
+one process's batch changes it by amounts that add up, so workers share it like any counter.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from freshrec.models.biased_mf import BiasedMF
+from freshrec.models.mf import rating_count_at
+
+SIGNALS = (
+    "mean",
+    "user_bias",
+    "item_bias",
+    "factors",
+    "corating_knn",
+    "user_session",
+    "recent_residual",
+    "adjusted_cosine_knn",
+    "blend_session",
+)
+WIDTH = 3 * len(SIGNALS) + 1
+"""Signals, signals times ln(1 + n_u), signals times ln(1 + n_i), intercept."""
+PRIOR = np.array([1.0, 1.0, 1.0, 1.0] + [0.0] * (WIDTH - 4))
+"""w_0: the MF's own prediction."""
+FORGETTING = 0.9999
+"""lambda: the blend weighs about the last 10,000 ratings."""
+SIMILARITY_SHRINKAGE = 10.0
+"""beta, in co-raters: a similarity from few co-raters counts for less."""
+RECENT = 10
+SESSION_RATE = 0.2
+PAIR_FIELDS = 4
+"""A pair's statistics from one item's side: c_ij, S_ij, A_ij, A_ji."""
+
+_RECORD = struct.Struct("<5f")
+
+
+@dataclass(frozen=True)
+class RatingRecord:
+    """One learned rating, as a user's history keeps it (newest first)."""
+
+    item: str
+    rating: float
+    centred: float  # z: the rating less the user's mean rating when it was learned
+    residual: float  # rho: the rating less mu + b_u + b_i when it was learned
+    mf_error: float  # the MF's error on it, before its step
+    blend_error: float  # the blend's error on it, before its update
+
+    def encode(self) -> bytes:
+        """Five float32 then the item id in UTF-8: what the history list stores."""
+        head = _RECORD.pack(
+            self.rating, self.centred, self.residual, self.mf_error, self.blend_error
+        )
+        return head + self.item.encode()
+
+    @classmethod
+    def decode(cls, blob: bytes) -> RatingRecord:
+        rating, centred, residual, mf_error, blend_error = _RECORD.unpack_from(blob)
+        return cls(blob[_RECORD.size :].decode(), rating, centred, residual, mf_error, blend_error)
+
+
+RECORD_HEAD = _RECORD.size
+"""Bytes before the item id in an encoded record."""
+
+
+def decode_records(blobs: Sequence[bytes]) -> list[RatingRecord]:
+    return [RatingRecord.decode(b) for b in blobs if len(b) > RECORD_HEAD]
+
+
+def sessions(records: Sequence[RatingRecord], rate: float = SESSION_RATE) -> tuple[float, float]:
+    r"""EMAs of the MF's and the blend's errors over ``records`` (newest first), from 0:
+    :math:`\sum_k a (1 - a)^k e_k`, the recursive average unrolled."""
+    if not records:
+        return 0.0, 0.0
+    weights = rate * (1.0 - rate) ** np.arange(len(records))
+    errors = np.array([(r.mf_error, r.blend_error) for r in records])
+    mf, blend = weights @ errors
+    return float(mf), float(blend)
+
+
+def user_mean(records: Sequence[RatingRecord], rating: float) -> float:
+    """The user's mean rating over the history kept and ``rating``: what ``z`` centres by."""
+    return (sum(r.rating for r in records) + rating) / (len(records) + 1)
+
+
+def features(
+    mean: float,
+    user_bias: float,
+    item_bias: float,
+    factors: float,
+    user_ratings: float,
+    item_ratings: float,
+    records: Sequence[RatingRecord],
+    pairs: np.ndarray,
+    partner_ratings: np.ndarray,
+) -> np.ndarray:
+    """:math:`x_{ui}` (`WIDTH` entries) for an item with ``item_ratings`` ratings and a user
+    with ``user_ratings`` and ``records``. ``pairs`` holds one row of `PAIR_FIELDS` per record
+    (zeros where the items were never rated together), ``partner_ratings`` the records' items'
+    rating counts."""
+    corating = adjusted = recent = 0.0
+    if records:
+        residual = np.array([r.residual for r in records])
+        recent = float(residual[:RECENT].mean())
+        if item_ratings > 0:
+            count, cross, own, other = pairs.T
+            confidence = count / (count + SIMILARITY_SHRINKAGE)
+            sim = count / np.sqrt(item_ratings * np.maximum(partner_ratings, 1.0)) * confidence
+            corating = _weighted_mean(sim, residual, float(sim.sum()))
+            sim = cross / (np.sqrt(own * other) + 1e-9) * confidence
+            adjusted = _weighted_mean(sim, residual, float(np.abs(sim).sum()))
+    user_session, blend_session = sessions(records)
+    signals = np.array(
+        [
+            mean,
+            user_bias,
+            item_bias,
+            factors,
+            corating,
+            user_session,
+            recent,
+            adjusted,
+            blend_session,
+        ]
+    )
+    return np.concatenate(
+        [signals, signals * math.log1p(user_ratings), signals * math.log1p(item_ratings), [1.0]]
+    )
+
+
+def row_features(
+    mean: float,
+    user_row: np.ndarray | None,
+    item_row: np.ndarray | None,
+    factors: int,
+    records: Sequence[RatingRecord],
+    pairs: np.ndarray,
+    partner_ratings: np.ndarray,
+) -> np.ndarray:
+    """`features` from the user's and the item's stored vectors (None: never seen), with the
+    MF's terms of a side that has no rating at 0."""
+    at = rating_count_at(factors)
+    n_user = float(user_row[at]) if user_row is not None else 0.0
+    n_item = float(item_row[at]) if item_row is not None else 0.0
+    known_user = user_row is not None and n_user > 0
+    known_item = item_row is not None and n_item > 0
+    dot = 0.0
+    if known_user and known_item:
+        dot = float(user_row[1 : factors + 1] @ item_row[1 : factors + 1])  # type: ignore[index]
+    return features(
+        mean,
+        float(user_row[0]) if known_user else 0.0,  # type: ignore[index]
+        float(item_row[0]) if known_item else 0.0,  # type: ignore[index]
+        dot,
+        n_user,
+        n_item,
+        records,
+        pairs,
+        partner_ratings,
+    )
+
+
+def _weighted_mean(weights: np.ndarray, values: np.ndarray, mass: float) -> float:
+    return float(weights @ values) / mass if mass > 0 else 0.0
+
+
+class Blend:
+    r"""Recursive least squares over the normal equations :math:`G w = m` (module docstring).
+
+    ``learn`` keeps :math:`P = G^{-1}` and :math:`w` by the Sherman-Morrison update, and
+    :math:`G, m` alongside, so a batch's change of the shared state is their difference.
+
+    Parameters
+    ----------
+    state
+        :math:`G` row by row then :math:`m` (`state_size` numbers); `prior_state` when new.
+    forgetting
+        :math:`\lambda`.
+
+    Examples
+    --------
+    >>> blend = Blend(Blend.prior_state(np.array([0.0, 0.0])), forgetting=1.0)
+    >>> for x, y in [([1.0, 0.0], 2.0), ([0.0, 1.0], 3.0)] * 50:
+    ...     _ = blend.learn(np.array(x), y)
+    >>> blend.weights.round(2).tolist()  # ridge with one prior pseudo-observation per weight
+    [1.96, 2.94]
+    """
+
+    def __init__(self, state: np.ndarray, forgetting: float = FORGETTING) -> None:
+        width = self.width_of(state.size)
+        self.forgetting = forgetting
+        self.gram = state[: width * width].reshape(width, width).copy()
+        self.moment = state[width * width :].copy()
+        self.inverse = np.linalg.inv(self.gram)
+        self.weights = self.inverse @ self.moment
+
+    @staticmethod
+    def width_of(size: int) -> int:
+        width = int((math.sqrt(1 + 4 * size) - 1) / 2)
+        if width * width + width != size:
+            raise ValueError(f"a blend state of {size} numbers is not G and m of one width")
+        return width
+
+    @staticmethod
+    def state_size(width: int = WIDTH) -> int:
+        return width * width + width
+
+    @staticmethod
+    def prior_state(prior: np.ndarray = PRIOR) -> np.ndarray:
+        """:math:`G_0 = I, m_0 = w_0`."""
+        return np.concatenate([np.eye(prior.size).ravel(), prior])
+
+    @property
+    def state(self) -> np.ndarray:
+        return np.concatenate([self.gram.ravel(), self.moment])
+
+    def predict(self, x: np.ndarray) -> float:
+        return float(self.weights @ x)
+
+    def learn(self, x: np.ndarray, target: float) -> float:
+        """One RLS step; returns the error before it, ``target - w.x``."""
+        lam = self.forgetting
+        error = target - float(self.weights @ x)
+        px = self.inverse @ x
+        gain = px / (lam + float(x @ px))
+        self.weights = self.weights + gain * error
+        self.inverse = (self.inverse - np.outer(gain, px)) / lam
+        self.gram = lam * self.gram + np.outer(x, x)
+        self.moment = lam * self.moment + target * x
+        return error
+
+
+def solve_weights(state: np.ndarray) -> np.ndarray:
+    """:math:`w = G^{-1} m` of a stored state."""
+    width = Blend.width_of(state.size)
+    gram = state[: width * width].reshape(width, width)
+    return np.linalg.solve(gram, state[width * width :])
+
+
+class RatingStack:
+    """Learns ratings one at a time into the MF, the users' rating histories, the item pairs'
+    statistics and the blend, and predicts them with `features` and the blend.
+
+    Parameters
+    ----------
+    mf
+        The biased MF (its table holds the rows the batch touches).
+    histories
+        Users' `RatingRecord` lists, newest first (a user not in it has none).
+    pairs
+        Item -> partner -> the pair's `PAIR_FIELDS` statistics from the item's side.
+    item_ratings
+        Rating counts of the items in ``histories`` and of the items to learn.
+    blend_state
+        The shared :math:`(G, m)`.
+    history
+        Records kept per user.
+    """
+
+    def __init__(
+        self,
+        mf: BiasedMF,
+        histories: dict[str, list[RatingRecord]],
+        pairs: dict[str, dict[str, np.ndarray]],
+        item_ratings: dict[str, float],
+        blend_state: np.ndarray,
+        history: int,
+    ) -> None:
+        self.mf = mf
+        self.histories = {user: list(records) for user, records in histories.items()}
+        self.pairs: defaultdict[str, dict[str, np.ndarray]] = defaultdict(dict)
+        for item, row in pairs.items():
+            self.pairs[item] = {partner: stats.copy() for partner, stats in row.items()}
+        self.item_ratings = dict(item_ratings)
+        self.blend = Blend(blend_state)
+        self.history = history
+        self.initial_state = blend_state
+        self.pair_changes: defaultdict[str, dict[str, np.ndarray]] = defaultdict(dict)
+        self.new_records: defaultdict[str, list[RatingRecord]] = defaultdict(list)
+        self.rating_increments: defaultdict[str, float] = defaultdict(float)
+
+    def features(self, user: str, item: str) -> np.ndarray:
+        table = self.mf.table
+        records = self.histories.get(user, [])
+        row = self.pairs.get(item, {})
+        missing = np.zeros(PAIR_FIELDS)
+        pairs = np.array([row.get(r.item, missing) for r in records]).reshape(-1, PAIR_FIELDS)
+        partners = np.array([self.item_ratings.get(r.item, 0.0) for r in records])
+        return row_features(
+            self.mf.mean,
+            table["u:" + user],
+            table["i:" + item],
+            table.factors,
+            records,
+            pairs,
+            partners,
+        )
+
+    def predict_one(self, user: str, item: str) -> float:
+        return self.blend.predict(self.features(user, item))
+
+    def learn_one(self, user: str, item: str, rating: float) -> float:
+        """Learns ``rating``; returns the blend's error on it before learning it."""
+        mf = self.mf
+        x = self.features(user, item)
+        baseline = mf.mean + float(mf.table["u:" + user][0]) + float(mf.table["i:" + item][0])
+        blend_error = self.blend.learn(x, rating)
+        mf_error = mf.learn_one(user, item, rating)
+        records = self.histories.setdefault(user, [])
+        centred = rating - user_mean(records, rating)
+        for other in records:
+            if other.item != item:
+                cross = centred * other.centred
+                self._add(item, other.item, cross, centred * centred, other.centred**2)
+                self._add(other.item, item, cross, other.centred**2, centred * centred)
+        record = RatingRecord(item, rating, centred, rating - baseline, mf_error, blend_error)
+        records.insert(0, record)
+        del records[self.history :]
+        self.new_records[user].append(record)
+        self.item_ratings[item] = self.item_ratings.get(item, 0.0) + 1.0
+        self.rating_increments[item] += 1.0
+        return blend_error
+
+    def _add(self, item: str, partner: str, cross: float, own: float, other: float) -> None:
+        step = np.array([1.0, cross, own, other])
+        for table in (self.pairs, self.pair_changes):
+            row = table[item]
+            if partner in row:
+                row[partner] += step
+            else:
+                row[partner] = step.copy()
+
+    def blend_change(self) -> np.ndarray:
+        """What learning changed in :math:`(G, m)`: the amounts to add to the shared state."""
+        return self.blend.state - self.initial_state
