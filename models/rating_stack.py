@@ -205,6 +205,22 @@ def row_features(
     )
 
 
+_NO_PAIR = (0.0,) * PAIR_FIELDS
+
+
+def _bump(
+    row: dict[str, list[float]], partner: str, cross: float, own: float, other: float
+) -> None:
+    stats = row.get(partner)
+    if stats is None:
+        row[partner] = [1.0, cross, own, other]
+    else:
+        stats[0] += 1.0
+        stats[1] += cross
+        stats[2] += own
+        stats[3] += other
+
+
 def _weighted_mean(weights: np.ndarray, values: np.ndarray, mass: float) -> float:
     return float(weights @ values) / mass if mass > 0 else 0.0
 
@@ -306,30 +322,28 @@ class RatingStack:
         self,
         mf: BiasedMF,
         histories: dict[str, list[RatingRecord]],
-        pairs: dict[str, dict[str, np.ndarray]],
+        pairs: dict[str, dict[str, Sequence[float]]],
         item_ratings: dict[str, float],
         blend_state: np.ndarray,
         history: int,
     ) -> None:
         self.mf = mf
         self.histories = {user: list(records) for user, records in histories.items()}
-        self.pairs: defaultdict[str, dict[str, np.ndarray]] = defaultdict(dict)
-        for item, row in pairs.items():
-            self.pairs[item] = {partner: stats.copy() for partner, stats in row.items()}
+        self.stored_pairs = pairs
         self.item_ratings = dict(item_ratings)
         self.blend = Blend(blend_state)
         self.history = history
         self.initial_state = blend_state
-        self.pair_changes: defaultdict[str, dict[str, np.ndarray]] = defaultdict(dict)
+        # item -> partner -> [c, S, A_own, A_partner] learned here: plain floats, the one
+        # update made per pair of a user's ratings.
+        self.pair_changes: defaultdict[str, dict[str, list[float]]] = defaultdict(dict)
         self.new_records: defaultdict[str, list[RatingRecord]] = defaultdict(list)
         self.rating_increments: defaultdict[str, float] = defaultdict(float)
 
     def features(self, user: str, item: str) -> np.ndarray:
         table = self.mf.table
         records = self.histories.get(user, [])
-        row = self.pairs.get(item, {})
-        missing = np.zeros(PAIR_FIELDS)
-        pairs = np.array([row.get(r.item, missing) for r in records]).reshape(-1, PAIR_FIELDS)
+        pairs = self._pair_rows(item, [r.item for r in records])
         partners = np.array([self.item_ratings.get(r.item, 0.0) for r in records])
         return row_features(
             self.mf.mean,
@@ -353,11 +367,13 @@ class RatingStack:
         mf_error = mf.learn_one(user, item, rating)
         records = self.histories.setdefault(user, [])
         centred = rating - user_mean(records, rating)
+        own_row, own = self.pair_changes[item], centred * centred
         for other in records:
-            if other.item != item:
-                cross = centred * other.centred
-                self._add(item, other.item, cross, centred * centred, other.centred**2)
-                self._add(other.item, item, cross, other.centred**2, centred * centred)
+            partner = other.item
+            if partner != item:
+                cross, theirs = centred * other.centred, other.centred * other.centred
+                _bump(own_row, partner, cross, own, theirs)
+                _bump(self.pair_changes[partner], item, cross, theirs, own)
         record = RatingRecord(item, rating, centred, rating - baseline, mf_error, blend_error)
         records.insert(0, record)
         del records[self.history :]
@@ -366,14 +382,26 @@ class RatingStack:
         self.rating_increments[item] += 1.0
         return blend_error
 
-    def _add(self, item: str, partner: str, cross: float, own: float, other: float) -> None:
-        step = np.array([1.0, cross, own, other])
-        for table in (self.pairs, self.pair_changes):
-            row = table[item]
-            if partner in row:
-                row[partner] += step
+    def _pair_rows(self, item: str, partners: Sequence[str]) -> np.ndarray:
+        """The statistics of ``item`` with each partner: stored plus learned here."""
+        stored, learned = self.stored_pairs.get(item, {}), self.pair_changes.get(item, {})
+        rows: list[Sequence[float]] = []
+        for partner in partners:
+            base, change = stored.get(partner), learned.get(partner)
+            if change is None:
+                rows.append(_NO_PAIR if base is None else base)
+            elif base is None:
+                rows.append(change)
             else:
-                row[partner] = step.copy()
+                rows.append([b + c for b, c in zip(base, change, strict=True)])
+        return np.array(rows, dtype=np.float64).reshape(-1, PAIR_FIELDS)
+
+    def pairs(self, item: str) -> dict[str, np.ndarray]:
+        """Every partner's statistics with ``item``, stored plus learned here."""
+        partners = list(
+            dict.fromkeys([*self.stored_pairs.get(item, {}), *self.pair_changes.get(item, {})])
+        )
+        return dict(zip(partners, self._pair_rows(item, partners), strict=True))
 
     def blend_change(self) -> np.ndarray:
         """What learning changed in :math:`(G, m)`: the amounts to add to the shared state."""

@@ -81,7 +81,7 @@ OPENAPI: dict[str, Any] = {
         },
         "/predict/{user_id}/{item_id}": {
             "get": {
-                "summary": "MF rating prediction",
+                "summary": "Rating prediction",
                 "parameters": [_path("user_id"), _path("item_id")],
                 "responses": {**_ok("Prediction"), **_errors(400, 414)},
             }

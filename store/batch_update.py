@@ -553,7 +553,7 @@ def _rating_state(
             row = snapshot.rating_pairs.setdefault(item, {})
             for partner, value in zip(partners, values, strict=True):
                 if value is not None and len(value) == 4 * PAIR_FIELDS:
-                    row[partner] = np.frombuffer(value, "<f4").astype(np.float64)
+                    row[partner] = np.frombuffer(value, "<f4").tolist()
         for partner, count in zip(partners, counts, strict=True):  # type: ignore[call-overload]
             if count is not None:
                 snapshot.item_ratings[partner] = float(count)

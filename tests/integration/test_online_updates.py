@@ -155,10 +155,10 @@ def test_the_rating_stack_in_redis_equals_the_stack_learned_one_rating_at_a_time
         assert [r.item for r in stored] == [r.item for r in stack.histories[user]], user
         assert len(stored) <= cfg.rating_history
     for item, row in pairs.items():
-        assert {p.decode() for p in row} == set(stack.pairs[item]), item
+        assert {p.decode() for p in row} == set(stack.pairs(item)), item
         for partner, packed in row.items():
             assert np.frombuffer(packed, "<f4") == pytest.approx(
-                stack.pairs[item][partner.decode()], rel=1e-4, abs=1e-3
+                stack.pairs(item)[partner.decode()], rel=1e-4, abs=1e-3
             )
     state = np.frombuffer(blend, "<f8")
     assert state == pytest.approx(stack.blend.state, rel=1e-3, abs=1e-3)

@@ -150,8 +150,8 @@ def test_predictions_errors_and_state_equal_a_brute_force_recount(history: int) 
         assert [_fields(r) for r in records] == [
             pytest.approx(_fields(r), abs=1e-9) for r in reference.records[user]
         ]
-    for item, row in stack.pairs.items():
-        for partner, stats in row.items():
+    for item in stack.pair_changes:
+        for partner, stats in stack.pairs(item).items():
             assert stats == pytest.approx(reference.pair(item, partner), abs=1e-9)
     assert solve_weights(Blend.prior_state() + stack.blend_change()) == pytest.approx(
         reference.weights(), abs=1e-6
@@ -166,7 +166,7 @@ def test_a_batch_continued_from_a_stored_state_learns_as_one_pass() -> None:
     whole = [one.learn_one(*event) for event in stream]
     first = RatingStack(_mf(), {}, {}, {}, Blend.prior_state(), 50)
     errors = [first.learn_one(*event) for event in stream[:120]]
-    pairs = {i: {j: v.copy() for j, v in row.items()} for i, row in first.pair_changes.items()}
+    pairs = {i: first.pairs(i) for i in first.pair_changes}
     counts = dict(first.rating_increments)
     histories = {u: list(reversed(r))[:50] for u, r in first.new_records.items()}
     second = RatingStack(
