@@ -51,6 +51,7 @@ from freshrec.models.mf import implicit_part, vector_width
 from freshrec.models.rating_stack import (
     PAIR_FIELDS,
     Blend,
+    RatingRecord,
     decode_records,
     row_features,
     solve_weights,
@@ -557,46 +558,45 @@ class Funnel:
         return (await self.predict_many([(user_id, item_id)]))[0]
 
     async def predict_many(self, pairs: Sequence[tuple[str, str]]) -> list[dict[str, object]]:
-        """``predict`` of every (user, item) pair, from two reads: the vectors, the users'
-        rating records and the blend, then each pair's statistics with those records."""
+        """``predict`` of every (user, item) pair, from one read: the vectors, the blend, and
+        per user a script returning their rating records with what the features need of them
+        (`freshrec.store.server_scripts.RATING_STATE`)."""
         keys = self.keys
         users = list(dict.fromkeys(u for u, _ in pairs))
         items = list(dict.fromkeys(i for _, i in pairs))
+        asked: dict[str, list[str]] = {u: [] for u in users}
+        for user_id, item_id in dict.fromkeys(pairs):
+            asked[user_id].append(item_id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(keys.rating_mean, "sum", "n")
         pipe.mget([keys.user_vector(u) for u in users] + [keys.item_vector(i) for i in items])
         pipe.get(keys.rating_blend)
         for user in users:
-            pipe.lrange(keys.rating_history(user), 0, -1)
-        mean_raw, blobs, blend, *histories = await pipe.execute()
+            state_keys = [keys.rating_history(user), keys.item_ratings]
+            state_keys += [keys.rating_pairs(i) for i in asked[user]]
+            await self.scripts.rating_state(keys=state_keys, client=pipe)
+        mean_raw, blobs, blend, *states = await pipe.execute()
         mean = _mean(mean_raw)
         k = self.config.factors
         size = 4 * vector_width(k)
         rows = [decode_vector(b) if _sized(b, size) else None for b in blobs]
         by_user = dict(zip(users, rows[: len(users)], strict=True))
         by_item = dict(zip(items, rows[len(users) :], strict=True))
-        records = {u: decode_records(raw) for u, raw in zip(users, histories, strict=True)}
         state = Blend.prior_state()
         if blend is not None and len(blend) == 8 * state.size:
             state = np.frombuffer(blend, "<f8")
         weights = solve_weights(state)
-
-        pipe = self.redis.pipeline(transaction=False)
-        for user_id, item_id in pairs:
-            partners = [r.item for r in records[user_id]]
-            if partners:
-                pipe.hmget(keys.rating_pairs(item_id), partners)
-                pipe.zmscore(keys.item_ratings, partners)
-        stats = iter(await pipe.execute())
+        known: dict[tuple[str, str], tuple[list[RatingRecord], np.ndarray, np.ndarray]] = {}
+        for user, (raw, counts, stats) in zip(users, states, strict=True):
+            records = decode_records(raw)
+            partners = np.frombuffer(counts, "<f8")
+            for item, packed in zip(asked[user], stats or [b""] * len(asked[user]), strict=True):
+                rows_of = np.frombuffer(packed, "<f4").reshape(-1, PAIR_FIELDS)
+                known[(user, item)] = (records, rows_of, partners)
         answers = []
         for user_id, item_id in pairs:
-            user, item, history = by_user[user_id], by_item[item_id], records[user_id]
-            if history:
-                packed, counts = next(stats), next(stats)
-                pair_stats = np.array([_pair(p) for p in packed]).reshape(-1, PAIR_FIELDS)
-                partners = np.array([c or 0.0 for c in counts], dtype=np.float64)
-            else:
-                pair_stats, partners = np.zeros((0, PAIR_FIELDS)), np.zeros(0)
+            user, item = by_user[user_id], by_item[item_id]
+            history, pair_stats, partners = known[(user_id, item_id)]
             x = row_features(mean, user, item, k, history, pair_stats, partners)
             answers.append(
                 {
@@ -608,15 +608,6 @@ class Funnel:
                 }
             )
         return answers
-
-
-_NO_PAIR = np.zeros(PAIR_FIELDS)
-
-
-def _pair(packed: bytes | None) -> np.ndarray:
-    if packed is None or len(packed) != 4 * PAIR_FIELDS:
-        return _NO_PAIR
-    return np.frombuffer(packed, "<f4")
 
 
 def _sized(blob: bytes | None, size: int) -> bool:

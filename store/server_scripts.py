@@ -376,6 +376,30 @@ local latest = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
 return {table.concat(items, '\\n'), latest or '', redis.call('GET', KEYS[2])}
 """
 
+# KEYS[1]: a user's rating records, KEYS[2]: the items' rating counts, KEYS[3..]: the rating pairs
+# of the items to predict for the user.  Returns the records (newest first), their items' rating
+# counts (packed doubles, 0 where none) and, per item to predict, its statistics with each
+# record's item (16 bytes each, zeros where none): what the rating blend's features read, in
+# one command and a few strings.
+RATING_STATE = """
+local records = redis.call('LRANGE', KEYS[1], 0, -1)
+if #records == 0 then return {records, '', {}} end
+local partners = {}
+for n, record in ipairs(records) do partners[n] = string.sub(record, 21) end
+local counts = redis.call('ZMSCORE', KEYS[2], unpack(partners))
+for n = 1, #partners do counts[n] = struct.pack('<d', tonumber(counts[n] or 0)) end
+local none = string.rep(string.char(0), 16)
+local stats = {}
+for k = 3, #KEYS do
+  local values = redis.call('HMGET', KEYS[k], unpack(partners))
+  for n = 1, #partners do
+    if not values[n] or #values[n] ~= 16 then values[n] = none end
+  end
+  stats[k - 2] = table.concat(values)
+end
+return {records, table.concat(counts), stats}
+"""
+
 
 class ServerScripts:
     """The scripts registered on one client; works in pipelines (redis-py loads them first)."""
@@ -395,3 +419,4 @@ class ServerScripts:
         self.neighbour_lists = client.register_script(NEIGHBOUR_LISTS)
         self.item_rows = client.register_script(ITEM_ROWS)
         self.newest_items = client.register_script(NEWEST_ITEMS)
+        self.rating_state = client.register_script(RATING_STATE)
