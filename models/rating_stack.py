@@ -112,15 +112,9 @@ def decode_records(blobs: Sequence[bytes]) -> list[RatingRecord]:
     return [RatingRecord.decode(b) for b in blobs if len(b) > RECORD_HEAD]
 
 
-def sessions(records: Sequence[RatingRecord], rate: float = SESSION_RATE) -> tuple[float, float]:
-    r"""EMAs of the MF's and the blend's errors over ``records`` (newest first), from 0:
-    :math:`\sum_k a (1 - a)^k e_k`, the recursive average unrolled."""
-    if not records:
-        return 0.0, 0.0
-    weights = rate * (1.0 - rate) ** np.arange(len(records))
-    errors = np.array([(r.mf_error, r.blend_error) for r in records])
-    mf, blend = weights @ errors
-    return float(mf), float(blend)
+_SESSION_WEIGHTS = SESSION_RATE * (1.0 - SESSION_RATE) ** np.arange(1024)
+"""The sessions' weights a (1 - a)^k of the k-th newest record: the recursive average, from 0,
+unrolled (past 1,024 records they are below 1e-90)."""
 
 
 def user_mean(records: Sequence[RatingRecord], rating: float) -> float:
@@ -143,10 +137,12 @@ def features(
     with ``user_ratings`` and ``records``. ``pairs`` holds one row of `PAIR_FIELDS` per record
     (zeros where the items were never rated together), ``partner_ratings`` the records' items'
     rating counts."""
-    corating = adjusted = recent = 0.0
+    corating = adjusted = recent = user_session = blend_session = 0.0
     if records:
-        residual = np.array([r.residual for r in records])
+        columns = np.array([(r.residual, r.mf_error, r.blend_error) for r in records])
+        residual = columns[:, 0]
         recent = float(residual[:RECENT].mean())
+        user_session, blend_session = _SESSION_WEIGHTS[: len(records)] @ columns[:1024, 1:]
         if item_ratings > 0:
             count, cross, own, other = pairs.T
             confidence = count / (count + SIMILARITY_SHRINKAGE)
@@ -154,23 +150,23 @@ def features(
             corating = _weighted_mean(sim, residual, float(sim.sum()))
             sim = cross / (np.sqrt(own * other) + 1e-9) * confidence
             adjusted = _weighted_mean(sim, residual, float(np.abs(sim).sum()))
-    user_session, blend_session = sessions(records)
-    signals = np.array(
-        [
-            mean,
-            user_bias,
-            item_bias,
-            factors,
-            corating,
-            user_session,
-            recent,
-            adjusted,
-            blend_session,
-        ]
+    x = np.empty(WIDTH)
+    signals = x[: len(SIGNALS)]
+    signals[:] = (
+        mean,
+        user_bias,
+        item_bias,
+        factors,
+        corating,
+        user_session,
+        recent,
+        adjusted,
+        blend_session,
     )
-    return np.concatenate(
-        [signals, signals * math.log1p(user_ratings), signals * math.log1p(item_ratings), [1.0]]
-    )
+    x[len(SIGNALS) : 2 * len(SIGNALS)] = signals * math.log1p(user_ratings)
+    x[2 * len(SIGNALS) : 3 * len(SIGNALS)] = signals * math.log1p(item_ratings)
+    x[-1] = 1.0
+    return x
 
 
 def row_features(
@@ -228,8 +224,10 @@ def _weighted_mean(weights: np.ndarray, values: np.ndarray, mass: float) -> floa
 class Blend:
     r"""Recursive least squares over the normal equations :math:`G w = m` (module docstring).
 
-    ``learn`` keeps :math:`P = G^{-1}` and :math:`w` by the Sherman-Morrison update, and
-    :math:`G, m` alongside, so a batch's change of the shared state is their difference.
+    ``learn`` keeps :math:`P = G^{-1}` and :math:`w` by the Sherman-Morrison update and
+    records :math:`(x, r)`; `state` folds the records into :math:`G, m` in one product,
+    :math:`G_n = \lambda^n G_0 + X^\top \mathrm{diag}(\lambda^{n-t}) X`, so a batch's change
+    of the shared state is the difference.
 
     Parameters
     ----------
@@ -254,6 +252,8 @@ class Blend:
         self.moment = state[width * width :].copy()
         self.inverse = np.linalg.inv(self.gram)
         self.weights = self.inverse @ self.moment
+        self.inputs: list[np.ndarray] = []
+        self.targets: list[float] = []
 
     @staticmethod
     def width_of(size: int) -> int:
@@ -273,6 +273,14 @@ class Blend:
 
     @property
     def state(self) -> np.ndarray:
+        """:math:`G` row by row then :math:`m`, with every record learned."""
+        if self.inputs:
+            n = len(self.inputs)
+            inputs = np.array(self.inputs)
+            weights = self.forgetting ** np.arange(n - 1, -1, -1, dtype=np.float64)
+            self.gram = self.forgetting**n * self.gram + (inputs.T * weights) @ inputs
+            self.moment = self.forgetting**n * self.moment + inputs.T @ (weights * self.targets)
+            self.inputs, self.targets = [], []
         return np.concatenate([self.gram.ravel(), self.moment])
 
     def predict(self, x: np.ndarray) -> float:
@@ -286,8 +294,8 @@ class Blend:
         gain = px / (lam + float(x @ px))
         self.weights = self.weights + gain * error
         self.inverse = (self.inverse - np.outer(gain, px)) / lam
-        self.gram = lam * self.gram + np.outer(x, x)
-        self.moment = lam * self.moment + target * x
+        self.inputs.append(x)
+        self.targets.append(target)
         return error
 
 
