@@ -248,6 +248,11 @@ class Settings:
         "Co-rated items whose rating statistics are kept per item (by co-raters).",
         _MODEL.rating_pairs_cap,
     )
+    rating_pairs_window: int = _env(
+        "FRESHREC_RATING_PAIRS_WINDOW",
+        "Most recent ratings of a user a new rating updates its pair statistics with.",
+        _MODEL.rating_pairs_window,
+    )
     user_ttl_s: int = _env(
         "FRESHREC_USER_TTL_S",
         "Idle time after which a user's history and factors expire.",
@@ -374,6 +379,7 @@ class Settings:
             "neighbours_cap",
             "rating_history",
             "rating_pairs_cap",
+            "rating_pairs_window",
             "user_ttl_s",
             "item_ttl_s",
         ):
@@ -514,6 +520,7 @@ class Settings:
             neighbours_cap=self.neighbours_cap,
             rating_history=self.rating_history,
             rating_pairs_cap=self.rating_pairs_cap,
+            rating_pairs_window=self.rating_pairs_window,
             user_ttl_s=self.user_ttl_s,
             item_ttl_s=self.item_ttl_s,
         )

@@ -31,6 +31,7 @@ class ModelConfig:
     neighbours_cap: int = 200
     rating_history: int = 200
     rating_pairs_cap: int = 500
+    rating_pairs_window: int = 50
     user_ttl_s: int = 90 * 86400
     item_ttl_s: int = 90 * 86400
 

@@ -174,6 +174,7 @@ class InteractionLearner:
             snapshot.item_ratings,
             Blend.prior_state() if snapshot.blend is None else snapshot.blend,
             cfg.rating_history,
+            cfg.rating_pairs_window,
         )
         implicit = ImplicitMF(table, cfg.implicit_lr, cfg.reg, cfg.implicit_alpha, seed=self.rng)
         histories = {user: list(items) for user, items in snapshot.histories.items()}

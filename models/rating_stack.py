@@ -324,6 +324,9 @@ class RatingStack:
         The shared :math:`(G, m)`.
     history
         Records kept per user.
+    pair_window
+        A new rating updates its pairs with the user's this many newest records (all of them
+        feed the features).
     """
 
     def __init__(
@@ -334,8 +337,10 @@ class RatingStack:
         item_ratings: dict[str, float],
         blend_state: np.ndarray,
         history: int,
+        pair_window: int | None = None,
     ) -> None:
         self.mf = mf
+        self.pair_window = history if pair_window is None else pair_window
         self.histories = {user: list(records) for user, records in histories.items()}
         self.stored_pairs = pairs
         self.item_ratings = dict(item_ratings)
@@ -376,7 +381,7 @@ class RatingStack:
         records = self.histories.setdefault(user, [])
         centred = rating - user_mean(records, rating)
         own_row, own = self.pair_changes[item], centred * centred
-        for other in records:
+        for other in records[: self.pair_window]:
             partner = other.item
             if partner != item:
                 cross, theirs = centred * other.centred, other.centred * other.centred

@@ -208,7 +208,9 @@ def test_a_prediction_is_the_rating_stacks_on_the_stored_state(settings: Setting
             await updater.apply(ratings[start : start + 20])
         table = VectorTable(config.factors, config.init_std, config.seed)
         mf = BiasedMF(table, config.lr, config.reg, 0.0, 0, config.bias_lr, config.bias_shrinkage)
-        stack = RatingStack(mf, {}, {}, {}, Blend.prior_state(), config.rating_history)
+        stack = RatingStack(
+            mf, {}, {}, {}, Blend.prior_state(), config.rating_history, config.rating_pairs_window
+        )
         for e in ratings:
             stack.learn_one(e.user_id, e.item_id, e.value)  # type: ignore[arg-type]
         funnel = Funnel(redis, keys, settings.funnel_config())

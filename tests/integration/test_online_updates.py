@@ -127,12 +127,16 @@ def test_the_rating_stack_in_redis_equals_the_stack_learned_one_rating_at_a_time
     """Batches read the records, pair statistics, counts and blend back from Redis and add to
     them; the served (blend) errors and the stored state are those of one pass in memory, up
     to the float32 the state is stored in."""
-    cfg = dataclasses.replace(settings.model_config(), rating_history=40, rating_pairs_cap=100)
+    cfg = dataclasses.replace(
+        settings.model_config(), rating_history=40, rating_pairs_cap=100, rating_pairs_window=15
+    )
     stream = generate(SynthConfig(users=60, items=90, events=3_000, rating_share=1.0, seed=5))
     ratings = _events(stream.events)
     table = VectorTable(cfg.factors, cfg.init_std, cfg.seed)
     mf = BiasedMF(table, cfg.lr, cfg.reg, 0.0, 0, cfg.bias_lr, cfg.bias_shrinkage)
-    stack = RatingStack(mf, {}, {}, {}, Blend.prior_state(), cfg.rating_history)
+    stack = RatingStack(
+        mf, {}, {}, {}, Blend.prior_state(), cfg.rating_history, cfg.rating_pairs_window
+    )
     expected = [stack.learn_one(e.user_id, e.item_id, e.value) for e in ratings]
 
     async def run() -> tuple[list[float], dict[str, list[bytes]], dict[str, dict], bytes]:

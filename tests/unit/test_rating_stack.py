@@ -46,9 +46,10 @@ def _mf() -> BiasedMF:
 class Reference:
     """Everything recomputed from the full record lists at each step."""
 
-    def __init__(self, history: int) -> None:
+    def __init__(self, history: int, window: int) -> None:
         self.mf = _mf()
         self.history = history
+        self.window = window
         self.records: dict[str, list[RatingRecord]] = defaultdict(list)  # newest first
         self.pair_log: list[tuple[str, str, float, float]] = []  # (item, partner, z, z_partner)
         self.counts: dict[str, float] = defaultdict(float)
@@ -124,7 +125,7 @@ class Reference:
         mf_error = self.mf.learn_one(user, item, rating)
         records = self.records[user]
         centred = rating - (sum(r.rating for r in records) + rating) / (len(records) + 1)
-        for r in records:
+        for r in records[: self.window]:
             if r.item != item:
                 self.pair_log.append((item, r.item, centred, r.centred))
         records.insert(0, RatingRecord(item, rating, centred, rating - baseline, mf_error, error))
@@ -133,11 +134,13 @@ class Reference:
         return error
 
 
-@pytest.mark.parametrize("history", [500, 7])
-def test_predictions_errors_and_state_equal_a_brute_force_recount(history: int) -> None:
+@pytest.mark.parametrize(("history", "window"), [(500, 500), (7, 7), (30, 4)])
+def test_predictions_errors_and_state_equal_a_brute_force_recount(
+    history: int, window: int
+) -> None:
     stream = _stream()
-    stack = RatingStack(_mf(), {}, {}, {}, Blend.prior_state(), history)
-    reference = Reference(history)
+    stack = RatingStack(_mf(), {}, {}, {}, Blend.prior_state(), history, window)
+    reference = Reference(history, window)
     for n, (user, item, rating) in enumerate(stream):
         if n % 50 == 0:
             expected = float(reference.weights() @ reference.features(user, item))
