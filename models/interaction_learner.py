@@ -87,7 +87,7 @@ class Changes:
     first_seen: dict[str, float] = field(default_factory=dict)
     history: defaultdict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
     rating_records: dict[str, list[RatingRecord]] = field(default_factory=dict)
-    rating_pairs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    rating_pairs: dict[str, dict[str, Sequence[float]]] = field(default_factory=dict)
     item_ratings: dict[str, float] = field(default_factory=dict)
     blend: np.ndarray | None = None
     rating_errors: list[float] = field(default_factory=list)
@@ -222,10 +222,7 @@ class InteractionLearner:
         out.mean_n = rating.mean_n - snapshot.mean_n
         if stack.new_records:
             out.rating_records = dict(stack.new_records)
-            out.rating_pairs = {
-                item: {partner: np.array(stats) for partner, stats in row.items()}
-                for item, row in stack.pair_changes.items()
-            }
+            out.rating_pairs = dict(stack.pair_changes)
             out.item_ratings = dict(stack.rating_increments)
             out.blend = stack.blend_change()
         return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -379,7 +380,7 @@ class BatchUpdater:
             "updated": (keys.updated_items, self._changed_items(w)),
             "active": (keys.active_items, self._active_items(w)),
             "rating_pairs": [
-                (keys.rating_pairs(item), cfg.rating_pairs_cap, list(row))
+                (keys.rating_pairs(item), cfg.rating_pairs_cap, "\n".join(row))
                 for item, row in w.rating_pairs.items()
             ],
             "rating_records": [
@@ -526,11 +527,14 @@ def _steps(origins: Sequence[Origin] | None, count: int, most: int) -> list[tupl
     return steps
 
 
-def _pack(vectors: list[np.ndarray]) -> bytes:
+def _pack(vectors: Sequence[Sequence[float]]) -> bytes:
     """float32 vectors back to back, the form the batch script reads them in."""
     if not vectors:
         return b""
     return np.asarray(vectors, dtype=VECTOR_DTYPE).tobytes()
+
+
+_PAIR = struct.Struct("<4f")
 
 
 def _encoded_records(w: Changes) -> dict[str, list[bytes]]:
@@ -553,7 +557,7 @@ def _rating_state(
             row = snapshot.rating_pairs.setdefault(item, {})
             for partner, value in zip(partners, values, strict=True):
                 if value is not None and len(value) == 4 * PAIR_FIELDS:
-                    row[partner] = np.frombuffer(value, "<f4").tolist()
+                    row[partner] = _PAIR.unpack(value)
         for partner, count in zip(partners, counts, strict=True):  # type: ignore[call-overload]
             if count is not None:
                 snapshot.item_ratings[partner] = float(count)

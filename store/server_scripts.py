@@ -217,7 +217,11 @@ for _, z in ipairs(b.increments) do
   if ttl > 0 then redis.call('EXPIRE', key, ttl) end
 end
 local at = 1
-for _, p in ipairs(b.rating_pairs) do at = add_rating_pairs(p[1], p[2], p[3], ARGV[4], at) end
+for _, p in ipairs(b.rating_pairs) do
+  local members = {}
+  for member in string.gmatch(p[3], '[^\\n]+') do members[#members + 1] = member end
+  at = add_rating_pairs(p[1], p[2], members, ARGV[4], at)
+end
 at = 1
 for _, r in ipairs(b.rating_records) do at = push_records(r[1], r[2], r[3], r[4], ARGV[5], at) end
 if b.blend then add_doubles(b.blend, ARGV[6], ARGV[7]) end
