@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from freshrec.models.biased_mf import BiasedMF
-from freshrec.models.mf import rating_count_at
+from freshrec.models.mf import rating_count_at, rating_part
 
 SIGNALS = (
     "mean",
@@ -142,7 +142,8 @@ def features(
         columns = np.array([(r.residual, r.mf_error, r.blend_error) for r in records])
         residual = columns[:, 0]
         recent = float(residual[:RECENT].mean())
-        user_session, blend_session = _SESSION_WEIGHTS[: len(records)] @ columns[:1024, 1:]
+        kept = min(len(records), _SESSION_WEIGHTS.size)
+        user_session, blend_session = _SESSION_WEIGHTS[:kept] @ columns[:kept, 1:]
         if item_ratings > 0:
             count, cross, own, other = pairs.T
             confidence = count / (count + SIMILARITY_SHRINKAGE)
@@ -187,7 +188,7 @@ def row_features(
     known_item = item_row is not None and n_item > 0
     dot = 0.0
     if known_user and known_item:
-        dot = float(user_row[1 : factors + 1] @ item_row[1 : factors + 1])  # type: ignore[index]
+        dot = float(rating_part(user_row, factors)[1:] @ rating_part(item_row, factors)[1:])  # type: ignore[arg-type]
     return features(
         mean,
         float(user_row[0]) if known_user else 0.0,  # type: ignore[index]
@@ -297,6 +298,22 @@ class Blend:
         self.inputs.append(x)
         self.targets.append(target)
         return error
+
+
+PRIOR_BYTES = Blend.prior_state().astype("<f8").tobytes()
+"""The prior state as stored: what a missing blend key starts from."""
+
+
+def encode_state(state: np.ndarray) -> bytes:
+    """A blend state (or a change of one) as stored: packed little-endian float64."""
+    return state.astype("<f8").tobytes()
+
+
+def decode_state(blob: bytes | None) -> np.ndarray | None:
+    """A stored blend state; None where there is none of this width."""
+    if blob is None or len(blob) != 8 * Blend.state_size():
+        return None
+    return np.frombuffer(blob, "<f8").copy()
 
 
 def solve_weights(state: np.ndarray) -> np.ndarray:

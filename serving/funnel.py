@@ -53,6 +53,7 @@ from freshrec.models.rating_stack import (
     Blend,
     RatingRecord,
     decode_records,
+    decode_state,
     row_features,
     solve_weights,
 )
@@ -582,10 +583,8 @@ class Funnel:
         rows = [decode_vector(b) if _sized(b, size) else None for b in blobs]
         by_user = dict(zip(users, rows[: len(users)], strict=True))
         by_item = dict(zip(items, rows[len(users) :], strict=True))
-        state = Blend.prior_state()
-        if blend is not None and len(blend) == 8 * state.size:
-            state = np.frombuffer(blend, "<f8")
-        weights = solve_weights(state)
+        state = decode_state(blend)
+        weights = solve_weights(Blend.prior_state() if state is None else state)
         known: dict[tuple[str, str], tuple[list[RatingRecord], np.ndarray, np.ndarray]] = {}
         for user, (raw, counts, stats) in zip(users, states, strict=True):
             records = decode_records(raw)

@@ -41,9 +41,11 @@ from freshrec.models.interaction_learner import (
 from freshrec.models.mf import VectorTable, vector_width
 from freshrec.models.rating_stack import (
     PAIR_FIELDS,
+    PRIOR_BYTES,
     RECORD_HEAD,
-    Blend,
     decode_records,
+    decode_state,
+    encode_state,
 )
 from freshrec.store.keys import Keys
 from freshrec.store.server_scripts import ServerScripts
@@ -265,7 +267,7 @@ class BatchUpdater:
             pipe.zmscore(keys.item_ratings, partners)
         stats = await pipe.execute()
         rated_raw, at = [], 0
-        for (_, rated), raw in zip(raters.items(), records, strict=True):
+        for rated, raw in zip(raters.values(), records, strict=True):
             rated_raw.append([raw, stats[at : at + len(rated)], stats[at + len(rated)]])
             at += len(rated) + 1
         _rating_state(snapshot, raters, rated_raw, replies[-1])
@@ -400,7 +402,7 @@ class BatchUpdater:
         deltas = _pack([w.deltas[n] for n in names])
         bases = _pack([w.bases[n] for n in names])
         pair_deltas = _pack([d for row in w.rating_pairs.values() for d in row.values()])
-        blend = (w.blend, Blend.prior_state()) if w.blend is not None else (np.zeros(0),) * 2
+        blend = (encode_state(w.blend), PRIOR_BYTES) if w.blend is not None else (b"", b"")
         done = await self.scripts.apply_batch(
             args=[
                 json.dumps(ops, separators=(",", ":")),
@@ -408,7 +410,7 @@ class BatchUpdater:
                 bases,
                 pair_deltas,
                 b"".join(r for encoded in records.values() for r in encoded),
-                *(part.astype("<f8").tobytes() for part in blend),
+                *blend,
             ]
         )
         if not done:
@@ -448,7 +450,7 @@ class BatchUpdater:
                 keys=[keys.rating_history(user)], args=args, client=pipe
             )
         if w.blend is not None:
-            args = [w.blend.astype("<f8").tobytes(), Blend.prior_state().astype("<f8").tobytes()]
+            args = [encode_state(w.blend), PRIOR_BYTES]
             await self.scripts.add_doubles(keys=[keys.rating_blend], args=args, client=pipe)
         if w.impressions:
             pipe.incrbyfloat(keys.impressions_total, sum(w.impressions.values()))
@@ -561,9 +563,7 @@ def _rating_state(
         for partner, count in zip(partners, counts, strict=True):  # type: ignore[call-overload]
             if count is not None:
                 snapshot.item_ratings[partner] = float(count)
-    width = Blend.state_size()
-    if blend is not None and len(blend) == 8 * width:
-        snapshot.blend = np.frombuffer(blend, "<f8").copy()
+    snapshot.blend = decode_state(blend)
 
 
 def _first_decayed(events: Sequence[Interaction]) -> float | None:
