@@ -30,6 +30,10 @@ CONCURRENCY = 32
 APPLY_TIMEOUT_S = 120.0
 RETRY_503_S = 60.0
 """How long the pipeline mode retries a request the reader sheds with 503 and Retry-After."""
+READ_TIMEOUT_S = 60.0
+"""How long an evaluation waits for a reply from Redis: the server may be running a long batch
+script of another walk (``--freshness`` walks its lags side by side), which a reader's 2 s
+deadline would fail."""
 
 
 # --- the system under evaluation: in process, or through Kafka and the reader -------------------
@@ -65,7 +69,7 @@ class DirectBackend:
 
     def __init__(self, settings: Settings, redis: Redis) -> None:
         keys = Keys(settings.key_prefix)
-        self.funnel = Funnel(redis, keys, settings.funnel_config())
+        self.funnel = Funnel(redis, keys, settings.funnel_config(), read_timeout_s=READ_TIMEOUT_S)
         self.updater = BatchUpdater(
             redis, keys, settings.model_config(), atomic=settings.atomic_batches
         )

@@ -46,11 +46,15 @@ lag protocol at several lags (1 s, 1 min, 1 h, 1 day) for every system.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
+import multiprocessing
+import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,9 +62,15 @@ from typing import Any
 import numpy as np
 
 from freshrec.connections import redis_client
+from freshrec.devenv import local_services
 from freshrec.devenv.isolated_run import isolated_run
 from freshrec.devenv.processes import Children, free_port, group_is_consuming, http_json
-from freshrec.evaluation.backends import Backend, DirectBackend, PipelineBackend
+from freshrec.evaluation.backends import (
+    READ_TIMEOUT_S,
+    Backend,
+    DirectBackend,
+    PipelineBackend,
+)
 from freshrec.evaluation.baselines import BiasedMFRanker, ItemKNN, PopularityBaseline
 from freshrec.evaluation.datasets import RAW_KEY, detect_format, read_events
 from freshrec.evaluation.ranking_metrics import (
@@ -631,9 +641,18 @@ def run_eval(
     stream = IndexedStream.build(events)
     upto = learned_upto(stream.ts, lag_s) if chunk is None else chunked_upto(len(stream), chunk)
 
+    # The other lags of the value of freshness walk beside the main one, each in a process of
+    # its own (direct mode; see `_walk_lags`); the main walk is timed on its own as before.
+    extra = [lag for lag in dict.fromkeys(freshness_lags) if chunk is not None or lag != lag_s]
     started = time.perf_counter()
-    evaluation = _evaluate(settings, mode, stream, upto, show_progress, ablation, label="")
-    wall = time.perf_counter() - started
+    with _walk_lags(settings, mode, stream, extra, show_progress) as (settings, collect):
+        walk_started = time.perf_counter()
+        lines = show_progress and bool(extra) and mode == "direct"
+        evaluation = _evaluate(
+            settings, mode, stream, upto, show_progress, ablation, label="", lines=lines
+        )
+        wall = time.perf_counter() - walk_started
+        others = collect()
     summary: dict[str, Any] = {
         "mode": mode,
         "file": str(path),
@@ -648,33 +667,83 @@ def run_eval(
     if mode == "direct" and isinstance(evaluation.backend, DirectBackend):
         summary["sequential"] = _sequential(evaluation, events, settings)
     if freshness_lags:
-        started = time.perf_counter()
-        summary["freshness"] = []
-        for lag in freshness_lags:
-            if chunk is None and lag == lag_s:
-                at_lag = evaluation
-            else:
-                at_lag = _evaluate(
-                    settings,
-                    mode,
-                    stream,
-                    learned_upto(stream.ts, lag),
-                    show_progress,
-                    label=f" lag {lag:g} s",
-                )
-            summary["freshness"].append(
-                {
-                    "lag_s": lag,
-                    "rating_events": at_lag.scores["freshrec"].rated,
-                    "topn_events": at_lag.scores["freshrec"].ranked,
-                    "systems": at_lag.system_metrics(),
-                }
-            )
+        rows = dict(others)
+        if chunk is None and lag_s in freshness_lags:
+            rows[lag_s] = _freshness_row(lag_s, evaluation)
+        summary["freshness"] = [rows[lag] for lag in freshness_lags]
         summary["freshness_s"] = round(time.perf_counter() - started, 2)
     summary = _json_safe(summary)
     if out_dir is not None:
         summary["report"] = str(write_report(Path(out_dir), summary, evaluation))
     return summary
+
+
+def _freshness_row(lag: float, evaluation: Evaluation) -> dict[str, Any]:
+    """One lag's entry of *the value of freshness*: every system's metrics."""
+    return {
+        "lag_s": lag,
+        "rating_events": evaluation.scores["freshrec"].rated,
+        "topn_events": evaluation.scores["freshrec"].ranked,
+        "systems": evaluation.system_metrics(),
+    }
+
+
+def _walk_at_lag(
+    settings: Settings,
+    mode: str,
+    stream: IndexedStream,
+    lag: float,
+    show_progress: bool,
+    lines: bool = False,
+) -> dict[str, Any]:
+    """A whole walk at ``lag``, for `_walk_lags`; what it returns crosses a process boundary."""
+    upto = learned_upto(stream.ts, lag)
+    walk = _evaluate(
+        settings, mode, stream, upto, show_progress, label=f" lag {lag:g} s", lines=lines
+    )
+    return _freshness_row(lag, walk)
+
+
+@contextlib.contextmanager
+def _walk_lags(
+    settings: Settings,
+    mode: str,
+    stream: IndexedStream,
+    lags: Sequence[float],
+    show_progress: bool,
+) -> Iterator[tuple[Settings, Callable[[], dict[float, dict[str, Any]]]]]:
+    """Walks ``stream`` at each of ``lags``, beside the caller's own walk; yields the settings
+    every walk shares and a function that waits for the rows, lag -> `_freshness_row`.
+
+    Walks share nothing but the services (each has keys of its own), so in direct mode they
+    run in processes of their own, up to one per core: the four lags of ``--freshness`` take
+    the time of about two walks on two cores. The services are resolved here once, so the
+    processes find them instead of each starting its own. Pipeline walks (a worker and a
+    reader each) run one after another, after the caller's.
+    """
+    if not lags:
+        yield settings, dict
+        return
+    if mode != "direct":
+
+        def one_by_one() -> dict[float, dict[str, Any]]:
+            return {lag: _walk_at_lag(settings, mode, stream, lag, show_progress) for lag in lags}
+
+        yield settings, one_by_one
+        return
+    endpoints, stop = local_services.resolve(settings, services=("redis",))
+    shared = dataclasses.replace(settings, redis_url=endpoints.redis_url)
+    workers = max(1, min(len(lags), os.cpu_count() or 1))
+    context = multiprocessing.get_context("spawn")  # nothing of this process's loop or clients
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = {
+                lag: pool.submit(_walk_at_lag, shared, mode, stream, lag, show_progress, True)
+                for lag in lags
+            }
+            yield shared, lambda: {lag: future.result() for lag, future in futures.items()}
+    finally:
+        stop()
 
 
 def _evaluate(
@@ -685,8 +754,11 @@ def _evaluate(
     show_progress: bool,
     ablation: bool = False,
     label: str = "",
+    lines: bool = False,
 ) -> Evaluation:
-    """One walk of ``stream`` with topics and keys of its own on the shared services."""
+    """One walk of ``stream`` with topics and keys of its own on the shared services.
+
+    ``lines``: progress as lines, never redrawn in place (other walks share the terminal)."""
     with isolated_run(
         settings,
         "eval",
@@ -695,7 +767,9 @@ def _evaluate(
         serve_port=free_port(),
     ) as run_settings:
         variants = _recall_ablation(run_settings) if ablation else None
-        return asyncio.run(_run(run_settings, mode, stream, upto, show_progress, variants, label))
+        return asyncio.run(
+            _run(run_settings, mode, stream, upto, show_progress, variants, label, lines)
+        )
 
 
 def _json_safe(value: Any) -> Any:
@@ -758,8 +832,9 @@ async def _run(
     show_progress: bool,
     ablation: dict[str, FunnelConfig] | None = None,
     label: str = "",
+    lines: bool = False,
 ) -> Evaluation:
-    redis = redis_client(settings, socket_timeout=10)
+    redis = redis_client(settings, socket_timeout=READ_TIMEOUT_S)
     processes: Children | None = None
     backend: Any = None
     try:
@@ -785,7 +860,9 @@ async def _run(
             )
             backend = PipelineBackend(settings, redis, base_url, processes.check)
         evaluation = Evaluation(settings, backend, stream, upto, ablation)
-        progress = Progress(len(stream), f"eval {mode}{label}") if show_progress else None
+        progress = (
+            Progress(len(stream), f"eval {mode}{label}", lines=lines) if show_progress else None
+        )
         await evaluation.run(progress)
         if progress is not None:
             progress.close()

@@ -8,14 +8,17 @@ from typing import TextIO
 
 
 class Progress:
-    def __init__(self, total: int | None, label: str, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, total: int | None, label: str, stream: TextIO | None = None, lines: bool = False
+    ) -> None:
+        """``lines``: a line per update even on a terminal, for processes that share one."""
         self.total = total
         self.label = label
         self.stream = stream or sys.stderr
         self.count = 0
         self.started = time.monotonic()
         self._last_draw = 0.0
-        self._tty = self.stream.isatty()
+        self._tty = self.stream.isatty() and not lines
 
     def advance(self, n: int = 1, note: str = "") -> None:
         self.count += n

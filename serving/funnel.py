@@ -179,6 +179,8 @@ class Funnel:
     remembered_users
         Users whose last ranked candidates (and their features) are kept, to learn the choice
         ranker from what each does next; least recently served forgotten first.
+    read_timeout_s
+        How long a request waits for its user's state before it fails: a reader's deadline.
     """
 
     def __init__(
@@ -190,6 +192,7 @@ class Funnel:
         rules: Sequence[BusinessRule] = (),
         max_staleness_s: float = 1.0,
         remembered_users: int = 10_000,
+        read_timeout_s: float = 2.0,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -206,7 +209,7 @@ class Funnel:
         self.event_clock: float | None = None  # the newest event time the state has applied
         self.scratch = Scratch()
         self.scripts = ServerScripts(redis)
-        self.user_state = MultiplexedRedis.like(redis)  # the per-request read
+        self.user_state = MultiplexedRedis.like(redis, read_timeout_s)  # the per-request read
         self._refreshing: asyncio.Future[None] | None = None
         self.choice_ranker = ChoiceRanker()
         self._offered: OrderedDict[str, _Offered] = OrderedDict()

@@ -97,6 +97,22 @@ def test_json_summary_has_every_required_key_and_a_report(
     assert json.loads((out / "summary.json").read_text())["rmse"] == summary["rmse"]
 
 
+def test_a_lag_walked_in_a_process_of_its_own_equals_the_same_walk_alone(
+    base_settings: Settings, small_file: Path
+) -> None:
+    # `--freshness` walks its other lags in processes of their own, beside the main walk.
+    both = run_eval(
+        base_settings, small_file, mode="direct", freshness_lags=(1.0, 600.0), show_progress=False
+    )
+    alone = run_eval(base_settings, small_file, mode="direct", lag_s=600.0, show_progress=False)
+    row = both["freshness"][1]
+    assert row["lag_s"] == 600.0 and row["topn_events"] == alone["topn_events"]
+    ours = row["systems"]["freshrec"]
+    assert ours == {key: alone[key] for key in ours}
+    assert {name: row["systems"][name] for name in BASELINES} == alone["baselines"]
+    assert both["freshness"][0]["systems"]["freshrec"]["rmse"] == both["rmse"]
+
+
 def test_pipeline_rmse_is_within_one_percent_of_direct(
     base_settings: Settings, small_file: Path
 ) -> None:
