@@ -45,8 +45,9 @@ from __future__ import annotations
 import math
 import struct
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -117,9 +118,15 @@ _SESSION_WEIGHTS = SESSION_RATE * (1.0 - SESSION_RATE) ** np.arange(1024)
 unrolled (past 1,024 records they are below 1e-90)."""
 
 
-def user_mean(records: Sequence[RatingRecord], rating: float) -> float:
-    """The user's mean rating over the history kept and ``rating``: what ``z`` centres by."""
-    return (sum(r.rating for r in records) + rating) / (len(records) + 1)
+def record_columns(records: Sequence[RatingRecord]) -> np.ndarray:
+    """What `features` reads of ``records``: one row per record, its ``residual``,
+    ``mf_error`` and ``blend_error``."""
+    fields = [
+        [r.residual for r in records],
+        [r.mf_error for r in records],
+        [r.blend_error for r in records],
+    ]
+    return np.array(fields, dtype=np.float64).T.copy()
 
 
 def features(
@@ -129,20 +136,20 @@ def features(
     factors: float,
     user_ratings: float,
     item_ratings: float,
-    records: Sequence[RatingRecord],
+    records: Sequence[RatingRecord] | np.ndarray,
     pairs: np.ndarray,
     partner_ratings: np.ndarray,
 ) -> np.ndarray:
     """:math:`x_{ui}` (`WIDTH` entries) for an item with ``item_ratings`` ratings and a user
-    with ``user_ratings`` and ``records``. ``pairs`` holds one row of `PAIR_FIELDS` per record
-    (zeros where the items were never rated together), ``partner_ratings`` the records' items'
-    rating counts."""
+    with ``user_ratings`` and ``records`` (or their `record_columns`). ``pairs`` holds one row
+    of `PAIR_FIELDS` per record (zeros where the items were never rated together),
+    ``partner_ratings`` the records' items' rating counts."""
     corating = adjusted = recent = user_session = blend_session = 0.0
-    if records:
-        columns = np.array([(r.residual, r.mf_error, r.blend_error) for r in records])
+    columns = records if isinstance(records, np.ndarray) else record_columns(records)
+    if len(columns):
         residual = columns[:, 0]
         recent = float(residual[:RECENT].mean())
-        kept = min(len(records), _SESSION_WEIGHTS.size)
+        kept = min(len(columns), _SESSION_WEIGHTS.size)
         user_session, blend_session = _SESSION_WEIGHTS[:kept] @ columns[:kept, 1:]
         if item_ratings > 0:
             count, cross, own, other = pairs.T
@@ -175,7 +182,7 @@ def row_features(
     user_row: np.ndarray | None,
     item_row: np.ndarray | None,
     factors: int,
-    records: Sequence[RatingRecord],
+    records: Sequence[RatingRecord] | np.ndarray,
     pairs: np.ndarray,
     partner_ratings: np.ndarray,
 ) -> np.ndarray:
@@ -203,6 +210,15 @@ def row_features(
 
 
 _NO_PAIR = (0.0,) * PAIR_FIELDS
+
+
+def _gather(row: Mapping[str, Sequence[float]] | None, partners: Sequence[str]) -> np.ndarray:
+    """``row``'s statistics with each partner, one row of `PAIR_FIELDS` each (zeros where it
+    has none)."""
+    if not row:
+        return np.zeros((len(partners), PAIR_FIELDS))
+    stats = chain.from_iterable([row.get(partner, _NO_PAIR) for partner in partners])
+    return np.fromiter(stats, np.float64, PAIR_FIELDS * len(partners)).reshape(-1, PAIR_FIELDS)
 
 
 def _bump(
@@ -323,6 +339,34 @@ def solve_weights(state: np.ndarray) -> np.ndarray:
     return np.linalg.solve(gram, state[width * width :])
 
 
+class _History:
+    """A user's records, newest first, and what learning reads of them on every rating kept
+    alongside: their items, their `record_columns` and the sum of their ratings."""
+
+    __slots__ = ("columns", "items", "rating_sum", "records")
+
+    def __init__(self, records: list[RatingRecord]) -> None:
+        self.records = records
+        self.items = [r.item for r in records]
+        self.columns = record_columns(records)
+        self.rating_sum = sum(r.rating for r in records)
+
+    def mean_with(self, rating: float) -> float:
+        """The user's mean rating over the history kept and ``rating``: what ``z`` centres by."""
+        return (self.rating_sum + rating) / (len(self.records) + 1)
+
+    def push(self, record: RatingRecord, keep: int) -> None:
+        """``record`` as the newest, then only the ``keep`` newest kept."""
+        self.records.insert(0, record)
+        self.items.insert(0, record.item)
+        self.rating_sum += record.rating
+        newest = [(record.residual, record.mf_error, record.blend_error)]
+        self.columns = np.concatenate((newest, self.columns))[:keep]
+        for dropped in self.records[keep:]:
+            self.rating_sum -= dropped.rating
+        del self.records[keep:], self.items[keep:]
+
+
 class RatingStack:
     """Learns ratings one at a time into the MF, the users' rating histories, the item pairs'
     statistics and the blend, and predicts them with `features` and the blend.
@@ -369,18 +413,26 @@ class RatingStack:
         self.pair_changes: defaultdict[str, dict[str, list[float]]] = defaultdict(dict)
         self.new_records: defaultdict[str, list[RatingRecord]] = defaultdict(list)
         self.rating_increments: defaultdict[str, float] = defaultdict(float)
+        self._users: dict[str, _History] = {}
+
+    def _history(self, user: str) -> _History:
+        """The user's `_History`, built from ``histories`` when the stack first meets them."""
+        history = self._users.get(user)
+        if history is None:
+            history = self._users[user] = _History(self.histories.get(user, []))
+        return history
 
     def features(self, user: str, item: str) -> np.ndarray:
         table = self.mf.table
-        records = self.histories.get(user, [])
-        pairs = self._pair_rows(item, [r.item for r in records])
-        partners = np.array([self.item_ratings.get(r.item, 0.0) for r in records])
+        history = self._history(user)
+        pairs = self._pair_rows(item, history.items)
+        partners = np.array([self.item_ratings.get(partner, 0.0) for partner in history.items])
         return row_features(
             self.mf.mean,
             table["u:" + user],
             table["i:" + item],
             table.factors,
-            records,
+            history.columns,
             pairs,
             partners,
         )
@@ -395,18 +447,18 @@ class RatingStack:
         baseline = mf.mean + float(mf.table["u:" + user][0]) + float(mf.table["i:" + item][0])
         blend_error = self.blend.learn(x, rating)
         mf_error = mf.learn_one(user, item, rating)
-        records = self.histories.setdefault(user, [])
-        centred = rating - user_mean(records, rating)
+        history = self._history(user)
+        centred = rating - history.mean_with(rating)
         own_row, own = self.pair_changes[item], centred * centred
-        for other in records[: self.pair_window]:
+        for other in history.records[: self.pair_window]:
             partner = other.item
             if partner != item:
                 cross, theirs = centred * other.centred, other.centred * other.centred
                 _bump(own_row, partner, cross, own, theirs)
                 _bump(self.pair_changes[partner], item, cross, theirs, own)
         record = RatingRecord(item, rating, centred, rating - baseline, mf_error, blend_error)
-        records.insert(0, record)
-        del records[self.history :]
+        history.push(record, self.history)
+        self.histories.setdefault(user, history.records)
         self.new_records[user].append(record)
         self.item_ratings[item] = self.item_ratings.get(item, 0.0) + 1.0
         self.rating_increments[item] += 1.0
@@ -414,17 +466,11 @@ class RatingStack:
 
     def _pair_rows(self, item: str, partners: Sequence[str]) -> np.ndarray:
         """The statistics of ``item`` with each partner: stored plus learned here."""
-        stored, learned = self.stored_pairs.get(item, {}), self.pair_changes.get(item, {})
-        rows: list[Sequence[float]] = []
-        for partner in partners:
-            base, change = stored.get(partner), learned.get(partner)
-            if change is None:
-                rows.append(_NO_PAIR if base is None else base)
-            elif base is None:
-                rows.append(change)
-            else:
-                rows.append([b + c for b, c in zip(base, change, strict=True)])
-        return np.array(rows, dtype=np.float64).reshape(-1, PAIR_FIELDS)
+        rows = _gather(self.stored_pairs.get(item), partners)
+        learned = self.pair_changes.get(item)
+        if learned:
+            rows += _gather(learned, partners)
+        return rows
 
     def pairs(self, item: str) -> dict[str, np.ndarray]:
         """Every partner's statistics with ``item``, stored plus learned here."""
