@@ -1,15 +1,15 @@
 """The funnel's compiled kernels, made ready before anything is served.
 
-Recall's merge, the ranking features, rerank, MF recall's cell search and the scatter of
-neighbour lists read from Redis are numba functions compiled on their first call, for the
-argument types of that call, and cached on disk (``NUMBA_CACHE_DIR``, by default under
-``FRESHREC_HOME``: see `freshrec`). Compiling them all takes from half a minute to a couple
-of minutes on a small machine; loading them from the cache about a second. Whatever pays for
-that first call must not be a request, so `warm_up` calls each kernel once with tiny inputs
-built the way the request path builds its own (same dtypes, same number of dimensions, same
-memory layouts, and the configuration's own scalars), which compiles or loads exactly the
-specialisations requests then use. The reader runs it before it binds its port; in-process
-users of the funnel (``freshrec eval``) before their first request.
+Recall's merge, the ranking features, rerank, MF recall's cell search, the scatter of neighbour
+lists read from Redis and the rating predictor's signals are numba functions compiled on their
+first call, for the argument types of that call, and cached on disk (``NUMBA_CACHE_DIR``, by
+default under ``FRESHREC_HOME``: see `freshrec`). Compiling them all takes from half a minute to
+a couple of minutes on a small machine; loading them from the cache about a second. Whatever
+pays for that first call must not be a request, so `warm_up` calls each kernel once with tiny
+inputs built the way the request path builds its own (same dtypes, same number of dimensions,
+same memory layouts, and the configuration's own scalars), which compiles or loads exactly the
+specialisations requests then use. The reader runs it before it binds its port; in-process users
+of the funnel (``freshrec eval``) before their first request.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from freshrec.models import inner_product_search
+from freshrec.models import inner_product_search, rating_stack
 from freshrec.models.click_model import FEATURES, FIXED_BLEND
 from freshrec.models.inner_product_search import CELL_SIZE, MIN_CELLS, CellIndex
 from freshrec.models.mf import implicit_part, vector_width
+from freshrec.models.rating_stack import PAIR_FIELDS, RatingRecord
+from freshrec.models.rating_stack import features as rating_features
 from freshrec.serving import features as features_module
 from freshrec.serving.features import candidate_features
 from freshrec.serving.funnel_config import FunnelConfig
@@ -45,6 +47,8 @@ KERNELS = (
     inner_product_search._widen,
     inner_product_search._covered,
     inner_product_search._grouped,
+    # A rating's features, for /predict (and the learner, in workers and direct evaluation).
+    rating_stack._record_signals,
 )
 """Every compiled function the reader calls directly (their callees compile with them)."""
 
@@ -82,6 +86,7 @@ def warm_up(configs: Iterable[FunnelConfig] = ()) -> WarmUp:
         _empty_catalogue(config)
     _cell_search()
     _neighbour_lists()
+    _rating_signals()
     after = [_counts(kernel) for kernel in KERNELS]
     done = WarmUp(
         seconds=time.perf_counter() - started,
@@ -210,6 +215,18 @@ def _neighbour_lists() -> None:
         np.zeros((2, 2)),
         np.zeros(2, dtype=np.int64),
     )
+
+
+def _rating_signals() -> None:
+    """A rating's features as `Funnel.predict_many` builds them (the pair rows and the partners'
+    counts read-only views of the reply) and as the learner does (arrays of its own)."""
+    records = [RatingRecord("a", 4.0, 0.5, 0.25, 0.1, 0.0)]
+    pairs = np.frombuffer(np.ones(PAIR_FIELDS, dtype="<f4").tobytes(), "<f4")
+    partners = np.frombuffer(np.ones(1).tobytes(), "<f8")
+    for rows, counts in ((pairs, partners), (pairs.astype(np.float64), partners.copy())):
+        rating_features(
+            3.5, 0.1, -0.1, 0.2, 2.0, 3.0, records, rows.reshape(-1, PAIR_FIELDS), counts
+        )
 
 
 def _cell_search() -> None:
