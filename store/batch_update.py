@@ -7,12 +7,12 @@ that appears twice in a batch sees its own first update, exactly as a one-event-
 learner would. The write sends only *deltas* and increments, aggregated per key, applied by
 server-side scripts, so two workers touching the same hot item lose nothing.
 
-On a single Redis the read and the write are one script call each, whatever the batch size, and
-the write is atomic with the per-partition offset watermarks: a message at or below its
-partition's watermark was applied already (Kafka redelivered it after a crash or rebalance) and
-is skipped, and a crash mid-batch applies nothing. A batch of more than `MAX_EVENTS_PER_WRITE`
-events goes as several such steps, split between messages, so no script holds Redis for long
-(a message's events always share a step: its offset is one watermark). On Redis Cluster the same
+On a single Redis the read and the write of a step are one script call each, and the write is
+atomic with the per-partition offset watermarks: a message at or below its partition's
+watermark was applied already (Kafka redelivered it after a crash or rebalance) and is skipped,
+and a crash mid-step applies nothing of it. A batch is one step, or several when its write
+would hold Redis longer than `WRITE_TARGET_S` (`StepSize`), split between messages (a
+message's events always share a step: its offset is one watermark). On Redis Cluster the same
 changes go as pipelined single-key commands and scripts, watermarks last: at least once
 (``atomic=False``).
 """
@@ -57,8 +57,13 @@ Origin = tuple[str, int]
 """Where an event came from: (partition label such as ``"freshrec.events/3"``, offset)."""
 
 MAX_EVENTS_PER_WRITE = 2_000
-"""Events per read-learn-write step at most (whole messages): a step's write script runs about
-100 sorted-set increments per event, so this keeps one under a few hundred milliseconds."""
+"""Events per read-learn-write step at most (whole messages)."""
+WRITE_TARGET_S = 0.25
+"""How long one step's write should hold Redis: every reader's request waits behind it, and
+this is an eighth of a reader's 2 s deadline. Shorter steps re-read and re-write the hot keys
+more often."""
+FIRST_STEP = 100
+"""Events of the first step, before any write has been timed."""
 
 
 @dataclass
@@ -93,6 +98,8 @@ class BatchUpdater:
         Redis Cluster: only single-key commands and scripts, at-least-once batches.
     max_events
         Events per step at most (`MAX_EVENTS_PER_WRITE`).
+    write_target_s
+        How long one step's write should hold Redis (`StepSize`).
     """
 
     def __init__(
@@ -102,12 +109,13 @@ class BatchUpdater:
         config: ModelConfig,
         atomic: bool = True,
         max_events: int = MAX_EVENTS_PER_WRITE,
+        write_target_s: float = WRITE_TARGET_S,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.config = config
         self.atomic = atomic
-        self.max_events = max_events
+        self.step = StepSize(write_target_s, max_events)
         self.scripts = ServerScripts(redis)
         self.learner = InteractionLearner(config)
 
@@ -128,7 +136,9 @@ class BatchUpdater:
         if not events:
             return BatchResult()
         total = BatchResult()
-        for start, end in _steps(origins, len(events), self.max_events):
+        start = 0
+        while start < len(events):
+            end = _step_end(origins, start, len(events), self.step.events)
             part = await self._apply_step(
                 events[start:end], origins[start:end] if origins else [], arrived
             )
@@ -137,6 +147,7 @@ class BatchUpdater:
             total.rating_errors.extend(part.rating_errors)
             total.max_ts = max(total.max_ts, part.max_ts)
             total.applied.extend(start + n for n in part.applied)
+            start = end
         return total
 
     async def _apply_step(
@@ -175,10 +186,12 @@ class BatchUpdater:
         watermarks = [(self.keys.watermark(lab), done[lab], marks[lab]) for lab in labels]
         clock = max((e.ts for e in keep if e.type in INTERACTIONS), default=None)
         touched_at = time.time() if arrived is None else arrived
+        began = time.perf_counter()
         if self.atomic:
             await self._write_script(writes, watermarks, len(keep), clock, touched_at)
         else:
             await self._write_pipelined(writes, watermarks, len(keep), clock, touched_at)
+        self.step.timed(len(keep), time.perf_counter() - began)
         result.max_ts = clock or 0.0
         return result
 
@@ -507,26 +520,56 @@ class BatchUpdater:
             await self.redis.delete(lock)
 
 
-def _steps(origins: Sequence[Origin] | None, count: int, most: int) -> list[tuple[int, int]]:
-    """[start, end) ranges of at most ``most`` events, cut only where the message changes (a
-    message longer than ``most`` is a step of its own)."""
-    if count <= most:
-        return [(0, count)]
-    steps, start = [], 0
-    while start < count:
-        end = min(start + most, count)
-        if origins and end < count:
+class StepSize:
+    r"""Events per step, so that one step's write holds Redis about ``target_s``.
+
+    A write's time grows with its events and with the state they meet (a rating's pairs grow
+    with its user's history, an interaction's co-occurrences with the user's recent items),
+    from tens of microseconds to milliseconds per event: no fixed count bounds it on every
+    stream. Each write's time per event sets the next step,
+    :math:`n \leftarrow \mathrm{clip}(\min(2n, \, t^* / \bar t), 1, n_{max})`, never more
+    than doubling, so one cheap step does not let the next one run long.
+
+    Examples
+    --------
+    >>> step = StepSize(0.25, 2_000)
+    >>> step.events
+    100
+    >>> step.timed(100, 2.5); step.events  # 25 ms an event: ten fit in 250 ms
+    10
+    >>> step.timed(10, 0.001); step.events  # cheap now: grows, at most doubling
+    20
+    """
+
+    def __init__(self, target_s: float, most: int, first: int = FIRST_STEP) -> None:
+        if not target_s > 0 or most < 1:
+            raise ValueError("a step needs a positive target time and at least one event")
+        self.target_s = target_s
+        self.most = most
+        self.events = min(first, most)
+
+    def timed(self, events: int, seconds: float) -> None:
+        """A write of ``events`` took ``seconds``."""
+        if events < 1:
+            return
+        fits = self.target_s * events / max(seconds, 1e-9)
+        self.events = int(max(1, min(self.most, 2 * self.events, fits)))
+
+
+def _step_end(origins: Sequence[Origin] | None, start: int, count: int, most: int) -> int:
+    """The end of the step from ``start``: at most ``most`` events, cut only where the message
+    changes (a message longer than ``most`` is a step of its own)."""
+    end = min(start + most, count)
+    if origins and end < count:
+        cut = end
+        while cut > start and origins[cut] == origins[cut - 1]:
+            cut -= 1
+        if cut == start:  # one message fills the step: take it whole
             cut = end
-            while cut > start and origins[cut] == origins[cut - 1]:
-                cut -= 1
-            if cut == start:  # one message fills the step: take it whole
-                cut = end
-                while cut < count and origins[cut] == origins[cut - 1]:
-                    cut += 1
-            end = cut
-        steps.append((start, end))
-        start = end
-    return steps
+            while cut < count and origins[cut] == origins[cut - 1]:
+                cut += 1
+        end = cut
+    return end
 
 
 def _pack(vectors: Sequence[Sequence[float]]) -> bytes:

@@ -30,7 +30,12 @@ from freshrec.models.mf import (
 from freshrec.models.popularity import Popularity
 from freshrec.models.rating_stack import Blend, RatingStack, decode_records
 from freshrec.settings import Settings
-from freshrec.store.batch_update import INTERACTIONS, BatchUpdater
+from freshrec.store.batch_update import (
+    INTERACTIONS,
+    MAX_EVENTS_PER_WRITE,
+    WRITE_TARGET_S,
+    BatchUpdater,
+)
 from freshrec.store.keys import Keys
 from freshrec.store.vectors import decode_vector
 from freshrec.streams.events import Event
@@ -354,11 +359,15 @@ def test_a_redelivered_batch_is_applied_once(
     assert int(redis_client.get(f"{settings.key_prefix}:wm:freshrec.events/0")) == 299
 
 
+@pytest.mark.parametrize(
+    ("max_events", "target_s"), [(7, WRITE_TARGET_S), (MAX_EVENTS_PER_WRITE, 1e-9)]
+)
 def test_a_long_batch_is_written_in_steps_of_whole_messages_each_once(
-    settings: Settings, redis_client
+    settings: Settings, redis_client, max_events: int, target_s: float
 ) -> None:
-    """Steps of at most 7 events over messages of 3: each step ends between messages, so the
-    offset watermark a step writes never skips the rest of a message in the next one."""
+    """Steps of at most 7 events, or of one message each (no write is fast enough for more),
+    over messages of 3: each step ends between messages, so the offset watermark a step writes
+    never skips the rest of a message in the next one."""
     stream = generate(SynthConfig(users=30, items=40, events=300, seed=9))
     events = _events(stream.events)
     origins = [("freshrec.events/0", n // 3) for n in range(len(events))]
@@ -367,8 +376,13 @@ def test_a_long_batch_is_written_in_steps_of_whole_messages_each_once(
     async def apply(lo: int, hi: int):
         redis = Redis.from_url(settings.redis_url)
         try:
-            updater = BatchUpdater(redis, keys, settings.model_config(), max_events=7)
-            return await updater.apply(events[lo:hi], origins[lo:hi])
+            updater = BatchUpdater(
+                redis, keys, settings.model_config(), max_events=max_events, write_target_s=target_s
+            )
+            result = await updater.apply(events[lo:hi], origins[lo:hi])
+            if target_s < 1e-6 and result.events:  # any write is too slow for more
+                assert updater.step.events == 1
+            return result
         finally:
             await redis.aclose()
 
