@@ -430,7 +430,7 @@ class RatingStack:
     ) -> None:
         self.mf = mf
         self.pair_window = history if pair_window is None else pair_window
-        self.histories = {user: list(records) for user, records in histories.items()}
+        self.stored_histories = histories
         self.stored_pairs = pairs
         self.item_ratings = dict(item_ratings)
         self.blend = Blend(blend_state)
@@ -441,13 +441,21 @@ class RatingStack:
         self.pair_changes: defaultdict[str, dict[str, list[float]]] = defaultdict(dict)
         self.new_records: defaultdict[str, list[RatingRecord]] = defaultdict(list)
         self.rating_increments: defaultdict[str, float] = defaultdict(float)
-        self._users: dict[str, _History] = {}
+        self._histories: dict[str, _History] = {}
+
+    @property
+    def histories(self) -> dict[str, list[RatingRecord]]:
+        """Every user's records, newest first: as stored, with what was learned here."""
+        learned = {user: history.records for user, history in self._histories.items()}
+        return {**self.stored_histories, **learned}
 
     def _history(self, user: str) -> _History:
-        """The user's `_History`, built from ``histories`` when the stack first meets them."""
-        history = self._users.get(user)
+        """The user's `_History`, from a copy of their stored records when the stack first
+        meets them (the snapshot's lists stay as they are)."""
+        history = self._histories.get(user)
         if history is None:
-            history = self._users[user] = _History(self.histories.get(user, []))
+            records = list(self.stored_histories.get(user, []))
+            history = self._histories[user] = _History(records)
         return history
 
     def features(self, user: str, item: str) -> np.ndarray:
@@ -486,7 +494,6 @@ class RatingStack:
                 _bump(self.pair_changes[partner], item, cross, theirs, own)
         record = RatingRecord(item, rating, centred, rating - baseline, mf_error, blend_error)
         history.push(record, self.history)
-        self.histories.setdefault(user, history.records)
         self.new_records[user].append(record)
         self.item_ratings[item] = self.item_ratings.get(item, 0.0) + 1.0
         self.rating_increments[item] += 1.0
