@@ -63,10 +63,10 @@ def stream_events(source: str | None, settings: Settings, users: int, items: int
 def classify(keys: Keys, key: str, item_sets: set[str]) -> str:
     """``user``, ``item``, ``per-item set`` (one of ``item_sets``), ``queue`` or ``shared``,
     by the key's name."""
-    name = key[len(keys.prefix) + 1 :]
-    if name.startswith(("mf:u:", "hist:", "shown:", "rated:")):
+    tag = key[len(keys.prefix) + 1 :].partition(":")[2]  # after the family: {u:..} or {i:..}
+    if tag.startswith("{u:"):
         return "user"
-    if name.startswith(("mf:i:", "cf:", "rp:")):
+    if tag.startswith("{i:"):
         return "item"
     if key in item_sets:
         return "per-item set"
@@ -95,8 +95,8 @@ def measure_keys(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     names = [k.decode() for k in client.scan_iter(match=f"{keys.prefix}:*", count=5000)]
     groups: dict[str, dict[str, int]] = {}
     members: dict[str, int] = {}
-    users = sum(1 for n in names if n.startswith(f"{keys.prefix}:mf:u:"))
-    items = sum(1 for n in names if n.startswith(f"{keys.prefix}:mf:i:"))
+    users = sum(1 for n in names if n.startswith(f"{keys.prefix}:mf:{{u:"))
+    items = sum(1 for n in names if n.startswith(f"{keys.prefix}:mf:{{i:"))
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.memory_usage(name, samples=0)

@@ -21,6 +21,7 @@ from freshrec.devenv.processes import Children, free_port, http_json
 from freshrec.evaluation.synth import SynthConfig, generate
 from freshrec.progress import Progress
 from freshrec.settings import Settings, mask_url
+from freshrec.store.keys import Keys
 from freshrec.streams.events import encode_events
 from freshrec.streams.producer import EventProducer
 
@@ -63,7 +64,7 @@ def _run(demo: Demo, settings: Settings, store: redis.Redis, events: int, rate: 
 
     stream = generate(SynthConfig(events=events, users=2000, items=1000, seed=7))
     say(f"synthetic stream: {len(stream.events):,} events, 2,000 users, 1,000 items")
-    stats_key = f"{settings.key_prefix}:stats:worker"
+    stats_key = Keys(settings.key_prefix).worker_stats
 
     def applied() -> int:
         return int(store.hget(stats_key, "events") or 0)
@@ -187,8 +188,8 @@ def _active_users(events: list[dict], n: int) -> list[str]:
 
 def _popular_unseen(store: redis.Redis, settings: Settings, user: str, current: list[str]) -> str:
     """A well-connected item the user has not seen and is not being shown right now."""
-    seen = {m.decode() for m in store.zrange(f"{settings.key_prefix}:hist:{user}", 0, -1)}
-    for member in store.zrevrange(f"{settings.key_prefix}:occ", 0, 200):
+    seen = {m.decode() for m in store.zrange(Keys(settings.key_prefix).history(user), 0, -1)}
+    for member in store.zrevrange(Keys(settings.key_prefix).occurrences, 0, 200):
         item = member.decode()
         if item not in seen and item not in current:
             return item

@@ -164,7 +164,7 @@ class ItemIndex:
         """Loads the vectors and statistics of ``chunk``; their neighbour lists go stale."""
         blobs, lengths, stats = await self.scripts.item_rows(
             keys=[self.keys.occurrences, self.keys.popularity, self.keys.item_first_seen],
-            args=[self.keys.item_vector(""), "\n".join(chunk)],
+            args=[*self.keys.item_key_parts("mf"), "\n".join(chunk)],
         )
         lengths = np.frombuffer(lengths, "<i4")
         stats = np.frombuffer(stats, "<f8").reshape(-1, len(STATS))

@@ -1,7 +1,18 @@
 """Redis key layout: every key under one configurable prefix, one concept per key family.
 
-Every write the models make touches one key per command (or a single-key server script), so the
-layout works unchanged on Redis Cluster.
+The same layout serves a single Redis and Redis Cluster. Cluster places a key by the part of its
+name between the first ``{`` and the next ``}`` (its hash tag), so:
+
+* a user's keys (vector, history, rating records, impressions shown) share the tag ``{u:<id>}``,
+  and a script reading a user's whole state touches one slot;
+* an item's keys (vector, neighbour list, rating pairs) share ``{i:<id>}``;
+* the per-item statistics that scripts read together (occurrences, popularity, first seen,
+  impressions, clicks, rating counts, change stamps, activity, retirements) share
+  ``{<prefix>:items}``: one slot, a node's worth of load, as every sorted set is anyway.
+
+The kind letter inside the tag keeps it non-empty whatever the id (an id starting with ``}``
+would otherwise leave an empty tag, and Cluster would hash the whole name). Every other key is
+single and placed on its own.
 """
 
 from __future__ import annotations
@@ -15,11 +26,30 @@ class Keys:
 
     prefix: str = "fr"
 
+    def __post_init__(self) -> None:
+        if "{" in self.prefix or "}" in self.prefix:
+            raise ValueError(f"a key prefix may not hold braces (hash tags): {self.prefix!r}")
+
+    def _user(self, family: str, user_id: str) -> str:
+        return f"{self.prefix}:{family}:{{u:{user_id}}}"
+
+    def _item(self, family: str, item_id: str) -> str:
+        return f"{self.prefix}:{family}:{{i:{item_id}}}"
+
+    def _items_stat(self, name: str) -> str:
+        return f"{self.prefix}:{{{self.prefix}:items}}:{name}"
+
+    def item_key_parts(self, family: str) -> tuple[str, str]:
+        """(head, tail) of an item's key of ``family`` ("mf", "cf", "rp"): a script forms the key
+        of any item as head .. id .. tail."""
+        head, tail = self._item(family, "\0").split("\0")
+        return head, tail
+
     def user_vector(self, user_id: str) -> str:
-        return f"{self.prefix}:mf:u:{user_id}"
+        return self._user("mf", user_id)
 
     def item_vector(self, item_id: str) -> str:
-        return f"{self.prefix}:mf:i:{item_id}"
+        return self._item("mf", item_id)
 
     @property
     def rating_mean(self) -> str:
@@ -28,16 +58,16 @@ class Keys:
 
     def rating_history(self, user_id: str) -> str:
         """List of the user's rating records, newest first (`freshrec.models.rating_stack`)."""
-        return f"{self.prefix}:rated:{user_id}"
+        return self._user("rated", user_id)
 
     def rating_pairs(self, item_id: str) -> str:
         """Hash partner -> the pair's rating statistics from ``item_id``'s side (4 float32)."""
-        return f"{self.prefix}:rp:{item_id}"
+        return self._item("rp", item_id)
 
     @property
     def item_ratings(self) -> str:
         """Sorted set item -> number of ratings learned (the co-rating kNN's norms)."""
-        return f"{self.prefix}:rcount"
+        return self._items_stat("rcount")
 
     @property
     def rating_blend(self) -> str:
@@ -46,26 +76,26 @@ class Keys:
 
     def history(self, user_id: str) -> str:
         """Sorted set item -> last interaction time: recency window, seen filter, recall seeds."""
-        return f"{self.prefix}:hist:{user_id}"
+        return self._user("hist", user_id)
 
     def neighbours(self, item_id: str) -> str:
         """Sorted set item -> forward-decayed co-occurrence weight with ``item_id``."""
-        return f"{self.prefix}:cf:{item_id}"
+        return self._item("cf", item_id)
 
     @property
     def occurrences(self) -> str:
         """Sorted set item -> forward-decayed count of interactions (cosine norms)."""
-        return f"{self.prefix}:occ"
+        return self._items_stat("occ")
 
     @property
     def popularity(self) -> str:
         """Sorted set item -> forward-decayed, type-weighted interactions (trending)."""
-        return f"{self.prefix}:pop"
+        return self._items_stat("pop")
 
     @property
     def impressions(self) -> str:
         """Sorted set item -> number of times the item was shown."""
-        return f"{self.prefix}:imp"
+        return self._items_stat("imp")
 
     @property
     def impressions_total(self) -> str:
@@ -75,7 +105,7 @@ class Keys:
     @property
     def clicks(self) -> str:
         """Sorted set item -> number of clicks (CTR, UCB reward)."""
-        return f"{self.prefix}:clk"
+        return self._items_stat("clk")
 
     def watermark(self, partition: str) -> str:
         """Highest offset of ``partition`` (``topic/n``) whose events are applied."""
@@ -84,7 +114,7 @@ class Keys:
     @property
     def item_first_seen(self) -> str:
         """Sorted set item -> event time of its first interaction (catalog, item age)."""
-        return f"{self.prefix}:items"
+        return self._items_stat("first")
 
     @property
     def unavailable(self) -> str:
@@ -103,30 +133,30 @@ class Keys:
 
     def shown(self, user_id: str) -> str:
         """Hash item -> impression record (features, variant), for attributing a later click."""
-        return f"{self.prefix}:shown:{user_id}"
+        return self._user("shown", user_id)
 
     @property
     def updated_items(self) -> str:
         """Sorted set item -> when its vector last changed (readers refresh their matrix)."""
-        return f"{self.prefix}:items:updated"
+        return self._items_stat("updated")
 
     @property
     def active_items(self) -> str:
         """Sorted set item -> when anything about it was last written (server clock): what
         retention reads to find the items idle for longer than the item TTL."""
-        return f"{self.prefix}:items:active"
+        return self._items_stat("active")
 
     @property
     def retired_items(self) -> str:
         """Sorted set item -> when retention removed it (server clock): readers drop it.
         Records are kept for the item TTL."""
-        return f"{self.prefix}:items:retired"
+        return self._items_stat("retired")
 
     @property
     def retired_horizon(self) -> str:
         """Float: the newest retirement record forgotten. A reader that has not seen every
         record up to it has missed a retirement and loads its snapshot again."""
-        return f"{self.prefix}:items:retired:horizon"
+        return self._items_stat("retired:horizon")
 
     @property
     def dirty_users(self) -> str:

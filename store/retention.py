@@ -71,7 +71,13 @@ async def _retire_script(redis: Redis, keys: Keys, ttl_s: int, limit: int) -> in
                 keys.retired_horizon,
                 *_per_item_sets(keys),
             ],
-            args=[keys.item_vector(""), keys.neighbours(""), ttl_s, limit, keys.rating_pairs("")],
+            args=[
+                ttl_s,
+                limit,
+                *keys.item_key_parts("mf"),
+                *keys.item_key_parts("cf"),
+                *keys.item_key_parts("rp"),
+            ],
         )
     )
 

@@ -274,29 +274,32 @@ return due
 
 
 # KEYS: the items' activity, retirement records, retirement horizon, then the change-stamp,
-# occurrence, popularity, impression, click, first-seen and rating-count sorted sets.  ARGV: the
-# key prefixes of item vectors and of neighbour lists, the TTL in seconds, the most items to
-# retire, the key prefix of rating pairs. Retires (atomically, on the server's clock) up to that
-# many items not written for the TTL: their vector, neighbour list and rating pairs, their
-# entries in every per-item sorted set and in the lists and pairs of the items they name (pairs
-# are kept both ways), each recorded as retired for
-# readers; records older than the TTL are forgotten, the newest of them kept as the horizon.
-# Returns how many it retired. The limit bounds the time one call holds Redis.
+# occurrence, popularity, impression, click, first-seen and rating-count sorted sets.  ARGV: the TTL
+# in seconds, the most items to retire, then the (head, tail) of item vectors', neighbour lists' and
+# rating pairs' keys (an item's key is head .. id .. tail). Retires (atomically, on the server's
+# clock) up to that many items not written for the TTL: their vector, neighbour list and rating
+# pairs, their entries in every per-item sorted set and in the lists and pairs of the items they
+# name (pairs are kept both ways), each recorded as retired for readers; records older than the TTL
+# are forgotten, the newest of them kept as the horizon. Returns how many it retired. The limit
+# bounds the time one call holds Redis.
 RETIRE_IDLE = """#!lua flags=no-cluster
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
-local cutoff = now - tonumber(ARGV[3])
-local idle = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff, 'LIMIT', 0, tonumber(ARGV[4]))
+local cutoff = now - tonumber(ARGV[1])
+local idle = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff, 'LIMIT', 0, tonumber(ARGV[2]))
+local function vector(id) return ARGV[3] .. id .. ARGV[4] end
+local function neighbours(id) return ARGV[5] .. id .. ARGV[6] end
+local function pairs_of(id) return ARGV[7] .. id .. ARGV[8] end
 for _, item in ipairs(idle) do
-  local list = ARGV[2] .. item
+  local list = neighbours(item)
   for _, other in ipairs(redis.call('ZRANGE', list, 0, -1)) do
-    redis.call('ZREM', ARGV[2] .. other, item)
+    redis.call('ZREM', neighbours(other), item)
   end
-  local rated = ARGV[5] .. item
+  local rated = pairs_of(item)
   for _, other in ipairs(redis.call('HKEYS', rated)) do
-    redis.call('HDEL', ARGV[5] .. other, item)
+    redis.call('HDEL', pairs_of(other), item)
   end
-  redis.call('DEL', ARGV[1] .. item, list, rated)
+  redis.call('DEL', vector(item), list, rated)
   redis.call('ZADD', KEYS[2], now, item)
 end
 if #idle > 0 then
@@ -331,16 +334,16 @@ end
 return out
 """
 
-# KEYS: the occurrences, popularity and first-seen sorted sets.  ARGV[1]: the key prefix of item
-# vectors, ARGV[2]: item ids joined by newlines.  Returns every item's vector concatenated, their
-# byte lengths (packed little-endian int32, 0 for none) and the three statistics (packed doubles,
-# 0 where absent, three per item): a chunk of the reader's item snapshot in one command, whose
-# arguments and reply are a handful of strings however many items it holds.
+# KEYS: the occurrences, popularity and first-seen sorted sets.  ARGV[1], ARGV[2]: the head and tail
+# of item vectors' keys, ARGV[3]: item ids joined by newlines.  Returns every item's vector
+# concatenated, their byte lengths (packed little-endian int32, 0 for none) and the three statistics
+# (packed doubles, 0 where absent, three per item): a chunk of the reader's item snapshot in one
+# command, whose arguments and reply are a handful of strings however many items it holds.
 ITEM_ROWS = """
 local items, keys, vectors, lengths, stats = {}, {}, {}, {}, {}
-for item in string.gmatch(ARGV[2], '[^\\n]+') do
+for item in string.gmatch(ARGV[3], '[^\\n]+') do
   items[#items + 1] = item
-  keys[#items] = ARGV[1] .. item
+  keys[#items] = ARGV[1] .. item .. ARGV[2]
 end
 if #items == 0 then return {'', '', ''} end
 local blobs = redis.call('MGET', unpack(keys))

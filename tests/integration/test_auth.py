@@ -34,6 +34,7 @@ from freshrec.connections import (
     redis_sync_client,
 )
 from freshrec.settings import Settings
+from freshrec.store.keys import Keys
 from freshrec.streams.producer import EventProducer
 from freshrec.streams.recommendations_consumer import RecommendationsConsumer
 from freshrec.streams.topics import delete_topics, ensure_topics, topic_specs
@@ -168,7 +169,7 @@ def test_the_pipeline_runs_on_sasl_scram_over_tls_and_redis_acl_over_tls(
 
         wait_until(alice_gets_pair_a, 60, "alice's list, learned through Redis over TLS")
         store = redis_sync_client(settings)
-        assert store.zscore(f"{settings.key_prefix}:cf:anchor", "pair-a")
+        assert store.zscore(Keys(settings.key_prefix).neighbours("anchor"), "pair-a")
         store.close()
 
         def published_for_alice() -> bool:

@@ -223,9 +223,10 @@ def _zset(client: redis.Redis, key: str) -> dict[str, float]:
 
 
 def _family(client: redis.Redis, prefix: str, family: str) -> set[str]:
-    """The ids of a key family (``hist:``, ``cf:``) under ``prefix``."""
-    start = f"{prefix}:{family}"
-    return {k.decode()[len(start) :] for k in client.scan_iter(match=f"{start}*", count=1000)}
+    """The ids of a key family (``hist``, ``cf``) under ``prefix``."""
+    head, tail = f"{prefix}:{family}:{{", "}"
+    found = client.scan_iter(match=f"{head}*{tail}", count=1000)
+    return {k.decode()[len(head) + 2 : -len(tail)] for k in found}  # past "u:" or "i:"
 
 
 def _to_clock(client: redis.Redis, keys: Keys, rate: float) -> float:
@@ -306,7 +307,7 @@ def test_workers_killed_and_rebalanced_mid_replay_end_with_the_state_of_an_unint
     assert steady.applied() == crashed.applied() == EVENTS
 
     # Histories, first-seen times, clicks: the same, exactly.
-    assert _family(client, a.prefix, "hist:") == _family(client, b.prefix, "hist:")
+    assert _family(client, a.prefix, "hist") == _family(client, b.prefix, "hist")
     for user in {e["user_id"] for e in stream}:
         assert _zset(client, a.history(user)) == _zset(client, b.history(user)), user
     assert _zset(client, a.item_first_seen) == _zset(client, b.item_first_seen)
@@ -327,7 +328,7 @@ def test_workers_killed_and_rebalanced_mid_replay_end_with_the_state_of_an_unint
 
     assert_same_sums(a.occurrences, b.occurrences)
     assert_same_sums(a.popularity, b.popularity)
-    assert _family(client, a.prefix, "cf:") == _family(client, b.prefix, "cf:")
+    assert _family(client, a.prefix, "cf") == _family(client, b.prefix, "cf")
     items = {e["item_id"] for e in stream}
     assert sum(assert_same_sums(a.neighbours(i), b.neighbours(i)) for i in items) > 100_000
 

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from freshrec.settings import Settings
+from freshrec.store.keys import Keys
 from freshrec.streams.producer import EventProducer
 from tests.support import TopicReader, wait_until
 
@@ -75,11 +76,15 @@ def test_each_bad_message_lands_in_the_dlq_and_every_valid_one_is_applied(
 
     for n in [*range(len(sent_bad)), 100]:
         wait_until(
-            lambda n=n: redis_client.zscore(f"{settings.key_prefix}:hist:ok-{n}", f"item-{n}"),
+            lambda n=n: redis_client.zscore(
+                Keys(settings.key_prefix).history(f"ok-{n}"), f"item-{n}"
+            ),
             30,
             f"valid event {n} to be applied",
         )
-    assert redis_client.exists(f"{settings.key_prefix}:hist:u") == 0  # nothing of the bad user
+    assert (
+        redis_client.exists(Keys(settings.key_prefix).history("u")) == 0
+    )  # nothing of the bad user
     assert worker.poll() is None, "the worker stopped"
 
 
@@ -169,20 +174,24 @@ def test_each_poison_message_is_one_dead_letter_and_the_worker_keeps_learning(
 
     for n in [*range(200, 200 + len(poison)), 300, 301]:
         wait_until(
-            lambda n=n: redis_client.zscore(f"{settings.key_prefix}:hist:ok-{n}", f"item-{n}"),
+            lambda n=n: redis_client.zscore(
+                Keys(settings.key_prefix).history(f"ok-{n}"), f"item-{n}"
+            ),
             30,
             f"valid event {n} to be applied",
         )
     for n in range(250, 255):
         wait_until(
-            lambda n=n: redis_client.zscore(f"{settings.key_prefix}:hist:ok-{n}", f"item-{n}"),
+            lambda n=n: redis_client.zscore(
+                Keys(settings.key_prefix).history(f"ok-{n}"), f"item-{n}"
+            ),
             30,
             f"valid event {n}, sent after the poison on its partition, to be applied",
         )
     wait_until(
-        lambda: redis_client.hget(f"{settings.key_prefix}:shown:shown-user", "seen"),
+        lambda: redis_client.hget(Keys(settings.key_prefix).shown("shown-user"), "seen"),
         30,
         "the valid impression sent after the poison ones to be remembered",
     )
-    assert redis_client.exists(f"{settings.key_prefix}:hist:poison") == 0
+    assert redis_client.exists(Keys(settings.key_prefix).history("poison")) == 0
     assert worker.poll() is None, "the worker stopped"

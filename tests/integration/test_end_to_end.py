@@ -8,6 +8,7 @@ import time
 import pytest
 
 from freshrec.settings import Settings
+from freshrec.store.keys import Keys
 from freshrec.streams.producer import EventProducer
 from freshrec.streams.recommendations_consumer import RecommendationsConsumer
 from tests.support import TopicReader, http_json, wait_until
@@ -37,7 +38,7 @@ def test_new_events_change_served_and_published_recommendations(
     with EventProducer(settings.kafka_bootstrap, settings.events_topic, 10) as producer:
         producer.send_many(background)
     wait_until(
-        lambda: redis_client.zscore(f"{settings.key_prefix}:cf:anchor", "pair-a"),
+        lambda: redis_client.zscore(Keys(settings.key_prefix).neighbours("anchor"), "pair-a"),
         30,
         "the background co-occurrences to land",
     )

@@ -63,7 +63,7 @@ def _serve_then_click(settings: Settings, worker: str, reader: str, redis_client
             shown_to.setdefault(user, items)
 
     def impressions_counted() -> bool:
-        counts = redis_client.zmscore(f"{prefix}:imp", list(served))
+        counts = redis_client.zmscore(Keys(prefix).impressions, list(served))
         return counts == [float(served[i]) for i in served]
 
     wait_until(impressions_counted, 30, "every served item's impressions to be counted")
@@ -89,8 +89,8 @@ def _serve_then_click(settings: Settings, worker: str, reader: str, redis_client
     assert state["clicks"] == len(clicked)  # the click on an unshown item is not attributed
     assert state["impressions"] == sum(served.values())
     for user, item in clicked:  # attributed once: the impression record is consumed
-        assert redis_client.hget(f"{prefix}:shown:{user}", item) is None
-        assert redis_client.zscore(f"{prefix}:clk", item) >= 1
+        assert redis_client.hget(Keys(prefix).shown(user), item) is None
+        assert redis_client.zscore(Keys(prefix).clicks, item) >= 1
     # The served lists' hit rate over the latest 100 clicks: the catalogue's clicks came
     # before any list was served, then 3 of the 4 clicks were on served items.
     hit_rate = ("freshrec_drift_signal_mean", (("signal", "top_n_hit"),))

@@ -31,6 +31,7 @@ import redis
 
 from freshrec.devenv.processes import wait_for
 from freshrec.settings import Settings
+from freshrec.store.keys import Keys
 from freshrec.streams.producer import EventProducer
 from freshrec.streams.worker import DEAD_LETTER_BYTES
 from tests.support import TopicReader
@@ -461,7 +462,7 @@ def test_hostile_messages_each_give_one_dead_letter_and_every_valid_event_lands_
 
     _assert_one_dead_letter_each(settings, letters, corpus.bad)
     _assert_applied_exactly_once(settings, redis_client, corpus.valid)
-    assert not list(redis_client.scan_iter(match=f"{settings.key_prefix}:hist:bad-*"))
+    assert not list(redis_client.scan_iter(match=Keys(settings.key_prefix).history("bad-*")))
     _assert_still_running(worker, tmp_path / "worker.log")
     print(
         f"\n{len(corpus.messages)} messages ({len(corpus.bad)} bad, "
@@ -591,13 +592,13 @@ def _assert_applied_exactly_once(
     user's history (one user per valid event) against what was sent."""
     prefix = settings.key_prefix
     assert int(client.hget(f"{prefix}:stats:worker", "events") or 0) == len(valid)
-    for kind, key in (("click", f"{prefix}:clk"), ("impression", f"{prefix}:imp")):
+    for kind, key in (("click", Keys(prefix).clicks), ("impression", Keys(prefix).impressions)):
         sent = collections.Counter(e["item_id"] for e in valid if e["type"] == kind)
         stored = {m.decode(): s for m, s in client.zrange(key, 0, -1, withscores=True)}
         assert stored == dict(sent), kind
     interactions = [e for e in valid if e["type"] != "impression"]
     pipe = client.pipeline(transaction=False)
     for event in interactions:
-        pipe.zscore(f"{prefix}:hist:{event['user_id']}", event["item_id"])
+        pipe.zscore(Keys(prefix).history(event["user_id"]), event["item_id"])
     missing = [e for e, score in zip(interactions, pipe.execute(), strict=True) if score is None]
     assert not missing, f"{len(missing)} events not in their user's history: {missing[:3]}"

@@ -305,9 +305,9 @@ def test_two_processes_hammering_one_item_lose_no_increment(
     total = workers * batches * per_batch
     prefix = settings.key_prefix
     # Every event has the same time, so each forward-decay weight is exactly 1.
-    assert redis_client.zscore(f"{prefix}:occ", "hot") == total
-    assert redis_client.zscore(f"{prefix}:clk", "hot") == total
-    assert redis_client.zscore(f"{prefix}:pop", "hot") == total * settings.weight_click
+    assert redis_client.zscore(Keys(prefix).occurrences, "hot") == total
+    assert redis_client.zscore(Keys(prefix).clicks, "hot") == total
+    assert redis_client.zscore(Keys(prefix).popularity, "hot") == total * settings.weight_click
     assert int(redis_client.hget(f"{prefix}:stats:worker", "events")) == total
     # Raw vector increments from both processes, applied by the server script.
     bumped = decode_vector(redis_client.get(f"{prefix}:bump"))

@@ -213,8 +213,10 @@ def _memory_report(client: redis.Redis) -> str:
     return f"memory stats {stats}; biggest keys {sizes[:10]}; keys {len(sizes)}"
 
 
-def _family_count(client: redis.Redis, prefix: str) -> int:
-    return sum(1 for _ in client.scan_iter(match=f"{prefix}*", count=5000))
+def _family_count(client: redis.Redis, empty: str) -> int:
+    """Keys of a family, given its key for the empty id (``prefix:hist:{u:}``)."""
+    head, tail = empty[:-1], empty[-1]
+    return sum(1 for _ in client.scan_iter(match=f"{head}*{tail}", count=5000))
 
 
 @pytest.mark.timeout(900)
@@ -240,7 +242,7 @@ def test_memory_returns_to_a_bound_once_the_idle_period_passes(
 
             wait_until(applied, REPLAY_S, "the worker to apply the replay", poll_s=0.5)
             peak = int(client.info("memory")["used_memory"])
-            users_at_end = _family_count(client, f"{keys.prefix}:hist:")
+            users_at_end = _family_count(client, keys.history(""))
             items_at_end = client.zcard(keys.active_items)
 
             def debug() -> dict:
@@ -252,10 +254,10 @@ def test_memory_returns_to_a_bound_once_the_idle_period_passes(
                 return (
                     client.zcard(keys.active_items) == 0
                     and client.zcard(keys.retired_items) == 0
-                    and _family_count(client, f"{keys.prefix}:mf:u:") == 0
-                    and _family_count(client, f"{keys.prefix}:mf:i:") == 0
-                    and _family_count(client, f"{keys.prefix}:hist:") == 0
-                    and _family_count(client, f"{keys.prefix}:cf:") == 0
+                    and _family_count(client, keys.user_vector("")) == 0
+                    and _family_count(client, keys.item_vector("")) == 0
+                    and _family_count(client, keys.history("")) == 0
+                    and _family_count(client, keys.neighbours("")) == 0
                 )
 
             wait_until(idle, 6 * TTL_S + 60, "every user and item to leave Redis", poll_s=0.5)

@@ -17,6 +17,7 @@ import pytest
 from redis import exceptions as redis_errors
 
 from freshrec.settings import Settings
+from freshrec.store.keys import Keys
 from freshrec.streams.producer import EventProducer
 from freshrec.streams.worker import TRANSIENT_ERRORS, RedisSteps, transient_error
 from tests.support import wait_until
@@ -80,9 +81,9 @@ def test_a_full_redis_holds_every_batch_until_it_accepts_writes_then_applies_eac
         assert "Redis refused applying" in text, text[-3000:]
         # Nothing landed while Redis refused writes.
         for n in range(USERS):
-            assert not redis_client.exists(f"{prefix}:hist:held-{n}"), n
+            assert not redis_client.exists(Keys(prefix).history(f"held-{n}")), n
         for n in range(3):
-            assert not redis_client.exists(f"{prefix}:shown:seen-{n}"), n
+            assert not redis_client.exists(Keys(prefix).shown(f"seen-{n}")), n
         assert redis_client.hget(stats, "events") is None
     finally:
         redis_client.config_set("maxmemory", before["maxmemory"])
@@ -90,13 +91,13 @@ def test_a_full_redis_holds_every_batch_until_it_accepts_writes_then_applies_eac
 
     for n in range(USERS):
         wait_until(
-            lambda n=n: redis_client.zscore(f"{prefix}:hist:held-{n}", f"item-{n}"),
+            lambda n=n: redis_client.zscore(Keys(prefix).history(f"held-{n}"), f"item-{n}"),
             60,
             f"held click {n} to be applied once Redis accepts writes",
         )
     for n in range(3):
         wait_until(
-            lambda n=n: redis_client.hget(f"{prefix}:shown:seen-{n}", f"shown-{n}"),
+            lambda n=n: redis_client.hget(Keys(prefix).shown(f"seen-{n}"), f"shown-{n}"),
             60,
             f"held impression {n} to be recorded once Redis accepts writes",
         )
