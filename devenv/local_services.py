@@ -4,6 +4,8 @@ Each service comes, in this order, from its ``FRESHREC_*`` address (nothing is s
 container when a Docker engine answers, or from a local process: Apache Kafka in KRaft mode from
 jars fetched once with Maven, and ``redis-server``. ``up`` records what it started in a state
 file so ``down`` stops exactly that, and never a reused pid or a system redis it did not start.
+With ``FRESHREC_REDIS_CLUSTER`` and no Redis address, Redis is a local cluster of three
+``redis-server`` processes (never containers, see `_start_cluster_on_free_ports`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SERVICES = ("kafka", "redis")
 PREFERRED_PORTS = {"kafka": [9092, 9093], "redis": [6379]}
+CLUSTER_PORTS = [7001, 7002, 7003]  # the local Redis Cluster's nodes, first one in the URL
 START_TIMEOUT_S = 90.0
 STOP_DEADLINE_S = 30.0
 _children: dict[int, subprocess.Popen[bytes]] = {}  # our own children, so they are reaped
@@ -117,12 +120,15 @@ def down(settings: Settings, state_dir: Path | None = None) -> list[str]:
     return stopped
 
 
-def status(settings: Settings, state_dir: Path | None = None) -> dict[str, Any]:
-    """What runs: per service its source, pid or container, address, alive and answering."""
+def status(
+    settings: Settings, state_dir: Path | None = None, services: Sequence[str] = SERVICES
+) -> dict[str, Any]:
+    """What runs: per service (of ``services``) its source, pid or container, address, alive
+    and answering; for a local Redis Cluster also each node's."""
     state_dir = _state_dir(settings, state_dir)
     state = _load(state_dir)
     report: dict[str, Any] = {"state_dir": str(state_dir)}
-    for service in SERVICES:
+    for service in services:
         record = state.get(service) or {}
         alive: bool | None = bool(record) and _running(record)
         secured = None
@@ -135,8 +141,14 @@ def status(settings: Settings, state_dir: Path | None = None) -> dict[str, Any]:
             "container_id": record.get("container_id") if alive else None,
             "address": address,
             "alive": alive,
-            "answering": bool(address) and _answers(service, address, 2.0, secured),
         }
+        if "nodes" in record:  # a local cluster: answering only when every node serves its slots
+            nodes = [_node_status(node) for node in record["nodes"]]
+            report[service] |= {"answering": all(n["answering"] for n in nodes), "nodes": nodes}
+        else:
+            report[service]["answering"] = bool(address) and _answers(
+                service, address, 2.0, secured
+            )
     return report
 
 
@@ -158,6 +170,8 @@ def stop_local(record: dict[str, Any], hard: bool = False) -> bool:
     or SIGKILL at once with ``hard`` (a crash). True when something was stopped."""
     if not hard:
         return _stop_record(record)
+    if "nodes" in record:
+        return any([stop_local(node, hard) for node in record["nodes"]])
     if not (_alive(record["pid"]) and _ours(record)):
         return False
     with contextlib.suppress(ProcessLookupError):
@@ -197,30 +211,59 @@ def wait_for_kafka(bootstrap: str, timeout_s: float, settings: Settings | None =
     )
 
 
-def wait_for_redis(url: str, timeout_s: float, settings: Settings | None = None) -> None:
+def wait_for_redis(
+    url: str, timeout_s: float, settings: Settings | None = None, cluster: bool | None = None
+) -> None:
     """Return once Redis answers PING (``settings``: the credentials and TLS options of a
-    configured server)."""
+    configured server) and, for a cluster (``cluster``, default ``settings.redis_cluster``),
+    once this node reports ``cluster_state:ok``: a node answers PING before its slots are
+    served, and commands sent then fail with CLUSTERDOWN."""
     import redis
 
-    from freshrec.connections import redis_sync_client
+    from freshrec.connections import redis_options
 
+    settings = settings or Settings()
+    cluster = settings.redis_cluster if cluster is None else cluster
     deadline, last = time.monotonic() + timeout_s, "no answer"
-    while (remaining := deadline - time.monotonic()) > 0:
-        client = redis_sync_client(
-            settings or Settings(), url, socket_connect_timeout=1.0, socket_timeout=1.0
+    while deadline - time.monotonic() > 0:
+        # A client of this node alone: a cluster client cannot even be built before it is ok.
+        client = redis.Redis.from_url(
+            url, **redis_options(settings, url), socket_connect_timeout=1.0, socket_timeout=1.0
         )
         try:
             if client.ping():
-                return
+                if not cluster:
+                    return
+                state = _cluster_state(client)
+                if state == "ok":
+                    return
+                last = f"cluster_state:{state}"
         except redis.RedisError as exc:
+            if cluster and "cluster support disabled" in str(exc):
+                raise ServiceError(
+                    f"Redis at {mask_url(url)} is not a cluster node ({exc}); point "
+                    "FRESHREC_REDIS_URL at a node of a Redis Cluster or unset "
+                    "FRESHREC_REDIS_CLUSTER"
+                ) from None
             last = str(exc)
-            time.sleep(min(0.2, max(remaining, 0.0)))
         finally:
             client.close()
+        time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))  # the poll's interval
+    wanted = "report cluster_state:ok" if cluster else "answer PING"
     raise TimeoutError(
-        f"Redis at {mask_url(url)} did not answer PING within {timeout_s:.0f} s ({last}); "
+        f"Redis at {mask_url(url)} did not {wanted} within {timeout_s:.0f} s ({last}); "
         "start it with `freshrec services up` or fix FRESHREC_REDIS_URL"
     )
+
+
+def _cluster_state(client: Any) -> str:
+    """``cluster_state`` from CLUSTER INFO, whether redis-py parsed the reply or not."""
+    info = client.execute_command("CLUSTER INFO")
+    if isinstance(info, bytes | str):
+        text = info.decode() if isinstance(info, bytes) else info
+        info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    state = info.get("cluster_state", "unknown")
+    return state.decode() if isinstance(state, bytes) else str(state)
 
 
 def docker_available() -> bool:
@@ -249,7 +292,15 @@ def _provide(
         record = state.get(service)
         if env := _env_address(settings, service):
             record = {"source": "env", "address": env}
-        elif not (record and _reusable(service, record)):
+        elif not (record and _reusable(service, record, settings)):
+            if service == "redis" and settings.redis_cluster:
+                if keep and record and "nodes" in record:
+                    _stop_record(record)  # the rest of a broken cluster: its nodes restart together
+                wanted = state.get("ports", {}).get(service, [])
+                record = _start_cluster_on_free_ports(settings, workdir, wanted)
+                started(service, record, lambda r=record: _stop_record(r))
+                addresses[service], sources[service] = record["address"], record["source"]
+                continue
             use_docker = docker_available() if use_docker is None else use_docker
             if use_docker:
                 record, container = _start_container(service, settings, keep)
@@ -300,25 +351,62 @@ def _source(sources: dict[str, str]) -> str:
 
 
 def _describe(service: str, record: dict[str, Any]) -> str:
-    what = f"pid {record['pid']}" if "pid" in record else f"container {record['container_id']:.12}"
+    if "nodes" in record:
+        what = "cluster, pids " + ", ".join(str(node["pid"]) for node in record["nodes"])
+    elif "pid" in record:
+        what = f"pid {record['pid']}"
+    else:
+        what = f"container {record['container_id']:.12}"
     return f"{service} ({what}, {record['address']})"
 
 
 def _answers(
-    service: str, address: str, timeout_s: float, settings: Settings | None = None
+    service: str,
+    address: str,
+    timeout_s: float,
+    settings: Settings | None = None,
+    cluster: bool | None = None,
 ) -> bool:
     try:
-        (wait_for_kafka if service == "kafka" else wait_for_redis)(address, timeout_s, settings)
+        if service == "kafka":
+            wait_for_kafka(address, timeout_s, settings)
+        else:
+            wait_for_redis(address, timeout_s, settings, cluster)
         return True
-    except TimeoutError:
+    except (TimeoutError, ServiceError):
         return False
 
 
-def _reusable(service: str, record: dict[str, Any]) -> bool:
-    """A recorded service is reused when it runs and answers; running but mute is an error."""
+def _record_answers(service: str, record: dict[str, Any], timeout_s: float) -> bool:
+    """A recorded service answers; a cluster when every node reports cluster_state:ok."""
+    if "nodes" not in record:
+        return _answers(service, record["address"], timeout_s)
+    deadline = time.monotonic() + timeout_s
+    return all(
+        _answers(service, node["address"], max(deadline - time.monotonic(), 1.0), cluster=True)
+        for node in record["nodes"]
+    )
+
+
+def _node_status(node: dict[str, Any]) -> dict[str, Any]:
+    alive = _running(node)
+    answering = alive and _answers("redis", node["address"], 2.0, cluster=True)
+    return {"pid": node["pid"] if alive else None, "address": node["address"], "alive": alive,
+            "answering": answering}  # fmt: skip
+
+
+def _reusable(service: str, record: dict[str, Any], settings: Settings) -> bool:
+    """A recorded service is reused when it runs and answers; running but mute is an error, and
+    so is a running single Redis where the settings ask for a cluster, or the other way."""
     if not _running(record):
         return False
-    if _answers(service, record["address"], 30.0):
+    if service == "redis" and ("nodes" in record) != settings.redis_cluster:
+        wanted = "a cluster" if settings.redis_cluster else "a single server"
+        raise ServiceError(
+            f"{_describe(service, record)} runs, but FRESHREC_REDIS_CLUSTER asks for {wanted}; "
+            "run `freshrec services down` and try again"
+        )
+    if _record_answers(service, record, 30.0):
         return True
     raise ServiceError(
         f"{_describe(service, record)} runs but does not answer; see the logs in its folder, "
@@ -327,6 +415,8 @@ def _reusable(service: str, record: dict[str, Any]) -> bool:
 
 
 def _running(record: dict[str, Any]) -> bool:
+    if "nodes" in record:
+        return all(_running(node) for node in record["nodes"])
     if "pid" in record:
         return _ours(record) and _alive(record["pid"])
     return _container_running(record["container_id"])
@@ -334,6 +424,8 @@ def _running(record: dict[str, Any]) -> bool:
 
 def _stop_record(record: dict[str, Any]) -> bool:
     """Stop a recorded service if it is still ours; True when something was stopped."""
+    if "nodes" in record:  # a cluster: each node that is still ours
+        return any([_stop_record(node) for node in record["nodes"]])
     if "container_id" in record:
         return _remove_container(record["container_id"])
     pid = record["pid"]
@@ -383,13 +475,13 @@ def _ours(record: dict[str, Any]) -> bool:
 
 
 def _start_process(
-    service: str, settings: Settings, workdir: Path, ports: list[int]
+    service: str, settings: Settings, workdir: Path, ports: list[int], cluster: bool = False
 ) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     if service == "kafka":
         command, address, logs = _kafka_command(settings, workdir, *ports)
     else:
-        command, address, logs = _redis_command(settings, workdir, ports[0])
+        command, address, logs = _redis_command(settings, workdir, ports[0], cluster)
     log.info("starting %s at %s in %s", service, address, workdir)
     with open(workdir / f"{service}.out", "ab") as out:
         proc = subprocess.Popen(
@@ -507,8 +599,26 @@ def _kafka_lib(settings: Settings) -> Path:
 
 
 def _redis_command(
-    settings: Settings, workdir: Path, port: int
+    settings: Settings, workdir: Path, port: int, cluster: bool = False
 ) -> tuple[list[str], str, list[str]]:
+    binary = _redis_server_binary()
+    # The append-only file lives in the service folder (--dir), fsynced once a second: a
+    # restarted redis-server comes back with the learned state, losing at most that second.
+    command = [
+        binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
+        "--save", "", "--appendonly", "yes" if settings.redis_persist else "no",
+        "--appendfsync", "everysec",
+        "--daemonize", "no", "--logfile", str(workdir / "redis.log"),
+    ]  # fmt: skip
+    if cluster:  # nodes.conf in the folder too: a restarted node knows its cluster again
+        command += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", "5000"]  # fmt: skip
+    return command, f"redis://127.0.0.1:{port}/0", ["redis.log"]
+
+
+def _redis_server_binary() -> str:
+    """``redis-server``, installed with apt-get when missing and we may (its package brings
+    ``redis-cli`` too)."""
     binary = shutil.which("redis-server")
     if binary is None:
         install = "apt-get update -qq && apt-get install -y -qq redis-server"
@@ -521,15 +631,95 @@ def _redis_command(
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["sh", "-c", install], check=True, env=env, timeout=900)
         binary = _require("redis-server", "redis-server (Debian: apt-get install -y redis-server)")
-    # The append-only file lives in the service folder (--dir), fsynced once a second: a
-    # restarted redis-server comes back with the learned state, losing at most that second.
-    command = [
-        binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
-        "--save", "", "--appendonly", "yes" if settings.redis_persist else "no",
-        "--appendfsync", "everysec",
-        "--daemonize", "no", "--logfile", str(workdir / "redis.log"),
-    ]  # fmt: skip
-    return command, f"redis://127.0.0.1:{port}/0", ["redis.log"]
+    return binary
+
+
+def _start_cluster_on_free_ports(
+    settings: Settings, workdir: Path, wanted: list[int]
+) -> dict[str, Any]:
+    """`_start_cluster` on `_choose_ports`; once more on other free ports if another process
+    took a chosen port between the check and a node's bind.
+
+    Always local processes, even when Docker answers: nodes in containers tell clients their
+    container addresses (in CLUSTER SLOTS and MOVED replies), which the host cannot reach
+    unless each node announces a host address and port (cluster-announce-*) mapped one to one.
+    """
+    ports = _choose_ports(wanted, CLUSTER_PORTS)
+    try:
+        return _start_cluster(settings, workdir / "redis", ports)
+    except ServiceError:
+        if all(_port_free(p) for p in ports):
+            raise  # the cluster failed on its own, not for want of its ports
+        log.warning("redis cluster: a port of %s taken meanwhile; starting on other ports", ports)
+        return _start_cluster(settings, workdir / "redis", _any_free_ports(len(ports)))
+
+
+def _start_cluster(settings: Settings, folder: Path, ports: list[int]) -> dict[str, Any]:
+    """One cluster node per port, each in its own sub-folder of ``folder``, serving all 16384
+    slots; returns its record once every node reports cluster_state:ok.
+
+    With ``settings.redis_persist`` and folders that hold a joined cluster, the nodes start as
+    they are and rejoin by themselves (nodes.conf), with their data (append-only files).
+    Otherwise the folders are emptied and the cluster created anew: `redis-cli --cluster
+    create` accepts only empty nodes that know no other.
+    """
+    folders = [folder / f"node-{port}" for port in ports]
+    rejoin = settings.redis_persist and all(_joined(f, len(ports)) for f in folders)
+    if not rejoin:
+        for node_folder in folders:
+            shutil.rmtree(node_folder, ignore_errors=True)
+    nodes: list[dict[str, Any]] = []
+    record = {"service": "redis", "source": "local", "address": f"redis://127.0.0.1:{ports[0]}/0"}
+    record |= {"workdir": str(folder), "ports": list(ports), "nodes": nodes}
+    log.info("starting a redis cluster on ports %s in %s", ports, folder)
+    try:
+        for node_folder, port in zip(folders, ports, strict=True):
+            nodes.append(_start_process("redis", settings, node_folder, [port], cluster=True))
+        if not rejoin:
+            _create_cluster(ports)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for node in nodes:
+            wait_for_redis(node["address"], max(deadline - time.monotonic(), 1.0), cluster=True)
+    except TimeoutError as exc:
+        _stop_record(record)
+        tail = "\n".join(_tail(f / "redis.log", 5) for f in folders)
+        raise ServiceError(
+            f"the redis cluster did not form: {exc}; logs in {folder}:\n{tail}"
+        ) from None
+    except BaseException:
+        _stop_record(record)
+        raise
+    return record
+
+
+def _joined(folder: Path, nodes: int) -> bool:
+    """The node in ``folder`` was part of a created cluster: its nodes.conf lists ``nodes``
+    nodes (a node writes the file as soon as it starts, knowing only itself)."""
+    try:
+        lines = (folder / "nodes.conf").read_text().splitlines()
+    except FileNotFoundError:
+        return False
+    return sum(1 for line in lines if line.strip() and not line.startswith("vars ")) >= nodes
+
+
+def _create_cluster(ports: list[int]) -> None:
+    """Spread the slots over the (empty) nodes on ``ports``, primaries only, and join them."""
+    cli = _require("redis-cli", "redis-cli (Debian: apt-get install -y redis-tools)")
+    addresses = [f"127.0.0.1:{port}" for port in ports]
+    try:
+        done = subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, text=True, timeout=START_TIMEOUT_S, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise ServiceError(
+            f"`redis-cli --cluster create` gave no answer within {START_TIMEOUT_S:.0f} s"
+        ) from None
+    if done.returncode != 0:
+        raise ServiceError(
+            f"`redis-cli --cluster create` failed (exit {done.returncode}):\n"
+            f"{(done.stdout + done.stderr)[-2000:]}"
+        )
 
 
 def _require(program: str, what: str) -> str:

@@ -267,7 +267,8 @@ def _services(args: argparse.Namespace, settings: Settings) -> int:
             f"Kafka  {endpoints.kafka_bootstrap}\nRedis  {shown_url}\n"
             f"(source: {endpoints.source}; use them with\n"
             f"  export FRESHREC_KAFKA_BOOTSTRAP={endpoints.kafka_bootstrap}\n"
-            f"  export FRESHREC_REDIS_URL={shown_url})",
+            f"  export FRESHREC_REDIS_URL={shown_url}"
+            + ("\n  export FRESHREC_REDIS_CLUSTER=1)" if settings.redis_cluster else ")"),
         )
     elif args.action == "down":
         stopped = local_services.down(settings)

@@ -53,6 +53,13 @@ class Settings:
     kafka_version: str = _env(
         "FRESHREC_KAFKA_VERSION", "Apache Kafka version run locally.", "4.1.2"
     )
+    redis_cluster: bool = _env(
+        "FRESHREC_REDIS_CLUSTER",
+        "FRESHREC_REDIS_URL names a node of a Redis Cluster: cluster-aware clients, scripts of "
+        "one hash slot, batches at least once. With no URL, a local cluster of three "
+        "redis-server processes is started.",
+        False,
+    )
     redis_persist: bool = _env(
         "FRESHREC_REDIS_PERSIST",
         "A redis-server freshrec starts keeps an append-only file (fsync every second) in its "
@@ -268,7 +275,7 @@ class Settings:
     atomic_batches: bool = _env(
         "FRESHREC_ATOMIC_BATCHES",
         "Apply each batch with its offset watermarks in one transaction (exactly once on a "
-        "single Redis); 0 on Redis Cluster (at least once).",
+        "single Redis); 0: single-key writes, at least once, as on Redis Cluster always.",
         True,
     )
     batch_size: int = _env("FRESHREC_BATCH_SIZE", "Most messages per agent batch.", 1000)
@@ -498,6 +505,12 @@ class Settings:
             "purchase": self.weight_purchase,
             "rating": self.weight_rating,
         }
+
+    @property
+    def exactly_once(self) -> bool:
+        """Batches go with their offset watermarks in one script (`atomic_batches`), which only
+        a single Redis can run: on Redis Cluster they are at least once."""
+        return self.atomic_batches and not self.redis_cluster
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(

@@ -3,19 +3,28 @@
 them; on a machine that has never compiled them that takes longer than the deadline. So the
 session compiles them once, here, into the cache every reader it starts then loads from (the
 children inherit ``NUMBA_CACHE_DIR``, see `freshrec`). Tests that break Redis on purpose get
-a server of their own (``own_redis``).
+a server of their own (``own_redis``). Tests on a Redis Cluster take ``cluster_settings``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.cluster import RedisCluster
 
+from freshrec.devenv import local_services
 from freshrec.serving.kernels import WarmUp, warm_up
+from freshrec.settings import Settings
 from tests.support import OwnRedis, free_port
+
+# A cluster of the caller's own for the cluster tests; not a FRESHREC_* name, since
+# `Settings.from_env()` refuses any of those that is no setting.
+_CLUSTER_URL = os.environ.get("TEST_REDIS_CLUSTER_URL", "")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,3 +41,37 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
     server.start()
     yield server
     server.kill()
+
+
+@pytest.fixture(scope="session")
+def cluster_endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a node of a Redis Cluster: TEST_REDIS_CLUSTER_URL, else a local cluster
+    started for the session in a folder of its own, memory only (nothing to keep)."""
+    if _CLUSTER_URL:
+        yield _CLUSTER_URL
+        return
+    wanted = Settings(redis_cluster=True, redis_persist=False)
+    state_dir = tmp_path_factory.mktemp("cluster-services")
+    found, stop = local_services.resolve(wanted, state_dir, services=("redis",))
+    try:
+        yield found.redis_url
+    finally:
+        stop()
+
+
+@pytest.fixture
+def cluster_settings(settings: Settings, cluster_endpoints: str) -> Iterator[Settings]:
+    """The test's settings on the session's cluster; afterwards the test's keys are deleted
+    from every primary, as ``settings`` does on the single Redis."""
+    configured = dataclasses.replace(settings, redis_url=cluster_endpoints, redis_cluster=True)
+    yield configured
+    client = RedisCluster.from_url(cluster_endpoints)
+    try:
+        pattern = f"{configured.key_prefix}:*"
+        doomed = list(
+            client.scan_iter(match=pattern, count=1000, target_nodes=RedisCluster.PRIMARIES)
+        )
+        if doomed:
+            client.unlink(*doomed)  # redis-py splits it by slot
+    finally:
+        client.close()

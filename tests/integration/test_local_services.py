@@ -14,10 +14,19 @@ import pytest
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from redis.cluster import RedisCluster
 
 from freshrec.devenv import local_services
-from freshrec.devenv.local_services import down, resolve, status, up
+from freshrec.devenv.local_services import (
+    ServiceError,
+    down,
+    resolve,
+    status,
+    up,
+    wait_for_redis,
+)
 from freshrec.settings import Settings
+from tests.support import OwnRedis
 
 pytestmark = pytest.mark.integration
 
@@ -205,3 +214,133 @@ def test_a_port_taken_between_the_check_and_the_bind_is_given_up_for_another(
             client.close()
         finally:
             stop()
+
+
+# --- a local Redis Cluster ---------------------------------------------------------------------
+def _cluster(settings: Settings, persist: bool = True) -> Settings:
+    """Settings asking for a local Redis Cluster; Kafka is given (never reached), so `up`
+    starts only the cluster."""
+    return dataclasses.replace(
+        settings, kafka_bootstrap="127.0.0.1:1", redis_cluster=True, redis_persist=persist
+    )
+
+
+def _write_keys(url: str, prefix: str, n: int = 200) -> None:
+    client = RedisCluster.from_url(url)
+    try:
+        for i in range(n):
+            client.set(f"{prefix}:k{i}", i)
+    finally:
+        client.close()
+
+
+def _read_keys(url: str, prefix: str, n: int = 200) -> tuple[list[bytes | None], list[int]]:
+    """The values of the keys `_write_keys` wrote, and how many keys each primary holds."""
+    client = RedisCluster.from_url(url)
+    try:
+        values = [client.get(f"{prefix}:k{i}") for i in range(n)]
+        return values, [node.redis_connection.dbsize() for node in client.get_primaries()]
+    finally:
+        client.close()
+
+
+def test_a_local_cluster_spreads_every_slot_and_key_over_three_primaries(
+    settings: Settings, tmp_path: Path
+) -> None:
+    wanted = dataclasses.replace(settings, redis_cluster=True)
+    children = _children()
+    endpoints, stop = resolve(wanted, tmp_path, services=("redis",))
+    try:
+        started = [_processes()[pid][1] for pid in _children() - children]
+        assert len(started) == 3 and all("redis-server" in c for c in started), started
+        client = RedisCluster.from_url(endpoints.redis_url)
+        assert len(client.get_primaries()) == 3
+        slots = client.cluster_slots(target_nodes=RedisCluster.RANDOM)
+        assert len({info["primary"] for info in slots.values()}) == 3
+        assert sorted(s for start, end in slots for s in range(start, end + 1)) == list(
+            range(16384)
+        )
+        client.close()
+
+        _write_keys(endpoints.redis_url, "fr:spread")
+        values, per_node = _read_keys(endpoints.redis_url, "fr:spread")
+        assert values == [str(i).encode() for i in range(200)]
+        assert sum(per_node) == 200 and all(n > 0 for n in per_node), per_node
+    finally:
+        stop()
+    _wait_until(lambda: _children() == children, 10, "the cluster's three nodes to stop")
+
+
+def test_down_stops_every_node_and_up_brings_the_cluster_back_with_its_keys(
+    settings: Settings, tmp_path: Path
+) -> None:
+    wanted = _cluster(settings, persist=True)
+    try:
+        first = up(wanted, tmp_path)
+        assert first.source == "local"
+        running = status(wanted, tmp_path, ("redis",))["redis"]
+        assert running["alive"] and running["answering"], running
+        pids = [node["pid"] for node in running["nodes"]]
+        assert len(set(pids)) == 3 and all(Path(f"/proc/{pid}").exists() for pid in pids)
+        _write_keys(first.redis_url, "fr:kept")
+
+        stopped = down(wanted, tmp_path)
+        assert len(stopped) == 1 and "cluster" in stopped[0], stopped
+        for pid in pids:
+            _wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists(), 10, f"pid {pid} gone")
+        after = status(wanted, tmp_path, ("redis",))["redis"]
+        assert after["alive"] is False and after["answering"] is False, after
+
+        second = up(wanted, tmp_path)
+        assert second.redis_url == first.redis_url  # the recorded ports, so the nodes rejoin
+        back = status(wanted, tmp_path, ("redis",))["redis"]
+        assert all(node["answering"] for node in back["nodes"]), back  # cluster_state:ok
+        assert not set(pids) & {node["pid"] for node in back["nodes"]}
+        values, per_node = _read_keys(second.redis_url, "fr:kept")
+        assert values == [str(i).encode() for i in range(200)]
+        assert all(n > 0 for n in per_node), per_node
+    finally:
+        down(wanted, tmp_path)
+
+
+def test_a_cluster_without_persistence_comes_back_empty(settings: Settings, tmp_path: Path) -> None:
+    wanted = _cluster(settings, persist=False)
+    try:
+        first = up(wanted, tmp_path)
+        _write_keys(first.redis_url, "fr:gone", 10)
+        down(wanted, tmp_path)
+        second = up(wanted, tmp_path)
+        values, per_node = _read_keys(second.redis_url, "fr:gone", 10)
+        assert values == [None] * 10 and per_node == [0, 0, 0]
+    finally:
+        down(wanted, tmp_path)
+
+
+def test_a_running_single_redis_is_not_taken_for_a_cluster(
+    settings: Settings, tmp_path: Path
+) -> None:
+    single = dataclasses.replace(_cluster(settings), redis_cluster=False)
+    try:
+        up(single, tmp_path)
+        with pytest.raises(ServiceError, match="FRESHREC_REDIS_CLUSTER asks for a cluster"):
+            up(_cluster(settings), tmp_path)
+    finally:
+        assert len(down(single, tmp_path)) == 1
+
+
+def test_waiting_for_a_cluster_on_a_single_server_fails_at_once(own_redis: OwnRedis) -> None:
+    started = time.monotonic()
+    with pytest.raises(ServiceError, match="not a cluster node"):
+        wait_for_redis(own_redis.url, 30, cluster=True)
+    assert time.monotonic() - started < 5
+    wait_for_redis(own_redis.url, 5)  # a plain PING is enough without a cluster
+
+
+def test_cluster_settings_name_a_cluster(cluster_settings: Settings) -> None:
+    assert cluster_settings.redis_cluster
+    client = RedisCluster.from_url(cluster_settings.redis_url)
+    try:
+        assert len(client.get_primaries()) == 3
+        client.set(f"{cluster_settings.key_prefix}:fixture", "v")  # the fixture deletes it
+    finally:
+        client.close()
