@@ -402,7 +402,7 @@ async def _apply_all(
             client,
             Keys(settings.key_prefix),
             settings.model_config(),
-            atomic=settings.atomic_batches,
+            atomic=settings.exactly_once,
         )
         await client.ping()
         size = settings.batch_size
@@ -624,7 +624,7 @@ def _summarise(
             "history_window": settings.history_window,
             "mf_factors": settings.mf_factors,
             "implicit_negatives": settings.implicit_negatives,
-            "atomic_batches": settings.atomic_batches,
+            "atomic_batches": settings.exactly_once,
             "synthetic_users": SYNTH_USERS,
             "synthetic_items": SYNTH_ITEMS,
         },

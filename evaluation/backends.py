@@ -71,7 +71,7 @@ class DirectBackend:
         keys = Keys(settings.key_prefix)
         self.funnel = Funnel(redis, keys, settings.funnel_config(), read_timeout_s=READ_TIMEOUT_S)
         self.updater = BatchUpdater(
-            redis, keys, settings.model_config(), atomic=settings.atomic_batches
+            redis, keys, settings.model_config(), atomic=settings.exactly_once
         )
         self.rating_errors: list[float] = []
         self._index_behind = True  # the funnel's item snapshot misses learned batches

@@ -163,19 +163,25 @@ def redis_options(settings: Settings, url: str | None = None) -> dict[str, Any]:
 
 def redis_client(settings: Settings, url: str | None = None, **kwargs: Any) -> Any:
     """An asyncio redis-py client for ``url`` (default: the configured one) with the security
-    settings; ``kwargs`` are the caller's own (timeouts ...)."""
+    settings; ``kwargs`` are the caller's own (timeouts ...). On Redis Cluster
+    (``settings.redis_cluster``) a cluster client: it learns the slot map from the node named
+    and follows MOVED and ASK redirections."""
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
     url = url or settings.redis_url
-    return Redis.from_url(url, **redis_options(settings, url), **kwargs)
+    kind = RedisCluster if settings.redis_cluster else Redis
+    return kind.from_url(url, **redis_options(settings, url), **kwargs)
 
 
 def redis_sync_client(settings: Settings, url: str | None = None, **kwargs: Any) -> Any:
     """As `redis_client`, blocking (tools, tests, the demo)."""
     import redis
+    from redis.cluster import RedisCluster
 
     url = url or settings.redis_url
-    return redis.Redis.from_url(url, **redis_options(settings, url), **kwargs)
+    kind = RedisCluster if settings.redis_cluster else redis.Redis
+    return kind.from_url(url, **redis_options(settings, url), **kwargs)
 
 
 def check_redis(settings: Settings, url: str | None = None, timeout_s: float = 5.0) -> None:

@@ -8,7 +8,8 @@ name between the first ``{`` and the next ``}`` (its hash tag), so:
 * an item's keys (vector, neighbour list, rating pairs) share ``{i:<id>}``;
 * the per-item statistics that scripts read together (occurrences, popularity, first seen,
   impressions, clicks, rating counts, change stamps, activity, retirements) share
-  ``{<prefix>:items}``: one slot, a node's worth of load, as every sorted set is anyway.
+  ``{<prefix>:items}``: one slot, a node's worth of load, as every sorted set is anyway;
+* the offset watermarks share ``{<prefix>:wm}``.
 
 The kind letter inside the tag keeps it non-empty whatever the id (an id starting with ``}``
 would otherwise leave an empty tag, and Cluster would hash the whole name). Every other key is
@@ -108,8 +109,10 @@ class Keys:
         return self._items_stat("clk")
 
     def watermark(self, partition: str) -> str:
-        """Highest offset of ``partition`` (``topic/n``) whose events are applied."""
-        return f"{self.prefix}:wm:{partition}"
+        """Highest offset of ``partition`` (``topic/n``) whose events are applied. All
+        partitions' marks share the tag ``{<prefix>:wm}``: a worker reads its partitions' marks
+        in one ``MGET``, on Cluster too."""
+        return f"{self.prefix}:{{{self.prefix}:wm}}:{partition}"
 
     @property
     def item_first_seen(self) -> str:

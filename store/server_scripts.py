@@ -13,8 +13,12 @@ watermarks atomic. The reader's scripts (``ITEM_ROWS``, ``NEIGHBOUR_LISTS``, ``N
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis.asyncio import Redis as AsyncRedis
 from redis.client import Redis
+
+from freshrec.store.cluster import EvalScript, is_cluster
 
 # KEYS[1]: packed little-endian float32 vector.  ARGV[1]: packed delta, ARGV[2]: packed initial
 # vector used when the key does not exist yet, ARGV[3]: ttl in seconds (0 = none).
@@ -409,9 +413,13 @@ return {records, table.concat(counts), stats}
 
 
 class ServerScripts:
-    """The scripts registered on one client; works in pipelines (redis-py loads them first)."""
+    """The scripts registered on one client; works in pipelines (redis-py loads them first).
+    On Redis Cluster each is sent whole (`freshrec.store.cluster.EvalScript`)."""
 
     def __init__(self, client: Redis | AsyncRedis) -> None:
+        self.cluster = is_cluster(client)
+        if self.cluster:
+            client = _Evaluating(client)  # type: ignore[assignment]
         self.add_vector = client.register_script(ADD_VECTOR)
         self.zincrby_many = client.register_script(ZINCRBY_MANY)
         self.stamp_now = client.register_script(STAMP_NOW)
@@ -427,3 +435,13 @@ class ServerScripts:
         self.item_rows = client.register_script(ITEM_ROWS)
         self.newest_items = client.register_script(NEWEST_ITEMS)
         self.rating_state = client.register_script(RATING_STATE)
+
+
+class _Evaluating:
+    """A cluster client whose ``register_script`` gives scripts sent with ``EVAL``."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def register_script(self, source: str) -> EvalScript:
+        return EvalScript(self.client, source)

@@ -57,6 +57,7 @@ from typing import Any, NoReturn, TypeVar
 import faust
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
 
 from freshrec.connections import faust_credentials, redis_client
 from freshrec.models.drift import DETECTORS, Firing
@@ -205,7 +206,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                     lambda: FeedbackLearner.load(client, keys, settings.attribution_window_s),
                 )
                 state["updater"] = BatchUpdater(
-                    client, keys, settings.model_config(), atomic=settings.atomic_batches
+                    client, keys, settings.model_config(), atomic=settings.exactly_once
                 )
                 state["feedback"] = feedback
         return state["updater"], state["feedback"]
@@ -455,7 +456,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         updater = state["updater"]
         try:
             retired = await retire_idle_items(
-                updater.redis, keys, settings.item_ttl_s, atomic=settings.atomic_batches
+                updater.redis, keys, settings.item_ttl_s, atomic=settings.exactly_once
             )
         except Exception as exc:
             now = time.monotonic()
@@ -498,9 +499,14 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
 
     @app.timer(interval=OBSERVE_EVERY_S)
     async def observe_redis_memory() -> None:
-        """Redis memory against its limit: an alert before writes start failing with OOM."""
+        """Redis memory against its limit: an alert before writes start failing with OOM. On
+        Redis Cluster, the fullest primary's (the first to refuse writes)."""
         try:
-            info = await memory_client.info("memory")
+            if settings.redis_cluster:
+                nodes = await memory_client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+                info = max(nodes.values(), key=_memory_share)
+            else:
+                info = await memory_client.info("memory")
         except (redis_errors.RedisError, OSError) as exc:
             log.debug("Redis memory not read: %s", exc)
             return
@@ -770,3 +776,9 @@ def run_worker(settings: Settings, kafka_bootstrap: str, redis_url: str, logleve
     app = create_app(settings, kafka_bootstrap, redis_url)
     limit_kafka_client_logs(LOG_EVERY_S)  # a broker outage is waited out, not logged per try
     Worker(app, loglevel=loglevel).execute_from_commandline()
+
+
+def _memory_share(info: dict[str, Any]) -> tuple[float, float]:
+    """A node's used memory against its limit (0 without one), then its bytes."""
+    used, limit = float(info.get("used_memory", 0)), float(info.get("maxmemory", 0))
+    return (used / limit if limit else 0.0, used)

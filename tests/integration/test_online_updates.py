@@ -356,7 +356,7 @@ def test_a_redelivered_batch_is_applied_once(
     assert overlap.skipped == 50 and overlap.events == 100
     assert overlap.applied == list(range(50, 150))  # the positions of the new half
     assert int(redis_client.hget(f"{settings.key_prefix}:stats:worker", "events")) == 300
-    assert int(redis_client.get(f"{settings.key_prefix}:wm:freshrec.events/0")) == 299
+    assert int(redis_client.get(Keys(settings.key_prefix).watermark("freshrec.events/0"))) == 299
 
 
 @pytest.mark.parametrize(

@@ -72,10 +72,10 @@ def test_a_redis_older_than_the_kafka_commits_gets_the_missing_events_again(
         produce(_events(0, HALF))
         wait_until(lambda: applied() == HALF, 120, "the first half applied")
         client.save()
-        saved_marks = sorted(client.keys(f"{keys.prefix}:wm:*"))
+        saved_marks = sorted(client.keys(keys.watermark("*")))
         produce(_events(HALF, HALF))
         wait_until(lambda: applied() == 2 * HALF, 120, "the second half applied")
-        marks = {k: int(client.get(k)) for k in client.keys(f"{keys.prefix}:wm:*")}
+        marks = {k: int(client.get(k)) for k in client.keys(keys.watermark("*"))}
         ends = {int(k.decode().rsplit("/", 1)[1]): m + 1 for k, m in marks.items()}
     finally:
         stop_process(first)  # a graceful stop commits what it applied
@@ -89,13 +89,13 @@ def test_a_redis_older_than_the_kafka_commits_gets_the_missing_events_again(
     own_redis.kill()
     own_redis.start()  # from the snapshot: the first half only
     client = redis.Redis.from_url(settings.redis_url)
-    assert applied() == HALF and sorted(client.keys(f"{keys.prefix}:wm:*")) == saved_marks
+    assert applied() == HALF and sorted(client.keys(keys.watermark("*"))) == saved_marks
 
     second = worker("worker-2.log")
     try:
         wait_until(lambda: applied() >= 2 * HALF, 120, "the second half applied again")
         wait_until(
-            lambda: {k: int(client.get(k)) for k in client.keys(f"{keys.prefix}:wm:*")} == marks,
+            lambda: {k: int(client.get(k)) for k in client.keys(keys.watermark("*"))} == marks,
             30,
             "every watermark back where it was",
         )
