@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 SERVICES = ("kafka", "redis")
 PREFERRED_PORTS = {"kafka": [9092, 9093], "redis": [6379]}
 CLUSTER_PORTS = [7001, 7002, 7003]  # the local Redis Cluster's nodes, first one in the URL
+CLUSTER_BUS_OFFSET = 10_000  # a cluster node also listens on its port + 10000, for its peers
 START_TIMEOUT_S = 90.0
 STOP_DEADLINE_S = 30.0
 _children: dict[int, subprocess.Popen[bytes]] = {}  # our own children, so they are reaped
@@ -637,21 +639,44 @@ def _redis_server_binary() -> str:
 def _start_cluster_on_free_ports(
     settings: Settings, workdir: Path, wanted: list[int]
 ) -> dict[str, Any]:
-    """`_start_cluster` on `_choose_ports`; once more on other free ports if another process
-    took a chosen port between the check and a node's bind.
+    """`_start_cluster` on the recorded ports, else the usual ones, else free ones (each with
+    its bus port); once more on other free ports if another process took a chosen port between
+    the check and a node's bind.
 
     Always local processes, even when Docker answers: nodes in containers tell clients their
     container addresses (in CLUSTER SLOTS and MOVED replies), which the host cannot reach
     unless each node announces a host address and port (cluster-announce-*) mapped one to one.
     """
-    ports = _choose_ports(wanted, CLUSTER_PORTS)
+    ports = next(
+        (list(p) for p in (wanted, CLUSTER_PORTS) if len(p) == 3 and _cluster_ports_free(p)),
+        None,
+    ) or _free_cluster_ports(len(CLUSTER_PORTS))
     try:
         return _start_cluster(settings, workdir / "redis", ports)
     except ServiceError:
-        if all(_port_free(p) for p in ports):
+        if _cluster_ports_free(ports):
             raise  # the cluster failed on its own, not for want of its ports
         log.warning("redis cluster: a port of %s taken meanwhile; starting on other ports", ports)
-        return _start_cluster(settings, workdir / "redis", _any_free_ports(len(ports)))
+        return _start_cluster(settings, workdir / "redis", _free_cluster_ports(len(ports)))
+
+
+def _cluster_ports_free(ports: Sequence[int]) -> bool:
+    """Each port and its cluster bus port (port + 10000) free."""
+    return all(_port_free(p) and _port_free(p + CLUSTER_BUS_OFFSET) for p in ports)
+
+
+def _free_cluster_ports(n: int) -> list[int]:
+    """``n`` ports free with their bus ports, no higher than Redis allows a cluster node
+    (its bus port must fit below 65536)."""
+    rng = random.Random()
+    found: list[int] = []
+    for _ in range(1000):
+        port = rng.randrange(20_000, 65_536 - CLUSTER_BUS_OFFSET)
+        if port not in found and _cluster_ports_free([port]):
+            found.append(port)
+            if len(found) == n:
+                return found
+    raise ServiceError("no free ports for a local Redis Cluster (each node needs port + 10000)")
 
 
 def _start_cluster(settings: Settings, folder: Path, ports: list[int]) -> dict[str, Any]:

@@ -332,6 +332,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         redis_options=redis_options(settings, redis_url),
         reuse_port=settings.serve_reuse_port,
         metrics_port=settings.reader_metrics_port,
+        cluster=settings.redis_cluster,
     )
     return 0
 

@@ -40,6 +40,7 @@ from prometheus_client import (
 )
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 
 from freshrec.serving.cancellation import pause
 from freshrec.serving.exposure import ExposureMeter
@@ -426,6 +427,7 @@ def run_reader(
     redis_options: Mapping[str, Any] | None = None,
     reuse_port: bool = False,
     metrics_port: int = 0,
+    cluster: bool = False,
 ) -> None:
     """Serves until SIGTERM or SIGINT, then finishes requests in flight and closes cleanly.
 
@@ -433,7 +435,8 @@ def run_reader(
     ``freshrec.connections.redis_options``); the request path's multiplexed connection takes
     them from the same pool. With ``reuse_port`` several readers listen on one port; each then
     needs a ``metrics_port`` of its own for Prometheus, since a scrape of the shared port
-    reaches whichever reader the kernel picks."""
+    reaches whichever reader the kernel picks. With ``cluster`` the Redis URL names a node of a
+    Redis Cluster, and the reader reads through a cluster client (`freshrec.store.cluster`)."""
 
     _allow_open_files(MAX_CONNECTIONS + 256)
     if metrics_port:  # the default registry, as /metrics on the serving port
@@ -443,17 +446,27 @@ def run_reader(
             raise RuntimeError(f"the reader's metrics port {host}:{metrics_port}: {exc}") from exc
 
     async def main() -> None:
-        # Requests beyond the pool wait for a connection (up to the timeout) instead of failing.
-        pool = BlockingConnectionPool.from_url(
-            redis_url,
-            max_connections=64,
-            timeout=2,
-            socket_timeout=2,
-            socket_connect_timeout=2,
-            **(redis_options or {}),
-        )
-        reader = Reader(Redis(connection_pool=pool), keys, config, max_k, max_id_length,
-                        publishing, variants)  # fmt: skip
+        client: Redis | RedisCluster
+        if cluster:  # a pool per node; requests reach their slot's node
+            client = RedisCluster.from_url(
+                redis_url,
+                max_connections=64,
+                socket_timeout=2,
+                socket_connect_timeout=2,
+                **(redis_options or {}),
+            )
+        else:
+            # Requests beyond the pool wait for a connection (up to the timeout), not fail.
+            pool = BlockingConnectionPool.from_url(
+                redis_url,
+                max_connections=64,
+                timeout=2,
+                socket_timeout=2,
+                socket_connect_timeout=2,
+                **(redis_options or {}),
+            )
+            client = Redis(connection_pool=pool)
+        reader = Reader(client, keys, config, max_k, max_id_length, publishing, variants)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -61,9 +61,10 @@ from freshrec.models.top_k import top_n
 from freshrec.serving.features import candidate_features
 from freshrec.serving.funnel_config import CHANNELS, FunnelConfig
 from freshrec.serving.item_index import ItemIndex
-from freshrec.serving.multiplexed_redis import MultiplexedRedis
+from freshrec.serving.multiplexed_redis import ClusterCalls, MultiplexedRedis
 from freshrec.serving.recall import CF, COLD, MF, TRENDING, Recalled, Scratch, merge_channels
 from freshrec.serving.rerank import rerank
+from freshrec.store.cluster import rating_states
 from freshrec.store.keys import Keys
 from freshrec.store.server_scripts import USER_STATE, ServerScripts
 from freshrec.store.vectors import decode_vector
@@ -209,7 +210,11 @@ class Funnel:
         self.event_clock: float | None = None  # the newest event time the state has applied
         self.scratch = Scratch()
         self.scripts = ServerScripts(redis)
-        self.user_state = MultiplexedRedis.like(redis, read_timeout_s)  # the per-request read
+        self.user_state: MultiplexedRedis | ClusterCalls = (  # the per-request read
+            ClusterCalls(redis, read_timeout_s)
+            if self.scripts.cluster
+            else MultiplexedRedis.like(redis, read_timeout_s)
+        )
         self._refreshing: asyncio.Future[None] | None = None
         self.choice_ranker = ChoiceRanker()
         self._offered: OrderedDict[str, _Offered] = OrderedDict()
@@ -571,15 +576,24 @@ class Funnel:
         asked: dict[str, list[str]] = {u: [] for u in users}
         for user_id, item_id in dict.fromkeys(pairs):
             asked[user_id].append(item_id)
+        vector_keys = [keys.user_vector(u) for u in users] + [keys.item_vector(i) for i in items]
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(keys.rating_mean, "sum", "n")
-        pipe.mget([keys.user_vector(u) for u in users] + [keys.item_vector(i) for i in items])
         pipe.get(keys.rating_blend)
-        for user in users:
-            state_keys = [keys.rating_history(user), keys.item_ratings]
-            state_keys += [keys.rating_pairs(i) for i in asked[user]]
-            await self.scripts.rating_state(keys=state_keys, client=pipe)
-        mean_raw, blobs, blend, *states = await pipe.execute()
+        if self.scripts.cluster:  # each vector in its own slot, each user's state in three
+            for key in vector_keys:
+                pipe.get(key)
+            replies, states = await asyncio.gather(
+                pipe.execute(), rating_states(self.redis, keys, asked)
+            )
+            mean_raw, blend, *blobs = replies
+        else:
+            pipe.mget(vector_keys)
+            for user in users:
+                state_keys = [keys.rating_history(user), keys.item_ratings]
+                state_keys += [keys.rating_pairs(i) for i in asked[user]]
+                await self.scripts.rating_state(keys=state_keys, client=pipe)
+            mean_raw, blend, blobs, *states = await pipe.execute()
         mean = _mean(mean_raw)
         k = self.config.factors
         size = 4 * vector_width(k)

@@ -32,7 +32,8 @@ from redis.asyncio import Redis
 
 from freshrec.models.inner_product_search import CellIndex
 from freshrec.models.mf import implicit_part, vector_width
-from freshrec.serving.multiplexed_redis import MultiplexedRedis
+from freshrec.serving.multiplexed_redis import ClusterCalls, MultiplexedRedis
+from freshrec.store.cluster import item_rows, per_key
 from freshrec.store.keys import Keys
 from freshrec.store.server_scripts import NEIGHBOUR_LISTS, ServerScripts
 from freshrec.store.vectors import VECTOR_DTYPE
@@ -162,10 +163,14 @@ class ItemIndex:
 
     async def _fetch(self, chunk: list[str]) -> None:
         """Loads the vectors and statistics of ``chunk``; their neighbour lists go stale."""
-        blobs, lengths, stats = await self.scripts.item_rows(
-            keys=[self.keys.occurrences, self.keys.popularity, self.keys.item_first_seen],
-            args=[*self.keys.item_key_parts("mf"), "\n".join(chunk)],
-        )
+        stat_keys = [self.keys.occurrences, self.keys.popularity, self.keys.item_first_seen]
+        if self.scripts.cluster:
+            rows_of = item_rows(self.redis, stat_keys, chunk, *self.keys.item_key_parts("mf"))
+        else:
+            rows_of = self.scripts.item_rows(
+                keys=stat_keys, args=[*self.keys.item_key_parts("mf"), "\n".join(chunk)]
+            )
+        blobs, lengths, stats = await rows_of
         lengths = np.frombuffer(lengths, "<i4")
         stats = np.frombuffer(stats, "<f8").reshape(-1, len(STATS))
         if len(lengths) != len(chunk):
@@ -185,7 +190,7 @@ class ItemIndex:
         self.cells.place(self.matrix, len(self.ids), rows)
 
     async def load_neighbours(
-        self, rows: np.ndarray, client: MultiplexedRedis | None = None
+        self, rows: np.ndarray, client: MultiplexedRedis | ClusterCalls | None = None
     ) -> None:
         """Makes the neighbour lists of ``rows`` current: fetches those that changed since read.
 
@@ -199,7 +204,9 @@ class ItemIndex:
         rows = np.unique(stale)
         generation = self.generation[rows]
         keys = [self.keys.neighbours(self.ids[row]) for row in rows.tolist()]
-        if client is None:
+        if self.scripts.cluster:  # one list per key, each in its item's slot
+            lists = await per_key(self.redis, NEIGHBOUR_LISTS, keys, [self.width])
+        elif client is None:
             lists = await self.scripts.neighbour_lists(keys=keys, args=[self.width])
         else:
             lists = await client.run_script(NEIGHBOUR_LISTS, keys, [self.width])

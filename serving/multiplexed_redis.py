@@ -20,6 +20,7 @@ import collections
 import functools
 import hashlib
 import ssl as tls
+from collections.abc import Awaitable
 from typing import Any
 
 import hiredis
@@ -85,14 +86,7 @@ class MultiplexedRedis:
     async def execute(self, *args: str | bytes | int | float) -> Any:
         """One command's reply; error replies raise `redis.exceptions.ResponseError`."""
         protocol = await self._connected()
-        reply = protocol.send(_pack(args))
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                return await reply
-        except TimeoutError:
-            raise redis_errors.TimeoutError(
-                f"no reply from Redis within {self.timeout_s} s"
-            ) from None
+        return await reply_within(protocol.send(_pack(args)), self.timeout_s)
 
     async def run_script(self, source: str, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA, loading the script once per connection if the server does not know it."""
@@ -224,3 +218,33 @@ def _pack(args: tuple[Any, ...]) -> bytes:
 @functools.cache
 def _sha1(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()
+
+
+class ClusterCalls:
+    """The reader's per-request calls on Redis Cluster, in `MultiplexedRedis`'s form
+    (``execute``, ``run_script``): through the reader's cluster client, which routes each call
+    to its slot's node and keeps a pool of connections per node."""
+
+    def __init__(self, client: Any, timeout_s: float) -> None:
+        self.client = client
+        self.timeout_s = timeout_s
+
+    async def execute(self, *args: Any) -> Any:
+        return await reply_within(self.client.execute_command(*args), self.timeout_s)
+
+    async def run_script(self, source: str, keys: list[str], args: list[Any]) -> Any:
+        """One script of one slot (its keys share a hash tag), sent with ``EVAL``."""
+        call = self.client.eval(source, len(keys), *keys, *args)
+        return await reply_within(call, self.timeout_s)
+
+    async def aclose(self) -> None:
+        """Nothing of its own: the cluster client is the reader's, which closes it."""
+
+
+async def reply_within(reply: Awaitable[Any], timeout_s: float) -> Any:
+    """``reply``, or redis-py's `TimeoutError` after ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await reply
+    except TimeoutError:
+        raise redis_errors.TimeoutError(f"no reply from Redis within {timeout_s} s") from None

@@ -16,6 +16,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from freshrec.models.rating_stack import PAIR_FIELDS, RECORD_HEAD
+from freshrec.store.keys import Keys
+
+PAIR_BYTES = 4 * PAIR_FIELDS
+NO_PAIR = bytes(PAIR_BYTES)  # a pair's statistics where there are none
+
 
 def is_cluster(client: Any) -> bool:
     """Whether ``client`` (a client or a pipeline, blocking or asyncio) talks to Redis Cluster."""
@@ -51,3 +59,71 @@ class EvalScript:
 
 async def _done(value: Any) -> Any:
     return value
+
+
+async def per_key(client: Any, source: str, keys: list[str], args: list[Any]) -> list[Any]:
+    """A script whose reply holds one entry per key (``NEIGHBOUR_LISTS``), run once per key in
+    one cluster pipeline: each node answers its keys in one round trip."""
+    if not keys:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.eval(source, 1, key, *args)
+    return [reply[0] for reply in await pipe.execute()]
+
+
+async def item_rows(
+    client: Any, stat_keys: list[str], items: list[str], head: str, tail: str
+) -> list[bytes]:
+    """``ITEM_ROWS``'s reply on Cluster: the items' vectors (key ``head .. id .. tail``)
+    concatenated, their byte lengths (int32, 0 for none) and the three statistics of
+    ``stat_keys`` (doubles, 0 where absent). The statistics share a slot; each vector is in its
+    item's."""
+    if not items:
+        return [b"", b"", b""]
+    pipe = client.pipeline(transaction=False)
+    for item in items:
+        pipe.get(head + item + tail)
+    for key in stat_keys:
+        pipe.zmscore(key, items)
+    replies = await pipe.execute()
+    blobs, scores = replies[: len(items)], replies[len(items) :]
+    lengths = np.array([len(blob) if blob else 0 for blob in blobs], dtype="<i4")
+    stats = np.array([[s or 0.0 for s in column] for column in scores], dtype="<f8").T
+    return [b"".join(blob or b"" for blob in blobs), lengths.tobytes(), stats.tobytes()]
+
+
+async def rating_states(
+    client: Any, keys: Keys, asked: dict[str, list[str]]
+) -> list[tuple[list[bytes], bytes, list[bytes]]]:
+    """``RATING_STATE``'s reply for each user of ``asked`` (user -> items to predict), on
+    Cluster: their records (newest first), their items' rating counts (doubles, 0 where none)
+    and per item asked its 16-byte statistics with each record's item (zeros where none). The
+    records first, then what they name, each from its own slot."""
+    users = list(asked)
+    pipe = client.pipeline(transaction=False)
+    for user in users:
+        pipe.lrange(keys.rating_history(user), 0, -1)
+    records = await pipe.execute()
+    pipe = client.pipeline(transaction=False)
+    partners = [[record[RECORD_HEAD:] for record in raw] for raw in records]
+    for user, named in zip(users, partners, strict=True):
+        if named:
+            pipe.zmscore(keys.item_ratings, named)
+            for item in asked[user]:
+                pipe.hmget(keys.rating_pairs(item), named)
+    replies = iter(await pipe.execute() if len(pipe) else [])
+    out: list[tuple[list[bytes], bytes, list[bytes]]] = []
+    for user, raw, named in zip(users, records, partners, strict=True):
+        if not named:
+            out.append((raw, b"", []))
+            continue
+        counts = np.array([c or 0.0 for c in next(replies)], dtype="<f8").tobytes()
+        stats = [
+            b"".join(
+                v if v is not None and len(v) == PAIR_BYTES else NO_PAIR for v in next(replies)
+            )
+            for _ in asked[user]
+        ]
+        out.append((raw, counts, stats))
+    return out

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from freshrec.devenv import local_services
 from freshrec.settings import Settings
@@ -61,7 +62,9 @@ def settings(endpoints: local_services.Endpoints) -> Iterator[Settings]:
 
 @pytest.fixture
 def redis_client(settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.redis_url)
+    """A blocking client of the test's Redis: a cluster client on a cluster."""
+    kind = RedisCluster if settings.redis_cluster else redis.Redis
+    client = kind.from_url(settings.redis_url)
     yield client
     client.close()
 

@@ -175,3 +175,19 @@ def partition_watermarks(client: Any, settings: Settings) -> dict[int, int]:
     keys, topic = Keys(settings.key_prefix), settings.events_topic
     marks = client.mget([keys.watermark(f"{topic}/{p}") for p in range(settings.partitions)])
     return {p: int(m) for p, m in enumerate(marks) if m is not None}
+
+
+def drop_cluster_keys(url: str, prefix: str) -> None:
+    """Deletes every key under ``prefix`` from every primary of the cluster at ``url``."""
+    from redis.cluster import RedisCluster
+
+    client = RedisCluster.from_url(url)
+    try:
+        found = client.scan_iter(
+            match=f"{prefix}:*", count=1000, target_nodes=RedisCluster.PRIMARIES
+        )
+        doomed = list(found)
+        if doomed:
+            client.unlink(*doomed)  # redis-py splits it by slot
+    finally:
+        client.close()

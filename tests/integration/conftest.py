@@ -15,12 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from redis.cluster import RedisCluster
 
 from freshrec.devenv import local_services
 from freshrec.serving.kernels import WarmUp, warm_up
 from freshrec.settings import Settings
-from tests.support import OwnRedis, free_port
+from tests.support import OwnRedis, drop_cluster_keys, free_port
 
 # A cluster of the caller's own for the cluster tests; not a FRESHREC_* name, since
 # `Settings.from_env()` refuses any of those that is no setting.
@@ -65,13 +64,4 @@ def cluster_settings(settings: Settings, cluster_endpoints: str) -> Iterator[Set
     from every primary, as ``settings`` does on the single Redis."""
     configured = dataclasses.replace(settings, redis_url=cluster_endpoints, redis_cluster=True)
     yield configured
-    client = RedisCluster.from_url(cluster_endpoints)
-    try:
-        pattern = f"{configured.key_prefix}:*"
-        doomed = list(
-            client.scan_iter(match=pattern, count=1000, target_nodes=RedisCluster.PRIMARIES)
-        )
-        if doomed:
-            client.unlink(*doomed)  # redis-py splits it by slot
-    finally:
-        client.close()
+    drop_cluster_keys(cluster_endpoints, configured.key_prefix)

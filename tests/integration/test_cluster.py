@@ -22,6 +22,7 @@ from redis.cluster import RedisCluster
 from freshrec.connections import redis_client
 from freshrec.evaluation.synth import SynthConfig, generate
 from freshrec.models.decay import REBASE_EXPONENT
+from freshrec.serving.funnel import Funnel
 from freshrec.settings import Settings
 from freshrec.store.batch_update import BatchUpdater
 from freshrec.store.keys import Keys
@@ -88,8 +89,8 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-# Written with the wall or server clock, not the events: their values differ by run.
-CLOCKED = (":stats:worker", ":updated", ":active")
+# Scored or written with the wall or server clock, not the events: their values differ by run.
+CLOCKED = (":stats:worker", ":updated", ":active", ":dirty")
 
 
 def test_the_write_path_builds_the_same_state_on_a_cluster_as_on_a_single_redis(
@@ -130,6 +131,8 @@ def test_the_write_path_builds_the_same_state_on_a_cluster_as_on_a_single_redis(
         if not key.endswith(CLOCKED) and not _same(value, on_cluster[key])
     ]
     assert not differ, differ[:10]
+    clocked_sets = [k for k in on_single if k.endswith(CLOCKED[1:])]
+    assert all(on_single[k].keys() == on_cluster[k].keys() for k in clocked_sets)
 
 
 def test_a_worker_process_learns_a_stream_into_the_cluster(
@@ -161,3 +164,75 @@ def test_a_worker_process_learns_a_stream_into_the_cluster(
         stop_process(proc)
     assert len(slots) == len(users) and len(nodes) == 3
     assert all(mark is not None for mark in marks)
+
+
+async def _answers(settings: Settings, users: list[str], items: list[str]) -> dict[str, Any]:
+    """What a reader's funnel answers on ``settings``'s Redis: lists, similar items and
+    rating predictions."""
+    client = redis_client(settings, socket_timeout=30)
+    funnel = Funnel(client, Keys(settings.key_prefix), settings.funnel_config())
+    try:
+        await funnel.refresh()
+        lists = [await funnel.recommend(user, 10, learn=False) for user in users]
+        similar = [await funnel.similar(item, 10) for item in items[:5]]
+        pairs = [(user, item) for user in users for item in items[:3]]
+        predictions = await funnel.predict_many(pairs)
+        return {
+            "lists": [[c.to_json() for c in served] for served in lists],
+            "similar": similar,
+            "predictions": [p["prediction"] for p in predictions],
+        }
+    finally:
+        await funnel.aclose()
+        await client.aclose()
+
+
+def test_a_reader_serves_the_same_answers_from_a_cluster_as_from_a_single_redis(
+    settings: Settings, cluster_settings: Settings
+) -> None:
+    """The reader's cluster reads (item rows, neighbour lists per item, each user's rating
+    state from three slots) give what its single-server scripts give."""
+    stream = generate(SynthConfig(users=50, items=80, events=3_000, rating_share=0.5, seed=4))
+    events = _events(stream.events)
+    cfg = settings.model_config()
+    asyncio.run(_learn(settings, events, True, cfg))
+    asyncio.run(_learn(cluster_settings, events, False, cfg))
+    users = sorted({e.user_id for e in events})[:12]
+    items = sorted({e.item_id for e in events})[:10]
+
+    on_single = asyncio.run(_answers(settings, users, items))
+    on_cluster = asyncio.run(_answers(cluster_settings, users, items))
+
+    assert all(len(served) == 10 for served in on_single["lists"])
+    assert on_cluster["lists"] == on_single["lists"]
+    assert on_cluster["similar"] == on_single["similar"]
+    assert any(p != on_single["predictions"][0] for p in on_single["predictions"])
+    np.testing.assert_allclose(on_cluster["predictions"], on_single["predictions"], rtol=1e-12)
+
+
+def test_a_redelivered_batch_is_skipped_by_its_watermarks_on_a_cluster(
+    cluster_settings: Settings,
+) -> None:
+    """What stays exactly once on Cluster: a batch delivered again after its watermarks were
+    written (a rebalance, a restart) is skipped whole. What does not: a batch cut short before
+    its watermarks is applied again in full, its earlier writes twice (at least once)."""
+    settings = cluster_settings
+    keys = Keys(settings.key_prefix)
+    events = [Event("click", f"u{n % 7}", f"i{n % 11}", 1_700_000_000.0 + n) for n in range(60)]
+    origins = [(f"events/{n % 2}", n // 2) for n in range(60)]
+
+    async def run() -> tuple[Any, Any, float, float]:
+        client = redis_client(settings)
+        try:
+            updater = BatchUpdater(client, keys, settings.model_config(), atomic=False)
+            first = await updater.apply(events, origins)
+            before = await client.zscore(keys.occurrences, "i0")
+            again = await updater.apply(events, origins)
+            return first, again, before, await client.zscore(keys.occurrences, "i0")
+        finally:
+            await client.aclose()
+
+    first, again, before, after = asyncio.run(run())
+    assert (first.events, first.skipped) == (60, 0)
+    assert (again.events, again.skipped) == (0, 60)
+    assert before == after > 0

@@ -43,7 +43,7 @@ import redis
 from confluent_kafka import Consumer, TopicPartition
 from redis.asyncio import Redis
 
-from freshrec.connections import kafka_config
+from freshrec.connections import kafka_config, redis_client, redis_sync_client
 from freshrec.evaluation.synth import SynthConfig, generate
 from freshrec.models.mf import predict_rating, rating_count_at, rating_part
 from freshrec.settings import Settings
@@ -381,18 +381,21 @@ def test_a_partition_redelivered_beside_new_events_keeps_its_watermark(
     assert int(redis_client.hget(keys.worker_stats, "events")) == 300
 
 
+@pytest.mark.parametrize("topology", ["single", "cluster"])
 def test_on_the_cluster_safe_path_a_slower_worker_never_moves_a_watermark_back(
-    settings: Settings, redis_client: redis.Redis
+    settings: Settings, topology: str, request: pytest.FixtureRequest
 ) -> None:
     """Without one atomic script (Redis Cluster), two workers can overlap on a partition during
     a rebalance: the one that read first may write last. Its watermark must not undo the
     other's, or the messages between them would be learned again after the next restart."""
+    if topology == "cluster":
+        settings = request.getfixturevalue("cluster_settings")
     keys = Keys(settings.key_prefix)
     mark = keys.watermark("events/0")
     events = [Event("click", f"u{n % 5}", f"i{n % 9}", 1_700_000_000.0 + n) for n in range(20)]
 
     async def run() -> None:
-        client = Redis.from_url(settings.redis_url)
+        client = redis_client(settings)
         updater = BatchUpdater(client, keys, settings.model_config(), atomic=False)
         read = updater._read_pipelined
 
@@ -408,4 +411,6 @@ def test_on_the_cluster_safe_path_a_slower_worker_never_moves_a_watermark_back(
             await client.aclose()
 
     asyncio.run(run())
-    assert int(redis_client.get(mark)) == 500
+    store = redis_sync_client(settings)
+    assert int(store.get(mark)) == 500
+    store.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -11,9 +13,21 @@ from freshrec.settings import Settings
 from freshrec.store.keys import Keys
 from freshrec.streams.producer import EventProducer
 from freshrec.streams.recommendations_consumer import RecommendationsConsumer
-from tests.support import TopicReader, http_json, wait_until
+from tests.support import TopicReader, drop_cluster_keys, http_json, wait_until
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["single", "cluster"])
+def settings(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Settings]:
+    """Each test on a single Redis and on a three-node Redis Cluster: worker and reader alike."""
+    if request.param == "single":
+        yield settings
+        return
+    url = request.getfixturevalue("cluster_endpoints")
+    yield dataclasses.replace(settings, redis_url=url, redis_cluster=True)
+    drop_cluster_keys(url, settings.key_prefix)
+
 
 NOW = time.time()
 
