@@ -43,6 +43,7 @@ from freshrec.models.mf import implicit_part, vector_width
 from freshrec.progress import Say
 from freshrec.serving.kernels import warm_up
 from freshrec.settings import Settings
+from freshrec.store.cluster import is_cluster
 from freshrec.store.keys import Keys
 from freshrec.store.vectors import VECTOR_DTYPE
 
@@ -530,8 +531,9 @@ def _compare_searches(
 def _implicit_rows(client: redis.Redis, names: list[str], factors: int) -> np.ndarray:
     """The implicit parts ``y`` of the stored vectors ``names``, one row each."""
     blobs = []
+    many = client.mget_nonatomic if is_cluster(client) else client.mget  # keys span slots
     for start in range(0, len(names), CHUNK):
-        blobs.extend(client.mget(names[start : start + CHUNK]))
+        blobs.extend(many(names[start : start + CHUNK]))
     full = np.frombuffer(b"".join(blobs), dtype=VECTOR_DTYPE).reshape(len(names), -1)
     return np.ascontiguousarray(implicit_part(full.T, factors).T)
 
