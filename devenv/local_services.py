@@ -647,10 +647,7 @@ def _start_cluster_on_free_ports(
     container addresses (in CLUSTER SLOTS and MOVED replies), which the host cannot reach
     unless each node announces a host address and port (cluster-announce-*) mapped one to one.
     """
-    ports = next(
-        (list(p) for p in (wanted, CLUSTER_PORTS) if len(p) == 3 and _cluster_ports_free(p)),
-        None,
-    ) or _free_cluster_ports(len(CLUSTER_PORTS))
+    ports = _choose_ports(wanted, CLUSTER_PORTS, _cluster_ports_free, _free_cluster_ports)
     try:
         return _start_cluster(settings, workdir / "redis", ports)
     except ServiceError:
@@ -772,12 +769,18 @@ def _start_on_free_ports(
         return _start_process(service, settings, workdir / f"{service}-{others[0]}", others)
 
 
-def _choose_ports(wanted: list[int], preferred: list[int]) -> list[int]:
-    """Recorded ports, else the usual ones, else any free ones: never a port something holds."""
+def _choose_ports(
+    wanted: Sequence[int],
+    preferred: Sequence[int],
+    free: Callable[[Sequence[int]], bool] = lambda ports: all(map(_port_free, ports)),
+    any_free: Callable[[int], list[int]] = lambda n: _any_free_ports(n),
+) -> list[int]:
+    """Recorded ports, else the usual ones, else any free ones: never a port something holds
+    (``free`` says whether ports are, ``any_free`` finds others)."""
     for ports in (wanted, preferred):
-        if len(ports) == len(preferred) and all(_port_free(p) for p in ports):
+        if len(ports) == len(preferred) and free(ports):
             return list(ports)
-    return _any_free_ports(len(preferred))
+    return any_free(len(preferred))
 
 
 def _any_free_ports(n: int) -> list[int]:

@@ -13,6 +13,8 @@ watermarks atomic. The reader's scripts (``ITEM_ROWS``, ``NEIGHBOUR_LISTS``, ``N
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis as AsyncRedis
@@ -418,30 +420,21 @@ class ServerScripts:
 
     def __init__(self, client: Redis | AsyncRedis) -> None:
         self.cluster = is_cluster(client)
-        if self.cluster:
-            client = _Evaluating(client)  # type: ignore[assignment]
-        self.add_vector = client.register_script(ADD_VECTOR)
-        self.zincrby_many = client.register_script(ZINCRBY_MANY)
-        self.stamp_now = client.register_script(STAMP_NOW)
-        self.raise_clock = client.register_script(RAISE_CLOCK)
-        self.read_batch = client.register_script(READ_BATCH)
-        self.apply_batch = client.register_script(APPLY_BATCH)
-        self.add_rating_pairs = client.register_script(ADD_RATING_PAIRS)
-        self.add_doubles = client.register_script(ADD_DOUBLES)
-        self.push_records = client.register_script(PUSH_RECORDS)
-        self.pop_due = client.register_script(POP_DUE)
-        self.retire_idle = client.register_script(RETIRE_IDLE)
-        self.neighbour_lists = client.register_script(NEIGHBOUR_LISTS)
-        self.item_rows = client.register_script(ITEM_ROWS)
-        self.newest_items = client.register_script(NEWEST_ITEMS)
-        self.rating_state = client.register_script(RATING_STATE)
-
-
-class _Evaluating:
-    """A cluster client whose ``register_script`` gives scripts sent with ``EVAL``."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    def register_script(self, source: str) -> EvalScript:
-        return EvalScript(self.client, source)
+        register: Callable[[str], Any] = (
+            functools.partial(EvalScript, client) if self.cluster else client.register_script
+        )
+        self.add_vector = register(ADD_VECTOR)
+        self.zincrby_many = register(ZINCRBY_MANY)
+        self.stamp_now = register(STAMP_NOW)
+        self.raise_clock = register(RAISE_CLOCK)
+        self.read_batch = register(READ_BATCH)
+        self.apply_batch = register(APPLY_BATCH)
+        self.add_rating_pairs = register(ADD_RATING_PAIRS)
+        self.add_doubles = register(ADD_DOUBLES)
+        self.push_records = register(PUSH_RECORDS)
+        self.pop_due = register(POP_DUE)
+        self.retire_idle = register(RETIRE_IDLE)
+        self.neighbour_lists = register(NEIGHBOUR_LISTS)
+        self.item_rows = register(ITEM_ROWS)
+        self.newest_items = register(NEWEST_ITEMS)
+        self.rating_state = register(RATING_STATE)
