@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from freshrec.models.mf import VectorTable, implicit_part, implicit_step
+from freshrec.models.mf import VectorTable, implicit_part, implicit_steps
 
 
 def draw_negatives(rng: np.random.Generator, pool_size: int, rows: int, per_row: int) -> np.ndarray:
@@ -100,18 +100,34 @@ class ImplicitMF:
     ) -> None:
         """One step on ``item`` (confidence ``1 + alpha strength``) and the distinct
         ``negatives`` other than ``item`` (confidence 1 each)."""
+        self.learn_steps([user], [item], [strength], [negatives])
+
+    def learn_steps(
+        self,
+        users: Sequence[str],
+        items: Sequence[str],
+        strengths: Sequence[float],
+        negatives: Sequence[Sequence[str]],
+    ) -> None:
+        """`learn_one` for each event in order: the rows the events touch are gathered once,
+        stepped by `implicit_steps` and put back."""
+        if not users:
+            return
         k = self.table.factors
-        y_user = implicit_part(self.table["u:" + user], k)
-        names = [item]
-        for other in negatives:
-            if other not in names:
-                names.append(other)
-        rows = [implicit_part(self.table["i:" + name], k) for name in names]
-        preferences = np.zeros(len(names))
-        preferences[0] = 1.0
-        confidences = np.ones(len(names))
-        confidences[0] = 1.0 + self.alpha * strength
-        implicit_step(y_user, rows, preferences, confidences, self.lr, self.reg)
+        index: dict[str, int] = {}
+        user_rows = np.array([index.setdefault("u:" + u, len(index)) for u in users])
+        width = 1 + max(map(len, negatives))
+        item_rows = np.full((len(users), width), -1, dtype=np.int64)
+        for row, item, others in zip(item_rows, items, negatives, strict=True):
+            row[: 1 + len(others)] = [
+                index.setdefault("i:" + name, len(index)) for name in (item, *others)
+            ]
+        vectors = [self.table[name] for name in index]
+        parts = np.array([implicit_part(vec, k) for vec in vectors])
+        confidences = 1.0 + self.alpha * np.asarray(strengths, dtype=np.float64)
+        implicit_steps(parts, user_rows.astype(np.int64), item_rows, confidences, self.lr, self.reg)
+        for vec, part in zip(vectors, parts, strict=True):
+            implicit_part(vec, k)[:] = part
 
     def learn_many(
         self, users: Sequence[str], items: Sequence[str], strengths: Sequence[float]
@@ -119,5 +135,5 @@ class ImplicitMF:
         """Learns the interactions in order, each with negatives drawn from ``items``."""
         pool = sorted(set(items))
         picks = draw_negatives(self.rng, len(pool), len(items), self.negatives)
-        for user, item, strength, row in zip(users, items, strengths, picks, strict=True):
-            self.learn_one(user, item, strength, [pool[pick] for pick in row.tolist()])
+        negatives = [[pool[pick] for pick in row] for row in picks.tolist()]
+        self.learn_steps(users, items, strengths, negatives)

@@ -190,7 +190,8 @@ class InteractionLearner:
         out.popularity = popularity.scores
 
         pool = sorted({e.item_id for e in events if e.type in INTERACTIONS})
-        picks = draw_negatives(self.rng, len(pool), len(events), cfg.implicit_negatives)
+        picks = draw_negatives(self.rng, len(pool), len(events), cfg.implicit_negatives).tolist()
+        steps: list[tuple[str, str, float, int]] = []
         for n, ev in enumerate(events):
             item = ev.item_id
             if ev.type == "impression":
@@ -203,13 +204,18 @@ class InteractionLearner:
                 out.rating_errors.append(stack.learn_one(user, item, value))
             elif ev.type == "click":
                 out.clicks[item] += 1.0
-            implicit.learn_one(user, item, strength, [pool[pick] for pick in picks[n].tolist()])
+            steps.append((user, item, strength, n))
             cooccurrence.learn_one(user, item, ev.ts)
             popularity.learn_one(item, ev.ts, strength)
             seen = out.history[user]
             seen[item] = max(ev.ts, seen.get(item, -math.inf))
             out.first_seen[item] = min(ev.ts, out.first_seen.get(item, math.inf))
 
+        # Implicit steps move only implicit parts, which nothing above reads: they can follow.
+        if steps:
+            users, items, strengths, rows = zip(*steps, strict=True)
+            negatives = [[pool[pick] for pick in picks[n]] for n in rows]
+            implicit.learn_steps(users, items, strengths, negatives)
         for name, vec in table.items():
             base = snapshot.vectors.get(name)
             if base is None:

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numba
 import numpy as np
 
 
@@ -232,3 +233,73 @@ def implicit_step(
     for row, updated in zip(items, rows, strict=True):
         row[:] = updated
     return err
+
+
+@numba.njit(cache=True, nogil=True)
+def implicit_steps(
+    rows: np.ndarray,
+    users: np.ndarray,
+    items: np.ndarray,
+    confidences: np.ndarray,
+    lr: float,
+    reg: float,
+) -> None:
+    """`implicit_step` for each event in order, over one matrix of implicit parts, in place.
+
+    Event ``e`` steps row ``users[e]`` against the rows ``items[e]``: its item first
+    (preference 1, confidence ``confidences[e]``), then its negatives (preference 0,
+    confidence 1); an entry of -1, or one that repeats an earlier entry of the event, is
+    skipped. The arithmetic is `implicit_step`'s; one compiled pass spares the dozen numpy
+    calls each event costs there.
+    """
+    k = rows.shape[1]
+    width = items.shape[1]
+    picked = np.empty(width, np.int64)
+    err = np.empty(width)
+    conf = np.empty(width)
+    user = np.empty(k)
+    grad = np.empty(k)
+    for e in range(users.shape[0]):
+        m = 0
+        for j in range(width):
+            r = items[e, j]
+            if r < 0:
+                continue
+            repeat = False
+            for q in range(m):
+                repeat = repeat or picked[q] == r
+            if not repeat:
+                picked[m] = r
+                m += 1
+        if m == 0:
+            continue
+        u = users[e]
+        user_sq = 0.0
+        for d in range(k):
+            user[d] = rows[u, d]
+            user_sq += user[d] * user[d]
+        bound = 0.0
+        most = 0.0
+        for q in range(m):
+            r = picked[q]
+            dot = 0.0
+            sq = 0.0
+            for d in range(k):
+                dot += rows[r, d] * user[d]
+                sq += rows[r, d] * rows[r, d]
+            conf[q] = confidences[e] if q == 0 else 1.0
+            err[q] = (1.0 if q == 0 else 0.0) - dot
+            bound += conf[q] * sq
+            most = max(most, conf[q])
+        bound += most * user_sq
+        eta = min(lr, 1.0 / bound) if bound > 0.0 else lr
+        for d in range(k):
+            grad[d] = -reg * user[d]
+        for q in range(m):
+            r = picked[q]
+            weighted = conf[q] * err[q]
+            for d in range(k):
+                grad[d] += weighted * rows[r, d]
+                rows[r, d] += eta * (weighted * user[d] - reg * rows[r, d])
+        for d in range(k):
+            rows[u, d] = user[d] + eta * grad[d]
