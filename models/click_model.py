@@ -1,8 +1,10 @@
 r"""The fine ranker: online logistic regression of a click on the features of an impression.
 
 :math:`P(\text{click} \mid x) = \sigma(w^\top x + b)`, learned by FTRL-Proximal (McMahan et al.,
-2013) through river's ``linear_model.LogisticRegression``. Features are logged with each
-impression exactly as they were served, so learning never sees features the ranker did not.
+2013) as river's ``linear_model.LogisticRegression`` with ``optim.FTRLProximal`` learns it, one
+example after another, here in one compiled pass per batch (the unit tests hold it to river).
+Features are logged with each impression exactly as they were served, so learning never sees
+features the ranker did not.
 Every impression is learned at once as a negative; a click that follows is learned as a positive
 (the "fake negative" scheme of Ktena et al., 2019), so nothing waits for an attribution window.
 The position of the impression is a training feature only (served as 0), which keeps the
@@ -17,13 +19,12 @@ the ranker serves a fixed blend of the funnel's scores.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
-
-if TYPE_CHECKING:
-    from river import linear_model
 
 FEATURES = (
     "mf",  # preference score y_u . y_i
@@ -38,11 +39,19 @@ FEATURES = (
     "log_position",  # training only; 0 when serving
 )
 FIXED_BLEND = {"mf": 1.0, "cf": 2.0, "log_popularity": 0.1, "channel_cold": 0.0}
+INTERCEPT_LR = 0.01
+"""The intercept's constant SGD step (river's ``LogisticRegression`` default)."""
+CLIP_GRADIENT = 1e12
 
 
-@dataclass
+@dataclass(eq=False)
 class ClickModel:
-    """An FTRL logistic regression whose state survives restarts and moves between processes."""
+    """An FTRL logistic regression whose state survives restarts and moves between processes.
+
+    Per feature name (any name an impression carries, in order of first sight) it holds FTRL's
+    ``z`` and ``n`` and the weight the last step of that feature left, which the next
+    prediction uses: river sets a weight from ``z`` only when its feature is next learned.
+    """
 
     alpha: float = 0.05
     beta: float = 1.0
@@ -51,54 +60,89 @@ class ClickModel:
     min_clicks: int = 50
     clicks: int = 0
     impressions: int = 0
-    model: linear_model.LogisticRegression = field(init=False)
+    intercept: float = 0.0
+    names: list[str] = field(default_factory=list)
+    z: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    n: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    w: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def __post_init__(self) -> None:
-        # river is imported here, not at the top: every command reads FEATURES through the
-        # settings, and importing river costs seconds of start-up that only a learner needs.
-        from river import linear_model, optim
-
-        self.model = linear_model.LogisticRegression(
-            optimizer=optim.FTRLProximal(alpha=self.alpha, beta=self.beta, l1=self.l1, l2=self.l2)
-        )
+        self._column = {name: j for j, name in enumerate(self.names)}
 
     def learn_impression(self, features: dict[str, float]) -> None:
-        self.model.learn_one(features, False)
-        self.impressions += 1
+        self.learn_many([features], [False])
 
     def learn_click(self, features: dict[str, float]) -> None:
-        self.model.learn_one(features, True)
-        self.clicks += 1
+        self.learn_many([features], [True])
+
+    def predict_proba(self, features: dict[str, float]) -> float:
+        """P(click) as the next step sees it (with the lagging weights, as river predicts)."""
+        column = self._column
+        score = self.intercept + sum(
+            self.w[column[name]] * value for name, value in features.items() if name in column
+        )
+        return 1.0 / (1.0 + math.exp(-score))
+
+    def learn_many(self, rows: Sequence[dict[str, float]], clicked: Sequence[bool]) -> None:
+        """Learn each example in order: ``rows[e]`` shown, clicked or not."""
+        if not rows:
+            return
+        where: list[int] = []
+        columns: list[int] = []
+        values: list[float] = []
+        for e, features in enumerate(rows):
+            for name, value in features.items():
+                where.append(e)
+                columns.append(self._column_of(name))
+                values.append(value)
+        x = np.zeros((len(rows), len(self.names)))
+        present = np.zeros(x.shape, dtype=np.bool_)
+        x[where, columns] = values
+        present[where, columns] = True
+        labels = np.asarray(clicked, dtype=np.bool_)
+        self.intercept = ftrl_logistic_steps(
+            x, present, labels, self.z, self.n, self.w, self.intercept,
+            self.alpha, self.beta, self.l1, self.l2,
+        )  # fmt: skip
+        positives = int(labels.sum())
+        self.clicks += positives
+        self.impressions += len(rows) - positives
+
+    def _column_of(self, name: str) -> int:
+        j = self._column.get(name)
+        if j is None:
+            j = self._column[name] = len(self.names)
+            self.names.append(name)
+            self.z, self.n, self.w = (np.append(a, 0.0) for a in (self.z, self.n, self.w))
+        return j
 
     def state(self) -> dict[str, float]:
         """Everything learned, as sums of per-example terms: FTRL's ``z`` and ``n`` per
         feature, the intercept, the counts. Sums merge by addition, so workers that learn from
         different partitions can each add what they learned since they last merged, and none
         is lost (the asynchronous, parameter-server way FTRL-Proximal is run at scale)."""
-        opt = self.model.optimizer
-        out = {f"z:{name}": value for name, value in opt.z.items()}
-        out.update({f"n:{name}": value for name, value in opt.n.items()})
-        out["intercept"] = self.model.intercept
+        out = {f"z:{name}": float(v) for name, v in zip(self.names, self.z, strict=True)}
+        out.update({f"n:{name}": float(v) for name, v in zip(self.names, self.n, strict=True)})
+        out["intercept"] = self.intercept
         out["clicks"] = float(self.clicks)
         out["impressions"] = float(self.impressions)
         return out
 
     def load_state(self, state: dict[str, float]) -> None:
         """Replace what was learned with ``state`` (as from `state`, possibly merged)."""
-        opt = self.model.optimizer
-        opt.z.clear()
-        opt.n.clear()
+        sums: dict[str, dict[str, float]] = {"z": {}, "n": {}}
         for key, value in state.items():
             kind, _, name = key.partition(":")
-            if kind == "z":
-                opt.z[name] = value
-            elif kind == "n":
-                opt.n[name] = value
-        self.model.intercept = state.get("intercept", 0.0)
+            if kind in sums:
+                sums[kind][name] = value
+        self.names = list(dict.fromkeys([*sums["z"], *sums["n"]]))
+        self._column = {name: j for j, name in enumerate(self.names)}
+        self.z = np.array([sums["z"].get(name, 0.0) for name in self.names])
+        self.n = np.array([sums["n"].get(name, 0.0) for name in self.names])
+        self.w = self._weight_array()
+        self.intercept = state.get("intercept", 0.0)
         self.clicks = int(state.get("clicks", 0.0))
         self.impressions = int(state.get("impressions", 0.0))
-        self.model._weights.clear()
-        self.model._weights.update(self.weights())
 
     @classmethod
     def from_state(cls, state: dict[str, float] | None, **params: float) -> ClickModel:
@@ -115,23 +159,19 @@ class ClickModel:
             w_i = 0 \text{ if } |z_i| \le \lambda_1, \text{ else }
             -\frac{z_i - \operatorname{sgn}(z_i) \lambda_1}{(\beta + \sqrt{n_i})/\alpha + \lambda_2}
 
-        (river sets a weight from ``z`` only when its feature is next learned, so its own
-        predictions lag by one update.)
+        (the weights a prediction uses lag by one update of their feature, as in river.)
         """
-        out = {}
-        for name, z in self.model.optimizer.z.items():
-            if abs(z) > self.l1:
-                n = self.model.optimizer.n[name]
-                shrunk = z - np.sign(z) * self.l1
-                out[name] = float(-shrunk / ((self.beta + n**0.5) / self.alpha + self.l2))
-            else:
-                out[name] = 0.0
-        return out
+        return dict(zip(self.names, self._weight_array().tolist(), strict=True))
+
+    def _weight_array(self) -> np.ndarray:
+        shrunk = self.z - np.sign(self.z) * self.l1
+        out = -shrunk / ((self.beta + np.sqrt(self.n)) / self.alpha + self.l2)
+        return np.where(np.abs(self.z) > self.l1, out, 0.0)
 
     def serving_weights(self) -> dict[str, float]:
         """The weights, plus the intercept and the click count the reader needs."""
         out = self.weights()
-        out["__intercept__"] = self.model.intercept
+        out["__intercept__"] = self.intercept
         out["__clicks__"] = float(self.clicks)
         return out
 
@@ -168,3 +208,54 @@ class LinearScorer:
     def scores(self, features: np.ndarray) -> np.ndarray:
         z = features @ self.vector + self.intercept
         return 1.0 / (1.0 + np.exp(-z)) if self.learned else z
+
+
+@numba.njit(cache=True, nogil=True)
+def ftrl_logistic_steps(
+    x: np.ndarray,
+    present: np.ndarray,
+    clicked: np.ndarray,
+    z: np.ndarray,
+    n: np.ndarray,
+    w: np.ndarray,
+    intercept: float,
+    alpha: float,
+    beta: float,
+    l1: float,
+    l2: float,
+) -> float:
+    """Examples ``x[e]`` (its features where ``present[e]``), clicked or not, one after another:
+    river's ``LogisticRegression.learn_one`` with ``optim.FTRLProximal``, on ``z``, ``n`` and
+    the lagging weights ``w`` in place; returns the intercept.
+
+    Per example: the log loss's gradient ``g`` at ``w.x + b`` (its ``+-18`` guards, clipped);
+    ``b -= INTERCEPT_LR g``; for each present feature, ``w_i`` from ``z_i`` and ``n_i`` when
+    ``|z_i| > l1``, then ``z_i += g_i - sigma_i w_i`` and ``n_i += g_i^2`` with ``g_i = x_i g``
+    and ``sigma_i = (sqrt(n_i + g_i^2) - sqrt(n_i)) / alpha``.
+    """
+    for e in range(x.shape[0]):
+        score = 0.0
+        for i in range(x.shape[1]):
+            if present[e, i]:
+                score += w[i] * x[e, i]
+        score += intercept
+        y = 1.0 if clicked[e] else -1.0
+        margin = score * y
+        if margin > 18.0:
+            g = math.exp(-margin) * -y
+        elif margin < -18.0:
+            g = -y
+        else:
+            g = -y / (math.exp(margin) + 1.0)
+        g = min(max(g, -CLIP_GRADIENT), CLIP_GRADIENT)
+        intercept -= INTERCEPT_LR * g
+        for i in range(x.shape[1]):
+            if present[e, i] and abs(z[i]) > l1:
+                w[i] = -(z[i] - np.sign(z[i]) * l1) / ((beta + math.sqrt(n[i])) / alpha + l2)
+        for i in range(x.shape[1]):
+            if present[e, i]:
+                gi = x[e, i] * g
+                sigma = (math.sqrt(n[i] + gi * gi) - math.sqrt(n[i])) / alpha
+                z[i] += gi - sigma * w[i]
+                n[i] += gi * gi
+    return intercept

@@ -62,7 +62,7 @@ class FeedbackLearner:
                 "ts": s.ts,
             }
             per_user.setdefault(s.user_id, {})[s.item_id] = json.dumps(record)
-            self.model.learn_impression(_training_features(s))
+        self.model.learn_many([_training_features(s) for s in shown], [False] * len(shown))
         for user, fields in per_user.items():
             key = self.keys.shown(user)
             pipe.hset(key, mapping=fields)
