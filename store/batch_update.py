@@ -20,13 +20,14 @@ changes go as pipelined single-key commands and scripts, watermarks last: at lea
 from __future__ import annotations
 
 import asyncio
-import json
 import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import orjson
 from redis.asyncio import Redis
 
 from freshrec.models.config import ModelConfig
@@ -233,7 +234,7 @@ class BatchUpdater:
         if (first := _first_decayed(events)) is not None:
             query["first_ts"] = repr(first)
         landmark, mean, blobs, histories, marks, rated, blend = await self.scripts.read_batch(
-            args=[json.dumps(query, separators=(",", ":"))]
+            args=[_json(query)]
         )
         snapshot = await self._snapshot(events, users, items, landmark, mean, blobs, histories)
         _rating_state(snapshot, raters, rated, blend)
@@ -418,7 +419,7 @@ class BatchUpdater:
         blend = (encode_state(w.blend), PRIOR_BYTES) if w.blend is not None else (b"", b"")
         done = await self.scripts.apply_batch(
             args=[
-                json.dumps(ops, separators=(",", ":")),
+                _json(ops),
                 deltas,
                 bases,
                 pair_deltas,
@@ -570,6 +571,11 @@ def _step_end(origins: Sequence[Origin] | None, start: int, count: int, most: in
                 cut += 1
         end = cut
     return end
+
+
+def _json(value: Any) -> bytes:
+    """A script's JSON argument; numpy scalars pass as numbers."""
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _pack(vectors: Sequence[Sequence[float]]) -> bytes:

@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 
 from freshrec.models.click_model import ClickModel, state_from_hash
@@ -61,7 +62,7 @@ class FeedbackLearner:
                 "features": s.features,
                 "ts": s.ts,
             }
-            per_user.setdefault(s.user_id, {})[s.item_id] = json.dumps(record)
+            per_user.setdefault(s.user_id, {})[s.item_id] = orjson.dumps(record)
         self.model.learn_many([_training_features(s) for s in shown], [False] * len(shown))
         for user, fields in per_user.items():
             key = self.keys.shown(user)
