@@ -32,6 +32,7 @@ import os
 import queue
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +155,7 @@ def _level(
         if watch.redis_pid is not None:
             pids["redis"] = watch.redis_pid
         cpu = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
+        worker_before = _worker_view(run.settings.worker_metrics_port)
         since, begin = time.time(), time.monotonic()
         go.set()
         next_sample = begin + SAMPLE_S
@@ -171,6 +173,9 @@ def _level(
                 next_sample += SAMPLE_S
         last = watch.sample(label)
         elapsed = time.monotonic() - begin
+        worker = _worker_split(
+            worker_before, _worker_view(run.settings.worker_metrics_port), elapsed
+        )
         for name, pid in pids.items():
             before, after = cpu[name], process_cpu_seconds(pid)
             cpu[name] = None if before is None or after is None else (after - before) / elapsed
@@ -188,10 +193,67 @@ def _level(
         "unpublished_users": _start_end_max(held, "unpublished"),
         "lists_published_per_s": round(followed["lists"] / elapsed, 1),
         "cpu_cores": {name: None if c is None else round(c, 2) for name, c in cpu.items()},
+        "worker": worker,
         "seconds": round(elapsed, 1),
         **_tracer_figures(followed, elapsed),
         "since": since,
         "until": since + elapsed,
+    }
+
+
+def _worker_view(port: int) -> dict[str, Any]:
+    """The worker's own counters (cumulative): its event batches, their apply time, and its
+    histogram of the time from an event's arrival in Kafka to its batch landing in Redis."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    view: dict[str, Any] = {"batches": 0.0, "apply_s": 0.0, "events": 0.0, "buckets": {}}
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return view
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "freshrec_event_to_state_seconds_bucket":
+                view["buckets"][float(sample.labels["le"])] = sample.value
+            elif sample.name == "freshrec_batches_total":
+                view["batches"] = sample.value
+            elif sample.name == "freshrec_batch_apply_seconds_sum":
+                view["apply_s"] = sample.value
+            elif sample.name == "freshrec_events_total":
+                view["events"] += sample.value
+    return view
+
+
+def _worker_split(before: dict[str, Any], after: dict[str, Any], elapsed: float) -> dict[str, Any]:
+    """What the worker did in a window: batches a second, events per batch, the share of the
+    window spent applying them, and Kafka-to-Redis p50/p99 (ms) of the messages it learned,
+    interpolated in the histogram's buckets as Prometheus's ``histogram_quantile`` does."""
+    batches = after["batches"] - before["batches"]
+    bounds = sorted(after["buckets"])
+    counts = [after["buckets"][b] - before["buckets"].get(b, 0.0) for b in bounds]
+
+    def quantile(q: float) -> float | None:
+        if not counts or counts[-1] <= 0:
+            return None
+        rank, lower, below = q * counts[-1], 0.0, 0.0
+        for bound, cumulative in zip(bounds, counts, strict=True):
+            if cumulative >= rank:
+                if bound == float("inf"):
+                    return lower * 1000.0  # past the last finite bucket: at least that
+                share = (rank - below) / (cumulative - below) if cumulative > below else 1.0
+                return round((lower + (bound - lower) * share) * 1000.0, 1)
+            lower, below = bound, cumulative
+        return None
+
+    return {
+        "batches_per_s": round(batches / elapsed, 1),
+        "events_per_batch": round((after["events"] - before["events"]) / batches, 1)
+        if batches
+        else None,
+        "applying_share": round((after["apply_s"] - before["apply_s"]) / elapsed, 3),
+        "kafka_to_redis_p50_ms": quantile(0.5),
+        "kafka_to_redis_p99_ms": quantile(0.99),
     }
 
 
@@ -514,6 +576,14 @@ def format_freshness(results: dict[str, Any]) -> str:
             f"{lv['lists_published_per_s']:,.0f} lists published/s; tracer polls "
             f"{polls['per_s']:,.0f}/s, round trip p50 {polls['round_trip_p50_ms']} ms"
         )
+        worker = lv.get("worker")
+        if worker:
+            lines.append(
+                f"at {lv['share']:.0%}: worker {worker['batches_per_s']:,.1f} event batches/s of "
+                f"{worker['events_per_batch']} events, applying {worker['applying_share']:.0%} "
+                f"of the time; Kafka to Redis p50 {ms(worker['kafka_to_redis_p50_ms'])} ms, "
+                f"p99 {ms(worker['kafka_to_redis_p99_ms'])} ms (its histogram, every message)"
+            )
     lines += [
         f"target: event to served list p99 <= {target['served_p99_ms']:g} ms at "
         f"{target['share']:.0%} of the maximum: {verdict}"

@@ -168,6 +168,10 @@ def test_every_tracer_event_is_seen_served_and_published(
         assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"], figures
     assert level["polls"]["requests"] >= 20 and level["polls"]["errors"] == 0
     assert level["serving"]["requests"] > 0
+    worker = level["worker"]  # the worker's own split of the time, from its /metrics
+    assert worker["batches_per_s"] > 0 and worker["events_per_batch"] > 0, worker
+    assert 0 < worker["applying_share"] <= 1.5, worker  # a batch can straddle the window's ends
+    assert 0 < worker["kafka_to_redis_p50_ms"] <= worker["kafka_to_redis_p99_ms"], worker
     assert results["target"]["met"] is None  # no level at the target's half of the maximum
     table = format_freshness(results)
     assert " 10%" in table and "target:" in table
