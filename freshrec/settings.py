@@ -279,7 +279,7 @@ class Settings:
         True,
     )
     batch_size: int = _env("FRESHREC_BATCH_SIZE", "Most messages per agent batch.", 1000)
-    batch_within_s: float = _env("FRESHREC_BATCH_WITHIN_S", "Longest wait to fill a batch.", 0.05)
+    batch_within_s: float = _env("FRESHREC_BATCH_WITHIN_S", "Longest wait to fill a batch.", 0.01)
     worker_metrics_port: int = _env(
         "FRESHREC_WORKER_METRICS_PORT", "Port of the worker's /metrics (0: none).", 9464
     )
