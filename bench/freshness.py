@@ -32,13 +32,12 @@ import os
 import queue
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from freshrec.bench.ingest import process_cpu_seconds
+from freshrec.bench.ingest import process_cpu_seconds, worker_samples
 from freshrec.bench.serve import latency_figures
 from freshrec.bench.soak import (
     SYNTH_ITEMS,
@@ -204,24 +203,16 @@ def _level(
 def _worker_view(port: int) -> dict[str, Any]:
     """The worker's own counters (cumulative): its event batches, their apply time, and its
     histogram of the time from an event's arrival in Kafka to its batch landing in Redis."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     view: dict[str, Any] = {"batches": 0.0, "apply_s": 0.0, "events": 0.0, "buckets": {}}
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-    except OSError:
-        return view
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "freshrec_event_to_state_seconds_bucket":
-                view["buckets"][float(sample.labels["le"])] = sample.value
-            elif sample.name == "freshrec_batches_total":
-                view["batches"] = sample.value
-            elif sample.name == "freshrec_batch_apply_seconds_sum":
-                view["apply_s"] = sample.value
-            elif sample.name == "freshrec_events_total":
-                view["events"] += sample.value
+    for sample in worker_samples(port):
+        if sample.name == "freshrec_event_to_state_seconds_bucket":
+            view["buckets"][float(sample.labels["le"])] = sample.value
+        elif sample.name == "freshrec_batches_total":
+            view["batches"] = sample.value
+        elif sample.name == "freshrec_batch_apply_seconds_sum":
+            view["apply_s"] = sample.value
+        elif sample.name == "freshrec_events_total":
+            view["events"] += sample.value
     return view
 
 

@@ -479,20 +479,24 @@ def process_cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def scrape_worker(port: int) -> dict[str, float]:
-    """The worker's counters that say where its time went; empty if /metrics does not answer."""
+def worker_samples(port: int) -> list[Any]:
+    """Every sample of the worker's /metrics (name, labels, value); none if it does not answer."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             text = response.read().decode()
     except OSError:
-        return {}
+        return []
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def scrape_worker(port: int) -> dict[str, float]:
+    """The worker's counters that say where its time went; empty if /metrics does not answer."""
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in _WORKER_METRICS:
-                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    for sample in worker_samples(port):
+        if sample.name in _WORKER_METRICS:
+            out[sample.name] = out.get(sample.name, 0.0) + sample.value
     return out
 
 
