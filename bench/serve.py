@@ -5,7 +5,8 @@ neighbours, popularity, impressions) is written straight into Redis in the layou
 produce, under a key prefix of its own. The factors are drawn around taste clusters, or
 learned from a real stream by the workers' own learner and grown to the catalogue's size
 (`learned_state`), which is the harder case for MF recall's search. One reader process serves
-it, warmed first; a *separate* process sends ``GET /recommendations/{user}?k=10`` open-loop at
+it (or ``readers`` of them on one port, SO_REUSEPORT, as replicas scale out), warmed first; a
+*separate* process sends ``GET /recommendations/{user}?k=10`` open-loop at
 the target rate (requests are sent on schedule whether or not earlier ones have returned, so a
 slow reader shows up as latency, not as a politely lower rate) and records every latency.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import tempfile
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from freshrec.bench.ingest import process_cpu_seconds
+from freshrec.bench.ingest import process_cpu_seconds, worker_samples
 from freshrec.bench.mf_search import compare_searches, format_search_comparison
 from freshrec.connections import redis_sync_client
 from freshrec.devenv.isolated_run import isolated_run
@@ -334,6 +336,7 @@ def run_serve_bench(
     factors_from: str | None = None,
     search_queries: int = 2000,
     warm_requests: int = WARM_REQUESTS,
+    readers: int = 1,
 ) -> dict[str, Any]:
     """The reader's latency at each of ``rates`` on a state of ``items`` and ``users``.
 
@@ -342,8 +345,12 @@ def run_serve_bench(
     reader starts, ``search_queries`` users' MF recall searches are compared in this process
     (`freshrec.bench.mf_search`): nothing else runs then, and the reader's figures follow.
     The reader is first warmed with ``warm_requests`` requests for random users, as many at a
-    time as `WARM_CONCURRENCY` (`_warm`), so the rates measure a replica in service.
+    time as `WARM_CONCURRENCY` (`_warm`), so the rates measure a replica in service. With
+    ``readers`` above 1 that many reader processes share the port (the kernel spreads
+    connections over them); the CPU per request is theirs together.
     """
+    if readers < 1:
+        raise ValueError(f"readers must be at least 1, not {readers}")
     say = Say(show_progress)
     learned, about = None, None
     if factors_from is not None:
@@ -373,21 +380,18 @@ def run_serve_bench(
             # The reader loads the kernels this compiles on a first run from the shared cache,
             # so its start-up deadline below never includes a compile.
             say(f"bench serve: {warm_up([settings.funnel_config()])}")
-            reader = children.start("reader", ["serve"])
+            pids, metrics = _start_readers(children, settings, readers, items)
             base_url = f"http://{settings.serve_host}:{settings.serve_port}"
-            children.wait(
-                lambda: _index_items(base_url) >= items, 120, f"the reader to load {items:,} items"
-            )
-            warm = _warm(base_url, users, warm_requests, reader.pid)
+            warm = _warm(base_url, users, warm_requests, pids)
             say(
                 f"bench serve: warmed with {warm['requests']:,} requests in {warm['seconds']} s "
                 f"({warm['reader_cpu_ms_per_request']} ms of reader CPU each)"
             )
             runs = []
             for rate in rates:
-                cpu_before = process_cpu_seconds(reader.pid)
+                cpu_before = _cpu_seconds(pids)
                 run = _hold_rate(base_url, users, rate, seconds, say)
-                cpu_after = process_cpu_seconds(reader.pid)
+                cpu_after = _cpu_seconds(pids)
                 run["reader_cpu_ms_per_request"] = (
                     None  # no /proc on this system
                     if cpu_before is None or cpu_after is None
@@ -395,6 +399,7 @@ def run_serve_bench(
                 )
                 runs.append(run)
             share_read = _mf_share_read(base_url, users)
+            per_reader = [_recommendations_served(port) for port in metrics]
         finally:
             children.stop()
             client.close()
@@ -407,6 +412,8 @@ def run_serve_bench(
         "mf_share_read": share_read,
         "warm_up": warm,
         "seconds_per_rate": seconds,
+        "readers": readers,
+        "requests_per_reader": per_reader,
         "cpus": os.cpu_count(),
         "runs": runs,
         "targets": {"p50_ms": 2.0, "p99_ms": 10.0, "rps": 1000.0},
@@ -414,7 +421,53 @@ def run_serve_bench(
     }
 
 
-def _warm(base_url: str, users: int, requests: int, pid: int) -> dict[str, Any]:
+def _start_readers(
+    children: Children, settings: Settings, readers: int, items: int
+) -> tuple[list[int], list[int]]:
+    """``readers`` reader processes on the settings' port, each with a metrics port of its own;
+    their pids and metrics ports, once every one has loaded ``items`` items (its catalogue
+    gauge)."""
+    metrics = [free_port() for _ in range(readers)]
+    pids = []
+    for n, port in enumerate(metrics):
+        own = dataclasses.replace(settings, serve_reuse_port=readers > 1, reader_metrics_port=port)
+        name = "reader" if readers == 1 else f"reader-{n}"
+        pids.append(children.start(name, ["serve"], settings=own).pid)
+    for port in metrics:
+        children.wait(
+            lambda port=port: _catalogue_items(port) >= items,
+            120,
+            f"the reader with metrics on {port} to load {items:,} items",
+        )
+    return pids, metrics
+
+
+def _catalogue_items(metrics_port: int) -> float:
+    """The items in a reader's snapshot, from its /metrics; 0 until it answers."""
+    samples = worker_samples(metrics_port)
+    return max((s.value for s in samples if s.name == "freshrec_catalogue_items"), default=0.0)
+
+
+def _recommendations_served(metrics_port: int) -> int:
+    """The list requests a reader has answered, from its /metrics."""
+    samples = worker_samples(metrics_port)
+    return int(
+        sum(
+            s.value
+            for s in samples
+            if s.name == "freshrec_http_requests_total"
+            and s.labels.get("route") == "/recommendations/{user_id}"
+        )
+    )
+
+
+def _cpu_seconds(pids: Sequence[int]) -> float | None:
+    """The processes' CPU seconds together; None where /proc cannot tell."""
+    seconds = [process_cpu_seconds(pid) for pid in pids]
+    return None if None in seconds else sum(s for s in seconds if s is not None)
+
+
+def _warm(base_url: str, users: int, requests: int, pids: Sequence[int]) -> dict[str, Any]:
     """Closed-loop requests for random users until ``requests`` are answered; how long that
     took and the reader's CPU per request.
 
@@ -438,10 +491,10 @@ def _warm(base_url: str, users: int, requests: int, pid: int) -> dict[str, Any]:
         await asyncio.gather(*(worker() for _ in range(WARM_CONCURRENCY)))
         client.close()
 
-    cpu_before, started = process_cpu_seconds(pid), time.perf_counter()
+    cpu_before, started = _cpu_seconds(pids), time.perf_counter()
     if requests:
         uvloop.run(run())
-    cpu_after = process_cpu_seconds(pid)
+    cpu_after = _cpu_seconds(pids)
     return {
         "requests": requests,
         "seconds": round(time.perf_counter() - started, 1),
@@ -476,11 +529,13 @@ def format_serve_results(results: dict[str, Any]) -> str:
         if learned
         else f"{results['tastes'] or 'no'} taste clusters"
     )
+    readers = results.get("readers", 1)
+    who = "reader" if readers == 1 else f"{readers} readers on one port"
     lines = [
-        f"reader latency, {results['items']:,} items / {results['users']:,} users "
+        f"{who}: latency, {results['items']:,} items / {results['users']:,} users "
         f"({state}), "
         f"k=10, {results['seconds_per_rate']:.0f} s per rate, {results['cpus']} CPUs "
-        "(reader, load generator and Redis share them)",
+        f"({'readers' if readers > 1 else 'reader'}, load generator and Redis share them)",
         f"{'target req/s':>12} {'achieved':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
         f"{'max ms':>8} {'errors':>6} {'reader CPU ms/req':>17}",
     ]
@@ -490,6 +545,9 @@ def format_serve_results(results: dict[str, Any]) -> str:
             f"{r['p90_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['max_ms']:>8.1f} {r['errors']:>6} "
             f"{_cell(r['reader_cpu_ms_per_request']):>17}"
         )
+    if readers > 1:
+        served = ", ".join(f"{n:,}" for n in results["requests_per_reader"])
+        lines.append(f"list requests answered by each reader (warm-up included): {served}")
     t = results["targets"]
     lines.append(
         f"targets: p50 <= {t['p50_ms']} ms, p99 <= {t['p99_ms']} ms at >= {t['rps']:,.0f} req/s"
@@ -509,12 +567,6 @@ def format_serve_results(results: dict[str, Any]) -> str:
     if results.get("search"):
         lines.extend(["", format_search_comparison(results["search"])])
     return "\n".join(lines)
-
-
-def _index_items(base_url: str) -> int:
-    """How many items the reader's snapshot holds (its debug output says)."""
-    status, body = http_json(f"{base_url}/recommendations/u0?k=1&debug=1")
-    return body["debug"]["index_items"] if status == 200 else 0
 
 
 def _compare_searches(

@@ -213,6 +213,12 @@ def _parser() -> argparse.ArgumentParser:
         "them to --items and --users",
     )
     p.add_argument(
+        "--readers",
+        type=int,
+        default=1,
+        help="serve: reader processes sharing the port (SO_REUSEPORT), as replicas scale out",
+    )
+    p.add_argument(
         "--from",
         dest="source",
         default=None,
@@ -457,6 +463,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
             show_progress=not args.json,
             tastes=args.tastes,
             factors_from=args.factors_from,
+            readers=args.readers,
         )
         _emit(args, results, format_serve_results(results))
         return 0

@@ -89,3 +89,26 @@ def test_bench_serve_on_factors_learned_from_a_ratings_file(
     searches = results["search"]["searches"]
     assert searches["exact"]["recall"] == searches["flat"]["recall"] == 1.0
     assert "factors learned from" in format_serve_results(results)
+
+
+def test_bench_serve_spreads_requests_over_readers_sharing_the_port(
+    endpoints: local_services.Endpoints,
+) -> None:
+    results = run_serve_bench(
+        _on(endpoints),
+        items=1500,
+        users=300,
+        rates=(60.0,),
+        seconds=1.0,
+        show_progress=False,
+        search_queries=0,
+        warm_requests=200,
+        readers=2,
+    )
+    (run,) = results["runs"]
+    assert run["requests"] == 60 and run["errors"] == 0
+    assert run["reader_cpu_ms_per_request"] > 0
+    served = results["requests_per_reader"]
+    assert len(served) == 2 and all(n > 0 for n in served), served
+    assert sum(served) >= 60 + 200
+    assert "2 readers on one port" in format_serve_results(results)
