@@ -293,7 +293,7 @@ def _load(url_base: str, users: int, rate: float, seconds: float, queue: Any) ->
                 errors += 1
             latencies[n] = time.perf_counter() - due
 
-        begin = time.perf_counter()
+        begin, cpu = time.perf_counter(), time.process_time()
         tasks = []
         for n in range(total):
             due = begin + n / rate
@@ -302,13 +302,14 @@ def _load(url_base: str, users: int, rate: float, seconds: float, queue: Any) ->
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(n, due, f"u{rng.integers(users)}")))
         await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - begin
+        elapsed, cpu = time.perf_counter() - begin, time.process_time() - cpu
         client.close()
         done = latencies[~np.isnan(latencies)] * 1000.0
         return {
             "requests": total,
             "achieved_rps": round(total / elapsed, 1),
             "errors": errors,
+            "client_cpu_ms_per_request": round(1000 * cpu / max(total, 1), 3),
             **latency_figures(done),
         }
 
@@ -537,13 +538,14 @@ def format_serve_results(results: dict[str, Any]) -> str:
         f"k=10, {results['seconds_per_rate']:.0f} s per rate, {results['cpus']} CPUs "
         f"({'readers' if readers > 1 else 'reader'}, load generator and Redis share them)",
         f"{'target req/s':>12} {'achieved':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
-        f"{'max ms':>8} {'errors':>6} {'reader CPU ms/req':>17}",
+        f"{'max ms':>8} {'errors':>6} {'reader CPU ms/req':>17} {'client CPU ms/req':>17}",
     ]
     for r in results["runs"]:
         lines.append(
             f"{r['target_rps']:>12,.0f} {r['achieved_rps']:>9,.0f} {r['p50_ms']:>8.2f} "
             f"{r['p90_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['max_ms']:>8.1f} {r['errors']:>6} "
-            f"{_cell(r['reader_cpu_ms_per_request']):>17}"
+            f"{_cell(r['reader_cpu_ms_per_request']):>17} "
+            f"{_cell(r.get('client_cpu_ms_per_request')):>17}"
         )
     if readers > 1:
         served = ", ".join(f"{n:,}" for n in results["requests_per_reader"])
