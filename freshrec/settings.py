@@ -313,6 +313,11 @@ class Settings:
     recall_mf: int = _env(
         "FRESHREC_RECALL_MF", "Items MF recall adds (best y_u . y_i).", _FUNNEL.recall_mf
     )
+    recall_mf_read_share: float = _env(
+        "FRESHREC_RECALL_MF_READ_SHARE",
+        "Share of the catalogue MF recall's search may read per request; 1 is exact.",
+        _FUNNEL.mf_read_share,
+    )
     recall_cold: int = _env(
         "FRESHREC_RECALL_COLD", "New, little-shown items the cold pool adds.", _FUNNEL.recall_cold
     )
@@ -402,6 +407,8 @@ class Settings:
             problems.append("FRESHREC_MF_BIAS_SHRINKAGE must be positive")
         if self.cf_recency <= 0:
             problems.append("FRESHREC_CF_RECENCY must be positive")
+        if not 0.0 < self.recall_mf_read_share <= 1.0:
+            problems.append("FRESHREC_RECALL_MF_READ_SHARE must be above 0 and at most 1")
         if self.cooccurrence_gap_exponent < 0:
             problems.append("FRESHREC_COOCCURRENCE_GAP_EXPONENT must be at least 0")
         problems.extend(self._security_problems())
@@ -546,6 +553,7 @@ class Settings:
             recall_per_seed=self.recall_per_seed,
             recall_popular=self.recall_popular,
             recall_mf=self.recall_mf,
+            mf_read_share=self.recall_mf_read_share,
             recall_cold=self.recall_cold,
             cold_max_impressions=self.cold_max_impressions,
             coarse_keep=self.coarse_keep,

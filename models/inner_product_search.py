@@ -194,11 +194,13 @@ class CellIndex:
         count: int,
         excluded: np.ndarray,
         excluded_rows: np.ndarray | None = None,
+        read_share: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """`top_inner_products` over these cells, or a flat scan where they do not prune.
 
         ``excluded_rows``, when given, are the rows ``excluded`` marks (the flat scan masks
-        those instead of reading the whole mask). Where the bound has stopped pruning (factors
+        those instead of reading the whole mask). ``read_share`` overrides this index's own
+        for one search (a funnel configuration's). Where the bound has stopped pruning (factors
         without cluster structure), searches go flat at once and try the cells again only now
         and then, so such a catalogue costs what a flat scan costs.
         """
@@ -206,7 +208,8 @@ class CellIndex:
         query = np.ascontiguousarray(query, dtype=np.float32)
         n = min(n, count)
         self.searches += 1
-        approximate = self.read_share < 1.0
+        share = self.read_share if read_share is None else read_share
+        approximate = share < 1.0
         if len(self.radius) and (
             approximate or self.misses < MISSES or self.searches % PROBE_EVERY == 0
         ):
@@ -223,7 +226,7 @@ class CellIndex:
                 self.start,
                 min(self.covered, count),
                 count if approximate else int(FLAT_SHARE * count),
-                int(self.read_share * count) if approximate else -1,
+                int(share * count) if approximate else -1,
             )
             if scanned >= 0:
                 self.misses, self.last_scanned = 0, scanned

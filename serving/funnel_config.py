@@ -35,6 +35,12 @@ class FunnelConfig:
         ``(feature, weight)`` pairs of this configuration's fixed blend, which ranks the coarse
         stage, and the fine stage unless the click model does; empty means
         `freshrec.models.click_model.FIXED_BLEND`. ``(("cf", 1.0),)`` ranks by the CF score alone.
+    mf_read_share
+        The share of the catalogue MF recall's cell search may read per request
+        (`freshrec.models.inner_product_search.CellIndex`): 1 finds the exact top
+        ``recall_mf``; below 1 it stops once that many rows were read, keeping the best of
+        the cells whose bounds are highest. Where the cells do not prune (factors without
+        cluster structure) the exact search reads every item; at 0.1 it reads a tenth.
     choice_ranker
         Without a blend of its own and until the click model serves, rank the fine stage with
         the ranker learned from users' choices among their candidates
@@ -50,6 +56,7 @@ class FunnelConfig:
     recall_per_seed: int = 20
     recall_popular: int = 50
     recall_mf: int = 100
+    mf_read_share: float = 1.0
     recall_cold: int = 30
     cold_max_impressions: int = 200
     coarse_keep: int = 150
@@ -64,3 +71,5 @@ class FunnelConfig:
         unknown = {name for name, _ in self.blend} - set(FEATURES)
         if unknown:
             raise ValueError(f"blend: unknown features {sorted(unknown)}; known: {FEATURES}")
+        if not 0.0 < self.mf_read_share <= 1.0:
+            raise ValueError(f"mf_read_share must be in (0, 1], not {self.mf_read_share}")

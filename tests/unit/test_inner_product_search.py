@@ -21,9 +21,13 @@ def _gaussian(rng: np.random.Generator, rows: int) -> np.ndarray:
 
 
 def _assert_a_full_scans_top(
-    cells: CellIndex, query: np.ndarray, vectors: np.ndarray, excluded: np.ndarray
+    cells: CellIndex,
+    query: np.ndarray,
+    vectors: np.ndarray,
+    excluded: np.ndarray,
+    read_share: float | None = None,
 ) -> None:
-    rows, scores = cells.top(query, N, vectors, len(vectors), excluded)
+    rows, scores = cells.top(query, N, vectors, len(vectors), excluded, read_share=read_share)
     exact = vectors.astype(np.float64) @ query.astype(np.float64)
     exact[excluded] = -np.inf
     nth = np.sort(exact)[::-1][N - 1]
@@ -175,3 +179,23 @@ def test_an_approximate_search_reads_its_share_of_the_best_cells() -> None:
         recalls.append(len(np.intersect1d(rows, np.argsort(-exact)[:N])) / N)
     # A fifth of the rows, the cells whose bound is highest: better than a random fifth's 0.2.
     assert np.mean(recalls) > 0.4
+
+
+def test_a_search_may_ask_for_its_own_read_share() -> None:
+    """A funnel configuration's share (`FunnelConfig.mf_read_share`) for one search is the
+    index's own approximate mode; 1 is the exact answer whatever the index's share."""
+    rng = np.random.default_rng(9)
+    vectors = _gaussian(rng, ITEMS)
+    per_search, own = CellIndex(FACTORS), CellIndex(FACTORS, read_share=0.2)
+    for cells in (per_search, own):
+        cells.place(vectors, ITEMS, np.arange(ITEMS))
+    for _ in range(10):
+        query = _gaussian(rng, 1)[0]
+        excluded = rng.random(ITEMS) < 0.01
+        rows, scores = per_search.top(query, N, vectors, ITEMS, excluded, read_share=0.2)
+        scanned = per_search.last_scanned
+        expected_rows, expected_scores = own.top(query, N, vectors, ITEMS, excluded)
+        np.testing.assert_array_equal(rows, expected_rows)
+        np.testing.assert_array_equal(scores, expected_scores)
+        assert scanned == own.last_scanned < ITEMS
+        _assert_a_full_scans_top(own, query, vectors, excluded, read_share=1.0)

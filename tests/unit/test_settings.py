@@ -23,6 +23,18 @@ def test_inconsistent_values_are_refused() -> None:
         Settings.from_env({"FRESHREC_RATING_MIN": "5", "FRESHREC_RATING_MAX": "1"})
 
 
+@pytest.mark.parametrize("share", ["0", "1.5", "-0.1"])
+def test_a_read_share_outside_zero_to_one_is_refused(share: str) -> None:
+    with pytest.raises(ValueError, match="FRESHREC_RECALL_MF_READ_SHARE must be above 0"):
+        Settings.from_env({"FRESHREC_RECALL_MF_READ_SHARE": share})
+
+
+def test_the_read_share_reaches_the_funnel() -> None:
+    s = Settings.from_env({"FRESHREC_RECALL_MF_READ_SHARE": "0.1"})
+    assert s.funnel_config().mf_read_share == 0.1
+    assert Settings().funnel_config().mf_read_share == 1.0
+
+
 def test_settings_round_trip_through_the_environment() -> None:
     s = Settings(topic_prefix="x", mf_lr=0.5, redis_persist=True)
     assert Settings.from_env(s.environ()) == s

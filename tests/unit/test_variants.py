@@ -37,3 +37,10 @@ def test_a_variant_may_name_its_channels_and_blend() -> None:
 def test_a_blend_over_an_unknown_feature_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown features"):
         Variants.parse('{"x": {"share": 1.0, "blend": {"novelty": 1.0}}}', FunnelConfig())
+
+
+def test_a_variant_may_trade_mf_recall_for_speed_within_zero_to_one() -> None:
+    spec = '{"fast": {"share": 1.0, "mf_read_share": 0.1}}'
+    assert Variants.parse(spec, FunnelConfig()).assign("anyone").config.mf_read_share == 0.1
+    with pytest.raises(ValueError, match="mf_read_share must be in"):
+        Variants.parse('{"x": {"share": 1.0, "mf_read_share": 0}}', FunnelConfig())
