@@ -180,16 +180,19 @@ def format_search_comparison(results: dict[str, Any]) -> str:
         f"MF recall's search, {results['items']:,} items, {results['queries']:,} queries one "
         f"at a time, top {results['n']} of the unseen",
         f"{'search':<22} {'p50 µs':>8} {'p90 µs':>8} {'p99 µs':>8} {'recall':>7} "
-        f"{'worst':>6} {'build s':>8}",
+        f"{'worst':>6} {'build s':>8} {'served':>7}",
     ]
     for name, r in results["searches"].items():
+        served = r.get("served_overlap")
         lines.append(
             f"{name:<22} {r['p50_us']:>8.1f} {r['p90_us']:>8.1f} {r['p99_us']:>8.1f} "
-            f"{r['recall']:>7.4f} {r['recall_min']:>6.2f} {r['build_s']:>8.2f}"
+            f"{r['recall']:>7.4f} {r['recall_min']:>6.2f} {r['build_s']:>8.2f} "
+            f"{'-' if served is None else f'{served:.4f}':>7}"
         )
     lines.append(
         f"exact search read {100 * results['searches']['exact']['share_read']:.1f}% "
-        "of the items per query"
+        "of the items per query; served: the share of a served top 10 the exact search's "
+        "list also holds (the reader's funnel, in process)"
     )
     lines.extend(results["notes"])
     return "\n".join(lines)

@@ -28,8 +28,8 @@ import numpy as np
 import redis
 
 from freshrec.bench.ingest import process_cpu_seconds, worker_samples
-from freshrec.bench.mf_search import compare_searches, format_search_comparison
-from freshrec.connections import redis_sync_client
+from freshrec.bench.mf_search import CELL_SHARES, compare_searches, format_search_comparison
+from freshrec.connections import redis_client, redis_sync_client
 from freshrec.devenv.isolated_run import isolated_run
 from freshrec.devenv.processes import Children, free_port, http_json
 from freshrec.evaluation.fetch import DATASETS, find_dataset
@@ -43,6 +43,7 @@ from freshrec.models.interaction_learner import (
 )
 from freshrec.models.mf import implicit_part, vector_width
 from freshrec.progress import Say
+from freshrec.serving.funnel import Funnel
 from freshrec.serving.kernels import warm_up
 from freshrec.settings import Settings
 from freshrec.store.cluster import is_cluster
@@ -377,6 +378,12 @@ def run_serve_bench(
             search = None
             if search_queries:
                 search = _compare_searches(client, keys, factors, histories, search_queries)
+                overlaps = asyncio.run(
+                    _served_overlaps(settings, min(search_queries, users), CELL_SHARES)
+                )
+                for share, overlap in overlaps.items():
+                    search["searches"][f"cells read={share:.0%}"]["served_overlap"] = overlap
+                search["searches"]["exact"]["served_overlap"] = 1.0
                 say(format_search_comparison(search))
             # The reader loads the kernels this compiles on a first run from the shared cache,
             # so its start-up deadline below never includes a compile.
@@ -580,6 +587,35 @@ def _compare_searches(
     picked = np.random.default_rng(2).choice(len(histories), min(queries, len(histories)), False)
     user_y = _implicit_rows(client, [keys.user_vector(f"u{n}") for n in picked.tolist()], factors)
     return compare_searches(item_y, user_y, [histories[n] for n in picked.tolist()])
+
+
+async def _served_overlaps(
+    settings: Settings, users: int, shares: Sequence[float], k: int = 10
+) -> dict[float, float]:
+    """For each MF read share: the mean share of the items of a served list of ``k`` that the
+    exact search's list also holds, over ``users`` users (one funnel, in this process, on the
+    state as written: the effect of an approximate MF recall on what users see)."""
+    client = redis_client(settings)
+    funnel = Funnel(client, Keys(settings.key_prefix), settings.funnel_config())
+    try:
+        await funnel.refresh()
+        picked = np.random.default_rng(4).choice(users, users, replace=False).tolist()
+        base = settings.funnel_config()
+
+        async def lists(share: float) -> list[list[str]]:
+            config = dataclasses.replace(base, mf_read_share=share)
+            return [[c.item_id for c in await funnel.recommend(f"u{n}", k, config)] for n in picked]
+
+        exact = await lists(1.0)
+        out = {}
+        for share in shares:
+            pairs = zip(exact, await lists(share), strict=True)
+            kept = [len(set(a) & set(b)) / len(a) for a, b in pairs if a]
+            out[share] = round(float(np.mean(kept)), 4) if kept else 1.0
+        return out
+    finally:
+        await funnel.aclose()
+        await client.aclose()
 
 
 def _implicit_rows(client: redis.Redis, names: list[str], factors: int) -> np.ndarray:

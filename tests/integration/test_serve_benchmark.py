@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import redis
 
+from freshrec.bench.mf_search import CELL_SHARES
 from freshrec.bench.serve import format_serve_results, run_serve_bench
 from freshrec.devenv import local_services
 from freshrec.settings import Settings
@@ -88,6 +89,9 @@ def test_bench_serve_on_factors_learned_from_a_ratings_file(
     assert 0 < results["mf_share_read"] <= 1.0
     searches = results["search"]["searches"]
     assert searches["exact"]["recall"] == searches["flat"]["recall"] == 1.0
+    assert searches["exact"]["served_overlap"] == 1.0
+    for share in CELL_SHARES:  # what users see with an approximate MF recall, against exact
+        assert 0.0 < searches[f"cells read={share:.0%}"]["served_overlap"] <= 1.0
     assert "factors learned from" in format_serve_results(results)
 
 
