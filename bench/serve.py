@@ -595,16 +595,18 @@ async def _served_overlaps(
     """For each MF read share: the mean share of the items of a served list of ``k`` that the
     exact search's list also holds, over ``users`` users (one funnel, in this process, on the
     state as written: the effect of an approximate MF recall on what users see)."""
+    base = settings.funnel_config()
     client = redis_client(settings)
-    funnel = Funnel(client, Keys(settings.key_prefix), settings.funnel_config())
+    funnel = Funnel(client, Keys(settings.key_prefix), base)
     try:
         await funnel.refresh()
-        picked = np.random.default_rng(4).choice(users, users, replace=False).tolist()
-        base = settings.funnel_config()
 
         async def lists(share: float) -> list[list[str]]:
             config = dataclasses.replace(base, mf_read_share=share)
-            return [[c.item_id for c in await funnel.recommend(f"u{n}", k, config)] for n in picked]
+            return [
+                [c.item_id for c in await funnel.recommend(f"u{n}", k, config)]
+                for n in range(users)
+            ]
 
         exact = await lists(1.0)
         out = {}
