@@ -413,8 +413,9 @@ class BatchUpdater:
             ops["blend"] = keys.rating_blend
         if clock is not None:  # absent, not null: Lua reads JSON null as a true value
             ops["clock"] = (keys.event_clock, clock, repr(clock))
-        deltas = _pack([w.deltas[n] for n in names])
-        bases = _pack([w.bases[n] for n in names])
+        deltas, bases, updated = _vector_changes(
+            [w.deltas[n] for n in names], [w.bases[n] for n in names]
+        )
         pair_deltas = _pack([d for row in w.rating_pairs.values() for d in row.values()])
         blend = (encode_state(w.blend), PRIOR_BYTES) if w.blend is not None else (b"", b"")
         done = await self.scripts.apply_batch(
@@ -425,6 +426,7 @@ class BatchUpdater:
                 pair_deltas,
                 b"".join(r for encoded in records.values() for r in encoded),
                 *blend,
+                updated,
             ]
         )
         if not done:
@@ -583,6 +585,20 @@ def _pack(vectors: Sequence[Sequence[float]]) -> bytes:
     if not vectors:
         return b""
     return np.asarray(vectors, dtype=VECTOR_DTYPE).tobytes()
+
+
+def _vector_changes(
+    deltas: Sequence[np.ndarray], bases: Sequence[np.ndarray]
+) -> tuple[bytes, bytes, bytes]:
+    """The packed deltas, bases and updated vectors `APPLY_BATCH` takes. An updated vector is
+    what the script computes from the stored float32 values: each sum in double precision, then
+    rounded to float32, so setting it is the same as adding the delta on the server."""
+    if not deltas:
+        return b"", b"", b""
+    delta = np.asarray(deltas, dtype=VECTOR_DTYPE)
+    base = np.asarray(bases, dtype=VECTOR_DTYPE)
+    updated = (base.astype(np.float64) + delta.astype(np.float64)).astype(VECTOR_DTYPE)
+    return delta.tobytes(), base.tobytes(), updated.tobytes()
 
 
 _PAIR = struct.Struct("<4f")

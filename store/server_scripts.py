@@ -182,17 +182,38 @@ return {landmark, redis.call('HMGET', q.mean, 'sum', 'n'), vectors, histories, m
 """
 
 # One batch write on a single Redis, atomic: every change of a batch and its offset watermarks
-# land together or not at all. ARGV[1] is JSON (see BatchUpdater._batch_ops), ARGV[2] the
+# land together or not at all. ARGV[1] is JSON (see BatchUpdater._write_script), ARGV[2] the
 # packed float32 deltas of all vectors back to back, ARGV[3] their bases (the vectors as read,
-# used where a key is missing), ARGV[4] the rating pairs' packed deltas, ARGV[5] the rating
-# records back to back, ARGV[6] the blend's packed delta and ARGV[7] its prior. Returns 0
-# without writing anything when a watermark is not what
-# the batch was read against (another worker applied these partitions meanwhile).
+# or the initial vectors where a key was missing), ARGV[4] the rating pairs' packed deltas,
+# ARGV[5] the rating records back to back, ARGV[6] the blend's packed delta, ARGV[7] its prior
+# and ARGV[8] each vector's base plus its delta, as this script would compute it. A vector
+# still equal to its base (no other worker wrote it since the read) or missing is set to
+# ARGV[8]'s value, without unpacking; only one written meanwhile gets the delta added. Sorted
+# sets that take one score per member take them in one ZADD of at most ``ZADD_CHUNK`` members.
+# Returns 0 without writing anything when a watermark is not what the batch was read against
+# (another worker applied these partitions meanwhile).
+ZADD_CHUNK = 1000
+"""Members per ZADD in `APPLY_BATCH`: two Lua stack slots each, well under Lua's limit."""
 APPLY_BATCH = (
     """#!lua flags=no-cluster
 """
+    + f"local ZADD_CHUNK = {ZADD_CHUNK}\n"
     + RATING_WRITES
     + """
+-- ZADD key [flag] of members, each with its own score (a list) or one score for all, in
+-- commands of at most ZADD_CHUNK members (Lua's unpack has a stack limit).
+local function zadd_all(key, flag, members, scores)
+  local one = type(scores) ~= 'table'
+  for first = 1, #members, ZADD_CHUNK do
+    local args = {}
+    if flag then args[1] = flag end
+    for j = first, math.min(first + ZADD_CHUNK - 1, #members) do
+      args[#args + 1] = one and scores or scores[j]
+      args[#args + 1] = members[j]
+    end
+    redis.call('ZADD', key, unpack(args))
+  end
+end
 local b = cjson.decode(ARGV[1])
 for _, m in ipairs(b.marks) do
   local cur = redis.call('GET', m[1])
@@ -204,16 +225,15 @@ local size = 4 * width
 local fmt = '<' .. string.rep('f', width)
 for i, key in ipairs(b.vectors) do
   local at = (i - 1) * size + 1
-  local d = {struct.unpack(fmt, ARGV[2], at)}
   local cur = redis.call('GET', key)
-  local a
-  if cur and #cur == size then
-    a = {struct.unpack(fmt, cur)}
+  if not cur or #cur ~= size or cur == string.sub(ARGV[3], at, at + size - 1) then
+    redis.call('SET', key, string.sub(ARGV[8], at, at + size - 1))
   else
-    a = {struct.unpack(fmt, ARGV[3], at)}
+    local d = {struct.unpack(fmt, ARGV[2], at)}
+    local a = {struct.unpack(fmt, cur)}
+    for j = 1, width do a[j] = a[j] + d[j] end
+    redis.call('SET', key, struct.pack(fmt, unpack(a, 1, width)))
   end
-  for j = 1, width do a[j] = a[j] + d[j] end
-  redis.call('SET', key, struct.pack(fmt, unpack(a, 1, width)))
   if b.ttls[i] > 0 then redis.call('EXPIRE', key, b.ttls[i]) end
 end
 for _, z in ipairs(b.increments) do
@@ -232,13 +252,13 @@ at = 1
 for _, r in ipairs(b.rating_records) do at = push_records(r[1], r[2], r[3], r[4], ARGV[5], at) end
 if b.blend then add_doubles(b.blend, ARGV[6], ARGV[7]) end
 for _, h in ipairs(b.histories) do
-  local key, cap, ttl, members, times = h[1], h[2], h[3], h[4], h[5]
-  for j = 1, #members do redis.call('ZADD', key, 'GT', times[j], members[j]) end
+  local key, cap, ttl = h[1], h[2], h[3]
+  zadd_all(key, 'GT', h[4], h[5])
   redis.call('ZREMRANGEBYRANK', key, 0, -cap - 1)
   redis.call('EXPIRE', key, ttl)
 end
 local f = b.first_seen
-for j = 1, #f[2] do redis.call('ZADD', f[1], 'LT', f[3][j], f[2][j]) end
+zadd_all(f[1], 'LT', f[2], f[3])
 if #b.mean > 0 then
   redis.call('HINCRBYFLOAT', b.mean[1], 'sum', b.mean[2])
   redis.call('HINCRBY', b.mean[1], 'n', b.mean[3])
@@ -248,11 +268,11 @@ if b.clock then
   local cur = tonumber(redis.call('GET', b.clock[1]))
   if not cur or b.clock[2] > cur then redis.call('SET', b.clock[1], b.clock[3]) end
 end
-for _, user in ipairs(b.dirty[2]) do redis.call('ZADD', b.dirty[1], 'NX', b.dirty[3], user) end
+zadd_all(b.dirty[1], 'NX', b.dirty[2], b.dirty[3])
 local clock = redis.call('TIME')  -- one clock for every worker's stamps: the server's
 local stamp = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
-for _, item in ipairs(b.updated[2]) do redis.call('ZADD', b.updated[1], stamp, item) end
-for _, item in ipairs(b.active[2]) do redis.call('ZADD', b.active[1], stamp, item) end
+zadd_all(b.updated[1], nil, b.updated[2], stamp)
+zadd_all(b.active[1], nil, b.active[2], stamp)
 redis.call('HINCRBY', b.stats[1], 'events', b.stats[2])
 redis.call('HSET', b.stats[1], 'applied_at', b.stats[3])
 return 1

@@ -17,6 +17,7 @@ from river import optim, reco
 
 from freshrec.evaluation.synth import SynthConfig, generate
 from freshrec.models.biased_mf import BiasedMF
+from freshrec.models.config import ModelConfig
 from freshrec.models.cooccurrence import Cooccurrence
 from freshrec.models.decay import REBASE_EXPONENT
 from freshrec.models.mf import (
@@ -41,6 +42,8 @@ from freshrec.store.vectors import decode_vector
 from freshrec.streams.events import Event
 
 pytestmark = pytest.mark.integration
+
+TS = 1_700_000_000.0
 
 
 @pytest.fixture(params=[True, False], ids=["single-redis-scripts", "cluster-safe-pipelines"])
@@ -312,6 +315,56 @@ def test_two_processes_hammering_one_item_lose_no_increment(
     # Raw vector increments from both processes, applied by the server script.
     bumped = decode_vector(redis_client.get(f"{prefix}:bump"))
     np.testing.assert_array_equal(bumped, np.full(4, float(workers * batches)))
+
+
+def test_a_vector_written_between_a_batchs_read_and_write_keeps_both_changes(
+    settings: Settings, redis_client, atomic: bool
+) -> None:
+    """Where no other worker wrote a vector since the batch read it, the script sets the
+    batch's result; where one did, it adds the batch's delta to what is there now. Either way
+    the stored vector is the stored float32 values plus the float32 delta, summed in double
+    precision and rounded once, as the script's own arithmetic does."""
+    keys = Keys(settings.key_prefix)
+    config = ModelConfig(factors=4, implicit_negatives=0)
+    key = keys.item_vector("hot")
+    bump = np.arange(1, vector_width(4) + 1, dtype=np.float32) / 8
+    seen: dict[str, np.ndarray] = {}
+
+    async def run() -> None:
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            updater = BatchUpdater(redis, keys, config, atomic)
+            await updater.apply([Event("click", "u0", "hot", TS)])
+            learn = updater.learner.learn_many
+
+            def learn_then_another_worker_writes(events, snapshot):
+                changes = learn(events, snapshot)
+                seen["delta"] = changes.deltas["i:hot"].astype(np.float32)
+                seen["base"] = changes.bases["i:hot"].astype(np.float32)
+                seen["theirs"] = decode_vector(redis_client.get(key)).astype(np.float32) + bump
+                if "again" in seen:
+                    redis_client.set(key, seen["theirs"].astype("<f4").tobytes())
+                return changes
+
+            updater.learner.learn_many = learn_then_another_worker_writes
+            await updater.apply([Event("click", "u1", "hot", TS)])
+            seen["alone"] = decode_vector(redis_client.get(key)).astype(np.float32)
+            seen["alone_expected"] = _summed(seen["base"], seen["delta"])
+            seen["again"] = np.empty(0)
+            await updater.apply([Event("click", "u2", "hot", TS)])
+        finally:
+            await redis.aclose()
+
+    asyncio.run(run())
+    np.testing.assert_array_equal(seen["alone"], seen["alone_expected"])
+    stored = decode_vector(redis_client.get(key)).astype(np.float32)
+    np.testing.assert_array_equal(stored, _summed(seen["theirs"], seen["delta"]))
+    assert not np.array_equal(stored, _summed(seen["base"], seen["delta"]))
+
+
+def _summed(stored: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """float32 ``stored + delta`` as the write script computes it."""
+    return (stored.astype(np.float64) + delta.astype(np.float64)).astype(np.float32)
 
 
 def _dump(redis_client, prefix: str) -> dict:
