@@ -12,11 +12,11 @@ number of reader replicas share the work without publishing a user twice.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any
 
+import orjson
 from confluent_kafka import Producer
 from prometheus_client import Counter, Histogram
 from redis import exceptions as redis_errors
@@ -96,7 +96,7 @@ class RecommendationPublisher:
                 "items": [c.to_json() for c in ranked],
                 "generated_at": now,
             }
-            value = json.dumps(message, separators=(",", ":")).encode()
+            value = orjson.dumps(message)
             try:
                 self.producer.produce(self.topic, key=user.encode(), value=value)
             except BufferError:
