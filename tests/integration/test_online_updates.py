@@ -38,6 +38,7 @@ from freshrec.store.batch_update import (
     BatchUpdater,
 )
 from freshrec.store.keys import Keys
+from freshrec.store.server_scripts import ZADD_CHUNK
 from freshrec.store.vectors import decode_vector
 from freshrec.streams.events import Event
 
@@ -360,6 +361,34 @@ def test_a_vector_written_between_a_batchs_read_and_write_keeps_both_changes(
     stored = decode_vector(redis_client.get(key)).astype(np.float32)
     np.testing.assert_array_equal(stored, _summed(seen["theirs"], seen["delta"]))
     assert not np.array_equal(stored, _summed(seen["base"], seen["delta"]))
+
+
+def test_a_write_with_more_members_than_one_zadd_chunk_sets_every_one(
+    settings: Settings, redis_client, atomic: bool
+) -> None:
+    """One step of 1,500 first-seen items: the write script's ZADDs take them in chunks of
+    `ZADD_CHUNK`, and every item gets its own time."""
+    keys = Keys(settings.key_prefix)
+    count = ZADD_CHUNK + 500
+    events = [Event("click", f"u{n}", f"i{n}", TS + n) for n in range(count)]
+
+    async def run() -> None:
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            updater = BatchUpdater(redis, keys, ModelConfig(factors=4), atomic)
+            updater.step.events = count  # one step, not the first step's hundred
+            result = await updater.apply(events)
+            assert result.events == count
+        finally:
+            await redis.aclose()
+
+    asyncio.run(run())
+    first_seen = dict(redis_client.zrange(keys.item_first_seen, 0, -1, withscores=True))
+    assert first_seen == {f"i{n}".encode(): TS + n for n in range(count)}
+    assert redis_client.zcard(keys.updated_items) == count
+    assert redis_client.zcard(keys.active_items) == count
+    history = redis_client.zrange(keys.history(f"u{count - 1}"), 0, -1, withscores=True)
+    assert history == [(f"i{count - 1}".encode(), TS + count - 1)]
 
 
 def _summed(stored: np.ndarray, delta: np.ndarray) -> np.ndarray:
