@@ -38,6 +38,20 @@ PREFERRED_PORTS = {"kafka": [9092, 9093], "redis": [6379]}
 CLUSTER_PORTS = [7001, 7002, 7003]  # the local Redis Cluster's nodes, first one in the URL
 CLUSTER_BUS_OFFSET = 10_000  # a cluster node also listens on its port + 10000, for its peers
 START_TIMEOUT_S = 90.0
+REDIS_PERSISTENCE = (
+    "--appendonly", "yes", "--appendfsync", "everysec",
+    "--auto-aof-rewrite-percentage", "400", "--auto-aof-rewrite-min-size", "512mb",
+)  # fmt: skip
+"""How a redis-server freshrec starts keeps its state (``docker-compose.yml`` says the same).
+
+The append-only file is fsynced once a second: a crash of the process loses nothing
+acknowledged, one of the machine at most that second. The models write increments (each event
+adds to dozens of co-occurrence and counter scores), so the file grows many times faster than
+the state it describes, and each compaction is a forked child writing the whole state, a core
+busy for as long. Compacting when the file has grown by P percent keeps a share of a core busy
+in proportion to the write rate over P, whatever the state's size; at Redis's default P of 100
+it was the largest source of late lists under load. At 400 (and not below 512 MB) it runs a
+quarter as often, for at most five times the state on disk and a replay that long on restart."""
 STOP_DEADLINE_S = 30.0
 _children: dict[int, subprocess.Popen[bytes]] = {}  # our own children, so they are reaped
 
@@ -604,12 +618,11 @@ def _redis_command(
     settings: Settings, workdir: Path, port: int, cluster: bool = False
 ) -> tuple[list[str], str, list[str]]:
     binary = _redis_server_binary()
-    # The append-only file lives in the service folder (--dir), fsynced once a second: a
-    # restarted redis-server comes back with the learned state, losing at most that second.
+    # The append-only file lives in the service folder (--dir): a restarted redis-server comes
+    # back with the learned state (see REDIS_PERSISTENCE).
     command = [
-        binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
-        "--save", "", "--appendonly", "yes" if settings.redis_persist else "no",
-        "--appendfsync", "everysec",
+        binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir), "--save", "",
+        *(REDIS_PERSISTENCE if settings.redis_persist else ("--appendonly", "no")),
         "--daemonize", "no", "--logfile", str(workdir / "redis.log"),
     ]  # fmt: skip
     if cluster:  # nodes.conf in the folder too: a restarted node knows its cluster again
@@ -846,7 +859,7 @@ def _start_container(service: str, settings: Settings, keep: bool) -> tuple[dict
 
             container = RedisContainer("redis:7")
             if settings.redis_persist:
-                container.with_command("redis-server --appendonly yes --appendfsync everysec")
+                container.with_command(" ".join(("redis-server", *REDIS_PERSISTENCE)))
             container.start()
             host, port = container.get_container_host_ip(), container.get_exposed_port(6379)
             address = f"redis://{host}:{port}/0"

@@ -170,6 +170,9 @@ def test_a_restarted_local_redis_keeps_its_state(settings: Settings, tmp_path: P
         client = redis.Redis.from_url(record["address"])
         client.set("freshrec:persisted", "v")
         assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        assert client.config_get("auto-aof-rewrite-percentage") == {
+            "auto-aof-rewrite-percentage": "400"
+        }
         client.close()
         assert _stop_record(record)
         record = _start_process("redis", settings, tmp_path / "redis", ports)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from freshrec.devenv.local_services import REDIS_PERSISTENCE
 from freshrec.settings import Settings
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is not installed: pip install pyyaml")
@@ -198,6 +199,16 @@ def test_redis_demands_the_password_and_keeps_an_append_only_file(
     command = _command(services["redis"])
     assert _option(command, "--requirepass") == PASSWORD
     assert _option(command, "--appendonly") == "yes"
+
+
+def test_redis_persists_as_the_local_services_start_it(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """The append-only file's fsync and compaction policy is the one `freshrec services up`
+    gives redis-server (`REDIS_PERSISTENCE`), so the stack measured is the stack deployed."""
+    command = _command(services["redis"])
+    options = dict(zip(REDIS_PERSISTENCE[::2], REDIS_PERSISTENCE[1::2], strict=True))
+    assert {name: _option(command, name) for name in options} == options
 
 
 def test_the_redis_password_has_no_default_in_the_file() -> None:
