@@ -45,13 +45,14 @@ REDIS_PERSISTENCE = (
 """How a redis-server freshrec starts keeps its state (``docker-compose.yml`` says the same).
 
 The append-only file is fsynced once a second: a crash of the process loses nothing
-acknowledged, one of the machine at most that second. The models write increments (each event
-adds to dozens of co-occurrence and counter scores), so the file grows many times faster than
-the state it describes, and each compaction is a forked child writing the whole state, a core
-busy for as long. Compacting when the file has grown by P percent keeps a share of a core busy
-in proportion to the write rate over P, whatever the state's size; at Redis's default P of 100
-it was the largest source of late lists under load. At 400 (and not below 512 MB) it runs a
-quarter as often, for at most five times the state on disk and a replay that long on restart."""
+acknowledged, a crash of the machine at most that last second. The models write increments
+(each event adds to dozens of co-occurrence and counter scores), so the file grows many times
+faster than the state it describes, and each compaction is a forked child writing the whole
+state, a core busy for as long. Compacting when the file has grown by P percent keeps a share
+of a core busy in proportion to the write rate over P, whatever the state's size, and that
+core is taken from the worker and the reader when they share the machine. At 400 (and not
+below 512 MB) rather than Redis's 100, compactions run a quarter as often, for at most five
+times the state on disk and a longer replay on restart."""
 STOP_DEADLINE_S = 30.0
 _children: dict[int, subprocess.Popen[bytes]] = {}  # our own children, so they are reaped
 

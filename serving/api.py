@@ -269,7 +269,7 @@ class Reader:
 
         After the first load the collector's generations are frozen: the snapshot's objects
         (item ids, their row map) live as long as the reader, and a full collection walking
-        them all paused the loop 40-50 ms at 50,000 items; after, 0.5-0.7 ms.
+        them all would pause the loop for tens of milliseconds at 50,000 items.
         """
         frozen = False
         while True:

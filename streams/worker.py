@@ -212,18 +212,20 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 state["feedback"] = feedback
         return state["updater"], state["feedback"]
 
-    def freeze_heap() -> None:
-        """Once the first batch is applied (libraries imported, kernels loaded, clients and
-        models built), move every object the collector tracks to its permanent generation.
+    def freeze_heap(agent: str) -> None:
+        """Once each agent has applied its first batch (libraries imported, its kernels
+        compiled, clients and models built), collect and move every object the collector
+        tracks to its permanent generation.
 
         Batches keep their events alive across awaits on Redis, so survivors reach the oldest
-        generation fast and trigger full collections about once a second, each walking the
-        whole heap for about a tenth of a second in which no message is consumed. Frozen, a
-        full collection walks only what was made since (the reader does the same after its
-        first load)."""
-        if not state.get("heap_frozen"):
+        generation fast and trigger frequent full collections, each walking the whole heap
+        while no message is consumed. Frozen, a full collection walks only what was made
+        since (the reader does the same after its first load)."""
+        frozen = state.setdefault("heap_frozen_for", set())
+        if agent not in frozen:
+            gc.collect()  # cyclic garbage of the start-up is freed, not kept for good
             gc.freeze()
-            state["heap_frozen"] = True
+            frozen.add(agent)
 
     async def learning(feedback: FeedbackLearner, what: str, step: Callable[[], Awaitable[T]]) -> T:
         """A step that also learns the click model in memory, retried as one: the model is
@@ -354,7 +356,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 partial(updater.apply, valid, origins, oldest),
             )
             finished = time.time()
-            freeze_heap()
+            freeze_heap("events")
             BATCH_SECONDS.observe(time.perf_counter() - started)
             BATCHES.inc()
             learned = (valid[n].type for n in result.applied)  # not what was redelivered
@@ -412,7 +414,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 f"applying {len(events)} impressions ({where})",
                 partial(updater.apply, events, origins),
             )
-            freeze_heap()
+            freeze_heap("impressions")
             fresh = [shown[n] for n in result.applied]  # a redelivered part was learned before
             if not fresh:
                 continue

@@ -18,6 +18,7 @@ from redis.cluster import RedisCluster
 
 from freshrec.devenv import local_services
 from freshrec.devenv.local_services import (
+    REDIS_PERSISTENCE,
     ServiceError,
     down,
     resolve,
@@ -170,8 +171,14 @@ def test_a_restarted_local_redis_keeps_its_state(settings: Settings, tmp_path: P
         client = redis.Redis.from_url(record["address"])
         client.set("freshrec:persisted", "v")
         assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        options = dict(zip(REDIS_PERSISTENCE[::2], REDIS_PERSISTENCE[1::2], strict=True))
+        percentage = options["--auto-aof-rewrite-percentage"]
         assert client.config_get("auto-aof-rewrite-percentage") == {
-            "auto-aof-rewrite-percentage": "400"
+            "auto-aof-rewrite-percentage": percentage
+        }
+        min_size = options["--auto-aof-rewrite-min-size"].removesuffix("mb")
+        assert client.config_get("auto-aof-rewrite-min-size") == {
+            "auto-aof-rewrite-min-size": str(int(min_size) * 2**20)
         }
         client.close()
         assert _stop_record(record)
