@@ -8,6 +8,7 @@ user's events always go to the partition their key hashes to.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -17,6 +18,10 @@ from freshrec.streams.events import Event, encode_events
 from freshrec.streams.partitioner import partition_for
 
 log = logging.getLogger(__name__)
+
+METADATA_WAIT_S = 10.0
+"""How long a new producer waits for its topic's partitions to have leaders: a topic created
+a moment ago answers "leader not available" until its partitions are elected."""
 
 
 class EventProducer:
@@ -63,14 +68,24 @@ class EventProducer:
         self.failed = 0
 
     def _partition_count(self) -> int:
-        metadata = self._producer.list_topics(self.topic, timeout=10)
-        topic = metadata.topics.get(self.topic)
-        if topic is None or topic.error is not None or not topic.partitions:
-            raise RuntimeError(
-                f"topic {self.topic!r} does not exist; create it with `freshrec services up` "
-                "or streams.topics.ensure_topics"
-            )
-        return len(topic.partitions)
+        deadline = time.monotonic() + METADATA_WAIT_S
+        while True:
+            metadata = self._producer.list_topics(self.topic, timeout=10)
+            topic = metadata.topics.get(self.topic)
+            if (
+                topic is not None
+                and topic.error is None
+                and topic.partitions
+                and all(p.error is None and p.leader >= 0 for p in topic.partitions.values())
+            ):
+                return len(topic.partitions)
+            if time.monotonic() >= deadline:
+                reason = "" if topic is None or topic.error is None else f" ({topic.error})"
+                raise RuntimeError(
+                    f"topic {self.topic!r} does not exist or has no leaders{reason}; create it "
+                    "with `freshrec services up` or streams.topics.ensure_topics"
+                )
+            time.sleep(0.1)  # polling the broker's metadata until the deadline
 
     def send(self, event: Event | Mapping[str, Any]) -> None:
         payload = event.to_json() if isinstance(event, Event) else dict(event)
