@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import multiprocessing
 import os
 import tempfile
@@ -274,7 +275,9 @@ def _load(url_base: str, users: int, rate: float, seconds: float, queue: Any) ->
     """Runs in its own process: open-loop requests, every latency recorded.
 
     Each latency runs from the request's scheduled time, so queueing anywhere (for a
-    connection included) is counted.
+    connection included) is counted. The collector is off while it sends (what it inherited
+    frozen first), as ``timeit`` does: a full collection here would delay the requests due
+    meanwhile and count against the reader.
     """
     import uvloop
 
@@ -314,7 +317,14 @@ def _load(url_base: str, users: int, rate: float, seconds: float, queue: Any) ->
             **latency_figures(done),
         }
 
-    queue.put(uvloop.run(run()))
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        figures = uvloop.run(run())
+    finally:
+        gc.enable()
+    queue.put(figures)
 
 
 def latency_figures(ms: np.ndarray) -> dict[str, float]:
