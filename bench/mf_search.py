@@ -65,7 +65,7 @@ def compare_searches(
 
     def exact(query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         mask[rows] = True
-        found, _ = cells.top(query, n, items, count, mask, rows)
+        found, _ = cells.top(query, n, items, count, mask)
         mask[rows] = False
         read.append(cells.last_scanned)
         return found
@@ -121,7 +121,7 @@ def _cells_search(items: np.ndarray, n: int, share: float, built: dict[str, floa
 
     def search(query: np.ndarray, rows: np.ndarray) -> np.ndarray:
         mask[rows] = True
-        found, _ = cells.top(query, n, items, count, mask, rows)
+        found, _ = cells.top(query, n, items, count, mask)
         mask[rows] = False
         return found
 

@@ -24,9 +24,9 @@ again when the catalogue has doubled or the mean radius has grown by a quarter (
 have drifted and the bound prunes less), on a thread if asked (45 ms at 50,000 items, 0.8 s at
 200,000). Rows not yet in a cell are always scored.
 
-The flat scan reads a copy of the vectors transposed (one row per factor, every placed item in
-each): BLAS's matrix-vector product in that layout (``gemv`` untransposed, an ``axpy`` per
-factor) streams it in long runs, where the row-major product takes one short dot per item.
+The flat scan reads int8 codes of the vectors, a quarter of their bytes, and scores again in
+float32 only the rows whose bound can still reach the n best (`freshrec.models.quantized_scan`):
+its answer is the float32 scan's.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import concurrent.futures
 import numba
 import numpy as np
 
-from freshrec.models.top_k import top_n
+from freshrec.models.quantized_scan import QuantizedRows
+from freshrec.models.top_k import offer
 
 CELL_SIZE = 256  # members per cell on average when fit: ~sqrt(n) cells for n ~ 65,000
 MIN_CELLS = 8  # below CELL_SIZE * MIN_CELLS items a flat scan is as cheap
@@ -47,8 +48,6 @@ FLAT_SHARE = 0.3  # reading more rows than this share cell by cell costs more th
 REFIT_GROWTH = 1.25  # refit once the mean radius has grown this much: the bound has loosened
 PROBE_EVERY = 16  # after MISSES searches in a row the cells did not prune, try them 1 in this
 MISSES = 4
-# The transposed copy is this much wider than the rows it holds: laid out again only rarely.
-COLUMN_SLACK = 1 / 16
 
 
 class CellIndex:
@@ -103,10 +102,7 @@ class CellIndex:
         # from all over the matrix (on a busy core that alone cost 3x).
         self.grouped = np.zeros((0, factors), dtype=np.float32)
         self.position = np.full(0, -1, dtype=np.int64)
-        # The vectors transposed, for the flat scan: columns[:, row] is vectors[row] for every
-        # row below ``columned``; the columns past it are zero.
-        self.columns = np.zeros((factors, 0), dtype=np.float32)
-        self.columned = 0
+        self.flat = QuantizedRows(factors)  # for the flat scan
         self.covered = 0  # rows below this are in cells; the rest are scored always
         self.fit_for = 0  # rows when the centroids were last fit
         self.fit_radius = 0.0  # the mean radius then
@@ -116,7 +112,7 @@ class CellIndex:
 
     def place(self, vectors: np.ndarray, count: int, rows: np.ndarray) -> None:
         """Puts ``rows`` (changed or new, below ``count``) in cells and in the flat scan's
-        transposed copy; refits when it is due.
+        codes; refits when it is due.
 
         The first fit runs here. With ``background``, later refits run on a thread over a copy
         of the vectors while this goes on placing rows in the current cells (so the bound
@@ -124,7 +120,7 @@ class CellIndex:
         the rows that changed meanwhile.
         """
         rows = np.asarray(rows, dtype=np.int64)
-        self._place_columns(vectors, count, rows)
+        self.flat.place(vectors, count, rows)
         if count < CELL_SIZE * MIN_CELLS:
             return  # a flat scan: every row stays uncovered
         self._adopt(vectors, count)
@@ -155,20 +151,6 @@ class CellIndex:
         if changed:  # placed in the old cells while the fit ran: their vectors moved since
             self._place(vectors, count, np.unique(np.concatenate(changed)))
 
-    def _place_columns(self, vectors: np.ndarray, count: int, rows: np.ndarray) -> None:
-        """The transposed copy follows ``rows``. It is laid out again from ``vectors`` when rows
-        arrive past its width, or when rows below ``count`` that it never held are not among
-        ``rows``."""
-        unseen = count > self.columned and not np.isin(np.arange(self.columned, count), rows).all()
-        if count > self.columns.shape[1] or unseen:
-            width = count + int(COLUMN_SLACK * count) + 64
-            self.columns = np.zeros((vectors.shape[1], width), dtype=vectors.dtype)
-            self.columns[:, :count] = vectors[:count].T
-        elif len(rows):
-            rows = rows[rows < count]
-            self.columns[:, rows] = vectors[rows].T
-        self.columned = max(self.columned, count)
-
     def _place(self, vectors: np.ndarray, count: int, rows: np.ndarray) -> None:
         if len(self.cell_of) < count:
             grown = np.full(max(count, 2 * len(self.cell_of)), -1, dtype=np.int64)
@@ -193,16 +175,14 @@ class CellIndex:
         vectors: np.ndarray,
         count: int,
         excluded: np.ndarray,
-        excluded_rows: np.ndarray | None = None,
         read_share: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """`top_inner_products` over these cells, or a flat scan where they do not prune.
 
-        ``excluded_rows``, when given, are the rows ``excluded`` marks (the flat scan masks
-        those instead of reading the whole mask). ``read_share`` overrides this index's own
-        for one search (a funnel configuration's). Where the bound has stopped pruning (factors
-        without cluster structure), searches go flat at once and try the cells again only now
-        and then, so such a catalogue costs what a flat scan costs.
+        ``read_share`` overrides this index's own for one search (a funnel configuration's).
+        Where the bound has stopped pruning (factors without cluster structure), searches go
+        flat at once (`QuantizedRows`) and try the cells again only now and then, so such a
+        catalogue costs what a flat scan costs.
         """
         self._adopt(vectors, count)
         query = np.ascontiguousarray(query, dtype=np.float32)
@@ -232,19 +212,10 @@ class CellIndex:
                 self.misses, self.last_scanned = 0, scanned
                 return rows, scores
             self.misses += 1
-        # np.dot, not @: the matmul path spins up BLAS threads, 15x slower on two busy cores.
-        if self.columned >= count:
-            flat = np.dot(query, self.columns)[:count]
-        else:  # vectors never placed here
-            flat = np.dot(vectors[:count], query)
-        if excluded_rows is None:
-            flat[excluded[:count]] = -np.inf
-        else:
-            flat[excluded_rows[excluded_rows < count]] = -np.inf
-        rows = top_n(flat, n)
-        rows = rows[flat[rows] > -np.inf]
+        if self.flat.coded < count:  # vectors never placed here
+            self.flat.place(vectors, count, np.arange(count))
         self.last_scanned = count
-        return rows, flat[rows]
+        return self.flat.top(query, n, vectors, count, excluded)
 
     def _fit(self, vectors: np.ndarray, count: int) -> None:
         self._install(vectors, count, count, *_fitted(vectors, count, self.rng))
@@ -402,7 +373,7 @@ def top_inner_products(
         if not excluded[row]:
             score = _dot(vectors, row, query)
             if kept < n or score >= best_scores[0]:
-                kept = _offer(best_scores, best_rows, kept, score, row)
+                kept = offer(best_scores, best_rows, kept, score, row)
             scanned += 1
     cells = np.argsort(-bound)
     judged = False
@@ -424,7 +395,7 @@ def top_inner_products(
             if row < count and not excluded[row]:
                 score = _dot(grouped, at, query)
                 if kept < n or score >= best_scores[0]:
-                    kept = _offer(best_scores, best_rows, kept, score, row)
+                    kept = offer(best_scores, best_rows, kept, score, row)
                 scanned += 1
     rows, scores = best_rows[:kept], best_scores[:kept]
     by_row = np.argsort(rows)
@@ -439,40 +410,3 @@ def _dot(vectors: np.ndarray, row: int, query: np.ndarray) -> np.float32:
     for d in range(len(query)):
         total += vectors[row, d] * query[d]
     return total
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _worse(score_a: float, row_a: int, score_b: float, row_b: int) -> bool:
-    return score_a < score_b or (score_a == score_b and row_a > row_b)
-
-
-@numba.njit(cache=True, nogil=True)
-def _offer(scores: np.ndarray, rows: np.ndarray, kept: int, score: float, row: int) -> int:
-    """Keeps (score, row) among the best ``len(scores)``; returns how many are kept."""
-    if kept < len(scores):  # sift up
-        at = kept
-        while at > 0:
-            parent = (at - 1) // 2
-            if not _worse(score, row, scores[parent], rows[parent]):
-                break
-            scores[at], rows[at] = scores[parent], rows[parent]
-            at = parent
-        scores[at], rows[at] = score, row
-        return kept + 1
-    if not _worse(scores[0], rows[0], score, row):
-        return kept
-    at = 0  # replace the worst, sift down
-    while True:
-        child = 2 * at + 1
-        if child >= kept:
-            break
-        if child + 1 < kept and _worse(
-            scores[child + 1], rows[child + 1], scores[child], rows[child]
-        ):
-            child += 1
-        if not _worse(scores[child], rows[child], score, row):
-            break
-        scores[at], rows[at] = scores[child], rows[child]
-        at = child
-    scores[at], rows[at] = score, row
-    return kept

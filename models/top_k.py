@@ -7,10 +7,14 @@ are in the sample); only the scores at or above it are sorted. The result is exa
 score above the n-th largest is at or above the threshold, and ties are broken by position, as
 a stable sort of the whole vector would. When the sample happens to give too few, a threshold
 from a full partition is used instead.
+
+Compiled searches that score rows one at a time keep their best in `offer`'s bounded heap
+instead, with the same order: higher score first, ties to the lower row.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 SAMPLE_STRIDE = 16
@@ -43,3 +47,41 @@ def top_n(scores: np.ndarray, n: int) -> np.ndarray:
         threshold = np.partition(scores, size - n)[size - n]
         above = np.flatnonzero(scores >= threshold)
     return above[np.argsort(-scores[above], kind="stable")[:n]]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _worse(score_a: float, row_a: int, score_b: float, row_b: int) -> bool:
+    return score_a < score_b or (score_a == score_b and row_a > row_b)
+
+
+@numba.njit(cache=True, nogil=True)
+def offer(scores: np.ndarray, rows: np.ndarray, kept: int, score: float, row: int) -> int:
+    """Keeps (score, row) among the best ``len(scores)`` in a heap whose root is the worst
+    kept (lower score, then higher row); returns how many are kept."""
+    if kept < len(scores):  # sift up
+        at = kept
+        while at > 0:
+            parent = (at - 1) // 2
+            if not _worse(score, row, scores[parent], rows[parent]):
+                break
+            scores[at], rows[at] = scores[parent], rows[parent]
+            at = parent
+        scores[at], rows[at] = score, row
+        return kept + 1
+    if not _worse(scores[0], rows[0], score, row):
+        return kept
+    at = 0  # replace the worst, sift down
+    while True:
+        child = 2 * at + 1
+        if child >= kept:
+            break
+        if child + 1 < kept and _worse(
+            scores[child + 1], rows[child + 1], scores[child], rows[child]
+        ):
+            child += 1
+        if not _worse(scores[child], rows[child], score, row):
+            break
+        scores[at], rows[at] = scores[child], rows[child]
+        at = child
+    scores[at], rows[at] = score, row
+    return kept

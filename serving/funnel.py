@@ -454,7 +454,7 @@ class Funnel:
         with self.scratch.seen(len(index.matrix), user.seen) as seen:
             mf, read = _NO_ROWS, 0
             if user.y is not None and channels & MF:
-                mf, _ = index.top_rows(user.y, cfg.recall_mf, seen, user.seen, cfg.mf_read_share)
+                mf, _ = index.top_rows(user.y, cfg.recall_mf, seen, cfg.mf_read_share)
                 read = index.cells.last_scanned
                 MF_SHARE_READ.observe(read / max(len(index), 1))
             scratch = self.scratch

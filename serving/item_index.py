@@ -252,18 +252,14 @@ class ItemIndex:
         y_user: np.ndarray,
         n: int,
         excluded: np.ndarray,
-        excluded_rows: np.ndarray | None = None,
         read_share: float = 1.0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Rows and scores of the ``n`` best items by ``y_i . y_u``, best first: exactly, or
         among at most ``read_share`` of the rows (`FunnelConfig.mf_read_share`).
 
-        ``excluded`` is a boolean mask over rows (at least as long as the index) to skip;
-        ``excluded_rows``, if known, the rows it marks.
+        ``excluded`` is a boolean mask over rows (at least as long as the index) to skip.
         """
-        return self.cells.top(
-            y_user, n, self.matrix, len(self.ids), excluded, excluded_rows, read_share
-        )
+        return self.cells.top(y_user, n, self.matrix, len(self.ids), excluded, read_share)
 
     def top(self, y_user: np.ndarray, n: int, exclude: set[str]) -> list[tuple[str, float]]:
         """The ``n`` best items by preference score, skipping ``exclude``."""

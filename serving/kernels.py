@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from freshrec.models import inner_product_search, rating_stack
+from freshrec.models import inner_product_search, quantized_scan, rating_stack
 from freshrec.models.click_model import FEATURES, FIXED_BLEND
 from freshrec.models.inner_product_search import CELL_SIZE, MIN_CELLS, CellIndex
 from freshrec.models.mf import implicit_part, vector_width
@@ -41,6 +41,7 @@ KERNELS = (
     features_module._features,
     rerank,
     inner_product_search.top_inner_products,
+    quantized_scan.top_quantized,
     fill_lists,
     # The cell index's upkeep, run by every refresh of the item snapshot on the event loop.
     inner_product_search._sums,
@@ -230,7 +231,8 @@ def _rating_signals() -> None:
 
 
 def _cell_search() -> None:
-    """The first fit of MF recall's cells, a row placed after it, and one search over them."""
+    """The first fit of MF recall's cells, a row placed after it, and one search over them and
+    one flat."""
     count = CELL_SIZE * MIN_CELLS  # the fewest rows that get cells
     matrix = np.random.default_rng(0).normal(size=(count + 1, _FACTORS)).astype(np.float32)
     matrix[count] = matrix[0]  # a new row that widens no cell, so it is placed, not refit
@@ -238,4 +240,5 @@ def _cell_search() -> None:
     cells.place(matrix, count, np.arange(count))
     cells.place(matrix, count + 1, np.array([count]))
     excluded = np.zeros(count + 1, dtype=bool)
-    cells.top(np.ones(_FACTORS), 5, matrix, count + 1, excluded, np.zeros(0, dtype=np.int64))
+    cells.top(np.ones(_FACTORS), 5, matrix, count + 1, excluded)
+    cells.flat.top(np.ones(_FACTORS), 5, matrix, count + 1, excluded)
