@@ -529,9 +529,7 @@ class Funnel:
             fine[picked].tolist(),
             strict=True,
         ):
-            names = [name for name, bit in CHANNEL_BITS.items() if bits & bit]
-            if n >= first_explored:
-                names.insert(0, "explore")
+            names = list(_channel_names(bits, n >= first_explored))
             ranked.append(Candidate(ids[row], names, ids[seed] if seed >= 0 else None, score))
         return ranked, features[picked]
 
@@ -712,6 +710,13 @@ class _Clock:
 
 
 @functools.lru_cache(maxsize=64)
+@functools.cache
+def _channel_names(bits: int, explored: bool) -> tuple[str, ...]:
+    """A candidate's channel names in explanation order, "explore" first for an exploration."""
+    names = tuple(name for name, bit in CHANNEL_BITS.items() if bits & bit)
+    return ("explore", *names) if explored else names
+
+
 def _channel_bits(channels: tuple[str, ...]) -> int:
     return sum(bit for name, bit in CHANNEL_BITS.items() if name in channels)
 

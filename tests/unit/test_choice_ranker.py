@@ -30,6 +30,20 @@ def test_starts_at_the_fixed_blend() -> None:
     assert np.allclose(ChoiceRanker().scores(x), fixed)
 
 
+def test_scores_are_the_expanded_rows_times_the_weights() -> None:
+    """Scored in feature space (the crossed weights times the set's activity), as expanded."""
+    rng = np.random.default_rng(5)
+    ranker = ChoiceRanker(step=0.5)
+    for _ in range(30):
+        x = _candidates(rng, 15)
+        ranker.learn(x, int(rng.integers(15)))
+    assert np.abs(ranker.w[len(COLUMNS) - 4 :]).min() > 0  # the crossed weights were learned
+    for _ in range(5):
+        x = _candidates(rng, 40)
+        np.testing.assert_allclose(ranker.scores(x), expand(x) @ ranker.w, rtol=1e-12, atol=1e-12)
+    assert ranker.scores(x[:0]).shape == (0,)
+
+
 def test_step_follows_the_numeric_gradient_of_the_log_likelihood() -> None:
     rng = np.random.default_rng(1)
     x = _candidates(rng, 30)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from freshrec.serving.api import BadRequest, Reader
+from freshrec.serving.api import BadRequest, Reader, request_ids
 from freshrec.serving.funnel import FunnelConfig
 from freshrec.serving.http_server import Request
 from freshrec.store.keys import Keys
@@ -41,3 +41,10 @@ def test_ids_not_printable_or_too_long_are_bad_requests(reader: Reader, value: s
     request = Request("GET", "/similar/x", {"item_id": value})
     with pytest.raises(BadRequest, match="item_id must be 1 to 128 printable characters"):
         reader._identifier(request, "item_id")
+
+
+def test_request_ids_are_unique_within_and_across_readers() -> None:
+    first, second = request_ids(), request_ids()
+    ids = [first() for _ in range(1000)] + [second() for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
