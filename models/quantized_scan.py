@@ -38,6 +38,10 @@ import numpy as np
 from freshrec.models.top_k import offer
 
 SCAN_BLOCK = 1024  # items scored per pass of the inner loop: their sums stay in L1
+# Below this a scale loses float32 precision (subnormal) and the half-step bound would not hold.
+SMALLEST_SCALE = float(np.finfo(np.float32).tiny)
+# Past this the scan's float32 sums could overflow: such a query is scored in full instead.
+LARGEST_SUM = 1e30
 # The codes are this much wider than the rows they hold: laid out again only rarely.
 SLACK = 1 / 16
 
@@ -46,13 +50,16 @@ class QuantizedRows:
     """int8 codes of the rows of a vector matrix, for `top_quantized`.
 
     The matrix stays its owner's; ``place`` is told which rows changed, and the rescoring
-    reads the matrix itself, so it must hold the vectors the codes were made from.
+    reads the matrix itself, so it must hold the vectors the codes were made from. Searches
+    share scratch buffers: one at a time (the reader runs them on its event loop).
     """
 
     def __init__(self, factors: int) -> None:
         self.codes = np.zeros((factors, 0), dtype=np.int8)
         self.scale = np.zeros(0, dtype=np.float32)
         self.coded = 0  # rows below this hold codes
+        self.largest_scale = 0.0  # at least every coded row's scale
+        self.last_rescored = 0  # rows the latest search scored again in float32
         # Scratch for the survivors of a scan: one slot per row, reused by every search.
         self._rows = np.zeros(0, dtype=np.int64)
         self._upper = np.zeros(0, dtype=np.float32)
@@ -69,21 +76,26 @@ class QuantizedRows:
             self.scale = np.zeros(width, dtype=np.float32)
             self._rows = np.zeros(width, dtype=np.int64)
             self._upper = np.zeros(width, dtype=np.float32)
+            self.largest_scale = 0.0
             rows = np.arange(count)
         rows = rows[rows < count]
         if len(rows):
             scale, codes = quantized(vectors[rows])
             self.scale[rows] = scale
             self.codes[:, rows] = codes.T
+            self.largest_scale = max(self.largest_scale, float(scale.max()))
         self.coded = max(self.coded, count)
 
     def top(
         self, query: np.ndarray, n: int, vectors: np.ndarray, count: int, excluded: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Rows and float32 scores of the ``n`` largest ``vectors[:count] @ query`` where
-        ``excluded`` is False, best first, ties to the lower row."""
-        return top_quantized(
-            np.ascontiguousarray(query, dtype=np.float32),
+        ``excluded`` is False, best first, ties to the lower row. A query or rows so large that
+        the scan's float32 sums could overflow (or not finite) are scored in full instead."""
+        query = np.ascontiguousarray(query, dtype=np.float32)
+        reach = 127.0 * float(np.abs(query).sum()) * max(self.largest_scale, 1.0)
+        rows, scores, self.last_rescored = top_quantized(
+            query,
             min(n, count),
             self.codes,
             self.scale,
@@ -92,12 +104,17 @@ class QuantizedRows:
             excluded,
             self._rows,
             self._upper,
+            bool(reach < LARGEST_SUM),  # False for NaN too
         )
+        return rows, scores
 
 
 def quantized(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's scale :math:`c_i` and int8 codes; a zero row gets scale 0 and codes 0."""
-    scale = (np.abs(vectors).max(axis=1) / 127.0).astype(np.float32)
+    """Each row's scale :math:`c_i` and int8 codes; a zero row gets scale 0 and codes 0, and no
+    other row a scale below `SMALLEST_SCALE`."""
+    largest = np.abs(vectors).max(axis=1)
+    scale = np.where(largest > 0, np.maximum(largest / 127.0, SMALLEST_SCALE), 0.0)
+    scale = scale.astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0)
     codes = np.clip(np.rint(vectors / safe[:, None]), -127, 127).astype(np.int8)
     return scale, codes
@@ -114,11 +131,13 @@ def top_quantized(
     excluded: np.ndarray,
     survivors: np.ndarray,
     upper: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The scan of the module docstring. ``survivors`` and ``upper`` are scratch of at least
+    prune: bool = True,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The scan of the module docstring, and how many rows it scored again; without ``prune``
+    every row not excluded is scored. ``survivors`` and ``upper`` are scratch of at least
     ``count`` slots."""
     if n <= 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), 0
     factors = len(query)
     norm1 = 0.0
     for f in range(factors):
@@ -132,7 +151,12 @@ def top_quantized(
     kept, found = 0, 0
     floor = np.float32(-np.inf)  # the n-th largest lower bound so far
     sums = np.empty(SCAN_BLOCK, dtype=np.float32)
-    for start in range(0, count, SCAN_BLOCK):
+    if not prune:
+        for row in range(count):
+            if not excluded[row]:
+                survivors[found], upper[found] = row, np.inf
+                found += 1
+    for start in range(0, count if prune else 0, SCAN_BLOCK):
         size = min(SCAN_BLOCK, count - start)
         _scan(query, codes, start, size, sums)
         for j in range(size):
@@ -154,10 +178,11 @@ def top_quantized(
                     floor = lowest[0]
     best = np.empty(n, dtype=np.float32)
     best_rows = np.empty(n, dtype=np.int64)
-    kept = 0
+    kept, rescored = 0, 0
     for k in range(found):
         if upper[k] < floor:
             continue
+        rescored += 1
         row = survivors[k]
         score = np.float32(0.0)
         for f in range(factors):
@@ -168,7 +193,7 @@ def top_quantized(
     by_row = np.argsort(rows)
     rows, scores = rows[by_row], scores[by_row]
     ranked = np.argsort(-scores, kind="mergesort")
-    return rows[ranked], scores[ranked]
+    return rows[ranked], scores[ranked], rescored
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True, inline="never")

@@ -104,3 +104,71 @@ def test_codes_are_within_half_a_scale_step() -> None:
     error = np.abs(vectors - scale[:, None] * codes.astype(np.float32))
     assert (error <= scale[:, None] / 2 * (1 + 1e-5) + 1e-12).all()
     assert scale[0] == 0 and not codes[0].any()
+
+
+def test_the_bound_has_room_for_float32_rounding() -> None:
+    """Pairs of rows each coded with exactly half a step of error, in opposite directions, whose
+    float32 scores differ by about a rounding: a bound without room for float32 rounding drops
+    the better row of many of them."""
+    rng = np.random.default_rng(5)
+    for factors in (3, 8, 32, 128):
+        for trial in range(400):
+            y = rng.normal(0, 1, factors).astype(np.float32)
+            y[0] = np.float32(1e-7) * abs(y[0])
+            y[1] = np.float32(np.abs(y[2:].astype(np.float64)).sum() * (1 + rng.normal(0, 3e-7)))
+            sign = np.where(y >= 0, 1.0, -1.0)
+            first = 2 * rng.integers(-62, 63, factors)
+            first[0] = 127
+            second = first + 2 * sign.astype(int)
+            second[:2] = first[:2]
+            a, b = first + 0.5 * sign, second - 0.5 * sign
+            a[0] = b[0] = 127
+            pair = np.array([b, a] if trial % 2 else [a, b]) * 2.0 ** rng.integers(-4, 4)
+            vectors = pair.astype(np.float32)
+            query = (y * np.float32(2.0 ** rng.integers(-10, 10))).astype(np.float32)
+            _assert_exact(_indexed(vectors), vectors, query, np.zeros(2, dtype=bool), n=1)
+
+
+@pytest.mark.parametrize(
+    ("rows", "query"),
+    [
+        # subnormal rows: a scale floored at the smallest normal float32 keeps the bound
+        ([[63, 63], [64, 0]], [1e30, 1e30]),
+        ([[190, 0], [254, 66]], [1.0, -1.0]),
+    ],
+)
+def test_rows_too_small_for_a_normal_scale(rows, query) -> None:  # type: ignore[no-untyped-def]
+    vectors = (np.array(rows, dtype=np.float64) * 2.0**-149).astype(np.float32)
+    query = np.array(query, dtype=np.float32)
+    _assert_exact(_indexed(vectors), vectors, query, np.zeros(2, dtype=bool), n=1)
+
+
+def test_sums_that_could_overflow_are_scored_in_full() -> None:
+    vectors = np.array([[-1e-30, 0.0], [-1e-3, 1.0], [0.5, -2.0]], dtype=np.float32)
+    index = _indexed(vectors)
+    _assert_exact(index, vectors, np.array([1e37, 1.0], np.float32), np.zeros(3, bool), n=1)
+    assert index.last_rescored == 3
+
+
+def test_the_scan_prunes_and_handles_empty_searches() -> None:
+    rng = np.random.default_rng(6)
+    vectors = rng.normal(0, 0.3, (ITEMS, FACTORS)).astype(np.float32)
+    index = _indexed(vectors)
+    excluded = np.zeros(ITEMS + 100, dtype=bool)  # longer than the rows: the reader's mask
+    _assert_exact(index, vectors, rng.normal(0, 1, FACTORS).astype(np.float32), excluded)
+    assert N <= index.last_rescored < ITEMS // 10
+    rows, scores = index.top(vectors[0], 0, vectors, ITEMS, excluded)
+    assert len(rows) == len(scores) == 0
+    rows, scores = index.top(vectors[0], N, vectors, 0, excluded)
+    assert len(rows) == len(scores) == 0
+
+
+def test_rows_never_placed_are_coded_with_the_next() -> None:
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(0, 0.3, (3000, FACTORS)).astype(np.float32)
+    index = QuantizedRows(FACTORS)
+    index.place(vectors, 1000, np.arange(1000))
+    index.place(vectors, 3000, np.array([2999]))  # rows 1000-2998 were never placed
+    _assert_exact(
+        index, vectors, rng.normal(0, 1, FACTORS).astype(np.float32), np.zeros(3000, bool)
+    )
