@@ -37,7 +37,7 @@ import numba
 import numpy as np
 
 from freshrec.models.quantized_scan import QuantizedRows
-from freshrec.models.top_k import offer
+from freshrec.models.top_k import best_first, offer
 
 CELL_SIZE = 256  # members per cell on average when fit: ~sqrt(n) cells for n ~ 65,000
 MIN_CELLS = 8  # below CELL_SIZE * MIN_CELLS items a flat scan is as cheap
@@ -397,11 +397,8 @@ def top_inner_products(
                 if kept < n or score >= best_scores[0]:
                     kept = offer(best_scores, best_rows, kept, score, row)
                 scanned += 1
-    rows, scores = best_rows[:kept], best_scores[:kept]
-    by_row = np.argsort(rows)
-    rows, scores = rows[by_row], scores[by_row]
-    ranked = np.argsort(-scores, kind="mergesort")
-    return rows[ranked], scores[ranked], scanned
+    rows, scores = best_first(best_scores, best_rows, kept)
+    return rows, scores, scanned
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True, inline="always")

@@ -35,7 +35,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from freshrec.models.top_k import offer
+from freshrec.models.top_k import best_first, offer
 
 SCAN_BLOCK = 1024  # items scored per pass of the inner loop: their sums stay in L1
 # Below this a scale loses float32 precision (subnormal) and the half-step bound would not hold.
@@ -92,10 +92,8 @@ class QuantizedRows:
         """Rows and float32 scores of the ``n`` largest ``vectors[:count] @ query`` where
         ``excluded`` is False, best first, ties to the lower row. A query or rows so large that
         the scan's float32 sums could overflow (or not finite) are scored in full instead."""
-        query = np.ascontiguousarray(query, dtype=np.float32)
-        reach = 127.0 * float(np.abs(query).sum()) * max(self.largest_scale, 1.0)
         rows, scores, self.last_rescored = top_quantized(
-            query,
+            np.ascontiguousarray(query, dtype=np.float32),
             min(n, count),
             self.codes,
             self.scale,
@@ -104,7 +102,7 @@ class QuantizedRows:
             excluded,
             self._rows,
             self._upper,
-            bool(reach < LARGEST_SUM),  # False for NaN too
+            self.largest_scale,
         )
         return rows, scores
 
@@ -131,11 +129,12 @@ def top_quantized(
     excluded: np.ndarray,
     survivors: np.ndarray,
     upper: np.ndarray,
-    prune: bool = True,
+    largest_scale: float,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """The scan of the module docstring, and how many rows it scored again; without ``prune``
-    every row not excluded is scored. ``survivors`` and ``upper`` are scratch of at least
-    ``count`` slots."""
+    """The scan of the module docstring, and how many rows it scored again. ``survivors`` and
+    ``upper`` are scratch of at least ``count`` slots; ``largest_scale`` is at least every
+    row's scale: where the scan's sums could overflow (or the query is not finite) every row
+    not excluded is scored instead."""
     if n <= 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), 0
     factors = len(query)
@@ -146,6 +145,7 @@ def top_quantized(
     # at most F 2^-24 of the sum of their sizes, at most 127 c_i |y|_1; the scan and the
     # rescoring each round, and the room is twice theirs.
     half = np.float32(norm1 * (0.5 + 4.0 * factors * 127.0 / 2.0**24))
+    prune = 127.0 * norm1 * max(largest_scale, 1.0) < LARGEST_SUM  # False for NaN too
     lowest = np.empty(n, dtype=np.float32)  # a heap of the n largest lower bounds
     lowest_rows = np.empty(n, dtype=np.int64)
     kept, found = 0, 0
@@ -189,11 +189,8 @@ def top_quantized(
             score += vectors[row, f] * query[f]
         if kept < n or score >= best[0]:
             kept = offer(best, best_rows, kept, score, row)
-    rows, scores = best_rows[:kept], best[:kept]
-    by_row = np.argsort(rows)
-    rows, scores = rows[by_row], scores[by_row]
-    ranked = np.argsort(-scores, kind="mergesort")
-    return rows[ranked], scores[ranked], rescored
+    rows, scores = best_first(best, best_rows, kept)
+    return rows, scores, rescored
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True, inline="never")

@@ -9,7 +9,8 @@ a stable sort of the whole vector would. When the sample happens to give too few
 from a full partition is used instead.
 
 Compiled searches that score rows one at a time keep their best in `offer`'s bounded heap
-instead, with the same order: higher score first, ties to the lower row.
+instead, and `best_first` puts the heap in the same order: higher score first, ties to the
+lower row.
 """
 
 from __future__ import annotations
@@ -85,3 +86,13 @@ def offer(scores: np.ndarray, rows: np.ndarray, kept: int, score: float, row: in
         at = child
     scores[at], rows[at] = score, row
     return kept
+
+
+@numba.njit(cache=True, nogil=True)
+def best_first(scores: np.ndarray, rows: np.ndarray, kept: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``kept`` rows of an `offer` heap and their scores, best first, ties to the lower row."""
+    rows, scores = rows[:kept], scores[:kept]
+    by_row = np.argsort(rows)
+    rows, scores = rows[by_row], scores[by_row]
+    ranked = np.argsort(-scores, kind="mergesort")
+    return rows[ranked], scores[ranked]

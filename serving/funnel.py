@@ -709,7 +709,6 @@ class _Clock:
         self.last = now
 
 
-@functools.lru_cache(maxsize=64)
 @functools.cache
 def _channel_names(bits: int, explored: bool) -> tuple[str, ...]:
     """A candidate's channel names in explanation order, "explore" first for an exploration."""
@@ -717,6 +716,7 @@ def _channel_names(bits: int, explored: bool) -> tuple[str, ...]:
     return ("explore", *names) if explored else names
 
 
+@functools.lru_cache(maxsize=64)
 def _channel_bits(channels: tuple[str, ...]) -> int:
     return sum(bit for name, bit in CHANNEL_BITS.items() if name in channels)
 
