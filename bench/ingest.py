@@ -479,6 +479,30 @@ def process_cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, all) CPU seconds of the whole machine since boot, every core summed, from
+    /proc/stat (Linux); None elsewhere. Idle and I/O wait count as not busy; steal counts as
+    busy, since a process waiting for it waits as it would for a busy core."""
+    try:
+        ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(ticks) < 5:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    total = sum(ticks[:8])  # guest time is already inside user time
+    return (total - ticks[3] - ticks[4]) / hz, total / hz
+
+
+def busy_share(
+    before: tuple[float, float] | None, after: tuple[float, float] | None
+) -> float | None:
+    """The share of the machine's CPU time that was busy between two `machine_cpu_seconds`."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def worker_samples(port: int) -> list[Any]:
     """Every sample of the worker's /metrics (name, labels, value); none if it does not answer."""
     from prometheus_client.parser import text_string_to_metric_families

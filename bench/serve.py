@@ -28,7 +28,12 @@ from typing import Any
 import numpy as np
 import redis
 
-from freshrec.bench.ingest import process_cpu_seconds, worker_samples
+from freshrec.bench.ingest import (
+    busy_share,
+    machine_cpu_seconds,
+    process_cpu_seconds,
+    worker_samples,
+)
 from freshrec.bench.mf_search import CELL_SHARES, compare_searches, format_search_comparison
 from freshrec.connections import redis_client, redis_sync_client
 from freshrec.devenv.isolated_run import isolated_run
@@ -407,9 +412,11 @@ def run_serve_bench(
             )
             runs = []
             for rate in rates:
-                cpu_before = _cpu_seconds(pids)
+                cpu_before, machine_before = _cpu_seconds(pids), machine_cpu_seconds()
                 run = _hold_rate(base_url, users, rate, seconds, say)
-                cpu_after = _cpu_seconds(pids)
+                cpu_after, machine_after = _cpu_seconds(pids), machine_cpu_seconds()
+                busy = busy_share(machine_before, machine_after)
+                run["machine_busy"] = None if busy is None else round(busy, 3)
                 run["reader_cpu_ms_per_request"] = (
                     None  # no /proc on this system
                     if cpu_before is None or cpu_after is None
@@ -555,14 +562,16 @@ def format_serve_results(results: dict[str, Any]) -> str:
         f"k=10, {results['seconds_per_rate']:.0f} s per rate, {results['cpus']} CPUs "
         f"({'readers' if readers > 1 else 'reader'}, load generator and Redis share them)",
         f"{'target req/s':>12} {'achieved':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
-        f"{'max ms':>8} {'errors':>6} {'reader CPU ms/req':>17} {'client CPU ms/req':>17}",
+        f"{'max ms':>8} {'errors':>6} {'reader CPU ms/req':>17} {'client CPU ms/req':>17} "
+        f"{'machine busy':>12}",
     ]
     for r in results["runs"]:
         lines.append(
             f"{r['target_rps']:>12,.0f} {r['achieved_rps']:>9,.0f} {r['p50_ms']:>8.2f} "
             f"{r['p90_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['max_ms']:>8.1f} {r['errors']:>6} "
             f"{_cell(r['reader_cpu_ms_per_request']):>17} "
-            f"{_cell(r.get('client_cpu_ms_per_request')):>17}"
+            f"{_cell(r.get('client_cpu_ms_per_request')):>17} "
+            f"{_percent(r.get('machine_busy')):>12}"
         )
     if readers > 1:
         served = ", ".join(f"{n:,}" for n in results["requests_per_reader"])
@@ -570,6 +579,10 @@ def format_serve_results(results: dict[str, Any]) -> str:
     t = results["targets"]
     lines.append(
         f"targets: p50 <= {t['p50_ms']} ms, p99 <= {t['p99_ms']} ms at >= {t['rps']:,.0f} req/s"
+    )
+    lines.append(
+        "machine busy: the share of all cores' time spent working while the rate ran, by "
+        "anything on the machine (readers, load generator, Redis, Kafka, neighbours)"
     )
     warm = results.get("warm_up")
     if warm and warm["requests"]:
@@ -652,3 +665,7 @@ def _mf_share_read(base_url: str, users: int, requests: int = 50) -> float | Non
 
 def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"

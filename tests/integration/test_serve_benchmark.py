@@ -48,8 +48,9 @@ def test_bench_serve_answers_every_request_and_leaves_no_keys(
         assert run["requests"] == int(run["target_rps"]) and run["errors"] == 0
         assert 0 < run["p50_ms"] <= run["p90_ms"] <= run["p99_ms"] <= run["max_ms"]
         assert run["reader_cpu_ms_per_request"] > 0 and run["client_cpu_ms_per_request"] > 0
+        assert 0 < run["machine_busy"] <= 1  # a reader and a load generator were working
     table = format_serve_results(results)
-    assert "reader CPU ms/req" in table and "targets:" in table
+    assert "reader CPU ms/req" in table and "targets:" in table and "machine busy" in table
     assert results["warm_up"]["requests"] == 100 and "warm-up" in table
     client = redis.Redis.from_url(settings.redis_url)
     try:
