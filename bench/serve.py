@@ -280,9 +280,10 @@ def _load(url_base: str, users: int, rate: float, seconds: float, queue: Any) ->
     """Runs in its own process: open-loop requests, every latency recorded.
 
     Each latency runs from the request's scheduled time, so queueing anywhere (for a
-    connection included) is counted. The collector is off while it sends (what it inherited
-    frozen first), as ``timeit`` does: a full collection here would delay the requests due
-    meanwhile and count against the reader.
+    connection included) is counted. The machine's busy share is read over the same window
+    as the latencies, not the process's start-up. The collector is off while it sends (what
+    it inherited frozen first), as ``timeit`` does: a full collection here would delay the
+    requests due meanwhile and count against the reader.
     """
     import uvloop
 
@@ -302,7 +303,7 @@ def _load(url_base: str, users: int, rate: float, seconds: float, queue: Any) ->
                 errors += 1
             latencies[n] = time.perf_counter() - due
 
-        begin, cpu = time.perf_counter(), time.process_time()
+        begin, cpu, machine = time.perf_counter(), time.process_time(), machine_cpu_seconds()
         tasks = []
         for n in range(total):
             due = begin + n / rate
@@ -312,6 +313,7 @@ def _load(url_base: str, users: int, rate: float, seconds: float, queue: Any) ->
             tasks.append(asyncio.create_task(one(n, due, f"u{rng.integers(users)}")))
         await asyncio.gather(*tasks)
         elapsed, cpu = time.perf_counter() - begin, time.process_time() - cpu
+        busy = busy_share(machine, machine_cpu_seconds())
         client.close()
         done = latencies[~np.isnan(latencies)] * 1000.0
         return {
@@ -319,6 +321,7 @@ def _load(url_base: str, users: int, rate: float, seconds: float, queue: Any) ->
             "achieved_rps": round(total / elapsed, 1),
             "errors": errors,
             "client_cpu_ms_per_request": round(1000 * cpu / max(total, 1), 3),
+            "machine_busy": None if busy is None else round(busy, 3),
             **latency_figures(done),
         }
 
@@ -412,11 +415,9 @@ def run_serve_bench(
             )
             runs = []
             for rate in rates:
-                cpu_before, machine_before = _cpu_seconds(pids), machine_cpu_seconds()
+                cpu_before = _cpu_seconds(pids)
                 run = _hold_rate(base_url, users, rate, seconds, say)
-                cpu_after, machine_after = _cpu_seconds(pids), machine_cpu_seconds()
-                busy = busy_share(machine_before, machine_after)
-                run["machine_busy"] = None if busy is None else round(busy, 3)
+                cpu_after = _cpu_seconds(pids)
                 run["reader_cpu_ms_per_request"] = (
                     None  # no /proc on this system
                     if cpu_before is None or cpu_after is None
