@@ -85,6 +85,7 @@ def per_item_sets(keys: Keys) -> set[str]:
         keys.item_first_seen,
         keys.item_ratings,
         keys.updated_items,
+        keys.relisted_items,
         keys.active_items,
         keys.retired_items,
     }

@@ -4,12 +4,14 @@ MF recall needs the best items by the user's preference score over *every* item,
 reads the neighbour lists of the user's recent items: in memory, one exact search (over k-means
 cells that let it skip most items, `freshrec.models.inner_product_search`) and one gather; from
 Redis, thousands of reads and the parsing of hundreds of replies per request.
-Workers stamp each item whose vector or neighbour list changed in a sorted set (item -> time of
-change, on the Redis server's clock); the index loads every vector once, then every ``refresh``
-fetches the vectors and statistics of the items stamped since the last one, and marks their
-neighbour lists stale. A list is read again when a request first needs it (``load_neighbours``,
-for the user's recent items): one event changes the lists of every item it pairs with, up to
-a hundred, while a request reads a few. Staleness is bounded by the refresh interval plus one
+Workers stamp each item whose vector or statistics changed in one sorted set, and each item
+whose neighbour list changed in another (item -> time of change, on the Redis server's clock);
+the index loads every vector once, then every ``refresh`` fetches the vectors and statistics of
+the items stamped in the first since the last one, and marks stale the neighbour lists of the
+items stamped in either. A list is read again when a request first needs it
+(``load_neighbours``, for the user's recent items): one event changes the lists of every item
+it pairs with, up to a hundred, and the row of its own item only, while a request reads a few
+lists. Staleness is bounded by the refresh interval plus one
 fetch: served MF scores and CF neighbours are never older than that. A rebase of the decay
 landmark reloads everything (every decayed statistic was rescaled).
 
@@ -83,7 +85,8 @@ class ItemIndex:
         self.dead_rows = 0
         self.epoch = 0  # rebuilds so far: rows from an earlier epoch mean other items
         self.landmark: bytes | None = None
-        self.refreshed_at = 0.0  # newest change stamp applied
+        self.refreshed_at = 0.0  # newest row stamp applied
+        self.relisted_at = 0.0  # newest list stamp applied
         self.retired_at = 0.0  # newest retirement stamp applied
         self.missed_retirements = False  # idle for longer than retirement records are kept
         self.last_refresh = 0.0  # wall time the last refresh finished
@@ -100,14 +103,15 @@ class ItemIndex:
 
     async def refresh(self) -> int:
         """Apply every change and retirement stamped since the previous refresh; returns how
-        many items changed."""
+        many rows were fetched again."""
         keys = self.keys
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(keys.decay_landmark)
         pipe.get(keys.retired_horizon)
         pipe.zrangebyscore(keys.retired_items, f"({self.retired_at!r}", "+inf", withscores=True)
         pipe.zrangebyscore(keys.updated_items, f"({self.refreshed_at!r}", "+inf", withscores=True)
-        landmark, horizon, retired, changed = await pipe.execute()
+        pipe.zrangebyscore(keys.relisted_items, f"({self.relisted_at!r}", "+inf", withscores=True)
+        landmark, horizon, retired, changed, relisted = await pipe.execute()
         forgotten = float(horizon or 0.0)
         if not self.last_refresh:  # the first load has nothing to retire that it could miss
             self.retired_at = max(self.retired_at, forgotten)
@@ -128,6 +132,10 @@ class ItemIndex:
             await self._fetch(items[start : start + FETCH_CHUNK])
         if changed:
             self.refreshed_at = max(score for _, score in changed)
+        if relisted:  # each set has its own cursor: a batch may land between the two reads
+            rows = self.row_of([m.decode() for m, _ in relisted])
+            self.generation[rows[rows >= 0]] += 1
+            self.relisted_at = max(score for _, score in relisted)
         self.last_refresh = time.time()
         return len(items)
 

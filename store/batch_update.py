@@ -345,15 +345,15 @@ class BatchUpdater:
         return [entry for entry in out if entry[3]]
 
     @staticmethod
-    def _changed_items(w: Changes) -> list[str]:
-        """Items whose vector or neighbour list the batch changes: what readers must refetch."""
+    def _changed_rows(w: Changes) -> list[str]:
+        """Items whose vector or statistics (a reader's row of them) the batch changes."""
         vectors = (name[2:] for name in w.deltas if name.startswith("i:"))
-        return list(dict.fromkeys([*vectors, *w.pairs]))
+        return list(dict.fromkeys([*vectors, *w.occurrences, *w.popularity, *w.first_seen]))
 
     @classmethod
     def _active_items(cls, w: Changes) -> list[str]:
         """Items the batch writes anything about: retention keeps them for another TTL."""
-        return list(dict.fromkeys([*cls._changed_items(w), *w.impressions, *w.clicks]))
+        return list(dict.fromkeys([*cls._changed_rows(w), *w.pairs, *w.impressions, *w.clicks]))
 
     async def _write_script(
         self,
@@ -393,7 +393,8 @@ class BatchUpdater:
             else [],
             "stats": (keys.worker_stats, applied, repr(time.time())),
             "dirty": (keys.dirty_users, list(w.history), touched_at),
-            "updated": (keys.updated_items, self._changed_items(w)),
+            "updated": (keys.updated_items, self._changed_rows(w)),
+            "relisted": (keys.relisted_items, list(w.pairs)),
             "active": (keys.active_items, self._active_items(w)),
             "rating_pairs": [
                 (keys.rating_pairs(item), cfg.rating_pairs_cap, "\n".join(row))
@@ -481,8 +482,10 @@ class BatchUpdater:
             pipe.expire(key, cfg.user_ttl_s)
         if w.history:
             pipe.zadd(keys.dirty_users, dict.fromkeys(w.history, touched_at), nx=True)
-        if changed := self._changed_items(w):
+        if changed := self._changed_rows(w):
             await self.scripts.stamp_now(keys=[keys.updated_items], args=changed, client=pipe)
+        if relisted := list(w.pairs):
+            await self.scripts.stamp_now(keys=[keys.relisted_items], args=relisted, client=pipe)
         if active := self._active_items(w):
             await self.scripts.stamp_now(keys=[keys.active_items], args=active, client=pipe)
         pipe.hincrby(keys.worker_stats, "events", applied)

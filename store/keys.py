@@ -140,8 +140,17 @@ class Keys:
 
     @property
     def updated_items(self) -> str:
-        """Sorted set item -> when its vector last changed (readers refresh their matrix)."""
+        """Sorted set item -> when its vector or statistics last changed (server clock):
+        readers fetch the item's row again."""
         return self._items_stat("updated")
+
+    @property
+    def relisted_items(self) -> str:
+        """Sorted set item -> when its neighbour list last changed (server clock): readers
+        read the list again when a request next needs it. Kept apart from `updated_items`
+        because one event changes the lists of every item it pairs with, up to a hundred,
+        and the rows of only its own."""
+        return self._items_stat("relisted")
 
     @property
     def active_items(self) -> str:

@@ -52,6 +52,7 @@ async def retire_idle_items(
 def _per_item_sets(keys: Keys) -> list[str]:
     return [
         keys.updated_items,
+        keys.relisted_items,
         keys.occurrences,
         keys.popularity,
         keys.impressions,

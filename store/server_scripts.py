@@ -272,6 +272,7 @@ zadd_all(b.dirty[1], 'NX', b.dirty[2], b.dirty[3])
 local clock = redis.call('TIME')  -- one clock for every worker's stamps: the server's
 local stamp = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
 zadd_all(b.updated[1], nil, b.updated[2], stamp)
+zadd_all(b.relisted[1], nil, b.relisted[2], stamp)
 zadd_all(b.active[1], nil, b.active[2], stamp)
 redis.call('HINCRBY', b.stats[1], 'events', b.stats[2])
 redis.call('HSET', b.stats[1], 'applied_at', b.stats[3])
@@ -299,7 +300,7 @@ return due
 """
 
 
-# KEYS: the items' activity, retirement records, retirement horizon, then the change-stamp,
+# KEYS: the items' activity, retirement records, retirement horizon, then the row- and list-stamp,
 # occurrence, popularity, impression, click, first-seen and rating-count sorted sets.  ARGV: the TTL
 # in seconds, the most items to retire, then the (head, tail) of item vectors', neighbour lists' and
 # rating pairs' keys (an item's key is head .. id .. tail). Retires (atomically, on the server's

@@ -40,15 +40,26 @@ def test_the_index_loads_all_items_then_fetches_only_changed_ones(settings: Sett
         assert await index.refresh() == 50 and len(index) == 50
         assert await index.refresh() == 0  # nothing changed since
 
+        rows_before, lists_before = index.refreshed_at, index.relisted_at
         await updater.apply(
             [Event("click", "u1", "i3", TS + 100), Event("view", "u2", "new", TS + 101)]
         )
+        stamped_rows = {
+            m.decode()
+            for m in await redis.zrangebyscore(keys.updated_items, f"({rows_before!r}", "+inf")
+        }
+        stamped_lists = {
+            m.decode()
+            for m in await redis.zrangebyscore(keys.relisted_items, f"({lists_before!r}", "+inf")
+        }
         changed = await index.refresh()
         assert len(index) == 51
-        # The two items of the batch, the sampled negatives it also moved and the items whose
-        # neighbour lists it changed (the histories of u1 and u2); not the whole catalogue.
-        history = 50 // 7 + 1
-        assert 2 <= changed <= 2 + 2 * cfg.implicit_negatives + 2 * history < 50
+        # Rows fetched again: the two items of the batch and the sampled negatives it also moved,
+        # not the items it paired them with (the histories of u1 and u2), whose neighbour lists
+        # alone changed, and not the whole catalogue.
+        assert changed == len(stamped_rows) <= 2 + 2 * cfg.implicit_negatives
+        assert {"i3", "new"} <= stamped_rows
+        assert stamped_lists == {"i3", "new"} | {f"i{n}" for n in range(50) if n % 7 in (1, 2)}
         for item in ("i3", "new", "i40"):
             stored = decode_vector(await redis.get(keys.item_vector(item)))
             row = index.matrix[index.rows[item]]
@@ -56,6 +67,13 @@ def test_the_index_loads_all_items_then_fetches_only_changed_ones(settings: Sett
 
         # Neighbour lists are read when a request needs them: the changed ones are stale until
         # then, and reading them once makes them current.
+        lists = index.row_of(sorted(stamped_lists))
+        assert (index.loaded[lists] != index.generation[lists]).all()
+        unchanged = index.row_of([f"i{n}" for n in range(50) if f"i{n}" not in stamped_lists])
+        await index.load_neighbours(unchanged)
+        assert (index.loaded[unchanged] == index.generation[unchanged]).all()
+        assert await index.refresh() == 0  # nothing changed since: every list stays current
+        assert (index.loaded[unchanged] == index.generation[unchanged]).all()
         lists = index.row_of(["i3", "new", "i1"])
         assert (index.loaded[lists] != index.generation[lists]).all()
         await index.load_neighbours(lists)

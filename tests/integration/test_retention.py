@@ -96,6 +96,7 @@ def test_items_idle_for_the_ttl_are_retired_with_every_trace(
             for key in (
                 keys.active_items,
                 keys.updated_items,
+                keys.relisted_items,
                 keys.occurrences,
                 keys.popularity,
                 keys.item_first_seen,
@@ -281,7 +282,8 @@ def test_memory_returns_to_a_bound_once_the_idle_period_passes(
             stop_process(worker)
             client.close()
     assert users_at_end > 0 and items_at_end > 0, "nothing was live at the end of the replay"
-    for key in (keys.occurrences, keys.popularity, keys.item_first_seen, keys.updated_items):
+    stamps = (keys.updated_items, keys.relisted_items)
+    for key in (keys.occurrences, keys.popularity, keys.item_first_seen, *stamps):
         assert redis.Redis.from_url(settings.redis_url).zcard(key) == 0, key
     print(
         f"\nretention: used_memory before {before / 2**20:.1f} MiB, end of replay "
