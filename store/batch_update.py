@@ -350,10 +350,11 @@ class BatchUpdater:
         vectors = (name[2:] for name in w.deltas if name.startswith("i:"))
         return list(dict.fromkeys([*vectors, *w.occurrences, *w.popularity, *w.first_seen]))
 
-    @classmethod
-    def _active_items(cls, w: Changes) -> list[str]:
-        """Items the batch writes anything about: retention keeps them for another TTL."""
-        return list(dict.fromkeys([*cls._changed_rows(w), *w.pairs, *w.impressions, *w.clicks]))
+    @staticmethod
+    def _active_items(w: Changes, rows: list[str]) -> list[str]:
+        """Items the batch writes anything about (``rows``: its `_changed_rows`): retention
+        keeps them for another TTL."""
+        return list(dict.fromkeys([*rows, *w.pairs, *w.impressions, *w.clicks]))
 
     async def _write_script(
         self,
@@ -365,6 +366,7 @@ class BatchUpdater:
     ) -> None:
         cfg, keys = self.config, self.keys
         names = list(w.deltas)
+        rows = self._changed_rows(w)
         vector_keys = [self._vector_key(name) for name in names]
         records = _encoded_records(w)
         ops = {
@@ -393,9 +395,9 @@ class BatchUpdater:
             else [],
             "stats": (keys.worker_stats, applied, repr(time.time())),
             "dirty": (keys.dirty_users, list(w.history), touched_at),
-            "updated": (keys.updated_items, self._changed_rows(w)),
+            "updated": (keys.updated_items, rows),
             "relisted": (keys.relisted_items, list(w.pairs)),
-            "active": (keys.active_items, self._active_items(w)),
+            "active": (keys.active_items, self._active_items(w, rows)),
             "rating_pairs": [
                 (keys.rating_pairs(item), cfg.rating_pairs_cap, "\n".join(row))
                 for item, row in w.rating_pairs.items()
@@ -482,11 +484,12 @@ class BatchUpdater:
             pipe.expire(key, cfg.user_ttl_s)
         if w.history:
             pipe.zadd(keys.dirty_users, dict.fromkeys(w.history, touched_at), nx=True)
-        if changed := self._changed_rows(w):
-            await self.scripts.stamp_now(keys=[keys.updated_items], args=changed, client=pipe)
+        rows = self._changed_rows(w)
+        if rows:
+            await self.scripts.stamp_now(keys=[keys.updated_items], args=rows, client=pipe)
         if relisted := list(w.pairs):
             await self.scripts.stamp_now(keys=[keys.relisted_items], args=relisted, client=pipe)
-        if active := self._active_items(w):
+        if active := self._active_items(w, rows):
             await self.scripts.stamp_now(keys=[keys.active_items], args=active, client=pipe)
         pipe.hincrby(keys.worker_stats, "events", applied)
         pipe.hset(keys.worker_stats, "applied_at", repr(time.time()))
