@@ -45,11 +45,13 @@ def _serve_then_click(settings: Settings, worker: str, reader: str, redis_client
         "the catalogue to be learned",
     )
     served: Counter[str] = Counter()  # every item any request showed, waiting included
+    shown_pairs: set[tuple[str, str]] = set()  # (user, item) of every list served
     catalogue = len({e["item_id"] for e in events})
 
     def snapshot_holds_catalogue() -> bool:
         body = http_json(f"{reader}/recommendations/c1?k=5&debug=1")[1]
         served.update(i["item_id"] for i in body["items"])
+        shown_pairs.update(("c1", i["item_id"]) for i in body["items"])
         return body["debug"]["index_items"] == catalogue
 
     wait_until(snapshot_holds_catalogue, 30, "the reader's snapshot to hold the catalogue")
@@ -60,20 +62,24 @@ def _serve_then_click(settings: Settings, worker: str, reader: str, redis_client
             assert status == 200 and body["variant"] == "control" and body["request_id"]
             items = [i["item_id"] for i in body["items"]]
             served.update(items)
+            shown_pairs.update((user, item) for item in items)
             shown_to.setdefault(user, items)
-
-    def impressions_counted() -> bool:
-        counts = redis_client.zmscore(Keys(prefix).impressions, list(served))
-        return counts == [float(served[i]) for i in served]
-
-    wait_until(impressions_counted, 30, "every served item's impressions to be counted")
-    assert float(redis_client.get(f"{prefix}:imp:total")) == sum(served.values())
 
     clicked = [
         ("c1", shown_to["c1"][0]),
         ("c2", shown_to["c2"][1]),
         ("newcomer", shown_to["newcomer"][0]),
     ]
+
+    def impressions_counted() -> bool:
+        # The counts land with the batch; the records a click is attributed to, a step later.
+        counts = redis_client.zmscore(Keys(prefix).impressions, list(served))
+        recorded = (redis_client.hget(Keys(prefix).shown(u), i) for u, i in shown_pairs)
+        return counts == [float(served[i]) for i in served] and None not in recorded
+
+    wait_until(impressions_counted, 30, "every served item's impressions to be counted")
+    assert float(redis_client.get(f"{prefix}:imp:total")) == sum(served.values())
+
     unshown = ("c1", "never-shown-item")
     with EventProducer(settings.kafka_bootstrap, settings.events_topic) as producer:
         for user, item in [*clicked, unshown]:
