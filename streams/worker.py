@@ -33,6 +33,13 @@ runs under one policy, decided per error:
 Likewise a stop request (cancellation) that arrives while a step is waiting out a failure
 exits at once with `EXIT_UNAPPLIED`, so the batch it holds is redelivered, not acked.
 
+Redis can also come back *older* than what it acknowledged: restarted from a snapshot or a
+backup, or a failover to a replica that was behind. A batch then reads a partition's offset
+watermark below one this process wrote (`freshrec.store.batch_update.StateWentBack`); the
+messages in between are in no state and Kafka will not send them again to this consumer. The
+worker exits at once with `EXIT_STATE_WENT_BACK`, unacknowledged; started again, it resumes
+each partition after its watermark (`resume_after_watermarks`), so they are applied, once.
+
 A retried step is safe to repeat: the batch write is skipped by its offset watermarks if it
 landed, impressions are written with HSET (idempotent), clicks are attributed once (HDEL), and
 the in-memory click model is put back as it was before a failed attempt (under the lock the
@@ -64,7 +71,7 @@ from freshrec.connections import faust_credentials, redis_client
 from freshrec.models.drift import DETECTORS, Firing
 from freshrec.serving.variants import Variants
 from freshrec.settings import Settings
-from freshrec.store.batch_update import BatchUpdater
+from freshrec.store.batch_update import BatchUpdater, StateWentBack
 from freshrec.store.drift_log import BatchDrift, record_firings
 from freshrec.store.feedback import FeedbackLearner, Shown, parse_impression
 from freshrec.store.keys import Keys
@@ -577,6 +584,7 @@ T = TypeVar("T")
 
 EXIT_FATAL = 70  # EX_SOFTWARE: an error retrying cannot fix
 EXIT_UNAPPLIED = 75  # EX_TEMPFAIL: stopped while a batch waited for Redis
+EXIT_STATE_WENT_BACK = 76  # Redis lost writes it had acknowledged: resume after its watermarks
 LOG_EVERY_S = 10.0
 """At most one log line per step and this many seconds while a step is being retried."""
 
@@ -686,6 +694,17 @@ class RedisSteps:
                     result = await step()
                 except asyncio.CancelledError:
                     raise
+                except StateWentBack as exc:
+                    log.critical(
+                        "%s: Redis holds less than this worker applied (%s); exiting (status "
+                        "%d) without acknowledging the batch, so that the process started "
+                        "again resumes each partition after its watermark in Redis",
+                        what,
+                        exc,
+                        EXIT_STATE_WENT_BACK,
+                    )
+                    self.exit(EXIT_STATE_WENT_BACK)
+                    raise  # only when a test's exit returns
                 except Exception as exc:
                     kind = transient_error(exc)
                     if kind is None:

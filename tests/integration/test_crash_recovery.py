@@ -47,7 +47,7 @@ from freshrec.connections import kafka_config, redis_client, redis_sync_client
 from freshrec.evaluation.synth import SynthConfig, generate
 from freshrec.models.mf import predict_rating, rating_count_at, rating_part
 from freshrec.settings import Settings
-from freshrec.store.batch_update import BatchUpdater
+from freshrec.store.batch_update import BatchUpdater, StateWentBack
 from freshrec.store.keys import Keys
 from freshrec.store.vectors import decode_vector
 from freshrec.streams.events import Event
@@ -379,6 +379,41 @@ def test_a_partition_redelivered_beside_new_events_keeps_its_watermark(
     assert int(redis_client.get(keys.watermark("events/0"))) == 199
     assert int(redis_client.get(keys.watermark("events/1"))) == 99
     assert int(redis_client.hget(keys.worker_stats, "events")) == 300
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["single-redis-scripts", "cluster-safe"])
+def test_a_watermark_below_what_the_updater_wrote_stops_it_before_it_writes(
+    settings: Settings, redis_client: redis.Redis, atomic: bool
+) -> None:
+    """Redis restarted from an older snapshot holds a lower watermark than the one this
+    updater wrote: going on would leave the messages in between unapplied for good, so the
+    next batch of that partition raises instead of writing. Another worker's higher
+    watermark, or a partition this updater never wrote, is no such sign."""
+    keys = Keys(settings.key_prefix)
+    events = [Event("click", f"u{n % 5}", f"i{n % 9}", 1_700_000_000.0 + n) for n in range(40)]
+
+    async def run() -> StateWentBack:
+        client = Redis.from_url(settings.redis_url)
+        updater = BatchUpdater(client, keys, settings.model_config(), atomic)
+        try:
+            await updater.apply(events[:20], [("events/0", n) for n in range(20)])
+            await client.set(keys.watermark("events/0"), 29)  # another worker went on
+            await client.set(keys.watermark("events/1"), 3)  # never written here
+            await updater.apply(events[20:30], [("events/0", n) for n in range(25, 35)])
+            assert updater.written == {"events/0": 34}
+            await client.set(keys.watermark("events/0"), 24)  # back to an older state
+            with pytest.raises(StateWentBack) as raised:
+                await updater.apply(events[30:], [("events/1", 4 + n) for n in range(5)]
+                                    + [("events/0", 35 + n) for n in range(5)])  # fmt: skip
+            return raised.value
+        finally:
+            await client.aclose()
+
+    went_back = asyncio.run(run())
+    assert went_back.behind == {"events/0": (34, 24)}
+    assert "events/0 24 < 34" in str(went_back)
+    assert int(redis_client.hget(keys.worker_stats, "events")) == 25  # nothing written since
+    assert int(redis_client.get(keys.watermark("events/1"))) == 3
 
 
 @pytest.mark.parametrize("topology", ["single", "cluster"])

@@ -17,6 +17,7 @@ import pytest
 from redis import exceptions as redis_errors
 
 from freshrec.settings import Settings
+from freshrec.store.batch_update import StateWentBack
 from freshrec.store.keys import Keys
 from freshrec.streams.producer import EventProducer
 from freshrec.streams.worker import TRANSIENT_ERRORS, RedisSteps, transient_error
@@ -198,3 +199,16 @@ def test_an_error_retrying_cannot_fix_exits_without_returning() -> None:
     with pytest.raises(_Exited):
         asyncio.run(steps.run("a step", step))
     assert exits == [70] and not slept
+
+
+def test_redis_older_than_what_the_worker_wrote_exits_for_a_resume_after_its_watermarks() -> None:
+    exits: list[int] = []
+    slept: list[float] = []
+    steps = _steps(exits, slept)
+
+    async def step() -> None:
+        raise StateWentBack({"events/0": (29, 24)})
+
+    with pytest.raises(_Exited):
+        asyncio.run(steps.run("a step", step))
+    assert exits == [76] and not slept and steps.blocked == 0
