@@ -28,6 +28,10 @@ CHANGE = SynthConfig(
     seed=3,
 )
 CHUNK = 500
+DETECTIONS = (
+    "freshrec_drift_detections_total",
+    (("detector", "page_hinkley"), ("signal", "item_divergence")),
+)
 
 
 def test_a_new_popular_cluster_is_counted_logged_and_listed_at_drift(
@@ -50,25 +54,26 @@ def test_a_new_popular_cluster_is_counted_logged_and_listed_at_drift(
                     f"the worker to learn {learned} events",
                     poll_s=0.1,
                 )
-        samples = scrape(worker)
         with running_reader(metered, tmp_path / "reader.log") as (base, _):
-            status, body = http_json(f"{base}/drift")
-    assert status == 200
-    fired = [
-        f
-        for f in body["firings"]
-        if (f["signal"], f["detector"]) == ("item_divergence", "page_hinkley")
-    ]
-    drift_series = {k: v for k, v in samples.items() if k[0].startswith("freshrec_drift")}
-    assert fired, (body, drift_series)
+
+            def counted_and_listed() -> tuple[dict, list[dict]] | None:
+                # A firing of the last batch is counted a moment after its events, and listed
+                # a Redis write after that: wait for the worker's count and the list to agree.
+                status, body = http_json(f"{base}/drift")
+                assert status == 200, body
+                fired = [
+                    f
+                    for f in body["firings"]
+                    if (f["signal"], f["detector"]) == ("item_divergence", "page_hinkley")
+                ]
+                samples = scrape(worker)
+                counted = samples.get(DETECTIONS, 0.0)
+                return (samples, fired) if fired and counted == len(fired) else None
+
+            samples, fired = wait_until(
+                counted_and_listed, 30, "item-divergence firings, counted as many as listed"
+            )
     assert all(f["ts"] >= change_ts for f in fired), (change_ts, fired)
     assert fired[-1]["after"] > fired[-1]["before"]
-    counted = samples[
-        (
-            "freshrec_drift_detections_total",
-            (("detector", "page_hinkley"), ("signal", "item_divergence")),
-        )
-    ]
-    assert counted == len(fired)
     assert ("freshrec_drift_signal_mean", (("signal", "item_divergence"),)) in samples
     assert "drift detected: signal=item_divergence" in (tmp_path / "worker.log").read_text()
