@@ -84,17 +84,18 @@ class _Retry(Exception):
 
 
 class StateWentBack(Exception):
-    """A partition's watermark in Redis is below one this updater wrote: Redis lost writes it
-    had acknowledged (restarted from an older snapshot or backup, a failover to a replica that
-    was behind, a flush). Watermarks only ever move forward otherwise, whichever worker writes
-    them. Carrying on would leave the lost messages unapplied for good, since Kafka goes on
-    after what this process consumed; a process started again resumes after the watermarks
-    (`freshrec.streams.worker`)."""
+    """A partition's watermark in Redis is below one this updater wrote or read before: Redis
+    lost writes it had acknowledged (restarted from an older snapshot or backup, a failover to
+    a replica that was behind, a flush). Watermarks only ever move forward otherwise, whichever
+    worker writes them. Carrying on would leave the lost messages unapplied for good, since
+    Kafka goes on after what this process consumed; a process started again resumes after the
+    watermarks (`freshrec.streams.worker`). On Redis Cluster this watches the watermarks' own
+    slot only: a shard of other state that went back is not seen."""
 
     def __init__(self, behind: dict[str, tuple[int, int]]) -> None:
-        self.behind = behind  # partition label -> (watermark written here, watermark now)
-        shown = ", ".join(f"{lab} {now} < {wrote}" for lab, (wrote, now) in sorted(behind.items()))
-        super().__init__(f"offset watermarks below what this worker wrote: {shown}")
+        self.behind = behind  # partition label -> (highest watermark seen, watermark now)
+        shown = ", ".join(f"{lab} {now} < {seen}" for lab, (seen, now) in sorted(behind.items()))
+        super().__init__(f"offset watermarks below what this worker saw: {shown}")
 
 
 class BatchUpdater:
@@ -133,7 +134,9 @@ class BatchUpdater:
         self.step = StepSize(write_target_s, max_events)
         self.scripts = ServerScripts(redis)
         self.learner = InteractionLearner(config)
-        self.written: dict[str, int] = {}  # partition label -> highest watermark written here
+        # Partition label -> the highest watermark Redis has shown this updater or taken from
+        # it: a value it acknowledged, so never to be seen lower.
+        self.marks_seen: dict[str, int] = {}
 
     async def apply(
         self,
@@ -182,13 +185,11 @@ class BatchUpdater:
         read = self._read_script if self.atomic else self._read_pipelined
         snapshot, applied = await read(events, [self.keys.watermark(lab) for lab in labels])
         done = {lab: mark for lab, mark in zip(labels, applied, strict=True)}
-        behind = {
-            lab: (self.written[lab], mark)
-            for lab, mark in done.items()
-            if mark < self.written.get(lab, -1)
-        }
+        seen = self.marks_seen
+        behind = {lab: (seen[lab], mark) for lab, mark in done.items() if mark < seen.get(lab, -1)}
         if behind:
             raise StateWentBack(behind)
+        seen.update(done)
         positions = (
             [n for n, (lab, off) in enumerate(origins) if off > done[lab]]
             if origins
@@ -215,8 +216,7 @@ class BatchUpdater:
         else:
             await self._write_pipelined(writes, watermarks, len(keep), clock, touched_at)
         self.step.timed(len(keep), time.perf_counter() - began)
-        for lab in labels:
-            self.written[lab] = marks[lab]
+        seen.update(marks)
         result.max_ts = clock or 0.0
         return result
 

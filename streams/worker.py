@@ -35,10 +35,13 @@ exits at once with `EXIT_UNAPPLIED`, so the batch it holds is redelivered, not a
 
 Redis can also come back *older* than what it acknowledged: restarted from a snapshot or a
 backup, or a failover to a replica that was behind. A batch then reads a partition's offset
-watermark below one this process wrote (`freshrec.store.batch_update.StateWentBack`); the
-messages in between are in no state and Kafka will not send them again to this consumer. The
-worker exits at once with `EXIT_STATE_WENT_BACK`, unacknowledged; started again, it resumes
-each partition after its watermark (`resume_after_watermarks`), so they are applied, once.
+watermark below one this process wrote or read before
+(`freshrec.store.batch_update.StateWentBack`); the messages in between are in no state and
+Kafka will not send them again to this consumer. The worker exits at once with
+`EXIT_STATE_WENT_BACK`, unacknowledged; started again, it resumes each partition after its
+watermark (`resume_after_watermarks`), so they are applied, once. A partition whose watermark
+is gone altogether (a flush, a Redis that came back empty) resumes from the group's Kafka
+commits instead: what came before them is not replayed.
 
 A retried step is safe to repeat: the batch write is skipped by its offset watermarks if it
 landed, impressions are written with HSET (idempotent), clicks are attributed once (HDEL), and
@@ -696,7 +699,7 @@ class RedisSteps:
                     raise
                 except StateWentBack as exc:
                     log.critical(
-                        "%s: Redis holds less than this worker applied (%s); exiting (status "
+                        "%s: Redis holds less than it had acknowledged (%s); exiting (status "
                         "%d) without acknowledging the batch, so that the process started "
                         "again resumes each partition after its watermark in Redis",
                         what,

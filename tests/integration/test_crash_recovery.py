@@ -382,36 +382,48 @@ def test_a_partition_redelivered_beside_new_events_keeps_its_watermark(
 
 
 @pytest.mark.parametrize("atomic", [True, False], ids=["single-redis-scripts", "cluster-safe"])
-def test_a_watermark_below_what_the_updater_wrote_stops_it_before_it_writes(
+def test_a_watermark_below_one_the_updater_saw_stops_it_before_it_writes(
     settings: Settings, redis_client: redis.Redis, atomic: bool
 ) -> None:
-    """Redis restarted from an older snapshot holds a lower watermark than the one this
-    updater wrote: going on would leave the messages in between unapplied for good, so the
-    next batch of that partition raises instead of writing. Another worker's higher
-    watermark, or a partition this updater never wrote, is no such sign."""
+    """Redis restarted from an older snapshot holds a lower watermark than one this updater
+    wrote, or read (another worker's, or one it resumed after): going on would leave the
+    messages in between unapplied for good, so the next batch of that partition raises
+    instead of writing. A higher watermark, or a partition never seen here, is no such sign."""
     keys = Keys(settings.key_prefix)
     events = [Event("click", f"u{n % 5}", f"i{n % 9}", 1_700_000_000.0 + n) for n in range(40)]
 
-    async def run() -> StateWentBack:
+    async def run() -> list[StateWentBack]:
         client = Redis.from_url(settings.redis_url)
         updater = BatchUpdater(client, keys, settings.model_config(), atomic)
+        went_back = []
         try:
             await updater.apply(events[:20], [("events/0", n) for n in range(20)])
             await client.set(keys.watermark("events/0"), 29)  # another worker went on
-            await client.set(keys.watermark("events/1"), 3)  # never written here
+            await client.set(keys.watermark("events/1"), 3)  # not seen here yet
             await updater.apply(events[20:30], [("events/0", n) for n in range(25, 35)])
-            assert updater.written == {"events/0": 34}
+            assert updater.marks_seen == {"events/0": 34}
             await client.set(keys.watermark("events/0"), 24)  # back to an older state
             with pytest.raises(StateWentBack) as raised:
                 await updater.apply(events[30:], [("events/1", 4 + n) for n in range(5)]
                                     + [("events/0", 35 + n) for n in range(5)])  # fmt: skip
-            return raised.value
+            went_back.append(raised.value)
+            # A watermark only read here (every message redelivered, nothing written) counts
+            # as much as one written.
+            await client.set(keys.watermark("events/2"), 9)
+            await updater.apply(events[:5], [("events/2", n) for n in range(5)])
+            assert updater.marks_seen["events/2"] == 9
+            await client.set(keys.watermark("events/2"), 7)
+            with pytest.raises(StateWentBack) as raised:
+                await updater.apply(events[5:10], [("events/2", 10 + n) for n in range(5)])
+            went_back.append(raised.value)
+            return went_back
         finally:
             await client.aclose()
 
-    went_back = asyncio.run(run())
-    assert went_back.behind == {"events/0": (34, 24)}
-    assert "events/0 24 < 34" in str(went_back)
+    written, read = asyncio.run(run())
+    assert written.behind == {"events/0": (34, 24)}
+    assert "events/0 24 < 34" in str(written)
+    assert read.behind == {"events/2": (9, 7)}
     assert int(redis_client.hget(keys.worker_stats, "events")) == 25  # nothing written since
     assert int(redis_client.get(keys.watermark("events/1"))) == 3
 

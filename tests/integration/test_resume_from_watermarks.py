@@ -148,7 +148,7 @@ def test_a_running_worker_that_meets_an_older_redis_restarts_and_applies_what_wa
         stop_process(first)
     log = (tmp_path / "worker-1.log").read_text()
     assert first.returncode == 76, log[-3000:]
-    assert "Redis holds less than this worker applied" in log
+    assert "Redis holds less than it had acknowledged" in log
     assert run.applied() == HALF  # the batch that met the older state wrote nothing
 
     second = _worker(run.settings, tmp_path / "worker-2.log")
