@@ -12,8 +12,8 @@ items stamped in either. A list is read again when a request first needs it
 (``load_neighbours``, for the user's recent items): one event changes the lists of every item
 it pairs with, up to a hundred, and the row of its own item only, while a request reads a few
 lists. Staleness is bounded by the refresh interval plus one fetch: served MF scores and CF
-neighbours are never older than that. A rebase of the decay
-landmark reloads everything (every decayed statistic was rescaled).
+neighbours are never older than that. A rebase of the decay landmark reloads everything (every
+decayed statistic was rescaled).
 
 Items retired by retention (`freshrec.store.retention`) are read from their own sorted set on
 each refresh: a retired row is emptied and marked ``dead`` (the funnel never serves it) and its

@@ -13,13 +13,7 @@ from freshrec.settings import Settings
 from freshrec.store.keys import Keys
 from freshrec.streams.producer import EventProducer
 from freshrec.streams.recommendations_consumer import RecommendationsConsumer
-from tests.support import (
-    TopicReader,
-    applied_events,
-    drop_cluster_keys,
-    http_json,
-    wait_until,
-)
+from tests.support import TopicReader, applied_events, drop_cluster_keys, http_json, wait_until
 
 pytestmark = pytest.mark.integration
 
