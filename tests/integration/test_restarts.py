@@ -111,6 +111,12 @@ def own_redis_settings(settings: Settings, tmp_path: Path) -> Iterator[tuple[Set
     persistent = dataclasses.replace(settings, redis_persist=True)
     server = OwnService("redis", persistent, tmp_path / "redis")
     server.start()
+    with redis.Redis.from_url(server.address) as client:
+        # Every write acknowledged is in the file before the crash. With `everysec`, a slow
+        # fsync lets Redis hold back its file writes for up to 2 s while it still answers, and
+        # a SIGKILL then takes acknowledged writes with it: the worker would stop on the older
+        # state (exit 76, `test_resume_from_watermarks`), which needs a supervisor to restart it.
+        client.config_set("appendfsync", "always")
     try:
         yield _pipeline_settings(persistent, redis_url=server.address), server
     finally:

@@ -46,6 +46,8 @@ TS = 1_700_000_000.0
 EVENTS, USERS, ITEMS = 200_000, 50_000, 20_000
 TTL_S = 15
 """Idle time after which users and items go, in the replay (the defaults are 90 days)."""
+IDLE_S = 3
+"""The item TTL of the store-level retirement test, seconds."""
 MEMORY_BOUND = 2 * 2**20
 """Redis memory once idle, above its level before the replay: the fixed keys (watermarks,
 ranker, counters) and the last retirements, not one entry per user or item."""
@@ -81,14 +83,18 @@ def test_items_idle_for_the_ttl_are_retired_with_every_trace(
             index = ItemIndex(client, keys, cfg.factors)
             assert await index.refresh() == 4 and index.live == 4
             assert await retire_idle_items(client, keys, 3600, atomic) == 0
+            # a, b and c are idle for IDLE_S by the time d and e are written, which stay under
+            # it for IDLE_S more: the checks below have that long.
             written = _server_time(redis_client)
-            wait_until(lambda: _server_time(redis_client) > written + 1.0, 5, "a second to pass")
+            wait_until(
+                lambda: _server_time(redis_client) > written + IDLE_S, IDLE_S + 5, "idle items"
+            )
             await apply(
                 client, [Event("click", "u3", "d", TS + 7), Event("view", "u3", "e", TS + 8)]
             )
             assert "c" in zset(keys.neighbours("d"))
 
-            assert await retire_idle_items(client, keys, 1, atomic) == 3
+            assert await retire_idle_items(client, keys, IDLE_S, atomic) == 3
             gone = ["a", "b", "c"]
             for item in gone:
                 assert not redis_client.exists(keys.item_vector(item), keys.neighbours(item))
@@ -105,7 +111,7 @@ def test_items_idle_for_the_ttl_are_retired_with_every_trace(
             assert zset(keys.clicks) == {"d"}  # e was viewed
             assert "c" not in zset(keys.neighbours("d"))  # its pair, counted both ways
             assert redis_client.exists(keys.item_vector("d"), keys.item_vector("e")) == 2
-            assert await retire_idle_items(client, keys, 1, atomic) == 0
+            assert await retire_idle_items(client, keys, IDLE_S, atomic) == 0
 
             await index.refresh()
             assert index.live == 2 and len(index) == 5 and index.dead_rows == 3
