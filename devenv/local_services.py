@@ -45,7 +45,8 @@ REDIS_PERSISTENCE = (
 """How a redis-server freshrec starts keeps its state (``docker-compose.yml`` says the same).
 
 The append-only file is fsynced once a second: a crash of the process loses nothing
-acknowledged, a crash of the machine at most that last second. The models write increments
+acknowledged unless a slow disk had Redis hold back its file writes (up to 2 s while an fsync
+runs), a crash of the machine the last second or two. The models write increments
 (each event adds to dozens of co-occurrence and counter scores), so the file grows many times
 faster than the state it describes, and each compaction is a forked child writing the whole
 state, a core busy for as long. Compacting when the file has grown by P percent keeps a share
