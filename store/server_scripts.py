@@ -41,20 +41,6 @@ if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 return n
 """
 
-# KEYS[1]: sorted set.  ARGV: trim_to (0 = no trim), ttl (0 = none), then member, increment,
-# member, increment, ...  Many increments to one key cost one round of parsing, not one each;
-# the trim keeps the highest-scored trim_to members so memory stays bounded.
-ZINCRBY_MANY = """
-local trim_to = tonumber(ARGV[1])
-local ttl = tonumber(ARGV[2])
-for i = 3, #ARGV, 2 do
-  redis.call('ZINCRBY', KEYS[1], ARGV[i + 1], ARGV[i])
-end
-if trim_to > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -trim_to - 1) end
-if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
-return (#ARGV - 2) / 2
-"""
-
 # KEYS[1]: sorted set.  ARGV: members.  Adds them all scored with the Redis server's clock, the
 # one clock every worker shares, so readers can ask for "changed after the last stamp I saw".
 STAMP_NOW = """
@@ -64,23 +50,55 @@ for i = 1, #ARGV do redis.call('ZADD', KEYS[1], stamp, ARGV[i]) end
 return #ARGV
 """
 
-# Lua functions the rating side's writes share, on a single Redis and on Cluster alike.
-# add_rating_pairs: adds packed '<ffff' deltas (from byte ``at`` of ``deltas``) to the hash
-# ``key``'s members; past twice ``cap`` members, keeps the ``cap`` with the most co-raters (the
-# first float). add_doubles: adds packed float64 ``delta`` to the blob ``key`` (``base`` where it
-# is missing). push_records: pushes records cut from ``blob`` by ``lengths``, newest last, and
-# keeps the ``cap`` newest. Each returns the byte after what it read.
-RATING_WRITES = """
-local function add_rating_pairs(key, cap, members, deltas, at)
-  for j = 1, #members do
-    local c, s, a, o = struct.unpack('<ffff', deltas, at)
-    at = at + 16
-    local cur = redis.call('HGET', key, members[j])
-    if cur and #cur == 16 then
-      local c0, s0, a0, o0 = struct.unpack('<ffff', cur)
-      c, s, a, o = c + c0, s + s0, a + a0, o + o0
+MEMBERS_PER_COMMAND = 1000
+"""Members (or fields) per variadic command the scripts build (ZADD, ZMSCORE, HMGET, HSET,
+LPUSH): at most two Lua stack slots each, well under Lua's limit."""
+
+# Lua functions the scripts' writes share, on a single Redis and on Cluster alike. Every command
+# a script calls costs a call and, with persistence on, an entry in the append-only file, so they
+# write many members per command. zincrby_all: adds ``amounts`` (numbers or their strings) to the
+# scores of ``members`` in the sorted set ``key``: the same doubles as a ZINCRBY each, in one
+# ZMSCORE and one ZADD. add_rating_pairs: adds packed '<ffff' deltas (from byte ``at`` of
+# ``deltas``) to the hash ``key``'s members; past twice ``cap`` members, keeps the ``cap`` with the
+# most co-raters (the first float). add_doubles: adds packed float64 ``delta`` to the blob ``key``
+# (``base`` where it is missing). push_records: pushes records cut from ``blob`` by ``lengths``,
+# newest last, and keeps the ``cap`` newest. The last three return the byte after what they read.
+WRITE_HELPERS = (
+    f"local MEMBERS_PER_COMMAND = {MEMBERS_PER_COMMAND}\n"
+    + """
+local function zincrby_all(key, members, amounts)
+  if #members == 1 then
+    redis.call('ZINCRBY', key, amounts[1], members[1])
+    return
+  end
+  for first = 1, #members, MEMBERS_PER_COMMAND do
+    local last = math.min(first + MEMBERS_PER_COMMAND - 1, #members)
+    local old = redis.call('ZMSCORE', key, unpack(members, first, last))
+    local args = {}
+    for j = first, last do
+      args[#args + 1] = (tonumber(old[j - first + 1]) or 0) + tonumber(amounts[j])
+      args[#args + 1] = members[j]
     end
-    redis.call('HSET', key, members[j], struct.pack('<ffff', c, s, a, o))
+    redis.call('ZADD', key, unpack(args))
+  end
+end
+local function add_rating_pairs(key, cap, members, deltas, at)
+  for first = 1, #members, MEMBERS_PER_COMMAND do
+    local last = math.min(first + MEMBERS_PER_COMMAND - 1, #members)
+    local old = redis.call('HMGET', key, unpack(members, first, last))
+    local args = {}
+    for j = first, last do
+      local c, s, a, o = struct.unpack('<ffff', deltas, at)
+      at = at + 16
+      local cur = old[j - first + 1]
+      if cur and #cur == 16 then
+        local c0, s0, a0, o0 = struct.unpack('<ffff', cur)
+        c, s, a, o = c + c0, s + s0, a + a0, o + o0
+      end
+      args[#args + 1] = members[j]
+      args[#args + 1] = struct.pack('<ffff', c, s, a, o)
+    end
+    redis.call('HSET', key, unpack(args))
   end
   if cap > 0 and redis.call('HLEN', key) > 2 * cap then
     local all = redis.call('HGETALL', key)
@@ -102,19 +120,45 @@ local function add_doubles(key, delta, base)
   redis.call('SET', key, struct.pack(fmt, unpack(a, 1, n)))
 end
 local function push_records(key, cap, ttl, lengths, blob, at)
+  local records = {}
   for _, len in ipairs(lengths) do
-    redis.call('LPUSH', key, string.sub(blob, at, at + len - 1))
+    records[#records + 1] = string.sub(blob, at, at + len - 1)
     at = at + len
+  end
+  for first = 1, #records, MEMBERS_PER_COMMAND do
+    local last = math.min(first + MEMBERS_PER_COMMAND - 1, #records)
+    redis.call('LPUSH', key, unpack(records, first, last))
   end
   redis.call('LTRIM', key, 0, cap - 1)
   if ttl > 0 then redis.call('EXPIRE', key, ttl) end
   return at
 end
 """
+)
+
+# KEYS[1]: sorted set.  ARGV: trim_to (0 = no trim), ttl (0 = none), then member, increment,
+# member, increment, ...  Many increments to one key cost one round of parsing, not one each;
+# the trim keeps the highest-scored trim_to members so memory stays bounded.
+ZINCRBY_MANY = (
+    WRITE_HELPERS
+    + """
+local trim_to = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local members, amounts = {}, {}
+for i = 3, #ARGV, 2 do
+  members[#members + 1] = ARGV[i]
+  amounts[#amounts + 1] = ARGV[i + 1]
+end
+zincrby_all(KEYS[1], members, amounts)
+if trim_to > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -trim_to - 1) end
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+return #members
+"""
+)
 
 # KEYS[1]: an item's rating pairs.  ARGV[1]: cap, ARGV[2]: packed deltas, then the members.
 ADD_RATING_PAIRS = (
-    RATING_WRITES
+    WRITE_HELPERS
     + """
 local members = {}
 for i = 3, #ARGV do members[#members + 1] = ARGV[i] end
@@ -125,7 +169,7 @@ return #members
 
 # KEYS[1]: a packed float64 blob.  ARGV[1]: packed delta, ARGV[2]: the value where it is missing.
 ADD_DOUBLES = (
-    RATING_WRITES
+    WRITE_HELPERS
     + """
 add_doubles(KEYS[1], ARGV[1], ARGV[2])
 return 1
@@ -135,7 +179,7 @@ return 1
 # KEYS[1]: a user's rating records.  ARGV[1]: cap, ARGV[2]: ttl, ARGV[3..]: records, oldest
 # first.
 PUSH_RECORDS = (
-    RATING_WRITES
+    WRITE_HELPERS
     + """
 local lengths, blob = {}, {}
 for i = 3, #ARGV do lengths[#lengths + 1] = #ARGV[i]; blob[#blob + 1] = ARGV[i] end
@@ -189,25 +233,22 @@ return {landmark, redis.call('HMGET', q.mean, 'sum', 'n'), vectors, histories, m
 # and ARGV[8] each vector's base plus its delta, as this script would compute it. A vector
 # still equal to its base (no other worker wrote it since the read) or missing is set to
 # ARGV[8]'s value, without unpacking; only one written meanwhile gets the delta added. Sorted
-# sets that take one score per member take them in one ZADD of at most ``ZADD_CHUNK`` members.
-# Returns 0 without writing anything when a watermark is not what the batch was read against
-# (another worker applied these partitions meanwhile).
-ZADD_CHUNK = 1000
-"""Members per ZADD in `APPLY_BATCH`: two Lua stack slots each, well under Lua's limit."""
+# sets that take one score per member take them in one ZADD of at most ``MEMBERS_PER_COMMAND``
+# members. Returns 0 without writing anything when a watermark is not what the batch was read
+# against (another worker applied these partitions meanwhile).
 APPLY_BATCH = (
     """#!lua flags=no-cluster
 """
-    + f"local ZADD_CHUNK = {ZADD_CHUNK}\n"
-    + RATING_WRITES
+    + WRITE_HELPERS
     + """
 -- ZADD key [flag] of members, each with its own score (a list) or one score for all, in
--- commands of at most ZADD_CHUNK members (Lua's unpack has a stack limit).
+-- commands of at most MEMBERS_PER_COMMAND members (Lua's unpack has a stack limit).
 local function zadd_all(key, flag, members, scores)
   local one = type(scores) ~= 'table'
-  for first = 1, #members, ZADD_CHUNK do
+  for first = 1, #members, MEMBERS_PER_COMMAND do
     local args = {}
     if flag then args[1] = flag end
-    for j = first, math.min(first + ZADD_CHUNK - 1, #members) do
+    for j = first, math.min(first + MEMBERS_PER_COMMAND - 1, #members) do
       args[#args + 1] = one and scores or scores[j]
       args[#args + 1] = members[j]
     end
@@ -238,7 +279,7 @@ for i, key in ipairs(b.vectors) do
 end
 for _, z in ipairs(b.increments) do
   local key, trim, ttl, members, amounts = z[1], z[2], z[3], z[4], z[5]
-  for j = 1, #members do redis.call('ZINCRBY', key, amounts[j], members[j]) end
+  zincrby_all(key, members, amounts)
   if trim > 0 then redis.call('ZREMRANGEBYRANK', key, 0, -trim - 1) end
   if ttl > 0 then redis.call('EXPIRE', key, ttl) end
 end

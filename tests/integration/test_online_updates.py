@@ -38,7 +38,7 @@ from freshrec.store.batch_update import (
     BatchUpdater,
 )
 from freshrec.store.keys import Keys
-from freshrec.store.server_scripts import ZADD_CHUNK
+from freshrec.store.server_scripts import MEMBERS_PER_COMMAND
 from freshrec.store.vectors import decode_vector
 from freshrec.streams.events import Event
 
@@ -369,9 +369,9 @@ def test_a_write_with_more_members_than_one_zadd_chunk_sets_every_one(
     settings: Settings, redis_client, atomic: bool
 ) -> None:
     """One step of 1,500 first-seen items: the write script's ZADDs take them in chunks of
-    `ZADD_CHUNK`, and every item gets its own time."""
+    `MEMBERS_PER_COMMAND`, and every item gets its own time."""
     keys = Keys(settings.key_prefix)
-    count = ZADD_CHUNK + 500
+    count = MEMBERS_PER_COMMAND + 500
     events = [Event("click", f"u{n}", f"i{n}", TS + n) for n in range(count)]
 
     async def run() -> None:
@@ -388,6 +388,8 @@ def test_a_write_with_more_members_than_one_zadd_chunk_sets_every_one(
     first_seen = dict(redis_client.zrange(keys.item_first_seen, 0, -1, withscores=True))
     assert first_seen == {f"i{n}".encode(): TS + n for n in range(count)}
     assert redis_client.zcard(keys.updated_items) == count
+    occurrences = dict(redis_client.zrange(keys.occurrences, 0, -1, withscores=True))
+    assert len(occurrences) == count and min(occurrences.values()) > 0  # increments, chunked
     assert redis_client.zcard(keys.active_items) == count
     history = redis_client.zrange(keys.history(f"u{count - 1}"), 0, -1, withscores=True)
     assert history == [(f"i{count - 1}".encode(), TS + count - 1)]
