@@ -135,9 +135,14 @@ def run_memory_bench(
         client = redis_sync_client(settings)
         try:
             used_before = int(client.info("memory")["used_memory"])
+            redis_cpu, cpu = redis_cpu_seconds(client), time.process_time()
             started = time.perf_counter()
             asyncio.run(_learn(settings, keys, stream, say))
             learn_s = time.perf_counter() - started
+            cpu = time.process_time() - cpu
+            redis_after = redis_cpu_seconds(client)
+            if redis_cpu is not None and redis_after is not None:
+                redis_cpu = redis_after - redis_cpu
             used_after = int(client.info("memory")["used_memory"])
             say("bench memory: measuring every key")
             measured = measure_keys(client, keys)
@@ -145,8 +150,22 @@ def run_memory_bench(
             neighbours = _mean_length(client, keys, "cf:*")
         finally:
             client.close()
-    return summarise(measured, about, len(stream), learn_s, used_after - used_before,
-                     histories, neighbours)  # fmt: skip
+    result = summarise(measured, about, len(stream), learn_s, used_after - used_before,
+                       histories, neighbours)  # fmt: skip
+    per_event = 1e6 / max(len(stream), 1)
+    result["learn_cpu_us_per_event"] = round(cpu * per_event)
+    result["redis_cpu_us_per_event"] = None if redis_cpu is None else round(redis_cpu * per_event)
+    return result
+
+
+def redis_cpu_seconds(client: redis.Redis) -> float | None:
+    """The server's main-thread CPU seconds, user and system (what runs commands and scripts);
+    None where it does not report them (before Redis 6.2)."""
+    info = client.info("cpu")
+    fields = ("used_cpu_user_main_thread", "used_cpu_sys_main_thread")
+    if not all(field in info for field in fields):
+        return None
+    return sum(float(info[field]) for field in fields)
 
 
 async def _learn(settings: Settings, keys: Keys, stream: Sequence[Event], say: Say) -> None:
@@ -203,12 +222,19 @@ def summarise(measured: dict[str, Any], about: str, events: int, learn_s: float,
     }
 
 
+def _micros(value: int | None) -> str:
+    return "unknown" if value is None else f"{value:,} µs"
+
+
 def format_memory(result: dict[str, Any]) -> str:
     mib = 1024 * 1024
     return "\n".join(
         [
             f"Redis memory: {result['events']:,} events of {result['stream']} learned in "
             f"{result['learn_s']} s ({result['users']:,} users, {result['items']:,} items)",
+            f"  learning  {result['learn_cpu_us_per_event']:>9,} µs of this process's CPU and "
+            f"{_micros(result['redis_cpu_us_per_event'])} of Redis's per event (Redis's with "
+            "whatever else it served meanwhile)",
             f"  per user  {result['bytes_per_user']:>9,} bytes  "
             f"(factors and a history of {result['mean_history']} items on average)",
             f"  per item  {result['bytes_per_item']:>9,} bytes  "

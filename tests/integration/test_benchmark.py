@@ -196,5 +196,6 @@ def test_memory_per_user_and_per_item_counts_every_user_and_item_of_the_stream(
     assert result["mean_history"] == pytest.approx(mean_history, abs=0.05)
     assert result["bytes_per_user"] > 0 and result["bytes_per_item"] > 0
     assert result["bytes_per_waiting_user"] > 0
-    assert "per user" in format_memory(result)
+    assert result["learn_cpu_us_per_event"] > 0 and result["redis_cpu_us_per_event"] > 0
+    assert "per user" in format_memory(result) and "of Redis's per event" in format_memory(result)
     _assert_nothing_left(settings, "freshrec-bench-memory", "fr-bench-memory-*")
