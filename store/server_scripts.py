@@ -54,18 +54,15 @@ MEMBERS_PER_COMMAND = 1000
 """Members (or fields) per variadic command the scripts build (ZADD, ZMSCORE, HMGET, HSET,
 LPUSH): at most two Lua stack slots each, well under Lua's limit."""
 
-# Lua functions the scripts' writes share, on a single Redis and on Cluster alike. Every command
+# Lua functions the scripts' writes share, on a single Redis and on Cluster alike; each script
+# takes only those it calls (Cluster sends a script's whole text with every call). Every command
 # a script calls costs a call and, with persistence on, an entry in the append-only file, so they
-# write many members per command. zincrby_all: adds ``amounts`` (numbers or their strings) to the
-# scores of ``members`` in the sorted set ``key``: the same doubles as a ZINCRBY each, in one
-# ZMSCORE and one ZADD. add_rating_pairs: adds packed '<ffff' deltas (from byte ``at`` of
-# ``deltas``) to the hash ``key``'s members; past twice ``cap`` members, keeps the ``cap`` with the
-# most co-raters (the first float). add_doubles: adds packed float64 ``delta`` to the blob ``key``
-# (``base`` where it is missing). push_records: pushes records cut from ``blob`` by ``lengths``,
-# newest last, and keeps the ``cap`` newest. The last three return the byte after what they read.
-WRITE_HELPERS = (
-    f"local MEMBERS_PER_COMMAND = {MEMBERS_PER_COMMAND}\n"
-    + """
+# write many members per command (chunks of MEMBERS_PER_COMMAND, from `_CHUNK`).
+_CHUNK = f"local MEMBERS_PER_COMMAND = {MEMBERS_PER_COMMAND}\n"
+# zincrby_all: adds ``amounts`` (numbers or their strings) to the scores of ``members`` in the
+# sorted set ``key``: the same doubles as a ZINCRBY each, in a ZMSCORE and a ZADD per chunk (one
+# member: its ZINCRBY).
+_ZINCRBY_ALL = """
 local function zincrby_all(key, members, amounts)
   if #members == 1 then
     redis.call('ZINCRBY', key, amounts[1], members[1])
@@ -82,6 +79,11 @@ local function zincrby_all(key, members, amounts)
     redis.call('ZADD', key, unpack(args))
   end
 end
+"""
+# add_rating_pairs: adds packed '<ffff' deltas (from byte ``at`` of ``deltas``) to the hash
+# ``key``'s members, an HMGET and an HSET per chunk; past twice ``cap`` members, keeps the ``cap``
+# with the most co-raters (the first float). Returns the byte after what it read.
+_ADD_RATING_PAIRS = """
 local function add_rating_pairs(key, cap, members, deltas, at)
   for first = 1, #members, MEMBERS_PER_COMMAND do
     local last = math.min(first + MEMBERS_PER_COMMAND - 1, #members)
@@ -109,6 +111,9 @@ local function add_rating_pairs(key, cap, members, deltas, at)
   end
   return at
 end
+"""
+# add_doubles: adds packed float64 ``delta`` to the blob ``key`` (``base`` where it is missing).
+_ADD_DOUBLES = """
 local function add_doubles(key, delta, base)
   local n = #delta / 8
   local fmt = '<' .. string.rep('d', n)
@@ -119,6 +124,10 @@ local function add_doubles(key, delta, base)
   for i = 1, n do a[i] = a[i] + d[i] end
   redis.call('SET', key, struct.pack(fmt, unpack(a, 1, n)))
 end
+"""
+# push_records: pushes records cut from ``blob`` by ``lengths``, newest last, an LPUSH per
+# chunk, and keeps the ``cap`` newest. Returns the byte after what it read.
+_PUSH_RECORDS = """
 local function push_records(key, cap, ttl, lengths, blob, at)
   local records = {}
   for _, len in ipairs(lengths) do
@@ -134,13 +143,15 @@ local function push_records(key, cap, ttl, lengths, blob, at)
   return at
 end
 """
-)
+WRITE_HELPERS = _CHUNK + _ZINCRBY_ALL + _ADD_RATING_PAIRS + _ADD_DOUBLES + _PUSH_RECORDS
+"""Every helper, for `APPLY_BATCH`."""
 
 # KEYS[1]: sorted set.  ARGV: trim_to (0 = no trim), ttl (0 = none), then member, increment,
 # member, increment, ...  Many increments to one key cost one round of parsing, not one each;
 # the trim keeps the highest-scored trim_to members so memory stays bounded.
 ZINCRBY_MANY = (
-    WRITE_HELPERS
+    _CHUNK
+    + _ZINCRBY_ALL
     + """
 local trim_to = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
@@ -158,7 +169,8 @@ return #members
 
 # KEYS[1]: an item's rating pairs.  ARGV[1]: cap, ARGV[2]: packed deltas, then the members.
 ADD_RATING_PAIRS = (
-    WRITE_HELPERS
+    _CHUNK
+    + _ADD_RATING_PAIRS
     + """
 local members = {}
 for i = 3, #ARGV do members[#members + 1] = ARGV[i] end
@@ -169,7 +181,7 @@ return #members
 
 # KEYS[1]: a packed float64 blob.  ARGV[1]: packed delta, ARGV[2]: the value where it is missing.
 ADD_DOUBLES = (
-    WRITE_HELPERS
+    _ADD_DOUBLES
     + """
 add_doubles(KEYS[1], ARGV[1], ARGV[2])
 return 1
@@ -179,7 +191,8 @@ return 1
 # KEYS[1]: a user's rating records.  ARGV[1]: cap, ARGV[2]: ttl, ARGV[3..]: records, oldest
 # first.
 PUSH_RECORDS = (
-    WRITE_HELPERS
+    _CHUNK
+    + _PUSH_RECORDS
     + """
 local lengths, blob = {}, {}
 for i = 3, #ARGV do lengths[#lengths + 1] = #ARGV[i]; blob[#blob + 1] = ARGV[i] end

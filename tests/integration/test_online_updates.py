@@ -38,7 +38,7 @@ from freshrec.store.batch_update import (
     BatchUpdater,
 )
 from freshrec.store.keys import Keys
-from freshrec.store.server_scripts import MEMBERS_PER_COMMAND
+from freshrec.store.server_scripts import MEMBERS_PER_COMMAND, ServerScripts
 from freshrec.store.vectors import decode_vector
 from freshrec.streams.events import Event
 
@@ -393,6 +393,43 @@ def test_a_write_with_more_members_than_one_zadd_chunk_sets_every_one(
     assert redis_client.zcard(keys.active_items) == count
     history = redis_client.zrange(keys.history(f"u{count - 1}"), 0, -1, withscores=True)
     assert history == [(f"i{count - 1}".encode(), TS + count - 1)]
+
+
+def test_the_write_helpers_add_to_what_is_stored_exactly_past_one_chunk(
+    settings: Settings, redis_client
+) -> None:
+    """Past `MEMBERS_PER_COMMAND` members, onto members already stored: each score is the stored
+    double plus its amount, as a ZINCRBY each would leave it; each rating pair the float32 of the
+    summed statistics; and the records keep their order, newest first."""
+    keys, scripts = Keys(settings.key_prefix), ServerScripts(redis_client)
+    rng = np.random.default_rng(5)
+    count, new = MEMBERS_PER_COMMAND + 500, 100  # the last `new` members are not stored yet
+    members = [f"m{n}" for n in range(count)]
+    stored, amounts = (rng.normal(size=count) * 1e3).tolist(), rng.normal(size=count).tolist()
+
+    scored = keys.neighbours("chunked")
+    redis_client.zadd(scored, dict(zip(members[:-new], stored[:-new], strict=True)))
+    pairs = [x for member, amount in zip(members, amounts, strict=True) for x in (member, amount)]
+    assert scripts.zincrby_many(keys=[scored], args=[0, 0, *pairs]) == count
+    scores = dict(redis_client.zrange(scored, 0, -1, withscores=True))
+    expected = [old + amount for old, amount in zip(stored, amounts, strict=True)]
+    assert [scores[m.encode()] for m in members] == expected[:-new] + amounts[-new:]
+
+    pair_key = keys.rating_pairs("chunked")
+    old = rng.normal(size=(count, 4)).astype(np.float32)
+    delta = rng.normal(size=(count, 4)).astype(np.float32)
+    redis_client.hset(pair_key, mapping={m: old[n].tobytes() for n, m in enumerate(members[:-new])})
+    old[-new:] = 0.0
+    assert scripts.add_rating_pairs(keys=[pair_key], args=[count, delta.tobytes(), *members])
+    kept = redis_client.hgetall(pair_key)
+    summed = (old.astype(np.float64) + delta.astype(np.float64)).astype(np.float32)
+    assert all(kept[m.encode()] == summed[n].tobytes() for n, m in enumerate(members))
+
+    records_key = keys.rating_history("chunked")
+    redis_client.rpush(records_key, b"older")
+    records = [f"record {n}".encode() for n in range(count)]  # oldest first
+    assert scripts.push_records(keys=[records_key], args=[count, 0, *records]) == count
+    assert redis_client.lrange(records_key, 0, -1) == records[::-1][:count]
 
 
 def _summed(stored: np.ndarray, delta: np.ndarray) -> np.ndarray:
