@@ -135,14 +135,15 @@ def run_memory_bench(
         client = redis_sync_client(settings)
         try:
             used_before = int(client.info("memory")["used_memory"])
-            redis_cpu, cpu = redis_cpu_seconds(client), time.process_time()
+            redis_before, cpu_before = redis_cpu_seconds(client), time.process_time()
             started = time.perf_counter()
             asyncio.run(_learn(settings, keys, stream, say))
             learn_s = time.perf_counter() - started
-            cpu = time.process_time() - cpu
+            cpu = time.process_time() - cpu_before
             redis_after = redis_cpu_seconds(client)
-            if redis_cpu is not None and redis_after is not None:
-                redis_cpu = redis_after - redis_cpu
+            redis_cpu = (
+                None if redis_before is None or redis_after is None else redis_after - redis_before
+            )
             used_after = int(client.info("memory")["used_memory"])
             say("bench memory: measuring every key")
             measured = measure_keys(client, keys)
