@@ -39,9 +39,12 @@ watermark below one this process wrote or read before
 (`freshrec.store.batch_update.StateWentBack`); the messages in between are in no state and
 Kafka will not send them again to this consumer. The worker exits at once with
 `EXIT_STATE_WENT_BACK`, unacknowledged; started again, it resumes each partition after its
-watermark (`resume_after_watermarks`), so they are applied, once. A partition whose watermark
-is gone altogether (a flush, a Redis that came back empty) resumes from the group's Kafka
-commits instead: what came before them is not replayed.
+watermark (`resume_after_watermarks`), so they are applied, once. A Redis that lost
+everything (a flush, one that came back empty) has no watermark and no event clock: started
+again, the worker rebuilds it from the earliest offsets Kafka still holds, whatever the group
+committed. A partition whose watermark alone is gone, in a state that holds events (on Redis
+Cluster, a shard that lost the watermarks' slot), resumes from the group's commits: replaying
+the whole log into the rest of the state would apply it twice.
 
 A retried step is safe to repeat: the batch write is skipped by its offset watermarks if it
 landed, impressions are written with HSET (idempotent), clicks are attributed once (HDEL), and
@@ -323,7 +326,10 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
     @app.on_rebalance_complete.connect
     async def resume_after_watermarks(app: faust.App, **kwargs: Any) -> None:
         """Commit each assigned partition's offset as its watermark + 1, so that the seek to
-        the committed offsets that follows resumes right after what Redis holds."""
+        the committed offsets that follows resumes right after what Redis holds. In a state
+        that has applied no event at all (no event clock: a new Redis, a flush, one that came
+        back empty), partitions with no watermark start from the earliest offset Kafka holds,
+        whatever the group committed: the state is rebuilt from the log."""
         consumer = app.consumer
         owned = [tp for tp in consumer.assignment() if tp.topic in topic_label]
         if not owned:
@@ -336,6 +342,19 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             ),
         )
         resume = {tp: int(mark) + 1 for tp, mark in zip(owned, marks, strict=True) if mark}
+        unmarked = [tp for tp, mark in zip(owned, marks, strict=True) if not mark]
+        if unmarked and not await steps.run(
+            "reading the event clock", partial(updater.redis.exists, keys.event_clock)
+        ):
+            earliest = await consumer.earliest_offsets(*unmarked)
+            rebuild = {tp: int(earliest[tp]) for tp in unmarked}
+            await consumer._commit(rebuild)
+            for tp, offset in rebuild.items():  # the seek to the commits skips an offset of 0
+                await consumer.seek(tp, offset)
+            log.warning(
+                "the state holds no event: rebuilding it from the earliest offsets: %s",
+                _offsets_text(rebuild),
+            )
         if resume:
             await consumer._commit(resume)  # the transport's commit of given offsets
             log.info("resuming after the watermarks: %s", _offsets_text(resume))

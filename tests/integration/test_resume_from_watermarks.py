@@ -7,13 +7,17 @@ half of a stream, Redis is snapshotted (``SAVE``), the worker applies the second
 commits it, and stops; Redis is killed and started again from the snapshot. A new worker must
 apply the second half again, each event once: the totals, watermarks and histories end as if
 nothing had been lost. The second test does the same under a worker that keeps running: it
-meets the older watermarks with its next batch and exits (status 76) to be started again.
+meets the older watermarks with its next batch and exits (status 76) to be started again. It
+runs once more with Redis flushed under a running worker whose group has committed everything:
+started again, the worker rebuilds the state from the earliest offsets, not from the commits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +33,7 @@ from tests.support import OwnRedis, applied_events, freshrec_process, stop_proce
 pytestmark = pytest.mark.integration
 
 HALF = 2_000
+REST = 500  # events after Redis lost writes
 TS = 1_700_000_000.0
 
 
@@ -51,6 +56,15 @@ class _OwnRedisStream:
         self.server = own_redis
         self.keys = Keys(self.settings.key_prefix)
         self.client = redis.Redis.from_url(own_redis.url)
+
+    @contextlib.contextmanager
+    def worker(self, log_path: Path) -> Iterator[subprocess.Popen]:
+        """A worker on this stream, stopped (gracefully, so it commits) on leaving."""
+        proc = _worker(self.settings, log_path)
+        try:
+            yield proc
+        finally:
+            stop_process(proc)
 
     def applied(self) -> int:
         return applied_events(self.client, self.settings)
@@ -80,6 +94,34 @@ class _OwnRedisStream:
         self.server.start()
         self.client = redis.Redis.from_url(self.server.url)
 
+    def wait_for_commits_of_everything_applied(self) -> None:
+        ends = {int(k.decode().rsplit("/", 1)[1]): m + 1 for k, m in self.marks().items()}
+        wait_until(
+            lambda: {p: o for p, o in _committed(self.settings).items() if o >= 0} == ends,
+            60,
+            "Kafka to hold the commits of everything applied",
+        )
+
+    def stops_at_the_next_batch(
+        self, worker: subprocess.Popen, events: list[dict], log_path: Path
+    ) -> None:
+        """After Redis lost writes under ``worker``, its next batch (``events``) stops it with
+        status 76, writing nothing."""
+        applied = self.applied()
+        self.produce(events)
+        wait_until(lambda: worker.poll() is not None, 60, "the worker to stop on the state")
+        log = log_path.read_text()
+        assert worker.returncode == 76, log[-3000:]
+        assert "Redis holds less than it had acknowledged" in log
+        assert self.applied() == applied
+
+    def restarted_applies_each_once(self, events: list[dict], log_path: Path) -> str:
+        """A new worker applies ``events``, each once; returns its log."""
+        with self.worker(log_path):
+            wait_until(lambda: self.applied() >= len(events), 120, "the lost events applied")
+        self.assert_each_event_once(events)
+        return log_path.read_text()
+
     def assert_each_event_once(self, events: list[dict]) -> None:
         assert self.applied() == len(events)
         users = {e["user_id"] for e in events}
@@ -104,58 +146,58 @@ def test_a_redis_older_than_the_kafka_commits_gets_the_missing_events_again(
     settings: Settings, own_redis: OwnRedis, tmp_path: Path
 ) -> None:
     run = _OwnRedisStream(settings, own_redis)
-    first = _worker(run.settings, tmp_path / "worker-1.log")
-    try:
+    with run.worker(tmp_path / "worker-1.log"):  # its graceful stop commits what it applied
         saved = run.two_halves_with_a_snapshot_between()
         marks = run.marks()
-        ends = {int(k.decode().rsplit("/", 1)[1]): m + 1 for k, m in marks.items()}
-    finally:
-        stop_process(first)  # a graceful stop commits what it applied
-    wait_until(
-        lambda: {p: o for p, o in _committed(run.settings).items() if o >= 0} == ends,
-        60,
-        "Kafka to hold the commits of everything applied",
-    )
+    run.wait_for_commits_of_everything_applied()
 
     run.restart_from_the_snapshot()  # the first half only
     assert run.applied() == HALF and run.marks() == saved
 
-    second = _worker(run.settings, tmp_path / "worker-2.log")
-    try:
-        wait_until(lambda: run.applied() >= 2 * HALF, 120, "the second half applied again")
-        wait_until(lambda: run.marks() == marks, 30, "every watermark back where it was")
-    finally:
-        stop_process(second)
-    run.assert_each_event_once(_events(0, 2 * HALF))
-    assert "resuming after the watermarks" in (tmp_path / "worker-2.log").read_text()
+    log = run.restarted_applies_each_once(_events(0, 2 * HALF), tmp_path / "worker-2.log")
+    assert run.marks() == marks  # every watermark back where it was
+    assert "resuming after the watermarks" in log
     run.client.close()
 
 
+def _restored_from_a_snapshot(run: _OwnRedisStream) -> list[dict]:
+    """Redis goes back to a snapshot of the first half; returns every event sent."""
+    run.two_halves_with_a_snapshot_between()
+    run.restart_from_the_snapshot()
+    assert run.applied() == HALF
+    return _events(0, 2 * HALF)
+
+
+def _flushed_after_the_commits(run: _OwnRedisStream) -> list[dict]:
+    """Redis is emptied after the group committed everything; returns every event sent."""
+    run.produce(_events(0, HALF))
+    wait_until(lambda: run.applied() == HALF, 120, "the stream applied")
+    run.wait_for_commits_of_everything_applied()  # by the running worker
+    run.client.flushall()
+    return _events(0, HALF)
+
+
 @pytest.mark.timeout(300)
-def test_a_running_worker_that_meets_an_older_redis_restarts_and_applies_what_was_lost(
-    settings: Settings, own_redis: OwnRedis, tmp_path: Path
+@pytest.mark.parametrize(
+    ("lose_writes", "restart_says"),
+    [
+        (_restored_from_a_snapshot, "resuming after the watermarks"),
+        (_flushed_after_the_commits, "rebuilding it from the earliest offsets"),
+    ],
+    ids=["snapshot", "flush"],
+)
+def test_a_running_worker_that_meets_a_redis_that_lost_writes_stops_and_its_restart_applies_them(
+    settings: Settings,
+    own_redis: OwnRedis,
+    tmp_path: Path,
+    lose_writes: Callable[[_OwnRedisStream], list[dict]],
+    restart_says: str,
 ) -> None:
     run = _OwnRedisStream(settings, own_redis)
-    rest = 500
-    first = _worker(run.settings, tmp_path / "worker-1.log")
-    try:
-        run.two_halves_with_a_snapshot_between()
-        run.restart_from_the_snapshot()  # under the running worker
-        assert run.applied() == HALF
-        run.produce(_events(2 * HALF, rest))
-        wait_until(lambda: first.poll() is not None, 60, "the worker to stop on the older state")
-    finally:
-        stop_process(first)
-    log = (tmp_path / "worker-1.log").read_text()
-    assert first.returncode == 76, log[-3000:]
-    assert "Redis holds less than it had acknowledged" in log
-    assert run.applied() == HALF  # the batch that met the older state wrote nothing
-
-    second = _worker(run.settings, tmp_path / "worker-2.log")
-    try:
-        wait_until(lambda: run.applied() >= 2 * HALF + rest, 120, "what was lost, and the rest")
-    finally:
-        stop_process(second)
-    run.assert_each_event_once(_events(0, 2 * HALF + rest))
-    assert "resuming after the watermarks" in (tmp_path / "worker-2.log").read_text()
+    with run.worker(tmp_path / "worker-1.log") as first:
+        sent = lose_writes(run)  # under the running worker
+        rest = _events(len(sent), REST)
+        run.stops_at_the_next_batch(first, rest, tmp_path / "worker-1.log")
+    log = run.restarted_applies_each_once(sent + rest, tmp_path / "worker-2.log")
+    assert restart_says in log
     run.client.close()
