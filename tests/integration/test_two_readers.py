@@ -18,6 +18,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from freshrec.devenv.processes import wait_for
 from freshrec.settings import Settings
 from freshrec.streams.producer import EventProducer
@@ -31,6 +33,8 @@ from tests.support import (
     stop_process,
     wait_until,
 )
+
+pytestmark = pytest.mark.integration
 
 WAVE = 200
 MAX_WAVES = 20
