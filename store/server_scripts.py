@@ -82,7 +82,8 @@ end
 """
 # add_rating_pairs: adds packed '<ffff' deltas (from byte ``at`` of ``deltas``) to the hash
 # ``key``'s members, an HMGET and an HSET per chunk; past twice ``cap`` members, keeps the ``cap``
-# with the most co-raters (the first float). Returns the byte after what it read.
+# with the most co-raters (the first float), ties to the first members by name, so the kept set
+# does not depend on the order the hash lists its fields in. Returns the byte after what it read.
 _ADD_RATING_PAIRS = """
 local function add_rating_pairs(key, cap, members, deltas, at)
   for first = 1, #members, MEMBERS_PER_COMMAND do
@@ -106,7 +107,10 @@ local function add_rating_pairs(key, cap, members, deltas, at)
     local all = redis.call('HGETALL', key)
     local rows = {}
     for j = 1, #all, 2 do rows[#rows + 1] = {all[j], (struct.unpack('<f', all[j + 1]))} end
-    table.sort(rows, function(x, y) return x[2] > y[2] end)
+    table.sort(rows, function(x, y)
+      if x[2] ~= y[2] then return x[2] > y[2] end
+      return x[1] < y[1]
+    end)
     for j = cap + 1, #rows do redis.call('HDEL', key, rows[j][1]) end
   end
   return at
