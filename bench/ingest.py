@@ -497,10 +497,11 @@ def machine_cpu_seconds() -> tuple[float, float] | None:
 def busy_share(
     before: tuple[float, float] | None, after: tuple[float, float] | None
 ) -> float | None:
-    """The share of the machine's CPU time that was busy between two `machine_cpu_seconds`."""
+    """The share of the machine's CPU time that was busy between two `machine_cpu_seconds`
+    (at most 1: on a fully busy machine the two differences differ only by float rounding)."""
     if before is None or after is None or after[1] <= before[1]:
         return None
-    return (after[0] - before[0]) / (after[1] - before[1])
+    return min(1.0, (after[0] - before[0]) / (after[1] - before[1]))
 
 
 def worker_samples(port: int) -> list[Any]:
