@@ -29,7 +29,9 @@ to the next group's ``upto`` are learned as one batch, and so on (:func:`predict
   coverage of the top :data:`COVERAGE_K`; the share of hits on cold items (fewer than
   :data:`COLD_BELOW` interactions before the event). The baselines rank every item the state
   knows that the user has not interacted with in the state; an item the state does not know
-  yet is a miss for every system.
+  yet is a miss for every system. The targets are also scored by the user's history in the
+  state that predicted them (:meth:`Evaluation.by_history`): a model has to earn its place
+  over popularity where it has a handful of interactions to go on.
 
 Modes: ``direct`` runs the worker's update code
 (:class:`freshrec.store.batch_update.BatchUpdater`) and the reader's funnel
@@ -48,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import math
 import multiprocessing
 import os
@@ -80,6 +83,7 @@ from freshrec.evaluation.ranking_metrics import (
     TopNAccumulator,
     clip_predictions,
     hit_rate,
+    ndcg,
     pessimistic_ranks,
     rank_in_list,
 )
@@ -113,6 +117,8 @@ DEFAULT_LAG_S = 1.0
 """The default protocol: every event predicted from the events at least 1 s older."""
 FRESHNESS_LAGS_S = (1.0, 60.0, 3600.0, 86400.0)
 """The lags of *the value of freshness*: a second, a minute, an hour, a day."""
+HISTORY_SEGMENTS = (1, 5, 20, 100)
+"""Lower ends of the segments of ``by_history``, in interactions the state held for the user."""
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -261,6 +267,15 @@ class IndexedStream:
 
     def __len__(self) -> int:
         return len(self.events)
+
+    def learned_interactions(self, rows: np.ndarray, upto: np.ndarray) -> np.ndarray:
+        """Per row ``e``: the interactions of its user among the events ``[0, upto[e])``, the
+        history the state held for the user when ``e`` was predicted."""
+        n = len(self.events)
+        positions = np.flatnonzero(self.item >= 0)
+        keys = np.sort(self.user[positions] * (n + 1) + positions)
+        base = self.user[rows] * (n + 1)
+        return np.searchsorted(keys, base + upto[rows]) - np.searchsorted(keys, base)
 
     def topn_targets(self, upto: np.ndarray) -> np.ndarray:
         """Top-N targets: a user's first interaction with an item, the user having learned ones.
@@ -569,6 +584,31 @@ class Evaluation:
         """Every system's metrics, freshrec first."""
         return {name: self.scores[name].metrics(self.stream.item_ids) for name in SYSTEMS}
 
+    def by_history(self) -> dict[str, dict[str, Any]]:
+        """HR@10 and NDCG@10 of every system over the top-N targets of users whose history in
+        the state, when predicted, falls in each of :data:`HISTORY_SEGMENTS`: where a learned
+        model has little to go on and popularity is the bar to clear."""
+        rows = np.asarray(self.topn_positions, dtype=np.int64)
+        sizes = self.stream.learned_interactions(rows, self.upto)
+        ranks = {
+            name: np.concatenate(self.scores[name].ranks) if self.scores[name].ranks else None
+            for name in SYSTEMS
+        }
+        out: dict[str, dict[str, Any]] = {}
+        for low, high in itertools.pairwise((*HISTORY_SEGMENTS, None)):
+            inside = (sizes >= low) if high is None else (sizes >= low) & (sizes < high)
+            label = f"{low}+" if high is None else f"{low}-{high - 1}"
+            segment: dict[str, Any] = {"targets": int(inside.sum())}
+            for name, ranked in ranks.items():
+                if ranked is None or not inside.any():
+                    continue
+                segment[name] = {
+                    "hr@10": round(float(hit_rate(ranked[inside], 10).mean()), 6),
+                    "ndcg@10": round(float(ndcg(ranked[inside], 10).mean()), 6),
+                }
+            out[label] = segment
+        return out
+
     def summary(self) -> dict[str, Any]:
         item_ids = self.stream.item_ids
         rating, topn = self.scores["freshrec"].accumulators(item_ids)
@@ -586,6 +626,7 @@ class Evaluation:
         out["baselines_s"] = round(self.baseline_seconds, 2)
         metrics = self.system_metrics()
         out["baselines"] = {name: metrics[name] for name in SYSTEMS if name != "freshrec"}
+        out["by_history"] = self.by_history()
         if self.ablation:
             keep = ("hr@10", "hr@20", "ndcg@10", "mrr", "coverage")
             out["recall_ablation"] = {

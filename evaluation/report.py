@@ -62,6 +62,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     for key, label in _ROWS:
         cells = "".join(f"{_cell(values.get(key)):>16}" for _, values in columns)
         lines.append(f"{label:16}{cells}")
+    if summary.get("by_history"):
+        lines += ["", "HR@10 / NDCG@10 by the user's interactions in the state when predicted:"]
+        lines += history_table(summary["by_history"], markdown=False)
     if summary.get("freshness"):
         lines += [
             "",
@@ -92,6 +95,27 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("report"):
         lines.append(f"report: {summary['report']}")
     return "\n".join(lines)
+
+
+def history_table(by_history: dict[str, dict[str, Any]], markdown: bool = True) -> list[str]:
+    """``by_history`` as rows: a segment's targets, then every system's HR@10 / NDCG@10."""
+    names = [name for name in SYSTEMS if any(name in row for row in by_history.values())]
+    labels = [LABELS[name] for name in names]
+    if markdown:
+        out = ["| interactions | targets | " + " | ".join(labels) + " |"]
+        out.append("| --- | --- |" + " --- |" * len(names))
+    else:
+        out = [f"{'interactions':14}{'targets':>9}" + "".join(f"{n:>18}" for n in labels)]
+    for label, row in by_history.items():
+        cells = [
+            f"{_cell(row[n]['hr@10'])} / {_cell(row[n]['ndcg@10'])}" if n in row else "-"
+            for n in names
+        ]
+        if markdown:
+            out.append(f"| {label} | {row['targets']:,} | " + " | ".join(cells) + " |")
+        else:
+            out.append(f"{label:14}{row['targets']:>9,}" + "".join(f"{c:>18}" for c in cells))
+    return out
 
 
 def protocol_text(summary: dict[str, Any]) -> str:
@@ -206,6 +230,16 @@ def write_report(out_dir: Path, summary: dict[str, Any], evaluation: Evaluation)
         text += [
             f"Per rating, with no staleness at all (the updater's own prequential error): "
             f"RMSE {seq['rmse']:.4f}, MAE {seq['mae']:.4f}.",
+            "",
+        ]
+    if summary.get("by_history"):
+        text += [
+            "## By the user's history",
+            "",
+            "HR@10 / NDCG@10 over the top-N targets of users with this many interactions in the "
+            "state that predicted them.",
+            "",
+            *history_table(summary["by_history"]),
             "",
         ]
     if summary.get("freshness"):

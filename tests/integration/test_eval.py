@@ -85,6 +85,15 @@ def test_json_summary_has_every_required_key_and_a_report(
     assert summary["baselines"]["item_knn"]["rmse"] is None
     assert 0 < summary["hr@10"] <= summary["hr@20"] <= 1
     assert summary["ndcg@10"] <= summary["hr@10"] and summary["mrr"] <= summary["hr@20"]
+    # The targets split by the user's history in the state: every target in one segment.
+    segments = summary["by_history"].values()
+    assert sum(segment["targets"] for segment in segments) == summary["topn_events"]
+    for name in ("freshrec", *BASELINES):
+        hits = sum(seg[name]["hr@10"] * seg["targets"] for seg in segments if seg["targets"])
+        assert hits / summary["topn_events"] == pytest.approx(
+            summary["hr@10"] if name == "freshrec" else summary["baselines"][name]["hr@10"],
+            abs=1e-5,
+        ), name
     # The value of freshness: every system at every lag, the main run's lag not run twice.
     assert [entry["lag_s"] for entry in summary["freshness"]] == [1.0, 600.0]
     first, later = summary["freshness"]

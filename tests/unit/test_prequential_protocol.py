@@ -91,3 +91,20 @@ def test_items_are_known_to_a_state_in_order_of_first_interaction() -> None:
     assert stream.item.tolist() == [0, -1, 1, 0, 2]
     assert stream.known_items.tolist() == [0, 1, 1, 2, 2, 3]
     assert stream.prior_interactions.tolist() == [0, 0, 0, 1, 0]
+
+
+def test_a_users_learned_history_counts_their_interactions_in_the_predicting_state() -> None:
+    rng = np.random.default_rng(11)
+    kinds = ("rating", "view", "click", "impression")
+    rows = [
+        (f"u{rng.integers(6)}", f"i{rng.integers(9)}", float(t), kinds[rng.integers(4)])
+        for t in np.sort(rng.integers(0, 40, size=200))
+    ]
+    stream = IndexedStream.build(_events(rows))
+    upto = learned_upto(stream.ts, 3.0)
+    every = np.arange(len(rows))
+    sizes = stream.learned_interactions(every, upto)
+    for e in every.tolist():  # brute force: the user's interactions among [0, upto[e])
+        user = rows[e][0]
+        held = rows[: upto[e]]
+        assert sizes[e] == sum(u == user and kind != "impression" for u, _, _, kind in held)
