@@ -10,6 +10,7 @@ real reader over HTTP.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -69,9 +70,24 @@ class DirectBackend:
 
     def __init__(self, settings: Settings, redis: Redis) -> None:
         keys = Keys(settings.key_prefix)
-        self.funnel = Funnel(redis, keys, settings.funnel_config(), read_timeout_s=READ_TIMEOUT_S)
+        # Refreshed at fixed points of the walk (before a group's lists), never on the wall
+        # clock, and the choice ranker merged at each: the same stream ranks alike at any speed.
+        # (The reader's own timing decides both in pipeline mode.)
+        self.funnel = Funnel(
+            redis,
+            keys,
+            settings.funnel_config(),
+            max_staleness_s=math.inf,
+            choice_merge_s=0.0,
+            read_timeout_s=READ_TIMEOUT_S,
+        )
+        # Steps sized by count alone (doubling up to the most), not by how long writes take.
         self.updater = BatchUpdater(
-            redis, keys, settings.model_config(), atomic=settings.exactly_once
+            redis,
+            keys,
+            settings.model_config(),
+            atomic=settings.exactly_once,
+            write_target_s=math.inf,
         )
         self.rating_errors: list[float] = []
         self._index_behind = True  # the funnel's item snapshot misses learned batches
@@ -98,7 +114,9 @@ class DirectBackend:
             # asked for (ratings are read from Redis directly), so most batches skip it.
             await self.funnel.refresh()
             self._index_behind = False
-        return await _bounded([one(u) for u in users])
+        # One user after another: each list teaches the choice ranker the next one ranks with,
+        # so lists served side by side would learn in whatever order Redis answered them.
+        return [await one(user) for user in users]
 
     async def learn(self, events: Sequence[Event]) -> None:
         result = await self.updater.apply(events)

@@ -180,6 +180,10 @@ class Funnel:
     remembered_users
         Users whose last ranked candidates (and their features) are kept, to learn the choice
         ranker from what each does next; least recently served forgotten first.
+    choice_merge_s
+        How often (wall clock) a refresh adds what the choice ranker learned here to the state
+        the readers share, and continues from the sum. 0: at every refresh, so a replay that
+        refreshes at fixed points of its stream ranks alike however fast it runs.
     read_timeout_s
         How long a request waits for its user's state before it fails: a reader's deadline.
     """
@@ -193,6 +197,7 @@ class Funnel:
         rules: Sequence[BusinessRule] = (),
         max_staleness_s: float = 1.0,
         remembered_users: int = 10_000,
+        choice_merge_s: float = CHOICE_MERGE_S,
         read_timeout_s: float = 2.0,
     ) -> None:
         self.redis = redis
@@ -219,6 +224,7 @@ class Funnel:
         self.choice_ranker = ChoiceRanker()
         self._offered: OrderedDict[str, _Offered] = OrderedDict()
         self.remembered_users = remembered_users
+        self.choice_merge_s = choice_merge_s
         self._choices_merged_at = -math.inf
 
     async def refresh(self) -> None:
@@ -248,7 +254,7 @@ class Funnel:
         )
         pipe.get(keys.impressions_total)
         pipe.get(keys.event_clock)
-        merging = time.monotonic() - self._choices_merged_at >= CHOICE_MERGE_S
+        merging = time.monotonic() - self._choices_merged_at >= self.choice_merge_s
         taken: dict[str, float] = {}
         first_term = len(pipe)
         if merging:

@@ -8,15 +8,20 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from freshrec.devenv import local_services
+from freshrec.evaluation.backends import DirectBackend
 from freshrec.evaluation.fetch import ensure_dataset
 from freshrec.evaluation.prequential import run_eval
 from freshrec.evaluation.synth import SynthConfig, SynthStream, generate, write_jsonl
+from freshrec.serving import funnel as funnel_module
 from freshrec.settings import Settings
+from freshrec.store import batch_update as batch_update_module
 
 pytestmark = pytest.mark.integration
 
@@ -120,6 +125,54 @@ def test_a_lag_walked_in_a_process_of_its_own_equals_the_same_walk_alone(
     assert ours == {key: alone[key] for key in ours}
     assert {name: row["systems"][name] for name in BASELINES} == alone["baselines"]
     assert both["freshness"][0]["systems"]["freshrec"]["rmse"] == both["rmse"]
+
+
+class _SlowMachineClock:
+    """``time`` as a module sees it on a machine a thousand times slower: each monotonic or
+    performance-counter reading 5 s after the last."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        self.now += 5.0
+        return self.now
+
+    perf_counter = monotonic
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("protocol", [{"lag_s": 1.0}, {"chunk": 500}], ids=["lag", "chunk"])
+def test_a_direct_walk_gives_the_same_figures_however_fast_the_machine_runs(
+    base_settings: Settings,
+    small_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    protocol: dict[str, Any],
+) -> None:
+    """Direct mode follows the stream, not the wall clock: with the funnel's and the updater's
+    clocks a thousand times slower (every write looks slow, every refresh late), the choice
+    ranker ends with the same weights, to the bit, and every figure is the same."""
+    weights = []
+    close = DirectBackend.close
+
+    async def closing(backend: DirectBackend) -> None:
+        weights.append(backend.funnel.choice_ranker.weights())
+        await close(backend)
+
+    monkeypatch.setattr(DirectBackend, "close", closing)
+    walk = dict(mode="direct", show_progress=False, **protocol)
+    runs = [run_eval(base_settings, small_file, **walk)]
+    monkeypatch.setattr(funnel_module, "time", _SlowMachineClock())
+    monkeypatch.setattr(batch_update_module, "time", _SlowMachineClock())
+    runs.append(run_eval(base_settings, small_file, **walk))
+    assert len(weights) == 2 and weights[0] == weights[1]
+    assert any(weights[0].values())  # the ranker learned from the walk
+    figures = ("rmse", "mae", "hr@10", "hr@20", "ndcg@10", "mrr", "coverage", "by_history")
+    assert [{key: run[key] for key in figures} for run in runs[1:]] == [
+        {key: runs[0][key] for key in figures}
+    ]
 
 
 def test_pipeline_rmse_is_within_one_percent_of_direct(
