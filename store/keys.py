@@ -115,6 +115,13 @@ class Keys:
         return f"{self.prefix}:{{{self.prefix}:wm}}:{partition}"
 
     @property
+    def built_from_log(self) -> str:
+        """Wall time (unix s) a worker found the state empty and began it from the earliest
+        offsets Kafka held: while it exists, a partition with no watermark starts there too.
+        In the watermarks' slot, outside the pattern of their names."""
+        return f"{self.prefix}:{{{self.prefix}:wm}}.from-log"
+
+    @property
     def item_first_seen(self) -> str:
         """Sorted set item -> event time of its first interaction (catalog, item age)."""
         return self._items_stat("first")

@@ -41,10 +41,13 @@ Kafka will not send them again to this consumer. The worker exits at once with
 `EXIT_STATE_WENT_BACK`, unacknowledged; started again, it resumes each partition after its
 watermark (`resume_after_watermarks`), so they are applied, once. A Redis that lost
 everything (a flush, one that came back empty) has no watermark and no event clock: started
-again, the worker rebuilds it from the earliest offsets Kafka still holds, whatever the group
-committed. A partition whose watermark alone is gone, in a state that holds events (on Redis
-Cluster, a shard that lost the watermarks' slot), resumes from the group's commits: replaying
-the whole log into the rest of the state would apply it twice.
+again, the worker marks the state as built from the log and starts every partition without a
+watermark at the earliest offset Kafka still holds, whatever the group committed; other
+workers that find the mark do the same. A partition whose watermark alone is gone from a
+state that holds events and no such mark resumes from the group's commits: replaying the
+whole log into the rest of the state would apply it twice. On Redis Cluster a node that lost
+the watermarks' slot may have taken the event clock with it while other nodes kept their
+state, so there the worker never rebuilds by itself and resumes from the commits.
 
 A retried step is safe to repeat: the batch write is skipped by its offset watermarks if it
 landed, impressions are written with HSET (idempotent), clicks are attributed once (HDEL), and
@@ -326,35 +329,40 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
     @app.on_rebalance_complete.connect
     async def resume_after_watermarks(app: faust.App, **kwargs: Any) -> None:
         """Commit each assigned partition's offset as its watermark + 1, so that the seek to
-        the committed offsets that follows resumes right after what Redis holds. In a state
-        that has applied no event at all (no event clock: a new Redis, a flush, one that came
-        back empty), partitions with no watermark start from the earliest offset Kafka holds,
-        whatever the group committed: the state is rebuilt from the log."""
+        the committed offsets that follows resumes right after what Redis holds. A state built
+        from the log (`state_built_from_log`) starts its partitions with no watermark at the
+        earliest offset Kafka holds instead, whatever the group committed."""
         consumer = app.consumer
         owned = [tp for tp in consumer.assignment() if tp.topic in topic_label]
         if not owned:
             return
         updater, _ = await ready()
+        labels = [f"{tp.topic}/{tp.partition}" for tp in owned]
         marks = await steps.run(
             "reading the offset watermarks",
-            partial(
-                updater.redis.mget, [keys.watermark(f"{tp.topic}/{tp.partition}") for tp in owned]
-            ),
+            partial(updater.redis.mget, [keys.watermark(label) for label in labels]),
         )
+        seen = updater.marks_seen  # read from Redis: never to be seen lower (StateWentBack)
+        for label, mark in zip(labels, marks, strict=True):
+            if mark:
+                seen[label] = max(int(mark), seen.get(label, -1))
         resume = {tp: int(mark) + 1 for tp, mark in zip(owned, marks, strict=True) if mark}
         unmarked = [tp for tp, mark in zip(owned, marks, strict=True) if not mark]
-        if unmarked and not await steps.run(
-            "reading the event clock", partial(updater.redis.exists, keys.event_clock)
-        ):
-            earliest = await consumer.earliest_offsets(*unmarked)
-            rebuild = {tp: int(earliest[tp]) for tp in unmarked}
-            await consumer._commit(rebuild)
-            for tp, offset in rebuild.items():  # the seek to the commits skips an offset of 0
-                await consumer.seek(tp, offset)
-            log.warning(
-                "the state holds no event: rebuilding it from the earliest offsets: %s",
-                _offsets_text(rebuild),
+        if unmarked and updater.atomic:
+            from_log = await steps.run(
+                "reading where the state began", partial(state_built_from_log, updater.redis, keys)
             )
+            if from_log:
+                earliest = await consumer.earliest_offsets(*unmarked)
+                rebuild = {tp: int(earliest[tp]) for tp in unmarked}
+                await consumer._commit(rebuild)
+                for tp, offset in rebuild.items():  # the seek to the commits skips offset 0
+                    await consumer.seek(tp, offset)
+                log.warning(
+                    "the state is built from the log: starting partitions with no watermark "
+                    "at the earliest offsets: %s",
+                    _offsets_text(rebuild),
+                )
         if resume:
             await consumer._commit(resume)  # the transport's commit of given offsets
             log.info("resuming after the watermarks: %s", _offsets_text(resume))
@@ -811,6 +819,23 @@ def _batch_context(batch: list[Any]) -> str:
         span = spans.setdefault(label, [offset, offset])
         span[0], span[1] = min(span[0], offset), max(span[1], offset)
     return ", ".join(f"{label}@{lo}-{hi}" for label, (lo, hi) in sorted(spans.items()))
+
+
+async def state_built_from_log(redis: Any, keys: Keys) -> bool:
+    """Whether the state began from the earliest offsets Kafka held: it says so, or it holds
+    no event at all (no event clock: a new Redis, a flush, one that came back empty), and then
+    it is marked so. The mark outlives the first batch, so a worker that looks after another
+    has begun the rebuild starts its own partitions at the earliest offsets too."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.exists(keys.built_from_log)
+    pipe.exists(keys.event_clock)
+    marked, clocked = await pipe.execute()
+    if marked:
+        return True
+    if clocked:
+        return False
+    await redis.set(keys.built_from_log, repr(time.time()), nx=True)
+    return True
 
 
 def _offsets_text(offsets: dict[Any, int]) -> str:

@@ -10,10 +10,13 @@ nothing had been lost. The second test does the same under a worker that keeps r
 meets the older watermarks with its next batch and exits (status 76) to be started again. It
 runs once more with Redis flushed under a running worker whose group has committed everything:
 started again, the worker rebuilds the state from the earliest offsets, not from the commits.
+A worker that has only read the watermarks, never written one, stops on a flush too; and the
+mark a rebuild leaves sends every later worker's unwatermarked partitions to the earliest too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import subprocess
@@ -22,12 +25,14 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from confluent_kafka import Consumer, TopicPartition
 
 from freshrec.connections import kafka_config
 from freshrec.settings import Settings
 from freshrec.store.keys import Keys
 from freshrec.streams.producer import EventProducer
+from freshrec.streams.worker import state_built_from_log
 from tests.support import OwnRedis, applied_events, freshrec_process, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
@@ -182,7 +187,7 @@ def _flushed_after_the_commits(run: _OwnRedisStream) -> list[dict]:
     ("lose_writes", "restart_says"),
     [
         (_restored_from_a_snapshot, "resuming after the watermarks"),
-        (_flushed_after_the_commits, "rebuilding it from the earliest offsets"),
+        (_flushed_after_the_commits, "starting partitions with no watermark at the earliest"),
     ],
     ids=["snapshot", "flush"],
 )
@@ -201,3 +206,49 @@ def test_a_running_worker_that_meets_a_redis_that_lost_writes_stops_and_its_rest
     log = run.restarted_applies_each_once(sent + rest, tmp_path / "worker-2.log")
     assert restart_says in log
     run.client.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_that_only_read_the_watermarks_stops_on_a_flush_and_its_restart_rebuilds(
+    settings: Settings, own_redis: OwnRedis, tmp_path: Path
+) -> None:
+    run = _OwnRedisStream(settings, own_redis)
+    with run.worker(tmp_path / "worker-0.log"):
+        run.produce(_events(0, HALF))
+        wait_until(lambda: run.applied() == HALF, 120, "the stream applied")
+    run.wait_for_commits_of_everything_applied()
+    watched = tmp_path / "worker-1.log"
+    with run.worker(watched) as first:  # it applies nothing before the flush
+        wait_until(lambda: "resuming after the watermarks" in watched.read_text(), 60, "a resume")
+        run.client.flushall()
+        run.stops_at_the_next_batch(first, _events(HALF, REST), watched)
+    log = run.restarted_applies_each_once(_events(0, HALF + REST), tmp_path / "worker-2.log")
+    assert "starting partitions with no watermark at the earliest" in log
+    run.client.close()
+
+
+def test_a_state_is_built_from_the_log_when_it_holds_no_event_or_says_so(
+    settings: Settings, redis_client
+) -> None:
+    if settings.redis_cluster:
+        pytest.skip("a worker on Redis Cluster never rebuilds by itself")
+    keys = Keys(settings.key_prefix)
+
+    async def decide() -> bool:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            return await state_built_from_log(client, keys)
+        finally:
+            await client.aclose()
+
+    try:
+        redis_client.set(keys.event_clock, TS)
+        assert not asyncio.run(decide())  # events, no mark: the commits hold
+        assert not redis_client.exists(keys.built_from_log)
+        redis_client.delete(keys.event_clock)
+        assert asyncio.run(decide())  # no event: begun from the log, and marked so
+        assert redis_client.exists(keys.built_from_log)
+        redis_client.set(keys.event_clock, TS)  # another worker's first batch landed
+        assert asyncio.run(decide())  # the mark still says so
+    finally:
+        redis_client.delete(keys.event_clock, keys.built_from_log)
