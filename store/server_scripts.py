@@ -82,8 +82,9 @@ end
 """
 # add_rating_pairs: adds packed '<ffff' deltas (from byte ``at`` of ``deltas``) to the hash
 # ``key``'s members, an HMGET and an HSET per chunk; past twice ``cap`` members, keeps the ``cap``
-# with the most co-raters (the first float), ties to the first members by name, so the kept set
-# does not depend on the order the hash lists its fields in. Returns the byte after what it read.
+# with the most co-raters (the first float; NaN as none), ties to the first members in byte order
+# (Lua's ``<`` on strings follows the server's locale), so the kept set depends neither on the
+# order the hash lists its fields in nor on the server. Returns the byte after what it read.
 _ADD_RATING_PAIRS = """
 local function add_rating_pairs(key, cap, members, deltas, at)
   for first = 1, #members, MEMBERS_PER_COMMAND do
@@ -106,10 +107,19 @@ local function add_rating_pairs(key, cap, members, deltas, at)
   if cap > 0 and redis.call('HLEN', key) > 2 * cap then
     local all = redis.call('HGETALL', key)
     local rows = {}
-    for j = 1, #all, 2 do rows[#rows + 1] = {all[j], (struct.unpack('<f', all[j + 1]))} end
+    for j = 1, #all, 2 do
+      local count = struct.unpack('<f', all[j + 1])
+      if count ~= count then count = -math.huge end
+      rows[#rows + 1] = {all[j], count}
+    end
     table.sort(rows, function(x, y)
       if x[2] ~= y[2] then return x[2] > y[2] end
-      return x[1] < y[1]
+      local a, b = x[1], y[1]
+      for i = 1, math.min(#a, #b) do
+        local p, q = string.byte(a, i), string.byte(b, i)
+        if p ~= q then return p < q end
+      end
+      return #a < #b
     end)
     for j = cap + 1, #rows do redis.call('HDEL', key, rows[j][1]) end
   end

@@ -204,15 +204,16 @@ def test_an_items_rating_pairs_past_twice_the_cap_keep_the_most_co_rated(
 def test_rating_pairs_trimmed_among_equal_counts_keep_the_first_by_name(
     settings: Settings, redis_client
 ) -> None:
-    """Past the cap, partners with equal co-rater counts are kept by name, not in the order the
-    hash lists its fields (a large hash's order follows the server's random hash seed), so
-    every replay of a stream, on any server, keeps the same partners."""
+    """Past the cap, partners with equal co-rater counts are kept by name in byte order, not in
+    the order the hash lists its fields (a large hash's order follows the server's random hash
+    seed) nor by the server's locale, so every replay of a stream keeps the same partners."""
     from freshrec.store.server_scripts import ServerScripts
 
     key = Keys(settings.key_prefix).rating_pairs("tied")
     scripts = ServerScripts(redis_client)
     cap = 300  # twice it is past the listpack limits: 128 by default, 512 on local servers
-    counts = {f"q{n:03d}": 2.0 if n % 5 == 0 else 1.0 for n in range(2 * cap + 1)}
+    # Upper and lower case: byte order puts "Q" before "q", a UTF-8 locale's collation after.
+    counts = {f"{'Qq'[n % 2]}{n:03d}": 2.0 if n % 5 == 0 else 1.0 for n in range(2 * cap + 1)}
     deltas = b"".join(np.array([c, 0.5, 1, 2], "<f4").tobytes() for c in counts.values())
     members = list(counts)
     try:
@@ -220,7 +221,7 @@ def test_rating_pairs_trimmed_among_equal_counts_keep_the_first_by_name(
         assert redis_client.hlen(key) == 2 * cap  # the hash's own encoding, not a listpack
         assert redis_client.object("encoding", key) == b"hashtable"
         scripts.add_rating_pairs(keys=[key], args=[cap, deltas[16 * 2 * cap :], members[-1]])
-        kept = sorted(counts, key=lambda m: (-counts[m], m))[:cap]
+        kept = sorted(counts, key=lambda m: (-counts[m], m.encode()))[:cap]
         assert sorted(p.decode() for p in redis_client.hkeys(key)) == sorted(kept)
     finally:
         redis_client.delete(key)
