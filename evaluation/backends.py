@@ -27,7 +27,7 @@ from freshrec.streams.events import Event
 from freshrec.streams.producer import EventProducer
 
 CONCURRENCY = 32
-"""Requests in flight to the reader (pipeline) or to Redis through the funnel (direct)."""
+"""Requests in flight to the reader (pipeline mode)."""
 APPLY_TIMEOUT_S = 120.0
 RETRY_503_S = 60.0
 """How long the pipeline mode retries a request the reader sheds with 503 and Retry-After."""
@@ -71,15 +71,10 @@ class DirectBackend:
     def __init__(self, settings: Settings, redis: Redis) -> None:
         keys = Keys(settings.key_prefix)
         # Refreshed at fixed points of the walk (before a group's lists), never on the wall
-        # clock, and the choice ranker merged at each: the same stream ranks alike at any speed.
-        # (The reader's own timing decides both in pipeline mode.)
+        # clock: the same stream ranks alike at any speed (in pipeline mode, the reader's own
+        # timing decides).
         self.funnel = Funnel(
-            redis,
-            keys,
-            settings.funnel_config(),
-            max_staleness_s=math.inf,
-            choice_merge_s=0.0,
-            read_timeout_s=READ_TIMEOUT_S,
+            redis, keys, settings.funnel_config(), deterministic=True, read_timeout_s=READ_TIMEOUT_S
         )
         # Steps sized by count alone (doubling up to the most), not by how long writes take.
         self.updater = BatchUpdater(

@@ -180,10 +180,12 @@ class Funnel:
     remembered_users
         Users whose last ranked candidates (and their features) are kept, to learn the choice
         ranker from what each does next; least recently served forgotten first.
-    choice_merge_s
-        How often (wall clock) a refresh adds what the choice ranker learned here to the state
-        the readers share, and continues from the sum. 0: at every refresh, so a replay that
-        refreshes at fixed points of its stream ranks alike however fast it runs.
+    deterministic
+        For a replay that refreshes at fixed points of its stream (``freshrec eval``'s direct
+        mode): no request starts a refresh on the wall clock (only the first waits for one),
+        every refresh adds what the choice ranker learned to the shared state (a reader does so
+        every `CHOICE_MERGE_S`), and MF recall's cells refit in the foreground. Then the same
+        stream gives the same lists however fast the machine runs.
     read_timeout_s
         How long a request waits for its user's state before it fails: a reader's deadline.
     """
@@ -197,14 +199,18 @@ class Funnel:
         rules: Sequence[BusinessRule] = (),
         max_staleness_s: float = 1.0,
         remembered_users: int = 10_000,
-        choice_merge_s: float = CHOICE_MERGE_S,
+        deterministic: bool = False,
         read_timeout_s: float = 2.0,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.config = config
         self.index = index or ItemIndex(
-            redis, keys, config.factors, max(NEIGHBOURS_KEPT, config.recall_per_seed)
+            redis,
+            keys,
+            config.factors,
+            max(NEIGHBOURS_KEPT, config.recall_per_seed),
+            refit_in_background=not deterministic,
         )
         self.rules = list(rules)
         self.max_staleness_s = max_staleness_s
@@ -224,7 +230,7 @@ class Funnel:
         self.choice_ranker = ChoiceRanker()
         self._offered: OrderedDict[str, _Offered] = OrderedDict()
         self.remembered_users = remembered_users
-        self.choice_merge_s = choice_merge_s
+        self.deterministic = deterministic
         self._choices_merged_at = -math.inf
 
     async def refresh(self) -> None:
@@ -254,7 +260,7 @@ class Funnel:
         )
         pipe.get(keys.impressions_total)
         pipe.get(keys.event_clock)
-        merging = time.monotonic() - self._choices_merged_at >= self.choice_merge_s
+        merging = self.deterministic or time.monotonic() - self._choices_merged_at >= CHOICE_MERGE_S
         taken: dict[str, float] = {}
         first_term = len(pipe)
         if merging:
@@ -350,11 +356,10 @@ class Funnel:
         the end, even if a refresh swaps in a rebuilt index meanwhile: rows mean the items of
         one index only."""
         cfg = config or self.config
-        if self.index.staleness_s > self.max_staleness_s:
-            if self.index.last_refresh:  # serve the snapshot; catch up in the background
-                self._start_refresh()
-            else:
-                await self.refresh()
+        if not self.index.last_refresh:
+            await self.refresh()
+        elif self.index.staleness_s > self.max_staleness_s and not self.deterministic:
+            self._start_refresh()  # serve the snapshot; catch up in the background
         clock = _Clock()
         user = await self._user(user_id, cfg)
         if learn:

@@ -64,9 +64,19 @@ class ItemIndex:
         k: the stored vectors are ``[b, p_1..p_k, y_1..y_k, n]``; the index keeps ``y``.
     neighbours
         How many of each item's strongest neighbours to keep.
+    refit_in_background
+        MF recall's cells refit on a thread and are adopted when it finishes (a reader); False:
+        at once, so the cells depend on the state alone (a replay).
     """
 
-    def __init__(self, redis: Redis, keys: Keys, factors: int, neighbours: int = 50) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        factors: int,
+        neighbours: int = 50,
+        refit_in_background: bool = True,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.scripts = ServerScripts(redis)
@@ -90,7 +100,7 @@ class ItemIndex:
         self.retired_at = 0.0  # newest retirement stamp applied
         self.missed_retirements = False  # idle for longer than retirement records are kept
         self.last_refresh = 0.0  # wall time the last refresh finished
-        self.cells = CellIndex(factors, background=True)  # MF recall's search over the matrix
+        self.cells = CellIndex(factors, background=refit_in_background)  # MF recall's search
 
     def __len__(self) -> int:
         """Rows, dead ones included: the length of every per-row array the funnel builds."""

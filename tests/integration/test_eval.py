@@ -20,6 +20,7 @@ from freshrec.evaluation.fetch import ensure_dataset
 from freshrec.evaluation.prequential import run_eval
 from freshrec.evaluation.synth import SynthConfig, SynthStream, generate, write_jsonl
 from freshrec.serving import funnel as funnel_module
+from freshrec.serving import item_index as item_index_module
 from freshrec.settings import Settings
 from freshrec.store import batch_update as batch_update_module
 
@@ -128,8 +129,8 @@ def test_a_lag_walked_in_a_process_of_its_own_equals_the_same_walk_alone(
 
 
 class _SlowMachineClock:
-    """``time`` as a module sees it on a machine a thousand times slower: each monotonic or
-    performance-counter reading 5 s after the last."""
+    """``time`` as a module sees it on a machine a thousand times slower: each reading of the
+    wall clock, the monotonic clock or the performance counter 5 s after the last."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -138,7 +139,7 @@ class _SlowMachineClock:
         self.now += 5.0
         return self.now
 
-    perf_counter = monotonic
+    perf_counter = time = monotonic
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
@@ -151,9 +152,10 @@ def test_a_direct_walk_gives_the_same_figures_however_fast_the_machine_runs(
     monkeypatch: pytest.MonkeyPatch,
     protocol: dict[str, Any],
 ) -> None:
-    """Direct mode follows the stream, not the wall clock: with the funnel's and the updater's
-    clocks a thousand times slower (every write looks slow, every refresh late), the choice
-    ranker ends with the same weights, to the bit, and every figure is the same."""
+    """Direct mode follows the stream, not the wall clock: with the funnel's, the item index's
+    and the updater's clocks a thousand times slower (every write looks slow, every snapshot
+    stale), the choice ranker ends with the same weights, to the bit, and every figure is the
+    same."""
     weights = []
     close = DirectBackend.close
 
@@ -164,8 +166,8 @@ def test_a_direct_walk_gives_the_same_figures_however_fast_the_machine_runs(
     monkeypatch.setattr(DirectBackend, "close", closing)
     walk = dict(mode="direct", show_progress=False, **protocol)
     runs = [run_eval(base_settings, small_file, **walk)]
-    monkeypatch.setattr(funnel_module, "time", _SlowMachineClock())
-    monkeypatch.setattr(batch_update_module, "time", _SlowMachineClock())
+    for module in (funnel_module, item_index_module, batch_update_module):
+        monkeypatch.setattr(module, "time", _SlowMachineClock())
     runs.append(run_eval(base_settings, small_file, **walk))
     assert len(weights) == 2 and weights[0] == weights[1]
     assert any(weights[0].values())  # the ranker learned from the walk
