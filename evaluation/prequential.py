@@ -269,8 +269,8 @@ class IndexedStream:
         return len(self.events)
 
     def learned_interactions(self, rows: np.ndarray, upto: np.ndarray) -> np.ndarray:
-        """Per row ``e``: the interactions of its user among the events ``[0, upto[e])``, the
-        history the state held for the user when ``e`` was predicted."""
+        """Per row ``e``: the interaction events of its user among ``[0, upto[e])`` (repeats
+        included), what the state had learned of the user when ``e`` was predicted."""
         n = len(self.events)
         positions = np.flatnonzero(self.item >= 0)
         keys = np.sort(self.user[positions] * (n + 1) + positions)
@@ -592,7 +592,7 @@ class Evaluation:
         sizes = self.stream.learned_interactions(rows, self.upto)
         ranks = {
             name: np.concatenate(self.scores[name].ranks) if self.scores[name].ranks else None
-            for name in SYSTEMS
+            for name in (*SYSTEMS, *self.ablation)
         }
         out: dict[str, dict[str, Any]] = {}
         for low, high in itertools.pairwise((*HISTORY_SEGMENTS, None)):

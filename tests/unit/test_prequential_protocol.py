@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 
 from freshrec.evaluation.prequential import (
+    Evaluation,
     IndexedStream,
     chunked_upto,
     learned_upto,
     prediction_groups,
 )
+from freshrec.evaluation.report import SYSTEMS
+from freshrec.settings import Settings
 from freshrec.streams.events import Event
 
 
@@ -108,3 +111,31 @@ def test_a_users_learned_history_counts_their_interactions_in_the_predicting_sta
         user = rows[e][0]
         held = rows[: upto[e]]
         assert sizes[e] == sum(u == user and kind != "impression" for u, _, _, kind in held)
+
+
+def test_targets_are_scored_in_the_segment_of_their_users_learned_history() -> None:
+    # ann rates a new item every 2 s, bob every 3 s: by lag 1 s, each target is predicted from
+    # a state holding every earlier event of its user.
+    rows = [("ann", f"a{n}", 2.0 * n, "rating") for n in range(30)]
+    rows += [("bob", f"b{n}", 3.0 * n + 0.5, "view") for n in range(8)]
+    rows.sort(key=lambda row: row[2])
+    stream = IndexedStream.build(_events(rows))
+    walk = Evaluation(Settings(), backend=None, stream=stream, upto=learned_upto(stream.ts, 1.0))
+    targets = np.flatnonzero(walk.targets)
+    before = [sum(r[0] == rows[e][0] for r in rows[:e]) for e in targets.tolist()]
+    walk.topn_positions = targets.tolist()
+    hit = {"freshrec": lambda h: h < 5, "popularity": lambda h: h >= 5}  # the others never hit
+    for name in SYSTEMS:
+        ranks = np.array([1.0 if hit.get(name, lambda h: False)(h) else 50.0 for h in before])
+        walk.scores[name].add_ranks(ranks, np.zeros(ranks.size, dtype=bool))
+    segments = walk.by_history()
+    assert list(segments) == ["1-4", "5-19", "20-99", "100+"]
+    assert [s["targets"] for s in segments.values()] == [
+        sum(lo <= h < hi for h in before) for lo, hi in ((1, 5), (5, 20), (20, 100), (100, 10**9))
+    ]
+    assert segments["1-4"]["freshrec"]["hr@10"] == 1.0
+    assert segments["1-4"]["popularity"]["hr@10"] == 0.0
+    assert segments["5-19"]["freshrec"]["hr@10"] == 0.0
+    assert segments["20-99"]["popularity"]["hr@10"] == 1.0
+    assert segments["20-99"]["item_knn"] == {"hr@10": 0.0, "ndcg@10": 0.0}
+    assert set(segments["100+"]) == {"targets"}  # nobody has 100 interactions yet
