@@ -571,7 +571,10 @@ class Funnel:
 
         A side no rating has reached yet contributes no bias and no factor term, so an item
         no event has mentioned gets what the blend makes of ``mu``, the user's terms and
-        neighbours; before any rating is learned the blend is ``mu + b_u + b_i + p_u . q_i``.
+        neighbours; before any rating is learned the blend is ``mu + b_u + b_i + p_u . q_i``,
+        with ``mu`` the midpoint of the rating scale (no evidence either way). The answer is
+        clipped to the scale: a linear blend can overshoot it, and a rating outside it is never
+        nearer the truth than the bound.
         """
         return (await self.predict_many([(user_id, item_id)]))[0]
 
@@ -603,7 +606,8 @@ class Funnel:
                 state_keys += [keys.rating_pairs(i) for i in asked[user]]
                 await self.scripts.rating_state(keys=state_keys, client=pipe)
             mean_raw, blend, blobs, *states = await pipe.execute()
-        mean = _mean(mean_raw)
+        low, high = self.config.rating_scale
+        mean = _mean(mean_raw, (low + high) / 2)
         k = self.config.factors
         size = 4 * vector_width(k)
         rows = [decode_vector(b) if _sized(b, size) else None for b in blobs]
@@ -627,7 +631,7 @@ class Funnel:
                 {
                     "user_id": user_id,
                     "item_id": item_id,
-                    "prediction": round(float(weights @ x), 6),
+                    "prediction": round(min(max(float(weights @ x), low), high), 6),
                     "known_user": user is not None,
                     "known_item": item is not None,
                 }
@@ -753,8 +757,9 @@ def _log_failure(task: asyncio.Future[None]) -> None:
         log.warning("snapshot refresh failed: %s", task.exception())
 
 
-def _mean(raw: list[bytes | None]) -> float:
+def _mean(raw: list[bytes | None], prior: float) -> float:
+    """The mean rating learned (the ``sum`` and ``n`` fields); ``prior`` before any."""
     total, n = raw
     if not n or int(n) == 0:
-        return 0.0
+        return prior
     return float(total) / int(n)

@@ -12,7 +12,7 @@ CHANNELS = ("cf", "mf", "trending", "cold")
 
 @dataclass(frozen=True)
 class FunnelConfig:
-    """Parameters of recall, coarse rank, fine rank and rerank.
+    r"""Parameters of recall, coarse rank, fine rank and rerank.
 
     Parameters
     ----------
@@ -41,6 +41,9 @@ class FunnelConfig:
         ``recall_mf``; below 1 it stops once that many rows were read, keeping the best of
         the cells whose bounds are highest. Where the cells do not prune (factors without
         cluster structure) the exact search reads every item; at 0.1 it reads a tenth.
+    rating_scale
+        The lowest and highest valid rating: rating predictions are answered within it, and
+        before any rating is learned the mean rating :math:`\mu` is its midpoint.
     choice_ranker
         Without a blend of its own and until the click model serves, rank the fine stage with
         the ranker learned from users' choices among their candidates
@@ -66,6 +69,7 @@ class FunnelConfig:
     min_clicks: int = 0
     blend: tuple[tuple[str, float], ...] = ()
     choice_ranker: bool = True
+    rating_scale: tuple[float, float] = (1.0, 5.0)
 
     def __post_init__(self) -> None:
         unknown = {name for name, _ in self.blend} - set(FEATURES)
@@ -73,3 +77,6 @@ class FunnelConfig:
             raise ValueError(f"blend: unknown features {sorted(unknown)}; known: {FEATURES}")
         if not 0.0 < self.mf_read_share <= 1.0:
             raise ValueError(f"mf_read_share must be in (0, 1], not {self.mf_read_share}")
+        low, high = self.rating_scale
+        if not low < high:
+            raise ValueError(f"rating_scale must be (lowest, highest), not {self.rating_scale}")

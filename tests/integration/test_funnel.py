@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 from redis.asyncio import Redis
 
+from freshrec.models.biased_mf import BiasedMF
 from freshrec.models.click_model import ClickModel
+from freshrec.models.config import ModelConfig
+from freshrec.models.mf import VectorTable
+from freshrec.models.rating_stack import Blend, RatingStack
 from freshrec.serving.funnel import Funnel
 from freshrec.serving.variants import Variants
 from freshrec.settings import Settings
@@ -187,13 +191,22 @@ def test_only_a_configuration_that_opts_in_serves_the_learned_ranker(settings: S
     asyncio.run(run())
 
 
+def _stack_learning(ratings: list[Event], config: ModelConfig) -> RatingStack:
+    """The rating stack in memory, from nothing, having learned ``ratings`` one at a time."""
+    table = VectorTable(config.factors, config.init_std, config.seed)
+    mf = BiasedMF(table, config.lr, config.reg, 0.0, 0, config.bias_lr, config.bias_shrinkage)
+    stack = RatingStack(
+        mf, {}, {}, {}, Blend.prior_state(), config.rating_history, config.rating_pairs_window
+    )
+    for e in ratings:
+        stack.learn_one(e.user_id, e.item_id, e.value)  # type: ignore[arg-type]
+    return stack
+
+
 def test_a_prediction_is_the_rating_stacks_on_the_stored_state(settings: Settings) -> None:
     """Ratings learned in batches through Redis (records, pair statistics, counts and blend
     read back and added to) predict what the stack learned one rating at a time in memory
     predicts: for a known pair, a new item, a new user and neither."""
-    from freshrec.models.biased_mf import BiasedMF
-    from freshrec.models.mf import VectorTable
-    from freshrec.models.rating_stack import Blend, RatingStack
 
     async def run() -> None:
         ratings = [
@@ -206,13 +219,7 @@ def test_a_prediction_is_the_rating_stacks_on_the_stored_state(settings: Setting
         updater = BatchUpdater(redis, keys, config)
         for start in range(0, len(ratings), 20):
             await updater.apply(ratings[start : start + 20])
-        table = VectorTable(config.factors, config.init_std, config.seed)
-        mf = BiasedMF(table, config.lr, config.reg, 0.0, 0, config.bias_lr, config.bias_shrinkage)
-        stack = RatingStack(
-            mf, {}, {}, {}, Blend.prior_state(), config.rating_history, config.rating_pairs_window
-        )
-        for e in ratings:
-            stack.learn_one(e.user_id, e.item_id, e.value)  # type: ignore[arg-type]
+        stack = _stack_learning(ratings, config)
         funnel = Funnel(redis, keys, settings.funnel_config())
         cases = [("u1", "i2"), ("u1", "never-seen"), ("nobody", "i2"), ("nobody", "never-seen")]
         answers = await funnel.predict_many(cases)
@@ -223,11 +230,45 @@ def test_a_prediction_is_the_rating_stacks_on_the_stored_state(settings: Setting
             (False, False),
         ]
         for (user, item), answer in zip(cases, answers, strict=True):
-            expected = stack.predict_one(user, item)
+            expected = min(max(stack.predict_one(user, item), settings.rating_min), 5.0)
             assert answer["prediction"] == pytest.approx(expected, abs=1e-3), (user, item)
         assert len(await redis.lrange(keys.rating_history("u1"), 0, -1)) == 12
         assert await redis.get(keys.rating_blend) is not None
         await funnel.aclose()
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_predictions_stay_on_the_rating_scale(settings: Settings) -> None:
+    """Before any rating the answer is the scale's midpoint, not a mean of nothing (0, below
+    the scale); a blend past the end of the scale is answered at the end."""
+
+    async def run() -> None:
+        redis = Redis.from_url(settings.redis_url)
+        keys = Keys(settings.key_prefix)
+        config = settings.funnel_config()
+        funnels = {
+            scale: Funnel(redis, keys, dataclasses.replace(config, rating_scale=scale))
+            for scale in ((1.0, 5.0), (0.5, 10.0), (1.0, 4.0))
+        }
+        for (low, high), funnel in funnels.items():
+            answer = await funnel.predict("a", "b")
+            assert answer["prediction"] == (low + high) / 2, (low, high)
+        # A user who loves everything: mu + b_u + b_i well above mu.
+        ratings = [Event("rating", "fan", f"i{n}", TS + n, value=5.0) for n in range(8)]
+        ratings += [Event("rating", "grump", "other", TS + 20.0 + n, value=1.0) for n in range(8)]
+        model = settings.model_config()
+        await BatchUpdater(redis, keys, model).apply(ratings)
+        stack = _stack_learning(ratings, model)
+        expected = stack.predict_one("fan", "i3")
+        assert 4.0 < expected < 5.0  # inside the default scale, past the end of (1, 4)
+        answers = {s: (await f.predict("fan", "i3"))["prediction"] for s, f in funnels.items()}
+        assert answers[(1.0, 5.0)] == pytest.approx(expected, abs=1e-3)
+        assert answers[(0.5, 10.0)] == pytest.approx(expected, abs=1e-3)
+        assert answers[(1.0, 4.0)] == 4.0
+        for funnel in funnels.values():
+            await funnel.aclose()
         await redis.aclose()
 
     asyncio.run(run())
