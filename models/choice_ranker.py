@@ -35,7 +35,7 @@ import numpy as np
 from freshrec.models.click_model import FEATURES, FIXED_BLEND
 
 _PER_USER = ("log_user_activity", "log_position")  # equal across one request's candidates
-_CROSSED = ("mf", "cf", "log_popularity", "log_age_h")
+_CROSSED = ("mf", "cf", "log_popularity", "log_age_h", "item_bias")
 COLUMNS = tuple(name for name in FEATURES if name not in _PER_USER) + tuple(
     f"{name}*log_user_activity" for name in _CROSSED
 )

@@ -30,6 +30,7 @@ FEATURES = (
     "cf",  # cosine co-occurrence with the user's recent items
     "log_popularity",
     "log_age_h",  # hours since the item's first interaction
+    "item_bias",  # the item's rating bias b_i: how much better than average it is rated
     "log_user_activity",  # items in the user's history
     "channel_cf",
     "channel_mf",
@@ -191,7 +192,9 @@ class LinearScorer:
 
     Examples
     --------
-    >>> x = np.array([[0.5, 0.0, 1.0, 0, 0, 0, 1, 0, 0, 0], [0.1, 0.3, 2.0, 0, 0, 1, 0, 0, 0, 0]])
+    >>> x = np.zeros((2, len(FEATURES)))
+    >>> scored = [FEATURES.index(name) for name in ("mf", "cf", "log_popularity")]
+    >>> x[:, scored] = [[0.5, 0.0, 1.0], [0.1, 0.3, 2.0]]
     >>> LinearScorer(None, min_clicks=50).scores(x).round(3).tolist()  # fixed blend
     [0.6, 0.9]
     """

@@ -12,6 +12,10 @@ arithmetic.
 - ``log_age_h``: :math:`\log(1 + a_i / 3600)`, with :math:`a_i` the seconds from the item's
   first interaction to the user's latest event (to the newest first-seen time for a user
   without events).
+- ``item_bias``: :math:`b_i`, the item's rating bias (`freshrec.models.biased_mf`): how far
+  above or below the mean its ratings run, shrunk toward 0 while it has few; 0 for an item
+  without ratings. Choosing is not rating, but people pick what others rate well: on sparse
+  streams, where co-occurrence is thin, it is the signal the funnel lacked.
 - ``log_user_activity``: :math:`\log(1 + |\mathrm{history}|)`.
 - ``channel_*``: 1 where that channel recalled the candidate.
 """
@@ -26,9 +30,9 @@ import numpy as np
 from freshrec.models.click_model import FEATURES
 from freshrec.serving.recall import CF, COLD, MF, TRENDING, Recalled
 
-_MF, _CF, _POPULARITY, _AGE, _ACTIVITY = (
+_MF, _CF, _POPULARITY, _AGE, _BIAS, _ACTIVITY = (
     FEATURES.index(name)
-    for name in ("mf", "cf", "log_popularity", "log_age_h", "log_user_activity")
+    for name in ("mf", "cf", "log_popularity", "log_age_h", "item_bias", "log_user_activity")
 )
 _CHANNELS = np.array(
     [FEATURES.index(f"channel_{name}") for name in ("cf", "mf", "trending", "cold")],
@@ -46,7 +50,7 @@ def candidate_features(
     latest: float | None,
     activity: int,
 ) -> np.ndarray:
-    """The feature matrix of ``recalled``; ``stats`` rows are (occurrences, popularity, first seen).
+    """The feature matrix of ``recalled``; ``stats`` rows are `freshrec.serving.item_index.STATS`.
 
     ``item_factors`` rows are the items' ``y_i``, ``user_factors`` the user's ``y_u`` (None for
     a user without factors).
@@ -59,12 +63,12 @@ def candidate_features(
     >>> recalled = Recalled(rows=np.array([0, 1]), channels=np.array([CF, MF]),
     ...                     cf=np.array([0.5, 0.0]), because=np.array([7, -1]),
     ...                     cold=np.empty(0, np.int64), cold_slot=np.array([-1, -1]))
-    >>> stats = np.array([[1.0, 2.0, 0.0], [1.0, 1.0, 3600.0]])
+    >>> stats = np.array([[1.0, 2.0, 0.0, 0.3], [1.0, 1.0, 3600.0, -0.2]])
     >>> y_items = np.array([[0.1, 0.0], [0.5, 0.4]], dtype=np.float32)
     >>> y_user = np.array([1.0, 1.0], dtype=np.float32)
     >>> x = candidate_features(recalled, stats, y_items, y_user, latest=7200.0, activity=3)
     >>> dict(zip(FEATURES, x[1].round(3).tolist()))  # doctest: +NORMALIZE_WHITESPACE
-    {'mf': 0.9, 'cf': 0.0, 'log_popularity': 6.217, 'log_age_h': 0.693,
+    {'mf': 0.9, 'cf': 0.0, 'log_popularity': 6.217, 'log_age_h': 0.693, 'item_bias': -0.2,
      'log_user_activity': 1.386, 'channel_cf': 0.0, 'channel_mf': 1.0,
      'channel_trending': 0.0, 'channel_cold': 0.0, 'log_position': 0.0}
     """
@@ -118,6 +122,7 @@ def _features(
         x[n, _POPULARITY] = np.log1p(1000.0 * stats[row, 1] / top_popularity)
         age = max(newest - (first_seen if first_seen > 0 else newest), 0.0)
         x[n, _AGE] = np.log1p(age / 3600.0)
+        x[n, _BIAS] = stats[row, 3]
         x[n, _ACTIVITY] = log_activity
         for c in range(len(channel_bits)):
             if channels[n] & channel_bits[c]:

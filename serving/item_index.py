@@ -42,14 +42,16 @@ from freshrec.store.vectors import VECTOR_DTYPE
 
 FETCH_CHUNK = 1000  # items per round trip: each chunk's parsing holds the event loop briefly
 COMPACT_MIN_DEAD = 1024  # dead rows below this never trigger a rebuild
-STATS = ("occurrences", "popularity", "first_seen")
+STATS = ("occurrences", "popularity", "first_seen", "rating_bias")
+STORED_STATS = 3  # the columns Redis keeps; the rating bias is read from the vector
 
 
 class ItemIndex:
     """Factors ``y_i``, statistics and CF neighbours of all known items, one row each.
 
     Next to each factor row the index keeps the item's decayed occurrence count and popularity,
-    its first-seen time and its strongest co-occurring items (as rows, with their weights). All
+    its first-seen time, its rating bias (from its vector) and its strongest co-occurring items
+    (as rows, with their weights). All
     of them change only when the item's vector or neighbour list does, which is what workers
     stamp, so ranking features cost no Redis reads per request, and CF recall one read only
     when a recent item of the user has gained neighbours since its list was last read.
@@ -190,7 +192,7 @@ class ItemIndex:
             )
         blobs, lengths, stats = await rows_of
         lengths = np.frombuffer(lengths, "<i4")
-        stats = np.frombuffer(stats, "<f8").reshape(-1, len(STATS))
+        stats = np.frombuffer(stats, "<f8").reshape(-1, STORED_STATS)
         if len(lengths) != len(chunk):
             raise ValueError(f"{len(chunk)} items asked for, {len(lengths)} answered")
         width = vector_width(self.factors)
@@ -202,7 +204,8 @@ class ItemIndex:
             flat = np.frombuffer(blobs, dtype=VECTOR_DTYPE)
             vectors = flat[starts[:, None] + np.arange(width)]
             self.matrix[rows] = implicit_part(vectors.T, self.factors).T
-            self.stats[rows] = stats[whole]
+            self.stats[rows, :STORED_STATS] = stats[whole]
+            self.stats[rows, STORED_STATS] = vectors[:, 0]
             self.generation[rows] += 1
         # Before the next await: a request never sees a vector its cell's bound does not hold.
         self.cells.place(self.matrix, len(self.ids), rows)

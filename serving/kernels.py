@@ -30,7 +30,7 @@ from freshrec.models.rating_stack import features as rating_features
 from freshrec.serving import features as features_module
 from freshrec.serving.features import candidate_features
 from freshrec.serving.funnel_config import FunnelConfig
-from freshrec.serving.item_index import fill_lists
+from freshrec.serving.item_index import STATS, fill_lists
 from freshrec.serving.recall import CF, COLD, MF, TRENDING, Recalled, Scratch, merge_channels
 from freshrec.serving.rerank import rerank
 
@@ -117,7 +117,7 @@ def _funnel_stages(config: FunnelConfig) -> None:
     """
     # The item snapshot, as `ItemIndex` holds it.
     matrix = np.eye(4, _FACTORS, dtype=np.float32)
-    stats = np.ones((4, 3))  # occurrences, popularity, first seen
+    stats = np.ones((4, len(STATS)))  # occurrences, popularity, first seen, rating bias
     neighbours = np.full((4, 2), -1, dtype=np.int64)
     neighbours[0] = (2, 1)
     weights = np.zeros((4, 2))

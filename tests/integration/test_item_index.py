@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from freshrec.models.mf import implicit_part
-from freshrec.serving.item_index import ItemIndex
+from freshrec.serving.item_index import STATS, ItemIndex
 from freshrec.settings import Settings
 from freshrec.store.batch_update import BatchUpdater
 from freshrec.store.keys import Keys
@@ -144,6 +144,44 @@ def test_mf_search_over_a_large_catalogue_stays_exact_as_vectors_change(
         rows, _ = index.top_rows(target, 50, np.zeros(len(index.matrix), dtype=bool))
         assert {index.ids[r] for r in rows} <= set(moved)
         check(index, np.stack([target, *(-target[None, :])]))
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_the_index_holds_each_items_rating_bias(settings: Settings) -> None:
+    """The ranking feature ``item_bias`` is the bias stored in the item's vector, refreshed as
+    ratings move it; an item only clicked has none."""
+    keys = Keys(settings.key_prefix)
+
+    async def run() -> None:
+        redis = Redis.from_url(settings.redis_url)
+        updater = BatchUpdater(redis, keys, settings.model_config())
+        index = ItemIndex(redis, keys, settings.mf_factors)
+        average = [Event("rating", f"u{n}", f"other{n}", TS + n, value=3.0) for n in range(6)]
+        liked = [Event("rating", f"u{n}", "liked", TS + 10 + n, value=5.0) for n in range(6)]
+        disliked = [Event("rating", f"u{n}", "disliked", TS + 20 + n, value=1.0) for n in range(6)]
+        click = Event("click", "u0", "clicked", TS + 30)
+        await updater.apply([*average, *liked, *disliked, click])
+        await index.refresh()
+
+        async def stored_bias(item: str) -> float:
+            return float(decode_vector(await redis.get(keys.item_vector(item)))[0])
+
+        bias = STATS.index("rating_bias")
+        for item in ("liked", "disliked", "clicked"):
+            held = index.stats[index.rows[item], bias]
+            assert held == pytest.approx(await stored_bias(item), rel=1e-6), item
+        held = {item: index.stats[index.rows[item], bias] for item in ("liked", "disliked")}
+        assert held["liked"] > 0.1 > -0.1 > held["disliked"]
+        assert index.stats[index.rows["clicked"], bias] == 0.0
+        before = held["liked"]
+        await updater.apply([Event("rating", "u9", "liked", TS + 40, value=1.0)])
+        await index.refresh()
+        assert index.stats[index.rows["liked"], bias] == pytest.approx(
+            await stored_bias("liked"), rel=1e-6
+        )
+        assert index.stats[index.rows["liked"], bias] < before
         await redis.aclose()
 
     asyncio.run(run())

@@ -16,7 +16,12 @@ def test_features_follow_their_formulas(latest: float | None, with_factors: bool
     rng = np.random.default_rng(2)
     items, m = 50, 20
     stats = np.column_stack(
-        [rng.uniform(0, 9, items), rng.uniform(0, 1e12, items), rng.uniform(0, 4e6, items)]
+        [
+            rng.uniform(0, 9, items),
+            rng.uniform(0, 1e12, items),
+            rng.uniform(0, 4e6, items),
+            rng.normal(0, 0.5, items),
+        ]
     )
     stats[::7, 2] = 0.0  # never seen: age 0
     y_items = rng.normal(size=(items, 8)).astype(np.float32)
@@ -33,6 +38,7 @@ def test_features_follow_their_formulas(latest: float | None, with_factors: bool
         "cf": recalled.cf,
         "log_popularity": np.log1p(1000.0 * pop / pop.max()),
         "log_age_h": np.log1p(np.maximum(newest - np.where(first > 0, first, newest), 0) / 3600),
+        "item_bias": stats[rows, 3],
         "log_user_activity": np.full(m, np.log1p(12)),
         "channel_cf": (bits & CF) > 0,
         "channel_mf": (bits & MF) > 0,
