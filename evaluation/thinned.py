@@ -8,12 +8,13 @@ protocol, events that share a time share a state). Samples with different seeds 
 of any figure measured on one.
 
 Each event is kept independently with probability ``share`` (a seeded Bernoulli draw in file
-order), so users and items keep their relative activity; kept times are floored to the day.
+order), so users and items keep their relative activity; kept times are floored to the day and
+written in unix seconds, which `freshrec eval` detects on its own.
 
 Usage::
 
     python -m freshrec.evaluation.thinned "$(freshrec data path ml-100k)" --seed 21 > sp21.csv
-    freshrec eval sp21.csv --ts-unit day --mode direct --json
+    freshrec eval sp21.csv --mode direct --json
 """
 
 from __future__ import annotations
@@ -62,12 +63,12 @@ def thinned(
 
 def write_csv(rows: Iterable[tuple[str, str, float, int]], out: IO[str]) -> int:
     """``rows`` as the CSV `freshrec eval` reads (header ``user_id,item_id,rating,timestamp``,
-    the timestamp in days: pass ``--ts-unit day``); the number written."""
+    the timestamp the day's first second); the number written."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["user_id", "item_id", "rating", "timestamp"])
     count = 0
     for user, item, rating, day in rows:
-        writer.writerow([user, item, f"{rating:g}", day])
+        writer.writerow([user, item, f"{rating:g}", day * DAY_S])
         count += 1
     return count
 
@@ -75,7 +76,7 @@ def write_csv(rows: Iterable[tuple[str, str, float, int]], out: IO[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m freshrec.evaluation.thinned",
-        description="Write a sparse sample of a ratings file, times in days, as CSV on stdout.",
+        description="Write a sparse sample of a ratings file, times floored to days, as CSV.",
     )
     parser.add_argument("file", help="any ratings file freshrec eval reads")
     parser.add_argument("--share", type=float, default=0.1, help="share of ratings kept")

@@ -36,7 +36,7 @@ def test_the_written_file_reads_back_as_the_sample(
     assert main([str(source), "--share", "0.5", "--seed", "9"]) == 0
     written = tmp_path / "sample.csv"
     written.write_text(capsys.readouterr().out)
-    back = list(read_events(written, ts_unit="day"))
+    back = list(read_events(written))  # times in seconds, detected as such
     expected = list(thinned(read_events(source), 0.5, seed=9))
     assert [(e["user_id"], e["item_id"], e["value"], e["ts"] / 86400) for e in back] == expected
     assert all(e["type"] == "rating" for e in back)
@@ -51,6 +51,6 @@ def test_other_events_and_unreadable_lines_are_left_out() -> None:
     assert list(thinned(events, 1.0, seed=0)) == [("u", "j", 3.5, 2)]
     out = io.StringIO()
     assert write_csv(thinned(events, 1.0, seed=0), out) == 1
-    assert out.getvalue() == "user_id,item_id,rating,timestamp\nu,j,3.5,2\n"
+    assert out.getvalue() == "user_id,item_id,rating,timestamp\nu,j,3.5,172800\n"
     with pytest.raises(ValueError, match="share"):
         list(thinned(events, 0.0, seed=0))
