@@ -28,11 +28,15 @@ import numba
 import numpy as np
 
 from freshrec.models.click_model import FEATURES
+from freshrec.serving.item_index import STATS
 from freshrec.serving.recall import CF, COLD, MF, TRENDING, Recalled
 
 _MF, _CF, _POPULARITY, _AGE, _BIAS, _ACTIVITY = (
     FEATURES.index(name)
     for name in ("mf", "cf", "log_popularity", "log_age_h", "item_bias", "log_user_activity")
+)
+_POPULAR, _FIRST_SEEN, _RATING_BIAS = (
+    STATS.index(name) for name in ("popularity", "first_seen", "rating_bias")
 )
 _CHANNELS = np.array(
     [FEATURES.index(f"channel_{name}") for name in ("cf", "mf", "trending", "cold")],
@@ -72,6 +76,8 @@ def candidate_features(
      'log_user_activity': 1.386, 'channel_cf': 0.0, 'channel_mf': 1.0,
      'channel_trending': 0.0, 'channel_cold': 0.0, 'log_position': 0.0}
     """
+    if stats.ndim != 2 or stats.shape[1] != len(STATS):  # the kernel does not check bounds
+        raise ValueError(f"stats must have the {len(STATS)} columns {STATS}, not {stats.shape}")
     return _features(
         recalled.rows,
         recalled.channels,
@@ -107,22 +113,22 @@ def _features(
     top_popularity = 1e-300
     newest = latest
     for n in range(len(rows)):
-        top_popularity = max(top_popularity, stats[rows[n], 1])
+        top_popularity = max(top_popularity, stats[rows[n], _POPULAR])
         if latest == 0.0:
-            newest = max(newest, stats[rows[n], 2])
+            newest = max(newest, stats[rows[n], _FIRST_SEEN])
     for n in range(len(rows)):
         row = rows[n]
-        first_seen = stats[row, 2]
+        first_seen = stats[row, _FIRST_SEEN]
         if has_mf:
             score = np.float32(0.0)
             for d in range(len(user_factors)):
                 score += item_factors[row, d] * user_factors[d]
             x[n, _MF] = score
         x[n, _CF] = cf[n]
-        x[n, _POPULARITY] = np.log1p(1000.0 * stats[row, 1] / top_popularity)
+        x[n, _POPULARITY] = np.log1p(1000.0 * stats[row, _POPULAR] / top_popularity)
         age = max(newest - (first_seen if first_seen > 0 else newest), 0.0)
         x[n, _AGE] = np.log1p(age / 3600.0)
-        x[n, _BIAS] = stats[row, 3]
+        x[n, _BIAS] = stats[row, _RATING_BIAS]
         x[n, _ACTIVITY] = log_activity
         for c in range(len(channel_bits)):
             if channels[n] & channel_bits[c]:

@@ -574,7 +574,8 @@ class Funnel:
         neighbours; before any rating is learned the blend is ``mu + b_u + b_i + p_u . q_i``,
         with ``mu`` the midpoint of the rating scale (no evidence either way). The answer is
         clipped to the scale: a linear blend can overshoot it, and a rating outside it is never
-        nearer the truth than the bound.
+        nearer the truth than the bound; a blend that is not finite (a corrupt stored state)
+        answers ``mu``.
         """
         return (await self.predict_many([(user_id, item_id)]))[0]
 
@@ -631,7 +632,7 @@ class Funnel:
                 {
                     "user_id": user_id,
                     "item_id": item_id,
-                    "prediction": round(min(max(float(weights @ x), low), high), 6),
+                    "prediction": round(_on_scale(float(weights @ x), mean, low, high), 6),
                     "known_user": user is not None,
                     "known_item": item is not None,
                 }
@@ -755,6 +756,17 @@ def _blend(weights: tuple[tuple[str, float], ...]) -> np.ndarray:
 def _log_failure(task: asyncio.Future[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("snapshot refresh failed: %s", task.exception())
+
+
+def _on_scale(prediction: float, mean: float, low: float, high: float) -> float:
+    """``prediction`` clipped to ``[low, high]``; ``mean`` (clipped) where it is not finite.
+
+    >>> [_on_scale(p, 3.5, 1.0, 5.0) for p in (7.2, float("nan"), 0.2, 4.25)]
+    [5.0, 3.5, 1.0, 4.25]
+    """
+    if not math.isfinite(prediction):
+        prediction = mean
+    return min(max(prediction, low), high)
 
 
 def _mean(raw: list[bytes | None], prior: float) -> float:

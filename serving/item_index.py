@@ -42,8 +42,8 @@ from freshrec.store.vectors import VECTOR_DTYPE
 
 FETCH_CHUNK = 1000  # items per round trip: each chunk's parsing holds the event loop briefly
 COMPACT_MIN_DEAD = 1024  # dead rows below this never trigger a rebuild
-STATS = ("occurrences", "popularity", "first_seen", "rating_bias")
-STORED_STATS = 3  # the columns Redis keeps; the rating bias is read from the vector
+STORED_STATS = ("occurrences", "popularity", "first_seen")  # kept in Redis, in this order
+STATS = (*STORED_STATS, "rating_bias")  # and the rating bias, read from the item's vector
 
 
 class ItemIndex:
@@ -192,7 +192,7 @@ class ItemIndex:
             )
         blobs, lengths, stats = await rows_of
         lengths = np.frombuffer(lengths, "<i4")
-        stats = np.frombuffer(stats, "<f8").reshape(-1, STORED_STATS)
+        stats = np.frombuffer(stats, "<f8").reshape(-1, len(STORED_STATS))
         if len(lengths) != len(chunk):
             raise ValueError(f"{len(chunk)} items asked for, {len(lengths)} answered")
         width = vector_width(self.factors)
@@ -204,8 +204,8 @@ class ItemIndex:
             flat = np.frombuffer(blobs, dtype=VECTOR_DTYPE)
             vectors = flat[starts[:, None] + np.arange(width)]
             self.matrix[rows] = implicit_part(vectors.T, self.factors).T
-            self.stats[rows, :STORED_STATS] = stats[whole]
-            self.stats[rows, STORED_STATS] = vectors[:, 0]
+            self.stats[rows, : len(STORED_STATS)] = stats[whole]
+            self.stats[rows, STATS.index("rating_bias")] = vectors[:, 0]
             self.generation[rows] += 1
         # Before the next await: a request never sees a vector its cell's bound does not hold.
         self.cells.place(self.matrix, len(self.ids), rows)

@@ -180,7 +180,7 @@ def _empty_catalogue(config: FunnelConfig) -> None:
     (layout "A" to numba) once the snapshot has rows, but a contiguous one ("C") while it has
     none, which numba compiles apart. With no candidates the later stages do not run.
     """
-    stats = np.zeros((0, 3))
+    stats = np.zeros((0, len(STATS)))
     nothing = np.empty(0, dtype=np.int64)
     scratch = Scratch()
     with scratch.seen(0, nothing) as seen:

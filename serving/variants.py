@@ -60,6 +60,8 @@ class Variants:
             unknown = set(fields) - known
             if unknown:
                 raise ValueError(f"variant {name!r}: unknown settings {sorted(unknown)}")
+            if "rating_scale" in fields:  # the data's, not an experiment's (FRESHREC_RATING_*)
+                raise ValueError(f"variant {name!r}: rating_scale is not a variant setting")
             if "channels" in fields:
                 fields["channels"] = tuple(fields["channels"])
             if "blend" in fields:

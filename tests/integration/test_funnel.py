@@ -230,7 +230,9 @@ def test_a_prediction_is_the_rating_stacks_on_the_stored_state(settings: Setting
             (False, False),
         ]
         for (user, item), answer in zip(cases, answers, strict=True):
-            expected = min(max(stack.predict_one(user, item), settings.rating_min), 5.0)
+            expected = min(
+                max(stack.predict_one(user, item), settings.rating_min), settings.rating_max
+            )
             assert answer["prediction"] == pytest.approx(expected, abs=1e-3), (user, item)
         assert len(await redis.lrange(keys.rating_history("u1"), 0, -1)) == 12
         assert await redis.get(keys.rating_blend) is not None

@@ -37,7 +37,8 @@ def test_scores_are_the_expanded_rows_times_the_weights() -> None:
     for _ in range(30):
         x = _candidates(rng, 15)
         ranker.learn(x, int(rng.integers(15)))
-    assert np.abs(ranker.w[len(COLUMNS) - 4 :]).min() > 0  # the crossed weights were learned
+    crossed = [n for n, name in enumerate(COLUMNS) if name.endswith("*log_user_activity")]
+    assert len(crossed) == 5 and np.abs(ranker.w[crossed]).min() > 0  # all were learned
     for _ in range(5):
         x = _candidates(rng, 40)
         np.testing.assert_allclose(ranker.scores(x), expand(x) @ ranker.w, rtol=1e-12, atol=1e-12)

@@ -48,3 +48,19 @@ def test_features_follow_their_formulas(latest: float | None, with_factors: bool
     }
     for column, name in enumerate(FEATURES):
         np.testing.assert_allclose(x[:, column], expected[name], rtol=1e-5, err_msg=name)
+
+
+def test_statistics_without_every_column_are_refused() -> None:
+    """The compiled pass reads columns by position and checks no bounds: a matrix short of a
+    column would read the next row's values, so it is refused before."""
+    recalled = Recalled(
+        np.array([0]),
+        np.array([CF]),
+        np.zeros(1),
+        np.full(1, -1),
+        np.zeros(0, np.int64),
+        np.zeros(1),
+    )
+    factors = np.zeros((1, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="columns"):
+        candidate_features(recalled, np.ones((1, 3)), factors, None, None, activity=1)

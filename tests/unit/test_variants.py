@@ -44,3 +44,9 @@ def test_a_variant_may_trade_mf_recall_for_speed_within_zero_to_one() -> None:
     assert Variants.parse(spec, FunnelConfig()).assign("anyone").config.mf_read_share == 0.1
     with pytest.raises(ValueError, match="mf_read_share must be in"):
         Variants.parse('{"x": {"share": 1.0, "mf_read_share": 0}}', FunnelConfig())
+
+
+def test_the_rating_scale_is_the_datas_not_a_variants() -> None:
+    """Ratings are predicted with the base configuration's scale: a variant may not move it."""
+    with pytest.raises(ValueError, match="rating_scale is not a variant setting"):
+        Variants.parse('{"x": {"share": 1.0, "rating_scale": [0, 10]}}', FunnelConfig())
