@@ -49,6 +49,10 @@ whole log into the rest of the state would apply it twice. On Redis Cluster a no
 the watermarks' slot may have taken the event clock with it while other nodes kept their
 state, so there the worker never rebuilds by itself and resumes from the commits.
 
+A consumer can also stop handing the worker its partitions' messages while it keeps them
+(`freshrec.streams.stall`): `watch_for_stall` then exits with `EXIT_STALLED`, and the worker
+started again resumes after its watermarks.
+
 A retried step is safe to repeat: the batch write is skipped by its offset watermarks if it
 landed, impressions are written with HSET (idempotent), clicks are attributed once (HDEL), and
 the in-memory click model is put back as it was before a failed attempt (under the lock the
@@ -88,6 +92,7 @@ from freshrec.store.retention import retire_idle_items
 from freshrec.streams.client_logs import limit_kafka_client_logs
 from freshrec.streams.events import EVENT_TYPES, Event, EventValidator, summarise_reasons
 from freshrec.streams.reason_classes import REASON_CLASSES, reason_class
+from freshrec.streams.stall import StallWatch
 
 log = logging.getLogger(__name__)
 
@@ -550,6 +555,50 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         exported_lag.update(owned)
 
     exported_lag: set[tuple[str, str]] = set()
+    stalls = StallWatch(STALL_S)
+
+    @app.timer(interval=OBSERVE_EVERY_S)
+    async def watch_for_stall() -> None:
+        """Exit (`EXIT_STALLED`) when the consumer has stopped handing this worker the
+        messages waiting in a partition it owns (`freshrec.streams.stall`): nothing in the
+        group would reassign them. The supervisor starts the worker again, which resumes
+        after its watermarks."""
+        try:
+            owned = [tp for tp in app.consumer.assignment() if tp.topic in topic_label]
+            if not owned:
+                return
+            ends = await asyncio.wait_for(app.consumer.highwaters(*owned), OBSERVE_EVERY_S)
+        except Exception as exc:  # the consumer starting or rebalancing: next tick
+            log.debug("end offsets for the stall watch not read: %s", exc)
+            return
+        nexts = {}
+        for tp in owned:
+            try:  # a partition without a fetch position yet is watched once it has one
+                position = await asyncio.wait_for(app.consumer.position(tp), 1.0)
+            except Exception:
+                position = None
+            known = [
+                o for o in (position, processed.get((tp.topic, tp.partition))) if o is not None
+            ]
+            if known:
+                nexts[tp] = max(known)
+        now = time.monotonic()
+        busy = steps.blocked > 0 or steps.running_s() > OBSERVE_EVERY_S
+        stalled = sorted(stalls.observe(now, ends, nexts, busy=busy))
+        if stalled:
+            log.critical(
+                "the consumer has handed this worker nothing for %.0f s while messages wait "
+                "(rebalancing: %s): %s; exiting (status %d) so that the worker started again "
+                "resumes after its watermarks",
+                stalls.waited_s(now, stalled[0]),
+                app.rebalancing,
+                ", ".join(
+                    f"{tp.topic}/{tp.partition} at {nexts[tp]} of {ends[tp]}" for tp in stalled
+                ),
+                EXIT_STALLED,
+            )
+            _exit_now(EXIT_STALLED)
+
     memory_client = redis_client(settings, redis_url, socket_timeout=5)
 
     @app.timer(interval=OBSERVE_EVERY_S)
@@ -615,6 +664,10 @@ T = TypeVar("T")
 EXIT_FATAL = 70  # EX_SOFTWARE: an error retrying cannot fix
 EXIT_UNAPPLIED = 75  # EX_TEMPFAIL: stopped while a batch waited for Redis
 EXIT_STATE_WENT_BACK = 76  # Redis lost writes it had acknowledged: resume after its watermarks
+EXIT_STALLED = 69  # EX_UNAVAILABLE: the consumer stopped delivering its partitions' messages
+STALL_S = 60.0
+"""How long messages may wait in an owned partition, with nothing taken and no Redis step
+running, before the worker counts its consumer as stalled (`freshrec.streams.stall`)."""
 LOG_EVERY_S = 10.0
 """At most one log line per step and this many seconds while a step is being retried."""
 
@@ -712,12 +765,15 @@ class RedisSteps:
         self.exit = exit
         self.sleep = sleep
         self.blocked = 0  # steps waiting out a failure now
+        self._running: dict[object, float] = {}  # each step running now -> when it began
 
     async def run(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
         """``step()`` until it succeeds; ``what`` names the step and its batch in logs."""
         attempt = 0
         since = time.monotonic()
         logged_at = float("-inf")
+        token = object()
+        self._running[token] = since
         try:
             while True:
                 try:
@@ -790,8 +846,15 @@ class RedisSteps:
                 self.exit(EXIT_UNAPPLIED)
             raise
         finally:
+            del self._running[token]
             if attempt:
                 self._unblock()
+
+    def running_s(self) -> float:
+        """How long the oldest step running now has run, retries included (0 if none)."""
+        if not self._running:
+            return 0.0
+        return time.monotonic() - min(self._running.values())
 
     def _block(self) -> None:
         self.blocked += 1

@@ -104,3 +104,21 @@ def test_redis_older_than_what_the_worker_wrote_exits_for_a_resume_after_its_wat
     with pytest.raises(_Exited):
         asyncio.run(steps.run("a step", step))
     assert exits == [76] and not slept and steps.blocked == 0
+
+
+def test_the_steps_tell_how_long_the_oldest_running_one_has_run() -> None:
+    """What the stall watch reads: a step running (retried or not) is not a stalled consumer."""
+    steps = RedisSteps()
+    seen: list[float] = []
+
+    async def outer() -> None:
+        await asyncio.sleep(0.05)
+        await steps.run("an inner step", inner)
+
+    async def inner() -> None:
+        seen.append(steps.running_s())
+
+    assert steps.running_s() == 0.0
+    asyncio.run(steps.run("an outer step", outer))
+    assert len(seen) == 1 and seen[0] >= 0.05  # the outer step's age, not the inner one's
+    assert steps.running_s() == 0.0

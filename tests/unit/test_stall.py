@@ -1,0 +1,55 @@
+"""The stall watch: messages waiting in an owned partition that its consumer stopped handing
+over, told apart from an idle partition, a busy worker and a rebalance."""
+
+from __future__ import annotations
+
+import pytest
+
+from freshrec.streams.stall import StallWatch
+
+P0, P1 = ("events", 0), ("events", 1)
+
+
+def test_waiting_messages_with_no_progress_stall_the_partition_after_the_limit() -> None:
+    watch = StallWatch(limit_s=60)
+    assert watch.observe(0, {P0: 1, P1: 0}, {P0: 0, P1: 0}, busy=False) == []
+    assert watch.observe(59, {P0: 1, P1: 0}, {P0: 0, P1: 0}, busy=False) == []
+    assert watch.waited_s(59, P0) == 59
+    assert watch.observe(60, {P0: 1, P1: 0}, {P0: 0, P1: 0}, busy=False) == [P0]
+
+
+def test_progress_starts_the_clock_again_and_a_caught_up_partition_never_stalls() -> None:
+    watch = StallWatch(limit_s=60)
+    for t in range(0, 300, 5):  # a steady flow: new messages, and each tick takes some
+        assert watch.observe(t, {P0: t + 10}, {P0: t + 3}, busy=False) == []
+    for t in range(300, 600, 5):  # idle: nothing waits, however long
+        assert watch.observe(t, {P0: 300}, {P0: 300}, busy=False) == []
+    # A message arrives: the clock runs from the last tick the partition was seen caught up.
+    assert watch.observe(600, {P0: 301}, {P0: 300}, busy=False) == []
+    assert watch.observe(654, {P0: 301}, {P0: 300}, busy=False) == []
+    assert watch.observe(655, {P0: 301}, {P0: 300}, busy=False) == [P0]
+
+
+def test_a_running_or_retried_redis_step_is_not_a_stall() -> None:
+    watch = StallWatch(limit_s=60)
+    for t in range(0, 120, 5):
+        assert watch.observe(t, {P0: 50}, {P0: 10}, busy=True) == []
+    assert watch.observe(174, {P0: 50}, {P0: 10}, busy=False) == []  # last busy at 115
+    assert watch.observe(175, {P0: 50}, {P0: 10}, busy=False) == [P0]
+
+
+def test_a_partition_seen_anew_starts_its_clock_again_and_a_revoked_one_is_forgotten() -> None:
+    watch = StallWatch(limit_s=60)
+    watch.observe(0, {P0: 5, P1: 5}, {P0: 0, P1: 0}, busy=False)
+    assert watch.observe(30, {P1: 5}, {P1: 0}, busy=False) == []  # P0 revoked
+    assert watch.waited_s(30, P0) == 0.0
+    assert watch.observe(60, {P0: 5, P1: 5}, {P0: 0, P1: 0}, busy=False) == [P1]
+    assert watch.observe(119, {P0: 5}, {P0: 0}, busy=False) == []
+    assert watch.observe(120, {P0: 5}, {P0: 0}, busy=False) == [P0]
+    # Only partitions with both offsets are watched (no fetch position yet: not yet).
+    assert watch.observe(500, {P0: 5, P1: 9}, {P0: 0}, busy=False) == [P0]
+
+
+def test_the_limit_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        StallWatch(limit_s=0)
