@@ -42,9 +42,11 @@ def start_freshrec(
     *,
     module: str = "freshrec.cli",
     cwd: Path | None = None,
+    append: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """``python -m module *args`` with ``settings`` in its environment, output to ``log_path``."""
-    with log_path.open("wb") as log:  # the child keeps its own handle
+    """``python -m module *args`` with ``settings`` in its environment, output to ``log_path``
+    (after what it holds when ``append``)."""
+    with log_path.open("ab" if append else "wb") as log:  # the child keeps its own handle
         return subprocess.Popen(
             [sys.executable, "-m", module, *args],
             env={**os.environ, **settings.environ()},
@@ -122,6 +124,9 @@ class Children:
         self.logs = logs
         self.settings = settings
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._restart: dict[str, Callable[[], subprocess.Popen[bytes]]] = {}
+        self.restarts: dict[str, list[int]] = {}  # name -> the exit status of each restart
+        self._budget: dict[str, int] = {}
 
     def log(self, name: str) -> Path:
         return self.logs / f"{name}.log"
@@ -134,18 +139,36 @@ class Children:
         settings: Settings | None = None,
         module: str = "freshrec.cli",
         cwd: Path | None = None,
+        restarts: int = 0,
     ) -> subprocess.Popen[bytes]:
-        proc = start_freshrec(
-            args, settings or self.settings, self.log(name), module=module, cwd=cwd
-        )
-        self.procs[name] = proc
+        """Start process ``name``. With ``restarts``, `check` starts it again (its log goes
+        on) each time it has exited with a failure status, that many times at most: the
+        restart policy of a deployment's supervisor, for a process that exits to recover."""
+        settings = settings or self.settings
+
+        def launch(append: bool = False) -> subprocess.Popen[bytes]:
+            log = self.log(name)
+            return start_freshrec(args, settings, log, module=module, cwd=cwd, append=append)
+
+        self.procs[name] = proc = launch()
+        if restarts:
+            self._restart[name] = lambda: launch(append=True)
+            self.restarts[name] = []
+            self._budget[name] = restarts
         return proc
 
     def check(self) -> None:
-        """Raise, with the end of its log, if a started process has exited."""
+        """Raise, with the end of its log, if a started process has exited (and is not to be
+        started again)."""
         for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                raise self.exited(name)
+            status = proc.poll()
+            if status is None:
+                continue
+            if status != 0 and len(self.restarts.get(name, ())) < self._budget.get(name, 0):
+                self.restarts[name].append(status)
+                self.procs[name] = self._restart[name]()
+                continue
+            raise self.exited(name)
 
     def exited(self, name: str, problem: str = "") -> RuntimeError:
         """The error for process ``name``: what went wrong and the end of its log."""

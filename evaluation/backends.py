@@ -13,7 +13,7 @@ import asyncio
 import math
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 from redis.asyncio import Redis
@@ -25,6 +25,9 @@ from freshrec.store.batch_update import BatchUpdater
 from freshrec.store.keys import Keys
 from freshrec.streams.events import Event
 from freshrec.streams.producer import EventProducer
+
+if TYPE_CHECKING:
+    from freshrec.devenv.processes import Children
 
 CONCURRENCY = 32
 """Requests in flight to the reader (pipeline mode)."""
@@ -151,7 +154,9 @@ class PipelineBackend:
     has reached the last offset delivered there: exact, whatever else the worker consumes.
     """
 
-    def __init__(self, settings: Settings, redis: Redis, base_url: str, alive: Any) -> None:
+    def __init__(
+        self, settings: Settings, redis: Redis, base_url: str, processes: Children
+    ) -> None:
         import aiohttp
 
         self.producer = _TrackedProducer(
@@ -164,7 +169,7 @@ class PipelineBackend:
         self.keys = Keys(settings.key_prefix)
         self.topic = settings.events_topic
         self.base_url = base_url
-        self.alive = alive
+        self.processes = processes
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=CONCURRENCY),
             timeout=aiohttp.ClientTimeout(total=30),
@@ -230,9 +235,8 @@ class PipelineBackend:
             ):
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"the worker had not applied the batch after {APPLY_TIMEOUT_S:.0f} s"
-                )
-            self.alive()
+                problem = f"had not applied the batch after {APPLY_TIMEOUT_S:.0f} s"
+                raise TimeoutError(str(self.processes.exited("worker", problem)))
+            self.processes.check()
             await asyncio.sleep(pause)
             pause = min(2 * pause, 0.01)

@@ -705,6 +705,8 @@ def run_eval(
     summary.update(evaluation.summary())
     summary["skipped"] = skipped
     summary["wall_s"] = round(wall, 2)
+    if isinstance(evaluation.backend, PipelineBackend):
+        summary["worker_restarts"] = evaluation.backend.processes.restarts.get("worker", [])
     if mode == "direct" and isinstance(evaluation.backend, DirectBackend):
         summary["sequential"] = _sequential(evaluation, events, settings)
     if freshness_lags:
@@ -888,7 +890,10 @@ async def _run(
             backend = DirectBackend(settings, redis)
         else:
             processes = Children(Path(tempfile.mkdtemp(prefix="freshrec-eval-")), settings)
-            processes.start("worker", ["worker", "--loglevel", "warning"])
+            # A worker exits to recover from what it cannot mend in place (its consumer
+            # stalled, Redis lost writes); started again as a supervisor would, it resumes
+            # after its watermarks. The summary lists each such exit.
+            processes.start("worker", ["worker", "--loglevel", "info"], restarts=3)
             processes.start("reader", ["serve"])
             base_url = f"http://{settings.serve_host}:{settings.serve_port}"
             processes.wait(lambda: http_json(base_url + "/healthz")[0] == 200, 60, "the reader")
@@ -899,7 +904,7 @@ async def _run(
                 90,
                 "the worker to join its consumer group",
             )
-            backend = PipelineBackend(settings, redis, base_url, processes.check)
+            backend = PipelineBackend(settings, redis, base_url, processes)
         evaluation = Evaluation(settings, backend, stream, upto, ablation)
         progress = (
             Progress(len(stream), f"eval {mode}{label}", lines=lines) if show_progress else None
