@@ -361,8 +361,10 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 earliest = await consumer.earliest_offsets(*unmarked)
                 rebuild = {tp: int(earliest[tp]) for tp in unmarked}
                 await consumer._commit(rebuild)
-                for tp, offset in rebuild.items():  # the seek to the commits skips offset 0
-                    await consumer.seek(tp, offset)
+                # The seek to the commits that follows skips offset 0, so seek here too: in the
+                # consumer's own thread (`seek_wait`), never from this one, where the seek can
+                # land between two steps of its fetcher resetting the partition and kill it.
+                await consumer.seek_wait(rebuild)
                 log.warning(
                     "the state is built from the log: starting partitions with no watermark "
                     "at the earliest offsets: %s",
