@@ -1,23 +1,30 @@
 """Whether a worker's consumer has stopped handing it the messages of its partitions.
 
-A Kafka consumer can go quiet while it still holds its partitions: a rebalance whose recovery
-never resumed the paused partitions, a fetcher that stopped after a broker came back. The
-group sees a live member, so nothing reassigns the partitions, and the worker learns nothing
-more while it looks healthy. `StallWatch` tells that state apart from a busy or an idle one,
-in the manner of a lag monitor's rule (LinkedIn's Burrow: a consumer whose offsets stop moving
-while its lag is not zero is stalled), from what the worker sees every few seconds:
+A Kafka consumer can go quiet while it keeps its partitions: its fetcher task dies (a seek
+from another thread once killed aiokafka's), or a rebalance's recovery leaves the partitions
+paused. The member still heartbeats, so the group reassigns nothing, and the worker learns
+nothing while it looks alive. `StallWatch` tells that state apart from a busy or an idle one,
+by the rule of LinkedIn's Burrow for a stalled consumer (its offsets stop moving while its
+lag is not zero), from what the worker reads every few seconds:
 
-- each owned partition's end offset, asked of the broker (not taken from the consumer's own
-  fetches, which are what may have stopped);
-- the next offset still to come: past the last message its agent took, or the consumer's
-  fetch position, whichever is further (a fetch position past a transaction's commit marker
-  counts the marker as read, which no agent ever takes);
-- whether a Redis step is running or being retried: a slow or blocked batch is the failure
-  policy's business, not a stall.
+- each owned partition's end offset, asked of the broker (one request in flight at most, so
+  a broker away never piles requests up on the consumer's thread);
+- the next offset the worker has to take: past the last message its agent took, else where
+  the partition resumed (past its offset watermark, or the earliest offset of a state built
+  from the log); a partition resumed from the group's commits alone is watched from the first
+  message its agent takes;
+- whether the worker is busy: a Redis step running for longer than a tick or being retried
+  (the failure policy's business), or a rebalance in progress (for a bounded time).
 
-A partition is stalled when messages wait in it (end > next) and ``limit_s`` have passed
-since it was last seen caught up, moving, or with a step running. A partition seen anew (after
-a rebalance) starts its clock again.
+A partition is stalled when messages wait in it (end > next) and ``limit_s`` have passed since
+it was last seen caught up, moving, or with the worker busy: between ``limit_s`` and one tick
+more after the messages came. A partition seen anew (after a rebalance) starts its clock again,
+and so does every partition after a tick whose offsets could not be read.
+
+A transaction's commit marker takes an offset past the transaction's last message, which no
+agent takes: a partition written in transactions would look one message behind once idle.
+freshrec's producers do not use transactions; one that does, writing the events topic, would
+restart an idle worker every ``limit_s``.
 """
 
 from __future__ import annotations
@@ -49,8 +56,8 @@ class StallWatch:
         busy: bool,
     ) -> list[Hashable]:
         """The partitions stalled at ``now`` (monotonic seconds), among those owned now: the
-        keys of both ``ends`` (end offsets) and ``nexts`` (next offsets to come). ``busy``: a
-        Redis step is running, so every clock starts again."""
+        keys of both ``ends`` (end offsets) and ``nexts`` (next offsets to take). ``busy``:
+        the worker is busy, so every clock starts again."""
         owned = ends.keys() & nexts.keys()
         for gone in self._progress.keys() - owned:
             del self._progress[gone]
@@ -63,6 +70,11 @@ class StallWatch:
             elif now - seen.since >= self.limit_s:
                 stalled.append(tp)
         return stalled
+
+    def forget(self) -> None:
+        """Start every clock again at the next observation: what happened between two
+        observations is unknown (the offsets could not be read, the broker was away)."""
+        self._progress.clear()
 
     def waited_s(self, now: float, tp: Hashable) -> float:
         """How long partition ``tp``'s next offset has not moved (0 if it is not watched)."""

@@ -282,6 +282,8 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             DEAD_LETTERS.labels(source, reason)
     topic_label = {settings.events_topic: "events", settings.impressions_topic: "impressions"}
     processed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset to process
+    resumed_at: dict[tuple[str, int], int] = {}  # where a partition resumed, when known
+    stalls = StallWatch(STALL_S)
 
     async def dead_letter(message: Any, reasons: list[str], source: str = "events") -> None:
         """One DLQ record for a message, however many of its events were invalid: the original
@@ -338,6 +340,9 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         from the log (`state_built_from_log`) starts its partitions with no watermark at the
         earliest offset Kafka holds instead, whatever the group committed."""
         consumer = app.consumer
+        processed.clear()  # the partitions start again from their commits, below or not
+        resumed_at.clear()
+        stalls.forget()
         owned = [tp for tp in consumer.assignment() if tp.topic in topic_label]
         if not owned:
             return
@@ -365,6 +370,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 # consumer's own thread (`seek_wait`), never from this one, where the seek can
                 # land between two steps of its fetcher resetting the partition and kill it.
                 await consumer.seek_wait(rebuild)
+                resumed_at.update({(tp.topic, tp.partition): o for tp, o in rebuild.items()})
                 log.warning(
                     "the state is built from the log: starting partitions with no watermark "
                     "at the earliest offsets: %s",
@@ -372,6 +378,17 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 )
         if resume:
             await consumer._commit(resume)  # the transport's commit of given offsets
+            try:  # past a watermark the log no longer holds, the consumer starts at its start
+                earliest = await consumer.earliest_offsets(*resume)
+            except Exception as exc:  # these partitions are watched from their first message
+                log.debug("earliest offsets not read for the stall watch: %s", exc)
+            else:
+                resumed_at.update(
+                    {
+                        (tp.topic, tp.partition): max(o, int(earliest[tp]))
+                        for tp, o in resume.items()
+                    }
+                )
             log.info("resuming after the watermarks: %s", _offsets_text(resume))
 
     @app.agent(events_topic)
@@ -541,9 +558,10 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 highwater = app.consumer.highwater(tp)
                 if label is None or highwater is None:
                     continue
-                position = processed.get((tp.topic, tp.partition))
-                if position is None:  # nothing processed yet: where the consumer fetches from
-                    position = await app.consumer.position(tp)
+                key = (tp.topic, tp.partition)
+                # Nothing processed yet: where the partition resumed. Never the consumer's
+                # position, which waits for one as long as the partition has none.
+                position = processed.get(key, resumed_at.get(key))
                 if position is None:
                     continue
                 owned.add((label, str(tp.partition)))
@@ -557,7 +575,9 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         exported_lag.update(owned)
 
     exported_lag: set[tuple[str, str]] = set()
-    stalls = StallWatch(STALL_S)
+    probe: list[asyncio.Future[Any]] = []  # the end offsets asked of the broker, one at a time
+    probe_started: list[float] = []
+    rebalancing_since: list[float] = []
 
     @app.timer(interval=OBSERVE_EVERY_S)
     async def watch_for_stall() -> None:
@@ -565,38 +585,59 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         messages waiting in a partition it owns (`freshrec.streams.stall`): nothing in the
         group would reassign them. The supervisor starts the worker again, which resumes
         after its watermarks."""
+        now = time.monotonic()
+        if probe and not probe[0].done():  # the broker slow or away: no second request
+            stalls.forget()
+            if now - probe_started[0] > PROBE_LIMIT_S:  # bounded by the request timeout
+                log.critical(
+                    "the consumer's thread has not answered a request for end offsets in %.0f "
+                    "s; exiting (status %d) so that the worker started again resumes after its "
+                    "watermarks",
+                    now - probe_started[0],
+                    EXIT_STALLED,
+                )
+                _exit_now(EXIT_STALLED)
+            return
         try:
             owned = [tp for tp in app.consumer.assignment() if tp.topic in topic_label]
             if not owned:
+                stalls.forget()
                 return
-            ends = await asyncio.wait_for(app.consumer.highwaters(*owned), OBSERVE_EVERY_S)
-        except Exception as exc:  # the consumer starting or rebalancing: next tick
+            probe[:] = [asyncio.ensure_future(app.consumer.highwaters(*owned))]
+            probe[0].add_done_callback(_retrieved)
+            probe_started[:] = [now]
+            # Shielded: a request that outlives the tick finishes in the background, where
+            # the next tick finds it, instead of leaving the consumer's thread a cancelled one.
+            highwaters = await asyncio.wait_for(asyncio.shield(probe[0]), OBSERVE_EVERY_S / 2)
+        except Exception as exc:  # the consumer starting or rebalancing, the broker away
             log.debug("end offsets for the stall watch not read: %s", exc)
+            stalls.forget()  # a consumer gets time to resume once the broker is back
             return
-        nexts = {}
-        for tp in owned:
-            try:  # a partition without a fetch position yet is watched once it has one
-                position = await asyncio.wait_for(app.consumer.position(tp), 1.0)
-            except Exception:
-                position = None
-            known = [
-                o for o in (position, processed.get((tp.topic, tp.partition))) if o is not None
-            ]
-            if known:
-                nexts[tp] = max(known)
+        # (None only under Faust's exactly-once processing, which the worker does not use.)
+        ends = {(tp.topic, tp.partition): int(o) for tp, o in highwaters.items() if o is not None}
+        nexts = {
+            tp: max(processed.get(tp, -1), resumed_at.get(tp, -1))
+            for tp in ends
+            if tp in processed or tp in resumed_at
+        }
         now = time.monotonic()
-        busy = steps.blocked > 0 or steps.running_s() > OBSERVE_EVERY_S
+        if not app.rebalancing:
+            rebalancing_since.clear()
+        elif not rebalancing_since:
+            rebalancing_since.append(now)
+        busy = (
+            steps.blocked > 0
+            or steps.running_s() > OBSERVE_EVERY_S
+            or bool(rebalancing_since and now - rebalancing_since[0] < REBALANCE_LIMIT_S)
+        )
         stalled = sorted(stalls.observe(now, ends, nexts, busy=busy))
         if stalled:
             log.critical(
-                "the consumer has handed this worker nothing for %.0f s while messages wait "
-                "(rebalancing: %s): %s; exiting (status %d) so that the worker started again "
-                "resumes after its watermarks",
+                "the consumer has handed this worker nothing for %.0f s while messages wait: "
+                "%s; exiting (status %d) so that the worker started again resumes after its "
+                "watermarks",
                 stalls.waited_s(now, stalled[0]),
-                app.rebalancing,
-                ", ".join(
-                    f"{tp.topic}/{tp.partition} at {nexts[tp]} of {ends[tp]}" for tp in stalled
-                ),
+                ", ".join(f"{t}/{p} next {nexts[t, p]} of {ends[t, p]}" for t, p in stalled),
                 EXIT_STALLED,
             )
             _exit_now(EXIT_STALLED)
@@ -668,8 +709,13 @@ EXIT_UNAPPLIED = 75  # EX_TEMPFAIL: stopped while a batch waited for Redis
 EXIT_STATE_WENT_BACK = 76  # Redis lost writes it had acknowledged: resume after its watermarks
 EXIT_STALLED = 69  # EX_UNAVAILABLE: the consumer stopped delivering its partitions' messages
 STALL_S = 60.0
-"""How long messages may wait in an owned partition, with nothing taken and no Redis step
-running, before the worker counts its consumer as stalled (`freshrec.streams.stall`)."""
+"""How long messages may wait in an owned partition, its next offset unmoved and the worker
+not busy, before the worker counts its consumer as stalled (`freshrec.streams.stall`)."""
+REBALANCE_LIMIT_S = 5 * STALL_S
+"""A rebalance in progress keeps the stall watch's clocks at zero for this long at most."""
+PROBE_LIMIT_S = 90.0 + STALL_S
+"""A request for end offsets unanswered this long (Faust's request timeout bounds a healthy
+one at 90 s) means the consumer's thread is wedged: a stall too."""
 LOG_EVERY_S = 10.0
 """At most one log line per step and this many seconds while a step is being retried."""
 
@@ -866,6 +912,12 @@ class RedisSteps:
         self.blocked -= 1
         if not self.blocked:
             BLOCKED.set(0)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Marks a background request's failure as seen (the next tick reads its offsets anew)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _by_label(counts: dict[str, int], label: Callable[[str], str]) -> dict[str, int]:

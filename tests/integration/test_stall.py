@@ -3,6 +3,7 @@ started again applies them: the stall watch (`freshrec.streams.stall`) on real s
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -38,17 +39,23 @@ def test_a_stalled_consumer_exits_the_worker_and_its_restart_applies_what_waited
                 producer.send(
                     {"type": "click", "user_id": f"u{n}", "item_id": f"i{n % 7}", "ts": TS}
                 )
+        assert stalled.poll() is None, log.read_text()[-3000:]  # nothing waited before
         status = stalled.wait(timeout=LIMIT_S + 60)
         text = log.read_text()
         assert status == EXIT_STALLED, text[-3000:]
         assert "has handed this worker nothing" in text and "while messages wait" in text
+        # Each partition named waits from offset 0 (nothing was taken) with events in it.
+        named = re.findall(r"events/\d+ next (\d+) of (\d+)", text)
+        assert named and all(int(n) == 0 < int(end) <= EVENTS for n, end in named), named
         assert applied_events(redis_client, settings) == 0  # nothing was learned meanwhile
     finally:
         stop_process(stalled)
     restarted = start_freshrec(["worker", "--loglevel", "warning"], settings, tmp_path / "w.log")
     try:
         wait_until(
-            lambda: applied_events(redis_client, settings) == EVENTS or restarted.poll(),
+            lambda: (
+                applied_events(redis_client, settings) == EVENTS or restarted.poll() is not None
+            ),
             90,
             "the restarted worker to apply every event that waited",
         )

@@ -53,3 +53,13 @@ def test_a_partition_seen_anew_starts_its_clock_again_and_a_revoked_one_is_forgo
 def test_the_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         StallWatch(limit_s=0)
+
+
+def test_a_tick_without_offsets_starts_every_clock_again() -> None:
+    """The broker away for longer than the limit: the consumer gets the limit to resume."""
+    watch = StallWatch(limit_s=60)
+    watch.observe(0, {P0: 5}, {P0: 0}, busy=False)
+    watch.forget()  # the offsets of the ticks from 5 s to 200 s could not be read
+    assert watch.observe(205, {P0: 5}, {P0: 0}, busy=False) == []
+    assert watch.observe(264, {P0: 5}, {P0: 0}, busy=False) == []
+    assert watch.observe(265, {P0: 5}, {P0: 0}, busy=False) == [P0]
