@@ -4,7 +4,8 @@ The demo, ``freshrec eval`` in pipeline mode, the benchmarks and the integration
 workers and readers as real processes: each in a session of its own (so a stop reaches its
 children too), with its output in a log file, stopped with SIGTERM and, past a grace period,
 SIGKILL. Waiting is always on a condition with a deadline, and fails early, naming the log,
-when a process it depends on has exited.
+when a process it depends on has exited (unless the process is one to start again after
+that exit, as a supervisor would: `Children.start`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -124,9 +125,9 @@ class Children:
         self.logs = logs
         self.settings = settings
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._restart: dict[str, Callable[[], subprocess.Popen[bytes]]] = {}
+        # name -> (restarts allowed, the statuses restarted, how to start it again)
+        self._restart: dict[str, tuple[int, frozenset[int], Callable[[], Any]]] = {}
         self.restarts: dict[str, list[int]] = {}  # name -> the exit status of each restart
-        self._budget: dict[str, int] = {}
 
     def log(self, name: str) -> Path:
         return self.logs / f"{name}.log"
@@ -140,10 +141,11 @@ class Children:
         module: str = "freshrec.cli",
         cwd: Path | None = None,
         restarts: int = 0,
+        restart_on: Collection[int] = (),
     ) -> subprocess.Popen[bytes]:
-        """Start process ``name``. With ``restarts``, `check` starts it again (its log goes
-        on) each time it has exited with a failure status, that many times at most: the
-        restart policy of a deployment's supervisor, for a process that exits to recover."""
+        """Start process ``name``. `check` starts it again (its log goes on) each time it has
+        exited with a status in ``restart_on``, ``restarts`` times at most: a supervisor's
+        restart policy, for a process that exits in order to recover."""
         settings = settings or self.settings
 
         def launch(append: bool = False) -> subprocess.Popen[bytes]:
@@ -151,10 +153,8 @@ class Children:
             return start_freshrec(args, settings, log, module=module, cwd=cwd, append=append)
 
         self.procs[name] = proc = launch()
-        if restarts:
-            self._restart[name] = lambda: launch(append=True)
-            self.restarts[name] = []
-            self._budget[name] = restarts
+        self.restarts[name] = []
+        self._restart[name] = (restarts, frozenset(restart_on), lambda: launch(append=True))
         return proc
 
     def check(self) -> None:
@@ -164,9 +164,10 @@ class Children:
             status = proc.poll()
             if status is None:
                 continue
-            if status != 0 and len(self.restarts.get(name, ())) < self._budget.get(name, 0):
+            budget, statuses, launch = self._restart[name]
+            if status in statuses and len(self.restarts[name]) < budget:
                 self.restarts[name].append(status)
-                self.procs[name] = self._restart[name]()
+                self.procs[name] = launch()
                 continue
             raise self.exited(name)
 

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 CONCURRENCY = 32
 """Requests in flight to the reader (pipeline mode)."""
 APPLY_TIMEOUT_S = 120.0
+"""How long a batch may take to be applied. It covers a worker that stalled and was started
+again (the stall watch exits within `STALL_S` and a tick); not one whose stall came during a
+rebalance that never ended, which the watch waits out for `REBALANCE_LIMIT_S` first."""
 RETRY_503_S = 60.0
 """How long the pipeline mode retries a request the reader sheds with 503 and Retry-After."""
 READ_TIMEOUT_S = 60.0
@@ -223,6 +226,7 @@ class PipelineBackend:
         wanted = dict(self.producer.delivered)
         marks = [self.keys.watermark(f"{self.topic}/{p}") for p in wanted]
         deadline = time.monotonic() + APPLY_TIMEOUT_S
+        restarts = len(self.processes.restarts.get("worker", ()))
         pause = 0.001
         while True:
             pipe = self.redis.pipeline(transaction=False)  # GETs: the keys may span slots
@@ -238,5 +242,8 @@ class PipelineBackend:
                 problem = f"had not applied the batch after {APPLY_TIMEOUT_S:.0f} s"
                 raise TimeoutError(str(self.processes.exited("worker", problem)))
             self.processes.check()
+            if len(self.processes.restarts.get("worker", ())) > restarts:  # a new worker
+                restarts = len(self.processes.restarts["worker"])
+                deadline = time.monotonic() + APPLY_TIMEOUT_S
             await asyncio.sleep(pause)
             pause = min(2 * pause, 0.01)

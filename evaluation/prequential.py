@@ -892,8 +892,13 @@ async def _run(
             processes = Children(Path(tempfile.mkdtemp(prefix="freshrec-eval-")), settings)
             # A worker exits to recover from what it cannot mend in place (its consumer
             # stalled, Redis lost writes); started again as a supervisor would, it resumes
-            # after its watermarks. The summary lists each such exit.
-            processes.start("worker", ["worker", "--loglevel", "info"], restarts=3)
+            # after its watermarks. Any other exit fails the run; the summary lists each
+            # restart.
+            from freshrec.streams.worker import EXIT_STALLED, EXIT_STATE_WENT_BACK
+
+            recovers = (EXIT_STALLED, EXIT_STATE_WENT_BACK)
+            worker = ["worker", "--loglevel", "info"]
+            processes.start("worker", worker, restarts=3, restart_on=recovers)
             processes.start("reader", ["serve"])
             base_url = f"http://{settings.serve_host}:{settings.serve_port}"
             processes.wait(lambda: http_json(base_url + "/healthz")[0] == 200, 60, "the reader")
