@@ -17,9 +17,10 @@ lag is not zero), from what the worker reads every few seconds:
   (the failure policy's business), or a rebalance in progress (for a bounded time).
 
 A partition is stalled when messages wait in it (end > next) and ``limit_s`` have passed since
-it was last seen caught up, moving, or with the worker busy: between ``limit_s`` and one tick
-more after the messages came. A partition seen anew (after a rebalance) starts its clock again,
-and so does every partition after a tick whose offsets could not be read.
+it was last seen caught up, moving, or with the worker busy. That tick may have come up to one
+tick before the messages did, so they have waited between ``limit_s`` less a tick and
+``limit_s``. A partition seen anew (after a rebalance) starts its clock again, and so does
+every partition after a tick whose offsets could not be read.
 
 A transaction's commit marker takes an offset past the transaction's last message, which no
 agent takes: a partition written in transactions would look one message behind once idle.
