@@ -226,7 +226,8 @@ class PipelineBackend:
         wanted = dict(self.producer.delivered)
         marks = [self.keys.watermark(f"{self.topic}/{p}") for p in wanted]
         deadline = time.monotonic() + APPLY_TIMEOUT_S
-        restarts = len(self.processes.restarts.get("worker", ()))
+        restarted = self.processes.restarts["worker"]  # grows as `check` restarts the worker
+        restarts = len(restarted)
         pause = 0.001
         while True:
             pipe = self.redis.pipeline(transaction=False)  # GETs: the keys may span slots
@@ -242,8 +243,8 @@ class PipelineBackend:
                 problem = f"had not applied the batch after {APPLY_TIMEOUT_S:.0f} s"
                 raise TimeoutError(str(self.processes.exited("worker", problem)))
             self.processes.check()
-            if len(self.processes.restarts.get("worker", ())) > restarts:  # a new worker
-                restarts = len(self.processes.restarts["worker"])
+            if len(restarted) > restarts:  # a new worker: its own time to apply the batch
+                restarts = len(restarted)
                 deadline = time.monotonic() + APPLY_TIMEOUT_S
             await asyncio.sleep(pause)
             pause = min(2 * pause, 0.01)

@@ -285,6 +285,12 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
     resumed_at: dict[tuple[str, int], int] = {}  # where a partition resumed, when known
     stalls = StallWatch(STALL_S)
 
+    def next_to_take(key: tuple[str, int]) -> int | None:
+        """The next offset of a partition the worker has to take: past the last message its
+        agent took, else where the partition resumed (None when neither is known). Never the
+        consumer's position, which waits for one as long as the partition has none."""
+        return processed.get(key, resumed_at.get(key))
+
     async def dead_letter(message: Any, reasons: list[str], source: str = "events") -> None:
         """One DLQ record for a message, however many of its events were invalid: the original
         bytes, a bounded summary of the reasons, and how many were rejected.
@@ -558,10 +564,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 highwater = app.consumer.highwater(tp)
                 if label is None or highwater is None:
                     continue
-                key = (tp.topic, tp.partition)
-                # Nothing processed yet: where the partition resumed. Never the consumer's
-                # position, which waits for one as long as the partition has none.
-                position = processed.get(key, resumed_at.get(key))
+                position = next_to_take((tp.topic, tp.partition))
                 if position is None:
                     continue
                 owned.add((label, str(tp.partition)))
@@ -615,11 +618,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             return
         # (None only under Faust's exactly-once processing, which the worker does not use.)
         ends = {(tp.topic, tp.partition): int(o) for tp, o in highwaters.items() if o is not None}
-        nexts = {
-            tp: max(processed.get(tp, -1), resumed_at.get(tp, -1))
-            for tp in ends
-            if tp in processed or tp in resumed_at
-        }
+        nexts = {tp: n for tp in ends if (n := next_to_take(tp)) is not None}
         now = time.monotonic()
         if not app.rebalancing:
             rebalancing_since.clear()
