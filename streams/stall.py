@@ -9,10 +9,10 @@ lag is not zero), from what the worker reads every few seconds:
 
 - each owned partition's end offset, asked of the broker (one request in flight at most, so
   a broker away never piles requests up on the consumer's thread);
-- the next offset the worker has to take: past the last message its agent took, else where
-  the partition resumed (past its offset watermark, or the earliest offset of a state built
-  from the log); a partition resumed from the group's commits alone is watched from the first
-  message its agent takes;
+- the partition's next offset: the further of the next one the worker has to take (past the
+  last message its agent took, else where the partition resumed: past its offset watermark,
+  or the earliest offset of a state built from the log) and the consumer's fetch position
+  (past every message it fetched and every control record it stepped over), where known;
 - whether the worker is busy: a Redis step running for longer than a tick or being retried
   (the failure policy's business), or a rebalance in progress (for a bounded time).
 
@@ -22,10 +22,12 @@ tick before the messages did, so they have waited between ``limit_s`` less a tic
 ``limit_s``. A partition seen anew (after a rebalance) starts its clock again, and so does
 every partition after a tick whose offsets could not be read.
 
-A transaction's commit marker takes an offset past the transaction's last message, which no
-agent takes: a partition written in transactions would look one message behind once idle.
-freshrec's producers do not use transactions; one that does, writing the events topic, would
-restart an idle worker every ``limit_s``.
+A producer writing in transactions leaves a commit marker after each transaction's last
+message: an offset that no agent takes, so the next offset to take alone would stay behind the
+end of an idle partition for good. The fetch position steps over the marker. A consumer that
+stops fetching keeps its position too, so the watch still sees it; what it no longer sees is
+an agent that stops taking messages its consumer has all fetched already (with more waiting,
+the fetcher fills its buffers and stops too).
 """
 
 from __future__ import annotations

@@ -606,19 +606,28 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             if not owned:
                 stalls.forget()
                 return
-            probe[:] = [asyncio.ensure_future(app.consumer.highwaters(*owned))]
+            thread = app.consumer._thread  # aiokafka's consumer runs on it
+            probe[:] = [asyncio.ensure_future(thread.call_thread(_ends_and_fetched, thread, owned))]
             probe[0].add_done_callback(_retrieved)
             probe_started[:] = [now]
             # Shielded: a request that outlives the tick finishes in the background, where
             # the next tick finds it, instead of leaving the consumer's thread a cancelled one.
-            highwaters = await asyncio.wait_for(asyncio.shield(probe[0]), OBSERVE_EVERY_S / 2)
+            highwaters, fetched = await asyncio.wait_for(
+                asyncio.shield(probe[0]), OBSERVE_EVERY_S / 2
+            )
         except Exception as exc:  # the consumer starting or rebalancing, the broker away
             log.debug("end offsets for the stall watch not read: %s", exc)
             stalls.forget()  # a consumer gets time to resume once the broker is back
             return
-        # (None only under Faust's exactly-once processing, which the worker does not use.)
         ends = {(tp.topic, tp.partition): int(o) for tp, o in highwaters.items() if o is not None}
-        nexts = {tp: n for tp in ends if (n := next_to_take(tp)) is not None}
+        nexts = {}
+        for tp in owned:
+            key = (tp.topic, tp.partition)
+            # Past what the agent took or what the fetcher fetched: a transaction's commit
+            # marker takes an offset no agent ever takes, which the fetcher steps over.
+            known = [n for n in (next_to_take(key), fetched.get(tp)) if n is not None]
+            if key in ends and known:
+                nexts[key] = max(known)
         now = time.monotonic()
         if not app.rebalancing:
             rebalancing_since.clear()
@@ -911,6 +920,24 @@ class RedisSteps:
         self.blocked -= 1
         if not self.blocked:
             BLOCKED.set(0)
+
+
+async def _ends_and_fetched(thread: Any, partitions: list[Any]) -> tuple[Any, dict[Any, int]]:
+    """On the consumer's thread (`thread`, Faust's for aiokafka): each partition's end offset,
+    asked of the broker, and the fetcher's position where it has one: the next offset it will
+    fetch, past every message it handed on and every control record it stepped over. Read
+    from aiokafka's subscription state on the thread that writes it; `position()` would wait
+    for a partition without one."""
+    consumer = thread._ensure_consumer()
+    ends = await consumer.end_offsets(partitions)
+    assignment = consumer._subscription.subscription
+    states = assignment.assignment if assignment is not None else None
+    fetched = {}
+    for tp in partitions:
+        state = states.state_value(tp) if states is not None else None
+        if state is not None and state.has_valid_position:
+            fetched[tp] = state.position
+    return ends, fetched
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:

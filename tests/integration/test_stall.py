@@ -4,16 +4,20 @@ started again applies them: the stall watch (`freshrec.streams.stall`) on real s
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
 
+from freshrec.connections import kafka_config
 from freshrec.devenv.processes import start_freshrec
 from freshrec.settings import Settings
+from freshrec.streams.events import encode_events
 from freshrec.streams.producer import EventProducer
-from freshrec.streams.worker import EXIT_STALLED
-from tests.support import applied_events, stop_process, wait_until
+from freshrec.streams.worker import EXIT_STALLED, OBSERVE_EVERY_S
+from tests.support import applied_events, partition_watermarks, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -62,3 +66,57 @@ def test_a_stalled_consumer_exits_the_worker_and_its_restart_applies_what_waited
         assert restarted.poll() is None, (tmp_path / "w.log").read_text()[-3000:]
     finally:
         stop_process(restarted)
+
+
+def test_a_partition_written_in_transactions_is_not_stalled_once_idle(
+    settings: Settings, redis_client, tmp_path: Path
+) -> None:
+    """A transaction's commit marker takes an offset that no agent takes: once every event is
+    applied, the end offsets stay past the last message taken. The consumer's position moves
+    past the marker, so the watch sees the partitions caught up and the worker stays."""
+    log = tmp_path / "watched.log"
+    watched = start_freshrec(
+        [str(LIMIT_S), "run"], settings, log, module="tests.stalled_worker", cwd=ROOT
+    )
+    try:
+        wait_until(
+            lambda: watched.poll() is not None or "partitions owned" in log.read_text(),
+            60,
+            "the worker to own its partitions",
+        )
+        producer = Producer(kafka_config(settings, **{"transactional.id": settings.topic_prefix}))
+        producer.init_transactions(30)
+        for first in range(0, EVENTS, EVENTS // 2):  # two transactions, two markers a partition
+            producer.begin_transaction()
+            for n in range(first, first + EVENTS // 2):
+                event = {"type": "click", "user_id": f"u{n}", "item_id": f"i{n % 7}", "ts": TS}
+                producer.produce(settings.events_topic, encode_events(event), key=f"u{n}".encode())
+            producer.commit_transaction(30)
+        wait_until(
+            lambda: applied_events(redis_client, settings) == EVENTS or watched.poll() is not None,
+            60,
+            "the worker to apply every event",
+        )
+        marks = partition_watermarks(redis_client, settings)
+        ends = _end_offsets(settings)
+        assert marks and all(ends[p] > mark + 1 for p, mark in marks.items()), (marks, ends)
+        # Idle past the limit and two of the watch's ticks: a stall would have been counted.
+        try:
+            status = watched.wait(timeout=LIMIT_S + 2 * OBSERVE_EVERY_S + 5)
+        except subprocess.TimeoutExpired:
+            status = None
+        assert status is None, log.read_text()[-3000:]
+    finally:
+        stop_process(watched)
+
+
+def _end_offsets(settings: Settings) -> dict[int, int]:
+    """Each events partition's end offset (past the last message and any marker)."""
+    consumer = Consumer(kafka_config(settings, **{"group.id": f"{settings.topic_prefix}-ends"}))
+    try:
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(settings.events_topic, p), 10)[1]
+            for p in range(settings.partitions)
+        }
+    finally:
+        consumer.close()
