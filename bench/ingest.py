@@ -434,12 +434,11 @@ def create_noop_app(settings: Settings, app_id: str) -> faust.App:
     One HINCRBY per batch (field ``messages`` of the stats hash under its key prefix) is the
     least that makes its progress observable from outside, as the worker's own count is.
     """
-    import faust
 
     from freshrec.store.keys import Keys
-    from freshrec.streams.worker import faust_options
+    from freshrec.streams.worker import faust_app
 
-    app = faust.App(app_id, **faust_options(settings, settings.kafka_bootstrap))
+    app = faust_app(app_id, settings, settings.kafka_bootstrap)
     topic = app.topic(settings.events_topic, value_type=bytes, key_type=bytes)
     stats = Keys(settings.key_prefix).worker_stats
 

@@ -91,6 +91,7 @@ from freshrec.store.keys import Keys
 from freshrec.store.retention import retire_idle_items
 from freshrec.streams.client_logs import limit_kafka_client_logs
 from freshrec.streams.events import EVENT_TYPES, Event, EventValidator, summarise_reasons
+from freshrec.streams.read_committed import ReadCommittedApp
 from freshrec.streams.reason_classes import REASON_CLASSES, reason_class
 from freshrec.streams.stall import StallWatch
 
@@ -177,7 +178,7 @@ the 1,000,000-byte request limit of Faust's producer and the broker's default me
 
 
 def faust_options(settings: Settings, kafka_bootstrap: str) -> dict[str, Any]:
-    """The worker's Faust configuration (also the benchmark's no-op agent's, so both compare)."""
+    """The worker's Faust configuration (`faust_app`)."""
     data = Path(settings.home) / "faust"
     data.mkdir(parents=True, exist_ok=True)  # Faust creates only the last folder of its datadir
     return {
@@ -202,8 +203,14 @@ def faust_options(settings: Settings, kafka_bootstrap: str) -> dict[str, Any]:
     }
 
 
+def faust_app(app_id: str, settings: Settings, kafka_bootstrap: str) -> faust.App:
+    """The worker's Faust app, unstarted (also the benchmark's no-op agent's): its options,
+    reading committed transactions only (`freshrec.streams.read_committed`)."""
+    return ReadCommittedApp(app_id, **faust_options(settings, kafka_bootstrap))
+
+
 def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faust.App:
-    app = faust.App(f"{settings.topic_prefix}-worker", **faust_options(settings, kafka_bootstrap))
+    app = faust_app(f"{settings.topic_prefix}-worker", settings, kafka_bootstrap)
     events_topic = app.topic(settings.events_topic, value_type=bytes, key_type=bytes)
     impressions_topic = app.topic(settings.impressions_topic, value_type=bytes, key_type=bytes)
     dlq_topic = app.topic(settings.dlq_topic, value_type=bytes, key_type=bytes)

@@ -68,12 +68,14 @@ def test_a_stalled_consumer_exits_the_worker_and_its_restart_applies_what_waited
         stop_process(restarted)
 
 
-def test_a_partition_written_in_transactions_is_not_stalled_once_idle(
+def test_partitions_written_in_transactions_are_not_stalled_idle_or_held_open(
     settings: Settings, redis_client, tmp_path: Path
 ) -> None:
     """A transaction's commit marker takes an offset that no agent takes: once every event is
     applied, the end offsets stay past the last message taken. The consumer's position moves
-    past the marker, so the watch sees the partitions caught up and the worker stays."""
+    past the marker, so the watch sees the partitions caught up and the worker stays. A
+    transaction left open holds back its events (the consumer reads committed ones only) and
+    is no stall either: the watch compares with the last stable offset."""
     log = tmp_path / "watched.log"
     watched = start_freshrec(
         [str(LIMIT_S), "run"], settings, log, module="tests.stalled_worker", cwd=ROOT
@@ -87,10 +89,7 @@ def test_a_partition_written_in_transactions_is_not_stalled_once_idle(
         producer = Producer(kafka_config(settings, **{"transactional.id": settings.topic_prefix}))
         producer.init_transactions(30)
         for first in range(0, EVENTS, EVENTS // 2):  # two transactions, two markers a partition
-            producer.begin_transaction()
-            for n in range(first, first + EVENTS // 2):
-                event = {"type": "click", "user_id": f"u{n}", "item_id": f"i{n % 7}", "ts": TS}
-                producer.produce(settings.events_topic, encode_events(event), key=f"u{n}".encode())
+            _in_transaction(producer, settings.events_topic, range(first, first + EVENTS // 2))
             producer.commit_transaction(30)
         wait_until(
             lambda: applied_events(redis_client, settings) == EVENTS or watched.poll() is not None,
@@ -106,8 +105,33 @@ def test_a_partition_written_in_transactions_is_not_stalled_once_idle(
         except subprocess.TimeoutExpired:
             status = None
         assert status is None, log.read_text()[-3000:]
+        _in_transaction(producer, settings.events_topic, range(EVENTS, EVENTS + 10))
+        producer.flush(30)
+        try:  # open through the limit and two ticks: its events wait, nothing is stalled
+            status = watched.wait(timeout=LIMIT_S + 2 * OBSERVE_EVERY_S + 5)
+        except subprocess.TimeoutExpired:
+            status = None
+        assert status is None, log.read_text()[-3000:]
+        assert applied_events(redis_client, settings) == EVENTS
+        producer.commit_transaction(30)
+        wait_until(
+            lambda: (
+                applied_events(redis_client, settings) == EVENTS + 10 or watched.poll() is not None
+            ),
+            60,
+            "the worker to apply the events of the transaction once committed",
+        )
+        assert watched.poll() is None, log.read_text()[-3000:]
     finally:
         stop_process(watched)
+
+
+def _in_transaction(producer: Producer, topic: str, users: range) -> None:
+    """Begins a transaction and writes one click per user in it, keyed by user."""
+    producer.begin_transaction()
+    for n in users:
+        event = {"type": "click", "user_id": f"u{n}", "item_id": f"i{n % 7}", "ts": TS}
+        producer.produce(topic, encode_events(event), key=f"u{n}".encode())
 
 
 def _end_offsets(settings: Settings) -> dict[int, int]:
