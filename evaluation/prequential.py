@@ -54,6 +54,7 @@ import itertools
 import math
 import multiprocessing
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -880,6 +881,7 @@ async def _run(
     redis = redis_client(settings, socket_timeout=READ_TIMEOUT_S)
     processes: Children | None = None
     backend: Any = None
+    succeeded = False
     try:
         # Before anything is timed or waited on: direct mode calls the funnel's kernels here,
         # and in pipeline mode the reader started below then loads them from the cache this
@@ -917,6 +919,7 @@ async def _run(
         await evaluation.run(progress)
         if progress is not None:
             progress.close()
+        succeeded = True
         return evaluation
     finally:
         if backend is not None:
@@ -924,3 +927,5 @@ async def _run(
         await redis.aclose()
         if processes is not None:
             processes.stop()
+            if succeeded:  # a failed run's errors name its logs, which stay
+                shutil.rmtree(processes.logs, ignore_errors=True)

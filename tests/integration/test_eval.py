@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -178,10 +179,12 @@ def test_a_direct_walk_gives_the_same_figures_however_fast_the_machine_runs(
 
 
 def test_pipeline_rmse_is_within_one_percent_of_direct(
-    base_settings: Settings, small_file: Path
+    base_settings: Settings, small_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     direct = run_eval(base_settings, small_file, mode="direct", show_progress=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the run's logs go
     pipeline = run_eval(base_settings, small_file, mode="pipeline", show_progress=False)
+    assert not list(tmp_path.glob("freshrec-eval-*"))  # a run that succeeded leaves no logs
     assert pipeline["events"] == direct["events"] == SMALL.events
     assert pipeline["rating_events"] == direct["rating_events"]
     assert pipeline["topn_events"] == direct["topn_events"]
