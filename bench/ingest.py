@@ -434,7 +434,6 @@ def create_noop_app(settings: Settings, app_id: str) -> faust.App:
     One HINCRBY per batch (field ``messages`` of the stats hash under its key prefix) is the
     least that makes its progress observable from outside, as the worker's own count is.
     """
-
     from freshrec.store.keys import Keys
     from freshrec.streams.worker import faust_app
 

@@ -9,10 +9,11 @@ lag is not zero), from what the worker reads every few seconds:
 
 - each owned partition's end offset, asked of the broker (one request in flight at most, so
   a broker away never piles requests up on the consumer's thread);
-- the partition's next offset: the further of the next one the worker has to take (past the
-  last message its agent took, else where the partition resumed: past its offset watermark,
-  or the earliest offset of a state built from the log) and the consumer's fetch position
-  (past every message it fetched and every control record it stepped over), where known;
+- the partition's next offset (`watched_offset`): the next one the worker has to take (past
+  the last message its agent took, else where the partition resumed: past its offset
+  watermark, or the earliest offset of a state built from the log), or, when the agent has
+  taken every message Faust handed it from the partition, the consumer's fetch position if
+  further (past every record Faust took from it, control records included);
 - whether the worker is busy: a Redis step running for longer than a tick or being retried
   (the failure policy's business), or a rebalance in progress (for a bounded time).
 
@@ -24,10 +25,11 @@ every partition after a tick whose offsets could not be read.
 
 A producer writing in transactions leaves a commit marker after each transaction's last
 message: an offset that no agent takes, so the next offset to take alone would stay behind the
-end of an idle partition for good. The fetch position steps over the marker. A consumer that
-stops fetching keeps its position too, so the watch still sees it; what it no longer sees is
-an agent that stops taking messages its consumer has all fetched already (with more waiting,
-the fetcher fills its buffers and stops too).
+end of an idle partition for good. The fetch position steps over the marker. It is followed
+only while Faust holds nothing of the partition for the agent: past the records Faust took
+from the consumer, up to thousands of messages can wait in its stream buffers, and an agent
+that stopped taking them must still be seen. A consumer that stops fetching keeps its
+position too, so either way the watch sees it.
 """
 
 from __future__ import annotations
@@ -83,3 +85,27 @@ class StallWatch:
         """How long partition ``tp``'s next offset has not moved (0 if it is not watched)."""
         seen = self._progress.get(tp)
         return 0.0 if seen is None else now - seen.since
+
+
+def watched_offset(
+    processed: int | None, resumed: int | None, handed: int | None, fetched: int | None
+) -> int | None:
+    """The offset the watch follows for one partition (None: not watched yet).
+
+    ``processed``: past the last message the agent took since the partition was assigned;
+    ``resumed``: where it resumed, when known; ``handed``: the offset of the last message
+    Faust handed to the agent's stream, or of its last seek, which sets it there (its
+    consumer's read offset); ``fetched``: the consumer's fetch position, when it has one.
+    """
+    taken = processed if processed is not None else resumed
+    if fetched is None:
+        return taken
+    if handed is None:  # nothing handed since the partition started at offset 0
+        held = False
+    elif processed is not None:
+        held = handed >= processed
+    else:  # nothing taken: handed is the seek to where it resumed, or a message waiting
+        held = resumed is None or handed != resumed
+    if held:
+        return taken
+    return fetched if taken is None else max(taken, fetched)

@@ -93,7 +93,7 @@ from freshrec.streams.client_logs import limit_kafka_client_logs
 from freshrec.streams.events import EVENT_TYPES, Event, EventValidator, summarise_reasons
 from freshrec.streams.read_committed import ReadCommittedApp
 from freshrec.streams.reason_classes import REASON_CLASSES, reason_class
-from freshrec.streams.stall import StallWatch
+from freshrec.streams.stall import StallWatch, watched_offset
 
 log = logging.getLogger(__name__)
 
@@ -627,14 +627,15 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             stalls.forget()  # a consumer gets time to resume once the broker is back
             return
         ends = {(tp.topic, tp.partition): int(o) for tp, o in highwaters.items() if o is not None}
+        handed = app.consumer._read_offset  # Faust's, per partition; a defaultdict: get()
         nexts = {}
         for tp in owned:
             key = (tp.topic, tp.partition)
-            # Past what the agent took or what the fetcher fetched: a transaction's commit
-            # marker takes an offset no agent ever takes, which the fetcher steps over.
-            known = [n for n in (next_to_take(key), fetched.get(tp)) if n is not None]
-            if key in ends and known:
-                nexts[key] = max(known)
+            watched = watched_offset(
+                processed.get(key), resumed_at.get(key), handed.get(tp), fetched.get(tp)
+            )
+            if key in ends and watched is not None:
+                nexts[key] = watched
         now = time.monotonic()
         if not app.rebalancing:
             rebalancing_since.clear()
@@ -931,10 +932,10 @@ class RedisSteps:
 
 async def _ends_and_fetched(thread: Any, partitions: list[Any]) -> tuple[Any, dict[Any, int]]:
     """On the consumer's thread (`thread`, Faust's for aiokafka): each partition's end offset,
-    asked of the broker, and the fetcher's position where it has one: the next offset it will
-    fetch, past every message it handed on and every control record it stepped over. Read
-    from aiokafka's subscription state on the thread that writes it; `position()` would wait
-    for a partition without one."""
+    asked of the broker, and the consumer's position where it has one: past every record
+    Faust took from it and every control record it stepped over. Read from aiokafka's
+    subscription state on the thread that writes it; `position()` would wait for a
+    partition without one."""
     consumer = thread._ensure_consumer()
     ends = await consumer.end_offsets(partitions)
     assignment = consumer._subscription.subscription
