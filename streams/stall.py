@@ -29,7 +29,9 @@ end of an idle partition for good. The fetch position steps over the marker. It 
 only while Faust holds nothing of the partition for the agent: past the records Faust took
 from the consumer, up to thousands of messages can wait in its stream buffers, and an agent
 that stopped taking them must still be seen. A consumer that stops fetching keeps its
-position too, so either way the watch sees it.
+position too, so either way the watch sees it. A partition without a watermark that resumed
+from the group's commits is watched once its agent has taken a message: where Faust sought
+it is not known here.
 """
 
 from __future__ import annotations
@@ -88,24 +90,34 @@ class StallWatch:
 
 
 def watched_offset(
-    processed: int | None, resumed: int | None, handed: int | None, fetched: int | None
+    processed: int | None,
+    resumed: int | None,
+    sought: int | None,
+    handed: int | None,
+    fetched: int | None,
 ) -> int | None:
     """The offset the watch follows for one partition (None: not watched yet).
 
     ``processed``: past the last message the agent took since the partition was assigned;
-    ``resumed``: where it resumed, when known; ``handed``: the offset of the last message
-    Faust handed to the agent's stream, or of its last seek, which sets it there (its
-    consumer's read offset); ``fetched``: the consumer's fetch position, when it has one.
+    ``resumed``: where its messages resume, when known; ``sought``: the offset the worker
+    committed for Faust's seek to the commits, when it did; ``handed``: Faust's read offset,
+    the offset of the last message it handed to the agent's stream or of its last seek;
+    ``fetched``: the consumer's fetch position, when it has one.
+
+    Nothing is held for the agent when every message handed on was taken: the read offset
+    is below the next to take, or nothing was taken and it is still where the seek put it.
+    One message handed at exactly that offset and never taken looks the same, and is seen
+    only once another one waits behind it.
     """
     taken = processed if processed is not None else resumed
     if fetched is None:
         return taken
-    if handed is None:  # nothing handed since the partition started at offset 0
+    if handed is None:  # no seek past offset 0 and nothing handed
         held = False
     elif processed is not None:
         held = handed >= processed
-    else:  # nothing taken: handed is the seek to where it resumed, or a message waiting
-        held = resumed is None or handed != resumed
+    else:  # nothing taken: a seek to an offset not committed here (the group's) is unknown
+        held = sought is None or handed != sought
     if held:
         return taken
     return fetched if taken is None else max(taken, fetched)

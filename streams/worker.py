@@ -290,6 +290,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
     topic_label = {settings.events_topic: "events", settings.impressions_topic: "impressions"}
     processed: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset to process
     resumed_at: dict[tuple[str, int], int] = {}  # where a partition resumed, when known
+    sought_at: dict[tuple[str, int], int] = {}  # the offset committed for Faust's seek
     stalls = StallWatch(STALL_S)
 
     def next_to_take(key: tuple[str, int]) -> int | None:
@@ -355,6 +356,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         consumer = app.consumer
         processed.clear()  # the partitions start again from their commits, below or not
         resumed_at.clear()
+        sought_at.clear()
         stalls.forget()
         owned = [tp for tp in consumer.assignment() if tp.topic in topic_label]
         if not owned:
@@ -384,6 +386,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 # land between two steps of its fetcher resetting the partition and kill it.
                 await consumer.seek_wait(rebuild)
                 resumed_at.update({(tp.topic, tp.partition): o for tp, o in rebuild.items()})
+                sought_at.update({(tp.topic, tp.partition): o for tp, o in rebuild.items()})
                 log.warning(
                     "the state is built from the log: starting partitions with no watermark "
                     "at the earliest offsets: %s",
@@ -391,9 +394,12 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 )
         if resume:
             await consumer._commit(resume)  # the transport's commit of given offsets
+            keyed = {(tp.topic, tp.partition): o for tp, o in resume.items()}
+            sought_at.update(keyed)
+            resumed_at.update(keyed)
             try:  # past a watermark the log no longer holds, the consumer starts at its start
                 earliest = await consumer.earliest_offsets(*resume)
-            except Exception as exc:  # these partitions are watched from their first message
+            except Exception as exc:  # watched from their watermarks
                 log.debug("earliest offsets not read for the stall watch: %s", exc)
             else:
                 resumed_at.update(
@@ -632,7 +638,11 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         for tp in owned:
             key = (tp.topic, tp.partition)
             watched = watched_offset(
-                processed.get(key), resumed_at.get(key), handed.get(tp), fetched.get(tp)
+                processed.get(key),
+                resumed_at.get(key),
+                sought_at.get(key),
+                handed.get(tp),
+                fetched.get(tp),
             )
             if key in ends and watched is not None:
                 nexts[key] = watched

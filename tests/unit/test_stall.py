@@ -67,19 +67,22 @@ def test_a_tick_without_offsets_starts_every_clock_again() -> None:
 
 def test_the_fetch_position_counts_only_when_faust_holds_nothing_for_the_agent() -> None:
     # Idle after a transaction: the agent took up to 9, its marker is at 10, the end at 11.
-    assert watched_offset(processed=10, resumed=5, handed=9, fetched=11) == 11
+    assert watched_offset(processed=10, resumed=5, sought=5, handed=9, fetched=11) == 11
     # The same after a restart that resumed at 10: nothing handed but the seek to 10.
-    assert watched_offset(processed=None, resumed=10, handed=10, fetched=11) == 11
+    assert watched_offset(processed=None, resumed=10, sought=10, handed=10, fetched=11) == 11
+    # Resumed past a watermark the log no longer holds: the seek went to the watermark.
+    assert watched_offset(processed=None, resumed=30, sought=10, handed=10, fetched=32) == 32
     # Messages 10-20 handed to the stream and not taken: the agent's offset, however far the
     # consumer fetched.
-    assert watched_offset(processed=10, resumed=5, handed=20, fetched=21) == 10
-    assert watched_offset(processed=None, resumed=10, handed=12, fetched=13) == 10
-    # A state built from the log: the seek to offset 0 leaves no read offset.
-    assert watched_offset(processed=None, resumed=0, handed=None, fetched=4) == 4
-    # Resumed from the group's commits alone: watched from the fetch position once nothing is
-    # handed, not while a seek or a message is all that is known.
-    assert watched_offset(processed=None, resumed=None, handed=None, fetched=7) == 7
-    assert watched_offset(processed=None, resumed=None, handed=7, fetched=8) is None
+    assert watched_offset(processed=10, resumed=5, sought=5, handed=20, fetched=21) == 10
+    assert watched_offset(processed=None, resumed=10, sought=10, handed=12, fetched=13) == 10
+    # A state built from the log: the seek to offset 0 leaves a read offset of 0 (or none).
+    assert watched_offset(processed=None, resumed=0, sought=0, handed=0, fetched=4) == 4
+    assert watched_offset(processed=None, resumed=0, sought=0, handed=None, fetched=4) == 4
+    # Resumed from the group's commits alone: the seek's offset is not known here, so it is
+    # watched from the fetch position only when nothing was sought or handed.
+    assert watched_offset(processed=None, resumed=None, sought=None, handed=None, fetched=7) == 7
+    assert watched_offset(processed=None, resumed=None, sought=None, handed=7, fetched=8) is None
     # No fetch position (a partition awaiting its reset): the agent's offset alone.
-    assert watched_offset(processed=10, resumed=5, handed=9, fetched=None) == 10
-    assert watched_offset(processed=None, resumed=None, handed=None, fetched=None) is None
+    assert watched_offset(processed=10, resumed=5, sought=5, handed=9, fetched=None) == 10
+    assert watched_offset(None, None, None, None, None) is None
