@@ -9,8 +9,12 @@ so replies are matched to waiting requests first in, first out, as multiplexing 
 
 Failures are redis-py's exception types, so callers handle both clients alike: a lost or
 refused connection fails every waiting request with `ConnectionError` and the next request
-connects again; a reply slower than the timeout raises `TimeoutError` for that request (its
-reply, when it comes, is discarded in order).
+connects again. A reply slower than the timeout raises `TimeoutError` for that request and
+closes the connection (failing the requests behind it, whose replies were queued after it), so
+the next request connects again: a server that vanished without a reset (a failover, a
+partition) would otherwise hold the connection until the kernel gave up on it, some fifteen
+minutes. A connection whose setup fails (AUTH refused, a timeout, a cancelled request) is closed
+at once, never left open on the server.
 """
 
 from __future__ import annotations
@@ -86,7 +90,11 @@ class MultiplexedRedis:
     async def execute(self, *args: str | bytes | int | float) -> Any:
         """One command's reply; error replies raise `redis.exceptions.ResponseError`."""
         protocol = await self._connected()
-        return await reply_within(protocol.send(_pack(args)), self.timeout_s)
+        try:
+            return await reply_within(protocol.send(_pack(args)), self.timeout_s)
+        except redis_errors.TimeoutError:
+            protocol.close()
+            raise
 
     async def run_script(self, source: str, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA, loading the script once per connection if the server does not know it."""
@@ -120,6 +128,7 @@ class MultiplexedRedis:
     async def _connect(self) -> _Protocol:
         host, port, path, ssl = self._address
         loop = asyncio.get_running_loop()
+        protocol: _Protocol | None = None
         try:
             async with asyncio.timeout(self.timeout_s):
                 if path:
@@ -130,12 +139,16 @@ class MultiplexedRedis:
                     )
                 for command in self._setup:
                     await protocol.send(_pack(command))
-        except (OSError, TimeoutError) as exc:
-            where = path or f"{host}:{port}"
-            message = f"cannot connect to Redis at {where}: {exc}"
-            raise redis_errors.ConnectionError(message) from exc
-        except redis_errors.ResponseError as exc:
-            raise redis_errors.AuthenticationError(str(exc)) from exc
+        except BaseException as exc:
+            if protocol is not None:  # connected, then refused, timed out or cancelled
+                protocol.close()
+            if isinstance(exc, (OSError, TimeoutError)):
+                where = path or f"{host}:{port}"
+                message = f"cannot connect to Redis at {where}: {exc}"
+                raise redis_errors.ConnectionError(message) from exc
+            if isinstance(exc, redis_errors.ResponseError):
+                raise redis_errors.AuthenticationError(str(exc)) from exc
+            raise
         return protocol
 
 
@@ -182,6 +195,7 @@ class _Protocol(asyncio.Protocol):
                 )
 
     def close(self) -> None:
+        self.open = False  # at once: the next request connects anew, not after connection_lost
         if self.transport is not None:
             self.transport.close()
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
+import warnings
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -17,6 +19,7 @@ from freshrec.serving.multiplexed_redis import MultiplexedRedis
 from freshrec.settings import Settings
 from freshrec.store.keys import Keys
 from freshrec.store.server_scripts import USER_STATE
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -119,3 +122,106 @@ def test_the_database_of_the_url_is_selected(settings: Settings) -> None:
 
     asyncio.run(run())
     assert redis.Redis.from_url(settings.redis_url).exists(key) == 0
+
+
+def test_a_refused_setup_closes_its_connection_at_once(settings: Settings) -> None:
+    """AUTH refused (here: a password the server does not have), over and over: each attempt's
+    connection is closed by the client at once, not left to the garbage collector (or, while
+    anything holds the error's traceback, open on the server)."""
+    client = redis.Redis.from_url(settings.redis_url)
+    kwargs = client.connection_pool.connection_kwargs
+    host, port = kwargs["host"], kwargs["port"]
+    before = client.info("clients")["connected_clients"]
+
+    async def run() -> None:
+        shared = MultiplexedRedis(host=host, port=port, password="not-the-password")
+        for _ in range(20):
+            with pytest.raises(redis_errors.AuthenticationError):
+                await shared.execute("PING")
+        await shared.aclose()
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            asyncio.run(run())
+            gc.collect()
+        unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+        assert not unclosed, unclosed[:3]  # each closed by the client, not left to the collector
+        wait_until(
+            lambda: client.info("clients")["connected_clients"] <= before + 2,
+            10,
+            f"the refused connections to close (were {before})",
+        )
+    finally:
+        client.close()
+
+
+def test_a_server_that_stops_answering_is_left_after_one_timeout(settings: Settings) -> None:
+    """A connection whose server went silent without a reset (a failover, a partition) times
+    out once; the next request connects again instead of timing out on it for good."""
+
+    async def run() -> None:
+        client = Redis.from_url(settings.redis_url)
+        kwargs = client.connection_pool.connection_kwargs
+        async with _SilencingProxy(kwargs["host"], kwargs["port"]) as proxy:
+            shared = MultiplexedRedis(host="127.0.0.1", port=proxy.port, timeout_s=0.5)
+            try:
+                assert await shared.execute("PING") == b"PONG"
+                proxy.silence_open_connections()
+                with pytest.raises(redis_errors.TimeoutError):
+                    await shared.execute("PING")
+                assert await shared.execute("PING") == b"PONG"  # a new connection
+                assert proxy.connections == 2
+            finally:
+                await shared.aclose()
+                await client.aclose()
+
+    asyncio.run(run())
+
+
+class _SilencingProxy:
+    """A TCP relay to Redis that can stop relaying on the connections open so far, keeping
+    them open: what a client sees of a server gone without a reset."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.connections = 0
+        self._silenced: list[asyncio.Event] = []
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    def silence_open_connections(self) -> None:
+        for silenced in self._silenced:
+            silenced.set()
+
+    async def __aenter__(self) -> _SilencingProxy:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        silenced = asyncio.Event()
+        self._silenced.append(silenced)
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        self._writers += [writer, up_writer]
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                if silenced.is_set():
+                    continue  # swallowed: the peer hears nothing, and no reset either
+                sink.write(data)
+                await sink.drain()
+
+        with contextlib.suppress(ConnectionError):
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
