@@ -197,7 +197,11 @@ class HttpServer:
             await self._server.wait_closed()
 
     async def handle(self, method: str, target: bytes) -> Response:
-        url = httptools.parse_url(target)
+        try:
+            url = httptools.parse_url(target)
+        except httptools.HttpParserInvalidURLError:  # an absolute form the parser let through
+            refusal = _answer(400, "the request target is not a valid URL")
+            return await self.dispatch(Request(method, "", {}, {}), "unmatched", refusal)
         raw_path = url.path.decode("latin-1")
         path = unquote(raw_path)
         matched = self.router.match(raw_path)  # parameters are unquoted one by one: %2F stays

@@ -244,3 +244,16 @@ def _script_killed(admin: redis.Redis) -> Callable[[], bool]:
         return False
 
     return kill
+
+
+def test_a_target_that_is_no_valid_url_is_400_and_the_connection_goes_on(reader: str) -> None:
+    with _connect(reader) as sock:
+        for target in (b"http://h:99999/x", b"http:///x", b"http://[::1/x"):
+            sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+            status, headers, body = _read_response(sock)
+            assert status == 400, (target, body)
+            assert headers["content-type"].startswith("application/json")
+            assert b"not a valid URL" in body
+        sock.sendall(GET)  # the same connection, still in step
+        assert _read_response(sock)[0] == 200
+    _serves(reader)
