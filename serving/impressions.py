@@ -1,7 +1,8 @@
 """The impression log: every served list, as served, on the impressions topic.
 
 Logging never blocks serving: while Kafka is unreachable the producer queues impressions, and
-once its queue is full they are dropped and counted (``freshrec_impressions_dropped_total``).
+once its queue is full they are dropped and counted (``freshrec_impressions_dropped_total``),
+as are those Kafka refuses or that its producer gives up on after its message timeout.
 
 Workers consume it to count impressions per item (UCB), to remember what was shown for
 attributing later clicks, and to teach the click model with the exact features the ranker saw.
@@ -10,6 +11,7 @@ attributing later clicks, and to teach the click model with the exact features t
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import orjson
@@ -22,8 +24,15 @@ from freshrec.serving.funnel import Served
 SERVED = Counter("freshrec_variant_served_total", "Lists served, by A/B variant", ["variant"])
 DROPPED = Counter(
     "freshrec_impressions_dropped_total",
-    "Impressions not logged because the producer's queue was full (Kafka unreachable)",
+    "Impressions not logged: the producer's queue was full (Kafka unreachable), or Kafka "
+    "refused them or did not take them within the producer's message timeout",
 )
+
+
+def _delivered(err: Any, _msg: Any) -> None:
+    """Delivery report (from ``poll``): an impression Kafka did not take is counted lost."""
+    if err is not None:
+        DROPPED.inc()
 
 
 class ImpressionLog:
@@ -61,7 +70,9 @@ class ImpressionLog:
         }
         value = orjson.dumps(message)  # 38 us for a list of ten; the standard library's, 118
         try:
-            self.producer.produce(self.topic, key=user_id.encode(), value=value)
+            self.producer.produce(
+                self.topic, key=user_id.encode(), value=value, on_delivery=_delivered
+            )
         except BufferError:
             # Kafka has been unreachable long enough to fill the queue: serving goes on, the
             # impression is counted as lost (UCB counts and click attribution miss it).

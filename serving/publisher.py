@@ -30,6 +30,11 @@ from freshrec.store.server_scripts import ServerScripts
 log = logging.getLogger(__name__)
 
 PUBLISHED = Counter("freshrec_recommendations_published_total", "Lists published to Kafka")
+UNDELIVERED = Counter(
+    "freshrec_recommendations_undelivered_total",
+    "Published lists Kafka did not take (refused, or not delivered within the producer's "
+    "message timeout); their users are published again",
+)
 PUBLISH_DELAY = Histogram(
     "freshrec_event_to_published_seconds",
     "From the arrival in Kafka of a user's oldest unpublished event to their list being "
@@ -64,10 +69,23 @@ class RecommendationPublisher:
         self.concurrency = concurrency
         self.scripts = ServerScripts(redis)
         self.published = 0
+        self.undelivered: set[str] = set()  # users whose list Kafka did not take
+
+    def _delivered(self, err: Any, msg: Any) -> None:
+        """Delivery report (from ``poll``): a list Kafka did not take is published again."""
+        if err is not None:
+            UNDELIVERED.inc()
+            self.undelivered.add(msg.key().decode())
+            log.warning("a list for Kafka was not delivered, to be published again: %s", err)
 
     async def publish_due(self) -> int:
         """Publish every due user (up to ``max_users``); returns how many."""
         cutoff = time.time() - self.debounce_s
+        self.producer.poll(0)  # delivery reports of earlier lists
+        if self.undelivered:  # due again at once (their first-touch time is lost)
+            again = dict.fromkeys(self.undelivered, cutoff)
+            await self.redis.zadd(self.keys.dirty_users, again, nx=True)
+            self.undelivered.clear()
         due = await self.scripts.pop_due(
             keys=[self.keys.dirty_users], args=[repr(cutoff), self.max_users]
         )
@@ -98,7 +116,9 @@ class RecommendationPublisher:
             }
             value = orjson.dumps(message)
             try:
-                self.producer.produce(self.topic, key=user.encode(), value=value)
+                self.producer.produce(
+                    self.topic, key=user.encode(), value=value, on_delivery=self._delivered
+                )
             except BufferError:
                 unsent.append(user)  # Kafka unreachable and the queue full: try again later
         self.producer.poll(0)
