@@ -20,6 +20,7 @@ Each reader replica reports its own share of the traffic.
 from __future__ import annotations
 
 import collections
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -97,11 +98,15 @@ class ExposureMeter:
         self.current: collections.Counter[str] = collections.Counter()
         self.previous: collections.Counter[str] = collections.Counter()
         self.started = clock()
+        # Scrapes on the reader's own metrics port compute the gauges on the metrics server's
+        # thread while requests record on the event loop's.
+        self._lock = threading.Lock()
 
     def record(self, item_ids: list[str], channels: Iterable[list[str]]) -> None:
         """One served list: its item ids and each item's channels."""
-        self._rotate()
-        self.current.update(item_ids)
+        with self._lock:
+            self._rotate()
+            self.current.update(item_ids)
         SERVED_ITEMS.inc(len(item_ids))
         cold = sum(1 for names in channels if not COLD_CHANNELS.isdisjoint(names))
         if cold:
@@ -109,16 +114,19 @@ class ExposureMeter:
 
     def coverage(self) -> float:
         """Distinct items shown in the window over the catalogue (0 for an empty catalogue)."""
-        self._rotate()
+        with self._lock:
+            self._rotate()
+            shown = len(self.current.keys() | self.previous.keys())
         size = self.catalogue_size()
         if size <= 0:
             return 0.0
-        return min(1.0, len(self.current.keys() | self.previous.keys()) / size)
+        return min(1.0, shown / size)
 
     def concentration(self) -> float:
         """Gini of exposure over the catalogue, the items never shown counted as zeros."""
-        self._rotate()
-        shown = self.current + self.previous
+        with self._lock:
+            self._rotate()
+            shown = self.current + self.previous
         counts = np.fromiter(shown.values(), dtype=np.float64, count=len(shown))
         unseen = max(0, self.catalogue_size() - len(counts))
         return gini(np.concatenate([counts, np.zeros(unseen)]))
