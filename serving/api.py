@@ -170,6 +170,9 @@ class Reader:
                     **publishing.client_config,
                     "bootstrap.servers": publishing.kafka_bootstrap,
                     "linger.ms": 20,
+                    # A retried batch is neither written twice (an impression counted twice)
+                    # nor after a newer one (a user's older list last on the topic).
+                    "enable.idempotence": True,
                     "log_level": 3,
                 }
             )

@@ -101,10 +101,11 @@ class RecommendationPublisher:
 
         try:
             lists = await asyncio.gather(*(ranked(u) for u in users))
-        except Exception:
+        except BaseException:
             # Put them back (first-touch time is lost, so they come due at once) and let the
-            # caller back off; nobody's fresh list is dropped.
-            await self.redis.zadd(self.keys.dirty_users, dict.fromkeys(users, cutoff), nx=True)
+            # caller back off; nobody's fresh list is dropped. A stop (cancellation) puts them
+            # back too, for another replica or the next start.
+            await self._put_back(users, cutoff)
             raise
         now = time.time()
         unsent = []
@@ -132,6 +133,15 @@ class RecommendationPublisher:
         if unsent:
             raise BufferError(f"{len(unsent)} lists waiting for Kafka")
         return sent
+
+    async def _put_back(self, users: list[str], due_at: float) -> None:
+        """Users popped and not published: due again. Shielded, so that a stop in progress
+        does not cut it short; if Redis refuses it, the error that led here still propagates."""
+        try:
+            again = dict.fromkeys(users, due_at)
+            await asyncio.shield(self.redis.zadd(self.keys.dirty_users, again, nx=True))
+        except Exception as exc:
+            log.warning("%d users' lists not put back to publish again: %s", len(users), exc)
 
     async def run(self, interval_s: float) -> None:
         """Publish until cancelled; outages of Redis or Kafka only delay publishing."""

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from redis.asyncio import Redis
 
 from freshrec.connections import kafka_config
+from freshrec.models.mf import vector_width
 from freshrec.serving.funnel import Funnel
 from freshrec.serving.publisher import UNDELIVERED, RecommendationPublisher
 from freshrec.settings import Settings
 from freshrec.store.keys import Keys
+from freshrec.store.vectors import encode_vector
 from freshrec.streams.topics import delete_topics
 
 pytestmark = pytest.mark.integration
+
+ITEMS = 40_000
 
 
 def test_a_list_kafka_refuses_is_published_again(settings: Settings) -> None:
@@ -52,3 +57,39 @@ def test_a_list_kafka_refuses_is_published_again(settings: Settings) -> None:
         asyncio.run(run())
     finally:
         delete_topics(settings.kafka_bootstrap, [topic], settings=settings)
+
+
+def test_users_popped_when_the_reader_stops_mid_ranking_are_put_back(settings: Settings) -> None:
+    keys = Keys(settings.key_prefix)
+    users = {f"u{n}": 1.0 for n in range(5)}
+
+    async def run() -> None:
+        redis = Redis.from_url(settings.redis_url)
+        # A catalogue the funnel's first refresh takes a while to load: the stop lands in it.
+        width = vector_width(settings.funnel_config().factors)
+        blob = encode_vector(np.full(width, 0.1))
+        pipe = redis.pipeline(transaction=False)
+        for start in range(0, ITEMS, 5_000):
+            chunk = [f"i{n}" for n in range(start, start + 5_000)]
+            pipe.mset({keys.item_vector(item): blob for item in chunk})
+            pipe.zadd(keys.updated_items, dict.fromkeys(chunk, 1.0))
+        await pipe.execute()
+        producer = Producer(kafka_config(settings))
+        funnel = Funnel(redis, keys, settings.funnel_config())
+        publisher = RecommendationPublisher(
+            redis, keys, funnel, producer, settings.recommendations_topic, 5, 0.0
+        )
+        try:
+            await redis.zadd(keys.dirty_users, users)
+            publishing = asyncio.ensure_future(publisher.publish_due())
+            while await redis.zcard(keys.dirty_users):  # popped: the ranking has begun
+                assert not publishing.done(), publishing.result()
+            publishing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await publishing
+            assert await redis.zrange(keys.dirty_users, 0, -1) == sorted(u.encode() for u in users)
+        finally:
+            await funnel.aclose()
+            await redis.aclose()
+
+    asyncio.run(run())
