@@ -185,6 +185,7 @@ class Reader:
                 publishing.topic,
                 publishing.k,
                 publishing.debounce_s,
+                variants=self.variants,
             )
         router = Router()
         router.add("/recommendations/{user_id}", self.recommendations)

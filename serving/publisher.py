@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 from freshrec.serving.cancellation import pause, raise_if_cancelled
 from freshrec.serving.funnel import Funnel
+from freshrec.serving.variants import Variants
 from freshrec.store.keys import Keys
 from freshrec.store.server_scripts import ServerScripts
 
@@ -57,6 +58,7 @@ class RecommendationPublisher:
         debounce_s: float,
         max_users: int = 200,
         concurrency: int = 8,
+        variants: Variants | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -67,6 +69,7 @@ class RecommendationPublisher:
         self.debounce_s = debounce_s
         self.max_users = max_users
         self.concurrency = concurrency
+        self.variants = variants  # a user's published list is the one their variant serves
         self.scripts = ServerScripts(redis)
         self.published = 0
         self.undelivered: set[str] = set()  # users whose list Kafka did not take
@@ -96,8 +99,9 @@ class RecommendationPublisher:
         gate = asyncio.Semaphore(self.concurrency)
 
         async def ranked(user: str) -> list[Any]:
+            config = self.variants.assign(user).config if self.variants is not None else None
             async with gate:  # bounded: each ranking holds a pooled connection
-                return await self.funnel.recommend(user, self.k)
+                return await self.funnel.recommend(user, self.k, config)
 
         try:
             lists = await asyncio.gather(*(ranked(u) for u in users))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 import numpy as np
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from redis.asyncio import Redis
 
@@ -14,14 +16,18 @@ from freshrec.connections import kafka_config
 from freshrec.models.mf import vector_width
 from freshrec.serving.funnel import Funnel
 from freshrec.serving.publisher import UNDELIVERED, RecommendationPublisher
+from freshrec.serving.variants import Variants
 from freshrec.settings import Settings
+from freshrec.store.batch_update import BatchUpdater
 from freshrec.store.keys import Keys
 from freshrec.store.vectors import encode_vector
+from freshrec.streams.events import Event
 from freshrec.streams.topics import delete_topics
 
 pytestmark = pytest.mark.integration
 
 ITEMS = 40_000
+TS = 1_700_000_000.0
 
 
 def test_a_list_kafka_refuses_is_published_again(settings: Settings) -> None:
@@ -93,3 +99,67 @@ def test_users_popped_when_the_reader_stops_mid_ranking_are_put_back(settings: S
             await redis.aclose()
 
     asyncio.run(run())
+
+
+def test_a_users_published_list_is_the_one_their_variant_serves(settings: Settings) -> None:
+    keys = Keys(settings.key_prefix)
+    spec = '{"control": {"share": 0.5}, "popular": {"share": 0.5, "channels": ["trending"]}}'
+    variants = Variants.parse(spec, settings.funnel_config())
+    users = [f"u{n}" for n in range(30)]
+    rng = np.random.default_rng(3)
+    events = [
+        Event("click", users[int(rng.integers(len(users)))], f"i{int(rng.integers(40))}", TS + n)
+        for n in range(1_500)
+    ]
+
+    async def run() -> None:
+        redis = Redis.from_url(settings.redis_url)
+        updater = BatchUpdater(redis, keys, settings.model_config())
+        await updater.apply(events)
+        producer = Producer(kafka_config(settings))
+        funnel = Funnel(redis, keys, settings.funnel_config())
+        publisher = RecommendationPublisher(
+            redis, keys, funnel, producer, settings.recommendations_topic, 5, 0.0,
+            variants=variants,
+        )  # fmt: skip
+        try:
+            await redis.delete(keys.dirty_users)
+            await redis.zadd(keys.dirty_users, dict.fromkeys(users, 1.0))
+            assert await publisher.publish_due() == len(users)
+            assert producer.flush(30) == 0
+        finally:
+            await funnel.aclose()
+            await redis.aclose()
+
+    asyncio.run(run())
+    lists = _consume(settings, settings.recommendations_topic, len(users))
+    by_variant: dict[str, list[set[str]]] = {"control": [], "popular": []}
+    for user, items in lists.items():
+        channels = {channel for item in items for channel in item["channels"]}
+        by_variant[variants.assign(user).name].append(channels)
+    assert by_variant["popular"] and by_variant["control"]
+    assert all(channels <= {"trending"} for channels in by_variant["popular"])
+    assert any(channels & {"cf", "mf"} for channels in by_variant["control"])
+
+
+def _consume(settings: Settings, topic: str, count: int) -> dict[str, list[dict]]:
+    """The first ``count`` lists on ``topic``, by user."""
+    consumer = Consumer(
+        kafka_config(
+            settings,
+            **{"group.id": f"{settings.topic_prefix}-lists", "auto.offset.reset": "earliest"},
+        )
+    )
+    consumer.subscribe([topic])
+    lists: dict[str, list[dict]] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while len(lists) < count and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is None:
+                body = json.loads(message.value())
+                lists[body["user_id"]] = body["items"]
+    finally:
+        consumer.close()
+    assert len(lists) == count, f"{len(lists)} of {count} lists read"
+    return lists
