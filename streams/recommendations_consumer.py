@@ -3,6 +3,9 @@
 Messages on ``freshrec.recommendations`` are keyed by user; a service that keeps the latest list
 per user (a cache, a push sender) can consume them with any consumer group and a compacting
 mindset: the newest message for a user replaces the older ones.
+
+Delivery is at least once: a list's offset is committed only once the caller asks for the next
+list (or closes the consumer), so a service that stops while handling one gets it again.
 """
 
 from __future__ import annotations
@@ -58,16 +61,24 @@ class RecommendationsConsumer:
                 "group.id": group,
                 "auto.offset.reset": "earliest" if from_beginning else "latest",
                 "enable.auto.commit": True,
+                # Offsets are stored for committing when the caller is done with a list, not
+                # when it is handed over.
+                "enable.auto.offset.store": False,
                 "log_level": 3,
                 **(config or {}),
             }
         )
         self._consumer.subscribe([topic])
+        self._handed: Any = None  # the message of the last list returned
 
     def poll(self, timeout_s: float = 1.0) -> RecommendationList | None:
+        """The next list, or None if none came within ``timeout_s``; asking for it is what
+        marks the list returned before as handled."""
+        self._done_with_handed()
         message = self._consumer.poll(timeout_s)
         if message is None or message.error() is not None:
             return None
+        self._handed = message
         body = json.loads(message.value())
         return RecommendationList(body["user_id"], body["items"], body["generated_at"])
 
@@ -78,4 +89,11 @@ class RecommendationsConsumer:
                 yield update
 
     def close(self) -> None:
+        """Commits the lists handled, the last one returned included, and leaves the group."""
+        self._done_with_handed()
         self._consumer.close()
+
+    def _done_with_handed(self) -> None:
+        if self._handed is not None:
+            self._consumer.store_offsets(message=self._handed)
+            self._handed = None
