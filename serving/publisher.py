@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -85,9 +86,8 @@ class RecommendationPublisher:
         """Publish every due user (up to ``max_users``); returns how many."""
         cutoff = time.time() - self.debounce_s
         self.producer.poll(0)  # delivery reports of earlier lists
-        if self.undelivered:  # due again at once (their first-touch time is lost)
-            again = dict.fromkeys(self.undelivered, cutoff)
-            await self.redis.zadd(self.keys.dirty_users, again, nx=True)
+        if self.undelivered:
+            await self._put_back(self.undelivered, cutoff)
             self.undelivered.clear()
         due = await self.scripts.pop_due(
             keys=[self.keys.dirty_users], args=[repr(cutoff), self.max_users]
@@ -106,10 +106,13 @@ class RecommendationPublisher:
         try:
             lists = await asyncio.gather(*(ranked(u) for u in users))
         except BaseException:
-            # Put them back (first-touch time is lost, so they come due at once) and let the
-            # caller back off; nobody's fresh list is dropped. A stop (cancellation) puts them
-            # back too, for another replica or the next start.
-            await self._put_back(users, cutoff)
+            # Put them back and let the caller back off; nobody's fresh list is dropped. A stop
+            # (cancellation) puts them back too, for another replica or the next start. If
+            # Redis refuses, the error that led here still propagates.
+            try:
+                await self._put_back(users, cutoff)
+            except Exception as exc:
+                log.warning("%d users' lists not put back to publish again: %s", len(users), exc)
             raise
         now = time.time()
         unsent = []
@@ -128,7 +131,7 @@ class RecommendationPublisher:
                 unsent.append(user)  # Kafka unreachable and the queue full: try again later
         self.producer.poll(0)
         if unsent:
-            await self.redis.zadd(self.keys.dirty_users, dict.fromkeys(unsent, cutoff), nx=True)
+            await self._put_back(unsent, cutoff)
         for first_touch in touched:
             PUBLISH_DELAY.observe(max(0.0, now - first_touch))
         sent = len(users) - len(unsent)
@@ -138,14 +141,12 @@ class RecommendationPublisher:
             raise BufferError(f"{len(unsent)} lists waiting for Kafka")
         return sent
 
-    async def _put_back(self, users: list[str], due_at: float) -> None:
-        """Users popped and not published: due again. Shielded, so that a stop in progress
-        does not cut it short; if Redis refuses it, the error that led here still propagates."""
-        try:
-            again = dict.fromkeys(users, due_at)
-            await asyncio.shield(self.redis.zadd(self.keys.dirty_users, again, nx=True))
-        except Exception as exc:
-            log.warning("%d users' lists not put back to publish again: %s", len(users), exc)
+    async def _put_back(self, users: Iterable[str], due_at: float) -> None:
+        """Users popped and not published: due again at once (their first-touch time is lost),
+        unless marked again meanwhile. Shielded, so that a stop in progress does not cut it
+        short."""
+        again = dict.fromkeys(users, due_at)
+        await asyncio.shield(self.redis.zadd(self.keys.dirty_users, again, nx=True))
 
     async def run(self, interval_s: float) -> None:
         """Publish until cancelled; outages of Redis or Kafka only delay publishing."""

@@ -385,8 +385,8 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 # consumer's own thread (`seek_wait`), never from this one, where the seek can
                 # land between two steps of its fetcher resetting the partition and kill it.
                 await consumer.seek_wait(rebuild)
-                resumed_at.update({(tp.topic, tp.partition): o for tp, o in rebuild.items()})
-                sought_at.update({(tp.topic, tp.partition): o for tp, o in rebuild.items()})
+                resumed_at.update(_by_key(rebuild))
+                sought_at.update(_by_key(rebuild))
                 log.warning(
                     "the state is built from the log: starting partitions with no watermark "
                     "at the earliest offsets: %s",
@@ -394,19 +394,15 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 )
         if resume:
             await consumer._commit(resume)  # the transport's commit of given offsets
-            keyed = {(tp.topic, tp.partition): o for tp, o in resume.items()}
-            sought_at.update(keyed)
-            resumed_at.update(keyed)
+            sought_at.update(_by_key(resume))
+            resumed_at.update(_by_key(resume))
             try:  # past a watermark the log no longer holds, the consumer starts at its start
                 earliest = await consumer.earliest_offsets(*resume)
             except Exception as exc:  # watched from their watermarks
                 log.debug("earliest offsets not read for the stall watch: %s", exc)
             else:
                 resumed_at.update(
-                    {
-                        (tp.topic, tp.partition): max(o, int(earliest[tp]))
-                        for tp, o in resume.items()
-                    }
+                    _by_key({tp: max(o, int(earliest[tp])) for tp, o in resume.items()})
                 )
             log.info("resuming after the watermarks: %s", _offsets_text(resume))
 
@@ -948,14 +944,19 @@ async def _ends_and_fetched(thread: Any, partitions: list[Any]) -> tuple[Any, di
     partition without one."""
     consumer = thread._ensure_consumer()
     ends = await consumer.end_offsets(partitions)
-    assignment = consumer._subscription.subscription
-    states = assignment.assignment if assignment is not None else None
+    subscription = consumer._subscription.subscription
+    states = subscription.assignment if subscription is not None else None
     fetched = {}
     for tp in partitions:
         state = states.state_value(tp) if states is not None else None
         if state is not None and state.has_valid_position:
             fetched[tp] = state.position
     return ends, fetched
+
+
+def _by_key(offsets: dict[Any, int]) -> dict[tuple[str, int], int]:
+    """Offsets by (topic, partition), the key the worker's own maps use."""
+    return {(tp.topic, tp.partition): offset for tp, offset in offsets.items()}
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:
