@@ -22,11 +22,13 @@ want another value; none is a setting):
 * ``MAX_CONNECTIONS`` (1024): a connection beyond it is answered 503 with ``Retry-After`` and
   closed. Every refusal (400, 408, 413, 414, 431, this 503) half-closes and drains input for
   ``LINGER_S`` (1 s) before closing, so the answer is not lost to a TCP reset.
-* ``MAX_IN_FLIGHT`` (1024 across connections) and ``MAX_PIPELINED`` (64 on one connection):
-  requests beyond either are answered 503 with ``Retry-After`` without running.
-* Backpressure: while the transport's write buffer is above its high-water mark the
-  connection stops reading, so a client that does not read its answers cannot grow the
-  reader's memory.
+* ``MAX_IN_FLIGHT`` (1024 across connections): requests beyond it are answered 503 with
+  ``Retry-After`` without running.
+* Backpressure: a connection stops reading while ``MAX_PIPELINED`` (64) of its requests wait
+  for their answers, and while the transport's write buffer is above its high-water mark, so
+  neither a client that pipelines without end nor one that does not read its answers can grow
+  the reader's memory: TCP's flow control holds them back. Requests that one read brings past
+  the cap are answered 503 with ``Retry-After`` without running.
 """
 
 from __future__ import annotations
@@ -268,6 +270,7 @@ class _Connection(asyncio.Protocol):
         self.last_active = time.monotonic()
         self.refused = False
         self.rejected = False
+        self.writes_behind = False  # the write buffer is above its high-water mark
 
     @property
     def busy(self) -> bool:
@@ -289,12 +292,26 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """The client reads slower than it asks: stop reading until its answers drain."""
+        self.writes_behind = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.transport.is_closing() and not self.refused:
-            self.transport.resume_reading()
+        self.writes_behind = False
+        self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        """Reads again once neither the write buffer nor the queue of answers holds it back."""
+        transport = self.transport
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and not self.refused
+            and not self.writes_behind
+            and len(self.pending) < self.server.max_pipelined
+            and not transport.is_reading()
+        ):
+            transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.refused or self.rejected:  # the stream is out of step, or never listened to
@@ -366,6 +383,8 @@ class _Connection(asyncio.Protocol):
             task.add_done_callback(server._finished)
         self.pending.append((task, head_only, keep_alive))
         task.add_done_callback(self._flush)
+        if len(self.pending) >= server.max_pipelined and self.transport is not None:
+            self.transport.pause_reading()  # until answers are written (`_flush`)
 
     # --- responses ----------------------------------------------------------------------------
     def _flush(self, _: object = None) -> None:
@@ -385,6 +404,7 @@ class _Connection(asyncio.Protocol):
                 self.close()
                 return
         self.last_active = time.monotonic()
+        self._resume_reading()
 
     def _write(self, response: Response, head_only: bool, keep_alive: bool) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -440,6 +460,8 @@ class _Connection(asyncio.Protocol):
             return
         if transport.can_write_eof():
             transport.write_eof()
+        if not self.writes_behind and not transport.is_reading():
+            transport.resume_reading()  # paused for a full queue: drain what comes instead
         asyncio.get_running_loop().call_later(LINGER_S, self.close)
 
     def close(self) -> None:

@@ -116,6 +116,48 @@ def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
     asyncio.run(run())
 
 
+def test_a_connection_stops_reading_while_its_queue_of_answers_is_full() -> None:
+    """Requests pipelined past the cap in later reads wait in TCP's buffers, not in the
+    reader's memory, and are answered once the queue drains: none is refused."""
+
+    async def run() -> None:
+        gate = asyncio.Event()
+
+        async def gated(request: Request) -> Response:
+            await gate.wait()
+            return Response.json({"n": request.params["n"]})
+
+        async def dispatch(request: Request, route: str, handler: Handler) -> Response:
+            return await handler(request)
+
+        router = Router()
+        router.add("/gated/{n}", gated)
+        server = HttpServer(router, dispatch, max_pipelined=4)
+        await server.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(b"".join(b"GET /gated/%d HTTP/1.1\r\n\r\n" % n for n in range(4)))
+            await asyncio.wait_for(
+                _until(lambda: any(len(c.pending) == 4 for c in server.connections)), 5
+            )
+            (connection,) = server.connections
+            assert connection.transport is not None
+            assert not connection.transport.is_reading()
+            writer.write(b"".join(b"GET /gated/%d HTTP/1.1\r\n\r\n" % n for n in range(4, 8)))
+            await writer.drain()
+            gate.set()
+            answers = [await _answer(reader) for _ in range(8)]
+            assert [status for status, _, _ in answers] == [200] * 8
+            assert [json.loads(body)["n"] for _, _, body in answers] == [str(n) for n in range(8)]
+            await asyncio.wait_for(_until(lambda: not connection.pending), 5)
+            assert connection.transport.is_reading()
+        finally:
+            writer.close()
+            await server.stop()
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize(
     ("raw", "status"),
     [
