@@ -2,12 +2,15 @@
 
 A message is one event, or a JSON array of events that share a partition. Arrays cut the
 per-message cost of the consuming framework by the batch size; per-user order holds because a
-user's events always go to the partition their key hashes to.
+user's events always go to the partition their key hashes to. An array goes when it is full or
+when its first event has waited ``max_wait_s``, whichever comes first, so a slow source's
+events are not held back for the next ones.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -22,6 +25,11 @@ log = logging.getLogger(__name__)
 METADATA_WAIT_S = 10.0
 """How long a new producer waits for its topic's partitions to have leaders: a topic created
 a moment ago answers "leader not available" until its partitions are elected."""
+MAX_WAIT_S = 0.02
+"""How long an array's first event waits for the array to fill before it is sent anyway."""
+QUEUE_FULL_WAIT_S = 30.0
+"""How long a send waits for room in librdkafka's local queue (full while the brokers do not
+take messages) before it raises `BufferError`."""
 
 
 class EventProducer:
@@ -39,6 +47,15 @@ class EventProducer:
     config
         More librdkafka options: the security ones from
         ``freshrec.connections.kafka_config(settings)``.
+    max_wait_s
+        With arrays, how long one waits to fill before it is sent as it is.
+    queue_full_wait_s
+        How long a send waits for room in the local queue. Past it, `send` raises
+        `BufferError` and the event it was given is not taken; events sent before it are kept
+        and go as soon as there is room (or with `flush`).
+
+    `flush` (and `close`) raise `KafkaException` when messages failed delivery since the last
+    `flush`; ``failed`` counts them all.
     """
 
     def __init__(
@@ -47,9 +64,13 @@ class EventProducer:
         topic: str,
         events_per_message: int = 1,
         config: Mapping[str, Any] | None = None,
+        max_wait_s: float = MAX_WAIT_S,
+        queue_full_wait_s: float = QUEUE_FULL_WAIT_S,
     ) -> None:
         self.topic = topic
         self.events_per_message = max(1, events_per_message)
+        self.max_wait_s = max_wait_s
+        self.queue_full_wait_s = queue_full_wait_s
         self._producer = Producer(
             {
                 "bootstrap.servers": bootstrap,
@@ -63,9 +84,22 @@ class EventProducer:
         )
         self.partitions = self._partition_count()
         self._pending: dict[int, list[dict[str, Any]]] = {}
+        self._opened: dict[int, float] = {}  # when each partial array took its first event
         self.sent_events = 0
         self.sent_messages = 0
         self.failed = 0
+        self._failed_reported = 0  # of `failed`, what a `flush` has raised for
+        # Arrays are filled by `send` and sent by it, by `flush`, or when due by a thread of
+        # their own; the lock guards them, the event wakes the thread when one opens.
+        self._arrays = threading.Lock()
+        self._opening = threading.Event()
+        self._closing = False
+        self._timer: threading.Thread | None = None
+        if self.events_per_message > 1:
+            self._timer = threading.Thread(
+                target=self._send_due_arrays, name="freshrec-producer-arrays", daemon=True
+            )
+            self._timer.start()
 
     def _partition_count(self) -> int:
         deadline = time.monotonic() + METADATA_WAIT_S
@@ -96,10 +130,20 @@ class EventProducer:
             return
         user = payload.get("user_id")
         partition = partition_for(user, self.partitions) if isinstance(user, str) else 0
-        bucket = self._pending.setdefault(partition, [])
-        bucket.append(payload)
-        if len(bucket) >= self.events_per_message:
-            self._flush_partition(partition)
+        with self._arrays:
+            bucket = self._pending.get(partition)
+            if bucket is None:
+                bucket = self._pending[partition] = []
+                if not self._opened:  # else the timer already waits for an earlier array
+                    self._opening.set()
+                self._opened[partition] = time.monotonic()
+            bucket.append(payload)
+            if len(bucket) >= self.events_per_message:
+                try:
+                    self._flush_partition(partition)
+                except BufferError:
+                    self._pending[partition].pop()  # this event was not taken; the rest wait
+                    raise
 
     def send_raw(self, payload: bytes, key: bytes | None = None) -> None:
         """Send bytes exactly as given (replaying a file with malformed lines, tests)."""
@@ -110,16 +154,32 @@ class EventProducer:
             self.send(event)
 
     def flush(self, timeout: float = 30.0) -> None:
-        for partition in list(self._pending):
-            self._flush_partition(partition)
-        remaining = self._producer.flush(timeout)
+        deadline = time.monotonic() + timeout
+        with self._arrays:
+            for partition in list(self._pending):
+                try:
+                    self._flush_partition(partition, max(deadline - time.monotonic(), 0.0))
+                except BufferError:
+                    waiting = sum(map(len, self._pending.values()))
+                    raise TimeoutError(
+                        f"{waiting} events still wait for room in the local queue after "
+                        f"{timeout:.0f} s"
+                    ) from None
+        remaining = self._producer.flush(max(deadline - time.monotonic(), 0.0))
         if remaining:
             raise TimeoutError(f"{remaining} messages still undelivered after {timeout:.0f} s")
-        if self.failed:
-            raise KafkaException(f"{self.failed} messages failed delivery; see the log")
+        failed, self._failed_reported = self.failed - self._failed_reported, self.failed
+        if failed:
+            raise KafkaException(f"{failed} messages failed delivery; see the log")
 
     def close(self) -> None:
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            self._closing = True
+            self._opening.set()
+            if self._timer is not None:
+                self._timer.join()
 
     def __enter__(self) -> EventProducer:
         return self
@@ -127,23 +187,69 @@ class EventProducer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _flush_partition(self, partition: int) -> None:
+    def _send_due_arrays(self) -> None:
+        """Sends each array whose first event has waited ``max_wait_s`` (the timer thread)."""
+        wait: float | None = None  # until the first array is due; None while there is none
+        while True:
+            self._opening.wait(wait)
+            self._opening.clear()
+            if self._closing:
+                return
+            with self._arrays:
+                now = time.monotonic()
+                due = [p for p, opened in self._opened.items() if now - opened >= self.max_wait_s]
+                for partition in due:
+                    try:
+                        self._flush_partition(partition)
+                    except BufferError:
+                        log.warning("the local queue stayed full; an array waits to be sent")
+                        self._opened[partition] = time.monotonic()
+                    except KafkaException as exc:  # refused before it was queued: no report
+                        self.failed += 1
+                        log.error("an array could not be sent", extra={"error": str(exc)})
+                first = min(self._opened.values(), default=None)
+            wait = None if first is None else max(first + self.max_wait_s - time.monotonic(), 0)
+
+    def _flush_partition(self, partition: int, wait_s: float | None = None) -> None:
+        """Sends the partition's array (under ``_arrays``); kept if the queue stays full."""
         bucket = self._pending.pop(partition, None)
+        opened = self._opened.pop(partition, None)
         if not bucket:
             return
-        self._produce(encode_events(bucket), key=None, count=len(bucket), partition=partition)
+        try:
+            value = encode_events(bucket)
+            self._produce(value, key=None, count=len(bucket), partition=partition, wait_s=wait_s)
+        except BufferError:
+            self._pending[partition] = bucket
+            self._opened[partition] = opened if opened is not None else time.monotonic()
+            raise
 
     def _produce(
-        self, value: bytes, key: bytes | None, count: int, partition: int | None = None
+        self,
+        value: bytes,
+        key: bytes | None,
+        count: int,
+        partition: int | None = None,
+        wait_s: float | None = None,
     ) -> None:
+        """Queues one message, waiting up to ``wait_s`` (``queue_full_wait_s``) for room."""
+        wait_s = self.queue_full_wait_s if wait_s is None else wait_s
         kwargs: dict[str, Any] = {"value": value, "key": key, "on_delivery": self._delivered}
         if partition is not None:
             kwargs["partition"] = partition
+        deadline: float | None = None
         while True:
             try:
                 self._producer.produce(self.topic, **kwargs)
                 break
             except BufferError:
+                now = time.monotonic()
+                deadline = now + wait_s if deadline is None else deadline
+                if now >= deadline:
+                    raise BufferError(
+                        f"librdkafka's local queue stayed full for {wait_s:g} s:"
+                        f" the brokers are not taking messages for {self.topic!r}"
+                    ) from None
                 self._producer.poll(0.05)  # local queue full: let deliveries drain
         self._producer.poll(0)
         self.sent_events += count
