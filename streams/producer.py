@@ -19,12 +19,10 @@ from confluent_kafka import KafkaException, Producer
 
 from freshrec.streams.events import Event, encode_events
 from freshrec.streams.partitioner import partition_for
+from freshrec.streams.topics import partitions_with_leaders
 
 log = logging.getLogger(__name__)
 
-METADATA_WAIT_S = 10.0
-"""How long a new producer waits for its topic's partitions to have leaders: a topic created
-a moment ago answers "leader not available" until its partitions are elected."""
 MAX_WAIT_S = 0.02
 """How long an array's first event waits for the array to fill before it is sent anyway."""
 QUEUE_FULL_WAIT_S = 30.0
@@ -82,7 +80,7 @@ class EventProducer:
                 **(config or {}),
             }
         )
-        self.partitions = self._partition_count()
+        self.partitions = partitions_with_leaders(self._producer, topic)
         self._pending: dict[int, list[dict[str, Any]]] = {}
         self._opened: dict[int, float] = {}  # when each partial array took its first event
         self.sent_events = 0
@@ -100,26 +98,6 @@ class EventProducer:
                 target=self._send_due_arrays, name="freshrec-producer-arrays", daemon=True
             )
             self._timer.start()
-
-    def _partition_count(self) -> int:
-        deadline = time.monotonic() + METADATA_WAIT_S
-        while True:
-            metadata = self._producer.list_topics(self.topic, timeout=10)
-            topic = metadata.topics.get(self.topic)
-            if (
-                topic is not None
-                and topic.error is None
-                and topic.partitions
-                and all(p.error is None and p.leader >= 0 for p in topic.partitions.values())
-            ):
-                return len(topic.partitions)
-            if time.monotonic() >= deadline:
-                reason = "" if topic is None or topic.error is None else f" ({topic.error})"
-                raise RuntimeError(
-                    f"topic {self.topic!r} does not exist or has no leaders{reason}; create it "
-                    "with `freshrec services up` or streams.topics.ensure_topics"
-                )
-            time.sleep(0.1)  # polling the broker's metadata until the deadline
 
     def send(self, event: Event | Mapping[str, Any]) -> None:
         payload = event.to_json() if isinstance(event, Event) else dict(event)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -12,6 +13,10 @@ from freshrec.connections import kafka_config
 from freshrec.settings import Settings
 
 log = logging.getLogger(__name__)
+
+METADATA_WAIT_S = 10.0
+"""How long a new client waits for its topic's partitions to have leaders: a topic created a
+moment ago answers "leader not available" until its partitions are elected."""
 
 
 def topic_specs(settings: Settings) -> dict[str, int]:
@@ -22,6 +27,30 @@ def topic_specs(settings: Settings) -> dict[str, int]:
         settings.recommendations_topic: settings.partitions,
         settings.dlq_topic: 1,
     }
+
+
+def partitions_with_leaders(client: Any, topic: str) -> int:
+    """The partition count of ``topic`` once every partition has a leader, asked of a producer's
+    or consumer's ``list_topics``; `RuntimeError` if the topic is still missing after
+    `METADATA_WAIT_S`."""
+    deadline = time.monotonic() + METADATA_WAIT_S
+    while True:
+        metadata = client.list_topics(topic, timeout=10)
+        found = metadata.topics.get(topic)
+        if (
+            found is not None
+            and found.error is None
+            and found.partitions
+            and all(p.error is None and p.leader >= 0 for p in found.partitions.values())
+        ):
+            return len(found.partitions)
+        if time.monotonic() >= deadline:
+            reason = "" if found is None or found.error is None else f" ({found.error})"
+            raise RuntimeError(
+                f"topic {topic!r} does not exist or has no leaders{reason}; create it "
+                "with `freshrec services up` or streams.topics.ensure_topics"
+            )
+        time.sleep(0.1)  # polling the broker's metadata until the deadline
 
 
 def ensure_topics(bootstrap: str, settings: Settings, timeout_s: float = 30.0) -> list[str]:

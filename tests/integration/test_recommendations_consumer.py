@@ -52,3 +52,33 @@ def test_a_list_is_delivered_again_unless_the_consumer_was_done_with_it(
         assert next_list(last) == "u3"
     finally:
         last.close()
+
+
+def test_a_list_older_than_one_handed_over_is_skipped_and_so_is_a_malformed_one(
+    settings: Settings,
+) -> None:
+    """Lists of one user from two readers can land out of order; the older is not handed over
+    after the newer. A message that is not a list is logged and skipped, not raised."""
+    producer = Producer(kafka_config(settings))
+    messages = [
+        json.dumps({"user_id": "u1", "items": [{"item_id": "new"}], "generated_at": 2.0}),
+        json.dumps({"user_id": "u1", "items": [{"item_id": "old"}], "generated_at": 1.0}),
+        "not json",
+        json.dumps({"user_id": "u1", "items": "not a list", "generated_at": 3.0}),
+        json.dumps({"user_id": "u2", "items": [{"item_id": "other"}], "generated_at": 1.5}),
+        json.dumps({"user_id": "u1", "items": [{"item_id": "newer"}], "generated_at": 2.5}),
+    ]
+    for value in messages:
+        producer.produce(settings.recommendations_topic, key=b"u1", value=value.encode())
+    assert producer.flush(30) == 0
+    helper = _helper(settings, f"{settings.topic_prefix}-downstream")
+    try:
+        handed = [wait_until(lambda: helper.poll(0.2), 30, "a list") for _ in range(3)]
+        assert [(u.user_id, u.item_ids) for u in handed] == [
+            ("u1", ["new"]),
+            ("u2", ["other"]),
+            ("u1", ["newer"]),
+        ]
+        assert (helper.skipped_stale, helper.skipped_malformed) == (1, 2)
+    finally:
+        helper.close()

@@ -11,8 +11,9 @@ from confluent_kafka.admin import AdminClient
 
 from freshrec.connections import kafka_config
 from freshrec.settings import Settings
-from freshrec.streams import producer as producer_module
+from freshrec.streams import topics as topics_module
 from freshrec.streams.producer import EventProducer
+from freshrec.streams.recommendations_consumer import RecommendationsConsumer
 from freshrec.streams.topics import delete_topics, ensure_topics, topic_specs
 
 pytestmark = pytest.mark.integration
@@ -53,7 +54,9 @@ def test_a_producer_waits_for_a_topic_that_gets_its_partitions_during_its_wait(
 def test_a_producer_for_a_missing_topic_names_it_once_its_wait_is_over(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(producer_module, "METADATA_WAIT_S", 0.5)
+    monkeypatch.setattr(topics_module, "METADATA_WAIT_S", 0.5)
     missing = f"{settings.topic_prefix}-never-made.events"
     with pytest.raises(RuntimeError, match=f"topic '{missing}' does not exist"):
         EventProducer(settings.kafka_bootstrap, missing)
+    with pytest.raises(RuntimeError, match=f"topic '{missing}' does not exist"):
+        RecommendationsConsumer(settings.kafka_bootstrap, missing, "downstream")
