@@ -155,8 +155,8 @@ DRIFT_SIGNAL = Gauge(
 LAST_EVENT_TS = Gauge("freshrec_last_event_time_seconds", "Event time of the newest event learned")
 CONSUMER_LAG = Gauge(
     "freshrec_consumer_lag_messages",
-    "Messages in a partition this worker owns that it has not processed yet (high-water mark "
-    "minus the next offset to process)",
+    "Messages in a partition this worker owns that it has not processed yet (the end offset, "
+    "the last stable one, minus the next offset to process; commit markers not counted)",
     ["topic", "partition"],
 )
 REDIS_MEMORY = Gauge("freshrec_redis_memory_used_bytes", "Redis used_memory (INFO memory)")
@@ -292,12 +292,6 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
     resumed_at: dict[tuple[str, int], int] = {}  # where a partition resumed, when known
     sought_at: dict[tuple[str, int], int] = {}  # the offset committed for Faust's seek
     stalls = StallWatch(STALL_S)
-
-    def next_to_take(key: tuple[str, int]) -> int | None:
-        """The next offset of a partition the worker has to take: past the last message its
-        agent took, else where the partition resumed (None when neither is known). Never the
-        consumer's position, which waits for one as long as the partition has none."""
-        return processed.get(key, resumed_at.get(key))
 
     async def dead_letter(message: Any, reasons: list[str], source: str = "events") -> None:
         """One DLQ record for a message, however many of its events were invalid: the original
@@ -562,25 +556,13 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             RETIRED_ITEMS.inc(retired)
             log.info("retired %d items idle for %d s", retired, settings.item_ttl_s)
 
-    @app.timer(interval=OBSERVE_EVERY_S)
-    async def observe_lag() -> None:
-        """Consumer lag of the partitions this worker owns; a revoked one's series goes away."""
-        owned = set()
-        try:
-            assigned = app.consumer.assignment()
-            for tp in assigned:
-                label = topic_label.get(tp.topic)
-                highwater = app.consumer.highwater(tp)
-                if label is None or highwater is None:
-                    continue
-                position = next_to_take((tp.topic, tp.partition))
-                if position is None:
-                    continue
-                owned.add((label, str(tp.partition)))
-                CONSUMER_LAG.labels(label, str(tp.partition)).set(max(0, highwater - position))
-        except Exception as exc:  # the consumer starting or rebalancing: next tick
-            log.debug("consumer lag not read: %s", exc)
-            return
+    def export_lag(lags: dict[tuple[str, int], int]) -> None:
+        """Messages waiting per partition this worker owns (the stall watch's figures, so an
+        open transaction's records and commit markers do not count); a revoked partition's
+        series goes away."""
+        owned = {(topic_label[topic], str(partition)) for topic, partition in lags}
+        for (topic, partition), lag in lags.items():
+            CONSUMER_LAG.labels(topic_label[topic], str(partition)).set(max(0, lag))
         for labels in exported_lag - owned:
             CONSUMER_LAG.remove(*labels)
         exported_lag.clear()
@@ -614,6 +596,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             owned = [tp for tp in app.consumer.assignment() if tp.topic in topic_label]
             if not owned:
                 stalls.forget()
+                export_lag({})
                 return
             thread = app.consumer._thread  # aiokafka's consumer runs on it
             probe[:] = [asyncio.ensure_future(thread.call_thread(_ends_and_fetched, thread, owned))]
@@ -642,6 +625,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             )
             if key in ends and watched is not None:
                 nexts[key] = watched
+        export_lag({key: ends[key] - nexts[key] for key in nexts})
         now = time.monotonic()
         if not app.rebalancing:
             rebalancing_since.clear()

@@ -4,6 +4,7 @@ started again applies them: the stall watch (`freshrec.streams.stall`) on real s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import subprocess
 import time
@@ -18,7 +19,14 @@ from freshrec.settings import Settings
 from freshrec.streams.events import encode_events
 from freshrec.streams.producer import EventProducer
 from freshrec.streams.worker import EXIT_STALLED, OBSERVE_EVERY_S
-from tests.support import applied_events, partition_watermarks, stop_process, wait_until
+from tests.metrics_support import scrape
+from tests.support import (
+    applied_events,
+    free_port,
+    partition_watermarks,
+    stop_process,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -76,8 +84,11 @@ def test_partitions_written_in_transactions_are_not_stalled_idle_or_held_open(
     applied, the end offsets stay past the last message taken. The consumer's position moves
     past the marker, so the watch sees the partitions caught up and the worker stays. A
     transaction left open holds back its events (the consumer reads committed ones only) and
-    is no stall either: the watch compares with the last stable offset."""
+    is no stall either: the watch compares with the last stable offset. The lag gauge takes
+    the watch's figures, so it shows neither the markers nor the open transaction's events."""
     log = tmp_path / "watched.log"
+    settings = dataclasses.replace(settings, worker_metrics_port=free_port())
+    metrics = f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"
     watched = start_freshrec(
         [str(LIMIT_S), "run"], settings, log, module="tests.stalled_worker", cwd=ROOT
     )
@@ -101,6 +112,7 @@ def test_partitions_written_in_transactions_are_not_stalled_idle_or_held_open(
         marks = partition_watermarks(redis_client, settings)
         ends = _end_offsets(settings)
         assert marks and all(ends[p] > mark + 1 for p, mark in marks.items()), (marks, ends)
+        wait_until(lambda: _events_lag(metrics) == [0] * settings.partitions, 30, "no lag")
         # Idle past the limit and two of the watch's ticks: a stall would have been counted.
         try:
             status = watched.wait(timeout=LIMIT_S + 2 * OBSERVE_EVERY_S + 5)
@@ -115,6 +127,7 @@ def test_partitions_written_in_transactions_are_not_stalled_idle_or_held_open(
             status = None
         assert status is None, log.read_text()[-3000:]
         assert applied_events(redis_client, settings) == EVENTS
+        assert _events_lag(metrics) == [0] * settings.partitions  # nothing committed waits
         producer.commit_transaction(30)
         wait_until(
             lambda: (
@@ -129,6 +142,17 @@ def test_partitions_written_in_transactions_are_not_stalled_idle_or_held_open(
         if producer is not None:  # a transaction a failed assertion left open
             with contextlib.suppress(KafkaException):
                 producer.abort_transaction(10)
+
+
+def _events_lag(metrics: str) -> list[float]:
+    """The worker's lag gauge for each partition of the events topic, in partition order."""
+    samples = scrape(metrics)
+    lags = {
+        dict(labels)["partition"]: value
+        for (name, labels), value in samples.items()
+        if name == "freshrec_consumer_lag_messages" and dict(labels)["topic"] == "events"
+    }
+    return [lags[p] for p in sorted(lags)]
 
 
 def _in_transaction(producer: Producer, topic: str, users: range) -> None:
