@@ -212,7 +212,9 @@ class BatchUpdater:
         touched_at = time.time() if arrived is None else arrived
         began = time.perf_counter()
         if self.atomic:
-            await self._write_script(writes, watermarks, len(keep), clock, touched_at)
+            await self._write_script(
+                writes, watermarks, len(keep), clock, touched_at, snapshot.landmark
+            )
         else:
             await self._write_pipelined(writes, watermarks, len(keep), clock, touched_at)
         self.step.timed(len(keep), time.perf_counter() - began)
@@ -387,6 +389,7 @@ class BatchUpdater:
         applied: int,
         clock: float | None,
         touched_at: float,
+        landmark: float,
     ) -> None:
         cfg, keys = self.config, self.keys
         names = list(w.deltas)
@@ -439,6 +442,7 @@ class BatchUpdater:
         if w.blend is not None:
             ops["blend"] = keys.rating_blend
         if clock is not None:  # absent, not null: Lua reads JSON null as a true value
+            ops["landmark"] = (keys.decay_landmark, keys.decay_rebase_lock, repr(landmark))
             ops["clock"] = (keys.event_clock, clock, repr(clock))
         deltas, bases, updated = _vector_changes(
             [w.deltas[n] for n in names], [w.bases[n] for n in names]
@@ -456,8 +460,10 @@ class BatchUpdater:
                 updated,
             ]
         )
-        if not done:
-            raise _Retry  # another worker applied one of these partitions since the read
+        if done == -2:  # a rebase under way: read again once it is over
+            await self._rebase_over()
+        if done != 1:
+            raise _Retry  # another worker applied one of these partitions, or rebased
 
     async def _write_pipelined(
         self,
@@ -528,13 +534,16 @@ class BatchUpdater:
 
         Each rescale is a single-key ``ZUNIONSTORE key 1 key WEIGHTS f``; the new landmark is
         written in the same transaction, so readers see either the old scale or the new one.
-        Other workers wait for the lock to clear, then re-read the landmark.
+        Other workers wait for the lock to clear, then re-read the landmark. On a single Redis
+        the batch script refuses a write while the lock is held or once the landmark it was
+        read at has moved, so no batch lands at the old scale after the rescale, nor creates a
+        sum the scan has passed; the batch is read and learned again. Redis Cluster's
+        pipelined writes have no such check: a batch that spans a rebase can land at the old
+        scale there.
         """
-        lock = self.keys.decay_landmark + ":lock"
+        lock = self.keys.decay_rebase_lock
         if not await self.redis.set(lock, "1", nx=True, px=60_000):
-            deadline = time.monotonic() + 60
-            while await self.redis.exists(lock) and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await self._rebase_over()
             return
         try:
             current = await self.redis.get(self.keys.decay_landmark)
@@ -551,6 +560,12 @@ class BatchUpdater:
             await pipe.execute()
         finally:
             await self.redis.delete(lock)
+
+    async def _rebase_over(self) -> None:
+        """Waits until no rebase is under way (its lock expires after 60 s at most)."""
+        deadline = time.monotonic() + 60
+        while await self.redis.exists(self.keys.decay_rebase_lock) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # polling the lock, as Redis has no wait for a key
 
 
 class StepSize:

@@ -187,6 +187,11 @@ class Keys:
         return f"{self.prefix}:decay:landmark"
 
     @property
+    def decay_rebase_lock(self) -> str:
+        """Set while a worker rescales the forward-decayed sums to a new landmark."""
+        return f"{self.prefix}:decay:landmark:lock"
+
+    @property
     def event_clock(self) -> str:
         """Float: the newest event time any batch has applied, the state's clock (unix s).
 

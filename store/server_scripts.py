@@ -262,7 +262,9 @@ return {landmark, redis.call('HMGET', q.mean, 'sum', 'n'), vectors, histories, m
 # ARGV[8]'s value, without unpacking; only one written meanwhile gets the delta added. Sorted
 # sets that take one score per member take them in one ZADD of at most ``MEMBERS_PER_COMMAND``
 # members. Returns 0 without writing anything when a watermark is not what the batch was read
-# against (another worker applied these partitions meanwhile).
+# against (another worker applied these partitions meanwhile), -1 when the decay landmark is no
+# longer the one its forward-decayed amounts were computed at, and -2 while a rebase is under
+# way (its scan of the sums to rescale must see every write before its new landmark).
 APPLY_BATCH = (
     """#!lua flags=no-cluster
 """
@@ -286,6 +288,11 @@ local b = cjson.decode(ARGV[1])
 for _, m in ipairs(b.marks) do
   local cur = redis.call('GET', m[1])
   if (cur and tonumber(cur) or -1) ~= m[2] then return 0 end
+end
+if b.landmark then
+  if redis.call('EXISTS', b.landmark[2]) == 1 then return -2 end
+  local cur = redis.call('GET', b.landmark[1])
+  if cur and tonumber(cur) ~= tonumber(b.landmark[3]) then return -1 end
 end
 for _, m in ipairs(b.marks) do redis.call('SET', m[1], m[3]) end
 local width = b.width

@@ -309,6 +309,51 @@ def test_decayed_cooccurrence_and_popularity_in_redis_equal_the_learners_across_
     assert pairs > 1000 and max(expected_occ.values()) > 1.0
 
 
+def test_a_batch_read_before_another_workers_rebase_is_learned_again_at_the_new_scale(
+    settings: Settings,
+) -> None:
+    """Worker A reads at landmark L and computes its forward-decayed amounts; worker B's event,
+    far later, rebases to L' before A writes. A's write is refused and learned again at L', so
+    its old click weighs what it should, not e^(rate (L' - L)) times more."""
+    cfg = dataclasses.replace(settings.model_config(), decay_half_life_s=1_000.0)
+    old = Event("click", "ua", "stale", 100.0)
+    late = Event("click", "ub", "fresh", 800_000.0)
+
+    class Interleaved(BatchUpdater):
+        """An updater whose first write comes after another worker's batch."""
+
+        other: BatchUpdater
+        before_write: list[Event]
+
+        async def _write_script(self, *args: object, **kwargs: object) -> None:
+            if self.before_write:
+                batch, self.before_write = self.before_write, []
+                await self.other.apply(batch)
+            await super()._write_script(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def run() -> tuple[dict[str, float], float]:
+        redis = Redis.from_url(settings.redis_url)
+        keys = Keys(settings.key_prefix)
+        first = Interleaved(redis, keys, cfg, atomic=True)
+        first.other, first.before_write = BatchUpdater(redis, keys, cfg, atomic=True), [late]
+        await first.apply([old])
+        pop = {
+            m.decode(): v for m, v in await redis.zrange(keys.popularity, 0, -1, withscores=True)
+        }
+        landmark = float(await redis.get(keys.decay_landmark))
+        await redis.aclose()
+        return pop, landmark
+
+    pop, landmark = asyncio.run(run())
+    assert landmark == late.ts  # B rebased
+    now = late.ts
+    _, _, expected = _learned_alone([old, late], cfg, now)
+    scale = math.exp(-cfg.decay_rate * (now - landmark))
+    assert set(pop) == {"stale", "fresh"}
+    for item, value in expected.items():
+        assert math.isclose(pop[item] * scale, value, rel_tol=1e-9, abs_tol=1e-300), (item, pop)
+
+
 def test_two_processes_hammering_one_item_lose_no_increment(
     settings: Settings, redis_client, atomic: bool
 ) -> None:
