@@ -162,10 +162,13 @@ class ItemKNN:
 class BiasedMFRanker:
     r"""river's ``reco.BiasedMF`` as a rating predictor and as a ranker of a catalog.
 
-    The model is river's own, configured so that its update is freshrec's rating step
-    (:mod:`freshrec.models.mf`): ``lr = gamma / 2`` and ``l2 = 2 lambda`` on both biases and
-    factors, initial factors ``N(0, init_std^2)``. Ratings are river's ``predict_one``; a ranking
-    scores every item by the part of the prediction that depends on the item,
+    The model is river's own, configured with freshrec's factor settings: its factor update is
+    freshrec's (:mod:`freshrec.models.mf`), ``lr = gamma / 2`` and ``l2 = 2 lambda``, initial
+    factors ``N(0, init_std^2)``. Its biases take the same constant step and penalty, which
+    river can express, not freshrec's own bias step (:mod:`freshrec.models.biased_mf`: a step
+    that shrinks with the item's rating count, no penalty), which it cannot. Ratings are
+    river's ``predict_one``; a ranking scores every item by the part of the prediction that
+    depends on the item,
 
     .. math::
 

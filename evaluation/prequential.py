@@ -40,8 +40,8 @@ each group's batch to Kafka, waits until a real worker process has applied it (i
 watermarks), and asks a real reader process over HTTP. The same groups and definitions in both.
 
 Side by side, learned from the same batches (:mod:`freshrec.evaluation.baselines`): popularity,
-incremental item-kNN, river's ``reco.BiasedMF`` at freshrec's settings and at river's own
-documented ones. *The value of freshness* (:func:`run_eval` with ``freshness_lags``) repeats the
+incremental item-kNN, river's ``reco.BiasedMF`` at freshrec's factor settings and at river's
+own documented ones. *The value of freshness* (:func:`run_eval` with ``freshness_lags``) repeats the
 lag protocol at several lags (1 s, 1 min, 1 h, 1 day) for every system.
 """
 
@@ -84,6 +84,7 @@ from freshrec.evaluation.ranking_metrics import (
     TopNAccumulator,
     clip_predictions,
     hit_rate,
+    listed_top,
     ndcg,
     pessimistic_ranks,
     rank_in_list,
@@ -571,14 +572,10 @@ class Evaluation:
         ).reshape(len(names), -1)
         # Coverage: the top COVERAGE_K unseen items of each user's row, every system at once.
         masked = np.where(candidates[None], stacked, -np.inf).reshape(-1, n_items)
-        k = min(COVERAGE_K, n_items)
-        top = np.argpartition(-masked, k - 1, axis=1)[:, :k]
-        listed = np.isfinite(np.take_along_axis(masked, top, axis=1))
-        top = top.reshape(len(names), -1)
-        listed = listed.reshape(len(names), -1)
+        listed = listed_top(masked, COVERAGE_K).reshape(len(names), -1)
         for n, name in enumerate(names):
             self.scores[name].add_ranks(ranks[n], cold)
-            self.scores[name].recommend_rows(top[n][listed[n]], n_items)
+            self.scores[name].recommend_rows(np.flatnonzero(listed[n]) % n_items, n_items)
 
     # --- results -----------------------------------------------------------------------------
     def system_metrics(self) -> dict[str, dict[str, float]]:
@@ -687,7 +684,9 @@ def run_eval(
     # its own (direct mode; see `_walk_lags`); the main walk is timed on its own as before.
     extra = [lag for lag in dict.fromkeys(freshness_lags) if chunk is not None or lag != lag_s]
     started = time.perf_counter()
-    with _walk_lags(settings, mode, stream, extra, show_progress) as (settings, collect):
+    common_lag = max(freshness_lags, default=0.0)  # its targets are every lag's
+    walks = _walk_lags(settings, mode, stream, extra, common_lag, show_progress)
+    with walks as (settings, collect):
         walk_started = time.perf_counter()
         lines = show_progress and bool(extra) and mode == "direct"
         evaluation = _evaluate(
@@ -713,7 +712,7 @@ def run_eval(
     if freshness_lags:
         rows = dict(others)
         if chunk is None and lag_s in freshness_lags:
-            rows[lag_s] = _freshness_row(lag_s, evaluation)
+            rows[lag_s] = _freshness_row(lag_s, evaluation, common_lag)
         summary["freshness"] = [rows[lag] for lag in freshness_lags]
         summary["freshness_s"] = round(time.perf_counter() - started, 2)
     summary = _json_safe(summary)
@@ -722,13 +721,33 @@ def run_eval(
     return summary
 
 
-def _freshness_row(lag: float, evaluation: Evaluation) -> dict[str, Any]:
-    """One lag's entry of *the value of freshness*: every system's metrics."""
+def _freshness_row(lag: float, evaluation: Evaluation, common_lag: float) -> dict[str, Any]:
+    """One lag's entry of *the value of freshness*: every system's metrics, and its HR@10 and
+    NDCG@10 over the targets every lag of the table shares (``same_targets``).
+
+    A top-N target needs its user to have interactions in the state, so a longer lag has fewer
+    targets, and only returning users' among them: the metrics over each lag's own targets mix
+    what staleness costs with a harder population. The targets at the longest lag,
+    ``common_lag``, are targets at every shorter one (its states are older): scored on those
+    alone, the columns differ by the lag only.
+    """
+    stream = evaluation.stream
+    common = stream.topn_targets(learned_upto(stream.ts, common_lag))
+    shared = common[np.asarray(evaluation.topn_positions, dtype=np.int64)]
+    same: dict[str, dict[str, float]] = {}
+    for name in SYSTEMS:
+        score = evaluation.scores[name]
+        ranks = np.concatenate(score.ranks)[shared] if score.ranks else np.zeros(0)
+        same[name] = {
+            "hr@10": round(float(hit_rate(ranks, 10).mean()), 6) if ranks.size else math.nan,
+            "ndcg@10": round(float(ndcg(ranks, 10).mean()), 6) if ranks.size else math.nan,
+        }
     return {
         "lag_s": lag,
         "rating_events": evaluation.scores["freshrec"].rated,
         "topn_events": evaluation.scores["freshrec"].ranked,
         "systems": evaluation.system_metrics(),
+        "same_targets": {"lag_s": common_lag, "topn_events": int(shared.sum()), "systems": same},
     }
 
 
@@ -737,6 +756,7 @@ def _walk_at_lag(
     mode: str,
     stream: IndexedStream,
     lag: float,
+    common_lag: float,
     show_progress: bool,
     lines: bool = False,
 ) -> dict[str, Any]:
@@ -745,7 +765,7 @@ def _walk_at_lag(
     walk = _evaluate(
         settings, mode, stream, upto, show_progress, label=f" lag {lag:g} s", lines=lines
     )
-    return _freshness_row(lag, walk)
+    return _freshness_row(lag, walk, common_lag)
 
 
 @contextlib.contextmanager
@@ -754,6 +774,7 @@ def _walk_lags(
     mode: str,
     stream: IndexedStream,
     lags: Sequence[float],
+    common_lag: float,
     show_progress: bool,
 ) -> Iterator[tuple[Settings, Callable[[], dict[float, dict[str, Any]]]]]:
     """Walks ``stream`` at each of ``lags``, beside the caller's own walk; yields the settings
@@ -771,7 +792,10 @@ def _walk_lags(
     if mode != "direct":
 
         def one_by_one() -> dict[float, dict[str, Any]]:
-            return {lag: _walk_at_lag(settings, mode, stream, lag, show_progress) for lag in lags}
+            return {
+                lag: _walk_at_lag(settings, mode, stream, lag, common_lag, show_progress)
+                for lag in lags
+            }
 
         yield settings, one_by_one
         return
@@ -782,7 +806,9 @@ def _walk_lags(
     try:
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             futures = {
-                lag: pool.submit(_walk_at_lag, shared, mode, stream, lag, show_progress, True)
+                lag: pool.submit(
+                    _walk_at_lag, shared, mode, stream, lag, common_lag, show_progress, True
+                )
                 for lag in lags
             }
             yield shared, lambda: {lag: future.result() for lag, future in futures.items()}

@@ -184,6 +184,29 @@ def rank_in_list(items: Sequence[str], scores: Sequence[float] | None, target: s
     return float(position + 1 + int(ties.sum()))
 
 
+def listed_top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Per row of ``scores``, which columns a list of the ``k`` best would hold: finite scores
+    only, ties at the cut broken by column order (the catalogue's), as a stable sort would.
+
+    A baseline that scores many items alike (item-kNN's zeros) must not fill its list with
+    whichever of them a partial sort happened to pick: coverage would count them.
+
+    Examples
+    --------
+    >>> listed_top(np.array([[0.0, 3.0, 0.0, 0.0, -np.inf]]), 3).astype(int).tolist()
+    [[1, 1, 1, 0, 0]]
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    k = min(k, scores.shape[1])
+    if k <= 0:
+        return np.zeros(scores.shape, dtype=bool)
+    cut = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]  # the k-th largest of each row
+    above = scores > cut
+    ties = scores == cut
+    room = k - above.sum(axis=1, keepdims=True)
+    return (above | (ties & (np.cumsum(ties, axis=1) <= room))) & np.isfinite(scores)
+
+
 def hit_rate(ranks: float | np.ndarray, k: int) -> np.ndarray:
     """``[rank <= k]`` as 0.0 or 1.0.
 

@@ -107,6 +107,14 @@ def test_json_summary_has_every_required_key_and_a_report(
     assert set(first["systems"]) == {"freshrec", *BASELINES}
     assert first["systems"]["freshrec"]["hr@10"] == summary["hr@10"]
     assert later["topn_events"] <= first["topn_events"]  # a longer lag learns fewer users
+    # Scored again on the targets every lag shares: the longest lag's, so its figures twice.
+    assert first["same_targets"]["topn_events"] == later["topn_events"]
+    assert later["same_targets"]["topn_events"] == later["topn_events"]
+    for name in ("freshrec", *BASELINES):
+        for key in ("hr@10", "ndcg@10"):
+            assert later["same_targets"]["systems"][name][key] == pytest.approx(
+                later["systems"][name][key], abs=1e-6
+            ), (name, key)
     for name in ("summary.json", "report.md", "rmse.png", "hr10.png", "freshness.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "rmse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

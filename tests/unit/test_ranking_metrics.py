@@ -14,6 +14,7 @@ from freshrec.evaluation.ranking_metrics import (
     TopNAccumulator,
     clip_predictions,
     hit_rate,
+    listed_top,
     ndcg,
     pessimistic_rank,
     pessimistic_ranks,
@@ -120,6 +121,20 @@ def test_coverage_counts_distinct_items_of_the_top_of_each_list() -> None:
     acc.recommend(["a", "b", "c"])
     acc.recommend(["b", "d"])
     assert acc.coverage(catalog_size=8) == pytest.approx(3 / 8)
+
+
+def test_a_baselines_list_breaks_ties_by_catalogue_order_as_a_stable_sort_would() -> None:
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 4, size=(300, 40)).astype(np.float64)  # many ties
+    scores[rng.random(scores.shape) < 0.3] = -np.inf  # seen: not candidates
+    scores[:5, :] = -np.inf  # rows with no candidate at all
+    for k in (1, 10, 40, 60):
+        listed = listed_top(scores, k)
+        for row, got in zip(scores, listed, strict=True):
+            order = np.argsort(-row, kind="stable")[: min(k, row.size)]
+            expected = np.zeros(row.size, dtype=bool)
+            expected[order[np.isfinite(row[order])]] = True
+            assert np.array_equal(got, expected)
 
 
 def test_running_rmse_and_mae_equal_numpy_on_random_data() -> None:
