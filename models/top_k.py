@@ -47,6 +47,8 @@ def top_n(scores: np.ndarray, n: int) -> np.ndarray:
     if above is None or len(above) < n:
         threshold = np.partition(scores, size - n)[size - n]
         above = np.flatnonzero(scores >= threshold)
+        if len(above) < n:  # NaN scores, which compare with nothing: last, as argsort puts them
+            return np.argsort(-scores, kind="stable")[:n]
     return above[np.argsort(-scores[above], kind="stable")[:n]]
 
 
