@@ -169,8 +169,12 @@ def rating_step(
 ) -> float:
     """One SGD step on a rating over ``rating_part`` views, in place; returns ``r - r_hat``.
 
-    The factors step by ``lr`` with penalty ``reg``; the biases by ``user_bias_step`` and
-    ``item_bias_step`` with penalty ``bias_reg`` (each ``lr`` / ``reg`` when not given).
+    The factors step by ``min(lr, 1 / (|p_u|^2 + |q_i|^2))`` with penalty ``reg``: below the
+    cap the plain SGD step; at it, the step that moves ``p_u.q_i`` by about the error and no
+    further, so that ratings on a wide scale (errors of 10 and more) cannot make the factors
+    overshoot and diverge, as ``implicit_step`` caps its step. The biases step by
+    ``user_bias_step`` and ``item_bias_step`` with penalty ``bias_reg`` (each ``lr`` / ``reg``
+    when not given).
 
     Examples
     --------
@@ -186,10 +190,12 @@ def rating_step(
     step_item = lr if item_bias_step is None else item_bias_step
     grad_user = err * item[1:] - reg * user[1:]
     grad_item = err * user[1:] - reg * item[1:]
+    bound = float(user[1:] @ user[1:] + item[1:] @ item[1:])
+    eta = min(lr, 1.0 / bound) if bound > 0.0 else lr
     user[0] += step_user * (err - bias_reg * user[0])
     item[0] += step_item * (err - bias_reg * item[0])
-    user[1:] += lr * grad_user
-    item[1:] += lr * grad_item
+    user[1:] += eta * grad_user
+    item[1:] += eta * grad_item
     return err
 
 

@@ -233,3 +233,28 @@ def test_events_past_the_landmarks_forward_decay_range_are_refused() -> None:
     too_late = 100.0 + 1.01 * REBASE_EXPONENT / CONFIG.decay_rate
     with pytest.raises(ValueError, match="rebase"):
         _learn([Event("click", "ann", "dune", too_late)], Snapshot(landmark=100.0))
+
+
+def test_ratings_on_a_wide_scale_are_learned_without_diverging() -> None:
+    """The default step on ratings of 1 to 100 (errors of tens): the factor step is capped
+    (`freshrec.models.mf.rating_step`), so every error, vector and blend amount stays finite
+    and the model predicts better than the ratings' mean by the end."""
+    config = ModelConfig()
+    stream = generate(SynthConfig(users=50, items=80, events=10_000, duration_s=86400, seed=11))
+    events = [
+        Event("rating", e["user_id"], e["item_id"], e["ts"], 1.0 + (e["value"] - 1.0) * 99 / 4)
+        for e in stream.events
+        if e["type"] == "rating"
+    ]
+    assert len(events) > 2_000
+    names = {"u:" + e.user_id for e in events} | {"i:" + e.item_id for e in events}
+    table = VectorTable(config.factors, config.init_std, config.seed)
+    snapshot = Snapshot(events[0].ts, 0.0, 0, {name: table.initial(name) for name in names}, {})
+    changes = InteractionLearner(config).learn_many(events, snapshot)
+    errors = np.asarray(changes.rating_errors)
+    assert np.isfinite(errors).all()
+    assert all(np.isfinite(delta).all() for delta in changes.deltas.values())
+    assert changes.blend is not None and np.isfinite(changes.blend).all()
+    values = np.array([e.value for e in events])
+    tail = slice(3 * len(events) // 4, None)
+    assert np.sqrt(np.mean(errors[tail] ** 2)) < values[tail].std()
