@@ -321,6 +321,9 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
+_WIRE = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # made once, not per call
+
+
 def encode_events(events: list[dict[str, Any]] | dict[str, Any]) -> bytes:
     """Compact JSON for the wire; one event or an array of events for one partition."""
-    return json.dumps(events, separators=(",", ":"), allow_nan=False).encode()
+    return _WIRE.encode(events).encode()

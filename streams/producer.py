@@ -81,7 +81,7 @@ class EventProducer:
             }
         )
         self.partitions = partitions_with_leaders(self._producer, topic)
-        self._pending: dict[int, list[dict[str, Any]]] = {}
+        self._pending: dict[int, list[bytes]] = {}  # each partition's array, events encoded
         self._opened: dict[int, float] = {}  # when each partial array took its first event
         self.sent_events = 0
         self.sent_messages = 0
@@ -108,6 +108,7 @@ class EventProducer:
             return
         user = payload.get("user_id")
         partition = partition_for(user, self.partitions) if isinstance(user, str) else 0
+        encoded = encode_events(payload)  # what cannot be sent is refused here, not in an array
         with self._arrays:
             bucket = self._pending.get(partition)
             if bucket is None:
@@ -115,7 +116,7 @@ class EventProducer:
                 if not self._opened:  # else the timer already waits for an earlier array
                     self._opening.set()
                 self._opened[partition] = time.monotonic()
-            bucket.append(payload)
+            bucket.append(encoded)
             if len(bucket) >= self.events_per_message:
                 try:
                     self._flush_partition(partition)
@@ -146,7 +147,8 @@ class EventProducer:
         remaining = self._producer.flush(max(deadline - time.monotonic(), 0.0))
         if remaining:
             raise TimeoutError(f"{remaining} messages still undelivered after {timeout:.0f} s")
-        failed, self._failed_reported = self.failed - self._failed_reported, self.failed
+        total = self.failed  # read once: deliveries may be reported on the timer's thread
+        failed, self._failed_reported = total - self._failed_reported, total
         if failed:
             raise KafkaException(f"{failed} messages failed delivery; see the log")
 
@@ -177,12 +179,12 @@ class EventProducer:
                 now = time.monotonic()
                 due = [p for p, opened in self._opened.items() if now - opened >= self.max_wait_s]
                 for partition in due:
-                    try:
-                        self._flush_partition(partition)
-                    except BufferError:
-                        log.warning("the local queue stayed full; an array waits to be sent")
+                    try:  # no wait for room here: `send` and `flush` would wait for the lock
+                        self._flush_partition(partition, wait_s=0.0)
+                    except BufferError:  # kept; tried again once it has waited once more
+                        log.warning("the local queue is full; an array waits to be sent")
                         self._opened[partition] = time.monotonic()
-                    except KafkaException as exc:  # refused before it was queued: no report
+                    except Exception as exc:  # refused before it was queued: no report
                         self.failed += 1
                         log.error("an array could not be sent", extra={"error": str(exc)})
                 first = min(self._opened.values(), default=None)
@@ -195,7 +197,7 @@ class EventProducer:
         if not bucket:
             return
         try:
-            value = encode_events(bucket)
+            value = b"[" + b",".join(bucket) + b"]"  # as encode_events encodes a list
             self._produce(value, key=None, count=len(bucket), partition=partition, wait_s=wait_s)
         except BufferError:
             self._pending[partition] = bucket

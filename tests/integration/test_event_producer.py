@@ -44,10 +44,13 @@ def own_topic(settings: Settings, request: pytest.FixtureRequest) -> Iterator[st
 def test_a_partial_array_is_sent_once_its_first_event_has_waited(
     settings: Settings, own_topic: str
 ) -> None:
-    """A slow source's events go within ``max_wait_s``, not when 100 have come or at `flush`."""
+    """A slow source's events go within ``max_wait_s``, not when 100 have come or at `flush`.
+    An event that cannot be encoded is refused by its `send`, not found later by the timer."""
     producer = EventProducer(settings.kafka_bootstrap, own_topic, 100, kafka_config(settings))
     reader = TopicReader(settings.kafka_bootstrap, own_topic)
     try:
+        with pytest.raises(ValueError, match="JSON"):
+            producer.send({**_event(9), "ts": float("nan")})
         for n in range(3):
             producer.send(_event(n))
         assert wait_until(lambda: _items(reader) or None, 20, "the partial array") == [
@@ -79,7 +82,7 @@ def test_a_full_queue_raises_after_its_wait_and_keeps_what_it_took(
             {
                 **kafka_config(configured),
                 "queue.buffering.max.messages": 1,
-                "message.timeout.ms": 30_000,  # a send that blocks would end here, unreported
+                "message.timeout.ms": 60_000,  # a send that blocks would end here, unreported
                 "log_level": 2,  # quiet about the refused connections while the broker is down
             },
             queue_full_wait_s=1.0,
