@@ -29,6 +29,22 @@ from freshrec.streams.topics import partitions_with_leaders
 
 log = logging.getLogger(__name__)
 
+LASTING_ERRORS = frozenset(
+    {
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.GROUP_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+        KafkaError._AUTHENTICATION,
+        KafkaError._SSL,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError.INVALID_GROUP_ID,
+    }
+)
+"""Errors `poll` raises: nothing waiting will mend them. confluent-kafka reports a consumed
+message's error as not retriable whatever it is, so the others (a broker restarting, all brokers
+down for a while) are logged and polled through: librdkafka reconnects by itself."""
 REMEMBERED_USERS = 100_000
 """Users whose newest list's time the consumer keeps, the most recent first: lists of a user
 arrive out of order by seconds at most, so older entries are dropped."""
@@ -62,7 +78,8 @@ class RecommendationsConsumer:
         More librdkafka options: the security ones from
         ``freshrec.connections.kafka_config(settings)``.
 
-    ``skipped_stale`` and ``skipped_malformed`` count the lists not handed over.
+    ``skipped_stale`` and ``skipped_malformed`` count the lists not handed over,
+    ``errors_polled_through`` the errors logged and not raised.
     """
 
     def __init__(
@@ -96,6 +113,7 @@ class RecommendationsConsumer:
         self._newest: OrderedDict[str, float] = OrderedDict()  # user -> newest list handed
         self.skipped_stale = 0
         self.skipped_malformed = 0
+        self.errors_polled_through = 0
 
     def poll(self, timeout_s: float = 1.0) -> RecommendationList | None:
         """The next list, or None if none came within ``timeout_s``; asking for it is what
@@ -116,8 +134,9 @@ class RecommendationsConsumer:
         if error is not None:
             if error.code() == KafkaError._PARTITION_EOF:
                 return None
-            if error.fatal() or not error.retriable():
+            if error.fatal() or error.code() in LASTING_ERRORS:
                 raise KafkaException(error)
+            self.errors_polled_through += 1
             log.warning("consuming recommendations: %s (retrying)", error.str())
             return None
         self._handed = message  # handled, whatever follows, once the caller asks again
