@@ -197,6 +197,7 @@ def listed_top(scores: np.ndarray, k: int) -> np.ndarray:
     [[1, 1, 1, 0, 0]]
     """
     scores = np.asarray(scores, dtype=np.float64)
+    scores = np.where(np.isnan(scores), -np.inf, scores)  # NaN is no score: never listed
     k = min(k, scores.shape[1])
     if k <= 0:
         return np.zeros(scores.shape, dtype=bool)

@@ -128,12 +128,14 @@ def test_a_baselines_list_breaks_ties_by_catalogue_order_as_a_stable_sort_would(
     scores = rng.integers(0, 4, size=(300, 40)).astype(np.float64)  # many ties
     scores[rng.random(scores.shape) < 0.3] = -np.inf  # seen: not candidates
     scores[:5, :] = -np.inf  # rows with no candidate at all
+    scores[5:40][rng.random((35, 40)) < 0.8] = np.nan  # mostly NaN: fewer than k left
     for k in (1, 10, 40, 60):
         listed = listed_top(scores, k)
         for row, got in zip(scores, listed, strict=True):
-            order = np.argsort(-row, kind="stable")[: min(k, row.size)]
             expected = np.zeros(row.size, dtype=bool)
-            expected[order[np.isfinite(row[order])]] = True
+            finite = np.where(np.isnan(row), -np.inf, row)  # NaN is no score
+            order = np.argsort(-finite, kind="stable")[: min(k, row.size)]
+            expected[order[np.isfinite(finite[order])]] = True
             assert np.array_equal(got, expected)
 
 
