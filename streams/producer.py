@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -94,9 +95,15 @@ class EventProducer:
         self._closing = False
         self._timer: threading.Thread | None = None
         if self.events_per_message > 1:
+            # The thread holds the producer weakly: one never closed is still collected (and
+            # librdkafka's client with it), and the thread, woken then, ends.
             self._timer = threading.Thread(
-                target=self._send_due_arrays, name="freshrec-producer-arrays", daemon=True
+                target=_time_arrays,
+                args=(weakref.ref(self), self._opening),
+                name="freshrec-producer-arrays",
+                daemon=True,
             )
+            weakref.finalize(self, self._opening.set)
             self._timer.start()
 
     def send(self, event: Event | Mapping[str, Any]) -> None:
@@ -167,28 +174,23 @@ class EventProducer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _send_due_arrays(self) -> None:
-        """Sends each array whose first event has waited ``max_wait_s`` (the timer thread)."""
-        wait: float | None = None  # until the first array is due; None while there is none
-        while True:
-            self._opening.wait(wait)
-            self._opening.clear()
-            if self._closing:
-                return
-            with self._arrays:
-                now = time.monotonic()
-                due = [p for p, opened in self._opened.items() if now - opened >= self.max_wait_s]
-                for partition in due:
-                    try:  # no wait for room here: `send` and `flush` would wait for the lock
-                        self._flush_partition(partition, wait_s=0.0)
-                    except BufferError:  # kept; tried again once it has waited once more
-                        log.warning("the local queue is full; an array waits to be sent")
-                        self._opened[partition] = time.monotonic()
-                    except Exception as exc:  # refused before it was queued: no report
-                        self.failed += 1
-                        log.error("an array could not be sent", extra={"error": str(exc)})
-                first = min(self._opened.values(), default=None)
-            wait = None if first is None else max(first + self.max_wait_s - time.monotonic(), 0)
+    def _send_due_arrays(self) -> float | None:
+        """Sends each array whose first event has waited ``max_wait_s`` (on the timer's
+        thread); returns how long until the next is due (None: no array waits)."""
+        with self._arrays:
+            now = time.monotonic()
+            due = [p for p, opened in self._opened.items() if now - opened >= self.max_wait_s]
+            for partition in due:
+                try:  # no wait for room here: `send` and `flush` would wait for the lock
+                    self._flush_partition(partition, wait_s=0.0)
+                except BufferError:  # kept; tried again once it has waited once more
+                    log.warning("the local queue is full; an array waits to be sent")
+                    self._opened[partition] = time.monotonic()
+                except Exception as exc:  # refused before it was queued: no report
+                    self.failed += 1
+                    log.error("an array could not be sent", extra={"error": str(exc)})
+            first = min(self._opened.values(), default=None)
+        return None if first is None else max(first + self.max_wait_s - time.monotonic(), 0.0)
 
     def _flush_partition(self, partition: int, wait_s: float | None = None) -> None:
         """Sends the partition's array (under ``_arrays``); kept if the queue stays full."""
@@ -239,3 +241,16 @@ class EventProducer:
         if err is not None:
             self.failed += 1
             log.error("delivery failed", extra={"topic": msg.topic(), "error": str(err)})
+
+
+def _time_arrays(producer: weakref.ref[EventProducer], opening: threading.Event) -> None:
+    """The timer thread: sends due arrays until the producer is closed or collected."""
+    wait: float | None = None  # until the first array is due; None while there is none
+    while True:
+        opening.wait(wait)
+        opening.clear()
+        live = producer()
+        if live is None or live._closing:
+            return
+        wait = live._send_due_arrays()
+        del live  # no strong reference while waiting

@@ -4,8 +4,10 @@ reported instead of waited on for ever, and each failed delivery reported once."
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import shutil
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,3 +122,20 @@ def test_a_failed_delivery_is_reported_by_one_flush(settings: Settings, own_topi
         assert producer.failed == 1
     finally:
         producer.close()
+
+
+def test_a_producer_never_closed_is_collected_and_its_timer_ends(
+    settings: Settings, own_topic: str
+) -> None:
+    """Callers that only flush (as close did before the timer) leak nothing: the timer thread
+    holds the producer weakly, so it and librdkafka's client go when it is no longer used."""
+    producer = EventProducer(settings.kafka_bootstrap, own_topic, 100, kafka_config(settings))
+    producer.send(_event(0))
+    producer.flush()
+    timer, alive = producer._timer, weakref.ref(producer)
+    assert timer is not None and timer.is_alive()
+    del producer
+    gc.collect()
+    assert alive() is None
+    timer.join(10)
+    assert not timer.is_alive()
