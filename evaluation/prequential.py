@@ -588,24 +588,26 @@ class Evaluation:
         model has little to go on and popularity is the bar to clear."""
         rows = np.asarray(self.topn_positions, dtype=np.int64)
         sizes = self.stream.learned_interactions(rows, self.upto)
-        ranks = {
-            name: np.concatenate(self.scores[name].ranks) if self.scores[name].ranks else None
-            for name in (*SYSTEMS, *self.ablation)
-        }
+        ranks = self.target_ranks((*SYSTEMS, *self.ablation))
         out: dict[str, dict[str, Any]] = {}
         for low, high in itertools.pairwise((*HISTORY_SEGMENTS, None)):
             inside = (sizes >= low) if high is None else (sizes >= low) & (sizes < high)
             label = f"{low}+" if high is None else f"{low}-{high - 1}"
             segment: dict[str, Any] = {"targets": int(inside.sum())}
             for name, ranked in ranks.items():
-                if ranked is None or not inside.any():
-                    continue
-                segment[name] = {
-                    "hr@10": round(float(hit_rate(ranked[inside], 10).mean()), 6),
-                    "ndcg@10": round(float(ndcg(ranked[inside], 10).mean()), 6),
-                }
+                if ranked.size and inside.any():
+                    segment[name] = hit_and_ndcg(ranked[inside])
             out[label] = segment
         return out
+
+    def target_ranks(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Each system's ranks of the top-N targets, in the order of ``topn_positions``."""
+        return {
+            name: np.concatenate(self.scores[name].ranks)
+            if self.scores[name].ranks
+            else np.zeros(0)
+            for name in names
+        }
 
     def summary(self) -> dict[str, Any]:
         item_ids = self.stream.item_ids
@@ -734,14 +736,11 @@ def _freshness_row(lag: float, evaluation: Evaluation, common_lag: float) -> dic
     stream = evaluation.stream
     common = stream.topn_targets(learned_upto(stream.ts, common_lag))
     shared = common[np.asarray(evaluation.topn_positions, dtype=np.int64)]
-    same: dict[str, dict[str, float]] = {}
-    for name in SYSTEMS:
-        score = evaluation.scores[name]
-        ranks = np.concatenate(score.ranks)[shared] if score.ranks else np.zeros(0)
-        same[name] = {
-            "hr@10": round(float(hit_rate(ranks, 10).mean()), 6) if ranks.size else math.nan,
-            "ndcg@10": round(float(ndcg(ranks, 10).mean()), 6) if ranks.size else math.nan,
-        }
+    ranks = evaluation.target_ranks(SYSTEMS)
+    same = {
+        name: hit_and_ndcg(ranked[shared] if ranked.size else ranked)
+        for name, ranked in ranks.items()
+    }
     return {
         "lag_s": lag,
         "rating_events": evaluation.scores["freshrec"].rated,
@@ -840,6 +839,16 @@ def _evaluate(
         return asyncio.run(
             _run(run_settings, mode, stream, upto, show_progress, variants, label, lines)
         )
+
+
+def hit_and_ndcg(ranks: np.ndarray) -> dict[str, float]:
+    """HR@10 and NDCG@10 over ``ranks`` (NaN over none), to the summary's digits."""
+    if not ranks.size:
+        return {"hr@10": math.nan, "ndcg@10": math.nan}
+    return {
+        "hr@10": round(float(hit_rate(ranks, 10).mean()), 6),
+        "ndcg@10": round(float(ndcg(ranks, 10).mean()), 6),
+    }
 
 
 def _json_safe(value: Any) -> Any:

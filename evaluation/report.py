@@ -288,6 +288,7 @@ def _freshness_plot(out_dir: Path, freshness: list[dict[str, Any]]) -> bool:
     lags = [entry["lag_s"] for entry in freshness]
     if len(lags) < 2:
         return False
+    same = all("same_targets" in entry for entry in freshness)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
     for ax, (key, label) in zip(axes, (("hr@10", "HR@10"), ("rmse", "RMSE")), strict=True):
         for n, system in enumerate(freshness[0]["systems"]):
@@ -296,8 +297,8 @@ def _freshness_plot(out_dir: Path, freshness: list[dict[str, Any]]) -> bool:
                 continue  # item-kNN predicts no ratings; each system keeps its colour
             y = [np.nan if v is None else v for v in values]
             ax.plot(lags, y, marker="o", color=f"C{n}", label=LABELS.get(system, system))
-            if key == "hr@10" and all("same_targets" in entry for entry in freshness):
-                shared = [entry["same_targets"]["systems"][system].get(key) for entry in freshness]
+            if key == "hr@10" and same:
+                shared = [_systems(e, "same_targets")[system].get(key) for e in freshness]
                 y = [np.nan if v is None else v for v in shared]
                 ax.plot(lags, y, marker=".", linestyle="--", color=f"C{n}")
         ax.set_xscale("log")
@@ -305,7 +306,7 @@ def _freshness_plot(out_dir: Path, freshness: list[dict[str, Any]]) -> bool:
         ax.set_xlabel("lag (log scale)")
         ax.set_ylabel(label)
         ax.set_title(f"{label} against freshness")
-        if key == "hr@10":
+        if key == "hr@10" and same:
             ax.text(0.01, 0.01, "dashed: the targets every lag shares", transform=ax.transAxes)
         ax.grid(alpha=0.3)
     axes[0].legend()
