@@ -305,11 +305,11 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if (
             transport is not None
+            and not transport.is_reading()  # reading as usual: nothing else to check
             and not transport.is_closing()
             and not self.refused
             and not self.writes_behind
             and len(self.pending) < self.server.max_pipelined
-            and not transport.is_reading()
         ):
             transport.resume_reading()
 

@@ -108,14 +108,13 @@ class EventProducer:
 
     def send(self, event: Event | Mapping[str, Any]) -> None:
         payload = event.to_json() if isinstance(event, Event) else dict(event)
-        if self.events_per_message == 1:
-            user = payload.get("user_id")
-            key = user.encode() if isinstance(user, str) else None
-            self._produce(encode_events(payload), key=key, count=1)
-            return
         user = payload.get("user_id")
-        partition = partition_for(user, self.partitions) if isinstance(user, str) else 0
         encoded = encode_events(payload)  # what cannot be sent is refused here, not in an array
+        if self.events_per_message == 1:
+            key = user.encode() if isinstance(user, str) else None
+            self._produce(encoded, key=key, count=1)
+            return
+        partition = partition_for(user, self.partitions) if isinstance(user, str) else 0
         with self._arrays:
             bucket = self._pending.get(partition)
             if bucket is None:
@@ -195,15 +194,14 @@ class EventProducer:
     def _flush_partition(self, partition: int, wait_s: float | None = None) -> None:
         """Sends the partition's array (under ``_arrays``); kept if the queue stays full."""
         bucket = self._pending.pop(partition, None)
-        opened = self._opened.pop(partition, None)
         if not bucket:
             return
+        opened = self._opened.pop(partition)  # kept with every array
         try:
             value = b"[" + b",".join(bucket) + b"]"  # as encode_events encodes a list
             self._produce(value, key=None, count=len(bucket), partition=partition, wait_s=wait_s)
         except BufferError:
-            self._pending[partition] = bucket
-            self._opened[partition] = opened if opened is not None else time.monotonic()
+            self._pending[partition], self._opened[partition] = bucket, opened
             raise
 
     def _produce(
