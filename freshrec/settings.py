@@ -562,6 +562,7 @@ class Settings:
             exploration_slots=self.exploration_slots,
             ucb_beta=self.ucb_beta,
             min_clicks=self.ranker_min_clicks,
+            decay_half_life_s=self.decay_half_life_s,
             rating_scale=(self.rating_min, self.rating_max),
         )
 

@@ -35,12 +35,14 @@ class Cooccurrence:
     A stored sum :math:`x` is the decayed value :math:`x\, e^{-\lambda (t_{now} - L)}` at any
     later :math:`t_{now}`, the same factor for every key, so ratios need no division by it.
     Items are compared by the cosine of item-to-item CF (Linden, Smith & York, 2003), with
-    counts below 1 taken as 1, exactly as the reader's recall scores a neighbour
-    (`freshrec.serving.recall`):
+    counts below one interaction at the newest event's time :math:`t` taken as one, exactly as
+    the reader's recall scores a neighbour (`freshrec.serving.recall`). One interaction is
+    stored as :math:`f = e^{\lambda (t - L)}`, so the floor means the same whatever the
+    landmark:
 
     .. math::
 
-        \mathrm{sim}(i, j) = \frac{c_{ij}}{\sqrt{\max(o_i, 1)\, \max(o_j, 1)}}
+        \mathrm{sim}(i, j) = \frac{c_{ij}}{\sqrt{\max(o_i, f)\, \max(o_j, f)}}
 
     Before a weight could overflow, the landmark :math:`L` moves to the event's time and every
     sum is rescaled (`rebase`); decayed values do not change.
@@ -89,6 +91,7 @@ class Cooccurrence:
             lambda: defaultdict(float)
         )
         self.occurrences: defaultdict[str, float] = defaultdict(float)
+        self.clock: float | None = None  # the newest event time learned
         self._gaps: list[float] = []
 
     def gap_weights(self, n: int) -> list[float]:
@@ -104,6 +107,7 @@ class Cooccurrence:
         if self.decay.needs_rebase(ts):
             self.rebase(ts)
         weight = self.decay.weight(ts)
+        self.clock = ts if self.clock is None else max(self.clock, ts)
         history = self.histories.setdefault(user, [])
         self.occurrences[item] += weight
         if item in history:
@@ -118,10 +122,11 @@ class Cooccurrence:
         del history[self.history_cap :]
 
     def similarity(self, i: str, j: str) -> float:
-        r""":math:`c_{ij} / \sqrt{\max(o_i, 1) \max(o_j, 1)}`; 0 for a pair never counted."""
+        r""":math:`c_{ij} / \sqrt{\max(o_i, f) \max(o_j, f)}`; 0 for a pair never counted."""
         pair = self.pairs[i].get(j, 0.0) if i in self.pairs else 0.0
+        floor = 1.0 if self.clock is None else self.decay.weight(self.clock)
         occ_i, occ_j = self.occurrences.get(i, 0.0), self.occurrences.get(j, 0.0)
-        return pair / math.sqrt(max(occ_i, 1.0) * max(occ_j, 1.0))
+        return pair / math.sqrt(max(occ_i, floor) * max(occ_j, floor))
 
     def rebase(self, landmark: float) -> None:
         """Moves :math:`L` to ``landmark``, rescaling every stored sum by the same factor."""

@@ -47,6 +47,7 @@ from freshrec.models.click_model import (
     LinearScorer,
     state_from_hash,
 )
+from freshrec.models.decay import ForwardDecay
 from freshrec.models.mf import implicit_part, vector_width
 from freshrec.models.rating_stack import (
     PAIR_FIELDS,
@@ -295,6 +296,7 @@ class Funnel:
             cold_clicks=np.frombuffer(clicked, "<f8")[known],
             impressions_total=float(total or 0.0),
             unavailable=blocked,
+            count_floor=count_floor(self.config.decay_rate, index.landmark, self.event_clock),
         )
         if ranker_state != self._ranker_state:  # rebuilt only when the workers' model moved
             ranker = ClickModel.from_state(state_from_hash(ranker_state))
@@ -479,6 +481,7 @@ class Funnel:
                     index.neighbours,
                     index.neighbour_weights,
                     index.stats[:, 0],
+                    pools.count_floor,
                     cfg.recall_per_seed,
                     mf,
                     pools.trending[: cfg.recall_popular + k],
@@ -558,8 +561,9 @@ class Funnel:
             return []
         members = [m.decode() for m, _ in row]
         counts = await self.redis.zmscore(keys.occurrences, members)
+        floor = self.pools.count_floor
         scored = [
-            (weight / math.sqrt(own * (count or 1.0)), member)
+            (weight / math.sqrt(max(own, floor) * max(count or 0.0, floor)), member)
             for (_, weight), member, count in zip(row, members, counts, strict=True)
         ]
         scored.sort(reverse=True)
@@ -712,6 +716,7 @@ class _Pools:
     cold_clicks: np.ndarray = field(default_factory=lambda: np.empty(0))
     impressions_total: float = 0.0
     unavailable: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
+    count_floor: float = 1.0  # one interaction at the state's clock, as the sums store it
 
 
 class _Clock:
@@ -751,6 +756,16 @@ def _blend(weights: tuple[tuple[str, float], ...]) -> np.ndarray:
         return BLEND
     named = dict(weights)
     return np.array([named.get(name, 0.0) for name in FEATURES])
+
+
+def count_floor(rate: float, landmark: bytes | None, clock: float | None) -> float:
+    r"""What one interaction at the event ``clock`` adds to a forward-decayed sum of ``landmark``
+    (:math:`e^{\lambda (t - L)}`): the least occurrence count an item-CF cosine divides by, so
+    that the floor is one interaction decayed to now, not a number whose meaning drifts with
+    the landmark. 1 before the state has a landmark or a clock."""
+    if landmark is None or clock is None:
+        return 1.0
+    return ForwardDecay(rate, float(landmark)).weight(clock)
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

@@ -13,14 +13,17 @@ it, each weighted by how recent it is in the user's own sequence:
 
 .. math::
 
-    \mathrm{cf}_i = \sum_{a} e^{-a / \tau} \frac{c_{s_{a+1} i}}{\sqrt{o_{s_{a+1}}\, o_i}}
+    \mathrm{cf}_i = \sum_{a} e^{-a / \tau}
+        \frac{c_{s_{a+1} i}}{\sqrt{\max(o_{s_{a+1}}, f)\, \max(o_i, f)}}
 
 with :math:`a` the seed's age in the user's events (0 for the latest), :math:`c` the decayed,
-gap-weighted co-occurrence (`freshrec.models.cooccurrence`) and :math:`o` the decayed
-occurrence counts (at least 1). The user's latest items say most about what comes next
-(sequence-aware item-CF; on ML-100K :math:`\tau = 5` events lifts HR@10 from 0.133 for
-unweighted item-kNN to 0.187). Every kept neighbour counts toward the score, whichever channel
-recalls the item; only the ``per_seed`` strongest of each seed are recalled through CF.
+gap-weighted co-occurrence (`freshrec.models.cooccurrence`), :math:`o` the decayed occurrence
+counts and :math:`f` the stored value of one interaction at the state's clock: a count below
+one interaction, decayed to now, is taken as one, whatever the decay's landmark. The user's
+latest items say most about what comes next (sequence-aware item-CF; on ML-100K
+:math:`\tau = 5` events lifts HR@10 from 0.133 for unweighted item-kNN to 0.187). Every kept
+neighbour counts toward the score, whichever channel recalls the item; only the ``per_seed``
+strongest of each seed are recalled through CF.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ def merge_channels(
     neighbours: np.ndarray,
     neighbour_weights: np.ndarray,
     occurrences: np.ndarray,
+    count_floor: float,
     per_seed: int,
     mf: np.ndarray,
     trending: np.ndarray,
@@ -94,7 +98,8 @@ def merge_channels(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Merges the channels' rows, each without the rows ``seen_mask`` marks; CF from ``seeds``.
 
-    ``seed_weights`` are the seeds' recency weights :math:`e^{-a/\tau}` (module docstring).
+    ``seed_weights`` are the seeds' recency weights :math:`e^{-a/\tau}` (module docstring);
+    ``count_floor`` is :math:`f`, the least occurrence count a cosine divides by.
 
     Returns the fields of `Recalled`, in order. ``cf_slot`` and ``candidate_slot`` are a
     `Scratch`'s. ``channels`` is the bit set of channels in use; the CF score of every
@@ -114,7 +119,7 @@ def merge_channels(
     ...         seed_weights=np.array([1.0]),
     ...         neighbours=np.array([[2, 1], [-1, -1], [-1, -1], [-1, -1]]),
     ...         neighbour_weights=np.array([[4.0, 1.0], [0, 0], [0, 0], [0, 0]]),
-    ...         occurrences=np.array([4.0, 1.0, 4.0, 1.0]), per_seed=1,
+    ...         occurrences=np.array([4.0, 1.0, 4.0, 1.0]), count_floor=1.0, per_seed=1,
     ...         mf=np.array([3, 1]), trending=np.array([0, 2]),
     ...         cold_pool=np.array([1]), cold_fresh=np.array([True]), recall_cold=5,
     ...         channels=CF | MF | TRENDING | COLD))
@@ -134,7 +139,7 @@ def merge_channels(
     found = 0
     for n in range(len(seeds)):
         seed = seeds[n]
-        seed_weight = seed_weights[n] / np.sqrt(max(occurrences[seed], 1.0))
+        seed_weight = seed_weights[n] / np.sqrt(max(occurrences[seed], count_floor))
         for position in range(width):
             item = neighbours[seed, position]
             if item < 0 or seen_mask[item]:
@@ -142,7 +147,7 @@ def merge_channels(
             score = (
                 seed_weight
                 * neighbour_weights[seed, position]
-                / np.sqrt(max(occurrences[item], 1.0))
+                / np.sqrt(max(occurrences[item], count_floor))
             )
             slot = cf_slot[item]
             if slot < 0:

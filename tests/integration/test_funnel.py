@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from freshrec.models.biased_mf import BiasedMF
 from freshrec.models.click_model import ClickModel
 from freshrec.models.config import ModelConfig
+from freshrec.models.decay import ForwardDecay
 from freshrec.models.mf import VectorTable
 from freshrec.models.rating_stack import Blend, RatingStack
 from freshrec.serving.funnel import Funnel
@@ -298,6 +299,39 @@ def test_a_users_own_newest_event_is_in_their_next_list(settings: Settings) -> N
         assert served.latest_event_ts == later and "brand-new" not in [
             c.item_id for c in served.items
         ]
+        await funnel.aclose()
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_rebase_changes_no_cf_score_no_list_and_no_similar_item(settings: Settings) -> None:
+    """A rebase multiplies every stored sum by one factor; item-CF's cosines, with their floor
+    of one interaction at the state's clock, are ratios of those sums and must not move. Here
+    the sums grow 2**25-fold over the stream, so a floor fixed in stored units would not hold."""
+    settings = dataclasses.replace(settings, decay_half_life_s=120.0)
+    events = _catalogue()  # 3,000 s: 25 half-lives
+
+    async def lists(funnel: Funnel) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+        await funnel.refresh()
+        served = []
+        for user in ("u1", "u2", "u3"):
+            served += [c.to_json() for c in (await funnel.serve(user, 10)).items]
+        return served, await funnel.similar("i5", 10)
+
+    async def run() -> None:
+        redis, keys, updater = await _setup(settings, events)
+        funnel = Funnel(redis, keys, settings.funnel_config(), max_staleness_s=3600.0)
+        before = await lists(funnel)
+        landmark = float(await redis.get(keys.decay_landmark))
+        decay = ForwardDecay(settings.model_config().decay_rate, landmark)
+        await updater.rebase(decay, events[-1].ts)
+        assert float(await redis.get(keys.decay_landmark)) == events[-1].ts
+        after = await lists(funnel)
+        for was, now in zip(before, after, strict=True):
+            assert [c["item_id"] for c in now] == [c["item_id"] for c in was]
+            assert [c["score"] for c in now] == pytest.approx([c["score"] for c in was], 1e-5)
+        assert funnel.pools.count_floor == 1.0  # the clock is the new landmark
         await funnel.aclose()
         await redis.aclose()
 

@@ -138,9 +138,11 @@ def test_a_rebase_leaves_every_decayed_count_unchanged() -> None:
 
 def test_similarity_is_the_cosine_the_readers_recall_scores() -> None:
     events = _stream(seed=4, events=500)
-    # A landmark after the events: weights below 1, so some counts take the floor at 1.
+    # A landmark after the events: weights below 1, so a floor fixed at 1 would be wrong.
     cooc = _learn(events, 500, math.log(2) / 3600.0, landmark=events[-1][2] + 3600.0)
-    assert min(cooc.occurrences.values()) < 1.0 < max(cooc.occurrences.values())
+    floor = cooc.decay.weight(cooc.clock)  # one interaction at the newest event, as stored
+    assert floor == pytest.approx(0.5)
+    assert min(cooc.occurrences.values()) < floor < max(cooc.occurrences.values())
     items = sorted(cooc.occurrences)
     row = {item: n for n, item in enumerate(items)}
     width = max(len(r) for r in cooc.pairs.values())
@@ -163,6 +165,7 @@ def test_similarity_is_the_cosine_the_readers_recall_scores() -> None:
                 neighbours=neighbours,
                 neighbour_weights=weights,
                 occurrences=occurrences,
+                count_floor=floor,
                 per_seed=width,
                 mf=none,
                 trending=none,
@@ -178,3 +181,16 @@ def test_similarity_is_the_cosine_the_readers_recall_scores() -> None:
             checked += 1
     assert checked > 100
     assert cooc.similarity("never-seen", items[0]) == 0.0
+
+
+def test_similarity_does_not_depend_on_the_landmark() -> None:
+    events = _stream(seed=5, events=500)
+    rate = math.log(2) / 3600.0
+    early = _learn(events, 500, rate, landmark=events[0][2] - 2 * 86400.0)
+    late = _learn(events, 500, rate, landmark=events[-1][2] + 2 * 86400.0)
+    assert max(late.occurrences.values()) < 1.0 < min(early.occurrences.values())
+    items = sorted(early.occurrences)
+    pairs = [(i, j) for i in items[:30] for j in items if i != j]
+    sims = [early.similarity(i, j) for i, j in pairs]
+    assert sum(s > 0 for s in sims) > 100
+    assert [late.similarity(i, j) for i, j in pairs] == pytest.approx(sims, rel=1e-9)

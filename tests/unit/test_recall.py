@@ -24,7 +24,8 @@ def _state(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {
         "neighbours": neighbours,
         "neighbour_weights": weights,
-        "occurrences": rng.uniform(0.0, 10.0, ITEMS),  # some below 1: counted as 1
+        "occurrences": rng.uniform(0.0, 10.0, ITEMS),  # some below the floor: counted as it
+        "count_floor": float(rng.uniform(0.5, 3.0)),
     }
 
 
@@ -37,6 +38,7 @@ def _recount(seen: np.ndarray, args: dict) -> tuple[list, list, list, list, list
         args["neighbour_weights"],
     )
     occurrences, per_seed, channels = args["occurrences"], args["per_seed"], args["channels"]
+    floor = args["count_floor"]
     cold_pool, cold_fresh, recall_cold = args["cold_pool"], args["cold_fresh"], args["recall_cold"]
     excluded = set(seen.tolist())
     cf: dict[int, float] = {}
@@ -47,7 +49,7 @@ def _recount(seen: np.ndarray, args: dict) -> tuple[list, list, list, list, list
             if item < 0 or item in excluded:
                 continue
             cosine = neighbour_weights[seed, position] / math.sqrt(
-                max(occurrences[seed], 1.0) * max(occurrences[item], 1.0)
+                max(occurrences[seed], floor) * max(occurrences[item], floor)
             )
             because.setdefault(item, seed)
             cf[item] = cf.get(item, 0.0) + recency * cosine
