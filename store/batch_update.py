@@ -20,6 +20,7 @@ changes go as pipelined single-key commands and scripts, watermarks last: at lea
 from __future__ import annotations
 
 import asyncio
+import secrets
 import struct
 import time
 from collections.abc import Sequence
@@ -65,6 +66,8 @@ this is an eighth of a reader's 2 s deadline. Shorter steps re-read and re-write
 more often."""
 FIRST_STEP = 100
 """Events of the first step, before any write has been timed."""
+REBASE_LOCK_MS = 60_000
+"""How long a rebase's lock lasts unless its holder extends it: what a crashed holder costs."""
 
 
 @dataclass
@@ -534,15 +537,18 @@ class BatchUpdater:
 
         Each rescale is a single-key ``ZUNIONSTORE key 1 key WEIGHTS f``; the new landmark is
         written in the same transaction, so readers see either the old scale or the new one.
-        Other workers wait for the lock to clear, then re-read the landmark. On a single Redis
+        Other workers wait for the lock to clear, then re-read the landmark. The lock holds a
+        token of this call's, its time is extended while the keys are listed, and only its
+        holder releases it: a rebase whose lock expired gives way to whoever holds it now
+        instead of rescaling beside them. On a single Redis
         the batch script refuses a write while the lock is held or once the landmark it was
         read at has moved, so no batch lands at the old scale after the rescale, nor creates a
         sum the scan has passed; the batch is read and learned again. Redis Cluster's
         pipelined writes have no such check: a batch that spans a rebase can land at the old
         scale there.
         """
-        lock = self.keys.decay_rebase_lock
-        if not await self.redis.set(lock, "1", nx=True, px=60_000):
+        lock, token = self.keys.decay_rebase_lock, secrets.token_hex(16)
+        if not await self.redis.set(lock, token, nx=True, px=REBASE_LOCK_MS):
             await self._rebase_over()
             return
         try:
@@ -550,20 +556,34 @@ class BatchUpdater:
             if current is not None and float(current) != decay.landmark:
                 return  # someone rebased between our read and the lock
             factor = decay.rebase_factor(now)
-            targets = [self.keys.occurrences, self.keys.popularity]
-            async for key in self.redis.scan_iter(match=self.keys.neighbours("*"), count=1000):
-                targets.append(key)
+            targets = await self._rescaled_keys(lock, token)
+            if targets is None or not await self._still_held(lock, token):
+                return
             pipe = self.redis.pipeline(transaction=self.atomic)
             for key in targets:
                 pipe.zunionstore(key, {key: factor})
             pipe.set(self.keys.decay_landmark, repr(now))
             await pipe.execute()
         finally:
-            await self.redis.delete(lock)
+            await self.scripts.held_lock(keys=[lock], args=[token, 0])
+
+    async def _rescaled_keys(self, lock: str, token: str) -> list[str | bytes] | None:
+        """Every forward-decayed sorted set, listed while the lock is ours (None once it is
+        not): occurrences, popularity, and each item's neighbours."""
+        targets: list[str | bytes] = [self.keys.occurrences, self.keys.popularity]
+        async for key in self.redis.scan_iter(match=self.keys.neighbours("*"), count=1000):
+            targets.append(key)
+            if len(targets) % 10_000 == 0 and not await self._still_held(lock, token):
+                return None
+        return targets
+
+    async def _still_held(self, lock: str, token: str) -> bool:
+        """Whether the lock is still this token's; if so, its time starts again."""
+        return bool(await self.scripts.held_lock(keys=[lock], args=[token, REBASE_LOCK_MS]))
 
     async def _rebase_over(self) -> None:
-        """Waits until no rebase is under way (its lock expires after 60 s at most)."""
-        deadline = time.monotonic() + 60
+        """Waits until no rebase is under way (its lock expires after a minute at most)."""
+        deadline = time.monotonic() + REBASE_LOCK_MS / 1000
         while await self.redis.exists(self.keys.decay_rebase_lock) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # polling the lock, as Redis has no wait for a key
 

@@ -365,6 +365,17 @@ return 1
 """
 
 
+# KEYS[1]: a lock.  ARGV[1]: the token its holder set it to, ARGV[2]: milliseconds to hold it
+# for from now, or 0 to release it.  Only the holder extends or releases it: 1 if the caller
+# held it, else 0 (it expired, and maybe another process holds it now).
+HELD_LOCK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2])
+else redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+
 # KEYS[1]: the dirty-users sorted set.  ARGV: cutoff time, most users to take.  Pops the users
 # first touched at or before the cutoff (user, score, user, score, ...); atomic, so reader
 # replicas never publish one twice.
@@ -523,6 +534,7 @@ class ServerScripts:
         self.zincrby_many = register(ZINCRBY_MANY)
         self.stamp_now = register(STAMP_NOW)
         self.raise_clock = register(RAISE_CLOCK)
+        self.held_lock = register(HELD_LOCK)
         self.read_batch = register(READ_BATCH)
         self.apply_batch = register(APPLY_BATCH)
         self.add_rating_pairs = register(ADD_RATING_PAIRS)

@@ -19,7 +19,7 @@ from freshrec.evaluation.synth import SynthConfig, generate
 from freshrec.models.biased_mf import BiasedMF
 from freshrec.models.config import ModelConfig
 from freshrec.models.cooccurrence import Cooccurrence
-from freshrec.models.decay import REBASE_EXPONENT
+from freshrec.models.decay import REBASE_EXPONENT, ForwardDecay
 from freshrec.models.mf import (
     VectorTable,
     initial_vector,
@@ -618,3 +618,39 @@ def test_impressions_at_wall_time_leave_an_old_logs_decay_alone(
         expected.learn_one(e.item_id, e.ts, 1.0)
     assert occurrences == pytest.approx(expected.scores["i0"], rel=1e-12)
     assert impressions == 2
+
+
+def test_a_rebase_whose_lock_expired_leaves_the_new_holders_lock_and_rescales_nothing(
+    settings: Settings,
+) -> None:
+    """Worker A's rebase outlives its lock; worker B takes the lock meanwhile. A must neither
+    rescale beside B nor delete B's lock on its way out."""
+    cfg = dataclasses.replace(settings.model_config(), decay_half_life_s=1_000.0)
+
+    class Outlived(BatchUpdater):
+        async def _rescaled_keys(self, lock: str, token: str) -> list[str | bytes] | None:
+            targets = await super()._rescaled_keys(lock, token)
+            await self.redis.set(lock, "worker-b", px=60_000)  # A's expired; B took it
+            return targets
+
+    async def run() -> tuple[bytes | None, tuple[float, float | None], tuple[float, float | None]]:
+        redis = Redis.from_url(settings.redis_url)
+        keys = Keys(settings.key_prefix)
+        updater = Outlived(redis, keys, cfg, atomic=True)
+        await updater.apply([Event("click", "ua", "item", 100.0)])
+
+        async def state() -> tuple[float, float | None]:
+            landmark = float(await redis.get(keys.decay_landmark))
+            return landmark, await redis.zscore(keys.popularity, "item")
+
+        before = await state()
+        await updater.rebase(ForwardDecay(cfg.decay_rate, before[0]), 5_000.0)
+        held = await redis.get(keys.decay_rebase_lock)
+        after = await state()
+        await redis.delete(keys.decay_rebase_lock)
+        await redis.aclose()
+        return held, before, after
+
+    held, before, after = asyncio.run(run())
+    assert held == b"worker-b"
+    assert after == before
