@@ -47,7 +47,6 @@ from freshrec.models.click_model import (
     LinearScorer,
     state_from_hash,
 )
-from freshrec.models.decay import ForwardDecay
 from freshrec.models.mf import implicit_part, vector_width
 from freshrec.models.rating_stack import (
     PAIR_FIELDS,
@@ -114,6 +113,7 @@ EXPLANATIONS = {
 BLEND = np.array([FIXED_BLEND.get(name, 0.0) for name in FEATURES])
 CHANNEL_BITS = {"cf": CF, "mf": MF, "trending": TRENDING, "cold": COLD}  # explanation order
 _NO_ROWS = np.empty(0, dtype=np.int64)
+_EXPONENT_BOUND = 700.0  # e^709 is the largest double
 NEIGHBOURS_KEPT = 50  # per item in memory; a variant's recall_per_seed may ask up to this
 POOL_SIZE = 300  # trending and newest items kept per refresh: recall_popular plus the largest k
 CHOICES_PER_LIST = 10  # most new items learned as choices among one served list's candidates
@@ -554,14 +554,16 @@ class Funnel:
         pipe = self.redis.pipeline(transaction=False)
         pipe.zscore(keys.occurrences, item_id)
         pipe.zrevrange(keys.neighbours(item_id), 0, max(4 * k, 50) - 1, withscores=True)
-        own, row = await pipe.execute()
+        pipe.get(keys.decay_landmark)
+        pipe.get(keys.event_clock)
+        own, row, landmark, clock = await pipe.execute()
         if own is None:
             raise UnknownItem(item_id)
         if not row:
             return []
         members = [m.decode() for m, _ in row]
         counts = await self.redis.zmscore(keys.occurrences, members)
-        floor = self.pools.count_floor
+        floor = count_floor(self.config.decay_rate, landmark, clock)  # the sums' own moment
         scored = [
             (weight / math.sqrt(max(own, floor) * max(count or 0.0, floor)), member)
             for (_, weight), member, count in zip(row, members, counts, strict=True)
@@ -758,14 +760,17 @@ def _blend(weights: tuple[tuple[str, float], ...]) -> np.ndarray:
     return np.array([named.get(name, 0.0) for name in FEATURES])
 
 
-def count_floor(rate: float, landmark: bytes | None, clock: float | None) -> float:
+def count_floor(rate: float, landmark: bytes | None, clock: bytes | float | None) -> float:
     r"""What one interaction at the event ``clock`` adds to a forward-decayed sum of ``landmark``
     (:math:`e^{\lambda (t - L)}`): the least occurrence count an item-CF cosine divides by, so
     that the floor is one interaction decayed to now, not a number whose meaning drifts with
-    the landmark. 1 before the state has a landmark or a clock."""
+    the landmark. 1 before the state has a landmark or a clock. The exponent is held within
+    what a double can carry (workers rebase long before: `freshrec.models.decay`), so a reader
+    whose half-life is set apart from the workers' answers on a wrong scale but answers."""
     if landmark is None or clock is None:
         return 1.0
-    return ForwardDecay(rate, float(landmark)).weight(clock)
+    exponent = rate * (float(clock) - float(landmark))
+    return math.exp(min(max(exponent, -_EXPONENT_BOUND), _EXPONENT_BOUND))
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

@@ -50,3 +50,9 @@ def test_the_rating_scale_is_the_datas_not_a_variants() -> None:
     """Ratings are predicted with the base configuration's scale: a variant may not move it."""
     with pytest.raises(ValueError, match="rating_scale is not a variant setting"):
         Variants.parse('{"x": {"share": 1.0, "rating_scale": [0, 10]}}', FunnelConfig())
+
+
+def test_the_decay_half_life_is_the_workers_not_a_variants() -> None:
+    """The reader reads the workers' decayed sums at their half-life: a variant may not move it."""
+    with pytest.raises(ValueError, match="decay_half_life_s is not a variant setting"):
+        Variants.parse('{"x": {"share": 1.0, "decay_half_life_s": 60}}', FunnelConfig())
