@@ -20,6 +20,7 @@ changes go as pipelined single-key commands and scripts, watermarks last: at lea
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import struct
 import time
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from freshrec.models.config import ModelConfig
 from freshrec.models.decay import ForwardDecay
@@ -54,6 +56,8 @@ from freshrec.store.server_scripts import ServerScripts
 from freshrec.store.vectors import VECTOR_DTYPE, decode_vector, encode_vector
 
 __all__ = ["INTERACTIONS", "BatchResult", "BatchUpdater", "Interaction", "Origin"]
+
+log = logging.getLogger(__name__)
 
 Origin = tuple[str, int]
 """Where an event came from: (partition label such as ``"freshrec.events/3"``, offset)."""
@@ -565,16 +569,23 @@ class BatchUpdater:
             pipe.set(self.keys.decay_landmark, repr(now))
             await pipe.execute()
         finally:
-            await self.scripts.held_lock(keys=[lock], args=[token, 0])
+            try:
+                await self.scripts.held_lock(keys=[lock], args=[token, 0])
+            except RedisError as exc:  # it expires; the rebase's own error, if any, goes on
+                log.warning("rebase lock not released (%s): it expires within a minute", exc)
 
     async def _rescaled_keys(self, lock: str, token: str) -> list[str | bytes] | None:
         """Every forward-decayed sorted set, listed while the lock is ours (None once it is
-        not): occurrences, popularity, and each item's neighbours."""
+        not): occurrences, popularity, and each item's neighbours. The lock is extended at the
+        first key listed a third of its time after the last extension."""
         targets: list[str | bytes] = [self.keys.occurrences, self.keys.popularity]
+        extended = time.monotonic()
         async for key in self.redis.scan_iter(match=self.keys.neighbours("*"), count=1000):
             targets.append(key)
-            if len(targets) % 10_000 == 0 and not await self._still_held(lock, token):
-                return None
+            if time.monotonic() - extended > REBASE_LOCK_MS / 3000:
+                if not await self._still_held(lock, token):
+                    return None
+                extended = time.monotonic()
         return targets
 
     async def _still_held(self, lock: str, token: str) -> bool:
