@@ -167,6 +167,9 @@ TOPIC_LABELS = ("events", "impressions")
 """The ``topic`` label values of the lag gauge: the role of a topic, not its (prefixed) name."""
 OBSERVE_EVERY_S = 5.0
 """How often the worker reads its consumer lag and Redis memory."""
+LAG_UNKNOWN_AFTER_S = 3 * OBSERVE_EVERY_S
+"""With no end offsets read for this long (the broker away or slow), the lag gauge's series
+go: a figure that old would read as current."""
 RETIRED_ITEMS = Counter(
     "freshrec_retired_items_total", "Items retired after the item TTL without any write"
 )
@@ -567,8 +570,15 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             CONSUMER_LAG.remove(*labels)
         exported_lag.clear()
         exported_lag.update(owned)
+        lag_set_at[:] = [time.monotonic()]
+
+    def lag_unknown(now: float) -> None:
+        """No end offsets this tick: past `LAG_UNKNOWN_AFTER_S` the series go."""
+        if exported_lag and now - lag_set_at[0] > LAG_UNKNOWN_AFTER_S:
+            export_lag({})
 
     exported_lag: set[tuple[str, str]] = set()
+    lag_set_at = [time.monotonic()]
     probe: list[asyncio.Future[Any]] = []  # the end offsets asked of the broker, one at a time
     probe_started: list[float] = []
     rebalancing_since: list[float] = []
@@ -582,6 +592,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         now = time.monotonic()
         if probe and not probe[0].done():  # the broker slow or away: no second request
             stalls.forget()
+            lag_unknown(now)
             if now - probe_started[0] > PROBE_LIMIT_S:  # bounded by the request timeout
                 log.critical(
                     "the consumer's thread has not answered a request for end offsets in %.0f "
@@ -610,6 +621,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         except Exception as exc:  # the consumer starting or rebalancing, the broker away
             log.debug("end offsets for the stall watch not read: %s", exc)
             stalls.forget()  # a consumer gets time to resume once the broker is back
+            lag_unknown(now)
             return
         ends = {(tp.topic, tp.partition): int(o) for tp, o in highwaters.items() if o is not None}
         handed = app.consumer._read_offset  # Faust's, per partition; a defaultdict: get()

@@ -59,7 +59,7 @@ from freshrec.store.keys import Keys
 from freshrec.store.vectors import decode_vector
 from freshrec.streams.producer import EventProducer
 from freshrec.streams.topics import delete_topics, ensure_topics, topic_specs
-from freshrec.streams.worker import LOG_EVERY_S
+from freshrec.streams.worker import LAG_UNKNOWN_AFTER_S, LOG_EVERY_S, OBSERVE_EVERY_S
 from tests.metrics_support import scrape, total
 from tests.support import (
     OwnService,
@@ -205,6 +205,11 @@ class Worker:
     def stop(self) -> None:
         stop_process(self.proc)
         self.client.close()
+
+
+def _lag_series(worker: Worker) -> list[tuple]:
+    """The worker's consumer-lag series on its /metrics page."""
+    return [s for s in scrape(worker.metrics) if s[0] == "freshrec_consumer_lag_messages"]
 
 
 def _last_offsets(settings: Settings) -> dict[int, int]:
@@ -383,3 +388,23 @@ def test_the_worker_resumes_by_itself_after_the_kafka_broker_crashes_and_restart
     assert errors and max(errors.values()) <= allowed, errors
     with redis.Redis.from_url(settings.redis_url) as client:
         _assert_each_event_applied_once(client, settings, stream)
+
+
+def test_the_lag_series_go_while_no_end_offsets_can_be_read(
+    own_kafka_settings: tuple[Settings, OwnService], stream: list[dict], tmp_path: Path
+) -> None:
+    """A lag read before the broker went away must not stand for the present on a dashboard
+    or in an alert: past `LAG_UNKNOWN_AFTER_S` without end offsets the series go."""
+    settings, broker = own_kafka_settings
+    _produce(settings, stream[:200])
+    worker = Worker(settings, tmp_path / "worker.log")
+    try:
+        worker.wait(lambda: _lag_series(worker), MILESTONE_S, "the worker to export its lag")
+        broker.stop(hard=True)
+        worker.wait(
+            lambda: not _lag_series(worker),
+            LAG_UNKNOWN_AFTER_S + 3 * OBSERVE_EVERY_S,
+            "the lag series to go while the broker is away",
+        )
+    finally:
+        worker.stop()
