@@ -168,8 +168,13 @@ TOPIC_LABELS = ("events", "impressions")
 OBSERVE_EVERY_S = 5.0
 """How often the worker reads its consumer lag and Redis memory."""
 LAG_UNKNOWN_AFTER_S = 3 * OBSERVE_EVERY_S
-"""With no end offsets read for this long (the broker away or slow), the lag gauge's series
-go: a figure that old would read as current."""
+"""With no answer to a request for end offsets for this long (the broker away), the lag
+gauge's series go: a figure that old would read as current."""
+OFFSETS_AGE = Gauge(
+    "freshrec_worker_end_offsets_age_seconds",
+    "Seconds since the broker last answered this worker's request for end offsets (its lag "
+    "gauge's source): growing while the broker is away",
+)
 RETIRED_ITEMS = Counter(
     "freshrec_retired_items_total", "Items retired after the item TTL without any write"
 )
@@ -570,15 +575,21 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             CONSUMER_LAG.remove(*labels)
         exported_lag.clear()
         exported_lag.update(owned)
-        lag_set_at[:] = [time.monotonic()]
 
     def lag_unknown(now: float) -> None:
-        """No end offsets this tick: past `LAG_UNKNOWN_AFTER_S` the series go."""
-        if exported_lag and now - lag_set_at[0] > LAG_UNKNOWN_AFTER_S:
+        """No end offsets this tick. An answer the tick no longer waited for still counts (a
+        slow broker is not an absent one); past `LAG_UNKNOWN_AFTER_S` without any, the series
+        go."""
+        if exported_lag and now - answered_at[0] >= LAG_UNKNOWN_AFTER_S:
             export_lag({})
 
+    def answered(request: asyncio.Future[Any]) -> None:
+        if not request.cancelled() and request.exception() is None:
+            answered_at[:] = [time.monotonic()]
+
     exported_lag: set[tuple[str, str]] = set()
-    lag_set_at = [time.monotonic()]
+    answered_at = [time.monotonic()]
+    OFFSETS_AGE.set_function(lambda: time.monotonic() - answered_at[0])
     probe: list[asyncio.Future[Any]] = []  # the end offsets asked of the broker, one at a time
     probe_started: list[float] = []
     rebalancing_since: list[float] = []
@@ -605,13 +616,14 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             return
         try:
             owned = [tp for tp in app.consumer.assignment() if tp.topic in topic_label]
-            if not owned:
+            if not owned:  # nothing to ask the broker about, so nothing unknown either
                 stalls.forget()
                 export_lag({})
+                answered_at[:] = [now]
                 return
             thread = app.consumer._thread  # aiokafka's consumer runs on it
             probe[:] = [asyncio.ensure_future(thread.call_thread(_ends_and_fetched, thread, owned))]
-            probe[0].add_done_callback(_retrieved)
+            probe[0].add_done_callback(answered)
             probe_started[:] = [now]
             # Shielded: a request that outlives the tick finishes in the background, where
             # the next tick finds it, instead of leaving the consumer's thread a cancelled one.
@@ -953,12 +965,6 @@ async def _ends_and_fetched(thread: Any, partitions: list[Any]) -> tuple[Any, di
 def _by_key(offsets: dict[Any, int]) -> dict[tuple[str, int], int]:
     """Offsets by (topic, partition), the key the worker's own maps use."""
     return {(tp.topic, tp.partition): offset for tp, offset in offsets.items()}
-
-
-def _retrieved(task: asyncio.Future[Any]) -> None:
-    """Marks a background request's failure as seen (the next tick reads its offsets anew)."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _by_label(counts: dict[str, int], label: Callable[[str], str]) -> dict[str, int]:

@@ -394,17 +394,24 @@ def test_the_lag_series_go_while_no_end_offsets_can_be_read(
     own_kafka_settings: tuple[Settings, OwnService], stream: list[dict], tmp_path: Path
 ) -> None:
     """A lag read before the broker went away must not stand for the present on a dashboard
-    or in an alert: past `LAG_UNKNOWN_AFTER_S` without end offsets the series go."""
+    or in an alert: past `LAG_UNKNOWN_AFTER_S` without end offsets the series go, and the age
+    of the last answer says why. They come back with the broker."""
     settings, broker = own_kafka_settings
     _produce(settings, stream[:200])
     worker = Worker(settings, tmp_path / "worker.log")
+    age = ("freshrec_worker_end_offsets_age_seconds", ())
     try:
         worker.wait(lambda: _lag_series(worker), MILESTONE_S, "the worker to export its lag")
+        assert scrape(worker.metrics)[age] < LAG_UNKNOWN_AFTER_S
         broker.stop(hard=True)
         worker.wait(
             lambda: not _lag_series(worker),
             LAG_UNKNOWN_AFTER_S + 3 * OBSERVE_EVERY_S,
             "the lag series to go while the broker is away",
         )
+        assert scrape(worker.metrics)[age] >= LAG_UNKNOWN_AFTER_S
+        broker.start()
+        worker.wait(lambda: _lag_series(worker), RESUME_S, "the lag series to come back")
+        assert scrape(worker.metrics)[age] < LAG_UNKNOWN_AFTER_S
     finally:
         worker.stop()
