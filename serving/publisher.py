@@ -12,6 +12,7 @@ number of reader replicas share the work without publishing a user twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -89,9 +90,7 @@ class RecommendationPublisher:
         if self.undelivered:
             await self._put_back(self.undelivered, cutoff)
             self.undelivered.clear()
-        due = await self.scripts.pop_due(
-            keys=[self.keys.dirty_users], args=[repr(cutoff), self.max_users]
-        )
+        due = await self._pop_due(cutoff)
         if not due:
             return 0
         users = [u.decode() for u in due[::2]]
@@ -140,6 +139,21 @@ class RecommendationPublisher:
         if unsent:
             raise BufferError(f"{len(unsent)} lists waiting for Kafka")
         return sent
+
+    async def _pop_due(self, cutoff: float) -> list[bytes]:
+        """Pops the due users (user, first touch, ...). A stop that lands while the reply is on
+        its way waits for it and puts those users back: Redis has popped them either way."""
+        pop = asyncio.ensure_future(
+            self.scripts.pop_due(keys=[self.keys.dirty_users], args=[repr(cutoff), self.max_users])
+        )
+        try:
+            return await asyncio.shield(pop)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # a failed pop popped nothing
+                due = await asyncio.shield(pop)
+                if due:
+                    await self._put_back([u.decode() for u in due[::2]], cutoff)
+            raise
 
     async def _put_back(self, users: Iterable[str], due_at: float) -> None:
         """Users popped and not published: due again at once (their first-touch time is lost),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -65,38 +67,86 @@ def test_a_list_kafka_refuses_is_published_again(settings: Settings) -> None:
         delete_topics(settings.kafka_bootstrap, [topic], settings=settings)
 
 
+@contextlib.asynccontextmanager
+async def _stopping_publisher(
+    settings: Settings, keys: Keys
+) -> AsyncIterator[tuple[Redis, RecommendationPublisher]]:
+    """A publisher of lists of five on the test's Redis, its funnel and client closed at the
+    end."""
+    redis = Redis.from_url(settings.redis_url)
+    funnel = Funnel(redis, keys, settings.funnel_config())
+    producer = Producer(kafka_config(settings))
+    try:
+        yield (
+            redis,
+            RecommendationPublisher(
+                redis, keys, funnel, producer, settings.recommendations_topic, 5, 0.0
+            ),
+        )
+    finally:
+        await funnel.aclose()
+        await redis.aclose()
+
+
+async def _stopped(publishing: asyncio.Future[int], redis: Redis, keys: Keys, users: dict) -> None:
+    """``publishing`` ends cancelled, and every user it popped is due again."""
+    with pytest.raises(asyncio.CancelledError):
+        await publishing
+    assert await redis.zrange(keys.dirty_users, 0, -1) == sorted(u.encode() for u in users)
+
+
+def test_users_popped_when_a_stop_lands_before_the_pops_reply_are_put_back(
+    settings: Settings,
+) -> None:
+    """Redis pops the due users whether or not the reply reaches the publisher: a stop while
+    it is on its way must put them back, as a stop mid-ranking does."""
+    keys = Keys(settings.key_prefix)
+    users = {f"u{n}": 1.0 for n in range(5)}
+
+    async def run() -> None:
+        async with _stopping_publisher(settings, keys) as (redis, publisher):
+            popped, reply = asyncio.Event(), asyncio.Event()
+            pop_due = publisher.scripts.pop_due
+
+            async def delayed_reply(**kwargs: object) -> object:
+                answer = await pop_due(**kwargs)
+                popped.set()
+                await reply.wait()  # the reply still on its way
+                return answer
+
+            publisher.scripts.pop_due = delayed_reply
+            await redis.zadd(keys.dirty_users, users)
+            publishing = asyncio.ensure_future(publisher.publish_due())
+            await asyncio.wait_for(popped.wait(), 10)
+            assert await redis.zcard(keys.dirty_users) == 0
+            publishing.cancel()  # the stop lands before the reply
+            reply.set()
+            await _stopped(publishing, redis, keys, users)
+
+    asyncio.run(run())
+
+
 def test_users_popped_when_the_reader_stops_mid_ranking_are_put_back(settings: Settings) -> None:
     keys = Keys(settings.key_prefix)
     users = {f"u{n}": 1.0 for n in range(5)}
 
     async def run() -> None:
-        redis = Redis.from_url(settings.redis_url)
-        # A catalogue the funnel's first refresh takes a while to load: the stop lands in it.
-        width = vector_width(settings.funnel_config().factors)
-        blob = encode_vector(np.full(width, 0.1))
-        pipe = redis.pipeline(transaction=False)
-        for start in range(0, ITEMS, 5_000):
-            chunk = [f"i{n}" for n in range(start, start + 5_000)]
-            pipe.mset({keys.item_vector(item): blob for item in chunk})
-            pipe.zadd(keys.updated_items, dict.fromkeys(chunk, 1.0))
-        await pipe.execute()
-        producer = Producer(kafka_config(settings))
-        funnel = Funnel(redis, keys, settings.funnel_config())
-        publisher = RecommendationPublisher(
-            redis, keys, funnel, producer, settings.recommendations_topic, 5, 0.0
-        )
-        try:
+        async with _stopping_publisher(settings, keys) as (redis, publisher):
+            # A catalogue the funnel's first refresh takes a while to load: the stop lands in it.
+            width = vector_width(settings.funnel_config().factors)
+            blob = encode_vector(np.full(width, 0.1))
+            pipe = redis.pipeline(transaction=False)
+            for start in range(0, ITEMS, 5_000):
+                chunk = [f"i{n}" for n in range(start, start + 5_000)]
+                pipe.mset({keys.item_vector(item): blob for item in chunk})
+                pipe.zadd(keys.updated_items, dict.fromkeys(chunk, 1.0))
+            await pipe.execute()
             await redis.zadd(keys.dirty_users, users)
             publishing = asyncio.ensure_future(publisher.publish_due())
             while await redis.zcard(keys.dirty_users):  # popped: the ranking has begun
                 assert not publishing.done(), publishing.result()
             publishing.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await publishing
-            assert await redis.zrange(keys.dirty_users, 0, -1) == sorted(u.encode() for u in users)
-        finally:
-            await funnel.aclose()
-            await redis.aclose()
+            await _stopped(publishing, redis, keys, users)
 
     asyncio.run(run())
 
