@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from freshrec.models.config import ModelConfig
+from freshrec.models.decay import rate_from_half_life
 from freshrec.serving.funnel_config import FunnelConfig
 
 # Each default is written once, in the learners' and the funnel's own configuration; the fields
@@ -502,7 +503,7 @@ class Settings:
     @property
     def decay_rate(self) -> float:
         """lambda in w(t) = exp(-lambda (t_now - t)), from the half-life."""
-        return math.log(2.0) / self.decay_half_life_s
+        return rate_from_half_life(self.decay_half_life_s)
 
     @property
     def event_strengths(self) -> dict[str, float]:

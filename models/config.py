@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+
+from freshrec.models.decay import rate_from_half_life
 
 
 @dataclass(frozen=True)
@@ -38,4 +39,4 @@ class ModelConfig:
     @property
     def decay_rate(self) -> float:
         """lambda in w(t) = exp(-lambda (t_now - t)), from the half-life."""
-        return math.log(2.0) / self.decay_half_life_s
+        return rate_from_half_life(self.decay_half_life_s)

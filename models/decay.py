@@ -20,6 +20,11 @@ import numpy as np
 REBASE_EXPONENT = 500.0
 
 
+def rate_from_half_life(half_life_s: float) -> float:
+    r""":math:`\lambda = \ln 2 / t_{1/2}` in 1/s: evidence weighs half as much every half-life."""
+    return math.log(2.0) / half_life_s
+
+
 class ForwardDecay:
     r"""Forward-decay weights for one landmark.
 

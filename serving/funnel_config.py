@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from freshrec.models.click_model import FEATURES
 from freshrec.models.config import ModelConfig
+from freshrec.models.decay import rate_from_half_life
 
 CHANNELS = ("cf", "mf", "trending", "cold")
 
@@ -91,4 +91,4 @@ class FunnelConfig:
     @property
     def decay_rate(self) -> float:
         """:math:`\\lambda = \\ln 2 / \\text{half-life}`, in 1/s."""
-        return math.log(2.0) / self.decay_half_life_s
+        return rate_from_half_life(self.decay_half_life_s)
