@@ -213,7 +213,7 @@ class Settings:
     # --- co-occurrence, popularity, history -------------------------------------------------
     decay_half_life_s: float = _env(
         "FRESHREC_DECAY_HALF_LIFE_S",
-        "Half-life of co-occurrence and popularity evidence.",
+        "Half-life of co-occurrence and popularity evidence; a state keeps its first's.",
         _MODEL.decay_half_life_s,
     )
     history_window: int = _env(
@@ -563,7 +563,6 @@ class Settings:
             exploration_slots=self.exploration_slots,
             ucb_beta=self.ucb_beta,
             min_clicks=self.ranker_min_clicks,
-            decay_half_life_s=self.decay_half_life_s,
             rating_scale=(self.rating_min, self.rating_max),
         )
 

@@ -296,7 +296,7 @@ class Funnel:
             cold_clicks=np.frombuffer(clicked, "<f8")[known],
             impressions_total=float(total or 0.0),
             unavailable=blocked,
-            count_floor=count_floor(self.config.decay_rate, index.landmark, self.event_clock),
+            count_floor=count_floor(index.decay_rate, index.landmark, self.event_clock),
         )
         if ranker_state != self._ranker_state:  # rebuilt only when the workers' model moved
             ranker = ClickModel.from_state(state_from_hash(ranker_state))
@@ -554,16 +554,17 @@ class Funnel:
         pipe = self.redis.pipeline(transaction=False)
         pipe.zscore(keys.occurrences, item_id)
         pipe.zrevrange(keys.neighbours(item_id), 0, max(4 * k, 50) - 1, withscores=True)
+        pipe.get(keys.decay_rate)
         pipe.get(keys.decay_landmark)
         pipe.get(keys.event_clock)
-        own, row, landmark, clock = await pipe.execute()
+        own, row, rate, landmark, clock = await pipe.execute()
         if own is None:
             raise UnknownItem(item_id)
         if not row:
             return []
         members = [m.decode() for m, _ in row]
         counts = await self.redis.zmscore(keys.occurrences, members)
-        floor = count_floor(self.config.decay_rate, landmark, clock)  # the sums' own moment
+        floor = count_floor(rate, landmark, clock)  # the sums' own moment
         scored = [
             (weight / math.sqrt(max(own, floor) * max(count or 0.0, floor)), member)
             for (_, weight), member, count in zip(row, members, counts, strict=True)
@@ -760,16 +761,18 @@ def _blend(weights: tuple[tuple[str, float], ...]) -> np.ndarray:
     return np.array([named.get(name, 0.0) for name in FEATURES])
 
 
-def count_floor(rate: float, landmark: bytes | None, clock: bytes | float | None) -> float:
+def count_floor(
+    rate: bytes | float | None, landmark: bytes | None, clock: bytes | float | None
+) -> float:
     r"""What one interaction at the event ``clock`` adds to a forward-decayed sum of ``landmark``
-    (:math:`e^{\lambda (t - L)}`): the least occurrence count an item-CF cosine divides by, so
-    that the floor is one interaction decayed to now, not a number whose meaning drifts with
-    the landmark. 1 before the state has a landmark or a clock. The exponent is held within
-    what a double can carry (workers rebase long before: `freshrec.models.decay`), so a reader
-    whose half-life is set apart from the workers' answers on a wrong scale but answers."""
-    if landmark is None or clock is None:
+    growing at ``rate`` (:math:`e^{\lambda (t - L)}`, the state's own :math:`\lambda`): the
+    least occurrence count an item-CF cosine divides by, so that the floor is one interaction
+    decayed to now, not a number whose meaning drifts with the landmark. 1 before the state has
+    a rate, a landmark and a clock. The exponent is held within what a double can carry
+    (workers rebase long before: `freshrec.models.decay`)."""
+    if rate is None or landmark is None or clock is None:
         return 1.0
-    exponent = rate * (float(clock) - float(landmark))
+    exponent = float(rate) * (float(clock) - float(landmark))
     return math.exp(min(max(exponent, -_EXPONENT_BOUND), _EXPONENT_BOUND))
 
 

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from freshrec.models.click_model import FEATURES
 from freshrec.models.config import ModelConfig
-from freshrec.models.decay import rate_from_half_life
 
 CHANNELS = ("cf", "mf", "trending", "cold")
 
@@ -42,9 +41,6 @@ class FunnelConfig:
         ``recall_mf``; below 1 it stops once that many rows were read, keeping the best of
         the cells whose bounds are highest. Where the cells do not prune (factors without
         cluster structure) the exact search reads every item; at 0.1 it reads a tenth.
-    decay_half_life_s
-        The workers' decay half-life (``FRESHREC_DECAY_HALF_LIFE_S``): the reader reads what one
-        interaction is worth in their forward-decayed sums at the state's clock.
     rating_scale
         The lowest and highest valid rating: rating predictions are answered within it, and
         before any rating is learned the mean rating :math:`\mu` is its midpoint.
@@ -73,7 +69,6 @@ class FunnelConfig:
     min_clicks: int = 0
     blend: tuple[tuple[str, float], ...] = ()
     choice_ranker: bool = True
-    decay_half_life_s: float = ModelConfig.decay_half_life_s
     rating_scale: tuple[float, float] = (1.0, 5.0)
 
     def __post_init__(self) -> None:
@@ -82,13 +77,6 @@ class FunnelConfig:
             raise ValueError(f"blend: unknown features {sorted(unknown)}; known: {FEATURES}")
         if not 0.0 < self.mf_read_share <= 1.0:
             raise ValueError(f"mf_read_share must be in (0, 1], not {self.mf_read_share}")
-        if not self.decay_half_life_s > 0:
-            raise ValueError(f"decay_half_life_s must be positive, not {self.decay_half_life_s}")
         low, high = self.rating_scale
         if not low < high:
             raise ValueError(f"rating_scale must be (lowest, highest), not {self.rating_scale}")
-
-    @property
-    def decay_rate(self) -> float:
-        """:math:`\\lambda = \\ln 2 / \\text{half-life}`, in 1/s."""
-        return rate_from_half_life(self.decay_half_life_s)

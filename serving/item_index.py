@@ -97,6 +97,7 @@ class ItemIndex:
         self.dead_rows = 0
         self.epoch = 0  # rebuilds so far: rows from an earlier epoch mean other items
         self.landmark: bytes | None = None
+        self.decay_rate: bytes | None = None  # the state's own (`Keys.decay_rate`)
         self.refreshed_at = 0.0  # newest row stamp applied
         self.relisted_at = 0.0  # newest list stamp applied
         self.retired_at = 0.0  # newest retirement stamp applied
@@ -119,11 +120,12 @@ class ItemIndex:
         keys = self.keys
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(keys.decay_landmark)
+        pipe.get(keys.decay_rate)
         pipe.get(keys.retired_horizon)
         pipe.zrangebyscore(keys.retired_items, f"({self.retired_at!r}", "+inf", withscores=True)
         pipe.zrangebyscore(keys.updated_items, f"({self.refreshed_at!r}", "+inf", withscores=True)
         pipe.zrangebyscore(keys.relisted_items, f"({self.relisted_at!r}", "+inf", withscores=True)
-        landmark, horizon, retired, changed, relisted = await pipe.execute()
+        landmark, self.decay_rate, horizon, retired, changed, relisted = await pipe.execute()
         forgotten = float(horizon or 0.0)
         if not self.last_refresh:  # the first load has nothing to retire that it could miss
             self.retired_at = max(self.retired_at, forgotten)

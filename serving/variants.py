@@ -60,9 +60,8 @@ class Variants:
             unknown = set(fields) - known
             if unknown:
                 raise ValueError(f"variant {name!r}: unknown settings {sorted(unknown)}")
-            for data_setting in ("rating_scale", "decay_half_life_s"):  # the data's, set once
-                if data_setting in fields:  # (FRESHREC_RATING_*, FRESHREC_DECAY_HALF_LIFE_S)
-                    raise ValueError(f"variant {name!r}: {data_setting} is not a variant setting")
+            if "rating_scale" in fields:  # the data's, not an experiment's (FRESHREC_RATING_*)
+                raise ValueError(f"variant {name!r}: rating_scale is not a variant setting")
             if "channels" in fields:
                 fields["channels"] = tuple(fields["channels"])
             if "blend" in fields:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import struct
 import time
@@ -103,6 +104,20 @@ class StateWentBack(Exception):
         self.behind = behind  # partition label -> (highest watermark seen, watermark now)
         shown = ", ".join(f"{lab} {now} < {seen}" for lab, (seen, now) in sorted(behind.items()))
         super().__init__(f"offset watermarks below what this worker saw: {shown}")
+
+
+class DecayRateMismatch(Exception):
+    """The state's forward-decayed sums grow at another rate than this updater's half-life
+    gives. Adding to them at this rate would mix two scales in one sum; no retry can fix it,
+    only the state's half-life (or an empty state)."""
+
+    def __init__(self, stored: float, configured: float) -> None:
+        self.stored, self.configured = stored, configured
+        super().__init__(
+            f"the state in Redis decays with a half-life of {math.log(2.0) / stored:g} s "
+            f"(rate {stored!r}/s), this worker with {math.log(2.0) / configured:g} s: set "
+            "FRESHREC_DECAY_HALF_LIFE_S to the state's, or start from an empty state"
+        )
 
 
 class BatchUpdater:
@@ -251,6 +266,7 @@ class BatchUpdater:
         raters = self._raters(events)
         query = {
             "landmark": keys.decay_landmark,
+            "rate": [keys.decay_rate, repr(self.config.decay_rate)],
             "mean": keys.rating_mean,
             "vectors": [keys.user_vector(u) for u in users] + [keys.item_vector(i) for i in items],
             "histories": [keys.history(u) for u in users],
@@ -266,12 +282,18 @@ class BatchUpdater:
         }
         if (first := _first_decayed(events)) is not None:
             query["first_ts"] = repr(first)
-        landmark, mean, blobs, histories, marks, rated, blend = await self.scripts.read_batch(
+        landmark, mean, blobs, histories, marks, rated, blend, rate = await self.scripts.read_batch(
             args=[_json(query)]
         )
+        self._check_rate(rate)
         snapshot = await self._snapshot(events, users, items, landmark, mean, blobs, histories)
         _rating_state(snapshot, raters, rated, blend)
         return snapshot, [int(m) if m is not None else -1 for m in marks]
+
+    def _check_rate(self, stored: bytes | None) -> None:
+        """Refuses a state whose sums decay at another rate (`DecayRateMismatch`)."""
+        if stored is not None and float(stored) != self.config.decay_rate:
+            raise DecayRateMismatch(float(stored), self.config.decay_rate)
 
     async def _read_pipelined(
         self, events: Sequence[Interaction], mark_keys: list[str]
@@ -281,8 +303,10 @@ class BatchUpdater:
         pipe = self.redis.pipeline(transaction=False)
         if (first := _first_decayed(events)) is not None:
             pipe.set(keys.decay_landmark, repr(first), nx=True, get=True)
+            pipe.set(keys.decay_rate, repr(self.config.decay_rate), nx=True, get=True)
         else:
             pipe.get(keys.decay_landmark)
+            pipe.get(keys.decay_rate)
         pipe.hmget(keys.rating_mean, "sum", "n")
         for u in users:
             pipe.get(keys.user_vector(u))
@@ -296,14 +320,15 @@ class BatchUpdater:
         for u in raters:
             pipe.lrange(keys.rating_history(u), 0, self.config.rating_history - 1)
         pipe.get(keys.rating_blend)
-        replies = await pipe.execute()
+        landmark, rate, *replies = await pipe.execute()
+        self._check_rate(rate)
         n = len(users) + len(items)
-        blobs = replies[2 : 2 + n]
-        histories = replies[2 + n : 2 + n + len(users)]
-        marks = replies[2 + n + len(users) : 2 + n + len(users) + len(mark_keys)]
-        records = replies[2 + n + len(users) + len(mark_keys) : -1]
+        blobs = replies[1 : 1 + n]
+        histories = replies[1 + n : 1 + n + len(users)]
+        marks = replies[1 + n + len(users) : 1 + n + len(users) + len(mark_keys)]
+        records = replies[1 + n + len(users) + len(mark_keys) : -1]
         snapshot = await self._snapshot(
-            events, users, items, replies[0], replies[1], blobs, histories
+            events, users, items, landmark, replies[0], blobs, histories
         )
         # Each item's pairs are a key of their own: a second round, once the partners are known.
         pipe = self.redis.pipeline(transaction=False)

@@ -192,6 +192,15 @@ class Keys:
         return f"{self.prefix}:decay:landmark:lock"
 
     @property
+    def decay_rate(self) -> str:
+        """Float: the rate (1/s) the forward-decayed sums grow at, set with the first landmark.
+
+        The state's own, so a reader takes it from here and a worker configured with another
+        half-life refuses the state rather than mix two rates in one sum.
+        """
+        return f"{self.prefix}:decay:rate"
+
+    @property
     def event_clock(self) -> str:
         """Float: the newest event time any batch has applied, the state's clock (unix s).
 

@@ -216,14 +216,16 @@ return #lengths
 )
 
 # One batch read on a single Redis (not Cluster: it reads many keys). ARGV[1] is JSON:
-# {"landmark": key, "first_ts": str?, "mean": key, "vectors": [key..], "histories": [key..],
+# {"landmark": key, "first_ts": str?, "rate": [key, str], "mean": key, "vectors": [key..],
+#  "histories": [key..],
 #  "window": n, "marks": [key..], "ratings": [[records key, [pair keys..], [items..]]..],
 #  "rating_history": n, "item_ratings": key, "blend": key}: each history's n most recent items;
 # per rating user, their n newest rating records, then for each item they rate in the batch its
 # pair statistics with the items of those records and of the batch's items (in that order), and
 # those items' rating counts. Missing values come back as nil. The landmark is set to first_ts
-# only where none exists; a batch with nothing
-# decayed (impressions only) has no first_ts and only reads it.
+# and the decay rate to rate's value only where none exists, and both are returned as they were
+# (nil where this call set them); a batch with nothing decayed (impressions only) has no
+# first_ts and only reads them.
 READ_BATCH = """#!lua flags=no-cluster
 local q = cjson.decode(ARGV[1])
 local vectors, histories, marks = {}, {}, {}
@@ -242,14 +244,16 @@ for n, r in ipairs(q.ratings) do
   for m, key in ipairs(r[2]) do stats[m] = redis.call('HMGET', key, unpack(partners)) end
   rated[n] = {records, stats, redis.call('ZMSCORE', q.item_ratings, unpack(partners))}
 end
-local landmark
+local landmark, rate
 if q.first_ts then
   landmark = redis.call('SET', q.landmark, q.first_ts, 'NX', 'GET')
+  rate = redis.call('SET', q.rate[1], q.rate[2], 'NX', 'GET')
 else
   landmark = redis.call('GET', q.landmark)
+  rate = redis.call('GET', q.rate[1])
 end
 return {landmark, redis.call('HMGET', q.mean, 'sum', 'n'), vectors, histories, marks, rated,
-  redis.call('GET', q.blend)}
+  redis.call('GET', q.blend), rate}
 """
 
 # One batch write on a single Redis, atomic: every change of a batch and its offset watermarks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from freshrec.models.decay import ForwardDecay
 from freshrec.models.mf import VectorTable
 from freshrec.models.rating_stack import Blend, RatingStack
 from freshrec.serving.funnel import Funnel
+from freshrec.serving.funnel_config import FunnelConfig
 from freshrec.serving.variants import Variants
 from freshrec.settings import Settings
 from freshrec.store.batch_update import BatchUpdater
@@ -299,6 +301,38 @@ def test_a_users_own_newest_event_is_in_their_next_list(settings: Settings) -> N
         assert served.latest_event_ts == later and "brand-new" not in [
             c.item_id for c in served.items
         ]
+        await funnel.aclose()
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_the_reader_takes_the_decay_rate_from_the_state_it_reads(settings: Settings) -> None:
+    """The item-CF floor is one interaction at the state's clock at the rate the workers' sums
+    grow at, stored with their landmark: a reader has no half-life of its own to get wrong."""
+    settings = dataclasses.replace(settings, decay_half_life_s=600.0)
+    events = _catalogue()
+
+    async def run() -> None:
+        redis, keys, _ = await _setup(settings, events)
+        funnel = Funnel(redis, keys, FunnelConfig(), max_staleness_s=3600.0)
+        await funnel.refresh()
+        landmark = float(await redis.get(keys.decay_landmark))
+        clock = float(await redis.get(keys.event_clock))
+        rate = settings.model_config().decay_rate
+        assert float(await redis.get(keys.decay_rate)) == rate
+        floor = math.exp(rate * (clock - landmark))
+        assert floor > 30.0  # five half-lives: a default half-life's floor would be about 1
+        assert funnel.pools.count_floor == pytest.approx(floor, rel=1e-12)
+        occurrences = dict(await redis.zrange(keys.occurrences, 0, -1, withscores=True))
+        row = await redis.zrevrange(keys.neighbours("i5"), 0, 49, withscores=True)  # as read
+        own = occurrences[b"i5"]
+        expected = sorted(
+            (w / math.sqrt(max(own, floor) * max(occurrences[m], floor)) for m, w in row),
+            reverse=True,
+        )[:10]
+        similar = await funnel.similar("i5", 10)
+        assert [s["score"] for s in similar] == pytest.approx(expected, abs=1e-6)
         await funnel.aclose()
         await redis.aclose()
 

@@ -36,6 +36,7 @@ from freshrec.store.batch_update import (
     MAX_EVENTS_PER_WRITE,
     WRITE_TARGET_S,
     BatchUpdater,
+    DecayRateMismatch,
 )
 from freshrec.store.keys import Keys
 from freshrec.store.server_scripts import MEMBERS_PER_COMMAND, ServerScripts
@@ -247,6 +248,36 @@ def _learned_alone(events: list[Event], cfg, now: float) -> tuple[dict, dict, di
     }
     occ = {item: float(cooc.decay.decayed(v, now)) for item, v in cooc.occurrences.items()}
     return pairs, occ, {item: pop.score(item, now) for item in pop.scores}
+
+
+def test_a_worker_with_another_half_life_refuses_the_state_and_writes_nothing(
+    settings: Settings, atomic: bool
+) -> None:
+    """The forward-decayed sums grow at the rate stored with their first landmark; a worker
+    adding to them at another would mix two scales in one sum. It refuses the batch before any
+    write, with both half-lives in the error; a worker at the state's rate goes on."""
+    events = _events(generate(SynthConfig(users=20, items=30, events=200, seed=3)).events)
+    cfg = settings.model_config()
+    other = dataclasses.replace(cfg, decay_half_life_s=cfg.decay_half_life_s / 2)
+
+    async def state(redis: Redis) -> dict[bytes, bytes]:
+        names = [k async for k in redis.scan_iter(match=f"{settings.key_prefix}:*")]
+        return dict(zip(names, [await redis.dump(k) for k in names], strict=True))
+
+    async def run() -> None:
+        redis = Redis.from_url(settings.redis_url)
+        keys = Keys(settings.key_prefix)
+        await BatchUpdater(redis, keys, cfg, atomic).apply(events[:100])
+        assert float(await redis.get(keys.decay_rate)) == cfg.decay_rate
+        before = await state(redis)
+        with pytest.raises(DecayRateMismatch, match=r"half-life of 2\.592e\+06 s .* 1\.296e\+06 s"):
+            await BatchUpdater(redis, keys, other, atomic).apply(events[100:])
+        assert await state(redis) == before
+        await BatchUpdater(redis, keys, cfg, atomic).apply(events[100:])
+        assert await state(redis) != before
+        await redis.aclose()
+
+    asyncio.run(run())
 
 
 def test_decayed_cooccurrence_and_popularity_in_redis_equal_the_learners_across_rebases(

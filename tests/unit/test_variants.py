@@ -52,7 +52,8 @@ def test_the_rating_scale_is_the_datas_not_a_variants() -> None:
         Variants.parse('{"x": {"share": 1.0, "rating_scale": [0, 10]}}', FunnelConfig())
 
 
-def test_the_decay_half_life_is_the_workers_not_a_variants() -> None:
-    """The reader reads the workers' decayed sums at their half-life: a variant may not move it."""
-    with pytest.raises(ValueError, match="decay_half_life_s is not a variant setting"):
+def test_the_decay_half_life_is_the_states_not_a_variants() -> None:
+    """The reader reads the workers' decayed sums at the rate stored with them: no variant
+    setting moves it."""
+    with pytest.raises(ValueError, match=r"unknown settings \['decay_half_life_s'\]"):
         Variants.parse('{"x": {"share": 1.0, "decay_half_life_s": 60}}', FunnelConfig())
