@@ -261,6 +261,12 @@ class Settings:
         "Most recent ratings of a user a new rating updates its pair statistics with.",
         _MODEL.rating_pairs_window,
     )
+    dedup_events: int = _env(
+        "FRESHREC_DEDUP_EVENTS",
+        "Event ids kept per user (their newest by event time): an event repeating one of them "
+        "is dropped as a duplicate. 0 keeps none.",
+        _MODEL.dedup_events,
+    )
     user_ttl_s: int = _env(
         "FRESHREC_USER_TTL_S",
         "Idle time after which a user's history and factors expire.",
@@ -402,6 +408,8 @@ class Settings:
             problems.append("FRESHREC_HISTORY_CAP must be at least FRESHREC_HISTORY_WINDOW")
         if self.history_cap < self.cooccurrence_history:
             problems.append("FRESHREC_HISTORY_CAP must be at least FRESHREC_COOCCURRENCE_HISTORY")
+        if self.dedup_events < 0:
+            problems.append("FRESHREC_DEDUP_EVENTS must be 0 or more")
         if self.decay_half_life_s <= 0:
             problems.append("FRESHREC_DECAY_HALF_LIFE_S must be positive")
         if self.mf_bias_shrinkage <= 0:
@@ -544,6 +552,7 @@ class Settings:
             rating_pairs_window=self.rating_pairs_window,
             user_ttl_s=self.user_ttl_s,
             item_ttl_s=self.item_ttl_s,
+            dedup_events=self.dedup_events,
         )
 
     def funnel_config(self) -> FunnelConfig:

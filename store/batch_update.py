@@ -27,7 +27,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -80,7 +80,8 @@ class BatchResult:
     """What a batch did: for metrics and the prequential error."""
 
     events: int = 0
-    skipped: int = 0
+    skipped: int = 0  # redelivered (at or below a watermark) or repeated (`duplicates`)
+    duplicates: int = 0  # events whose event_id their user had already applied
     rating_errors: list[float] = field(default_factory=list)
     max_ts: float = 0.0
     applied: list[int] = field(default_factory=list)  # input positions learned, not skipped
@@ -104,6 +105,13 @@ class StateWentBack(Exception):
         self.behind = behind  # partition label -> (highest watermark seen, watermark now)
         shown = ", ".join(f"{lab} {now} < {seen}" for lab, (seen, now) in sorted(behind.items()))
         super().__init__(f"offset watermarks below what this worker saw: {shown}")
+
+
+class Identified(Interaction, Protocol):
+    """An interaction with the producer's ``event_id`` (None: none given), as
+    `freshrec.streams.events.Event` has."""
+
+    event_id: str | None
 
 
 class DecayRateMismatch(Exception):
@@ -162,7 +170,7 @@ class BatchUpdater:
 
     async def apply(
         self,
-        events: Sequence[Interaction],
+        events: Sequence[Identified],
         origins: Sequence[Origin] | None = None,
         arrived: float | None = None,
     ) -> BatchResult:
@@ -185,6 +193,7 @@ class BatchUpdater:
             )
             total.events += part.events
             total.skipped += part.skipped
+            total.duplicates += part.duplicates
             total.rating_errors.extend(part.rating_errors)
             total.max_ts = max(total.max_ts, part.max_ts)
             total.applied.extend(start + n for n in part.applied)
@@ -192,7 +201,7 @@ class BatchUpdater:
         return total
 
     async def _apply_step(
-        self, events: Sequence[Interaction], origins: Sequence[Origin], arrived: float | None
+        self, events: Sequence[Identified], origins: Sequence[Origin], arrived: float | None
     ) -> BatchResult:
         while True:
             try:
@@ -201,11 +210,11 @@ class BatchUpdater:
                 continue
 
     async def _apply_once(
-        self, events: Sequence[Interaction], origins: Sequence[Origin], arrived: float | None
+        self, events: Sequence[Identified], origins: Sequence[Origin], arrived: float | None
     ) -> BatchResult:
         labels = sorted({label for label, _ in origins})
         read = self._read_script if self.atomic else self._read_pipelined
-        snapshot, applied = await read(events, [self.keys.watermark(lab) for lab in labels])
+        snapshot, applied, known = await read(events, [self.keys.watermark(lab) for lab in labels])
         done = {lab: mark for lab, mark in zip(labels, applied, strict=True)}
         seen = self.marks_seen
         behind = {lab: (seen[lab], mark) for lab, mark in done.items() if mark < seen.get(lab, -1)}
@@ -217,9 +226,17 @@ class BatchUpdater:
             if origins
             else list(range(len(events)))
         )
+        fresh = len(positions)
+        if self.config.dedup_events:
+            positions = _unrepeated(events, positions, known)
         keep = [events[n] for n in positions]
-        result = BatchResult(events=len(keep), skipped=len(events) - len(keep), applied=positions)
-        if not keep:
+        result = BatchResult(
+            events=len(keep),
+            skipped=len(events) - len(keep),
+            duplicates=fresh - len(keep),
+            applied=positions,
+        )
+        if not keep and not result.duplicates:  # all redelivered: the watermarks are past it
             return result
         # Never below what is applied: a partition whose part of the batch was all redelivered
         # keeps its watermark (its batch maximum would move it back, and what follows it
@@ -228,6 +245,7 @@ class BatchUpdater:
         for lab, off in origins:
             marks[lab] = max(off, marks.get(lab, -1))
         writes = self.learner.learn_many(keep, snapshot)
+        ids = self._event_ids(keep)
         result.rating_errors.extend(writes.rating_errors)
         watermarks = [(self.keys.watermark(lab), done[lab], marks[lab]) for lab in labels]
         clock = max((e.ts for e in keep if e.type in INTERACTIONS), default=None)
@@ -235,22 +253,22 @@ class BatchUpdater:
         began = time.perf_counter()
         if self.atomic:
             await self._write_script(
-                writes, watermarks, len(keep), clock, touched_at, snapshot.landmark
+                writes, watermarks, len(keep), clock, touched_at, snapshot.landmark, ids
             )
         else:
-            await self._write_pipelined(writes, watermarks, len(keep), clock, touched_at)
+            await self._write_pipelined(writes, watermarks, len(keep), clock, touched_at, ids)
         self.step.timed(len(keep), time.perf_counter() - began)
         seen.update(marks)
         result.max_ts = clock or 0.0
         return result
 
     # --- read ---------------------------------------------------------------------------------
-    def _entities(self, events: Sequence[Interaction]) -> tuple[list[str], list[str]]:
+    def _entities(self, events: Sequence[Identified]) -> tuple[list[str], list[str]]:
         learners = [e for e in events if e.type in INTERACTIONS]
         return sorted({e.user_id for e in learners}), sorted({e.item_id for e in learners})
 
     @staticmethod
-    def _raters(events: Sequence[Interaction]) -> dict[str, list[str]]:
+    def _raters(events: Sequence[Identified]) -> dict[str, list[str]]:
         """User -> the distinct items they rate in the batch, in order."""
         out: dict[str, dict[str, None]] = {}
         for e in events:
@@ -258,12 +276,23 @@ class BatchUpdater:
                 out.setdefault(e.user_id, {})[e.item_id] = None
         return {user: list(items) for user, items in out.items()}
 
+    def _event_ids(self, events: Sequence[Identified]) -> dict[str, dict[str, float]]:
+        """Per user, the ids of ``events`` that carry one -> event time; none when
+        ``dedup_events`` is 0."""
+        out: dict[str, dict[str, float]] = {}
+        if self.config.dedup_events:
+            for e in events:
+                if e.event_id is not None:
+                    out.setdefault(e.user_id, {})[e.event_id] = e.ts
+        return out
+
     async def _read_script(
-        self, events: Sequence[Interaction], mark_keys: list[str]
-    ) -> tuple[Snapshot, list[int]]:
+        self, events: Sequence[Identified], mark_keys: list[str]
+    ) -> tuple[Snapshot, list[int], set[tuple[str, str]]]:
         keys = self.keys
         users, items = self._entities(events)
         raters = self._raters(events)
+        asked = self._event_ids(events)
         query = {
             "landmark": keys.decay_landmark,
             "rate": [keys.decay_rate, repr(self.config.decay_rate)],
@@ -279,16 +308,17 @@ class BatchUpdater:
             "rating_history": self.config.rating_history,
             "item_ratings": keys.item_ratings,
             "blend": keys.rating_blend,
+            "ids": [(keys.event_ids(user), list(ids)) for user, ids in asked.items()],
         }
         if (first := _first_decayed(events)) is not None:
             query["first_ts"] = repr(first)
-        landmark, mean, blobs, histories, marks, rated, blend, rate = await self.scripts.read_batch(
-            args=[_json(query)]
-        )
+        read = await self.scripts.read_batch(args=[_json(query)])
+        landmark, mean, blobs, histories, marks, rated, blend, rate, found = read
         self._check_rate(rate)
         snapshot = await self._snapshot(events, users, items, landmark, mean, blobs, histories)
         _rating_state(snapshot, raters, rated, blend)
-        return snapshot, [int(m) if m is not None else -1 for m in marks]
+        marked = [int(m) if m is not None else -1 for m in marks]
+        return snapshot, marked, _known_ids(asked, found)
 
     def _check_rate(self, stored: bytes | None) -> None:
         """Refuses a state whose sums decay at another rate (`DecayRateMismatch`)."""
@@ -296,11 +326,14 @@ class BatchUpdater:
             raise DecayRateMismatch(float(stored), self.config.decay_rate)
 
     async def _read_pipelined(
-        self, events: Sequence[Interaction], mark_keys: list[str]
-    ) -> tuple[Snapshot, list[int]]:
+        self, events: Sequence[Identified], mark_keys: list[str]
+    ) -> tuple[Snapshot, list[int], set[tuple[str, str]]]:
         keys = self.keys
         users, items = self._entities(events)
+        asked = self._event_ids(events)
         pipe = self.redis.pipeline(transaction=False)
+        for user, ids in asked.items():
+            pipe.zmscore(keys.event_ids(user), list(ids))
         if (first := _first_decayed(events)) is not None:
             pipe.set(keys.decay_landmark, repr(first), nx=True, get=True)
             pipe.set(keys.decay_rate, repr(self.config.decay_rate), nx=True, get=True)
@@ -320,7 +353,8 @@ class BatchUpdater:
         for u in raters:
             pipe.lrange(keys.rating_history(u), 0, self.config.rating_history - 1)
         pipe.get(keys.rating_blend)
-        landmark, rate, *replies = await pipe.execute()
+        found, replies = _split(await pipe.execute(), len(asked))
+        landmark, rate, *replies = replies
         self._check_rate(rate)
         n = len(users) + len(items)
         blobs = replies[1 : 1 + n]
@@ -343,11 +377,12 @@ class BatchUpdater:
             rated_raw.append([raw, stats[at : at + len(rated)], stats[at + len(rated)]])
             at += len(rated) + 1
         _rating_state(snapshot, raters, rated_raw, replies[-1])
-        return snapshot, [int(m) if m is not None else -1 for m in marks]
+        marked = [int(m) if m is not None else -1 for m in marks]
+        return snapshot, marked, _known_ids(asked, found)
 
     async def _snapshot(
         self,
-        events: Sequence[Interaction],
+        events: Sequence[Identified],
         users: list[str],
         items: list[str],
         landmark_raw: bytes | None,
@@ -422,8 +457,10 @@ class BatchUpdater:
         clock: float | None,
         touched_at: float,
         landmark: float,
+        ids: dict[str, dict[str, float]],
     ) -> None:
         cfg, keys = self.config, self.keys
+        ttl = cfg.user_ttl_s
         names = list(w.deltas)
         rows = self._changed_rows(w)
         vector_keys = [self._vector_key(name) for name in names]
@@ -446,6 +483,10 @@ class BatchUpdater:
                     list(seen.values()),
                 )
                 for user, seen in w.history.items()
+            ]
+            + [  # the same capped, expiring sets, of event ids
+                (keys.event_ids(user), cfg.dedup_events, ttl, list(at), list(at.values()))
+                for user, at in ids.items()
             ],
             "first_seen": (keys.item_first_seen, list(w.first_seen), list(w.first_seen.values())),
             "mean": (keys.rating_mean, w.mean_sum, w.mean_n) if w.mean_n else (),
@@ -504,6 +545,7 @@ class BatchUpdater:
         applied: int,
         clock: float | None,
         touched_at: float,
+        ids: dict[str, dict[str, float]],
     ) -> None:
         cfg, keys = self.config, self.keys
         pipe = self.redis.pipeline(transaction=False)
@@ -539,10 +581,11 @@ class BatchUpdater:
             pipe.zadd(keys.item_first_seen, w.first_seen, lt=True)
         if clock is not None:
             await self.scripts.raise_clock(keys=[keys.event_clock], args=[repr(clock)], client=pipe)
-        for user, seen in w.history.items():
-            key = keys.history(user)
-            pipe.zadd(key, seen, gt=True)
-            pipe.zremrangebyrank(key, 0, -cfg.history_cap - 1)
+        capped = [(keys.history(user), cfg.history_cap, seen) for user, seen in w.history.items()]
+        capped += [(keys.event_ids(user), cfg.dedup_events, at) for user, at in ids.items()]
+        for key, cap, members in capped:
+            pipe.zadd(key, members, gt=True)
+            pipe.zremrangebyrank(key, 0, -cap - 1)
             pipe.expire(key, cfg.user_ttl_s)
         if w.history:
             pipe.zadd(keys.dirty_users, dict.fromkeys(w.history, touched_at), nx=True)
@@ -732,6 +775,41 @@ def _rating_state(
     snapshot.blend = decode_state(blend)
 
 
-def _first_decayed(events: Sequence[Interaction]) -> float | None:
+def _first_decayed(events: Sequence[Identified]) -> float | None:
     """The earliest time of an event that decay weighs (an interaction), if any."""
     return min((e.ts for e in events if e.type in INTERACTIONS), default=None)
+
+
+def _split(replies: list[Any], n: int) -> tuple[list[Any], list[Any]]:
+    return replies[:n], replies[n:]
+
+
+def _known_ids(
+    asked: dict[str, dict[str, float]], found: Sequence[Sequence[float | None]]
+) -> set[tuple[str, str]]:
+    """(user, event id) of the ids asked for that their user's set holds."""
+    return {
+        (user, event_id)
+        for (user, ids), scores in zip(asked.items(), found, strict=True)
+        for event_id, score in zip(ids, scores, strict=True)
+        if score is not None
+    }
+
+
+def _unrepeated(
+    events: Sequence[Identified], positions: list[int], known: set[tuple[str, str]]
+) -> list[int]:
+    """``positions`` less the events whose ``event_id`` their user applied before (``known``)
+    or that repeat an earlier one of these positions: a producer's retry or a file replayed
+    again is learned once. Events without an id are all kept."""
+    seen = set(known)
+    out = []
+    for n in positions:
+        e = events[n]
+        if e.event_id is not None:
+            key = (e.user_id, e.event_id)
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(n)
+    return out

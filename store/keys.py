@@ -75,6 +75,10 @@ class Keys:
         """The rating blend's state (G, m) as packed float64: what every worker adds to."""
         return f"{self.prefix}:mf:blend"
 
+    def event_ids(self, user_id: str) -> str:
+        """Sorted set event id -> event time: the user's newest ids, to drop a repeated event."""
+        return self._user("ids", user_id)
+
     def history(self, user_id: str) -> str:
         """Sorted set item -> last interaction time: recency window, seen filter, recall seeds."""
         return self._user("hist", user_id)

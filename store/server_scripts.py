@@ -219,13 +219,15 @@ return #lengths
 # {"landmark": key, "first_ts": str?, "rate": [key, str], "mean": key, "vectors": [key..],
 #  "histories": [key..],
 #  "window": n, "marks": [key..], "ratings": [[records key, [pair keys..], [items..]]..],
-#  "rating_history": n, "item_ratings": key, "blend": key}: each history's n most recent items;
+#  "rating_history": n, "item_ratings": key, "blend": key, "ids": [[key, [id..]]..]}: each
+# history's n most recent items;
 # per rating user, their n newest rating records, then for each item they rate in the batch its
 # pair statistics with the items of those records and of the batch's items (in that order), and
 # those items' rating counts. Missing values come back as nil. The landmark is set to first_ts
 # and the decay rate to rate's value only where none exists, and both are returned as they were
 # (nil where this call set them); a batch with nothing decayed (impressions only) has no
-# first_ts and only reads them.
+# first_ts and only reads them. Last, each ids entry's ZMSCORE: which of the event ids its user's
+# set holds.
 READ_BATCH = """#!lua flags=no-cluster
 local q = cjson.decode(ARGV[1])
 local vectors, histories, marks = {}, {}, {}
@@ -252,8 +254,10 @@ else
   landmark = redis.call('GET', q.landmark)
   rate = redis.call('GET', q.rate[1])
 end
+local known = {}
+for n, s in ipairs(q.ids) do known[n] = redis.call('ZMSCORE', s[1], unpack(s[2])) end
 return {landmark, redis.call('HMGET', q.mean, 'sum', 'n'), vectors, histories, marks, rated,
-  redis.call('GET', q.blend), rate}
+  redis.call('GET', q.blend), rate, known}
 """
 
 # One batch write on a single Redis, atomic: every change of a batch and its offset watermarks

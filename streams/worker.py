@@ -128,6 +128,10 @@ RATING_ABS_ERROR = Histogram(
 REDELIVERED = Counter(
     "freshrec_redelivered_events_total", "Events skipped because their offset was applied before"
 )
+DUPLICATES = Counter(
+    "freshrec_duplicate_events_total",
+    "Events dropped because their user had applied their event_id before (FRESHREC_DEDUP_EVENTS)",
+)
 REDIS_RETRIES = Counter(
     "freshrec_worker_redis_retries_total",
     "Redis steps retried after a transient error, by kind of error",
@@ -440,7 +444,8 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             learned = (valid[n].type for n in result.applied)  # not what was redelivered
             for kind, count in collections.Counter(learned).items():
                 EVENTS.labels(kind).inc(count)
-            REDELIVERED.inc(result.skipped)
+            REDELIVERED.inc(result.skipped - result.duplicates)
+            DUPLICATES.inc(result.duplicates)
             for err in result.rating_errors:
                 RATING_ABS_ERROR.observe(abs(err))
             for ts in arrived:

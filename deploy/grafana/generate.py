@@ -117,10 +117,11 @@ PIPELINE = Dashboard(
             "ops",
         ),
         Panel(
-            "Batches per second and redeliveries skipped",
+            "Batches per second; redelivered and duplicate events skipped",
             (
                 Query(f"sum(rate(freshrec_batches_total[{RATE}]))", "batches"),
                 Query(f"sum(rate(freshrec_redelivered_events_total[{RATE}]))", "redelivered"),
+                Query(f"sum(rate(freshrec_duplicate_events_total[{RATE}]))", "duplicates"),
             ),
             "ops",
         ),

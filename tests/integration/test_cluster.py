@@ -90,7 +90,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 # Scored or written with the wall or server clock, not the events: their values differ by run.
-CLOCKED = (":stats:worker", ":updated", ":active", ":dirty")
+CLOCKED = (":stats:worker", ":updated", ":relisted", ":active", ":dirty")
 
 
 def test_the_write_path_builds_the_same_state_on_a_cluster_as_on_a_single_redis(

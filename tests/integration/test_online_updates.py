@@ -250,6 +250,72 @@ def _learned_alone(events: list[Event], cfg, now: float) -> tuple[dict, dict, di
     return pairs, occ, {item: pop.score(item, now) for item in pop.scores}
 
 
+def _identified(raw: list[dict]) -> list[Event]:
+    return [
+        Event(e["type"], e["user_id"], e["item_id"], e["ts"], e.get("value"), e["event_id"])
+        for e in raw
+    ]
+
+
+async def _data(redis: Redis, keys: Keys) -> dict[str, bytes]:
+    """Every key under ``keys``' prefix (named without it) -> its DUMP, less the wall-clock
+    stamps and counters that differ from run to run."""
+    stamps = {
+        keys.updated_items,
+        keys.relisted_items,
+        keys.active_items,
+        keys.dirty_users,
+        keys.worker_stats,
+    }
+    names = [k.decode() async for k in redis.scan_iter(match=f"{keys.prefix}:*")]
+    names = [n for n in names if n not in stamps]
+    dumps = [await redis.dump(n) for n in names]
+    return {n.replace(keys.prefix, ""): d for n, d in zip(names, dumps, strict=True)}
+
+
+def test_an_event_id_seen_before_is_learned_once(settings: Settings, atomic: bool) -> None:
+    """A producer's retry or a file replayed again repeats event ids. Repeats within a batch
+    and of earlier batches are dropped and counted, and the state is key for key the one the
+    stream builds without them; events without an id are never dropped."""
+    events = _identified(generate(SynthConfig(users=30, items=40, events=600, seed=9)).events)
+    cfg = dataclasses.replace(settings.model_config(), dedup_events=100)
+    rng = np.random.default_rng(2)
+
+    async def run() -> None:
+        redis = Redis.from_url(settings.redis_url)
+        once = Keys(f"{settings.key_prefix}:once")
+        twice = Keys(f"{settings.key_prefix}:twice")
+        plain = BatchUpdater(redis, once, cfg, atomic, write_target_s=math.inf)
+        repeated = BatchUpdater(redis, twice, cfg, atomic, write_target_s=math.inf)
+        dropped = 0
+        for start in range(0, len(events), 40):  # each call one step (the first is 100 events)
+            batch = events[start : start + 40]
+            await plain.apply(batch)
+            within = [batch[n] for n in rng.choice(len(batch), 10, replace=False)]
+            before = [events[n] for n in rng.choice(max(start, 1), 10)] if start else []
+            result = await repeated.apply(batch + within + before)
+            assert result.events == len(batch)
+            assert result.duplicates == result.skipped == len(within) + len(before)
+            dropped += result.duplicates
+        assert dropped == 10 * 15 + 10 * 14
+        assert await _data(redis, twice) == await _data(redis, once)
+        # A batch of nothing but repeats still moves its partition's watermark past them.
+        result = await repeated.apply(events[:5], [("t/0", n) for n in range(5)])
+        assert (result.events, result.duplicates) == (0, 5)
+        assert int(await redis.get(twice.watermark("t/0"))) == 4
+        # Without ids, the same event twice is two events.
+        anonymous = dataclasses.replace(events[-1], event_id=None, ts=events[-1].ts + 1)
+        result = await repeated.apply([anonymous, anonymous])
+        assert (result.events, result.duplicates) == (2, 0)
+        # With no ids kept, nothing is recognised.
+        off = BatchUpdater(redis, twice, dataclasses.replace(cfg, dedup_events=0), atomic)
+        result = await off.apply([events[-1], events[-1]])
+        assert (result.events, result.duplicates) == (2, 0)
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
 def test_a_worker_with_another_half_life_refuses_the_state_and_writes_nothing(
     settings: Settings, atomic: bool
 ) -> None:
