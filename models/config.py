@@ -34,7 +34,7 @@ class ModelConfig:
     rating_pairs_cap: int = 500
     rating_pairs_window: int = 50
     user_ttl_s: int = 90 * 86400
-    dedup_events: int = 100  # each user's newest event ids a repeated event_id is checked against
+    dedup_events: int = 64  # each user's newest event ids a repeated event_id is checked against
     item_ttl_s: int = 90 * 86400
 
     @property

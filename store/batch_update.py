@@ -245,7 +245,10 @@ class BatchUpdater:
         for lab, off in origins:
             marks[lab] = max(off, marks.get(lab, -1))
         writes = self.learner.learn_many(keep, snapshot)
-        ids = self._event_ids(keep)
+        ids = {
+            user: _newest(at, self.config.dedup_events)
+            for user, at in self._event_ids(keep).items()
+        }
         result.rating_errors.extend(writes.rating_errors)
         watermarks = [(self.keys.watermark(lab), done[lab], marks[lab]) for lab in labels]
         clock = max((e.ts for e in keep if e.type in INTERACTIONS), default=None)
@@ -813,3 +816,14 @@ def _unrepeated(
             seen.add(key)
         out.append(n)
     return out
+
+
+def _newest(at: dict[str, float], most: int) -> dict[str, float]:
+    """The ``most`` newest of ``at`` (id -> event time), ordered as a sorted set orders them
+    (by time, then id): what a set capped at ``most`` keeps of them, whatever it held before.
+    With the default 64, a set and what a batch adds to it stay within Redis's compact
+    encoding (a listpack, up to 128 members of up to 64 bytes by default), which a set past
+    it never returns to."""
+    if len(at) <= most:
+        return at
+    return dict(sorted(at.items(), key=lambda pair: (pair[1], pair[0]))[-most:])

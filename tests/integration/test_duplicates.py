@@ -3,6 +3,7 @@ through Kafka and a worker: learned once."""
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import pytest
@@ -39,8 +40,10 @@ def _send(settings: Settings, events: list[dict], per_message: int) -> dict[int,
 def test_a_stream_sent_twice_is_learned_once(
     settings: Settings, redis_client: object, worker: object
 ) -> None:
-    events = generate(SynthConfig(users=40, items=60, events=1_000, seed=12)).events
+    events = generate(SynthConfig(users=150, items=60, events=1_000, seed=12)).events
     assert len({e["event_id"] for e in events}) == len(events)
+    per_user = collections.Counter(e["user_id"] for e in events)
+    assert max(per_user.values()) <= settings.dedup_events  # every id within its user's window
     keys = Keys(settings.key_prefix)
     _send(settings, events, per_message=50)
     wait_until(lambda: applied_events(redis_client, settings) == len(events), 60, "the stream")
