@@ -1,7 +1,8 @@
 """Apply one batch of interactions to the state in Redis: one read, one atomic write.
 
 The read fetches what the batch needs (the vectors it touches, the users' histories, the
-rating mean, the decay landmark, the partitions' offset watermarks). The batch is then learned
+rating mean, the decay landmark and rate, the partitions' offset watermarks, which of its event
+ids each user applied before). The batch less repeated events is then learned
 *sequentially* in memory from that snapshot (`freshrec.models.interaction_learner`), so an item
 that appears twice in a batch sees its own first update, exactly as a one-event-at-a-time
 learner would. The write sends only *deltas* and increments, aggregated per key, applied by
@@ -10,7 +11,8 @@ server-side scripts, so two workers touching the same hot item lose nothing.
 On a single Redis the read and the write of a step are one script call each, and the write is
 atomic with the per-partition offset watermarks: a message at or below its partition's
 watermark was applied already (Kafka redelivered it after a crash or rebalance) and is skipped,
-and a crash mid-step applies nothing of it. A batch is one step, or several when its write
+as is an event whose ``event_id`` its user applied before (a producer's retry), and a crash
+mid-step applies nothing of it. A batch is one step, or several when its write
 would hold Redis longer than `WRITE_TARGET_S` (`StepSize`), split between messages (a
 message's events always share a step: its offset is one watermark). On Redis Cluster the same
 changes go as pipelined single-key commands and scripts, watermarks last: at least once
@@ -356,8 +358,8 @@ class BatchUpdater:
         for u in raters:
             pipe.lrange(keys.rating_history(u), 0, self.config.rating_history - 1)
         pipe.get(keys.rating_blend)
-        found, replies = _split(await pipe.execute(), len(asked))
-        landmark, rate, *replies = replies
+        replies = await pipe.execute()
+        found, (landmark, rate, *replies) = replies[: len(asked)], replies[len(asked) :]
         self._check_rate(rate)
         n = len(users) + len(items)
         blobs = replies[1 : 1 + n]
@@ -781,10 +783,6 @@ def _rating_state(
 def _first_decayed(events: Sequence[Identified]) -> float | None:
     """The earliest time of an event that decay weighs (an interaction), if any."""
     return min((e.ts for e in events if e.type in INTERACTIONS), default=None)
-
-
-def _split(replies: list[Any], n: int) -> tuple[list[Any], list[Any]]:
-    return replies[:n], replies[n:]
 
 
 def _known_ids(
