@@ -217,17 +217,16 @@ return #lengths
 
 # One batch read on a single Redis (not Cluster: it reads many keys). ARGV[1] is JSON:
 # {"landmark": key, "first_ts": str?, "rate": [key, str], "mean": key, "vectors": [key..],
-#  "histories": [key..],
-#  "window": n, "marks": [key..], "ratings": [[records key, [pair keys..], [items..]]..],
-#  "rating_history": n, "item_ratings": key, "blend": key, "ids": [[key, [id..]]..]}: each
-# history's n most recent items;
-# per rating user, their n newest rating records, then for each item they rate in the batch its
-# pair statistics with the items of those records and of the batch's items (in that order), and
-# those items' rating counts. Missing values come back as nil. The landmark is set to first_ts
-# and the decay rate to rate's value only where none exists, and both are returned as they were
-# (nil where this call set them); a batch with nothing decayed (impressions only) has no
-# first_ts and only reads them. Last, each ids entry's ZMSCORE: which of the event ids its user's
-# set holds.
+#  "histories": [key..], "window": n, "marks": [key..],
+#  "ratings": [[records key, [pair keys..], [items..]]..], "rating_history": n,
+#  "item_ratings": key, "blend": key, "ids": [[key, [id..]]..]}: each history's n most recent
+# items; per rating user, their n newest rating records, then for each item they rate in the
+# batch its pair statistics with the items of those records and of the batch's items (in that
+# order), and those items' rating counts. Missing values come back as nil. The landmark is set
+# to first_ts and the decay rate to rate's value only where none exists, and both are returned
+# as they were (nil where this call set them); a batch with nothing decayed (impressions only)
+# has no first_ts and only reads them. Last, each ids entry's ZMSCORE: which of the event ids
+# its user's set holds.
 READ_BATCH = """#!lua flags=no-cluster
 local q = cjson.decode(ARGV[1])
 local vectors, histories, marks = {}, {}, {}

@@ -257,18 +257,22 @@ def _identified(raw: list[dict]) -> list[Event]:
     ]
 
 
-async def _data(redis: Redis, keys: Keys) -> dict[str, bytes]:
-    """Every key under ``keys``' prefix (named without it) -> its DUMP, less the wall-clock
-    stamps and counters that differ from run to run."""
-    stamps = {
-        keys.updated_items,
-        keys.relisted_items,
-        keys.active_items,
-        keys.dirty_users,
-        keys.worker_stats,
-    }
+async def _dumps(redis: Redis, keys: Keys, stamped: bool = True) -> dict[str, bytes]:
+    """Every key under ``keys``' prefix (named without it) -> its DUMP; without ``stamped``,
+    less the wall-clock stamps and counters that differ from run to run."""
+    skip = (
+        set()
+        if stamped
+        else {
+            keys.updated_items,
+            keys.relisted_items,
+            keys.active_items,
+            keys.dirty_users,
+            keys.worker_stats,
+        }
+    )
     names = [k.decode() async for k in redis.scan_iter(match=f"{keys.prefix}:*")]
-    names = [n for n in names if n not in stamps]
+    names = [n for n in names if n not in skip]
     dumps = [await redis.dump(n) for n in names]
     return {n.replace(keys.prefix, ""): d for n, d in zip(names, dumps, strict=True)}
 
@@ -298,7 +302,7 @@ def test_an_event_id_seen_before_is_learned_once(settings: Settings, atomic: boo
             assert result.duplicates == result.skipped == len(within) + len(before)
             dropped += result.duplicates
         assert dropped == 10 * 15 + 10 * 14
-        assert await _data(redis, twice) == await _data(redis, once)
+        assert await _dumps(redis, twice, stamped=False) == await _dumps(redis, once, stamped=False)
         # A batch of nothing but repeats still moves its partition's watermark past them.
         result = await repeated.apply(events[:5], [("t/0", n) for n in range(5)])
         assert (result.events, result.duplicates) == (0, 5)
@@ -326,21 +330,17 @@ def test_a_worker_with_another_half_life_refuses_the_state_and_writes_nothing(
     cfg = settings.model_config()
     other = dataclasses.replace(cfg, decay_half_life_s=cfg.decay_half_life_s / 2)
 
-    async def state(redis: Redis) -> dict[bytes, bytes]:
-        names = [k async for k in redis.scan_iter(match=f"{settings.key_prefix}:*")]
-        return dict(zip(names, [await redis.dump(k) for k in names], strict=True))
-
     async def run() -> None:
         redis = Redis.from_url(settings.redis_url)
         keys = Keys(settings.key_prefix)
         await BatchUpdater(redis, keys, cfg, atomic).apply(events[:100])
         assert float(await redis.get(keys.decay_rate)) == cfg.decay_rate
-        before = await state(redis)
+        before = await _dumps(redis, keys)
         with pytest.raises(DecayRateMismatch, match=r"half-life of 2\.592e\+06 s .* 1\.296e\+06 s"):
             await BatchUpdater(redis, keys, other, atomic).apply(events[100:])
-        assert await state(redis) == before
+        assert await _dumps(redis, keys) == before
         await BatchUpdater(redis, keys, cfg, atomic).apply(events[100:])
-        assert await state(redis) != before
+        assert await _dumps(redis, keys) != before
         await redis.aclose()
 
     asyncio.run(run())
