@@ -18,10 +18,12 @@ lag is not zero), from what the worker reads every few seconds:
   (the failure policy's business), or a rebalance in progress (for a bounded time).
 
 A partition is stalled when messages wait in it (end > next) and ``limit_s`` have passed since
-it was last seen caught up, moving, or with the worker busy. That tick may have come up to one
-tick before the messages did, so they have waited between ``limit_s`` less a tick and
-``limit_s``. A partition seen anew (after a rebalance) starts its clock again, and so does
-every partition after a tick whose offsets could not be read.
+it was last seen moving or with the worker busy, or first seen with messages waiting after a
+tick that saw it caught up. Messages that arrive in an idle partition have thus waited between
+``limit_s`` and ``limit_s`` plus a tick, however late a tick comes on a loaded machine; a
+clock started at the tick that last saw the partition caught up would count the time before
+they arrived. A partition seen anew (after a rebalance) starts its clock again,
+and so does every partition after a tick whose offsets could not be read.
 
 A producer writing in transactions leaves a commit marker after each transaction's last
 message: an offset that no agent takes, so the next offset to take alone would stay behind the
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 class _Progress:
     next_offset: int
     since: float
+    waiting: bool
 
 
 class StallWatch:
@@ -72,8 +75,15 @@ class StallWatch:
         for tp in owned:
             end, next_offset = ends[tp], nexts[tp]
             seen = self._progress.get(tp)
-            if seen is None or busy or end <= next_offset or next_offset != seen.next_offset:
-                self._progress[tp] = _Progress(next_offset, now)
+            waiting = end > next_offset
+            if (
+                seen is None
+                or busy
+                or not waiting
+                or not seen.waiting
+                or next_offset != seen.next_offset
+            ):
+                self._progress[tp] = _Progress(next_offset, now, waiting)
             elif now - seen.since >= self.limit_s:
                 stalled.append(tp)
         return stalled

@@ -24,10 +24,22 @@ def test_progress_starts_the_clock_again_and_a_caught_up_partition_never_stalls(
         assert watch.observe(t, {P0: t + 10}, {P0: t + 3}, busy=False) == []
     for t in range(300, 600, 5):  # idle: nothing waits, however long
         assert watch.observe(t, {P0: 300}, {P0: 300}, busy=False) == []
-    # A message arrives: the clock runs from the last tick the partition was seen caught up.
+    # A message arrives: the clock runs from the first tick that sees it wait.
     assert watch.observe(600, {P0: 301}, {P0: 300}, busy=False) == []
-    assert watch.observe(654, {P0: 301}, {P0: 300}, busy=False) == []
-    assert watch.observe(655, {P0: 301}, {P0: 300}, busy=False) == [P0]
+    assert watch.observe(659, {P0: 301}, {P0: 300}, busy=False) == []
+    assert watch.observe(660, {P0: 301}, {P0: 300}, busy=False) == [P0]
+
+
+def test_messages_that_arrive_just_before_a_late_tick_are_given_the_whole_limit() -> None:
+    """Ticks every 5 s with a limit of 6 s, and one tick late on a loaded machine: messages
+    that arrived a moment before it have not waited the limit, whatever the last caught-up
+    tick's age."""
+    watch = StallWatch(limit_s=6)
+    assert watch.observe(0, {P0: 22}, {P0: 22}, busy=False) == []  # caught up
+    assert watch.observe(6.5, {P0: 29}, {P0: 22}, busy=False) == []  # 7 arrived at 6.4
+    assert watch.observe(11.5, {P0: 29}, {P0: 22}, busy=False) == []
+    assert watch.observe(16.5, {P0: 29}, {P0: 22}, busy=False) == [P0]
+    assert watch.waited_s(16.5, P0) == 10
 
 
 def test_a_running_or_retried_redis_step_is_not_a_stall() -> None:
