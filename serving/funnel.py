@@ -38,6 +38,7 @@ import numpy as np
 from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
 
 from freshrec.models.choice_ranker import ChoiceRanker
 from freshrec.models.click_model import (
@@ -262,17 +263,16 @@ class Funnel:
         pipe.get(keys.impressions_total)
         pipe.get(keys.event_clock)
         merging = self.deterministic or time.monotonic() - self._choices_merged_at >= CHOICE_MERGE_S
-        taken: dict[str, float] = {}
-        first_term = len(pipe)
+        taken: dict[str, float] | None = None
         if merging:
             self._choices_merged_at = time.monotonic()
             taken = self.choice_ranker.take_pending()
-            for name, amount in taken.items():
-                pipe.hincrbyfloat(keys.choice_ranker_state, name, amount)
-            pipe.hgetall(keys.choice_ranker_state)
-        _, replies = await asyncio.gather(
-            self.index.refresh(), self._execute_merging(pipe, taken, first_term)
-        )
+            await self.scripts.merge_terms(
+                keys=[keys.choice_ranker_state],
+                args=[part for term in taken.items() for part in term],
+                client=pipe,
+            )
+        _, replies = await asyncio.gather(self.index.refresh(), self._execute_merging(pipe, taken))
         unavailable, ranker_state, popular, (newest, shown, clicked), total, clock = replies[:6]
         if merging:
             self.choice_ranker.load_merged(state_from_hash(replies[-1]))
@@ -303,31 +303,38 @@ class Funnel:
             self.ranker_weights, self._scorers = ranker.serving_weights(), {}
             self._ranker_state = ranker_state
 
-    async def _execute_merging(
-        self, pipe: Pipeline, taken: dict[str, float], first_term: int
-    ) -> list[Any]:
-        """The pipeline's replies. Choice-ranker terms ``taken`` for it (its increments from
-        command ``first_term`` on, in order) that did not reach Redis go back to the ranker for
-        the next merge, so a failed refresh loses nothing learned; terms whose increment was
-        applied are not given back, which would count them twice. When the whole call fails,
-        all go back."""
+    async def _execute_merging(self, pipe: Pipeline, taken: dict[str, float] | None) -> list[Any]:
+        """The pipeline's replies; with ``taken`` (the choice ranker's terms, which the merge
+        script last in the pipeline adds to the shared sums) the last is the merged hash.
+        Terms that did not reach Redis go back to the ranker for the next merge, so a failed
+        refresh loses nothing learned; terms whose increment was applied are not given back,
+        which would count them twice. When the whole call fails, all go back."""
         try:
             replies = await pipe.execute(raise_on_error=False)
         except BaseException:
-            self.choice_ranker.restore_pending(taken)
+            if taken:
+                self.choice_ranker.restore_pending(taken)
             raise
-        increments = replies[first_term : first_term + len(taken)]
-        failed = {
-            name: amount
-            for (name, amount), reply in zip(taken.items(), increments, strict=True)
-            if isinstance(reply, Exception)
-        }
-        if failed:
-            self.choice_ranker.restore_pending(failed)
+        if taken is not None:
+            replies[-1] = self._merged(replies[-1], taken)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
         return replies
+
+    def _merged(self, reply: Any, taken: dict[str, float]) -> Any:
+        """The merge script's reply as the hash it read (`MERGE_TERMS`), or the error to raise
+        once the terms it did not apply are given back to the ranker."""
+        if isinstance(reply, Exception):
+            self.choice_ranker.restore_pending(taken)
+            return reply
+        fields, failed, messages = reply
+        if failed:
+            names = list(taken)
+            self.choice_ranker.restore_pending({names[n - 1]: taken[names[n - 1]] for n in failed})
+            first = messages[0].decode(errors="replace")
+            return ResponseError(f"{len(failed)} choice ranker terms not merged: {first}")
+        return dict(zip(fields[::2], fields[1::2], strict=True))
 
     def scorer(self, config: FunnelConfig | None = None) -> LinearScorer:
         """The fine ranker a configuration serves: learned once it has its ``min_clicks``."""

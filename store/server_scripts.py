@@ -478,6 +478,23 @@ end
 return {table.concat(vectors), table.concat(lengths), table.concat(stats)}
 """
 
+# KEYS[1]: a hash of summed terms.  ARGV: field, amount, field, amount, ...  Adds each amount to
+# its field (HINCRBYFLOAT) and returns the hash after them (field, value, ...) and the positions
+# (1-based) and errors of the terms whose increment failed (a field holding no number, a sum that
+# overflows): a reader's merge of its learned terms in one command and one reply, each term
+# applied or refused on its own, as when each had a command of its own.
+MERGE_TERMS = """
+local failed, errors = {}, {}
+for i = 1, #ARGV, 2 do
+  local reply = redis.pcall('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
+  if type(reply) == 'table' and reply.err then
+    failed[#failed + 1] = (i + 1) / 2
+    errors[#errors + 1] = reply.err
+  end
+end
+return {redis.call('HGETALL', KEYS[1]), failed, errors}
+"""
+
 # KEYS[1]: items by first-seen time, KEYS[2]: impressions, KEYS[3]: clicks.  ARGV[1]: how many
 # of the newest items.  Returns them newest first joined by newlines, and their impressions and
 # clicks as packed doubles (0 where absent): the cold pool in three strings.
@@ -552,4 +569,5 @@ class ServerScripts:
         self.neighbour_lists = register(NEIGHBOUR_LISTS)
         self.item_rows = register(ITEM_ROWS)
         self.newest_items = register(NEWEST_ITEMS)
+        self.merge_terms = register(MERGE_TERMS)
         self.rating_state = register(RATING_STATE)

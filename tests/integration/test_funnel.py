@@ -9,9 +9,11 @@ import math
 import numpy as np
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from freshrec.models.biased_mf import BiasedMF
-from freshrec.models.click_model import ClickModel
+from freshrec.models.choice_ranker import ChoiceRanker
+from freshrec.models.click_model import FEATURES, ClickModel, state_from_hash
 from freshrec.models.config import ModelConfig
 from freshrec.models.decay import ForwardDecay
 from freshrec.models.mf import VectorTable
@@ -333,6 +335,49 @@ def test_the_reader_takes_the_decay_rate_from_the_state_it_reads(settings: Setti
         )[:10]
         similar = await funnel.similar("i5", 10)
         assert [s["score"] for s in similar] == pytest.approx(expected, abs=1e-6)
+        await funnel.aclose()
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_refresh_merges_the_rankers_terms_and_gives_back_those_redis_refuses(
+    settings: Settings,
+) -> None:
+    """The choice ranker's learned terms reach the shared sums in one script. A term Redis
+    refuses (its field holds no number) goes back to the ranker and fails the refresh, the
+    others are applied once; the next refresh sends it again, and the served weights are those
+    of a ranker that learned the same choices and merged without a failure."""
+    rng = np.random.default_rng(3)
+    choices = [(rng.normal(size=(10, len(FEATURES))), int(rng.integers(10))) for _ in range(6)]
+    twin = ChoiceRanker()
+    for x, chosen in choices:
+        twin.learn(x, chosen)
+    terms = twin.take_pending()
+    twin.load_merged(terms)
+
+    async def run() -> None:
+        redis = Redis.from_url(settings.redis_url)
+        keys = Keys(settings.key_prefix)
+        funnel = Funnel(redis, keys, settings.funnel_config(), deterministic=True)
+        await funnel.refresh()
+        for x, chosen in choices:
+            funnel.choice_ranker.learn(x, chosen)
+        await redis.hset(keys.choice_ranker_state, "w:mf", "not a number")
+        with pytest.raises(ResponseError, match=r"1 choice ranker terms not merged: .*float"):
+            await funnel.refresh()
+        shared = state_from_hash(
+            {k: v for k, v in (await redis.hgetall(keys.choice_ranker_state)).items()
+             if k != b"w:mf"}
+        )  # fmt: skip
+        expected = {name: value for name, value in terms.items() if name != "w:mf"}
+        assert shared == pytest.approx(expected, rel=1e-12, abs=1e-15)  # Redis's 17 decimals
+        await redis.hdel(keys.choice_ranker_state, "w:mf")
+        await funnel.refresh()
+        merged = state_from_hash(await redis.hgetall(keys.choice_ranker_state))
+        assert merged == pytest.approx(terms, rel=1e-12, abs=1e-15)
+        assert np.allclose(funnel.choice_ranker.w, twin.w, rtol=1e-9, atol=1e-12)
+        assert funnel.choice_ranker.choices == len(choices)
         await funnel.aclose()
         await redis.aclose()
 
