@@ -168,8 +168,12 @@ class Funnel:
     Per request the funnel reads only the user's state from Redis (history and vector, one
     script call); the item side (factors, statistics, neighbours, trending and cold pools,
     unavailable items, the ranker's weights) is the in-memory snapshot that ``refresh`` keeps
-    caught up. Past ``max_staleness_s`` a request starts a refresh in the background and is
-    served from the snapshot it has; only the very first request waits for one. A request
+    caught up, and the neighbour lists a request needs are read on its path when they changed
+    since they were read. Once an index is loaded (at the first refresh, and after each
+    rebuild) every list in it is read in the background (`ItemIndex.warm_lists`), so that
+    only changed lists cost a request a round trip. Past ``max_staleness_s`` a request starts
+    a refresh in the background and is served from the snapshot it has; only the very first
+    request waits for one. A request
     whose user has an event newer than the snapshot's event clock waits for a refresh
     (single-flight, shared with any running): a user's own latest event is in their list.
 
@@ -186,8 +190,9 @@ class Funnel:
         For a replay that refreshes at fixed points of its stream (``freshrec eval``'s direct
         mode): no request starts a refresh on the wall clock (only the first waits for one),
         every refresh adds what the choice ranker learned to the shared state (a reader does so
-        every `CHOICE_MERGE_S`), and MF recall's cells refit in the foreground. Then the same
-        stream gives the same lists however fast the machine runs.
+        every `CHOICE_MERGE_S`), MF recall's cells refit in the foreground, and no list is
+        read in the background. Then the same stream gives the same lists however fast the
+        machine runs.
     read_timeout_s
         How long a request waits for its user's state before it fails: a reader's deadline.
     """
@@ -234,6 +239,8 @@ class Funnel:
         self.remembered_users = remembered_users
         self.deterministic = deterministic
         self._choices_merged_at = -math.inf
+        self._warmed: ItemIndex | None = None  # the index whose lists were read in the background
+        self._warming: asyncio.Future[int] | None = None
 
     async def refresh(self) -> None:
         """Catch up with Redis now: item state, trending and cold pools, unavailable, ranker.
@@ -302,6 +309,21 @@ class Funnel:
             ranker = ClickModel.from_state(state_from_hash(ranker_state))
             self.ranker_weights, self._scorers = ranker.serving_weights(), {}
             self._ranker_state = ranker_state
+        if not self.deterministic and self._warmed is not self.index:
+            self._warm(self.index)
+
+    def _warm(self, index: ItemIndex) -> None:
+        """Reads ``index``'s neighbour lists in the background while it is the one served; a
+        failure is logged, and the next refresh starts again."""
+        self._warmed = index
+        self._warming = asyncio.ensure_future(index.warm_lists(lambda: self.index is index))
+
+        def done(task: asyncio.Future[int]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                self._warmed = None
+                _log_failure(task, "neighbour lists not read ahead")
+
+        self._warming.add_done_callback(done)
 
     async def _execute_merging(self, pipe: Pipeline, taken: dict[str, float] | None) -> list[Any]:
         """The pipeline's replies; with ``taken`` (the choice ranker's terms, which the merge
@@ -345,7 +367,11 @@ class Funnel:
         return scorer
 
     async def aclose(self) -> None:
-        """Closes the per-request connection; the Redis client given stays the caller's."""
+        """Stops reading lists ahead and closes the per-request connection; the Redis client
+        given stays the caller's."""
+        if self._warming is not None:
+            self._warming.cancel()
+            await asyncio.gather(self._warming, return_exceptions=True)
         await self.user_state.aclose()
 
     async def recommend(
@@ -783,9 +809,9 @@ def count_floor(
     return math.exp(min(max(exponent, -_EXPONENT_BOUND), _EXPONENT_BOUND))
 
 
-def _log_failure(task: asyncio.Future[None]) -> None:
+def _log_failure(task: asyncio.Future[Any], what: str = "snapshot refresh failed") -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.warning("snapshot refresh failed: %s", task.exception())
+        log.warning("%s: %s", what, task.exception())
 
 
 def _on_scale(prediction: float, mean: float, low: float, high: float) -> float:

@@ -27,6 +27,7 @@ down as well as up (`rebuilt`); rows change then, and ``epoch`` counts such rebu
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numba
 import numpy as np
@@ -42,6 +43,7 @@ from freshrec.store.vectors import VECTOR_DTYPE
 
 FETCH_CHUNK = 1000  # items per round trip: each chunk's parsing holds the event loop briefly
 COMPACT_MIN_DEAD = 1024  # dead rows below this never trigger a rebuild
+WARM_CHUNK = 64  # neighbour lists per command while warming: a few ms of the server's time
 STORED_STATS = ("occurrences", "popularity", "first_seen")  # kept in Redis, in this order
 STATS = (*STORED_STATS, "rating_bias")  # and the rating bias, read from the item's vector
 
@@ -240,6 +242,20 @@ class ItemIndex:
         weights = np.frombuffer(b"".join(w for _, w in lists), "<f8")
         fill_lists(rows, generation, counts, found, weights,
                    self.neighbours, self.neighbour_weights, self.loaded)  # fmt: skip
+
+    async def warm_lists(self, keep_going: Callable[[], bool] = lambda: True) -> int:
+        """Reads the neighbour list of every live row never read, ``WARM_CHUNK`` lists a
+        command, while ``keep_going()``; returns how many it read. A reader that has just
+        loaded its snapshot would otherwise read the lists of a request's recent items on the
+        request's own path, one more round trip for most requests for as long as it takes to
+        have met every item; once warm, a request reads only the lists changed since."""
+        rows = len(self.ids)
+        cold = np.flatnonzero((self.loaded[:rows] < 0) & ~self.dead[:rows])
+        for start in range(0, len(cold), WARM_CHUNK):
+            if not keep_going():
+                return start
+            await self.load_neighbours(cold[start : start + WARM_CHUNK])
+        return len(cold)
 
     def _row(self, item: str) -> int:
         row = self.rows.get(item)

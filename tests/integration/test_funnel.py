@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ from freshrec.serving.variants import Variants
 from freshrec.settings import Settings
 from freshrec.store.batch_update import BatchUpdater
 from freshrec.store.keys import Keys
+from freshrec.store.server_scripts import NEIGHBOUR_LISTS
 from freshrec.streams.events import Event
 
 pytestmark = pytest.mark.integration
@@ -379,6 +382,50 @@ def test_a_refresh_merges_the_rankers_terms_and_gives_back_those_redis_refuses(
         assert np.allclose(funnel.choice_ranker.w, twin.w, rtol=1e-9, atol=1e-12)
         assert funnel.choice_ranker.choices == len(choices)
         await funnel.aclose()
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_reader_reads_every_neighbour_list_ahead_and_a_replay_none(settings: Settings) -> None:
+    """Once a reader's snapshot is loaded its neighbour lists are read in the background, as
+    Redis holds them, so that a request reads none that has not changed since; a replay's
+    funnel (deterministic) reads a list only for a request that needs it."""
+    events = _catalogue()
+
+    async def run() -> None:
+        redis, keys, _ = await _setup(settings, events)
+        replay = Funnel(redis, keys, settings.funnel_config(), deterministic=True)
+        await replay.refresh()
+        assert (replay.index.loaded[: len(replay.index)] < 0).all()
+        funnel = Funnel(redis, keys, settings.funnel_config())
+        await funnel.refresh()
+        index = funnel.index
+        deadline = time.monotonic() + 30
+        while (index.loaded[: len(index)] < 0).any():
+            assert time.monotonic() < deadline, "the lists were not read ahead"
+            await asyncio.sleep(0.01)
+        for item in ("i0", "i5", "i37"):
+            row = index.rows[item]
+            stored = await redis.zrevrange(
+                keys.neighbours(item), 0, index.width - 1, withscores=True
+            )
+            held = [(index.ids[r], w) for r, w in zip(
+                index.neighbours[row].tolist(), index.neighbour_weights[row].tolist(), strict=True
+            ) if r >= 0]  # fmt: skip
+            assert held == [(m.decode(), w) for m, w in stored] and held
+        scripts: list[str] = []
+        read = funnel.user_state.run_script
+
+        async def counted(source: str, keys: list[str], args: list[Any]) -> Any:
+            scripts.append(source)
+            return await read(source, keys, args)
+
+        funnel.user_state.run_script = counted  # type: ignore[method-assign]
+        served = await funnel.serve("u3", 10)
+        assert len(served.items) == 10 and NEIGHBOUR_LISTS not in scripts and scripts
+        await funnel.aclose()
+        await replay.aclose()
         await redis.aclose()
 
     asyncio.run(run())
