@@ -173,9 +173,9 @@ class Funnel:
     rebuild) every list in it is read in the background (`ItemIndex.warm_lists`), so that
     only changed lists cost a request a round trip. Past ``max_staleness_s`` a request starts
     a refresh in the background and is served from the snapshot it has; only the very first
-    request waits for one. A request
-    whose user has an event newer than the snapshot's event clock waits for a refresh
-    (single-flight, shared with any running): a user's own latest event is in their list.
+    request waits for one. A request whose user has an event newer than the snapshot's event
+    clock waits for a refresh (single-flight, shared with any running): a user's own latest
+    event is in their list.
 
     Parameters
     ----------
