@@ -22,8 +22,8 @@ it was last seen moving or with the worker busy, or first seen with messages wai
 tick that saw it caught up. Messages that arrive in an idle partition have thus waited between
 ``limit_s`` and ``limit_s`` plus a tick, however late a tick comes on a loaded machine; a
 clock started at the tick that last saw the partition caught up would count the time before
-they arrived. A partition seen anew (after a rebalance) starts its clock again,
-and so does every partition after a tick whose offsets could not be read.
+they arrived. A partition seen anew (after a rebalance) starts its clock again, and so does
+every partition after a tick whose offsets could not be read.
 
 A producer writing in transactions leaves a commit marker after each transaction's last
 message: an offset that no agent takes, so the next offset to take alone would stay behind the
