@@ -20,8 +20,8 @@ end of every figure):
   marks that user for publication, so their first list reflects it.
 
 A tracer not seen within ``DEADLINE_S`` is counted as missing, not as a time. Each share
-starts from a drained pipeline (every event learned, every list due published) and its tracers
-start ``settle_s`` after the rate changes.
+starts from a drained pipeline (every event learned, the impressions caught up on, every list
+due published) and its tracers start ``settle_s`` after the rate changes.
 """
 
 from __future__ import annotations
@@ -91,9 +91,11 @@ def run_freshness(
         probe = run.measure_maximum(probe_s, SAMPLE_S * 2.5)
         levels = []
         for share in shares:
-            run.drain()  # each share starts from a learned, published state, not the last one's
+            # Each share starts from a learned, published state, not the last one's.
+            impressions_waiting = run.drain()
             maximum = probe["max_events_per_s"]
-            levels.append(_level(run, share, maximum, seconds, tracers_per_s, settle_s))
+            level = _level(run, share, maximum, seconds, tracers_per_s, settle_s)
+            levels.append({**level, "impressions_waiting_at_start": impressions_waiting})
         requests = run.stop_load()
         load_average["end"] = load_average_now()
     for level in levels:

@@ -40,7 +40,12 @@ from typing import Any
 import numpy as np
 import redis
 
-from freshrec.bench.ingest import delete_group, process_cpu_seconds, scrape_worker
+from freshrec.bench.ingest import (
+    delete_group,
+    process_cpu_seconds,
+    scrape_worker,
+    worker_samples,
+)
 from freshrec.bench.serve import (
     CLIENT_ERRORS,
     REQUEST_TIMEOUT_S,
@@ -159,12 +164,22 @@ class Pipeline:
         self.shared.rate.value = rate
         self.shared.mode.value = PACED
 
-    def drain(self) -> None:
-        """Pause the producer until the worker has learned every event sent, the reader has
-        published every list due, and the requests held up meanwhile are answered (or given
-        up on)."""
+    def drain(self) -> float:
+        """Pause the producer until the worker has learned every event sent and caught up on
+        the impressions (the serving load goes on logging them, so within a second's worth),
+        the reader has published every list due, and the requests held up meanwhile are
+        answered (or given up on); returns the impression messages the worker last reported
+        waiting. A backlog of impressions left by the phase before would otherwise be learned
+        in the next one, beside the events it measures."""
         self.shared.mode.value = PAUSE
         self.watch.wait(lambda: self.watch.lag() <= 0, 300, "the worker to learn the backlog")
+        since, waiting = time.monotonic(), [float("inf")]
+
+        def impressions_learned() -> bool:
+            waiting[0] = self.watch.impressions_waiting(since)
+            return waiting[0] <= self.serve_rps
+
+        self.watch.wait(impressions_learned, 300, "the worker to learn the impressions waiting")
         self.watch.wait(
             lambda: self.watch.unpublished() == 0, 300, "the reader to publish the lists due"
         )
@@ -173,6 +188,7 @@ class Pipeline:
             120,
             "the reader to catch up on requests",
         )
+        return waiting[0]
 
     def stop_load(self) -> dict[str, Any]:
         """Stop the serving load; its counts and every request's (due wall clock, latency s)."""
@@ -325,6 +341,19 @@ class _Watch:
             self._applied = int(metrics["freshrec_events_total"])
             self.shared.applied.value = self._applied  # the producer's backlog in the probe
         return self._applied
+
+    def impressions_waiting(self, since: float) -> float:
+        """Impression messages waiting for the worker, as its lag gauge read them at a tick
+        after ``since`` (`time.monotonic()`); infinite until it has one."""
+        samples = worker_samples(self.settings.worker_metrics_port)
+        ages = [s.value for s in samples if s.name == "freshrec_worker_end_offsets_age_seconds"]
+        if not ages or time.monotonic() - ages[0] <= since:
+            return float("inf")
+        return sum(
+            s.value
+            for s in samples
+            if s.name == "freshrec_consumer_lag_messages" and s.labels.get("topic") == "impressions"
+        )
 
     def in_flight(self) -> int:
         """Requests sent and not answered yet (nor given up on)."""

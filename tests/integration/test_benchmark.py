@@ -168,6 +168,9 @@ def test_every_tracer_event_is_seen_served_and_published(
         assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"], figures
     assert level["polls"]["requests"] >= 20 and level["polls"]["errors"] == 0
     assert level["serving"]["requests"] > 0
+    # The share began once the worker had caught up on the impressions the probe left: within
+    # a second of the serving load's, as its lag gauge read them at a tick after the pause.
+    assert 0 <= level["impressions_waiting_at_start"] <= SHORT_PIPELINE["serve_rps"], level
     worker = level["worker"]  # the worker's own split of the time, from its /metrics
     assert worker["batches_per_s"] > 0 and worker["events_per_batch"] > 0, worker
     assert 0 < worker["applying_share"] <= 1.5, worker  # a batch can straddle the window's ends
