@@ -67,6 +67,7 @@ from freshrec.serving.recall import CF, COLD, MF, TRENDING, Recalled, Scratch, m
 from freshrec.serving.rerank import rerank
 from freshrec.store.cluster import rating_states
 from freshrec.store.keys import Keys
+from freshrec.store.script_pipeline import script_pipeline
 from freshrec.store.server_scripts import USER_STATE, ServerScripts
 from freshrec.store.vectors import decode_vector
 
@@ -258,7 +259,7 @@ class Funnel:
 
     async def _refresh(self) -> None:
         keys, cfg = self.keys, self.config
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = script_pipeline(self.redis)
         pipe.smembers(keys.unavailable)
         pipe.hgetall(keys.click_model_state)
         pipe.zrevrange(keys.popularity, 0, max(POOL_SIZE, cfg.recall_popular) - 1)
@@ -630,7 +631,7 @@ class Funnel:
         for user_id, item_id in dict.fromkeys(pairs):
             asked[user_id].append(item_id)
         vector_keys = [keys.user_vector(u) for u in users] + [keys.item_vector(i) for i in items]
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = script_pipeline(self.redis)
         pipe.hmget(keys.rating_mean, "sum", "n")
         pipe.get(keys.rating_blend)
         if self.scripts.cluster:  # each vector in its own slot, each user's state in three

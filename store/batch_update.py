@@ -55,6 +55,7 @@ from freshrec.models.rating_stack import (
     encode_state,
 )
 from freshrec.store.keys import Keys
+from freshrec.store.script_pipeline import script_pipeline
 from freshrec.store.server_scripts import ServerScripts
 from freshrec.store.vectors import VECTOR_DTYPE, decode_vector, encode_vector
 
@@ -553,7 +554,7 @@ class BatchUpdater:
         ids: dict[str, dict[str, float]],
     ) -> None:
         cfg, keys = self.config, self.keys
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = script_pipeline(self.redis)
         for name, delta in w.deltas.items():
             key, ttl = self._vector_key(name)
             args = [encode_vector(delta), encode_vector(w.bases[name]), ttl]
