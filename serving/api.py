@@ -186,6 +186,7 @@ class Reader:
                 publishing.k,
                 publishing.debounce_s,
                 variants=self.variants,
+                requests_in_flight=lambda: self.server.in_flight,
             )
         router = Router()
         router.add("/recommendations/{user_id}", self.recommendations)

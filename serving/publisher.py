@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -61,6 +61,7 @@ class RecommendationPublisher:
         max_users: int = 200,
         concurrency: int = 8,
         variants: Variants | None = None,
+        requests_in_flight: Callable[[], int] = lambda: 0,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -72,6 +73,9 @@ class RecommendationPublisher:
         self.max_users = max_users
         self.concurrency = concurrency
         self.variants = variants  # a user's published list is the one their variant serves
+        self.requests_in_flight = requests_in_flight  # the reader's, which go first
+        self.ranking = 0  # users being ranked now
+        self._ranked = asyncio.Event()  # set when a ranking ends
         self.scripts = ServerScripts(redis)
         self.published = 0
         self.undelivered: set[str] = set()  # users whose list Kafka did not take
@@ -100,7 +104,12 @@ class RecommendationPublisher:
         async def ranked(user: str) -> list[Any]:
             config = self.variants.assign(user).config if self.variants is not None else None
             async with gate:  # bounded: each ranking holds a pooled connection
-                return await self.funnel.recommend(user, self.k, config)
+                await self._turn()
+                try:
+                    return await self.funnel.recommend(user, self.k, config)
+                finally:
+                    self.ranking -= 1
+                    self._ranked.set()
 
         try:
             lists = await asyncio.gather(*(ranked(u) for u in users))
@@ -139,6 +148,16 @@ class RecommendationPublisher:
         if unsent:
             raise BufferError(f"{len(unsent)} lists waiting for Kafka")
         return sent
+
+    async def _turn(self) -> None:
+        """Waits until one more ranking may start: the first at once, others only while no
+        request is in flight. A ranking holds the event loop between its awaits and sends
+        Redis commands that queue ahead of a request's, so while requests are being answered
+        users are ranked one at a time; publishing slows down but never stops."""
+        while self.ranking and self.requests_in_flight():
+            self._ranked.clear()
+            await self._ranked.wait()
+        self.ranking += 1
 
     async def _pop_due(self, cutoff: float) -> list[bytes]:
         """Pops the due users (user, first touch, ...). A stop that lands while the reply is on

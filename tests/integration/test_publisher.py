@@ -7,6 +7,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -213,3 +214,49 @@ def _consume(settings: Settings, topic: str, count: int) -> dict[str, list[dict]
         consumer.close()
     assert len(lists) == count, f"{len(lists)} of {count} lists read"
     return lists
+
+
+class _CountingFunnel(Funnel):
+    """A funnel that records how many users it ranks at once."""
+
+    ranking = 0
+    most = 0
+
+    async def recommend(self, *args: object, **kwargs: object) -> list[Any]:
+        self.ranking += 1
+        self.most = max(self.most, self.ranking)
+        try:
+            return await super().recommend(*args, **kwargs)
+        finally:
+            self.ranking -= 1
+
+
+@pytest.mark.parametrize(("requests", "most"), [(0, 4), (1, 1)])
+def test_the_publisher_ranks_one_user_at_a_time_while_requests_are_in_flight(
+    settings: Settings, requests: int, most: int
+) -> None:
+    keys = Keys(settings.key_prefix)
+    users = [f"u{n}" for n in range(12)]
+    events = [Event("click", users[n % len(users)], f"i{n % 30}", TS + n) for n in range(300)]
+
+    async def run() -> int:
+        redis = Redis.from_url(settings.redis_url)
+        await BatchUpdater(redis, keys, settings.model_config()).apply(events)
+        producer = Producer(kafka_config(settings))
+        funnel = _CountingFunnel(redis, keys, settings.funnel_config())
+        publisher = RecommendationPublisher(
+            redis, keys, funnel, producer, settings.recommendations_topic, 5, 0.0,
+            concurrency=4, requests_in_flight=lambda: requests,
+        )  # fmt: skip
+        try:
+            await funnel.refresh()
+            await redis.delete(keys.dirty_users)
+            await redis.zadd(keys.dirty_users, dict.fromkeys(users, 1.0))
+            assert await publisher.publish_due() == len(users)
+            assert publisher.ranking == 0 and producer.flush(30) == 0
+            return funnel.most
+        finally:
+            await funnel.aclose()
+            await redis.aclose()
+
+    assert asyncio.run(run()) == most
