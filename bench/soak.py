@@ -173,11 +173,12 @@ class Pipeline:
         in the next one, beside the events it measures."""
         self.shared.mode.value = PAUSE
         self.watch.wait(lambda: self.watch.lag() <= 0, 300, "the worker to learn the backlog")
-        since, waiting = time.monotonic(), [float("inf")]
+        since, waiting = time.monotonic(), float("inf")
 
         def impressions_learned() -> bool:
-            waiting[0] = self.watch.impressions_waiting(since)
-            return waiting[0] <= self.serve_rps
+            nonlocal waiting
+            waiting = self.watch.impressions_waiting(since)
+            return waiting <= self.serve_rps
 
         self.watch.wait(impressions_learned, 300, "the worker to learn the impressions waiting")
         self.watch.wait(
@@ -188,7 +189,7 @@ class Pipeline:
             120,
             "the reader to catch up on requests",
         )
-        return waiting[0]
+        return waiting
 
     def stop_load(self) -> dict[str, Any]:
         """Stop the serving load; its counts and every request's (due wall clock, latency s)."""
