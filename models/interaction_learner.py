@@ -21,6 +21,7 @@ from freshrec.models.config import ModelConfig
 from freshrec.models.cooccurrence import Cooccurrence
 from freshrec.models.decay import ForwardDecay
 from freshrec.models.implicit_mf import ImplicitMF, draw_negatives
+from freshrec.models.learned_pairs import PairRows
 from freshrec.models.mf import VectorTable
 from freshrec.models.popularity import Popularity
 from freshrec.models.rating_stack import Blend, RatingRecord, RatingStack
@@ -87,7 +88,7 @@ class Changes:
     first_seen: dict[str, float] = field(default_factory=dict)
     history: defaultdict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
     rating_records: dict[str, list[RatingRecord]] = field(default_factory=dict)
-    rating_pairs: dict[str, dict[str, Sequence[float]]] = field(default_factory=dict)
+    rating_pairs: dict[str, PairRows] = field(default_factory=dict)
     item_ratings: dict[str, float] = field(default_factory=dict)
     blend: np.ndarray | None = None
     rating_errors: list[float] = field(default_factory=list)
@@ -228,7 +229,7 @@ class InteractionLearner:
         out.mean_n = rating.mean_n - snapshot.mean_n
         if stack.new_records:
             out.rating_records = dict(stack.new_records)
-            out.rating_pairs = dict(stack.pair_changes)
+            out.rating_pairs = stack.pair_changes
             out.item_ratings = dict(stack.rating_increments)
             out.blend = stack.blend_change()
         return out

@@ -53,6 +53,7 @@ import numba
 import numpy as np
 
 from freshrec.models.biased_mf import BiasedMF
+from freshrec.models.learned_pairs import PAIR_FIELDS, LearnedPairs, PairRows
 from freshrec.models.mf import rating_count_at, rating_part
 
 SIGNALS = (
@@ -76,8 +77,6 @@ SIMILARITY_SHRINKAGE = 10.0
 """beta, in co-raters: a similarity from few co-raters counts for less."""
 RECENT = 10
 SESSION_RATE = 0.2
-PAIR_FIELDS = 4
-"""A pair's statistics from one item's side: c_ij, S_ij, A_ij, A_ji."""
 
 _RECORD = struct.Struct("<5f")
 
@@ -219,19 +218,6 @@ def _gather(row: Mapping[str, Sequence[float]] | None, partners: Sequence[str]) 
     return np.fromiter(stats, np.float64, PAIR_FIELDS * len(partners)).reshape(-1, PAIR_FIELDS)
 
 
-def _bump(
-    row: dict[str, list[float]], partner: str, cross: float, own: float, other: float
-) -> None:
-    stats = row.get(partner)
-    if stats is None:
-        row[partner] = [1.0, cross, own, other]
-    else:
-        stats[0] += 1.0
-        stats[1] += cross
-        stats[2] += own
-        stats[3] += other
-
-
 @numba.njit(cache=True, nogil=True)
 def _record_signals(
     columns: np.ndarray, pairs: np.ndarray, partner_ratings: np.ndarray, item_ratings: float
@@ -369,27 +355,32 @@ def solve_weights(state: np.ndarray) -> np.ndarray:
 
 class _History:
     """A user's records, newest first, and what learning reads of them on every rating kept
-    alongside: their items, their `record_columns` and the sum of their ratings."""
+    alongside: their items (names and `LearnedPairs` numbers), their `record_columns`, their
+    ``centred`` values and the sum of their ratings."""
 
-    __slots__ = ("columns", "items", "rating_sum", "records")
+    __slots__ = ("centred", "columns", "ids", "items", "rating_sum", "records")
 
-    def __init__(self, records: list[RatingRecord]) -> None:
+    def __init__(self, records: list[RatingRecord], ids: np.ndarray) -> None:
         self.records = records
         self.items = [r.item for r in records]
+        self.ids = ids
         self.columns = record_columns(records)
+        self.centred = np.array([r.centred for r in records], dtype=np.float64)
         self.rating_sum = sum(r.rating for r in records)
 
     def mean_with(self, rating: float) -> float:
         """The user's mean rating over the history kept and ``rating``: what ``z`` centres by."""
         return (self.rating_sum + rating) / (len(self.records) + 1)
 
-    def push(self, record: RatingRecord, keep: int) -> None:
-        """``record`` as the newest, then only the ``keep`` newest kept."""
+    def push(self, record: RatingRecord, number: int, keep: int) -> None:
+        """``record`` (of item ``number``) as the newest, then only the ``keep`` newest kept."""
         self.records.insert(0, record)
         self.items.insert(0, record.item)
         self.rating_sum += record.rating
         newest = [(record.residual, record.mf_error, record.blend_error)]
         self.columns = np.concatenate((newest, self.columns))[:keep]
+        self.ids = np.concatenate(([number], self.ids))[:keep]
+        self.centred = np.concatenate(([record.centred], self.centred))[:keep]
         for dropped in self.records[keep:]:
             self.rating_sum -= dropped.rating
         del self.records[keep:], self.items[keep:]
@@ -436,9 +427,8 @@ class RatingStack:
         self.blend = Blend(blend_state)
         self.history = history
         self.initial_state = blend_state
-        # item -> partner -> [c, S, A_own, A_partner] learned here: plain floats, the one
-        # update made per pair of a user's ratings.
-        self.pair_changes: defaultdict[str, dict[str, list[float]]] = defaultdict(dict)
+        self._learned = LearnedPairs()  # (c, S, A_own, A_partner) per pair, learned here
+        self._counts = np.empty(0)  # item_ratings by `LearnedPairs` number
         self.new_records: defaultdict[str, list[RatingRecord]] = defaultdict(list)
         self.rating_increments: defaultdict[str, float] = defaultdict(float)
         self._histories: dict[str, _History] = {}
@@ -449,20 +439,37 @@ class RatingStack:
         learned = {user: history.records for user, history in self._histories.items()}
         return {**self.stored_histories, **learned}
 
+    @property
+    def pair_changes(self) -> dict[str, PairRows]:
+        """What learning changed in the pairs' statistics, per item met: amounts to add."""
+        return self._learned.rows()
+
     def _history(self, user: str) -> _History:
         """The user's `_History`, from a copy of their stored records when the stack first
         meets them (the snapshot's lists stay as they are)."""
         history = self._histories.get(user)
         if history is None:
             records = list(self.stored_histories.get(user, []))
-            history = self._histories[user] = _History(records)
+            history = _History(records, self._numbers([r.item for r in records]))
+            self._histories[user] = history
         return history
+
+    def _numbers(self, items: Sequence[str]) -> np.ndarray:
+        """The items' `LearnedPairs` numbers; a newly numbered item's rating count joins
+        ``_counts``."""
+        numbers = self._learned.ids_of(items)
+        known, names = len(self._counts), self._learned.names
+        if len(names) > known:
+            new = [self.item_ratings.get(name, 0.0) for name in names[known:]]
+            self._counts = np.concatenate((self._counts, new))
+        return numbers
 
     def features(self, user: str, item: str) -> np.ndarray:
         table = self.mf.table
         history = self._history(user)
-        pairs = self._pair_rows(item, history.items)
-        partners = np.array([self.item_ratings.get(partner, 0.0) for partner in history.items])
+        number = int(self._numbers([item])[0])
+        pairs = _gather(self.stored_pairs.get(item), history.items)
+        self._learned.add_into(number, history.ids, pairs)
         return row_features(
             self.mf.mean,
             table["u:" + user],
@@ -470,7 +477,7 @@ class RatingStack:
             table.factors,
             history.columns,
             pairs,
-            partners,
+            self._counts[history.ids],
         )
 
     def predict_one(self, user: str, item: str) -> float:
@@ -484,35 +491,26 @@ class RatingStack:
         blend_error = self.blend.learn(x, rating)
         mf_error = mf.learn_one(user, item, rating)
         history = self._history(user)
+        number = int(self._numbers([item])[0])
         centred = rating - history.mean_with(rating)
-        own_row, own = self.pair_changes[item], centred * centred
-        for other in history.records[: self.pair_window]:
-            partner = other.item
-            if partner != item:
-                cross, theirs = centred * other.centred, other.centred * other.centred
-                _bump(own_row, partner, cross, own, theirs)
-                _bump(self.pair_changes[partner], item, cross, theirs, own)
+        others = history.centred[: self.pair_window]
+        partners = history.ids[: self.pair_window]
+        self._learned.add(number, partners, centred * others, centred * centred, others * others)
         record = RatingRecord(item, rating, centred, rating - baseline, mf_error, blend_error)
-        history.push(record, self.history)
+        history.push(record, number, self.history)
         self.new_records[user].append(record)
         self.item_ratings[item] = self.item_ratings.get(item, 0.0) + 1.0
+        self._counts[number] += 1.0
         self.rating_increments[item] += 1.0
         return blend_error
 
-    def _pair_rows(self, item: str, partners: Sequence[str]) -> np.ndarray:
-        """The statistics of ``item`` with each partner: stored plus learned here."""
-        rows = _gather(self.stored_pairs.get(item), partners)
-        learned = self.pair_changes.get(item)
-        if learned:
-            rows += _gather(learned, partners)
-        return rows
-
     def pairs(self, item: str) -> dict[str, np.ndarray]:
         """Every partner's statistics with ``item``, stored plus learned here."""
-        partners = list(
-            dict.fromkeys([*self.stored_pairs.get(item, {}), *self.pair_changes.get(item, {})])
-        )
-        return dict(zip(partners, self._pair_rows(item, partners), strict=True))
+        stored = self.stored_pairs.get(item, {})
+        partners = list(dict.fromkeys([*stored, *self._learned.partners_of(item)]))
+        rows = _gather(stored, partners)
+        self._learned.add_into(int(self._numbers([item])[0]), self._numbers(partners), rows)
+        return dict(zip(partners, rows, strict=True))
 
     def blend_change(self) -> np.ndarray:
         """What learning changed in :math:`(G, m)`: the amounts to add to the shared state."""

@@ -505,7 +505,7 @@ class BatchUpdater:
             "relisted": (keys.relisted_items, list(w.pairs)),
             "active": (keys.active_items, self._active_items(w, rows)),
             "rating_pairs": [
-                (keys.rating_pairs(item), cfg.rating_pairs_cap, "\n".join(row))
+                (keys.rating_pairs(item), cfg.rating_pairs_cap, "\n".join(row.partners))
                 for item, row in w.rating_pairs.items()
             ],
             "rating_records": [
@@ -526,7 +526,7 @@ class BatchUpdater:
         deltas, bases, updated = _vector_changes(
             [w.deltas[n] for n in names], [w.bases[n] for n in names]
         )
-        pair_deltas = _pack([d for row in w.rating_pairs.values() for d in row.values()])
+        pair_deltas = b"".join(_pack(row.stats) for row in w.rating_pairs.values())
         blend = (encode_state(w.blend), PRIOR_BYTES) if w.blend is not None else (b"", b"")
         done = await self.scripts.apply_batch(
             args=[
@@ -569,7 +569,7 @@ class BatchUpdater:
                 args.append(repr(amount))
             await self.scripts.zincrby_many(keys=[key], args=args, client=pipe)
         for item, row in w.rating_pairs.items():
-            args = [cfg.rating_pairs_cap, _pack(list(row.values())), *row]
+            args = [cfg.rating_pairs_cap, _pack(row.stats), *row.partners]
             await self.scripts.add_rating_pairs(
                 keys=[keys.rating_pairs(item)], args=args, client=pipe
             )
@@ -730,9 +730,9 @@ def _json(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def _pack(vectors: Sequence[Sequence[float]]) -> bytes:
+def _pack(vectors: Sequence[Sequence[float]] | np.ndarray) -> bytes:
     """float32 vectors back to back, the form the batch script reads them in."""
-    if not vectors:
+    if len(vectors) == 0:
         return b""
     return np.asarray(vectors, dtype=VECTOR_DTYPE).tobytes()
 
