@@ -46,9 +46,10 @@ class Snapshot:
     at its initial vector. ``histories`` are users' most recent distinct items (up to the
     config's ``cooccurrence_history``), most recent first; a user not in it has none. The rating
     side (`freshrec.models.rating_stack`): ``ratings`` are users' rating records, newest first;
-    ``rating_pairs`` item -> partner -> the pair's statistics, for every item a rating of the
-    batch meets in its user's records; ``item_ratings`` the rating counts of those items; and
-    ``blend`` the blend's state (None: its prior). Learning leaves the snapshot unchanged.
+    ``rating_pairs`` item -> its stored pairs (partners and statistics) with the items a rating
+    of the batch meets in its user's records; ``item_ratings`` the rating counts of those
+    items; and ``blend`` the blend's state (None: its prior). Learning leaves the snapshot
+    unchanged.
     """
 
     landmark: float
@@ -57,7 +58,7 @@ class Snapshot:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     histories: dict[str, list[str]] = field(default_factory=dict)
     ratings: dict[str, list[RatingRecord]] = field(default_factory=dict)
-    rating_pairs: dict[str, dict[str, Sequence[float]]] = field(default_factory=dict)
+    rating_pairs: dict[str, PairRows] = field(default_factory=dict)
     item_ratings: dict[str, float] = field(default_factory=dict)
     blend: np.ndarray | None = None
 

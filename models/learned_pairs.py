@@ -68,17 +68,27 @@ def _add(slots: np.ndarray, owner: np.ndarray, partner: np.ndarray, stats: np.nd
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
+def _row(slots: np.ndarray, owner: np.ndarray, partner: np.ndarray, counts: np.ndarray,
+         item: int, other: int) -> tuple[int, bool]:  # fmt: skip
+    """The row of ``(item, other)`` and whether it is new (taken from ``counts[0]``)."""
+    at = _slot(slots, owner, partner, item, other)
+    row = slots[at]
+    if row != _EMPTY:
+        return row, False
+    row = counts[0]
+    counts[0] += 1
+    slots[at] = row
+    owner[row] = item
+    partner[row] = other
+    return row, True
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def _bump(slots: np.ndarray, owner: np.ndarray, partner: np.ndarray, stats: np.ndarray,
           counts: np.ndarray, item: int, other: int, cross: float, own: float,
           theirs: float) -> None:  # fmt: skip
-    at = _slot(slots, owner, partner, item, other)
-    row = slots[at]
-    if row == _EMPTY:
-        row = counts[0]
-        counts[0] += 1
-        slots[at] = row
-        owner[row] = item
-        partner[row] = other
+    row, new = _row(slots, owner, partner, counts, item, other)
+    if new:
         stats[row, 0] = 1.0
         stats[row, 1] = cross
         stats[row, 2] = own
@@ -91,14 +101,26 @@ def _bump(slots: np.ndarray, owner: np.ndarray, partner: np.ndarray, stats: np.n
 
 
 @numba.njit(cache=True, nogil=True)
-def _add_into(slots: np.ndarray, owner: np.ndarray, partner: np.ndarray, stats: np.ndarray,
-              item: int, partners: np.ndarray, out: np.ndarray) -> None:  # fmt: skip
-    """``out[k] += (item, partners[k])``'s statistics, where the pair has any."""
+def _into(slots: np.ndarray, owner: np.ndarray, partner: np.ndarray, stats: np.ndarray,
+          item: int, partners: np.ndarray, out: np.ndarray, add: bool) -> None:  # fmt: skip
+    """``out[k]`` set to (or, with ``add``, plus) ``(item, partners[k])``'s statistics, where
+    the pair has any."""
     for k in range(partners.size):
         row = slots[_slot(slots, owner, partner, item, partners[k])]
         if row != _EMPTY:
             for f in range(PAIR_FIELDS):
-                out[k, f] += stats[row, f]
+                out[k, f] = out[k, f] + stats[row, f] if add else stats[row, f]
+
+
+@numba.njit(cache=True, nogil=True)
+def _put(slots: np.ndarray, owner: np.ndarray, partner: np.ndarray, stats: np.ndarray,
+         counts: np.ndarray, item: int, partners: np.ndarray,
+         values: np.ndarray) -> None:  # fmt: skip
+    """``(item, partners[k])``'s statistics set to ``values[k]``."""
+    for k in range(partners.size):
+        row, _ = _row(slots, owner, partner, counts, item, partners[k])
+        for f in range(PAIR_FIELDS):
+            stats[row, f] = values[k, f]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -107,8 +129,36 @@ def _rehash(slots: np.ndarray, owner: np.ndarray, partner: np.ndarray, rows: int
         slots[_slot(slots, owner, partner, owner[row], partner[row])] = row
 
 
+class _Rows:
+    """Rows of `PAIR_FIELDS` statistics, one per ``(item, partner)``, and the table to them."""
+
+    def __init__(self, capacity: int) -> None:
+        self.counts = np.zeros(2, dtype=np.int64)  # rows used, items touched
+        self.slots = np.full(2 * capacity, _EMPTY, dtype=np.int64)
+        self.owner = np.empty(capacity, dtype=np.int64)
+        self.partner = np.empty(capacity, dtype=np.int64)
+        self.stats = np.empty((capacity, PAIR_FIELDS), dtype=np.float64)
+
+    @property
+    def used(self) -> int:
+        return int(self.counts[0])
+
+    def reserve(self, more: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Room for ``more`` rows; the arrays a kernel takes."""
+        rows = self.used + more
+        if rows > len(self.owner):
+            size = max(rows, 2 * len(self.owner))
+            self.owner = np.resize(self.owner, size)
+            self.partner = np.resize(self.partner, size)
+            self.stats = np.resize(self.stats, (size, PAIR_FIELDS))
+        if 2 * rows > self.slots.size:  # at most half full: short probes
+            self.slots = np.full(1 << (4 * rows - 1).bit_length(), _EMPTY, dtype=np.int64)
+            _rehash(self.slots, self.owner, self.partner, self.used)
+        return self.slots, self.owner, self.partner, self.stats
+
+
 class LearnedPairs:
-    """Pair statistics added up over a batch, by item name.
+    """Pair statistics of a batch by item name: those stored before it, and those it learns.
 
     Examples
     --------
@@ -118,17 +168,17 @@ class LearnedPairs:
     >>> pairs.add(b, np.array([a, b]), np.array([2.0, 9.0]), 4.0, np.array([1.0, 9.0]))
     >>> pairs.rows()["a"].stats.tolist()  # (a, b): 1 + 1 co-ratings, 0.5 + 2, 1 + 1, 0.25 + 4
     [[2.0, 2.5, 2.0, 4.25]]
+    >>> pairs.put(a, np.array([b]), np.array([[3.0, 1.0, 1.0, 1.0]]))  # stored before
+    >>> pairs.read(a, np.array([b, a])).tolist()  # stored plus learned; none with itself
+    [[5.0, 3.5, 3.0, 5.25], [0.0, 0.0, 0.0, 0.0]]
     """
 
     def __init__(self, capacity: int = 1024) -> None:
         self.names: list[str] = []
         self._ids: dict[str, int] = {}
         self._touched = np.full(64, _EMPTY, dtype=np.int64)
-        self._counts = np.zeros(2, dtype=np.int64)  # rows used, items touched
-        self._slots = np.full(2 * capacity, _EMPTY, dtype=np.int64)
-        self._owner = np.empty(capacity, dtype=np.int64)
-        self._partner = np.empty(capacity, dtype=np.int64)
-        self._stats = np.empty((capacity, PAIR_FIELDS), dtype=np.float64)
+        self._learned = _Rows(capacity)
+        self._stored = _Rows(capacity)
 
     def ids_of(self, names: Sequence[str]) -> np.ndarray:
         """Each name's number, numbering names met for the first time."""
@@ -154,24 +204,33 @@ class LearnedPairs:
     def add(
         self, item: int, partners: np.ndarray, cross: np.ndarray, own: float, theirs: np.ndarray
     ) -> None:
-        """``item``'s statistics with each partner (and theirs with it) grow by one
+        """``item``'s learned statistics with each partner (and theirs with it) grow by one
         co-rating, ``cross``, ``own`` and ``theirs``; a partner that is ``item`` is skipped."""
-        self._reserve(int(self._counts[0]) + 2 * partners.size)
-        _add(self._slots, self._owner, self._partner, self._stats, self._touched, self._counts,
+        rows = self._learned
+        _add(*rows.reserve(2 * partners.size), self._touched, rows.counts,
              item, partners, cross, own, theirs)  # fmt: skip
 
-    def add_into(self, item: int, partners: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``out`` (one row per partner) plus ``item``'s learned statistics with each."""
-        _add_into(self._slots, self._owner, self._partner, self._stats, item, partners, out)
+    def put(self, item: int, partners: np.ndarray, stats: np.ndarray) -> None:
+        """``item``'s stored statistics with each partner (one row each), as read before the
+        batch; a pair put twice keeps the second."""
+        rows = self._stored
+        _put(*rows.reserve(partners.size), rows.counts, item, partners, stats)
+
+    def read(self, item: int, partners: np.ndarray) -> np.ndarray:
+        """``item``'s statistics with each partner, stored plus learned (zeros for none)."""
+        out = np.zeros((partners.size, PAIR_FIELDS))
+        for rows, add in ((self._stored, False), (self._learned, True)):
+            _into(rows.slots, rows.owner, rows.partner, rows.stats, item, partners, out, add)
         return out
 
     def partners_of(self, item: str) -> list[str]:
         """``item``'s learned partners, in the order first met."""
         number = self._ids.get(item)
-        used = int(self._counts[0])
         if number is None:
             return []
-        return [self.names[p] for p in self._partner[:used][self._owner[:used] == number].tolist()]
+        rows = self._learned
+        mine = rows.owner[: rows.used] == number
+        return [self.names[p] for p in rows.partner[: rows.used][mine].tolist()]
 
     def touched(self) -> list[str]:
         """Every item an `add` met, as item or partner, in the order first met."""
@@ -180,14 +239,14 @@ class LearnedPairs:
         return [self.names[i] for i in ids[np.argsort(touched[ids], kind="stable")].tolist()]
 
     def rows(self) -> dict[str, PairRows]:
-        """Each touched item's pairs (none for an item met only with itself)."""
-        used = int(self._counts[0])
-        owner = self._owner[:used]
+        """Each touched item's learned pairs (none for an item met only with itself)."""
+        used = self._learned.used
+        owner = self._learned.owner[:used]
         order = np.lexsort((np.arange(used), self._touched[owner]))
         ends = np.flatnonzero(np.diff(owner[order])) + 1
         names = self.names
-        partners = [names[p] for p in self._partner[order].tolist()]
-        stats = self._stats[order]
+        partners = [names[p] for p in self._learned.partner[order].tolist()]
+        stats = self._learned.stats[order]
         out = {name: PairRows([], np.empty((0, PAIR_FIELDS))) for name in self.touched()}
         for start, end in zip([0, *ends.tolist()], [*ends.tolist(), used], strict=True):
             if end > start:
@@ -195,13 +254,3 @@ class LearnedPairs:
                     partners[start:end], stats[start:end]
                 )
         return out
-
-    def _reserve(self, rows: int) -> None:
-        if rows > len(self._owner):
-            size = max(rows, 2 * len(self._owner))
-            self._owner = np.resize(self._owner, size)
-            self._partner = np.resize(self._partner, size)
-            self._stats = np.resize(self._stats, (size, PAIR_FIELDS))
-        if 2 * rows > self._slots.size:  # at most half full: short probes
-            self._slots = np.full(1 << (4 * rows - 1).bit_length(), _EMPTY, dtype=np.int64)
-            _rehash(self._slots, self._owner, self._partner, int(self._counts[0]))

@@ -47,7 +47,6 @@ import struct
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
 
 import numba
 import numpy as np
@@ -204,18 +203,6 @@ def row_features(
         pairs,
         partner_ratings,
     )
-
-
-_NO_PAIR = (0.0,) * PAIR_FIELDS
-
-
-def _gather(row: Mapping[str, Sequence[float]] | None, partners: Sequence[str]) -> np.ndarray:
-    """``row``'s statistics with each partner, one row of `PAIR_FIELDS` each (zeros where it
-    has none)."""
-    if not row:
-        return np.zeros((len(partners), PAIR_FIELDS))
-    stats = chain.from_iterable([row.get(partner, _NO_PAIR) for partner in partners])
-    return np.fromiter(stats, np.float64, PAIR_FIELDS * len(partners)).reshape(-1, PAIR_FIELDS)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -397,7 +384,8 @@ class RatingStack:
     histories
         Users' `RatingRecord` lists, newest first (a user not in it has none).
     pairs
-        Item -> partner -> the pair's `PAIR_FIELDS` statistics from the item's side.
+        Item -> its stored pairs: partners and their `PAIR_FIELDS` statistics from the
+        item's side.
     item_ratings
         Rating counts of the items in ``histories`` and of the items to learn.
     blend_state
@@ -413,7 +401,7 @@ class RatingStack:
         self,
         mf: BiasedMF,
         histories: dict[str, list[RatingRecord]],
-        pairs: dict[str, dict[str, Sequence[float]]],
+        pairs: Mapping[str, PairRows],
         item_ratings: dict[str, float],
         blend_state: np.ndarray,
         history: int,
@@ -427,7 +415,8 @@ class RatingStack:
         self.blend = Blend(blend_state)
         self.history = history
         self.initial_state = blend_state
-        self._learned = LearnedPairs()  # (c, S, A_own, A_partner) per pair, learned here
+        self._learned = LearnedPairs()  # (c, S, A_own, A_partner) per pair, stored and learned
+        self._stored_read: set[str] = set()  # items whose stored pairs are in _learned
         self._counts = np.empty(0)  # item_ratings by `LearnedPairs` number
         self.new_records: defaultdict[str, list[RatingRecord]] = defaultdict(list)
         self.rating_increments: defaultdict[str, float] = defaultdict(float)
@@ -464,12 +453,20 @@ class RatingStack:
             self._counts = np.concatenate((self._counts, new))
         return numbers
 
+    def _number(self, item: str) -> int:
+        """``item``'s number, its stored pairs put in the table when first met."""
+        number = int(self._numbers([item])[0])
+        if item not in self._stored_read:
+            self._stored_read.add(item)
+            stored = self.stored_pairs.get(item)
+            if stored is not None:
+                self._learned.put(number, self._numbers(stored.partners), stored.stats)
+        return number
+
     def features(self, user: str, item: str) -> np.ndarray:
         table = self.mf.table
         history = self._history(user)
-        number = int(self._numbers([item])[0])
-        pairs = _gather(self.stored_pairs.get(item), history.items)
-        self._learned.add_into(number, history.ids, pairs)
+        pairs = self._learned.read(self._number(item), history.ids)
         return row_features(
             self.mf.mean,
             table["u:" + user],
@@ -491,7 +488,7 @@ class RatingStack:
         blend_error = self.blend.learn(x, rating)
         mf_error = mf.learn_one(user, item, rating)
         history = self._history(user)
-        number = int(self._numbers([item])[0])
+        number = self._number(item)
         centred = rating - history.mean_with(rating)
         others = history.centred[: self.pair_window]
         partners = history.ids[: self.pair_window]
@@ -506,10 +503,10 @@ class RatingStack:
 
     def pairs(self, item: str) -> dict[str, np.ndarray]:
         """Every partner's statistics with ``item``, stored plus learned here."""
-        stored = self.stored_pairs.get(item, {})
-        partners = list(dict.fromkeys([*stored, *self._learned.partners_of(item)]))
-        rows = _gather(stored, partners)
-        self._learned.add_into(int(self._numbers([item])[0]), self._numbers(partners), rows)
+        stored = self.stored_pairs.get(item)
+        partners = [*(stored.partners if stored else []), *self._learned.partners_of(item)]
+        partners = list(dict.fromkeys(partners))
+        rows = self._learned.read(self._number(item), self._numbers(partners))
         return dict(zip(partners, rows, strict=True))
 
     def blend_change(self) -> np.ndarray:

@@ -25,10 +25,10 @@ import asyncio
 import logging
 import math
 import secrets
-import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any, Protocol
 
 import numpy as np
@@ -45,6 +45,7 @@ from freshrec.models.interaction_learner import (
     InteractionLearner,
     Snapshot,
 )
+from freshrec.models.learned_pairs import PairRows
 from freshrec.models.mf import VectorTable, vector_width
 from freshrec.models.rating_stack import (
     PAIR_FIELDS,
@@ -751,11 +752,15 @@ def _vector_changes(
     return delta.tobytes(), base.tobytes(), updated.tobytes()
 
 
-_PAIR = struct.Struct("<4f")
+_PAIR_BYTES = 4 * PAIR_FIELDS  # a pair's statistics as stored: four float32
 
 
 def _encoded_records(w: Changes) -> dict[str, list[bytes]]:
     return {user: [r.encode() for r in records] for user, records in w.rating_records.items()}
+
+
+def _float64_rows(packed: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join(packed), "<f4").astype(np.float64).reshape(-1, PAIR_FIELDS)
 
 
 def _rating_state(
@@ -766,18 +771,22 @@ def _rating_state(
 ) -> None:
     """Fills the snapshot's rating side from the read's replies: per rating user, their
     records, the pair statistics of each item they rate, and the partners' rating counts."""
+    found: dict[str, tuple[list[str], list[bytes]]] = {}
     for (user, rated), (raw, stats, counts) in zip(raters.items(), replies, strict=True):
         records = decode_records(raw)  # type: ignore[arg-type]
         snapshot.ratings[user] = records
         partners = [r.item for r in records] + rated
         for item, values in zip(rated, stats, strict=True):  # type: ignore[call-overload]
-            row = snapshot.rating_pairs.setdefault(item, {})
-            for partner, value in zip(partners, values, strict=True):
-                if value is not None and len(value) == 4 * PAIR_FIELDS:
-                    row[partner] = _PAIR.unpack(value)
+            kept = [value is not None and len(value) == _PAIR_BYTES for value in values]
+            named, packed = found.setdefault(item, ([], []))
+            named += compress(partners, kept)
+            packed += compress(values, kept)
         for partner, count in zip(partners, counts, strict=True):  # type: ignore[call-overload]
             if count is not None:
                 snapshot.item_ratings[partner] = float(count)
+    snapshot.rating_pairs = {
+        item: PairRows(named, _float64_rows(packed)) for item, (named, packed) in found.items()
+    }
     snapshot.blend = decode_state(blend)
 
 

@@ -45,11 +45,9 @@ def test_sums_partners_and_order_equal_plain_dicts_whatever_the_capacity(capacit
         assert row.stats.tolist() == list(expected[item].values())  # the same doubles
         assert pairs.partners_of(item) == row.partners
         asked = [*row.partners, "never met"]
-        out = pairs.add_into(
-            int(pairs.ids_of([item])[0]), pairs.ids_of(asked), np.ones((len(asked), PAIR_FIELDS))
-        )
-        assert out[:-1].tolist() == (row.stats + 1.0).tolist()
-        assert out[-1].tolist() == [1.0] * PAIR_FIELDS
+        out = pairs.read(int(pairs.ids_of([item])[0]), pairs.ids_of(asked))
+        assert out[:-1].tolist() == row.stats.tolist()
+        assert out[-1].tolist() == [0.0] * PAIR_FIELDS
 
 
 def test_an_item_met_only_with_itself_is_touched_with_no_pairs() -> None:
@@ -60,3 +58,34 @@ def test_an_item_met_only_with_itself_is_touched_with_no_pairs() -> None:
     assert list(rows) == ["a"]
     assert rows["a"].partners == []
     assert rows["a"].stats.shape == (0, PAIR_FIELDS)
+
+
+@pytest.mark.parametrize("capacity", [1, 1024])
+def test_reads_are_the_stored_statistics_plus_the_learned(capacity: int) -> None:
+    rng = np.random.default_rng(11)
+    names = [f"item {n}" for n in range(30)]
+    pairs = LearnedPairs(capacity)
+    numbers = pairs.ids_of(names)
+    stored: dict[tuple[int, int], np.ndarray] = {}
+    for _ in range(3):  # a pair put again keeps the newest statistics
+        for item in rng.choice(numbers, size=20):
+            partners = rng.choice(numbers, size=8, replace=False)
+            values = rng.normal(size=(8, PAIR_FIELDS)).astype(np.float32).astype(np.float64)
+            pairs.put(int(item), partners, values)
+            stored.update({(int(item), int(p)): v for p, v in zip(partners, values, strict=True)})
+    learned: dict[tuple[int, int], np.ndarray] = {}
+    for _ in range(200):
+        item, partners = int(rng.choice(numbers)), rng.choice(numbers, size=5)
+        cross, own, theirs = rng.normal(size=5), float(rng.random()), rng.random(5)
+        pairs.add(item, partners, cross, own, theirs)
+        for k, p in enumerate(partners.tolist()):
+            if p != item:
+                for key, row in (((item, p), (cross[k], own, theirs[k])),
+                                 ((p, item), (cross[k], theirs[k], own))):  # fmt: skip
+                    learned[key] = learned.get(key, np.zeros(PAIR_FIELDS)) + np.array([1.0, *row])
+    for item in numbers.tolist():
+        expected = [
+            stored.get((item, p), np.zeros(PAIR_FIELDS)) + learned.get((item, p), 0.0)
+            for p in numbers.tolist()
+        ]
+        np.testing.assert_allclose(pairs.read(item, numbers), expected, rtol=0, atol=1e-12)

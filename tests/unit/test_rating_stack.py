@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from freshrec.models.biased_mf import BiasedMF
+from freshrec.models.learned_pairs import PAIR_FIELDS, PairRows
 from freshrec.models.mf import VectorTable, rating_count_at
 from freshrec.models.rating_stack import (
     FORGETTING,
@@ -169,7 +170,11 @@ def test_a_batch_continued_from_a_stored_state_learns_as_one_pass() -> None:
     whole = [one.learn_one(*event) for event in stream]
     first = RatingStack(_mf(), {}, {}, {}, Blend.prior_state(), 50)
     errors = [first.learn_one(*event) for event in stream[:120]]
-    pairs = {i: first.pairs(i) for i in first.pair_changes}
+    pairs = {
+        i: PairRows(list(row), np.array(list(row.values())).reshape(-1, PAIR_FIELDS))
+        for i in first.pair_changes
+        if (row := first.pairs(i))
+    }
     counts = dict(first.rating_increments)
     histories = {u: list(reversed(r))[:50] for u, r in first.new_records.items()}
     second = RatingStack(
