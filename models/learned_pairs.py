@@ -1,4 +1,4 @@
-"""The item pairs' rating statistics a batch learns, in a table compiled code reads and writes.
+"""The item pairs' rating statistics a batch reads and learns, in tables compiled code reads.
 
 Every rating adds to the statistics of its item with each of the user's newest rated items,
 both ways, and the features of the next rating read them back for every record the user keeps
@@ -25,8 +25,8 @@ _HASH = np.uint64(11400714819323198485)  # 2^64 / the golden ratio (Knuth, TAOCP
 
 @dataclass(frozen=True)
 class PairRows:
-    """One item's learned pairs: its partners, in the order first met, and their statistics
-    (one row of `PAIR_FIELDS` each)."""
+    """One item's pairs (stored, or learned by a batch): its partners and their statistics,
+    one row of `PAIR_FIELDS` each."""
 
     partners: list[str]
     stats: np.ndarray
@@ -48,21 +48,22 @@ def _slot(slots: np.ndarray, owner: np.ndarray, partner: np.ndarray, item: int, 
 
 @numba.njit(cache=True, nogil=True)
 def _add(slots: np.ndarray, owner: np.ndarray, partner: np.ndarray, stats: np.ndarray,
-         touched: np.ndarray, counts: np.ndarray, item: int, partners: np.ndarray,
-         cross: np.ndarray, own: float, theirs: np.ndarray) -> None:  # fmt: skip
+         counts: np.ndarray, touched: np.ndarray, touches: np.ndarray, item: int,
+         partners: np.ndarray, cross: np.ndarray, own: float,
+         theirs: np.ndarray) -> None:  # fmt: skip
     """``(item, p) += (1, cross, own, theirs)`` and ``(p, item) += (1, cross, theirs, own)``
     for each partner ``p`` other than ``item``; items are marked touched in that order.
-    ``counts``: rows used, items touched (updated in place)."""
+    ``counts``: rows used; ``touches``: items touched (both updated in place)."""
     if touched[item] == _EMPTY:
-        touched[item] = counts[1]
-        counts[1] += 1
+        touched[item] = touches[0]
+        touches[0] += 1
     for k in range(partners.size):
         other = partners[k]
         if other == item:
             continue
         if touched[other] == _EMPTY:
-            touched[other] = counts[1]
-            counts[1] += 1
+            touched[other] = touches[0]
+            touches[0] += 1
         _bump(slots, owner, partner, stats, counts, item, other, cross[k], own, theirs[k])
         _bump(slots, owner, partner, stats, counts, other, item, cross[k], theirs[k], own)
 
@@ -133,7 +134,7 @@ class _Rows:
     """Rows of `PAIR_FIELDS` statistics, one per ``(item, partner)``, and the table to them."""
 
     def __init__(self, capacity: int) -> None:
-        self.counts = np.zeros(2, dtype=np.int64)  # rows used, items touched
+        self.counts = np.zeros(1, dtype=np.int64)  # rows used
         self.slots = np.full(2 * capacity, _EMPTY, dtype=np.int64)
         self.owner = np.empty(capacity, dtype=np.int64)
         self.partner = np.empty(capacity, dtype=np.int64)
@@ -176,7 +177,8 @@ class LearnedPairs:
     def __init__(self, capacity: int = 1024) -> None:
         self.names: list[str] = []
         self._ids: dict[str, int] = {}
-        self._touched = np.full(64, _EMPTY, dtype=np.int64)
+        self._touched = np.full(64, _EMPTY, dtype=np.int64)  # when `add` first met each item
+        self._touches = np.zeros(1, dtype=np.int64)  # items `add` has met
         self._learned = _Rows(capacity)
         self._stored = _Rows(capacity)
 
@@ -187,10 +189,11 @@ class LearnedPairs:
         if _EMPTY in found:
             for k, number in enumerate(found):
                 if number == _EMPTY:
-                    found[k] = self._number(names[k])
+                    found[k] = self.id_of(names[k])
         return np.array(found, dtype=np.int64)
 
-    def _number(self, name: str) -> int:
+    def id_of(self, name: str) -> int:
+        """``name``'s number, numbering it if it is new."""
         number = self._ids.get(name)
         if number is None:
             number = self._ids[name] = len(self.names)
@@ -207,7 +210,7 @@ class LearnedPairs:
         """``item``'s learned statistics with each partner (and theirs with it) grow by one
         co-rating, ``cross``, ``own`` and ``theirs``; a partner that is ``item`` is skipped."""
         rows = self._learned
-        _add(*rows.reserve(2 * partners.size), self._touched, rows.counts,
+        _add(*rows.reserve(2 * partners.size), rows.counts, self._touched, self._touches,
              item, partners, cross, own, theirs)  # fmt: skip
 
     def put(self, item: int, partners: np.ndarray, stats: np.ndarray) -> None:

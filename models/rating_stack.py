@@ -342,14 +342,13 @@ def solve_weights(state: np.ndarray) -> np.ndarray:
 
 class _History:
     """A user's records, newest first, and what learning reads of them on every rating kept
-    alongside: their items (names and `LearnedPairs` numbers), their `record_columns`, their
-    ``centred`` values and the sum of their ratings."""
+    alongside: their items' `LearnedPairs` numbers, their `record_columns`, their ``centred``
+    values and the sum of their ratings."""
 
-    __slots__ = ("centred", "columns", "ids", "items", "rating_sum", "records")
+    __slots__ = ("centred", "columns", "ids", "rating_sum", "records")
 
     def __init__(self, records: list[RatingRecord], ids: np.ndarray) -> None:
         self.records = records
-        self.items = [r.item for r in records]
         self.ids = ids
         self.columns = record_columns(records)
         self.centred = np.array([r.centred for r in records], dtype=np.float64)
@@ -362,7 +361,6 @@ class _History:
     def push(self, record: RatingRecord, number: int, keep: int) -> None:
         """``record`` (of item ``number``) as the newest, then only the ``keep`` newest kept."""
         self.records.insert(0, record)
-        self.items.insert(0, record.item)
         self.rating_sum += record.rating
         newest = [(record.residual, record.mf_error, record.blend_error)]
         self.columns = np.concatenate((newest, self.columns))[:keep]
@@ -370,7 +368,7 @@ class _History:
         self.centred = np.concatenate(([record.centred], self.centred))[:keep]
         for dropped in self.records[keep:]:
             self.rating_sum -= dropped.rating
-        del self.records[keep:], self.items[keep:]
+        del self.records[keep:]
 
 
 class RatingStack:
@@ -411,7 +409,7 @@ class RatingStack:
         self.pair_window = history if pair_window is None else pair_window
         self.stored_histories = histories
         self.stored_pairs = pairs
-        self.item_ratings = dict(item_ratings)
+        self.item_ratings = item_ratings  # as stored: `_counts` holds them with the learned
         self.blend = Blend(blend_state)
         self.history = history
         self.initial_state = blend_state
@@ -447,15 +445,19 @@ class RatingStack:
         """The items' `LearnedPairs` numbers; a newly numbered item's rating count joins
         ``_counts``."""
         numbers = self._learned.ids_of(items)
+        self._count_new()
+        return numbers
+
+    def _count_new(self) -> None:
         known, names = len(self._counts), self._learned.names
         if len(names) > known:
             new = [self.item_ratings.get(name, 0.0) for name in names[known:]]
             self._counts = np.concatenate((self._counts, new))
-        return numbers
 
     def _number(self, item: str) -> int:
         """``item``'s number, its stored pairs put in the table when first met."""
-        number = int(self._numbers([item])[0])
+        number = self._learned.id_of(item)
+        self._count_new()
         if item not in self._stored_read:
             self._stored_read.add(item)
             stored = self.stored_pairs.get(item)
@@ -464,9 +466,11 @@ class RatingStack:
         return number
 
     def features(self, user: str, item: str) -> np.ndarray:
+        return self._features(self._history(user), user, item, self._number(item))
+
+    def _features(self, history: _History, user: str, item: str, number: int) -> np.ndarray:
         table = self.mf.table
-        history = self._history(user)
-        pairs = self._learned.read(self._number(item), history.ids)
+        pairs = self._learned.read(number, history.ids)
         return row_features(
             self.mf.mean,
             table["u:" + user],
@@ -483,12 +487,11 @@ class RatingStack:
     def learn_one(self, user: str, item: str, rating: float) -> float:
         """Learns ``rating``; returns the blend's error on it before learning it."""
         mf = self.mf
-        x = self.features(user, item)
+        history, number = self._history(user), self._number(item)
+        x = self._features(history, user, item, number)
         baseline = mf.mean + float(mf.table["u:" + user][0]) + float(mf.table["i:" + item][0])
         blend_error = self.blend.learn(x, rating)
         mf_error = mf.learn_one(user, item, rating)
-        history = self._history(user)
-        number = self._number(item)
         centred = rating - history.mean_with(rating)
         others = history.centred[: self.pair_window]
         partners = history.ids[: self.pair_window]
@@ -496,7 +499,6 @@ class RatingStack:
         record = RatingRecord(item, rating, centred, rating - baseline, mf_error, blend_error)
         history.push(record, number, self.history)
         self.new_records[user].append(record)
-        self.item_ratings[item] = self.item_ratings.get(item, 0.0) + 1.0
         self._counts[number] += 1.0
         self.rating_increments[item] += 1.0
         return blend_error
