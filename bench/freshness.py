@@ -3,7 +3,8 @@
 A figure of events per second says how much the pipeline takes; it does not say how long one
 event waits before a user sees its effect. This bench runs the soak's pipeline (a real worker
 and reader, a producer process, an open-loop serving load: `freshrec.bench.soak`), measures
-the maximum sustained ingest rate under that serving load, then holds ``SHARES`` of it in turn.
+the maximum sustained ingest rate under that serving load (paced holds below the rate a
+backlog drains at: `freshrec.bench.soak.SustainedSearch`), then holds ``SHARES`` of it in turn.
 At each share a *tracer* process sends ``tracers_per_s`` tracer events into the same events
 topic: each a click by a user of its own (``tracer-<share>-<n>``, so nothing else touches that
 user) on a distinct item, stamped with the wall clock as it is sent. Per tracer it measures,
@@ -42,6 +43,8 @@ from freshrec.bench.serve import latency_figures
 from freshrec.bench.soak import (
     SYNTH_ITEMS,
     Pipeline,
+    SustainedSearch,
+    holds_text,
     load_average_now,
     running_pipeline,
     window_latency,
@@ -78,6 +81,7 @@ def run_freshness(
     probe_backlog: int = 20_000,
     settle_s: float = SETTLE_S,
     show_progress: bool = True,
+    search: SustainedSearch | None = None,
 ) -> dict[str, Any]:
     """Measure the maximum ingest rate, then event-to-served and event-to-published times at
     each of ``shares`` of it, ``seconds`` of tracers each, under ``serve_rps`` of requests."""
@@ -88,7 +92,7 @@ def run_freshness(
     say = Say(show_progress)
     load_average = {"start": load_average_now()}
     with running_pipeline(base, "freshness", serve_rps, probe_backlog, say) as run:
-        probe = run.measure_maximum(probe_s, SAMPLE_S * 2.5)
+        probe = run.measure_maximum(probe_s, SAMPLE_S * 2.5, search)
         levels = []
         for share in shares:
             # Each share starts from a learned, published state, not the last one's.
@@ -522,9 +526,8 @@ def format_freshness(results: dict[str, Any]) -> str:
     t, setup, load = results["tracer"], results["setup"], results["load_average"]
     probe = results["probe"]
     lines = [
-        f"freshness under load: maximum ingest {results['max_events_per_s']:,.0f} events/s "
-        f"({probe['events']:,} events in {probe['batches']} batches over "
-        f"{probe['seconds']:.1f} s), serving {results['serve_rps']:,.0f} req/s throughout; "
+        f"freshness under load: maximum sustained ingest {results['max_events_per_s']:,.0f} "
+        f"events/s ({holds_text(probe)}), serving {results['serve_rps']:,.0f} req/s throughout; "
         f"{setup['cpus']} CPUs; load average {load.get('start')} at the start, "
         f"{load.get('end')} at the end",
         f"tracers: {t['per_s']:g}/s for {t['seconds_per_share']:g} s per load, each a user of "

@@ -20,7 +20,7 @@ from confluent_kafka.admin import AdminClient
 from freshrec.bench.freshness import format_freshness, run_freshness
 from freshrec.bench.ingest import MEASUREMENTS, format_results, run_bench
 from freshrec.bench.memory import format_memory, run_memory_bench, stream_events
-from freshrec.bench.soak import format_soak, run_soak
+from freshrec.bench.soak import SustainedSearch, format_soak, run_soak
 from freshrec.devenv import local_services
 from freshrec.settings import Settings
 
@@ -31,8 +31,10 @@ SHORT_PIPELINE: dict[str, Any] = {
     "serve_rps": 20.0,
     "probe_backlog": 2_000,
     "show_progress": False,
+    "search": SustainedSearch(steps=2, settle_s=1.0, hold_s=3.0, sample_s=0.25),
 }
-"""The soak's and the freshness bench's pipeline, briefly: its maximum from a 6 s probe."""
+"""The soak's and the freshness bench's pipeline, briefly: its maximum from a 6 s probe and
+two paced holds of 4 s."""
 
 
 def _bench_settings(endpoints: local_services.Endpoints) -> Settings:
@@ -124,6 +126,7 @@ def test_a_short_soak_samples_every_process_and_keeps_up(
     assert json.loads(json.dumps(results)) == results
     rates = results["rates"]
     assert rates["max_events_per_s"] > 0 and rates["probe"]["batches"] >= 2
+    _assert_the_highest_rate_held(rates["probe"], rates["max_events_per_s"])
     assert rates["target_events_per_s"] == pytest.approx(0.7 * rates["max_events_per_s"], 0.01)
     assert rates["applied_events_per_s"] > 0
     hold = [s for s in results["samples"] if s["phase"] == "hold"]
@@ -159,6 +162,7 @@ def test_every_tracer_event_is_seen_served_and_published(
     )
     assert json.loads(json.dumps(results)) == results
     assert results["max_events_per_s"] > 0
+    _assert_the_highest_rate_held(results["probe"], results["max_events_per_s"])
     (level,) = results["levels"]
     assert level["target_events_per_s"] == pytest.approx(0.1 * results["max_events_per_s"], 0.01)
     assert level["applied_events_per_s"] > 0
@@ -202,3 +206,16 @@ def test_memory_per_user_and_per_item_counts_every_user_and_item_of_the_stream(
     assert result["learn_cpu_us_per_event"] > 0 and result["redis_cpu_us_per_event"] > 0
     assert "per user" in format_memory(result) and "of Redis's per event" in format_memory(result)
     _assert_nothing_left(settings, "freshrec-bench-memory", "fr-bench-memory-*")
+
+
+def _assert_the_highest_rate_held(probe: dict[str, Any], maximum: float) -> None:
+    """The maximum is the highest paced rate the search held, below the drain rate; each hold
+    bisects what the ones before it left."""
+    holds = probe["holds"]
+    assert len(holds) == SHORT_PIPELINE["search"].steps
+    assert maximum == max(h["events_per_s"] for h in holds if h["kept_up"])
+    assert maximum < probe["drain_events_per_s"]
+    low, high = 0.0, probe["drain_events_per_s"]
+    for hold in holds:
+        assert hold["events_per_s"] == pytest.approx((low + high) / 2, abs=1.0)
+        low, high = (hold["events_per_s"], high) if hold["kept_up"] else (low, hold["events_per_s"])
