@@ -44,8 +44,10 @@ from freshrec.bench.soak import (
     SYNTH_ITEMS,
     Pipeline,
     SustainedSearch,
+    compact_append_only_files,
     holds_text,
     load_average_now,
+    redis_forks,
     running_pipeline,
     window_latency,
 )
@@ -95,11 +97,19 @@ def run_freshness(
         probe = run.measure_maximum(probe_s, SAMPLE_S * 2.5, search)
         levels = []
         for share in shares:
-            # Each share starts from a learned, published state, not the last one's.
+            # Each share starts from a learned, published state, not the last one's, and with
+            # Redis's append-only file just rewritten (`compact_append_only_files`).
             impressions_waiting = run.drain()
+            compacted_s = compact_append_only_files(run.watch.store)
             maximum = probe["max_events_per_s"]
             level = _level(run, share, maximum, seconds, tracers_per_s, settle_s)
-            levels.append({**level, "impressions_waiting_at_start": impressions_waiting})
+            levels.append(
+                {
+                    **level,
+                    "impressions_waiting_at_start": impressions_waiting,
+                    "append_only_file_rewritten_s": compacted_s,
+                }
+            )
         requests = run.stop_load()
         load_average["end"] = load_average_now()
     for level in levels:
@@ -161,6 +171,7 @@ def _level(
             pids["redis"] = watch.redis_pid
         cpu = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
         worker_before = _worker_view(run.settings.worker_metrics_port)
+        forks = redis_forks(watch.store)
         since, begin = time.time(), time.monotonic()
         go.set()
         next_sample = begin + SAMPLE_S
@@ -181,6 +192,7 @@ def _level(
         worker = _worker_split(
             worker_before, _worker_view(run.settings.worker_metrics_port), elapsed
         )
+        forks = redis_forks(watch.store) - forks
         for name, pid in pids.items():
             before, after = cpu[name], process_cpu_seconds(pid)
             cpu[name] = None if before is None or after is None else (after - before) / elapsed
@@ -198,6 +210,7 @@ def _level(
         "unpublished_users": _start_end_max(held, "unpublished"),
         "lists_published_per_s": round(followed["lists"] / elapsed, 1),
         "cpu_cores": {name: None if c is None else round(c, 2) for name, c in cpu.items()},
+        "redis_forks": forks,
         "worker": worker,
         "seconds": round(elapsed, 1),
         **_tracer_figures(followed, elapsed),
@@ -570,7 +583,14 @@ def format_freshness(results: dict[str, Any]) -> str:
             f"at {lv['share']:.0%}: CPU cores: worker {cpu['worker']}, reader {cpu['reader']}, "
             f"redis-server {cpu.get('redis', '-')}; "
             f"{lv['lists_published_per_s']:,.0f} lists published/s; tracer polls "
-            f"{polls['per_s']:,.0f}/s, round trip p50 {polls['round_trip_p50_ms']} ms"
+            f"{polls['per_s']:,.0f}/s, round trip p50 {polls['round_trip_p50_ms']} ms; "
+            f"Redis forked {lv['redis_forks']} times (append-only file rewritten "
+            + (
+                "before: refused"
+                if lv["append_only_file_rewritten_s"] is None
+                else f"in {lv['append_only_file_rewritten_s']} s before"
+            )
+            + ")"
         )
         worker = lv.get("worker")
         if worker:

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from freshrec.bench.ingest import (
     delete_group,
@@ -720,6 +721,49 @@ def _rss_mib(pid: int) -> float | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _servers(store: Any) -> list[redis.Redis]:
+    """Each server behind ``store``: itself, or a Cluster's primaries."""
+    if isinstance(store, RedisCluster):
+        return [store.get_redis_connection(node) for node in store.get_primaries()]
+    return [store]
+
+
+def redis_forks(store: Any) -> int:
+    """Children the servers behind ``store`` have forked since they started (``total_forks``:
+    append-only file rewrites and snapshots)."""
+    return sum(int(server.info("stats")["total_forks"]) for server in _servers(store))
+
+
+def compact_append_only_files(store: Any, timeout_s: float = 120.0) -> float | None:
+    """Have every server behind ``store`` that keeps an append-only file rewrite it now
+    (``BGREWRITEAOF``) and wait until each has; the seconds it took, or None where a server
+    refuses the command (a managed Redis may).
+
+    A server rewrites the file by itself once it has grown past ``auto-aof-rewrite-percentage``
+    of its last rewrite: a forked child writes the whole state, a core busy for up to a second.
+    The file grows with every write (several MB a second under the bench's load), so the
+    run's earlier phases make one due at a moment of their choosing; rewritten just before a
+    measured window, the file does not come due inside it at the bench's rates."""
+    started = time.monotonic()
+    servers = [s for s in _servers(store) if int(s.info("persistence").get("aof_enabled", 0))]
+    for server in servers:
+        try:
+            server.bgrewriteaof()
+        except redis.ResponseError as exc:
+            if "already in progress" not in str(exc):
+                return None
+
+    def rewritten() -> bool:
+        for server in servers:
+            state = server.info("persistence")
+            if int(state["aof_rewrite_in_progress"]) or int(state["aof_rewrite_scheduled"]):
+                return False
+        return True
+
+    wait_for(rewritten, timeout_s, "Redis to rewrite its append-only file")
+    return round(time.monotonic() - started, 2)
 
 
 def _local_redis_pid(store: redis.Redis) -> int | None:

@@ -20,7 +20,13 @@ from confluent_kafka.admin import AdminClient
 from freshrec.bench.freshness import format_freshness, run_freshness
 from freshrec.bench.ingest import MEASUREMENTS, format_results, run_bench
 from freshrec.bench.memory import format_memory, run_memory_bench, stream_events
-from freshrec.bench.soak import SustainedSearch, format_soak, run_soak
+from freshrec.bench.soak import (
+    SustainedSearch,
+    compact_append_only_files,
+    format_soak,
+    redis_forks,
+    run_soak,
+)
 from freshrec.devenv import local_services
 from freshrec.settings import Settings
 
@@ -171,6 +177,7 @@ def test_every_tracer_event_is_seen_served_and_published(
         assert figures["tracers"] == figures["seen"] == 20 and figures["missing"] == 0, figures
         assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"], figures
     assert level["polls"]["requests"] >= 20 and level["polls"]["errors"] == 0
+    assert level["redis_forks"] >= 0 and level["append_only_file_rewritten_s"] is not None
     assert level["serving"]["requests"] > 0
     # The share began once the worker had caught up on the impressions the probe left: within
     # a second of the serving load's, as its lag gauge read them at a tick after the pause.
@@ -219,3 +226,23 @@ def _assert_the_highest_rate_held(probe: dict[str, Any], maximum: float) -> None
     for hold in holds:
         assert hold["events_per_s"] == pytest.approx((low + high) / 2, abs=1.0)
         low, high = (hold["events_per_s"], high) if hold["kept_up"] else (low, hold["events_per_s"])
+
+
+def test_each_share_can_start_with_the_append_only_file_rewritten(
+    endpoints: local_services.Endpoints,
+) -> None:
+    """The freshness bench has Redis rewrite its append-only file before each share and waits
+    until it has: one more rewrite and one more fork on a server that keeps the file, none
+    on one that does not."""
+    store = redis.Redis.from_url(endpoints.redis_url)
+    try:
+        keeps_file = bool(int(store.info("persistence")["aof_enabled"]))
+        rewrites, forks = int(store.info("persistence")["aof_rewrites"]), redis_forks(store)
+        seconds = compact_append_only_files(store)
+        assert seconds is not None and seconds >= 0
+        state = store.info("persistence")
+        assert not int(state["aof_rewrite_in_progress"]) and not int(state["aof_rewrite_scheduled"])
+        assert (int(state["aof_rewrites"]) > rewrites) == keeps_file
+        assert (redis_forks(store) > forks) == keeps_file
+    finally:
+        store.close()
