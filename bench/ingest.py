@@ -457,13 +457,13 @@ def _main(argv: list[str] | None = None) -> int:
     noop.add_argument("--app-id", required=True, help="Faust app id, which is its consumer group")
     noop.add_argument("--loglevel", default="warning")
     args = parser.parse_args(argv)
-    from faust.worker import Worker
+    from freshrec.streams.worker import faust_worker
 
     settings = Settings.from_env()
     if not settings.kafka_bootstrap or not settings.redis_url:
         parser.error("FRESHREC_KAFKA_BOOTSTRAP and FRESHREC_REDIS_URL must be set")
     app = create_noop_app(settings, args.app_id)
-    Worker(app, loglevel=args.loglevel).execute_from_commandline()
+    faust_worker(app, args.loglevel).execute_from_commandline()
     return 0
 
 

@@ -1024,11 +1024,24 @@ def _seconds(timestamp: float | None) -> float:
 
 def run_worker(settings: Settings, kafka_bootstrap: str, redis_url: str, loglevel: str) -> None:
     """Run a worker in this process until interrupted (SIGINT/SIGTERM)."""
-    from faust.worker import Worker
-
     app = create_app(settings, kafka_bootstrap, redis_url)
     limit_kafka_client_logs(LOG_EVERY_S)  # a broker outage is waited out, not logged per try
-    Worker(app, loglevel=loglevel).execute_from_commandline()
+    faust_worker(app, loglevel).execute_from_commandline()
+
+
+def faust_worker(app: faust.App, loglevel: str) -> Any:
+    """Faust's `Worker` for ``app``, logging at ``loglevel``, without its terminal spinner.
+
+    At WARNING and above Faust's spinner sets the root logger to DEBUG and hangs a handler of
+    its own on it for the process's life, so every debug call of every library (aiokafka's,
+    several per fetch) builds a record that the handlers then drop. A service has no terminal
+    to spin on: without the spinner the root logger stays at ``loglevel``.
+    """
+    from faust.worker import Worker
+
+    worker = Worker(app, loglevel=loglevel)
+    worker.spinner = None
+    return worker
 
 
 def _memory_share(info: dict[str, Any]) -> tuple[float, float]:

@@ -10,8 +10,6 @@ import asyncio
 import logging
 import sys
 
-from faust.worker import Worker
-
 from freshrec.settings import Settings
 from freshrec.streams import worker
 
@@ -34,7 +32,7 @@ def main() -> None:
         else:
             log.warning("partitions owned: %s", sorted(app.consumer.assignment()))
 
-    Worker(app, loglevel="warning").execute_from_commandline()
+    worker.faust_worker(app, "warning").execute_from_commandline()
 
 
 if __name__ == "__main__":
