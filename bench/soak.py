@@ -105,6 +105,13 @@ class SustainedSearch:
     slope_share: float = 0.03
     floor_s: float = 0.5
 
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.settle_s < 0 or not 0 < self.sample_s <= self.hold_s:
+            raise ValueError(
+                "a search takes a step or more, a settle of 0 s or more and a hold of at least "
+                f"one sample: {self}"
+            )
+
 
 @dataclass
 class _Shared:
