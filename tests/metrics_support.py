@@ -26,6 +26,14 @@ def scrape(url: str, timeout_s: float = 5.0) -> dict[Series, float]:
     return samples
 
 
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5.0):
+            return True
+    except OSError:
+        return False
+
+
 def total(samples: dict[Series, float], name: str) -> float:
     """The sum of a metric over all its label values."""
     return sum(value for (sample, _), value in samples.items() if sample == name)
@@ -40,16 +48,22 @@ def freshrec_series(samples: dict[Series, float]) -> set[Series]:
 def metered_worker(settings: Settings, log: Path) -> Iterator[str]:
     """A worker serving its metrics on ``settings.worker_metrics_port``; yields their URL."""
     proc = freshrec_process(["worker", "--loglevel", "warning"], settings, log)
+    url = f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"
     try:
+        # Its metrics are served by a task of the app, which need not have run by the time the
+        # worker has joined its group: both are waited for.
         wait_until(
             lambda: (
                 proc.poll() is not None
-                or group_is_consuming(settings.kafka_bootstrap, f"{settings.topic_prefix}-worker")
+                or (
+                    group_is_consuming(settings.kafka_bootstrap, f"{settings.topic_prefix}-worker")
+                    and _answers(url)
+                )
             ),
             60,
-            "the worker to join its consumer group",
+            "the worker to join its consumer group and serve its metrics",
         )
         assert proc.poll() is None, log.read_text()[-3000:]
-        yield f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"
+        yield url
     finally:
         stop_process(proc)
