@@ -171,7 +171,7 @@ def _level(
             pids["redis"] = watch.redis_pid
         cpu = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
         worker_before = _worker_view(run.settings.worker_metrics_port)
-        forks = redis_forks(watch.store)
+        forks_before = redis_forks(watch.store)
         since, begin = time.time(), time.monotonic()
         go.set()
         next_sample = begin + SAMPLE_S
@@ -192,7 +192,7 @@ def _level(
         worker = _worker_split(
             worker_before, _worker_view(run.settings.worker_metrics_port), elapsed
         )
-        forks = redis_forks(watch.store) - forks
+        forks = redis_forks(watch.store) - forks_before
         for name, pid in pids.items():
             before, after = cpu[name], process_cpu_seconds(pid)
             cpu[name] = None if before is None or after is None else (after - before) / elapsed

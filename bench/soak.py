@@ -191,8 +191,7 @@ class Pipeline:
         figures, ``drain_events_per_s``, ``max_events_per_s`` (the sustained rate) and the
         holds."""
         probe = _probe(self.watch, self.shared, probe_s, sample_s, self.say, self.label)
-        self.shared.mode.value = PAUSE
-        self.watch.wait(lambda: self.watch.lag() <= 0, 300, "the worker to learn the backlog")
+        self.watch.learn_backlog()
         found = _sustained(
             self.watch, self.shared, probe["drain_events_per_s"], search or SustainedSearch(),
             self.say, self.label,
@@ -211,8 +210,7 @@ class Pipeline:
         answered (or given up on); returns the impression messages the worker last reported
         waiting. A backlog of impressions left by the phase before would otherwise be learned
         in the next one, beside the events it measures."""
-        self.shared.mode.value = PAUSE
-        self.watch.wait(lambda: self.watch.lag() <= 0, 300, "the worker to learn the backlog")
+        self.watch.learn_backlog()
         since, waiting = time.monotonic(), float("inf")
 
         def impressions_learned() -> bool:
@@ -405,6 +403,11 @@ class _Watch:
         produced = self.shared.produced.value
         return produced - self.applied()
 
+    def learn_backlog(self) -> None:
+        """Pause the producer until the worker has learned every event sent."""
+        self.shared.mode.value = PAUSE
+        self.wait(lambda: self.lag() <= 0, 300, "the worker to learn the backlog")
+
     def unpublished(self) -> int:
         """Users whose fresh list the reader has yet to publish."""
         return int(self.store.zcard(self.dirty_users))
@@ -512,8 +515,7 @@ def _sustained(
             f"{hold['lag_slope_per_s']:+,.0f} events/s, at most {hold['lag_max']:,})"
         )
         low, high = (rate, high) if hold["kept_up"] else (low, rate)
-        shared.mode.value = PAUSE
-        watch.wait(lambda: watch.lag() <= 0, 300, "the worker to learn the backlog")
+        watch.learn_backlog()
     if not low:
         tried = ", ".join(f"{h['events_per_s']:,.0f}" for h in holds)
         raise RuntimeError(f"{label}: the worker kept up with none of {tried} events/s")
@@ -539,7 +541,7 @@ def _keeps_up(
     shared.rate.value = rate
     shared.mode.value = PACED
     begin = time.monotonic()
-    produced = shared.produced.value
+    sent = shared.produced.value
     times: list[float] = []
     lags: list[int] = []
     while (now := time.monotonic()) < begin + search.settle_s + search.hold_s:
@@ -548,12 +550,12 @@ def _keeps_up(
             times.append(now)
         watch.alive()
         time.sleep(search.sample_s)  # pacing: the samples are the measurement
-    produced = (shared.produced.value - produced) / (time.monotonic() - begin)
+    produced_per_s = (shared.produced.value - sent) / (time.monotonic() - begin)
     slope = float(np.polyfit(times, lags, 1)[0]) if len(lags) > 1 else 0.0
     kept_up = slope <= search.slope_share * rate or max(lags) <= search.floor_s * rate
     return {
         "events_per_s": round(rate, 1),
-        "produced_events_per_s": round(produced, 1),
+        "produced_events_per_s": round(produced_per_s, 1),
         "lag_slope_per_s": round(slope, 1),
         "lag_max": max(lags),
         "kept_up": bool(kept_up),
