@@ -9,8 +9,10 @@ Each item's reward estimate :math:`\hat r_i` (its click-through rate) gets the b
 
 with :math:`N` all impressions and :math:`n_i` the item's. An item never shown has
 :math:`n_i = 0`; it is counted as :math:`n_i = 1` so the bonus stays finite and comparable
-(the largest any item gets). :math:`\hat r_i` is smoothed toward the catalogue CTR with a
-Beta prior of ``prior_strength`` impressions, so one lucky click does not make a winner.
+(the largest any item gets). :math:`\hat r_i` is smoothed with a Beta prior of
+``prior_strength`` impressions, so one lucky click does not make a winner, toward the click-through
+rate of the cold pool as a whole (`pool_ctr`): the empirical-Bayes prior of an item nobody has
+clicked yet is what new items earn, measured on the same clicks and impressions as its own.
 """
 
 from __future__ import annotations
@@ -46,17 +48,32 @@ def smoothed_ctr(
     return (clicks + prior_ctr * prior_strength) / (impressions + prior_strength)
 
 
+def pool_ctr(clicks: np.ndarray, impressions: np.ndarray) -> float:
+    """Clicks per impression over a whole pool of items, 0 for a pool never shown.
+
+    Examples
+    --------
+    >>> pool_ctr(np.array([0.0, 1.0, 40.0]), np.array([0.0, 100.0, 100.0]))
+    0.205
+    """
+    shown = float(np.sum(impressions))
+    return float(np.sum(clicks)) / shown if shown > 0 else 0.0
+
+
 @numba.njit(cache=True, nogil=True)
 def ucb_scores(
     clicks: np.ndarray,
     impressions: np.ndarray,
     total_impressions: float,
     beta: float,
+    prior_ctr: float,
     prior_strength: float = 10.0,
 ) -> np.ndarray:
-    """Smoothed CTR plus the UCB bonus: what the exploration slots rank cold items by."""
-    total_clicks = np.sum(clicks)
-    prior = total_clicks / total_impressions if total_impressions > 0 else 0.0
-    return smoothed_ctr(clicks, impressions, prior, prior_strength) + ucb_bonus(
+    """Smoothed CTR plus the UCB bonus: what the exploration slots rank cold items by.
+
+    ``prior_ctr`` is the cold pool's (`pool_ctr`), not one taken from ``clicks``: a request's
+    few cold candidates would make a different prior for every request.
+    """
+    return smoothed_ctr(clicks, impressions, prior_ctr, prior_strength) + ucb_bonus(
         impressions, total_impressions, beta
     )

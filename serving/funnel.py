@@ -59,6 +59,7 @@ from freshrec.models.rating_stack import (
     solve_weights,
 )
 from freshrec.models.top_k import top_n
+from freshrec.models.ucb import pool_ctr
 from freshrec.serving.features import candidate_features
 from freshrec.serving.funnel_config import CHANNELS, FunnelConfig
 from freshrec.serving.item_index import ItemIndex
@@ -303,6 +304,7 @@ class Funnel:
             cold_impressions=np.frombuffer(shown, "<f8")[known],
             cold_clicks=np.frombuffer(clicked, "<f8")[known],
             impressions_total=float(total or 0.0),
+            cold_ctr=pool_ctr(np.frombuffer(clicked, "<f8"), np.frombuffer(shown, "<f8")),
             unavailable=blocked,
             count_floor=count_floor(index.decay_rate, index.landmark, self.event_clock),
         )
@@ -560,6 +562,7 @@ class Funnel:
             recall.cold_clicks,
             recall.cold_impressions,
             pools.impressions_total,
+            pools.cold_ctr,
             cfg.ucb_beta,
             cfg.exploration_slots,
             index.matrix,
@@ -752,6 +755,7 @@ class _Pools:
     cold_impressions: np.ndarray = field(default_factory=lambda: np.empty(0))
     cold_clicks: np.ndarray = field(default_factory=lambda: np.empty(0))
     impressions_total: float = 0.0
+    cold_ctr: float = 0.0  # the whole cold pool's click-through rate (`pool_ctr`)
     unavailable: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
     count_floor: float = 1.0  # one interaction at the state's clock, as the sums store it
 

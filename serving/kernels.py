@@ -166,6 +166,7 @@ def _funnel_stages(config: FunnelConfig) -> None:
         np.zeros(len(recalled.cold)),
         cold_impressions[recalled.cold],
         float(len(recalled.cold)),
+        0.0,
         config.ucb_beta,
         config.exploration_slots,
         matrix,

@@ -28,6 +28,7 @@ def rerank(
     cold_clicks: np.ndarray,
     cold_impressions: np.ndarray,
     impressions_total: float,
+    cold_ctr: float,
     ucb_beta: float,
     exploration_slots: int,
     vectors: np.ndarray,
@@ -38,7 +39,8 @@ def rerank(
 
     ``multiplier`` is the business rules' (1 keeps, 0 drops, more boosts); ``unavailable`` a
     mask over all rows; ``cold_slot`` each candidate's index into ``cold_clicks`` and
-    ``cold_impressions``, -1 for one that is not cold.
+    ``cold_impressions``, -1 for one that is not cold; ``cold_ctr`` the cold pool's click-through
+    rate, the prior each cold item's is smoothed toward.
 
     Examples
     --------
@@ -48,7 +50,7 @@ def rerank(
     ...     rows=np.array([0, 1, 2, 3]), fine=np.array([0.9, 0.8, 0.7, 0.1]),
     ...     multiplier=np.ones(4), unavailable=np.array([True, False, False, False]),
     ...     cold_slot=np.array([-1, -1, -1, 0]), cold_clicks=np.zeros(1),
-    ...     cold_impressions=np.zeros(1), impressions_total=100.0, ucb_beta=0.2,
+    ...     cold_impressions=np.zeros(1), impressions_total=100.0, cold_ctr=0.0, ucb_beta=0.2,
     ...     exploration_slots=1, vectors=np.eye(4, dtype=np.float32), diversity=0.0, k=3)
     >>> picked.tolist(), explored
     ([1, 2, 3], 1)
@@ -72,7 +74,9 @@ def rerank(
     explore = np.empty(0, dtype=np.int64)
     if cold and exploration_slots > 0:
         at = cold_slot[pool[:cold]]
-        ucb = ucb_scores(cold_clicks[at], cold_impressions[at], impressions_total, ucb_beta)
+        ucb = ucb_scores(
+            cold_clicks[at], cold_impressions[at], impressions_total, ucb_beta, cold_ctr
+        )
         explore = pool[:cold][np.argsort(-ucb, kind="mergesort")[: min(exploration_slots, k)]]
         for i in explore:
             allowed[i] = False
