@@ -63,6 +63,7 @@ from freshrec.serving.publisher import RecommendationPublisher
 from freshrec.serving.variants import Variants
 from freshrec.store.drift_log import read_firings
 from freshrec.store.keys import Keys
+from freshrec.store.redis_errors import transient_error
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,6 @@ MAX_SNAPSHOT_AGE_S = 30.0  # /healthz: an item snapshot older than this is unhea
 LOOP_BACKOFF_S = 0.5  # first wait before restarting a failed background loop
 LOOP_BACKOFF_MAX_S = 30.0
 LOOP_HEALTHY_AFTER_S = 60.0  # a loop running this long since its restart resets its back-off
-TRANSIENT_REDIS_ERRORS = ("BUSY", "LOADING", "OOM", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN")
-"""Error replies from a Redis that is up but cannot answer now: 503 and retry, not 500."""
 
 
 class BadRequest(ValueError):
@@ -120,12 +119,9 @@ class LoopHealth:
 
 
 def is_transient_redis_error(exc: BaseException) -> bool:
-    """Redis is busy, loading, out of memory or failing over: worth a retry shortly."""
-    if isinstance(exc, redis_errors.BusyLoadingError):
-        return True
-    return isinstance(exc, redis_errors.ResponseError) and str(exc).startswith(
-        TRANSIENT_REDIS_ERRORS
-    )
+    """Redis is up but cannot answer now (busy, loading, out of memory, a replica, failing
+    over): 503 and a retry shortly, not 500. The worker's classes (`transient_error`)."""
+    return transient_error(exc) is not None
 
 
 class Reader:

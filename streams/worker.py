@@ -88,6 +88,7 @@ from freshrec.store.batch_update import BatchUpdater, StateWentBack
 from freshrec.store.drift_log import BatchDrift, record_firings
 from freshrec.store.feedback import FeedbackLearner, Shown, parse_impression
 from freshrec.store.keys import Keys
+from freshrec.store.redis_errors import TRANSIENT_ERRORS, transient_error
 from freshrec.store.retention import retire_idle_items
 from freshrec.streams.client_logs import limit_kafka_client_logs
 from freshrec.streams.events import EVENT_TYPES, Event, EventValidator, summarise_reasons
@@ -753,62 +754,6 @@ PROBE_LIMIT_S = 90.0 + STALL_S
 one at 90 s) means the consumer's thread is wedged: a stall too."""
 LOG_EVERY_S = 10.0
 """At most one log line per step and this many seconds while a step is being retried."""
-
-TRANSIENT_ERRORS = (
-    "connection",
-    "timeout",
-    "loading",
-    "busy",
-    "oom",
-    "noscript",
-    "readonly",
-    "tryagain",
-    "clusterdown",
-)
-"""The ``error`` label values of ``freshrec_worker_redis_retries_total``: a fixed set."""
-
-# Error replies that can also reach us as text (an old server wraps a script's error in
-# "ERR Error running script ... -OOM ..."; BUSY has no exception class of its own).
-_TRANSIENT_TEXT = (
-    ("command not allowed when used memory", "oom"),
-    ("BUSY Redis is busy", "busy"),
-    ("LOADING Redis is loading", "loading"),
-    ("NOSCRIPT", "noscript"),
-    ("READONLY You can't write", "readonly"),
-    ("TRYAGAIN", "tryagain"),
-    ("CLUSTERDOWN", "clusterdown"),
-    ("MASTERDOWN", "clusterdown"),
-)
-
-
-def transient_error(exc: BaseException) -> str | None:
-    """The kind of a transient Redis error (one of `TRANSIENT_ERRORS`), or None when retrying
-    cannot help (see the module docstring)."""
-    e = redis_errors
-    if isinstance(exc, (e.AuthenticationError, e.AuthorizationError)):
-        return None  # a ConnectionError, but a wrong password stays wrong
-    if isinstance(exc, e.BusyLoadingError):  # LOADING, also a ConnectionError
-        return "loading"
-    if isinstance(exc, e.TimeoutError):
-        return "timeout"
-    if isinstance(exc, e.ConnectionError):
-        return "connection"
-    kinds: tuple[tuple[type[BaseException], str], ...] = (
-        (e.OutOfMemoryError, "oom"),
-        (e.NoScriptError, "noscript"),
-        (e.ReadOnlyError, "readonly"),
-        (e.TryAgainError, "tryagain"),
-        (e.ClusterDownError, "clusterdown"),  # MASTERDOWN too
-    )
-    for kind, label in kinds:
-        if isinstance(exc, kind):
-            return label
-    if isinstance(exc, e.ResponseError):
-        text = str(exc)
-        for needle, label in _TRANSIENT_TEXT:
-            if needle in text:
-                return label
-    return None
 
 
 def retire_every_s(item_ttl_s: float) -> float:

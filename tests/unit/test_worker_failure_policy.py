@@ -9,7 +9,8 @@ import pytest
 from redis import exceptions as redis_errors
 
 from freshrec.store.batch_update import StateWentBack
-from freshrec.streams.worker import TRANSIENT_ERRORS, RedisSteps, transient_error
+from freshrec.store.redis_errors import TRANSIENT_ERRORS, transient_error
+from freshrec.streams.worker import RedisSteps
 
 
 @pytest.mark.parametrize(
