@@ -204,7 +204,8 @@ class HttpServer:
         except httptools.HttpParserInvalidURLError:  # an absolute form the parser let through
             refusal = _answer(400, "the request target is not a valid URL")
             return await self.dispatch(Request(method, "", {}, {}), "unmatched", refusal)
-        raw_path = url.path.decode("latin-1")
+        # An absolute form with no path ("http://h") asks for "/" (RFC 9110 section 4.2.3).
+        raw_path = url.path.decode("latin-1") if url.path else "/"
         path = unquote(raw_path)
         matched = self.router.match(raw_path)  # parameters are unquoted one by one: %2F stays
         if matched is None:

@@ -84,6 +84,25 @@ def test_routes_parameters_and_query() -> None:
     asyncio.run(run())
 
 
+def test_an_absolute_form_target_is_routed_by_its_path_and_no_path_is_the_root() -> None:
+    """A proxy's form of the target (RFC 9112 section 3.2.2). An empty path is "/" (RFC 9110
+    section 4.2.3), which has no route here: a 404, not a failure, and the connection goes on."""
+
+    async def run() -> None:
+        async with _connected() as (_, reader, writer):
+            writer.write(b"GET http://x:8080/items/a?k=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, body = await _answer(reader)
+            assert status == 200 and json.loads(body)["params"] == {"item_id": "a"}
+            for target in (b"http://x", b"http://x?k=2"):
+                writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                status, headers, body = await _answer(reader)
+                assert status == 404, (target, body)
+                assert headers["Content-Type"].startswith("application/json")
+                assert json.loads(body)["error"] == "no route for /"
+
+    asyncio.run(run())
+
+
 def test_blank_query_values_are_kept_not_dropped() -> None:
     """``?k=`` reaches the handler as an empty k (refused there), not as no k (the default)."""
 
