@@ -2,7 +2,8 @@
 
 Logging never blocks serving: while Kafka is unreachable the producer queues impressions, and
 once its queue is full they are dropped and counted (``freshrec_impressions_dropped_total``),
-as are those Kafka refuses or that its producer gives up on after its message timeout.
+as are those Kafka or the producer refuses (a list over the size limit, a producer in a fatal
+state) and those the producer gives up on after its message timeout.
 
 Workers consume it to count impressions per item (UCB), to remember what was shown for
 attributing later clicks, and to teach the click model with the exact features the ranker saw.
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 from prometheus_client import Counter
 
 from freshrec.models.click_model import FEATURES
@@ -73,8 +74,9 @@ class ImpressionLog:
             self.producer.produce(
                 self.topic, key=user_id.encode(), value=value, on_delivery=_delivered
             )
-        except BufferError:
-            # Kafka has been unreachable long enough to fill the queue: serving goes on, the
-            # impression is counted as lost (UCB counts and click attribution miss it).
+        except (BufferError, KafkaException):
+            # Kafka has been unreachable long enough to fill the queue, or the producer refuses
+            # it: serving goes on, the impression is counted as lost (UCB counts and click
+            # attribution miss it).
             DROPPED.inc()
         self.producer.poll(0)
