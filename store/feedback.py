@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -146,14 +147,23 @@ MAX_REQUEST_ID = 256
 
 
 def parse_impression(
-    payload: bytes | None, max_id_length: int = 128, max_message_bytes: int = 1_000_000
+    payload: bytes | None,
+    max_id_length: int = 128,
+    max_message_bytes: int = 1_000_000,
+    ts_range: tuple[float, float] | None = None,
 ) -> list[Shown]:
     """One impressions-topic message into its items; ValueError with a reason if malformed.
 
+    ``ts_range`` bounds the impression's time as the event validator bounds an event's
+    (``FRESHREC_MIN_EVENT_TS`` to now plus ``FRESHREC_MAX_FUTURE_S``; by default 1990 to a day
+    ahead): a time far off would open or shut its clicks' attribution window for good. A
+    message without a time, or whose time is no number, takes the message's own time instead.
     Never raises anything else, whatever the bytes (a poison message must not stop the worker).
     """
+    if ts_range is None:
+        ts_range = (631152000.0, time.time() + 86400.0)
     try:
-        return _parse_impression(payload, max_id_length, max_message_bytes)
+        return _parse_impression(payload, max_id_length, max_message_bytes, ts_range)
     except ValueError:
         raise
     except Exception as exc:  # an unforeseen input is a reason, not a crash
@@ -161,7 +171,7 @@ def parse_impression(
 
 
 def _parse_impression(
-    payload: bytes | None, max_id_length: int, max_message_bytes: int
+    payload: bytes | None, max_id_length: int, max_message_bytes: int, ts_range: tuple[float, float]
 ) -> list[Shown]:
     if payload and len(payload) > max_message_bytes:
         raise ValueError(
@@ -190,6 +200,11 @@ def _parse_impression(
     ts = message.get("ts")
     if not _is_number(ts) or not math.isfinite(float(ts)):
         ts = None  # readers before event time: the worker uses the message's time instead
+    elif not ts_range[0] <= ts <= ts_range[1]:
+        raise ValueError(
+            f"'ts' {ts!r} is not a plausible unix time in seconds (from {ts_range[0]:.0f} "
+            f"to {ts_range[1]:.0f})"
+        )
     request_id = message.get("request_id", "")
     if not isinstance(request_id, str) or len(request_id) > MAX_REQUEST_ID:
         raise ValueError(f"'request_id' must be a string of at most {MAX_REQUEST_ID} characters")

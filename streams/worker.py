@@ -480,7 +480,10 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 processed[message.topic, message.partition] = message.offset + 1
                 try:
                     items = parse_impression(
-                        message.value, settings.max_id_length, settings.max_message_bytes
+                        message.value,
+                        settings.max_id_length,
+                        settings.max_message_bytes,
+                        (settings.min_event_ts, time.time() + settings.max_future_s),
                     )
                 except ValueError as exc:
                     await dead_letter(message, [f"impression: {exc}"], "impressions")

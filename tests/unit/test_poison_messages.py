@@ -205,6 +205,9 @@ def test_a_valid_impression_is_accepted() -> None:
         (b"[" * 100_000, "nested too deeply"),
         (b"{nope", "not valid JSON"),
         (b"", "not valid JSON"),
+        (json.dumps(_impression(ts=1e300)).encode(), "'ts' 1e+300 is not a plausible unix time"),
+        (json.dumps(_impression(ts=-1e300)).encode(), "is not a plausible unix time"),
+        (json.dumps(_impression(ts=12.0)).encode(), "'ts' 12.0 is not a plausible unix time"),
     ],
 )
 def test_each_poison_impression_is_a_reason(payload: bytes, reason: str) -> None:
