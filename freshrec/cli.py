@@ -35,6 +35,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, TimeoutError, FileNotFoundError) as exc:
         _fail(args, exc)
         return 2
+    except Exception as exc:
+        if not _service_error(exc):
+            raise
+        _fail(args, exc)
+        return 2
+
+
+def _service_error(exc: Exception) -> bool:
+    """Kafka or Redis refusing or out of reach: the user's to fix, not a bug. Checked by the
+    modules as they stand: a command that never imported one cannot have raised its error, and
+    importing both here would slow every command's start by a sixth of a second."""
+    kafka, redis = sys.modules.get("confluent_kafka"), sys.modules.get("redis.exceptions")
+    return (kafka is not None and isinstance(exc, kafka.KafkaException)) or (
+        redis is not None and isinstance(exc, redis.RedisError)
+    )
 
 
 def _fail(args: argparse.Namespace, exc: Exception) -> None:
