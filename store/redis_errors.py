@@ -54,6 +54,9 @@ def transient_error(exc: BaseException) -> str | None:
         (e.ReadOnlyError, "readonly"),
         (e.TryAgainError, "tryagain"),
         (e.ClusterDownError, "clusterdown"),  # MASTERDOWN too
+        # No node holds the slot in the client's map: a failover the client has not yet
+        # learned of (not a RedisError: a RedisClusterException).
+        (e.SlotNotCoveredError, "clusterdown"),
     )
     for kind, label in kinds:
         if isinstance(exc, kind):

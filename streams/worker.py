@@ -19,10 +19,10 @@ runs under one policy, decided per error:
   script cache flushed under us (``NOSCRIPT``; redis-py reloads a registered script when it
   meets one, a retry covers the pipelined case), a replica that is not (or no longer) the
   primary (``READONLY``), a cluster mid-failover or resharding (``TRYAGAIN``,
-  ``CLUSTERDOWN``, ``MASTERDOWN``). Meanwhile the agent holds its batch (nothing is acked),
-  logs at most once per `LOG_EVERY_S` per step, counts each retry in
-  ``freshrec_worker_redis_retries_total{error}`` (one label per kind above) and sets
-  ``freshrec_worker_blocked`` to 1.
+  ``CLUSTERDOWN``, ``MASTERDOWN``, a slot no node in the client's map holds). Meanwhile the
+  agent holds its batch (nothing is acked), logs at most once per `LOG_EVERY_S` per step,
+  counts each retry in ``freshrec_worker_redis_retries_total{error}`` (one label per kind
+  above) and sets ``freshrec_worker_blocked`` to 1.
 - *Fatal*, everything else: an error reply retrying cannot fix (``WRONGTYPE``, a script
   error, ``NOPERM``, a rejected password), or an exception from our own code. The worker logs
   it with its context and exits at once with status `EXIT_FATAL`, without acknowledging the
@@ -693,7 +693,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 info = max(nodes.values(), key=_memory_share)
             else:
                 info = await memory_client.info("memory")
-        except (redis_errors.RedisError, OSError) as exc:
+        except (redis_errors.RedisError, redis_errors.RedisClusterException, OSError) as exc:
             log.debug("Redis memory not read: %s", exc)
             return
         REDIS_MEMORY.set(float(info.get("used_memory", 0)))

@@ -35,6 +35,7 @@ from freshrec.streams.worker import RedisSteps
         (redis_errors.ReadOnlyError("You can't write against a read only replica."), "readonly"),
         (redis_errors.TryAgainError("Multiple keys request during rehashing of slot"), "tryagain"),
         (redis_errors.MasterDownError("Link with MASTER is down"), "clusterdown"),
+        (redis_errors.SlotNotCoveredError("Slot 42 is not covered by the cluster."), "clusterdown"),
         (redis_errors.ResponseError("WRONGTYPE Operation against a key"), None),
         (redis_errors.ResponseError("ERR user_script:1: Script attempted to access"), None),
         (redis_errors.AuthenticationError("invalid username-password pair"), None),
