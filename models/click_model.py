@@ -1,12 +1,17 @@
 r"""The fine ranker: online logistic regression of a click on the features of an impression.
 
-:math:`P(\text{click} \mid x) = \sigma(w^\top x + b)`, learned by FTRL-Proximal (McMahan et al.,
-2013) as river's ``linear_model.LogisticRegression`` with ``optim.FTRLProximal`` learns it, one
-example after another, here in one compiled pass per batch (the unit tests hold it to river).
-Features are logged with each impression exactly as they were served, so learning never sees
-features the ranker did not.
+:math:`q(x) = \sigma(w^\top x + b)`, learned by FTRL-Proximal (McMahan et al., 2013) as river's
+``linear_model.LogisticRegression`` with ``optim.FTRLProximal`` learns it, one example after
+another, here in one compiled pass per batch (the unit tests hold it to river). Features are
+logged with each impression exactly as they were served, so learning never sees features the
+ranker did not.
 Every impression is learned at once as a negative; a click that follows is learned as a positive
 (the "fake negative" scheme of Ktena et al., 2019), so nothing waits for an attribution window.
+A clicked impression is so learned twice, once each way, and :math:`q` converges to
+:math:`p / (1 + p)` of the click probability :math:`p`, not to :math:`p` (Ktena et al. weight
+the loss, or calibrate :math:`p = q / (1 - q)`). :math:`q` is increasing in :math:`p`, so the
+order the fine stage serves is the one :math:`p` would give; a reader of the probability itself
+must calibrate it.
 The position of the impression is a training feature only (served as 0), which keeps the
 ranker from learning position bias as item quality.
 
@@ -73,7 +78,8 @@ class ClickModel:
         self.learn_many([features], [True])
 
     def predict_proba(self, features: dict[str, float]) -> float:
-        """P(click) as the next step sees it (with the lagging weights, as river predicts)."""
+        """sigma(w . x + b) as the next step sees it (with the lagging weights, as river
+        predicts): q = p / (1 + p) of the click probability p (see the module docstring)."""
         column = self._column
         score = self.intercept + sum(
             self.w[column[name]] * value for name, value in features.items() if name in column

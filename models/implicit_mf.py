@@ -41,8 +41,9 @@ class ImplicitMF:
         y_j \leftarrow y_j + \eta (c_j e_j y_u - \lambda y_j)
 
     with :math:`\eta = \min(\eta_0, 1 / B)` capped so that a step never overshoots (the bound
-    :math:`B` and why it holds are in `freshrec.models.mf`). Negatives are drawn from the other
-    items of the same batch, i.e. in proportion to their current traffic. Only the implicit
+    :math:`B` and why it holds are in `freshrec.models.mf`). Negatives are drawn uniformly from the
+    distinct other items of the same batch: an item of the batch is as likely as any other,
+    however many of its events the batch holds. Only the implicit
     part ``y`` of a row moves; the score :math:`y_u^\top y_i` ranks items for a user.
 
     Parameters

@@ -26,8 +26,9 @@ Every interaction (click, view, purchase, and a rating too) is implicit feedback
 Hu, Koren & Volinsky (2008): preference 1 with confidence :math:`c = 1 + \alpha f`, where
 :math:`f` is the event type's strength, on the score :math:`s_{ui} = y_u^\top y_i`. The
 unobserved side (preference 0, confidence 1) is sampled from the other items of the same
-batch, i.e. in proportion to their current traffic — the usual popularity correction in
-streaming training. An event and its sampled negatives :math:`j` form one step (as in
+batch, each distinct item as likely as any other whatever its traffic in the batch (a batch's
+items are those with traffic now, which favours the popular over the catalogue at large), and
+never the event's own item. An event and its sampled negatives :math:`j` form one step (as in
 word2vec's negative sampling) on :math:`\tfrac12 \sum_j c_j (p_j - s_{uj})^2`: every error is
 taken at the same old :math:`y_u`, each item row moves by its own gradient, and :math:`y_u` by
 their sum:
