@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 from prometheus_client import Counter, Histogram
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -92,8 +92,14 @@ class RecommendationPublisher:
         cutoff = time.time() - self.debounce_s
         self.producer.poll(0)  # delivery reports of earlier lists
         if self.undelivered:
-            await self._put_back(self.undelivered, cutoff)
-            self.undelivered.clear()
+            # Taken before the await: a delivery report that lands during it (the reader's
+            # impression log polls the same producer) adds to the new set, not to one cleared.
+            pending, self.undelivered = self.undelivered, set()
+            try:
+                await self._put_back(pending, cutoff)
+            except BaseException:
+                self.undelivered |= pending
+                raise
         due = await self._pop_due(cutoff)
         if not due:
             return 0
@@ -123,7 +129,8 @@ class RecommendationPublisher:
                 log.warning("%d users' lists not put back to publish again: %s", len(users), exc)
             raise
         now = time.time()
-        unsent = []
+        unsent: list[str] = []
+        refused: Exception | None = None
         for user, ranked in zip(users, lists, strict=True):
             message = {
                 "user_id": user,
@@ -135,8 +142,11 @@ class RecommendationPublisher:
                 self.producer.produce(
                     self.topic, key=user.encode(), value=value, on_delivery=self._delivered
                 )
-            except BufferError:
-                unsent.append(user)  # Kafka unreachable and the queue full: try again later
+            except (BufferError, KafkaException) as exc:
+                # Kafka unreachable and the queue full, or the producer refusing (in error, or
+                # this list over its size limit): the user is due again, this list is not lost.
+                unsent.append(user)
+                refused = exc
         self.producer.poll(0)
         if unsent:
             await self._put_back(unsent, cutoff)
@@ -146,7 +156,7 @@ class RecommendationPublisher:
         PUBLISHED.inc(sent)
         self.published += sent
         if unsent:
-            raise BufferError(f"{len(unsent)} lists waiting for Kafka")
+            raise BufferError(f"{len(unsent)} lists waiting for Kafka: {refused}")
         return sent
 
     async def _turn(self) -> None:

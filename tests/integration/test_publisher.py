@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import numpy as np
@@ -33,21 +33,27 @@ ITEMS = 40_000
 TS = 1_700_000_000.0
 
 
-def test_a_list_kafka_refuses_is_published_again(settings: Settings) -> None:
-    # A topic whose broker refuses every record (larger than its 1-byte limit): each delivery
-    # report is an error, as for a list Kafka never took within the producer's timeout.
+@pytest.fixture
+def refusing_topic(settings: Settings) -> Iterator[str]:
+    """A topic whose broker refuses every record (larger than its 1-byte limit): each delivery
+    report is an error, as for a list Kafka never took within the producer's timeout."""
     topic = f"{settings.topic_prefix}.refusing"
     admin = AdminClient(kafka_config(settings))
     config = {"max.message.bytes": "1"}
     admin.create_topics([NewTopic(topic, 1, 1, config=config)])[topic].result(30)
+    yield topic
+    delete_topics(settings.kafka_bootstrap, [topic], settings=settings)
+
+
+def test_a_list_kafka_refuses_is_published_again(settings: Settings, refusing_topic: str) -> None:
     keys = Keys(settings.key_prefix)
 
     async def run() -> None:
-        redis = Redis.from_url(settings.redis_url)
-        producer = Producer(kafka_config(settings, **{"linger.ms": 0}))
-        funnel = Funnel(redis, keys, settings.funnel_config())
-        publisher = RecommendationPublisher(redis, keys, funnel, producer, topic, 5, 0.0)
-        try:
+        async with _publisher(settings, keys, refusing_topic, **{"linger.ms": 0}) as (
+            redis,
+            publisher,
+        ):
+            producer = publisher.producer
             await redis.zadd(keys.dirty_users, {"u1": 1.0})
             before = UNDELIVERED._value.get()
             assert await publisher.publish_due() == 1  # handed to the producer
@@ -58,32 +64,81 @@ def test_a_list_kafka_refuses_is_published_again(settings: Settings) -> None:
             assert await publisher.publish_due() == 1
             assert producer.flush(30) == 0
             assert UNDELIVERED._value.get() == before + 2
-        finally:
-            await funnel.aclose()
-            await redis.aclose()
 
-    try:
-        asyncio.run(run())
-    finally:
-        delete_topics(settings.kafka_bootstrap, [topic], settings=settings)
+    asyncio.run(run())
+
+
+def test_a_delivery_report_that_lands_while_others_are_put_back_is_kept(
+    settings: Settings, refusing_topic: str
+) -> None:
+    """The reader's impression log polls the publisher's producer too, so a delivery report
+    can run while the publisher awaits Redis to put back the users of earlier ones: the user it
+    names must still be published again."""
+    keys = Keys(settings.key_prefix)
+
+    async def run() -> None:
+        async with _publisher(settings, keys, refusing_topic, **{"linger.ms": 0}) as (
+            redis,
+            publisher,
+        ):
+            producer, put_back = publisher.producer, publisher._put_back
+
+            async def put_back_while_u2_is_refused(users: Any, due_at: float) -> None:
+                await put_back(users, due_at)
+                assert producer.flush(30) == 0  # u2's report runs now, as another poll would
+
+            await redis.zadd(keys.dirty_users, {"u1": 1.0})
+            assert await publisher.publish_due() == 1
+            assert producer.flush(30) == 0
+            assert publisher.undelivered == {"u1"}
+            producer.produce(
+                refusing_topic, key=b"u2", value=b"[]", on_delivery=publisher._delivered
+            )
+            publisher._put_back = put_back_while_u2_is_refused  # type: ignore[method-assign]
+            assert await publisher.publish_due() == 1  # u1, put back and published again
+            assert "u2" in publisher.undelivered
+
+    asyncio.run(run())
+
+
+def test_a_list_the_producer_refuses_outright_is_due_again(settings: Settings) -> None:
+    """``produce`` raising (here: the list is over the producer's own size limit; a producer
+    in a fatal state raises the same way) leaves the user due again, not lost."""
+    keys = Keys(settings.key_prefix)
+    events = [Event("click", f"u{n % 5}", f"i{n % 30}", TS + n) for n in range(300)]
+
+    async def run() -> None:
+        config = {"message.max.bytes": 1000}
+        async with _publisher(settings, keys, k=20, **config) as (redis, publisher):
+            await BatchUpdater(redis, keys, settings.model_config()).apply(events)
+            await redis.delete(keys.dirty_users)
+            await redis.zadd(keys.dirty_users, {"u1": 1.0})
+            with pytest.raises(BufferError, match="1 lists waiting for Kafka"):
+                await publisher.publish_due()
+            assert await redis.zrange(keys.dirty_users, 0, -1) == [b"u1"]
+
+    asyncio.run(run())
 
 
 @contextlib.asynccontextmanager
-async def _stopping_publisher(
-    settings: Settings, keys: Keys
+async def _publisher(
+    settings: Settings, keys: Keys, topic: str | None = None, k: int = 5, **producer: object
 ) -> AsyncIterator[tuple[Redis, RecommendationPublisher]]:
-    """A publisher of lists of five on the test's Redis, its funnel and client closed at the
-    end."""
+    """A publisher of lists of ``k`` to ``topic`` (the recommendations topic) on the test's
+    Redis, with a producer of the test's options; its funnel and client closed at the end."""
     redis = Redis.from_url(settings.redis_url)
     funnel = Funnel(redis, keys, settings.funnel_config())
-    producer = Producer(kafka_config(settings))
+    publisher = RecommendationPublisher(
+        redis,
+        keys,
+        funnel,
+        Producer(kafka_config(settings, **producer)),
+        topic or settings.recommendations_topic,
+        k,
+        0.0,
+    )
     try:
-        yield (
-            redis,
-            RecommendationPublisher(
-                redis, keys, funnel, producer, settings.recommendations_topic, 5, 0.0
-            ),
-        )
+        yield redis, publisher
     finally:
         await funnel.aclose()
         await redis.aclose()
@@ -105,7 +160,7 @@ def test_users_popped_when_a_stop_lands_before_the_pops_reply_are_put_back(
     users = {f"u{n}": 1.0 for n in range(5)}
 
     async def run() -> None:
-        async with _stopping_publisher(settings, keys) as (redis, publisher):
+        async with _publisher(settings, keys) as (redis, publisher):
             popped, reply = asyncio.Event(), asyncio.Event()
             pop_due = publisher.scripts.pop_due
 
@@ -132,7 +187,7 @@ def test_users_popped_when_the_reader_stops_mid_ranking_are_put_back(settings: S
     users = {f"u{n}": 1.0 for n in range(5)}
 
     async def run() -> None:
-        async with _stopping_publisher(settings, keys) as (redis, publisher):
+        async with _publisher(settings, keys) as (redis, publisher):
             # A catalogue the funnel's first refresh takes a while to load: the stop lands in it.
             width = vector_width(settings.funnel_config().factors)
             blob = encode_vector(np.full(width, 0.1))
