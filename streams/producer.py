@@ -2,9 +2,10 @@
 
 A message is one event, or a JSON array of events that share a partition. Arrays cut the
 per-message cost of the consuming framework by the batch size; per-user order holds because a
-user's events always go to the partition their key hashes to. An array goes when it is full or
-when its first event has waited ``max_wait_s``, whichever comes first, so a slow source's
-events are not held back for the next ones.
+user's events always go to the partition their key hashes to. An array goes when it is full
+(of events, or of bytes: ``max_message_bytes``) or when its first event has waited
+``max_wait_s``, whichever comes first, so a slow source's events are not held back for the next
+ones.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 0.02
 """How long an array's first event waits for the array to fill before it is sent anyway."""
+MAX_MESSAGE_BYTES = 900_000
+"""The largest message sent: under librdkafka's ``message.max.bytes`` (1,000,000) and the
+worker's ``FRESHREC_MAX_MESSAGE_BYTES`` (1,000,000), with room for the record's overhead."""
 QUEUE_FULL_WAIT_S = 30.0
 """How long a send waits for room in librdkafka's local queue (full while the brokers do not
 take messages) before it raises `BufferError`."""
@@ -48,6 +52,9 @@ class EventProducer:
         ``freshrec.connections.kafka_config(settings)``.
     max_wait_s
         With arrays, how long one waits to fill before it is sent as it is.
+    max_message_bytes
+        The largest message: an array goes before the next event would take it past this,
+        and an event that alone is larger is refused (`ValueError`) and not taken.
     queue_full_wait_s
         How long a send waits for room in the local queue. Past it, `send` raises
         `BufferError` and the event it was given is not taken; events sent before it are kept
@@ -65,10 +72,12 @@ class EventProducer:
         config: Mapping[str, Any] | None = None,
         max_wait_s: float = MAX_WAIT_S,
         queue_full_wait_s: float = QUEUE_FULL_WAIT_S,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self.topic = topic
         self.events_per_message = max(1, events_per_message)
         self.max_wait_s = max_wait_s
+        self.max_message_bytes = max_message_bytes
         self.queue_full_wait_s = queue_full_wait_s
         self._producer = Producer(
             {
@@ -83,6 +92,7 @@ class EventProducer:
         )
         self.partitions = partitions_with_leaders(self._producer, topic)
         self._pending: dict[int, list[bytes]] = {}  # each partition's array, events encoded
+        self._bytes: dict[int, int] = {}  # the length of each array's message as it stands
         self._opened: dict[int, float] = {}  # when each partial array took its first event
         self.sent_events = 0
         self.sent_messages = 0
@@ -110,24 +120,34 @@ class EventProducer:
         payload = event.to_json() if isinstance(event, Event) else dict(event)
         user = payload.get("user_id")
         encoded = encode_events(payload)  # what cannot be sent is refused here, not in an array
+        if len(encoded) + 2 > self.max_message_bytes:  # alone, as an array's one event
+            raise ValueError(
+                f"an event of {len(encoded)} bytes is over the largest message, "
+                f"{self.max_message_bytes} bytes"
+            )
         if self.events_per_message == 1:
             key = user.encode() if isinstance(user, str) else None
             self._produce(encoded, key=key, count=1)
             return
         partition = partition_for(user, self.partitions) if isinstance(user, str) else 0
         with self._arrays:
+            if self._bytes.get(partition, 0) + 1 + len(encoded) > self.max_message_bytes:
+                self._flush_partition(partition)  # full of bytes: it goes, this event opens one
             bucket = self._pending.get(partition)
             if bucket is None:
                 bucket = self._pending[partition] = []
+                self._bytes[partition] = 1  # "[" and "]", less the first event's ","
                 if not self._opened:  # else the timer already waits for an earlier array
                     self._opening.set()
                 self._opened[partition] = time.monotonic()
             bucket.append(encoded)
+            self._bytes[partition] += 1 + len(encoded)
             if len(bucket) >= self.events_per_message:
                 try:
                     self._flush_partition(partition)
                 except BufferError:
                     self._pending[partition].pop()  # this event was not taken; the rest wait
+                    self._bytes[partition] -= 1 + len(encoded)
                     raise
 
     def send_raw(self, payload: bytes, key: bytes | None = None) -> None:
@@ -197,11 +217,13 @@ class EventProducer:
         if not bucket:
             return
         opened = self._opened.pop(partition)  # kept with every array
+        size = self._bytes.pop(partition)
         try:
             value = b"[" + b",".join(bucket) + b"]"  # as encode_events encodes a list
             self._produce(value, key=None, count=len(bucket), partition=partition, wait_s=wait_s)
         except BufferError:
             self._pending[partition], self._opened[partition] = bucket, opened
+            self._bytes[partition] = size
             raise
 
     def _produce(

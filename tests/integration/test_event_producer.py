@@ -66,6 +66,29 @@ def test_a_partial_array_is_sent_once_its_first_event_has_waited(
         reader.close()
 
 
+def test_arrays_stay_under_the_largest_message_and_an_event_over_it_is_refused(
+    settings: Settings, own_topic: str
+) -> None:
+    """A hundred events of 20 kB would make a 2 MB array, which the producer refuses (with the
+    events it had taken); they go as arrays under ``max_message_bytes``, all of them. An event
+    that alone is over it is refused by its `send`."""
+    producer = EventProducer(settings.kafka_bootstrap, own_topic, 100, kafka_config(settings))
+    reader = TopicReader(settings.kafka_bootstrap, own_topic)
+    try:
+        with pytest.raises(ValueError, match="over the largest message"):
+            producer.send({**_event(0), "context": {"note": "x" * 1_000_000}})
+        for n in range(100):
+            producer.send({**_event(n), "context": {"note": "x" * 20_000}})
+        producer.flush()
+        found: list[str] = []
+        wait_until(lambda: found.extend(_items(reader)) or len(found) >= 100, 30, "every event")
+        assert found == [f"i{n}" for n in range(100)]
+        assert producer.sent_messages == 3 and producer.failed == 0  # 44, 44 and 12 events
+    finally:
+        producer.close()
+        reader.close()
+
+
 def test_a_full_queue_raises_after_its_wait_and_keeps_what_it_took(
     settings: Settings, tmp_path: Path
 ) -> None:
