@@ -188,6 +188,8 @@ SESSION_TIMEOUT_S = 15.0
 DEAD_LETTER_BYTES = 900_000
 """The longest message a dead letter carries whole; room is left for key and headers under
 the 1,000,000-byte request limit of Faust's producer and the broker's default message size."""
+DEAD_LETTER_KEY_BYTES = 4096
+"""The longest key a dead letter carries whole (a key is a user id, a few dozen bytes)."""
 
 
 def faust_options(settings: Settings, kafka_bootstrap: str) -> dict[str, Any]:
@@ -306,18 +308,21 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
     sought_at: dict[tuple[str, int], int] = {}  # the offset committed for Faust's seek
     stalls = StallWatch(STALL_S)
 
-    async def dead_letter(message: Any, reasons: list[str], source: str = "events") -> None:
-        """One DLQ record for a message, however many of its events were invalid: the original
-        bytes, a bounded summary of the reasons, and how many were rejected.
+    async def dead_letter(message: Any, reasons: list[str], source: str) -> Any:
+        """Sends one DLQ record for a message, however many of its events were invalid: the
+        original bytes, a bounded summary of the reasons, and how many were rejected. Returns
+        what to await for Kafka to hold it.
 
         A record must fit the producer's request and the broker's message size (both about
         1 MB by default) with its headers: a message longer than `DEAD_LETTER_BYTES` goes as
-        its first bytes, with ``freshrec-original-bytes``; ``freshrec-source`` names where
-        the whole message stays."""
+        its first bytes, with ``freshrec-original-bytes``, a key longer than
+        `DEAD_LETTER_KEY_BYTES` likewise with ``freshrec-original-key-bytes``;
+        ``freshrec-source`` names where the whole message stays. A message with neither key
+        nor value, which Kafka's producer refuses to send as it is, goes with an empty value."""
         DEAD_LETTERS.labels(source, reason_class(reasons[0]) if reasons else "other").inc()
         for kind, count in collections.Counter(map(reason_class, reasons)).items():
             REJECTED_EVENTS.labels(kind).inc(count)
-        value = message.value
+        key, value = message.key, message.value
         headers = {
             "freshrec-reason": summarise_reasons(reasons).encode(),
             "freshrec-rejected": str(len(reasons)).encode(),
@@ -326,7 +331,24 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
         if value is not None and len(value) > DEAD_LETTER_BYTES:
             headers["freshrec-original-bytes"] = str(len(value)).encode()
             value = value[:DEAD_LETTER_BYTES]
-        await dlq_topic.send(key=message.key, value=value, headers=headers)
+        if key is not None and len(key) > DEAD_LETTER_KEY_BYTES:
+            headers["freshrec-original-key-bytes"] = str(len(key)).encode()
+            key = key[:DEAD_LETTER_KEY_BYTES]
+        if key is None and value is None:
+            value = b""
+        return await dlq_topic.send(key=key, value=value, headers=headers)
+
+    async def send_dead_letters(letters: list[tuple[Any, list[str], str]], where: str) -> None:
+        """Sends a batch's dead letters (message, reasons, source topic's label) and waits
+        until Kafka holds them all, before the batch can be acknowledged. One refused (the
+        topic missing, a record over the broker's limit, the broker away past the producer's
+        timeout) exits the worker (`EXIT_FATAL`) without acknowledging the batch: redelivered,
+        its letters are sent again, none is lost."""
+        try:
+            await asyncio.gather(*[await dead_letter(*letter) for letter in letters])
+        except Exception as exc:
+            steps.exit_unacknowledged(f"the dead letters of {where} were not delivered", exc)
+            raise  # only when a test's exit returns
 
     async def watch_drift(
         updater: BatchUpdater, valid: list[Event], errors: list[float], ts: float
@@ -420,6 +442,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             valid: list[Event] = []
             origins: list[tuple[str, int]] = []
             arrived: list[float] = []
+            letters: list[tuple[Any, list[str], str]] = []
             for record in batch:
                 message = record.message
                 processed[message.topic, message.partition] = message.offset + 1
@@ -428,11 +451,13 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 origins.extend([_origin(message)] * len(events))
                 arrived.append(_seconds(message.timestamp))
                 if errors:
-                    await dead_letter(message, [error.reason for error in errors])
+                    letters.append((message, [error.reason for error in errors], "events"))
+            where = _batch_context(batch)
+            if letters:
+                await send_dead_letters(letters, where)
             if not valid:
                 continue
             started = time.perf_counter()
-            where = _batch_context(batch)
             oldest = min((ts for ts in arrived if ts > 0), default=None)
             result = await steps.run(
                 f"applying {len(valid)} events ({where})",
@@ -475,6 +500,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             shown: list[Shown] = []
             events: list[Event] = []
             origins: list[tuple[str, int]] = []
+            letters: list[tuple[Any, list[str], str]] = []
             for record in batch:
                 message = record.message
                 processed[message.topic, message.partition] = message.offset + 1
@@ -486,7 +512,7 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                         (settings.min_event_ts, time.time() + settings.max_future_s),
                     )
                 except ValueError as exc:
-                    await dead_letter(message, [f"impression: {exc}"], "impressions")
+                    letters.append((message, [f"impression: {exc}"], "impressions"))
                     continue
                 sent = _seconds(message.timestamp) or time.time()  # readers before event time
                 shown.extend(items)
@@ -494,9 +520,11 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                     Event("impression", s.user_id, s.item_id, s.ts or sent) for s in items
                 )
                 origins.extend([_origin(message)] * len(items))
+            where = _batch_context(batch)
+            if letters:
+                await send_dead_letters(letters, where)
             if not events:
                 continue
-            where = _batch_context(batch)
             result = await steps.run(
                 f"applying {len(events)} impressions ({where})",
                 partial(updater.apply, events, origins),
@@ -798,6 +826,19 @@ class RedisSteps:
         self.blocked = 0  # steps waiting out a failure now
         self._running: dict[object, float] = {}  # each step running now -> when it began
 
+    def exit_unacknowledged(self, what: str, exc: BaseException) -> None:
+        """Logs ``what`` happened and exits with `EXIT_FATAL`, the batch unacknowledged."""
+        log.critical(
+            "%s; exiting (status %d) without acknowledging the batch, Kafka redelivers it from "
+            "the last committed offset: %s: %s",
+            what,
+            EXIT_FATAL,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+        self.exit(EXIT_FATAL)
+
     async def run(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
         """``step()`` until it succeeds; ``what`` names the step and its batch in logs."""
         attempt = 0
@@ -825,17 +866,9 @@ class RedisSteps:
                 except Exception as exc:
                     kind = transient_error(exc)
                     if kind is None:
-                        log.critical(
-                            "%s failed with an error retrying cannot fix; exiting (status %d) "
-                            "without acknowledging the batch, Kafka redelivers it from the "
-                            "last committed offset: %s: %s",
-                            what,
-                            EXIT_FATAL,
-                            type(exc).__name__,
-                            exc,
-                            exc_info=exc,
+                        self.exit_unacknowledged(
+                            f"{what} failed with an error retrying cannot fix", exc
                         )
-                        self.exit(EXIT_FATAL)
                         raise  # only when a test's exit returns
                     REDIS_RETRIES.labels(kind).inc()
                     if attempt == 0:

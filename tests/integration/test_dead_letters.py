@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
+from freshrec.connections import kafka_config
 from freshrec.settings import Settings
 from freshrec.store.keys import Keys
 from freshrec.streams.producer import EventProducer
-from tests.support import TopicReader, wait_until
+from tests.support import TopicReader, freshrec_process, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -195,3 +198,79 @@ def test_each_poison_message_is_one_dead_letter_and_the_worker_keeps_learning(
     )
     assert redis_client.exists(Keys(settings.key_prefix).history("poison")) == 0
     assert worker.poll() is None, "the worker stopped"
+
+
+def test_a_message_without_key_or_value_and_one_with_a_huge_key_are_dead_letters(
+    settings: Settings, worker, redis_client
+) -> None:
+    """Kafka's producer refuses a record with neither key nor value: its dead letter goes with
+    an empty value, and the valid events around it are learned (the agent once died on it,
+    losing its batch). A key is cut to its first 4 KiB, so that a dead letter of a message
+    near the size limit fits with its headers."""
+    huge_key = b"k" * 100_000
+    with EventProducer(settings.kafka_bootstrap, settings.events_topic) as producer:
+        producer.send_raw(_valid(400), key=b"ok-400")
+        producer.send_raw(None, key=None)  # type: ignore[arg-type]
+        producer.send_raw(b"{not json", key=huge_key)
+        producer.send_raw(_valid(401), key=b"ok-401")
+
+    dlq = TopicReader(settings.kafka_bootstrap, settings.dlq_topic)
+    try:
+        messages = wait_until(
+            lambda: (m := dlq.poll()) and len(m) >= 2 and m, 30, "both dead letters"
+        )
+        by_reason = {dict(m.headers())["freshrec-reason"].decode(): m for m in messages}
+        (empty,) = [m for reason, m in by_reason.items() if "empty message" in reason]
+        assert empty.key() is None and empty.value() == b""
+        (cut,) = [m for reason, m in by_reason.items() if "not valid JSON" in reason]
+        assert cut.key() == huge_key[:4096] and cut.value() == b"{not json"
+        assert dict(cut.headers())["freshrec-original-key-bytes"] == b"100000"
+    finally:
+        dlq.close()
+    for n in (400, 401):
+        wait_until(
+            lambda n=n: redis_client.zscore(
+                Keys(settings.key_prefix).history(f"ok-{n}"), f"item-{n}"
+            ),
+            30,
+            f"valid event {n} to be applied",
+        )
+    assert worker.poll() is None, "the worker stopped"
+
+
+def test_a_dead_letter_kafka_refuses_stops_the_worker_before_its_batch_is_acknowledged(
+    settings: Settings, worker, redis_client, tmp_path: Path
+) -> None:
+    """The dead-letter topic refuses every record (over its 1-byte limit): the worker exits
+    with status 70 instead of acknowledging the batch. Once the topic takes records again, a
+    new worker sends the letter again, and the valid event beside it is learned once."""
+    admin = AdminClient(kafka_config(settings))
+
+    def limit(op: AlterConfigOpType, value: str = "") -> None:
+        entry = ConfigEntry("max.message.bytes", value, incremental_operation=op)
+        dlq = ConfigResource(
+            ConfigResource.Type.TOPIC, settings.dlq_topic, incremental_configs=[entry]
+        )
+        for future in admin.incremental_alter_configs([dlq]).values():
+            future.result(30)
+
+    limit(AlterConfigOpType.SET, "1")
+    try:
+        with EventProducer(settings.kafka_bootstrap, settings.events_topic) as producer:
+            producer.send_raw(_valid(500), key=b"refused")
+            producer.send_raw(b"{not json", key=b"refused")
+        assert worker.wait(60) == 70
+        assert "were not delivered" in (tmp_path / "worker.log").read_text(errors="replace")
+    finally:
+        limit(AlterConfigOpType.DELETE)
+    again = freshrec_process(["worker", "--loglevel", "warning"], settings, tmp_path / "again.log")
+    dlq = TopicReader(settings.kafka_bootstrap, settings.dlq_topic)
+    try:
+        (letter,) = wait_until(lambda: dlq.poll() or None, 60, "the dead letter, sent again")
+        assert letter.value() == b"{not json"
+        history = Keys(settings.key_prefix).history("ok-500")
+        wait_until(lambda: redis_client.zscore(history, "item-500"), 30, "the valid event")
+        assert redis_client.hget(f"{settings.key_prefix}:stats:worker", "events") == b"1"
+    finally:
+        dlq.close()
+        stop_process(again)
