@@ -9,10 +9,10 @@ Each item's reward estimate :math:`\hat r_i` (its click-through rate) gets the b
 
 with :math:`N` all impressions and :math:`n_i` the item's. An item never shown has
 :math:`n_i = 0`; it is counted as :math:`n_i = 1` so the bonus stays finite and comparable
-(the largest any item gets). :math:`\hat r_i` is smoothed with a Beta prior of
-``prior_strength`` impressions, so one lucky click does not make a winner, toward the click-through
-rate of the cold pool as a whole (`pool_ctr`): the empirical-Bayes prior of an item nobody has
-clicked yet is what new items earn, measured on the same clicks and impressions as its own.
+(the largest any item gets). :math:`\hat r_i` is smoothed toward the click-through rate of
+the cold pool as a whole (`pool_ctr`) with a Beta prior worth ``prior_strength`` impressions, so
+one lucky click does not make a winner: the empirical-Bayes prior of a new item is what new
+items earn, counted in the same clicks and impressions as its own.
 """
 
 from __future__ import annotations

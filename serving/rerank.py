@@ -40,7 +40,7 @@ def rerank(
     ``multiplier`` is the business rules' (1 keeps, 0 drops, more boosts); ``unavailable`` a
     mask over all rows; ``cold_slot`` each candidate's index into ``cold_clicks`` and
     ``cold_impressions``, -1 for one that is not cold; ``cold_ctr`` the cold pool's click-through
-    rate, the prior each cold item's is smoothed toward.
+    rate, toward which each cold item's own is smoothed.
 
     Examples
     --------
