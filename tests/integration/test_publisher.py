@@ -85,15 +85,17 @@ def test_a_delivery_report_that_lands_while_others_are_put_back_is_kept(
 
             async def put_back_while_u2_is_refused(users: Any, due_at: float) -> None:
                 await put_back(users, due_at)
-                assert producer.flush(30) == 0  # u2's report runs now, as another poll would
+                # Sent and refused only now, so its report cannot come before the put-back
+                # began: it runs here, inside it, as another poll of the producer would.
+                producer.produce(
+                    refusing_topic, key=b"u2", value=b"[]", on_delivery=publisher._delivered
+                )
+                assert producer.flush(30) == 0
 
             await redis.zadd(keys.dirty_users, {"u1": 1.0})
             assert await publisher.publish_due() == 1
             assert producer.flush(30) == 0
             assert publisher.undelivered == {"u1"}
-            producer.produce(
-                refusing_topic, key=b"u2", value=b"[]", on_delivery=publisher._delivered
-            )
             publisher._put_back = put_back_while_u2_is_refused  # type: ignore[method-assign]
             assert await publisher.publish_due() == 1  # u1, put back and published again
             assert "u2" in publisher.undelivered
