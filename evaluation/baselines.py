@@ -98,10 +98,12 @@ class ItemKNN:
     history. It is the strong, non-personalised-parameter baseline a streaming recommender
     must beat; the research protocol behind ``freshrec eval`` defines it exactly so.
 
-    On a learned interaction :math:`(u, i)`, :math:`n_i \mathrel{+}= 1` and, when
-    :math:`i \notin H_u`, :math:`C_{ih} \mathrel{+}= 1,\ C_{hi} \mathrel{+}= 1` for every
-    :math:`h \in H_u`, then :math:`H_u \leftarrow H_u \cup \{i\}`. The score of item
-    :math:`j` for user :math:`u` is
+    On a learned interaction :math:`(u, i)` with :math:`i \notin H_u`, :math:`n_i \mathrel{+}= 1`
+    and :math:`C_{ih} \mathrel{+}= 1,\ C_{hi} \mathrel{+}= 1` for every :math:`h \in H_u`, then
+    :math:`H_u \leftarrow H_u \cup \{i\}`; a repeated interaction changes nothing. :math:`n_i`
+    is the number of users of :math:`i` and :math:`C_{hj}` of users of both, so the weight below
+    is the cosine of the items' binary user vectors. The score of item :math:`j` for user
+    :math:`u` is
 
     .. math::
 
@@ -129,11 +131,11 @@ class ItemKNN:
 
     def learn_one(self, user: str, item: int) -> None:
         """One interaction of ``user`` with ``item``."""
-        self.counts = _grown(self.counts, item + 1)
-        self.counts[item] += 1.0
         seen = self._seen.setdefault(user, set())
         if item in seen:
             return
+        self.counts = _grown(self.counts, item + 1)
+        self.counts[item] += 1.0
         history = self.history.setdefault(user, [])
         if history:
             self.cooccurrence = _grown_square(self.cooccurrence, max(item, *history) + 1)

@@ -8,12 +8,15 @@ from freshrec.evaluation.baselines import BiasedMFRanker, ItemKNN
 
 
 def _recount(interactions: list[tuple[str, int]], users: list[str], n_items: int) -> np.ndarray:
-    """s_uj = sum over h in H_u of C_hj / sqrt(n_h n_j), everything counted from scratch."""
+    """s_uj = sum over h in H_u of C_hj / sqrt(n_h n_j), everything counted from scratch: the
+    cosine of the items' binary user vectors, n_i the users of i and C_hj the users of both."""
     histories: dict[str, set[int]] = {}
     counts = np.zeros(n_items)
     for user, item in interactions:
         histories.setdefault(user, set()).add(item)
-        counts[item] += 1
+    for items in histories.values():
+        for item in items:
+            counts[item] += 1  # users of the item, however often each came back
     together = np.zeros((n_items, n_items))
     for items in histories.values():
         for h in items:
@@ -37,7 +40,7 @@ def test_item_knn_scores_equal_a_brute_force_recount_after_every_event() -> None
     seen: list[tuple[str, int]] = []
     for step in range(300):
         event = (users[int(rng.integers(len(users)))], int(rng.integers(40)))
-        knn.learn_one(*event)  # repeats included: they count in n, not in C
+        knn.learn_one(*event)  # repeats included: they count in neither n nor C
         seen.append(event)
         if step % 37 == 0 or step == 299:
             n_items = 45  # more than the items seen: the unseen ones score 0
