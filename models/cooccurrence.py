@@ -25,7 +25,10 @@ class Cooccurrence:
         \qquad o_i \leftarrow o_i + w(t)
 
     then :math:`i` goes to the front of :math:`H_u`. An item already in :math:`H_u` pairs with
-    nothing again; it only counts toward :math:`o_i` and moves to the front. Items close in a
+    nothing again and is not counted again: it only moves to the front. :math:`o_i` is then the
+    (decayed) number of users who came to :math:`i` and :math:`c_{ij}` of those who came to
+    both, so the cosine below is that of the items' user vectors; a count of every repeat in
+    :math:`o_i` alone would pull down the items users come back to. Items close in a
     user's sequence are what a user consumes together (a session, a series); the gap weight
     keeps the whole history as evidence but lets the neighbours in time count most. The
     sequence-aware item-CF of freshrec's research note (ML-100K: HR@10 0.187 against 0.133 for
@@ -69,10 +72,10 @@ class Cooccurrence:
     ['heat', 'jaws', 'dune']
     >>> {other: round(c, 4) for other, c in cooc.pairs["jaws"].items()}  # 1 and 2 apart
     {'heat': 1.0, 'dune': 0.7071}
-    >>> dict(cooc.occurrences)  # the repeat counts, but pairs with nothing again
-    {'dune': 1.0, 'heat': 2.0, 'jaws': 1.0}
+    >>> dict(cooc.occurrences)  # the repeat of heat counts no more than it pairs
+    {'dune': 1.0, 'heat': 1.0, 'jaws': 1.0}
     >>> round(cooc.similarity("jaws", "heat"), 4), round(cooc.similarity("jaws", "dune"), 4)
-    (0.7071, 0.7071)
+    (1.0, 0.7071)
     """
 
     def __init__(
@@ -109,15 +112,16 @@ class Cooccurrence:
         weight = self.decay.weight(ts)
         self.clock = ts if self.clock is None else max(self.clock, ts)
         history = self.histories.setdefault(user, [])
-        self.occurrences[item] += weight
         if item in history:
             history.remove(item)
-        elif history:
-            row, pairs = self.pairs[item], self.pairs
-            for other, gap in zip(history, self.gap_weights(len(history)), strict=True):
-                amount = gap * weight
-                row[other] += amount
-                pairs[other][item] += amount
+        else:
+            self.occurrences[item] += weight
+            if history:
+                row, pairs = self.pairs[item], self.pairs
+                for other, gap in zip(history, self.gap_weights(len(history)), strict=True):
+                    amount = gap * weight
+                    row[other] += amount
+                    pairs[other][item] += amount
         history.insert(0, item)
         del history[self.history_cap :]
 

@@ -35,7 +35,8 @@ def _recount(
 ) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
     """An event whose item is not among the ``cap`` most recent distinct items its user had
     before it pairs with each of them, the g-th most recent at ``g^-gap_exponent``, times
-    ``exp(-rate (now - t))``; from the whole past, with no state carried along."""
+    ``exp(-rate (now - t))``, and counts once; from the whole past, with no state carried
+    along."""
     pairs: defaultdict[tuple[str, str], float] = defaultdict(float)
     occurrences: defaultdict[str, float] = defaultdict(float)
     past: defaultdict[str, list[str]] = defaultdict(list)
@@ -47,7 +48,7 @@ def _recount(
             for gap, other in enumerate(recent, start=1):
                 pairs[item, other] += gap**-gap_exponent * weight
                 pairs[other, item] += gap**-gap_exponent * weight
-        occurrences[item] += weight
+            occurrences[item] += weight
         past[user].append(item)
     return pairs, occurrences
 
@@ -87,10 +88,13 @@ def test_a_gap_exponent_of_zero_counts_every_pair_of_the_history_alike() -> None
     assert cooc.pairs["f"] == dict.fromkeys("abcde", 1.0)
 
 
-def test_a_repeated_item_counts_but_never_pairs_again() -> None:
+def test_a_repeated_item_neither_pairs_nor_counts_again() -> None:
+    """The cosine's norm counts the users of an item as its pairs do: a user who comes back to
+    an item adds to neither, else the items users return to would look less similar."""
     cooc = _learn([("ann", "a", 0.0), ("ann", "b", 0.0), ("ann", "a", 0.0)], 3, 0.0, 0.0)
     assert cooc.pairs["a"] == {"b": 1.0} and cooc.pairs["b"] == {"a": 1.0}
-    assert cooc.occurrences == {"a": 2.0, "b": 1.0}
+    assert cooc.occurrences == {"a": 1.0, "b": 1.0}
+    assert cooc.similarity("a", "b") == 1.0
     assert cooc.histories["ann"] == ["a", "b"]  # moved to the front, held once
 
 
@@ -139,7 +143,7 @@ def test_a_rebase_leaves_every_decayed_count_unchanged() -> None:
 def test_similarity_is_the_cosine_the_readers_recall_scores() -> None:
     events = _stream(seed=4, events=500)
     # A landmark after the events: weights below 1, so a floor fixed at 1 would be wrong.
-    cooc = _learn(events, 500, math.log(2) / 3600.0, landmark=events[-1][2] + 3600.0)
+    cooc = _learn(events, 500, math.log(2) / 21600.0, landmark=events[-1][2] + 21600.0)
     floor = cooc.decay.weight(cooc.clock)  # one interaction at the newest event, as stored
     assert floor == pytest.approx(0.5)
     assert min(cooc.occurrences.values()) < floor < max(cooc.occurrences.values())

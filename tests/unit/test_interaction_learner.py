@@ -143,7 +143,7 @@ def test_decayed_sums_equal_a_recount_from_the_snapshots_histories() -> None:
             for gap, other in enumerate(history[: CONFIG.cooccurrence_history], start=1):
                 pairs[e.item_id, other] += gap**-gamma * weight
                 pairs[other, e.item_id] += gap**-gamma * weight
-        occurrences[e.item_id] += weight
+            occurrences[e.item_id] += weight
         popularity[e.item_id] += weight * CONFIG.strengths[e.type]
         past[e.user_id].append(e.item_id)
     learned = {(i, j): v for i, row in changes.pairs.items() for j, v in row.items()}
