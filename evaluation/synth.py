@@ -16,7 +16,9 @@ The model, all of it in :class:`SynthConfig`:
   picks a user by activity, then an item among those released by then with probability
   ``∝ pop_i · exp(U_u·V_i / affinity_temperature)``, then a type by its share;
 * a rating is ``clip(mu + b_u + b_i + U_u·V_i + N(0, noise_std^2), rating_min, rating_max)``,
-  a float (not rounded) so that the noise floor is ``noise_std`` up to clipping.
+  a float (not rounded) so that the noise floor is ``noise_std`` up to clipping: the error of
+  the oracle that predicts each rating's expectation, ``E[clip(m + N(0, noise_std^2))]``
+  (`clipped_normal_mean`), which near the ends of the scale is not the clipped ``m``.
 
 A concept change can be injected at a known event ``change_at`` (a position in the stream),
 so that drift detectors can be scored on when they fire:
@@ -130,9 +132,10 @@ class SynthStream:
     User ``"u{k}"`` is row ``k`` of the user arrays, item ``"i{k}"`` row ``k`` of the item
     arrays. ``rating_positions`` indexes the rating events in ``events``;
     ``expected_ratings`` holds their noise-free clipped value, in the same order, under the
-    factors in effect at each event. With a change, ``rotated_users`` are the users whose
-    factors are ``changed_user_factors`` from event ``config.change_at`` on, and
-    ``cluster_items`` the items of the new cluster.
+    factors in effect at each event, and ``oracle_ratings`` their expectation under the noise
+    (the best prediction there is, in mean squared error). With a change, ``rotated_users``
+    are the users whose factors are ``changed_user_factors`` from event ``config.change_at``
+    on, and ``cluster_items`` the items of the new cluster.
     """
 
     config: SynthConfig
@@ -149,6 +152,7 @@ class SynthStream:
     item_index: np.ndarray = field(repr=False)
     rating_positions: np.ndarray = field(repr=False)
     expected_ratings: np.ndarray = field(repr=False)
+    oracle_ratings: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
     rotated_users: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), repr=False)
     changed_user_factors: np.ndarray | None = field(default=None, repr=False)
     cluster_items: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), repr=False)
@@ -174,15 +178,46 @@ class SynthStream:
         return np.array([self.events[p]["value"] for p in self.rating_positions.tolist()])
 
     def noise_floor_rmse(self) -> float:
-        """RMSE of the observed ratings against their noise-free clipped expectation.
+        """RMSE of the observed ratings against their expectation (``oracle_ratings``).
 
         The error an oracle knowing the model would make on this very stream: the floor below
         which a lower prequential RMSE means a bug or leakage, not a better model.
         """
         if self.rating_positions.size == 0:
             raise ValueError("the stream has no rating events, so it has no rating noise floor")
-        error = self.observed_ratings() - self.expected_ratings
+        error = self.observed_ratings() - self.oracle_ratings
         return float(np.sqrt(np.mean(error * error)))
+
+
+def clipped_normal_mean(mean: np.ndarray, std: float, lo: float, hi: float) -> np.ndarray:
+    r""":math:`E[\mathrm{clip}(X, lo, hi)]` for :math:`X \sim N(m, \sigma^2)`, elementwise:
+
+    .. math::
+
+        lo\, \Phi(\alpha) + hi\, (1 - \Phi(\beta)) + m\, (\Phi(\beta) - \Phi(\alpha))
+        + \sigma\, (\varphi(\alpha) - \varphi(\beta)),
+        \qquad \alpha = \tfrac{lo - m}{\sigma},\ \beta = \tfrac{hi - m}{\sigma}
+
+    (the mass below ``lo`` and above ``hi`` sits there, the rest keeps its truncated mean).
+
+    >>> clipped_normal_mean(np.array([3.0, 5.0]), 0.5, 1.0, 5.0).round(4).tolist()
+    [3.0, 4.8005]
+    """
+    m = np.asarray(mean, dtype=np.float64)
+    if std <= 0:
+        return np.clip(m, lo, hi)
+    alpha, beta = (lo - m) / std, (hi - m) / std
+    erf = np.frompyfunc(math.erf, 1, 1)
+
+    def cdf(x: np.ndarray) -> np.ndarray:
+        return 0.5 * (1.0 + erf(x / math.sqrt(2.0)).astype(np.float64))
+
+    def pdf(x: np.ndarray) -> np.ndarray:
+        return np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+    below, above = cdf(alpha), 1.0 - cdf(beta)
+    inside = m * (1.0 - below - above) + std * (pdf(alpha) - pdf(beta))
+    return lo * below + hi * above + inside
 
 
 def quarter_turn(rng: np.random.Generator, k: int) -> np.ndarray:
@@ -419,6 +454,9 @@ def generate(config: SynthConfig | None = None) -> SynthStream:
         )
     )
     stream.expected_ratings = np.clip(noise_free, config.rating_min, config.rating_max)
+    stream.oracle_ratings = clipped_normal_mean(
+        noise_free, config.noise_std, config.rating_min, config.rating_max
+    )
     noisy = noise_free + noise_rng.normal(0.0, config.noise_std, rated_users.size)
     values = np.full(n, np.nan)
     values[stream.rating_positions] = np.clip(noisy, config.rating_min, config.rating_max)

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from freshrec.evaluation.datasets import read_events
-from freshrec.evaluation.synth import SynthConfig, SynthStream, generate, write_jsonl
+from freshrec.evaluation.synth import (
+    SynthConfig,
+    SynthStream,
+    clipped_normal_mean,
+    generate,
+    write_jsonl,
+)
 
 SMALL = SynthConfig(users=300, items=200, events=20_000, seed=11)
 
@@ -114,6 +120,24 @@ def test_noise_floor_matches_configured_noise(noise_std: float) -> None:
     s = generate(SynthConfig(users=300, items=200, events=30_000, noise_std=noise_std, seed=2))
     # Clipping at the ends of the scale can only shrink the error, and only a little.
     assert 0.9 * noise_std < s.noise_floor_rmse() < 1.03 * noise_std
+
+
+def test_the_clipped_mean_is_the_mean_of_clipped_draws() -> None:
+    rng = np.random.default_rng(9)
+    means = np.array([0.2, 1.1, 3.0, 4.8, 5.6])
+    draws = np.clip(means[:, None] + rng.normal(0.0, 0.5, (means.size, 400_000)), 1.0, 5.0)
+    expected = clipped_normal_mean(means, 0.5, 1.0, 5.0)
+    np.testing.assert_allclose(expected, draws.mean(axis=1), atol=0.003)  # ~4 standard errors
+
+
+def test_the_noise_floor_is_the_oracles_error_below_the_clipped_means() -> None:
+    """The floor is the error of predicting each rating's expectation: in mean squared error the
+    best there is, so below that of the clipped noise-free value, which ignores that the noise
+    can only push a rating near an end of the scale inwards."""
+    s = generate(SynthConfig(users=300, items=200, events=30_000, noise_std=0.5, seed=2))
+    clipped = float(np.sqrt(np.mean((s.observed_ratings() - s.expected_ratings) ** 2)))
+    assert s.noise_floor_rmse() < clipped
+    assert s.oracle_ratings.shape == s.expected_ratings.shape
 
 
 def test_noise_floor_needs_ratings() -> None:
