@@ -143,7 +143,8 @@ def rank_in_list(items: Sequence[str], scores: Sequence[float] | None, target: s
     *after* the target with the same score (or a NaN on either side) counts ahead of it, as
     nothing but an arbitrary tie-break put the target first. On a list sorted by score this is
     exactly ``1 + #{other listed items with score >= the target's}``; a list of equal scores
-    ranks the target last, and so does a NaN score.
+    ranks the target last. A target whose own score is NaN ties with every candidate, listed
+    or not, and so ranks as a baseline's NaN does, last of all: :data:`MISSING`.
 
     Parameters
     ----------
@@ -165,8 +166,10 @@ def rank_in_list(items: Sequence[str], scores: Sequence[float] | None, target: s
     3.0
     >>> rank_in_list(["a", "b", "c"], [0.2, 0.9, 0.7], "b")  # reordered: the user saw b second
     2.0
+    >>> rank_in_list(["a", "b", "c"], [0.5, float("nan"), 0.7], "a")  # a NaN after: a tie
+    2.0
     >>> rank_in_list(["a", "b", "c"], [float("nan"), 0.5, 0.7], "a")
-    3.0
+    inf
     >>> rank_in_list(["a", "b", "c"], None, "b")
     2.0
     >>> rank_in_list(["a", "b"], [0.9, 0.4], "z")
@@ -178,9 +181,11 @@ def rank_in_list(items: Sequence[str], scores: Sequence[float] | None, target: s
         return MISSING
     if scores is None:
         return float(position + 1)
-    later = np.asarray(scores, dtype=np.float64)[position + 1 :]
     own = float(scores[position])
-    ties = (later == own) | np.isnan(later) | math.isnan(own)
+    if math.isnan(own):
+        return MISSING
+    later = np.asarray(scores, dtype=np.float64)[position + 1 :]
+    ties = (later == own) | np.isnan(later)
     return float(position + 1 + int(ties.sum()))
 
 

@@ -64,7 +64,10 @@ def test_nan_scores_never_rank_first() -> None:
     assert pessimistic_rank([nan, 0.1, -5.0], target=1) == 1
     assert pessimistic_rank([nan, 0.1, -5.0], target=0) == 3
     assert pessimistic_rank([nan, nan], target=0) == 2
-    assert rank_in_list(["a", "b"], [nan, 0.2], "a") == 2
+    assert rank_in_list(["a", "b"], [0.2, nan], "a") == 2  # a NaN listed after it ties
+    # Its own NaN ties with every candidate, listed or not: last of all, as a baseline's NaN
+    # target is (once a list is shorter than the catalogue, a miss).
+    assert rank_in_list(["a", "b"], [nan, 0.2], "a") == MISSING
 
 
 def test_nan_ranks_are_misses() -> None:
