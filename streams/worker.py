@@ -56,8 +56,11 @@ started again resumes after its watermarks.
 A retried step is safe to repeat: the batch write is skipped by its offset watermarks if it
 landed, impressions are written with HSET (idempotent), clicks are attributed once (HDEL), and
 the in-memory click model is put back as it was before a failed attempt (under the lock the
-merge timer takes too). The click model's merge timer (`merge_click_model`) catches and logs
-its own failures (at a bounded rate) and tries again on its next tick: it never stops the app.
+merge timer takes too). A process that ends between a batch's write and its feedback steps
+(attributing its clicks, recording its impressions) loses that feedback: the redelivered
+batch is skipped whole by its watermarks. The click model's merge timer
+(`merge_click_model`) catches and logs its own failures (at a bounded rate) and tries again on
+its next tick: it never stops the app.
 """
 
 from __future__ import annotations
