@@ -403,7 +403,7 @@ def test_decayed_cooccurrence_and_popularity_in_redis_equal_the_learners_across_
         for other, value in row.items():
             assert close(cooc[item][other], value), (item, other, cooc[item][other] * scale, value)
             pairs += 1
-    assert pairs > 1000 and max(expected_occ.values()) > 1.0
+    assert pairs > 1000 and max(expected_occ.values()) > 0.5  # recent sums far from underflow
 
 
 def test_a_batch_read_before_another_workers_rebase_is_learned_again_at_the_new_scale(
@@ -710,10 +710,11 @@ def test_impressions_at_wall_time_leave_an_old_logs_decay_alone(
 
     landmark, clock, occurrences, impressions = asyncio.run(run())
     assert landmark == old and clock == old + 29
-    expected = Popularity(settings.model_config().decay_rate, old)
+    cfg = settings.model_config()
+    expected = Cooccurrence(cfg.cooccurrence_history, cfg.decay_rate, old)
     for e in events:
-        expected.learn_one(e.item_id, e.ts, 1.0)
-    assert occurrences == pytest.approx(expected.scores["i0"], rel=1e-12)
+        expected.learn_one(e.user_id, e.item_id, e.ts)
+    assert occurrences == pytest.approx(expected.occurrences["i0"], rel=1e-12)
     assert impressions == 2
 
 

@@ -279,9 +279,16 @@ def _assert_each_event_applied_once(
     to_clock = math.exp(-rate * (clock - float(client.get(keys.decay_landmark))))
     occurrences: dict[str, list[float]] = collections.defaultdict(list)
     popularity: dict[str, list[float]] = collections.defaultdict(list)
-    for e in stream:
+    # An item counts toward its occurrences when it is not among the user's
+    # cooccurrence_history most recent distinct items (it pairs then too).
+    cap = settings.model_config().cooccurrence_history
+    last_seen: dict[str, dict[str, int]] = collections.defaultdict(dict)
+    for n, e in enumerate(stream):
         weight = math.exp(-rate * (clock - e["ts"]))
-        occurrences[e["item_id"]].append(weight)
+        seen = last_seen[e["user_id"]]
+        if e["item_id"] not in sorted(seen, key=seen.__getitem__, reverse=True)[:cap]:
+            occurrences[e["item_id"]].append(weight)
+        seen[e["item_id"]] = n
         popularity[e["item_id"]].append(strengths[e["type"]] * weight)
     for key, expected in ((keys.occurrences, occurrences), (keys.popularity, popularity)):
         stored = _zset(client, key)
