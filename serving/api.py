@@ -118,12 +118,6 @@ class LoopHealth:
         return {"running": self.running, "restarts": self.restarts, "last_error": self.last_error}
 
 
-def is_transient_redis_error(exc: BaseException) -> bool:
-    """Redis is up but cannot answer now (busy, loading, out of memory, a replica, failing
-    over): 503 and a retry shortly, not 500. The worker's classes (`transient_error`)."""
-    return transient_error(exc) is not None
-
-
 class Reader:
     """The routes over one funnel, with the background work that keeps it fresh and publishes.
 
@@ -284,7 +278,7 @@ class Reader:
             except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
                 log.warning("funnel state not refreshed: %s", exc)
             except redis_errors.ResponseError as exc:
-                if not is_transient_redis_error(exc):
+                if transient_error(exc) is None:  # not a Redis that cannot answer now
                     raise
                 log.warning("funnel state not refreshed: %s", exc)
             await pause(self.index_refresh_s)
@@ -375,7 +369,7 @@ class Reader:
             log.warning("Redis unavailable: %s", exc)
             response = unavailable("state store (Redis) unavailable; retry shortly")
         except Exception as exc:
-            if is_transient_redis_error(exc):
+            if transient_error(exc) is not None:  # up but cannot answer now: 503, not 500
                 log.warning("Redis cannot answer now: %s", exc)
                 response = unavailable(f"state store (Redis) cannot answer now ({exc}); retry")
             else:

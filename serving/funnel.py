@@ -292,6 +292,7 @@ class Funnel:
         trending = index.row_of([m.decode() for m in popular])
         cold = index.row_of(newest.decode().split("\n") if newest else [])
         known = cold >= 0
+        shown_counts, click_counts = np.frombuffer(shown, "<f8"), np.frombuffer(clicked, "<f8")
         blocked = index.dead[: len(index)].copy()  # retired items are never served
         rows = index.row_of([m.decode() for m in unavailable])
         blocked[rows[rows >= 0]] = True
@@ -301,10 +302,10 @@ class Funnel:
         self.pools = _Pools(
             trending=trending[trending >= 0],
             cold=cold[known],
-            cold_impressions=np.frombuffer(shown, "<f8")[known],
-            cold_clicks=np.frombuffer(clicked, "<f8")[known],
+            cold_impressions=shown_counts[known],
+            cold_clicks=click_counts[known],
             impressions_total=float(total or 0.0),
-            cold_ctr=pool_ctr(np.frombuffer(clicked, "<f8"), np.frombuffer(shown, "<f8")),
+            cold_ctr=pool_ctr(click_counts, shown_counts),
             unavailable=blocked,
             count_floor=count_floor(index.decay_rate, index.landmark, self.event_clock),
         )

@@ -18,6 +18,7 @@ import orjson
 from redis.asyncio import Redis
 
 from freshrec.models.click_model import ClickModel, state_from_hash
+from freshrec.settings import Settings
 from freshrec.store.keys import Keys
 
 
@@ -161,7 +162,7 @@ def parse_impression(
     Never raises anything else, whatever the bytes (a poison message must not stop the worker).
     """
     if ts_range is None:
-        ts_range = (631152000.0, time.time() + 86400.0)
+        ts_range = (Settings.min_event_ts, time.time() + Settings.max_future_s)
     try:
         return _parse_impression(payload, max_id_length, max_message_bytes, ts_range)
     except ValueError:
