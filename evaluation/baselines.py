@@ -39,24 +39,28 @@ def _grown_square(array: np.ndarray, size: int) -> np.ndarray:
 class PopularityBaseline:
     r"""Most-popular ranker and item-mean rating predictor: the floor a personal model must beat.
 
-    It ranks every item by how many interactions it has had so far, the same list for every
-    user (minus what the user has seen), and predicts a rating as the item's mean rating so
-    far, falling back on the global mean for an item without ratings:
+    It ranks every item by how many users have interacted with it so far, the same list for
+    every user (minus what the user has seen), and predicts a rating as the item's mean rating
+    so far, falling back on the global mean for an item without ratings:
 
     .. math::
 
-        s_i = n_i, \qquad \hat r_{ui} = \frac{\sum_{u'} r_{u'i}}{m_i} \ (m_i > 0), \quad
+        s_i = |U_i|, \qquad \hat r_{ui} = \frac{\sum_{u'} r_{u'i}}{m_i} \ (m_i > 0), \quad
         \hat r_{ui} = \mu \ (m_i = 0)
+
+    Users, not events: every target is an item new to its user, so the question is how many
+    users come to an item, and a few users returning to an item over and over would otherwise
+    rank it above items many users came to once. (The same count as item-kNN's norm.)
 
     Examples
     --------
     >>> pop = PopularityBaseline()
-    >>> for item, rating in [(0, 4.0), (0, None), (1, 2.0), (2, None)]:
-    ...     pop.learn_one(item, rating)
+    >>> for user, item, rating in [("a", 0, 4.0), ("b", 0, None), ("a", 1, 2.0), ("a", 1, None)]:
+    ...     pop.learn_one(user, item, rating)
     >>> pop.scores(3).tolist()
-    [2.0, 1.0, 1.0]
-    >>> pop.predict_rating(0), pop.predict_rating(2), pop.predict_rating(7)
-    (4.0, 3.0, 3.0)
+    [2.0, 1.0, 0.0]
+    >>> pop.predict_rating(0), pop.predict_rating(2)
+    (4.0, 3.0)
     """
 
     def __init__(self) -> None:
@@ -65,11 +69,15 @@ class PopularityBaseline:
         self.rating_counts = np.zeros(0)
         self.total = 0.0
         self.rated = 0
+        self._seen: dict[str, set[int]] = {}
 
-    def learn_one(self, item: int, rating: float | None = None) -> None:
-        """Count one interaction with ``item``; a rating also updates its mean."""
+    def learn_one(self, user: str, item: int, rating: float | None = None) -> None:
+        """Count ``user`` for ``item`` unless counted before; a rating also updates its mean."""
         self.counts = _grown(self.counts, item + 1)
-        self.counts[item] += 1.0
+        seen = self._seen.setdefault(user, set())
+        if item not in seen:
+            seen.add(item)
+            self.counts[item] += 1.0
         if rating is not None:
             self.rating_sums = _grown(self.rating_sums, item + 1)
             self.rating_counts = _grown(self.rating_counts, item + 1)
@@ -79,7 +87,7 @@ class PopularityBaseline:
             self.rated += 1
 
     def scores(self, n_items: int) -> np.ndarray:
-        """Interaction counts of items ``0 .. n_items - 1``."""
+        """Distinct users of items ``0 .. n_items - 1``."""
         return _grown(self.counts, n_items)[:n_items].copy()
 
     def predict_rating(self, item: int) -> float:

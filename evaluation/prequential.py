@@ -507,7 +507,7 @@ class Evaluation:
             u = int(s.user[n])
             user_id = s.user_ids[u]
             rating = float(s.value[n]) if s.is_rating[n] else None
-            self.popularity.learn_one(i, rating)
+            self.popularity.learn_one(user_id, i, rating)
             self.item_knn.learn_one(user_id, i)
             if rating is not None:
                 self.river.learn_one(user_id, i, rating)

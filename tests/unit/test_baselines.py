@@ -1,10 +1,11 @@
-"""Baselines of ``freshrec eval``: item-kNN against a brute-force recount, river's settings."""
+"""Baselines of ``freshrec eval``: popularity and item-kNN against brute-force recounts, river's
+settings."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from freshrec.evaluation.baselines import BiasedMFRanker, ItemKNN
+from freshrec.evaluation.baselines import BiasedMFRanker, ItemKNN, PopularityBaseline
 
 
 def _recount(interactions: list[tuple[str, int]], users: list[str], n_items: int) -> np.ndarray:
@@ -47,6 +48,20 @@ def test_item_knn_scores_equal_a_brute_force_recount_after_every_event() -> None
             expected = _recount(seen, [*users, "nobody"], n_items)
             got = knn.scores([*users, "nobody"], n_items)
             np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)  # float32 sums
+
+
+def test_popularity_counts_the_users_of_an_item_after_every_event() -> None:
+    """Users who come back to an item count once: a recount of distinct (user, item) pairs."""
+    rng = np.random.default_rng(5)
+    pop = PopularityBaseline()
+    seen: list[tuple[str, int]] = []
+    for _ in range(400):
+        user, item = f"u{rng.integers(6)}", int(rng.integers(10))  # many repeats
+        pop.learn_one(user, item)
+        seen.append((user, item))
+        expected = np.bincount([i for _, i in set(seen)], minlength=10).astype(float)
+        np.testing.assert_array_equal(pop.scores(10), expected)
+    assert len(seen) > 2 * len(set(seen))  # the stream did repeat its pairs
 
 
 def test_item_knn_of_a_user_without_history_is_all_zero() -> None:

@@ -172,10 +172,17 @@ def test_rolling_mean_equals_a_windowed_recount() -> None:
     assert rolling_mean(values, 8).tolist() == pytest.approx(expected)
 
 
-def test_popularity_ranks_by_count_and_predicts_the_item_mean() -> None:
+def test_popularity_ranks_by_users_and_predicts_the_item_mean() -> None:
     pop = PopularityBaseline()
-    for item, rating in [(2, None), (2, 5.0), (2, 3.0), (0, 1.0), (1, None)]:
-        pop.learn_one(item, rating)
+    for user, item, rating in [
+        ("a", 2, None),
+        ("b", 2, 5.0),
+        ("c", 2, 3.0),
+        ("a", 0, 1.0),
+        ("a", 1, None),
+        ("a", 1, None),
+    ]:
+        pop.learn_one(user, item, rating)
     assert pop.scores(4).tolist() == [1.0, 1.0, 3.0, 0.0]
     assert pop.predict_rating(2) == 4.0
     assert pop.predict_rating(1) == pytest.approx(3.0)  # no rating: the global mean
