@@ -17,6 +17,11 @@ would hold Redis longer than `WRITE_TARGET_S` (`StepSize`), split between messag
 message's events always share a step: its offset is one watermark). On Redis Cluster the same
 changes go as pipelined single-key commands and scripts, watermarks last: at least once
 (``atomic=False``).
+
+A batch may carry hash writes of its own (`HashWrites`: the impressions it remembers, the
+clicks it attributes), asked of the caller once the step knows which of its events are new
+and written in the step's own write: they land with the watermarks or not at all, so a
+redelivered batch, skipped by its watermarks, has them already.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import compress
 from typing import Any, Protocol
@@ -60,7 +65,7 @@ from freshrec.store.script_pipeline import script_pipeline
 from freshrec.store.server_scripts import ServerScripts
 from freshrec.store.vectors import VECTOR_DTYPE, decode_vector, encode_vector
 
-__all__ = ["INTERACTIONS", "BatchResult", "BatchUpdater", "Interaction", "Origin"]
+__all__ = ["INTERACTIONS", "BatchResult", "BatchUpdater", "HashWrites", "Interaction", "Origin"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +94,20 @@ class BatchResult:
     rating_errors: list[float] = field(default_factory=list)
     max_ts: float = 0.0
     applied: list[int] = field(default_factory=list)  # input positions learned, not skipped
+
+
+@dataclass
+class HashWrites:
+    """Hash fields a batch sets (each hash then expiring after ``ttl_s``) and deletes in its
+    own write; keys and fields as ``str``, values as JSON text."""
+
+    set: dict[str, dict[str, str]] = field(default_factory=dict)
+    ttl_s: int = 0
+    delete: dict[str, list[str]] = field(default_factory=dict)
+
+
+WritesFor = Callable[[list[int]], Awaitable[HashWrites]]
+"""Asked for a step's `HashWrites`, given the positions (in the batch) of its new events."""
 
 
 class _Retry(Exception):
@@ -177,12 +196,14 @@ class BatchUpdater:
         events: Sequence[Identified],
         origins: Sequence[Origin] | None = None,
         arrived: float | None = None,
+        writes_for: WritesFor | None = None,
     ) -> BatchResult:
         """Learn ``events``; with ``origins`` (one per event), skip what was applied before.
 
         ``arrived`` (wall clock, unix seconds) is when the batch's oldest message reached Kafka:
         the users it touches are marked for publication from then, so the publisher's delay is
-        the event-to-published freshness. Without it, from now.
+        the event-to-published freshness. Without it, from now. ``writes_for`` gives the hash
+        writes that go with each step's write; it may be asked again for a step read again.
         """
         if origins is not None and len(origins) != len(events):
             raise ValueError("origins must have one entry per event")
@@ -193,7 +214,10 @@ class BatchUpdater:
         while start < len(events):
             end = _step_end(origins, start, len(events), self.step.events)
             part = await self._apply_step(
-                events[start:end], origins[start:end] if origins else [], arrived
+                events[start:end],
+                origins[start:end] if origins else [],
+                arrived,
+                _shifted(writes_for, start) if writes_for else None,
             )
             total.events += part.events
             total.skipped += part.skipped
@@ -205,16 +229,24 @@ class BatchUpdater:
         return total
 
     async def _apply_step(
-        self, events: Sequence[Identified], origins: Sequence[Origin], arrived: float | None
+        self,
+        events: Sequence[Identified],
+        origins: Sequence[Origin],
+        arrived: float | None,
+        writes_for: WritesFor | None,
     ) -> BatchResult:
         while True:
             try:
-                return await self._apply_once(events, origins, arrived)
+                return await self._apply_once(events, origins, arrived, writes_for)
             except _Retry:
                 continue
 
     async def _apply_once(
-        self, events: Sequence[Identified], origins: Sequence[Origin], arrived: float | None
+        self,
+        events: Sequence[Identified],
+        origins: Sequence[Origin],
+        arrived: float | None,
+        writes_for: WritesFor | None,
     ) -> BatchResult:
         labels = sorted({label for label, _ in origins})
         read = self._read_script if self.atomic else self._read_pipelined
@@ -248,6 +280,7 @@ class BatchUpdater:
         marks = dict(done)
         for lab, off in origins:
             marks[lab] = max(off, marks.get(lab, -1))
+        hashes = await writes_for(positions) if writes_for and positions else HashWrites()
         writes = self.learner.learn_many(keep, snapshot)
         ids = {
             user: _newest(at, self.config.dedup_events)
@@ -260,10 +293,12 @@ class BatchUpdater:
         began = time.perf_counter()
         if self.atomic:
             await self._write_script(
-                writes, watermarks, len(keep), clock, touched_at, snapshot.landmark, ids
+                writes, watermarks, len(keep), clock, touched_at, snapshot.landmark, ids, hashes
             )
         else:
-            await self._write_pipelined(writes, watermarks, len(keep), clock, touched_at, ids)
+            await self._write_pipelined(
+                writes, watermarks, len(keep), clock, touched_at, ids, hashes
+            )
         self.step.timed(len(keep), time.perf_counter() - began)
         seen.update(marks)
         result.max_ts = clock or 0.0
@@ -465,6 +500,7 @@ class BatchUpdater:
         touched_at: float,
         landmark: float,
         ids: dict[str, dict[str, float]],
+        hashes: HashWrites,
     ) -> None:
         cfg, keys = self.config, self.keys
         ttl = cfg.user_ttl_s
@@ -496,6 +532,11 @@ class BatchUpdater:
                 for user, at in ids.items()
             ],
             "first_seen": (keys.item_first_seen, list(w.first_seen), list(w.first_seen.values())),
+            "hset": [
+                (key, hashes.ttl_s, list(fields), list(fields.values()))
+                for key, fields in hashes.set.items()
+            ],
+            "hdel": list(hashes.delete.items()),
             "mean": (keys.rating_mean, w.mean_sum, w.mean_n) if w.mean_n else (),
             "counters": [(keys.impressions_total, sum(w.impressions.values()))]
             if w.impressions
@@ -553,6 +594,7 @@ class BatchUpdater:
         clock: float | None,
         touched_at: float,
         ids: dict[str, dict[str, float]],
+        hashes: HashWrites,
     ) -> None:
         cfg, keys = self.config, self.keys
         pipe = script_pipeline(self.redis)
@@ -594,6 +636,12 @@ class BatchUpdater:
             pipe.zadd(key, members, gt=True)
             pipe.zremrangebyrank(key, 0, -cap - 1)
             pipe.expire(key, cfg.user_ttl_s)
+        for key, fields in hashes.set.items():
+            pipe.hset(key, mapping=fields)
+            if hashes.ttl_s > 0:
+                pipe.expire(key, hashes.ttl_s)
+        for key, names in hashes.delete.items():
+            pipe.hdel(key, *names)
         if w.history:
             pipe.zadd(keys.dirty_users, dict.fromkeys(w.history, touched_at), nx=True)
         rows = self._changed_rows(w)
@@ -724,6 +772,15 @@ def _step_end(origins: Sequence[Origin] | None, start: int, count: int, most: in
                 cut += 1
         end = cut
     return end
+
+
+def _shifted(writes_for: WritesFor, start: int) -> WritesFor:
+    """``writes_for`` of a step that begins at position ``start`` of the batch."""
+
+    async def shifted(positions: list[int]) -> HashWrites:
+        return await writes_for([start + n for n in positions])
+
+    return shifted
 
 
 def _json(value: Any) -> bytes:

@@ -1,8 +1,13 @@
 """Closing the loop: what was shown, what was clicked, and what the click model learns from it.
 
 Each impression is remembered per user (item -> features and variant) for the attribution
-window, and learned at once as a negative; a click on a remembered item within the window is
+window, and learned as a negative; a click on a remembered item within the window is
 attributed to that impression (once), learned as a positive, and counted for its variant.
+
+The memory is written, and a click's impression forgotten, by the write of the batch that
+brings them (`freshrec.store.batch_update.HashWrites`), with its offset watermarks: a worker
+that ends at any point leaves either both or neither, and the batch redelivered to the next
+finds them as they were. The click model learns in memory once that write has landed.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +25,7 @@ from redis.asyncio import Redis
 
 from freshrec.models.click_model import ClickModel, state_from_hash
 from freshrec.settings import Settings
+from freshrec.store.batch_update import HashWrites, Identified
 from freshrec.store.keys import Keys
 
 
@@ -52,9 +59,10 @@ class FeedbackLearner:
         state = state_from_hash(await redis.hgetall(keys.click_model_state))
         return cls(redis, keys, ClickModel.from_state(state, **params), window_s)
 
-    async def record_impressions(self, shown: list[Shown]) -> Counter[str]:
-        """Remember and learn impressions; returns impressions per variant."""
-        pipe = self.redis.pipeline(transaction=False)
+    def remember(self, shown: Sequence[Shown]) -> HashWrites:
+        """The impressions' memory, per user (item -> variant, request, position, features,
+        time shown), expiring after the window in wall-clock time (which bounds memory): the
+        hash writes of their batch."""
         per_user: dict[str, dict[str, str]] = {}
         for s in shown:
             record = {
@@ -64,45 +72,53 @@ class FeedbackLearner:
                 "features": s.features,
                 "ts": s.ts,
             }
-            per_user.setdefault(s.user_id, {})[s.item_id] = orjson.dumps(record)
+            per_user.setdefault(self.keys.shown(s.user_id), {})[s.item_id] = orjson.dumps(
+                record
+            ).decode()
+        return HashWrites(set=per_user, ttl_s=self.window_s)
+
+    def learn_impressions(self, shown: Sequence[Shown]) -> Counter[str]:
+        """Learn impressions as negatives; returns impressions per variant."""
         self.model.learn_many([_training_features(s) for s in shown], [False] * len(shown))
-        for user, fields in per_user.items():
-            key = self.keys.shown(user)
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, self.window_s)
-        if per_user:
-            await pipe.execute()
         return Counter(s.variant for s in shown)
 
-    async def attribute_clicks(self, clicks: list[tuple[str, str, float]]) -> Counter[str]:
-        """Attribute clicks ``(user, item, event time)``; attributed clicks per variant."""
-        return (await self.attribute(clicks))[0]
-
-    async def attribute(
-        self, clicks: list[tuple[str, str, float]]
-    ) -> tuple[Counter[str], list[bool]]:
-        """Attribute clicks ``(user, item, event time)`` to remembered impressions; returns
-        attributed clicks per variant, and for each click whether it was attributed: whether
-        the item had been in a list served to that user (the served lists' hit).
-
-        The window is in event time: a click counts when it comes at most ``window_s`` after
-        its impression was shown, so a replayed log attributes as live traffic did. The
-        remembered impressions also expire after ``window_s`` of wall-clock time, which bounds
-        memory.
-        """
-        if not clicks:
-            return Counter(), []
+    async def shown_for(
+        self, clicks: Sequence[tuple[str, str, float]]
+    ) -> tuple[list[dict[str, Any] | None], HashWrites]:
+        """Each click's remembered impression (None where there is none), and the hash writes
+        that forget them, for the clicks' batch: a click is attributed once. A click on the
+        same (user, item) as an earlier one of ``clicks`` finds none."""
         pipe = self.redis.pipeline(transaction=False)
         for user, item, _ in clicks:
             pipe.hget(self.keys.shown(user), item)
-            pipe.hdel(self.keys.shown(user), item)  # a click is attributed once
-        replies = await pipe.execute()
+        replies = await pipe.execute() if clicks else []
+        records: list[dict[str, Any] | None] = []
+        forget: dict[str, list[str]] = {}
+        for raw, (user, item, _) in zip(replies, clicks, strict=True):
+            fields = forget.setdefault(self.keys.shown(user), [])
+            if raw is None or item in fields:
+                records.append(None)
+                continue
+            fields.append(item)
+            records.append(json.loads(raw))
+        return records, HashWrites(delete={key: f for key, f in forget.items() if f})
+
+    def learn_clicks(
+        self, clicks: Sequence[tuple[str, str, float]], records: Sequence[dict[str, Any] | None]
+    ) -> tuple[Counter[str], list[bool]]:
+        """Attribute clicks ``(user, item, event time)`` to their remembered impressions
+        (`shown_for`) and learn them; returns attributed clicks per variant, and for each click
+        whether it was attributed: whether the item had been in a list served to that user
+        (the served lists' hit).
+
+        The window is in event time: a click counts when it comes at most ``window_s`` after
+        its impression was shown, so a replayed log attributes as live traffic did.
+        """
         attributed: Counter[str] = Counter()
         hits = [False] * len(clicks)
-        for n, (raw, (_, _, clicked_at)) in enumerate(zip(replies[0::2], clicks, strict=True)):
-            if raw is None:
+        for n, (record, (_, _, clicked_at)) in enumerate(zip(records, clicks, strict=True)):
+            if record is None:
                 continue
-            record = json.loads(raw)
             shown_at = record.get("ts")
             if shown_at is not None and clicked_at - shown_at > self.window_s:
                 continue
@@ -128,6 +144,43 @@ class FeedbackLearner:
         *_, merged = await pipe.execute()
         self.merged = state_from_hash(merged)
         self.model.load_state(self.merged)
+
+
+class BatchClicks:
+    """A batch's clicks, attributed with its write: their impressions read once the batch
+    knows which of its events are new (`writes_for`), forgotten by its write, and learned once
+    that write has landed (`learn`)."""
+
+    def __init__(self, learner: FeedbackLearner, events: Sequence[Identified]) -> None:
+        self.learner = learner
+        self.clicks = {
+            n: (e.user_id, e.item_id, e.ts) for n, e in enumerate(events) if e.type == "click"
+        }
+        self._records: dict[int, dict[str, Any] | None] = {}
+
+    async def writes_for(self, positions: list[int]) -> HashWrites:
+        mine = [n for n in positions if n in self.clicks]
+        records, writes = await self.learner.shown_for([self.clicks[n] for n in mine])
+        self._records.update(zip(mine, records, strict=True))
+        return writes
+
+    def learn(self, applied: Sequence[int]) -> tuple[Counter[str], list[bool]]:
+        """Attribute and learn the clicks among the batch's ``applied`` positions."""
+        mine = [n for n in applied if n in self.clicks]
+        return self.learner.learn_clicks(
+            [self.clicks[n] for n in mine], [self._records.get(n) for n in mine]
+        )
+
+
+class BatchImpressions:
+    """A batch's impressions, remembered by its write (`writes_for`)."""
+
+    def __init__(self, learner: FeedbackLearner, shown: Sequence[Shown]) -> None:
+        self.learner = learner
+        self.shown = shown
+
+    async def writes_for(self, positions: list[int]) -> HashWrites:
+        return self.learner.remember([self.shown[n] for n in positions])
 
 
 def _training_features(s: Shown) -> dict[str, float]:

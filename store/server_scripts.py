@@ -268,10 +268,12 @@ return {landmark, redis.call('HMGET', q.mean, 'sum', 'n'), vectors, histories, m
 # still equal to its base (no other worker wrote it since the read) or missing is set to
 # ARGV[8]'s value, without unpacking; only one written meanwhile gets the delta added. Sorted
 # sets that take one score per member take them in one ZADD of at most ``MEMBERS_PER_COMMAND``
-# members. Returns 0 without writing anything when a watermark is not what the batch was read
-# against (another worker applied these partitions meanwhile), -1 when the decay landmark is no
-# longer the one its forward-decayed amounts were computed at, and -2 while a rebase is under
-# way (its scan of the sums to rescale must see every write before its new landmark).
+# members; so do a batch's own hash fields (`HashWrites`), set and deleted in HSETs and HDELs
+# of at most as many. Returns 0 without writing anything when a watermark is not what the batch
+# was read against (another worker applied these partitions meanwhile), -1 when the decay
+# landmark is no longer the one its forward-decayed amounts were computed at, and -2 while a
+# rebase is under way (its scan of the sums to rescale must see every write before its new
+# landmark).
 APPLY_BATCH = (
     """#!lua flags=no-cluster
 """
@@ -341,6 +343,25 @@ for _, h in ipairs(b.histories) do
 end
 local f = b.first_seen
 zadd_all(f[1], 'LT', f[2], f[3])
+for _, h in ipairs(b.hset) do
+  local key, ttl, fields, values = h[1], h[2], h[3], h[4]
+  for first = 1, #fields, MEMBERS_PER_COMMAND do
+    local args = {}
+    for j = first, math.min(first + MEMBERS_PER_COMMAND - 1, #fields) do
+      args[#args + 1] = fields[j]
+      args[#args + 1] = values[j]
+    end
+    redis.call('HSET', key, unpack(args))
+  end
+  if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+end
+for _, h in ipairs(b.hdel) do
+  local key, fields = h[1], h[2]
+  for first = 1, #fields, MEMBERS_PER_COMMAND do
+    local last = math.min(first + MEMBERS_PER_COMMAND - 1, #fields)
+    redis.call('HDEL', key, unpack(fields, first, last))
+  end
+end
 if #b.mean > 0 then
   redis.call('HINCRBYFLOAT', b.mean[1], 'sum', b.mean[2])
   redis.call('HINCRBY', b.mean[1], 'n', b.mean[3])

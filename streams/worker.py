@@ -8,8 +8,8 @@ the reasons and the number of events rejected; validation never raises, so a poi
 cannot stop the agent. Kafka offsets advance only after the batch is applied, and a
 redelivered message is skipped by its offset.
 
-Redis failures (`RedisSteps`). Every Redis step of both agents (applying a batch, then
-attributing its clicks or recording its impressions, and loading the click model at start)
+Redis failures (`RedisSteps`). Every Redis step of both agents (applying a batch, with the
+impressions it remembers and the clicks it attributes, and loading the click model at start)
 runs under one policy, decided per error:
 
 - *Transient*, retried with capped exponential backoff and full jitter for as long as it takes:
@@ -54,11 +54,10 @@ A consumer can also stop handing the worker its partitions' messages while it ke
 started again resumes after its watermarks.
 
 A retried step is safe to repeat: the batch write is skipped by its offset watermarks if it
-landed, impressions are written with HSET (idempotent), clicks are attributed once (HDEL), and
-the in-memory click model is put back as it was before a failed attempt (under the lock the
-merge timer takes too). A process that ends between a batch's write and its feedback steps
-(attributing its clicks, recording its impressions) loses that feedback: the redelivered
-batch is skipped whole by its watermarks. The click model's merge timer
+landed, and the feedback of a batch (the impressions it remembers, the clicks it attributes,
+`freshrec.store.feedback`) is part of that write. The click model learns from a batch in
+memory once its write has landed, under the lock its merge timer takes too; what it learned
+since its last merge is lost with the process. The click model's merge timer
 (`merge_click_model`) catches and logs its own failures (at a bounded rate) and tries again on
 its next tick: it never stops the app.
 """
@@ -89,7 +88,13 @@ from freshrec.serving.variants import Variants
 from freshrec.settings import Settings
 from freshrec.store.batch_update import BatchUpdater, StateWentBack
 from freshrec.store.drift_log import BatchDrift, record_firings
-from freshrec.store.feedback import FeedbackLearner, Shown, parse_impression
+from freshrec.store.feedback import (
+    BatchClicks,
+    BatchImpressions,
+    FeedbackLearner,
+    Shown,
+    parse_impression,
+)
 from freshrec.store.keys import Keys
 from freshrec.store.redis_errors import TRANSIENT_ERRORS, transient_error
 from freshrec.store.retention import retire_idle_items
@@ -273,21 +278,6 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             gc.freeze()
             frozen.add(agent)
 
-    async def learning(feedback: FeedbackLearner, what: str, step: Callable[[], Awaitable[T]]) -> T:
-        """A step that also learns the click model in memory, retried as one: the model is
-        put back as it was before a failed attempt, so a retry does not learn twice."""
-
-        async def attempt() -> T:
-            async with click_model:
-                saved = feedback.model.state()
-                try:
-                    return await step()
-                except BaseException:
-                    feedback.model.load_state(saved)
-                    raise
-
-        return await steps.run(what, attempt)
-
     variant_label = variant_labels(settings)
     for variant in variant_label.names:  # every bounded series exists from the start
         VARIANT_IMPRESSIONS.labels(variant)
@@ -462,9 +452,16 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 continue
             started = time.perf_counter()
             oldest = min((ts for ts in arrived if ts > 0), default=None)
+            clicks = BatchClicks(feedback, valid)  # attributed by the batch's own write
             result = await steps.run(
                 f"applying {len(valid)} events ({where})",
-                partial(updater.apply, valid, origins, oldest),
+                partial(
+                    updater.apply,
+                    valid,
+                    origins,
+                    oldest,
+                    clicks.writes_for if clicks.clicks else None,
+                ),
             )
             finished = time.time()
             freeze_heap("events")
@@ -483,13 +480,9 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
             if result.events:
                 LAST_EVENT_TS.set(result.max_ts)
                 await watch_drift(updater, valid, result.rating_errors, result.max_ts)
-            clicks = [(e.user_id, e.item_id, e.ts) for e in valid if e.type == "click"]
-            if clicks and result.events:
-                attributed, hits = await learning(
-                    feedback,
-                    f"attributing {len(clicks)} clicks ({where})",
-                    partial(feedback.attribute, clicks),
-                )
+            if clicks.clicks and result.events:
+                async with click_model:
+                    attributed, hits = clicks.learn(result.applied)
                 for variant, n in attributed.items():
                     VARIANT_CLICKS.labels(variant_label(variant)).inc(n)
                 by_variant = _by_label(attributed, variant_label)
@@ -528,19 +521,17 @@ def create_app(settings: Settings, kafka_bootstrap: str, redis_url: str) -> faus
                 await send_dead_letters(letters, where)
             if not events:
                 continue
+            remembered = BatchImpressions(feedback, shown)  # remembered by the batch's write
             result = await steps.run(
                 f"applying {len(events)} impressions ({where})",
-                partial(updater.apply, events, origins),
+                partial(updater.apply, events, origins, writes_for=remembered.writes_for),
             )
             freeze_heap("impressions")
             fresh = [shown[n] for n in result.applied]  # a redelivered part was learned before
             if not fresh:
                 continue
-            recorded = await learning(
-                feedback,
-                f"recording {len(fresh)} impressions ({where})",
-                partial(feedback.record_impressions, fresh),
-            )
+            async with click_model:
+                recorded = feedback.learn_impressions(fresh)
             for variant, n in recorded.items():
                 VARIANT_IMPRESSIONS.labels(variant_label(variant)).inc(n)
             shown_ts = max((s.ts for s in fresh if s.ts), default=time.time())

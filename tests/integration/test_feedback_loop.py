@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -13,8 +14,10 @@ import pytest
 from redis.asyncio import Redis
 
 from freshrec.settings import Settings
-from freshrec.store.feedback import FeedbackLearner, Shown
+from freshrec.store.batch_update import BatchUpdater, Origin
+from freshrec.store.feedback import BatchClicks, BatchImpressions, FeedbackLearner, Shown
 from freshrec.store.keys import Keys
+from freshrec.streams.events import Event
 from freshrec.streams.producer import EventProducer
 from tests.metrics_support import metered_worker, scrape
 from tests.support import free_port, http_json, wait_until
@@ -107,6 +110,32 @@ def _serve_then_click(settings: Settings, worker: str, reader: str, redis_client
     )
 
 
+async def _show(
+    updater: BatchUpdater,
+    learner: FeedbackLearner,
+    shown: list[Shown],
+    origins: list[Origin] | None = None,
+) -> Counter[str]:
+    """Impressions as the worker takes them: remembered by their batch's write, then learned."""
+    events = [Event("impression", s.user_id, s.item_id, s.ts or NOW) for s in shown]
+    batch = BatchImpressions(learner, shown)
+    result = await updater.apply(events, origins, writes_for=batch.writes_for)
+    return learner.learn_impressions([shown[n] for n in result.applied])
+
+
+async def _click(
+    updater: BatchUpdater,
+    learner: FeedbackLearner,
+    clicks: list[tuple[str, str, float]],
+    origins: list[Origin] | None = None,
+) -> Counter[str]:
+    """Clicks as the worker takes them: attributed by their batch's write, then learned."""
+    events = [Event("click", user, item, ts) for user, item, ts in clicks]
+    batch = BatchClicks(learner, events)
+    result = await updater.apply(events, origins, writes_for=batch.writes_for)
+    return batch.learn(result.applied)[0]
+
+
 def test_workers_merge_what_they_learn_into_one_click_model(settings: Settings) -> None:
     """Two workers learn from different impressions and clicks; the shared model holds all."""
     keys = Keys(settings.key_prefix)
@@ -119,14 +148,15 @@ def test_workers_merge_what_they_learn_into_one_click_model(settings: Settings) 
     async def run() -> None:
         redis = Redis.from_url(settings.redis_url)
         workers = [await FeedbackLearner.load(redis, keys, 600) for _ in range(2)]
+        updaters = [BatchUpdater(redis, keys, settings.model_config()) for _ in range(2)]
         added = {"n:mf": 0.0, "impressions": 0.0, "clicks": 0.0}  # what each learned, summed
         for n in range(40):
-            worker = workers[n % 2]
+            worker, updater = workers[n % 2], updaters[n % 2]
             before = worker.model.state()
             user = f"u{n}"
-            await worker.record_impressions(shown(user, n))
+            await _show(updater, worker, shown(user, n))
             if n % 3 == 0:
-                await worker.attribute_clicks([(user, f"i{n}-0", 0.0)])
+                await _click(updater, worker, [(user, f"i{n}-0", NOW)])
             after = worker.model.state()
             for field in added:
                 added[field] += after[field] - before.get(field, 0.0)
@@ -152,13 +182,13 @@ def test_a_click_is_learned_at_the_position_its_impression_had(settings: Setting
     async def run() -> None:
         redis = Redis.from_url(settings.redis_url)
         learner = await FeedbackLearner.load(redis, keys, 600)
+        updater = BatchUpdater(redis, keys, settings.model_config())
         learned: list[dict[str, float]] = []
         learner.model.learn_click = learned.append  # type: ignore[method-assign]
         features = {"mf": 0.5, "cf": 0.2}
-        await learner.record_impressions(
-            [Shown("u1", f"i{p}", p, "control", "r1", features) for p in range(5)]
-        )
-        await learner.attribute_clicks([("u1", "i3", 0.0)])
+        shown = [Shown("u1", f"i{p}", p, "control", "r1", features) for p in range(5)]
+        await _show(updater, learner, shown)
+        await _click(updater, learner, [("u1", "i3", NOW)])
         assert learned == [{**features, "log_position": pytest.approx(np.log1p(3))}]
         await redis.aclose()
 
@@ -174,14 +204,63 @@ def test_the_attribution_window_is_counted_in_event_time(settings: Settings) -> 
     async def run() -> None:
         redis = Redis.from_url(settings.redis_url)
         learner = await FeedbackLearner.load(redis, keys, 600)
+        updater = BatchUpdater(redis, keys, settings.model_config())
         features = {"mf": 0.5}
-        await learner.record_impressions(
-            [Shown(u, "i1", 0, "control", "r", features, shown_at) for u in ("early", "late")]
-        )
-        attributed = await learner.attribute_clicks(
-            [("early", "i1", shown_at + 599.0), ("late", "i1", shown_at + 601.0)]
+        shown = [Shown(u, "i1", 0, "control", "r", features, shown_at) for u in ("early", "late")]
+        await _show(updater, learner, shown)
+        attributed = await _click(
+            updater, learner, [("early", "i1", shown_at + 599.0), ("late", "i1", shown_at + 601.0)]
         )
         assert attributed == {"control": 1}
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["script", "pipelined"])
+def test_a_batch_remembers_and_attributes_in_its_own_write(
+    settings: Settings, atomic: bool
+) -> None:
+    """What a batch remembers and attributes is written with its watermarks: a worker that
+    ends after the write leaves it all in Redis, and the batch redelivered to the next worker
+    (a process of its own: a learner and an updater of its own) neither writes nor learns it
+    again. A click repeated within its batch is attributed once."""
+    keys = Keys(settings.key_prefix)
+    features = {"mf": 0.5}
+    shown = [Shown("u1", f"i{p}", p, "control", "r1", features, NOW) for p in range(3)]
+    shown += [Shown("u2", "i0", 0, "treatment", "r2", features, NOW)]
+    shown_from = [("imp/0", 7)] * 3 + [("imp/1", 4)]
+    clicks = [("u1", "i1", NOW + 1), ("u1", "i1", NOW + 2), ("u2", "i0", NOW + 3)]
+    clicks_from = [("ev/0", 11), ("ev/0", 12), ("ev/1", 3)]
+
+    async def run() -> None:
+        redis = Redis.from_url(settings.redis_url)
+
+        async def worker() -> tuple[BatchUpdater, FeedbackLearner]:
+            learner = await FeedbackLearner.load(redis, keys, 600)
+            return BatchUpdater(redis, keys, settings.model_config(), atomic=atomic), learner
+
+        async def remembered(user: str) -> dict[str, int]:
+            raw = await redis.hgetall(keys.shown(user))
+            return {item.decode(): json.loads(record)["position"] for item, record in raw.items()}
+
+        updater, learner = await worker()
+        assert await _show(updater, learner, shown, shown_from) == {"control": 3, "treatment": 1}
+        assert await remembered("u1") == {"i0": 0, "i1": 1, "i2": 2}
+        assert 0 < await redis.ttl(keys.shown("u1")) <= 600  # the window bounds the memory
+        attributed = await _click(updater, learner, clicks, clicks_from)
+        assert attributed == {"control": 1, "treatment": 1}
+        assert learner.model.state()["clicks"] == 2
+        assert await remembered("u1") == {"i0": 0, "i2": 2}
+        assert not await redis.exists(keys.shown("u2"))
+
+        # That worker ends; the next one is handed both batches again.
+        updater, learner = await worker()
+        assert await _show(updater, learner, shown, shown_from) == {}
+        assert await _click(updater, learner, clicks, clicks_from) == {}
+        assert learner.model.state().get("impressions", 0.0) == 0.0
+        assert learner.model.state().get("clicks", 0.0) == 0.0
+        assert await remembered("u1") == {"i0": 0, "i2": 2}
         await redis.aclose()
 
     asyncio.run(run())
