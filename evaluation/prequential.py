@@ -90,11 +90,14 @@ from freshrec.evaluation.ranking_metrics import (
     rank_in_list,
 )
 from freshrec.evaluation.report import SYSTEMS, format_summary, write_report
+from freshrec.models.choice_ranker import ChoiceRanker
+from freshrec.models.click_model import state_from_hash
 from freshrec.progress import Progress
 from freshrec.serving.funnel import FunnelConfig
 from freshrec.serving.kernels import warm_up
 from freshrec.settings import Settings
 from freshrec.store.batch_update import INTERACTIONS
+from freshrec.store.keys import Keys
 from freshrec.streams.events import Event, EventValidator, InvalidEvent
 
 __all__ = [
@@ -409,6 +412,7 @@ class Evaluation:
         self.topn_positions: list[int] = []
         self.ours_seconds = 0.0
         self.baseline_seconds = 0.0
+        self.cf_recency = math.nan  # item-CF's recency scale as learned by the end of the walk
 
     @property
     def events(self) -> int:
@@ -624,6 +628,7 @@ class Evaluation:
         out.update(self.scores["freshrec"].metrics(item_ids))
         out["events_per_s"] = round(self.events / max(self.ours_seconds, 1e-9), 1)
         out["baselines_s"] = round(self.baseline_seconds, 2)
+        out["cf_recency"] = round(self.cf_recency, 3)
         metrics = self.system_metrics()
         out["baselines"] = {name: metrics[name] for name in SYSTEMS if name != "freshrec"}
         out["by_history"] = self.by_history()
@@ -841,6 +846,14 @@ def _evaluate(
         )
 
 
+async def _learned_cf_recency(redis: Any, settings: Settings) -> float:
+    """Item-CF's recency scale as the readers have merged it into the shared state."""
+    ranker = ChoiceRanker(cf_recency=settings.cf_recency)
+    state = await redis.hgetall(Keys(settings.key_prefix).choice_ranker_state)
+    ranker.load_merged(state_from_hash(state))
+    return ranker.cf_recency
+
+
 def hit_and_ndcg(ranks: np.ndarray) -> dict[str, float]:
     """HR@10 and NDCG@10 over ``ranks`` (NaN over none), to the summary's digits."""
     if not ranks.size:
@@ -954,6 +967,7 @@ async def _run(
         await evaluation.run(progress)
         if progress is not None:
             progress.close()
+        evaluation.cf_recency = await _learned_cf_recency(redis, settings)
         succeeded = True
         return evaluation
     finally:

@@ -62,6 +62,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     for key, label in _ROWS:
         cells = "".join(f"{_cell(values.get(key)):>16}" for _, values in columns)
         lines.append(f"{label:16}{cells}")
+    tau = summary.get("cf_recency")
+    if tau is not None and math.isfinite(tau):
+        lines.append(f"item-CF's recency scale learned from users' choices: tau = {tau:.2f} events")
     if summary.get("by_history"):
         lines += ["", "HR@10 / NDCG@10 by the user's interactions in the state when predicted:"]
         lines += history_table(summary["by_history"], markdown=False)

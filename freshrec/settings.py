@@ -238,7 +238,8 @@ class Settings:
     )
     cf_recency: float = _env(
         "FRESHREC_CF_RECENCY",
-        "tau: item-CF weighs a seed a items back in the user's history by exp(-a / tau).",
+        "tau: item-CF weighs a seed a items back in the user's history by exp(-a / tau); where "
+        "the choice ranker serves, tau is learned from users' choices, starting here.",
         _FUNNEL.cf_recency,
     )
     neighbours_cap: int = _env(

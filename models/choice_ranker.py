@@ -23,12 +23,30 @@ length, so the blend can lean on popularity for a user with little history and o
 own signals for a long one. :math:`w` starts at the fixed blend, which is thus what it serves
 until it has learned.
 
-State merges like the click model's: :math:`w - w_0` and :math:`G - G_0` are sums of per-step
-terms, so each process adds the terms it learned since its last merge to one shared hash and
-continues from the sum; no process's learning overwrites another's.
+The same likelihood also learns how far back in a user's history item-CF should look. The
+``cf`` feature weighs the seed :math:`a` events back by :math:`e^{-a/\tau}`
+(`freshrec.serving.recall`); how fast a user's next item stops depending on older items is a
+property of the stream (sessions of a few minutes, or tastes stable for months), so
+:math:`\theta = \log \tau` takes the same AdaGrad steps, on
+
+.. math::
+
+    \frac{\partial \log P(c \mid C)}{\partial \theta} = s_c - \sum_{j \in C} P(j \mid C)\, s_j,
+    \qquad s_j = (w_{\mathrm{cf}} + w_{\mathrm{cf} \times \mathrm{act}}\, \mathrm{act})\,
+    \frac{\partial \mathrm{cf}_j}{\partial \theta},
+
+where :math:`\partial \mathrm{cf}_j / \partial \theta` is recall's ``cf_slope``. It starts at
+the configured :math:`\tau_0`.
+
+State merges like the click model's: :math:`w - w_0`, :math:`\theta - \theta_0` and
+:math:`G - G_0` are sums of per-step terms, so each process adds the terms it learned since its
+last merge to one shared hash and continues from the sum; no process's learning overwrites
+another's.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -42,6 +60,13 @@ COLUMNS = tuple(name for name in FEATURES if name not in _PER_USER) + tuple(
 _BASE = np.array([FEATURES.index(name) for name in COLUMNS[: len(COLUMNS) - len(_CROSSED)]])
 _CROSS = np.array([FEATURES.index(name) for name in _CROSSED])
 _ACTIVITY = FEATURES.index("log_user_activity")
+_CF = COLUMNS.index("cf")
+_CF_CROSSED = COLUMNS.index("cf*log_user_activity")
+RECENCY = "log_cf_recency"
+r"""The name of :math:`\theta = \log \tau` in the merged state."""
+RECENCY_RANGE = (0.5, 1000.0)
+r"""The :math:`\tau` served stays within these (events): below, only the latest item counts;
+above, every seed of the window counts alike."""
 
 
 def expand(features: np.ndarray) -> np.ndarray:
@@ -59,6 +84,8 @@ class ChoiceRanker:
         AdaGrad's :math:`\\eta`.
     adagrad_floor
         :math:`G_0`, the squared-gradient sum before any choice; it bounds the first steps.
+    cf_recency
+        :math:`\\tau_0`, item-CF's recency scale before any choice (events).
 
     Examples
     --------
@@ -74,10 +101,16 @@ class ChoiceRanker:
     (True, 50)
     """
 
-    def __init__(self, step: float = 0.05, adagrad_floor: float = 0.01) -> None:
+    def __init__(
+        self, step: float = 0.05, adagrad_floor: float = 0.01, cf_recency: float = 5.0
+    ) -> None:
         self.step = step
         self.w0 = np.array([FIXED_BLEND.get(name, 0.0) for name in COLUMNS])
         self.g0 = np.full(len(COLUMNS), adagrad_floor)
+        self.theta0 = math.log(cf_recency)
+        self.theta_g0 = adagrad_floor
+        self._merged_theta = self._merged_theta_g = 0.0
+        self._pending_theta = self._pending_theta_g = 0.0
         self.choices = 0
         self._merged_w = np.zeros(len(COLUMNS))  # what the shared state held at the last merge
         self._merged_g = np.zeros(len(COLUMNS))
@@ -90,7 +123,15 @@ class ChoiceRanker:
     def _sync(self) -> None:
         self.w = self.w0 + self._merged_w + self._pending_w
         self.g = self.g0 + self._merged_g + self._pending_g
+        self.theta = self.theta0 + self._merged_theta + self._pending_theta
+        self.theta_g = self.theta_g0 + self._merged_theta_g + self._pending_theta_g
         self.choices = self._merged_choices + self._pending_choices
+
+    @property
+    def cf_recency(self) -> float:
+        r""":math:`\tau = e^\theta`, within `RECENCY_RANGE`."""
+        low, high = RECENCY_RANGE
+        return min(max(math.exp(min(self.theta, 50.0)), low), high)
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """:math:`w^\\top \\phi(x)` per row of ``features`` (columns as `FEATURES`), for one
@@ -104,12 +145,22 @@ class ChoiceRanker:
         weights[_CROSS] += self.w[len(_BASE) :] * features[0, _ACTIVITY]
         return np.dot(features, weights)
 
-    def learn(self, features: np.ndarray, chosen: int) -> None:
-        """One step on the choice of row ``chosen`` among the rows of ``features``."""
+    def learn(self, features: np.ndarray, chosen: int, cf_slope: np.ndarray | None = None) -> None:
+        r"""One step on the choice of row ``chosen`` among the rows of ``features``; with each
+        row's ``cf_slope`` (:math:`\partial \mathrm{cf} / \partial \theta`), of
+        :math:`\theta` too."""
         phi = expand(features)
         z = phi @ self.w
         p = np.exp(z - z.max())
         p /= p.sum()
+        if cf_slope is not None:
+            slope = (self.w[_CF] + self.w[_CF_CROSSED] * features[0, _ACTIVITY]) * cf_slope
+            step = float(slope[chosen] - p @ slope)
+            self._pending_theta_g += step * step
+            self.theta_g += step * step
+            change = self.step * step / math.sqrt(self.theta_g)
+            self._pending_theta += change
+            self.theta += change
         grad = phi[chosen] - p @ phi
         square = grad * grad
         self._pending_g += square
@@ -128,12 +179,17 @@ class ChoiceRanker:
         out = {}
         for kind, terms in (("w", self._pending_w), ("g", self._pending_g)):
             out.update({f"{kind}:{name}": float(v) for name, v in zip(COLUMNS, terms, strict=True)})
+        out[f"w:{RECENCY}"] = self._pending_theta
+        out[f"g:{RECENCY}"] = self._pending_theta_g
         out["choices"] = float(self._pending_choices)
         self._merged_w += self._pending_w
         self._merged_g += self._pending_g
+        self._merged_theta += self._pending_theta
+        self._merged_theta_g += self._pending_theta_g
         self._merged_choices += self._pending_choices
         self._pending_w = np.zeros(len(COLUMNS))
         self._pending_g = np.zeros(len(COLUMNS))
+        self._pending_theta = self._pending_theta_g = 0.0
         self._pending_choices = 0
         return out
 
@@ -143,12 +199,17 @@ class ChoiceRanker:
         ``terms`` may be any subset of the fields taken; the weights served do not move."""
         w = np.array([terms.get(f"w:{name}", 0.0) for name in COLUMNS])
         g = np.array([terms.get(f"g:{name}", 0.0) for name in COLUMNS])
+        theta, theta_g = terms.get(f"w:{RECENCY}", 0.0), terms.get(f"g:{RECENCY}", 0.0)
         choices = int(terms.get("choices", 0.0))
         self._merged_w -= w
         self._merged_g -= g
+        self._merged_theta -= theta
+        self._merged_theta_g -= theta_g
         self._merged_choices -= choices
         self._pending_w += w
         self._pending_g += g
+        self._pending_theta += theta
+        self._pending_theta_g += theta_g
         self._pending_choices += choices
 
     def load_merged(self, state: dict[str, float]) -> None:
@@ -156,6 +217,8 @@ class ChoiceRanker:
         keeping what was learned here since `take_pending`."""
         self._merged_w = np.array([state.get(f"w:{name}", 0.0) for name in COLUMNS])
         self._merged_g = np.array([state.get(f"g:{name}", 0.0) for name in COLUMNS])
+        self._merged_theta = state.get(f"w:{RECENCY}", 0.0)
+        self._merged_theta_g = state.get(f"g:{RECENCY}", 0.0)
         self._merged_choices = int(state.get("choices", 0.0))
         self._sync()
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
@@ -91,6 +91,11 @@ CHOICES = Counter(
 )
 _CHOSEN_RECALLED = CHOICES.labels("yes")  # looked up once: ``labels()`` costs more than ``inc()``
 _CHOSEN_MISSED = CHOICES.labels("no")
+CF_RECENCY = Gauge(
+    "freshrec_cf_recency_events",
+    "Item-CF's recency scale tau learned from users' choices: a seed a events back in the "
+    "user's history weighs exp(-a / tau)",
+)
 MF_SHARE_READ = Histogram(
     "freshrec_mf_recall_share_read",
     "Share of the catalogue MF recall read to find its exact top-n (1: no cell was skipped)",
@@ -236,7 +241,7 @@ class Funnel:
             else MultiplexedRedis.like(redis, read_timeout_s)
         )
         self._refreshing: asyncio.Future[None] | None = None
-        self.choice_ranker = ChoiceRanker()
+        self.choice_ranker = ChoiceRanker(cf_recency=config.cf_recency)
         self._offered: OrderedDict[str, _Offered] = OrderedDict()
         self.remembered_users = remembered_users
         self.deterministic = deterministic
@@ -285,6 +290,7 @@ class Funnel:
         unavailable, ranker_state, popular, (newest, shown, clicked), total, clock = replies[:6]
         if merging:
             self.choice_ranker.load_merged(state_from_hash(replies[-1]))
+            CF_RECENCY.set(self.choice_ranker.cf_recency)
         self.event_clock = float(clock) if clock is not None else None
         index = self.index
         if index.needs_rebuild:  # requests go on with the old index and pools meanwhile
@@ -429,7 +435,8 @@ class Funnel:
         else:
             fine = scorer.scores(features[keep])
         if learn:
-            self._remember(user_id, user, recall.rows[keep], features[keep])
+            slopes = recall.recalled.cf_slope[keep]
+            self._remember(user_id, user, recall.rows[keep], features[keep], slopes)
         clock.lap("fine")
         ranked, rows = await self._rerank(user_id, user, recall, keep, features[keep], fine, k, cfg)
         clock.lap("rerank")
@@ -438,11 +445,18 @@ class Funnel:
         return Served(ranked, user.latest, rows, clock.laps, recall.mf_items_read)
 
     # --- the choice ranker's examples -------------------------------------------------------------
-    def _remember(self, user_id: str, user: _User, rows: np.ndarray, features: np.ndarray) -> None:
+    def _remember(
+        self,
+        user_id: str,
+        user: _User,
+        rows: np.ndarray,
+        features: np.ndarray,
+        cf_slopes: np.ndarray,
+    ) -> None:
         offered = self._offered
         history = user.history
         newest = int(history[0]) if len(history) else None
-        offered[user_id] = _Offered(newest, rows, features, user.index.epoch)
+        offered[user_id] = _Offered(newest, rows, features, cf_slopes, user.index.epoch)
         offered.move_to_end(user_id)
         while len(offered) > self.remembered_users:
             offered.popitem(last=False)
@@ -462,7 +476,9 @@ class Funnel:
             if len(where):
                 kept = np.flatnonzero(available)
                 self.choice_ranker.learn(
-                    offered.features[kept], int(np.searchsorted(kept, where[0]))
+                    offered.features[kept],
+                    int(np.searchsorted(kept, where[0])),
+                    offered.cf_slopes[kept],
                 )
                 available[where[0]] = False
 
@@ -483,11 +499,16 @@ class Funnel:
             y_user = implicit_part(decode_vector(blob), cfg.factors)
         seeds = rows[: cfg.history_window]
         known = seeds >= 0
+        # The recency scale learned from users' choices, where the configuration serves what
+        # they teach; else its own.
+        tau = self.choice_ranker.cf_recency if cfg.choice_ranker else cfg.cf_recency
+        weights, slopes = _recency_weights(len(seeds), tau)
         return _User(
             latest=latest_ts,
             history=rows,
             seeds=seeds[known],
-            seed_weights=_recency_weights(len(seeds), cfg.cf_recency)[known],
+            seed_weights=weights[known],
+            seed_slopes=slopes[known],
             seen=rows[rows >= 0],
             activity=len(history),
             y=y_user,
@@ -515,6 +536,7 @@ class Funnel:
                     scratch.candidate_slot,
                     user.seeds,
                     user.seed_weights,
+                    user.seed_slopes,
                     index.neighbours,
                     index.neighbour_weights,
                     index.stats[:, 0],
@@ -695,6 +717,7 @@ class _User:
     history: np.ndarray  # index rows of the history, newest first (-1: not in the snapshot)
     seeds: np.ndarray  # index rows of the most recent items, newest first
     seed_weights: np.ndarray  # their recency weights exp(-age / tau), age in the user's events
+    seed_slopes: np.ndarray  # the weights' derivatives in log tau: (age / tau) exp(-age / tau)
     seen: np.ndarray  # index rows of every item in the history
     activity: int
     y: np.ndarray | None  # preference factors; None for an unknown user
@@ -722,6 +745,7 @@ class _Offered:
     newest: int | None  # the history's newest row then (-1: not in the snapshot; None: empty)
     rows: np.ndarray
     features: np.ndarray
+    cf_slopes: np.ndarray  # d cf / d log tau of each row, for learning tau
     epoch: int  # of the index the rows are of
 
 
@@ -784,12 +808,12 @@ def _channel_bits(channels: tuple[str, ...]) -> int:
     return sum(bit for name, bit in CHANNEL_BITS.items() if name in channels)
 
 
-@functools.lru_cache(maxsize=64)
-def _recency_weights(count: int, tau: float) -> np.ndarray:
-    """``exp(-a / tau)`` for ages ``a = 0 .. count - 1`` (read-only: cached)."""
-    weights = np.exp(-np.arange(count) / tau)
-    weights.flags.writeable = False
-    return weights
+def _recency_weights(count: int, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """``exp(-a / tau)`` for ages ``a = 0 .. count - 1``, and their derivatives in ``log tau``,
+    ``(a / tau) exp(-a / tau)``."""
+    ages = np.arange(count) / tau
+    weights = np.exp(-ages)
+    return weights, ages * weights
 
 
 @functools.lru_cache(maxsize=64)

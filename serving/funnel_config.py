@@ -20,7 +20,8 @@ class FunnelConfig:
         How many of the user's most recent items seed item-CF recall.
     cf_recency
         :math:`\tau` in the seeds' recency weight :math:`e^{-a/\tau}`, :math:`a` the seed's
-        age in the user's own events (`freshrec.serving.recall`).
+        age in the user's own events (`freshrec.serving.recall`). With ``choice_ranker``,
+        where :math:`\tau` starts: it is then learned from users' choices.
     channels
         Recall channels in use: item-CF neighbours of recent items, MF top-K over all items,
         trending (decayed popularity), and the cold pool of new, little-shown items.
@@ -47,8 +48,9 @@ class FunnelConfig:
     choice_ranker
         Without a blend of its own and until the click model serves, rank the fine stage with
         the ranker learned from users' choices among their candidates
-        (`freshrec.models.choice_ranker`), which starts at the fixed blend; False keeps the
-        fixed blend.
+        (`freshrec.models.choice_ranker`), which starts at the fixed blend, and seed item-CF
+        with the recency scale learned from the same choices; False keeps the fixed blend and
+        ``cf_recency``.
     """
 
     history_window: int = ModelConfig.history_window

@@ -24,13 +24,17 @@ latest items say most about what comes next (sequence-aware item-CF; on ML-100K
 :math:`\tau = 5` events lifts HR@10 from 0.133 for unweighted item-kNN to 0.187). Every kept
 neighbour counts toward the score, whichever channel recalls the item; only the ``per_seed``
 strongest of each seed are recalled through CF.
+
+:math:`\tau` itself is learned from users' choices (`freshrec.models.choice_ranker`), which
+needs each candidate's :math:`\partial \mathrm{cf}_i / \partial \log \tau`: the same sum with
+the seed weights :math:`(a / \tau)\, e^{-a/\tau}` (``cf_slope``).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
@@ -48,6 +52,7 @@ class Recalled:
     because: np.ndarray  # int64 row of the most recent seed that recalled it through CF, or -1
     cold: np.ndarray  # int64 positions in the cold pool of the cold candidates
     cold_slot: np.ndarray  # int64 per candidate: its index into ``cold``, or -1
+    cf_slope: np.ndarray = field(default_factory=lambda: np.zeros(0))  # d cf / d log tau
 
 
 class Scratch:
@@ -84,6 +89,7 @@ def merge_channels(
     candidate_slot: np.ndarray,
     seeds: np.ndarray,
     seed_weights: np.ndarray,
+    seed_slopes: np.ndarray,
     neighbours: np.ndarray,
     neighbour_weights: np.ndarray,
     occurrences: np.ndarray,
@@ -95,11 +101,12 @@ def merge_channels(
     cold_fresh: np.ndarray,
     recall_cold: int,
     channels: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Merges the channels' rows, each without the rows ``seen_mask`` marks; CF from ``seeds``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    r"""Merges the channels' rows, each without the rows ``seen_mask`` marks; CF from ``seeds``.
 
-    ``seed_weights`` are the seeds' recency weights :math:`e^{-a/\tau}` (module docstring);
-    ``count_floor`` is :math:`f`, the least occurrence count a cosine divides by.
+    ``seed_weights`` are the seeds' recency weights :math:`e^{-a/\tau}` and ``seed_slopes``
+    their derivatives in :math:`\log \tau` (module docstring); ``count_floor`` is :math:`f`,
+    the least occurrence count a cosine divides by.
 
     Returns the fields of `Recalled`, in order. ``cf_slot`` and ``candidate_slot`` are a
     `Scratch`'s. ``channels`` is the bit set of channels in use; the CF score of every
@@ -116,7 +123,7 @@ def merge_channels(
     >>> with scratch.seen(4, np.array([0])) as seen:
     ...     out = Recalled(*merge_channels(
     ...         seen, scratch.cf_slot, scratch.candidate_slot, seeds=np.array([0]),
-    ...         seed_weights=np.array([1.0]),
+    ...         seed_weights=np.array([1.0]), seed_slopes=np.array([0.0]),
     ...         neighbours=np.array([[2, 1], [-1, -1], [-1, -1], [-1, -1]]),
     ...         neighbour_weights=np.array([[4.0, 1.0], [0, 0], [0, 0], [0, 0]]),
     ...         occurrences=np.array([4.0, 1.0, 4.0, 1.0]), count_floor=1.0, per_seed=1,
@@ -134,28 +141,30 @@ def merge_channels(
     # Item-CF: every unseen item of the seeds' lists, in the order found, with its weighted sum.
     cf_rows = np.empty(len(seeds) * width, dtype=np.int64)
     cf_sum = np.empty(len(seeds) * width)
+    slope_sum = np.empty(len(seeds) * width)
     cf_because = np.empty(len(seeds) * width, dtype=np.int64)
     cf_recalled = np.zeros(len(seeds) * width, dtype=np.bool_)
     found = 0
     for n in range(len(seeds)):
         seed = seeds[n]
-        seed_weight = seed_weights[n] / np.sqrt(max(occurrences[seed], count_floor))
+        seed_norm = np.sqrt(max(occurrences[seed], count_floor))
+        seed_weight, seed_slope = seed_weights[n] / seed_norm, seed_slopes[n] / seed_norm
         for position in range(width):
             item = neighbours[seed, position]
             if item < 0 or seen_mask[item]:
                 continue
-            score = (
-                seed_weight
-                * neighbour_weights[seed, position]
-                / np.sqrt(max(occurrences[item], count_floor))
+            cosine = neighbour_weights[seed, position] / np.sqrt(
+                max(occurrences[item], count_floor)
             )
             slot = cf_slot[item]
             if slot < 0:
                 slot = cf_slot[item] = found
-                cf_rows[slot], cf_sum[slot], cf_because[slot] = item, score, seed
+                cf_rows[slot], cf_because[slot] = item, seed
+                cf_sum[slot], slope_sum[slot] = seed_weight * cosine, seed_slope * cosine
                 found += 1
             else:
-                cf_sum[slot] += score
+                cf_sum[slot] += seed_weight * cosine
+                slope_sum[slot] += seed_slope * cosine
             if position < per_seed:
                 cf_recalled[slot] = True
     cold_at = np.empty(min(recall_cold, len(cold_pool)), dtype=np.int64)
@@ -190,18 +199,20 @@ def merge_channels(
         bits[slot] |= 8
         cold_slot[slot] = n
     cf = np.zeros(count)
+    cf_slope = np.zeros(count)
     because = np.full(count, -1, dtype=np.int64)
     for slot in range(count):
         item = rows[slot]
         at = cf_slot[item]
         if at >= 0:
             cf[slot] = cf_sum[at]
+            cf_slope[slot] = slope_sum[at]
             if bits[slot] & 1:
                 because[slot] = cf_because[at]
         candidate_slot[item] = -1
     for n in range(found):  # leave the scratch as found
         cf_slot[cf_rows[n]] = -1
-    return rows[:count], bits[:count], cf, because, cold_at, cold_slot[:count]
+    return rows[:count], bits[:count], cf, because, cold_at, cold_slot[:count], cf_slope
 
 
 @numba.njit(cache=True, nogil=True)

@@ -462,3 +462,44 @@ def test_a_rebase_changes_no_cf_score_no_list_and_no_similar_item(settings: Sett
         await redis.aclose()
 
     asyncio.run(run())
+
+
+def test_item_cf_recency_is_learned_from_choices_and_shared_with_other_readers(
+    settings: Settings,
+) -> None:
+    """Each user's next click is a choice among the candidates their last list held: it moves
+    item-CF's recency scale, the move reaches the shared state, and another reader serves
+    with it. A configuration without the choice ranker keeps its own scale."""
+
+    async def run() -> None:
+        events = _catalogue()
+        redis, keys, updater = await _setup(settings, events)
+        config = settings.funnel_config()
+        funnel = Funnel(redis, keys, config, deterministic=True)
+        start = funnel.choice_ranker.theta
+        t = TS + len(events)
+        for n in range(30):
+            user = f"u{n % 20}"
+            listed = await funnel.recommend(user, 10, learn=True)
+            t += 1.0
+            await updater.apply([Event("click", user, listed[n % len(listed)].item_id, t)])
+            await funnel.refresh()
+            await funnel.recommend(user, 10, learn=True)  # learns the click as a choice
+        assert funnel.choice_ranker.choices >= 20
+        assert funnel.choice_ranker.theta != start
+        await funnel.refresh()  # adds what it learned to the shared state
+        merged = state_from_hash(await redis.hgetall(keys.choice_ranker_state))
+        assert merged["w:log_cf_recency"] == pytest.approx(funnel.choice_ranker.theta - start)
+        other = Funnel(redis, keys, config, deterministic=True)
+        await other.refresh()
+        assert other.choice_ranker.cf_recency == pytest.approx(funnel.choice_ranker.cf_recency)
+        fixed = dataclasses.replace(config, choice_ranker=False)
+        user = await other._user("u1", fixed)
+        assert user.seed_weights.tolist() == pytest.approx(
+            np.exp(-np.arange(len(user.seed_weights)) / config.cf_recency).tolist()
+        )
+        await funnel.aclose()
+        await other.aclose()
+        await redis.aclose()
+
+    asyncio.run(run())

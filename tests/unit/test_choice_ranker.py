@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pytest
 
-from freshrec.models.choice_ranker import COLUMNS, ChoiceRanker, expand
+from freshrec.models.choice_ranker import COLUMNS, RECENCY, ChoiceRanker, expand
 from freshrec.models.click_model import FEATURES, FIXED_BLEND
 from freshrec.serving.funnel import choices_since
 
@@ -151,3 +152,73 @@ def test_learns_the_preference_users_choose_by() -> None:
     held_out = draw(1000)
     assert hit_rate(ranker, held_out) > hit_rate(start, held_out) + 0.05
     assert ranker.w[COLUMNS.index("mf*log_user_activity")] > 0.3
+
+
+def _recency_sets(
+    rng: np.random.Generator, count: int, tau: float, seeds: int = 30
+) -> list[tuple[np.ndarray, int, np.ndarray]]:
+    """Candidate sets whose item-CF evidence comes from seeds of every age: per candidate, the
+    cosine with each seed (``sims``, candidates by ages). The chosen item is drawn from a logit
+    on the CF score at the true recency scale ``tau``."""
+    out = []
+    for _ in range(count):
+        sims = rng.exponential(0.05, size=(20, seeds)) * (rng.random((20, seeds)) < 0.3)
+        cf = sims @ np.exp(-np.arange(seeds) / tau)
+        p = np.exp(8.0 * cf)
+        out.append((_candidates(rng, 20), int(rng.choice(20, p=p / p.sum())), sims))
+    return out
+
+
+def _at_recency(x: np.ndarray, sims: np.ndarray, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates' features with CF at recency scale e^theta, and their CF slopes."""
+    ages = np.arange(sims.shape[1]) / np.exp(theta)
+    x = x.copy()
+    x[:, FEATURES.index("cf")] = sims @ np.exp(-ages)
+    return x, sims @ (ages * np.exp(-ages))
+
+
+def test_the_recency_step_follows_the_numeric_gradient_of_the_log_likelihood() -> None:
+    rng = np.random.default_rng(8)
+    x, chosen, sims = _recency_sets(rng, 1, tau=12.0)[0]
+    ranker = ChoiceRanker(step=0.1, cf_recency=5.0)
+    theta, w = ranker.theta, ranker.w.copy()
+
+    def likelihood(at: float) -> float:
+        return _log_likelihood(w, _at_recency(x, sims, at)[0], chosen)
+
+    numeric = (likelihood(theta + 1e-6) - likelihood(theta - 1e-6)) / 2e-6
+    assert abs(numeric) > 1e-3  # the set does depend on the scale
+    features, slopes = _at_recency(x, sims, theta)
+    ranker.learn(features, chosen, slopes)
+    expected = 0.1 * numeric / np.sqrt(ranker.theta_g0 + numeric**2)
+    assert ranker.theta - theta == pytest.approx(expected, rel=1e-5)
+    assert ranker.cf_recency == pytest.approx(np.exp(ranker.theta))
+
+
+@pytest.mark.parametrize(("true_tau", "start"), [(20.0, 5.0), (1.5, 5.0)])
+def test_learns_the_recency_scale_users_choose_by(true_tau: float, start: float) -> None:
+    """Choices that follow older seeds than the starting scale gives weight to move it up;
+    choices that follow only the latest items move it down."""
+    rng = np.random.default_rng(9)
+    ranker = ChoiceRanker(cf_recency=start)
+    for x, chosen, sims in _recency_sets(rng, 3000, true_tau):
+        features, slopes = _at_recency(x, sims, ranker.theta)
+        ranker.learn(features, chosen, slopes)
+    assert abs(np.log(ranker.cf_recency / true_tau)) < 0.8 * abs(np.log(start / true_tau))
+
+
+def test_the_recency_scale_merges_like_the_weights() -> None:
+    rng = np.random.default_rng(10)
+    a, b = ChoiceRanker(), ChoiceRanker()
+    for n, (x, chosen, sims) in enumerate(_recency_sets(rng, 20, tau=20.0)):
+        learner = a if n % 2 else b
+        features, slopes = _at_recency(x, sims, learner.theta)
+        learner.learn(features, chosen, slopes)
+    learned = (a.theta - a.theta0) + (b.theta - b.theta0)
+    shared: Counter[str] = Counter()
+    shared.update(a.take_pending())
+    b.restore_pending(b.take_pending())  # a failed merge gives its terms back
+    shared.update(b.take_pending())
+    a.load_merged(dict(shared))
+    assert a.theta == pytest.approx(a.theta0 + learned)
+    assert shared[f"w:{RECENCY}"] == pytest.approx(learned)

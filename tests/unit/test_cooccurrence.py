@@ -166,6 +166,7 @@ def test_similarity_is_the_cosine_the_readers_recall_scores() -> None:
                 scratch.candidate_slot,
                 seeds=np.array([row[seed]]),
                 seed_weights=np.ones(1),
+                seed_slopes=np.zeros(1),
                 neighbours=neighbours,
                 neighbour_weights=weights,
                 occurrences=occurrences,

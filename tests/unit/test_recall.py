@@ -29,11 +29,12 @@ def _state(rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def _recount(seen: np.ndarray, args: dict) -> tuple[list, list, list, list, list]:
+def _recount(seen: np.ndarray, args: dict) -> tuple[list, list, list, list, list, list]:
     """The merge as the funnel's contract states it, one item at a time."""
-    seeds, seed_weights, neighbours, neighbour_weights = (
+    seeds, seed_weights, seed_slopes, neighbours, neighbour_weights = (
         args["seeds"],
         args["seed_weights"],
+        args["seed_slopes"],
         args["neighbours"],
         args["neighbour_weights"],
     )
@@ -42,9 +43,12 @@ def _recount(seen: np.ndarray, args: dict) -> tuple[list, list, list, list, list
     cold_pool, cold_fresh, recall_cold = args["cold_pool"], args["cold_fresh"], args["recall_cold"]
     excluded = set(seen.tolist())
     cf: dict[int, float] = {}
+    cf_slope: dict[int, float] = {}
     because: dict[int, int] = {}
     strong: set[int] = set()
-    for seed, recency in zip(seeds.tolist(), seed_weights.tolist(), strict=True):
+    for seed, recency, slope in zip(
+        seeds.tolist(), seed_weights.tolist(), seed_slopes.tolist(), strict=True
+    ):
         for position, item in enumerate(neighbours[seed].tolist()):
             if item < 0 or item in excluded:
                 continue
@@ -53,6 +57,7 @@ def _recount(seen: np.ndarray, args: dict) -> tuple[list, list, list, list, list
             )
             because.setdefault(item, seed)
             cf[item] = cf.get(item, 0.0) + recency * cosine
+            cf_slope[item] = cf_slope.get(item, 0.0) + slope * cosine
             if position < per_seed:
                 strong.add(item)
     fresh = [n for n, row in enumerate(cold_pool.tolist()) if cold_fresh[n] and row not in excluded]
@@ -77,6 +82,7 @@ def _recount(seen: np.ndarray, args: dict) -> tuple[list, list, list, list, list
         [cf.get(r, 0.0) for r in rows],
         [because[r] if bits[r] & CF else -1 for r in rows],
         cold,
+        [cf_slope.get(r, 0.0) for r in rows],
     )
 
 
@@ -98,13 +104,16 @@ def test_the_merge_equals_a_plain_recount(channels: int) -> None:
             **state,
         }
         args["cold_fresh"] = rng.random(len(args["cold_pool"])) < 0.7
-        args["seed_weights"] = np.exp(-np.arange(len(args["seeds"])) / rng.uniform(0.5, 10.0))
+        ages = np.arange(len(args["seeds"])) / rng.uniform(0.5, 10.0)
+        args["seed_weights"] = np.exp(-ages)
+        args["seed_slopes"] = ages * np.exp(-ages)
         with scratch.seen(ITEMS, seen) as mask:
             out = Recalled(*merge_channels(mask, scratch.cf_slot, scratch.candidate_slot, **args))
-        rows, bits, cf, because, cold = _recount(seen, args)
+        rows, bits, cf, because, cold, cf_slope = _recount(seen, args)
         assert out.rows.tolist() == rows
         assert out.channels.tolist() == bits
         np.testing.assert_allclose(out.cf, cf, rtol=1e-12)
+        np.testing.assert_allclose(out.cf_slope, cf_slope, rtol=1e-12, atol=1e-15)
         assert out.because.tolist() == because
         assert out.cold.tolist() == cold
         slots = out.cold_slot.tolist()
@@ -128,6 +137,7 @@ def test_seen_items_are_never_candidates() -> None:
             scratch.candidate_slot,
             seeds=seen[:5],
             seed_weights=np.ones(5),
+            seed_slopes=np.zeros(5),
             per_seed=WIDTH,
             mf=np.arange(ITEMS),
             trending=np.arange(ITEMS),
