@@ -87,21 +87,28 @@ class FeedbackLearner:
     ) -> tuple[list[dict[str, Any] | None], HashWrites]:
         """Each click's remembered impression (None where there is none), and the hash writes
         that forget them, for the clicks' batch: a click is attributed once. A click on the
-        same (user, item) as an earlier one of ``clicks`` finds none."""
-        pipe = self.redis.pipeline(transaction=False)
+        same (user, item) as an earlier one of ``clicks`` finds none. One ``HMGET`` per user."""
+        items: dict[str, dict[str, None]] = {}  # user -> their clicked items, each once
         for user, item, _ in clicks:
-            pipe.hget(self.keys.shown(user), item)
-        replies = await pipe.execute() if clicks else []
+            items.setdefault(user, {})[item] = None
+        pipe = self.redis.pipeline(transaction=False)
+        for user, clicked in items.items():
+            pipe.hmget(self.keys.shown(user), list(clicked))
+        replies = await pipe.execute() if items else []
+        found = {
+            (user, item): raw
+            for (user, clicked), raws in zip(items.items(), replies, strict=True)
+            for item, raw in zip(clicked, raws, strict=True)
+            if raw is not None
+        }
         records: list[dict[str, Any] | None] = []
         forget: dict[str, list[str]] = {}
-        for raw, (user, item, _) in zip(replies, clicks, strict=True):
-            fields = forget.setdefault(self.keys.shown(user), [])
-            if raw is None or item in fields:
-                records.append(None)
-                continue
-            fields.append(item)
-            records.append(json.loads(raw))
-        return records, HashWrites(delete={key: f for key, f in forget.items() if f})
+        for user, item, _ in clicks:
+            raw = found.pop((user, item), None)  # the first click on it takes it
+            records.append(None if raw is None else json.loads(raw))
+            if raw is not None:
+                forget.setdefault(self.keys.shown(user), []).append(item)
+        return records, HashWrites(delete=forget)
 
     def learn_clicks(
         self, clicks: Sequence[tuple[str, str, float]], records: Sequence[dict[str, Any] | None]
