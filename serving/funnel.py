@@ -808,12 +808,15 @@ def _channel_bits(channels: tuple[str, ...]) -> int:
     return sum(bit for name, bit in CHANNEL_BITS.items() if name in channels)
 
 
+@functools.lru_cache(maxsize=64)
 def _recency_weights(count: int, tau: float) -> tuple[np.ndarray, np.ndarray]:
     """``exp(-a / tau)`` for ages ``a = 0 .. count - 1``, and their derivatives in ``log tau``,
-    ``(a / tau) exp(-a / tau)``."""
+    ``(a / tau) exp(-a / tau)`` (read-only: cached; tau moves only when the ranker merges)."""
     ages = np.arange(count) / tau
     weights = np.exp(-ages)
-    return weights, ages * weights
+    slopes = ages * weights
+    weights.flags.writeable = slopes.flags.writeable = False
+    return weights, slopes
 
 
 @functools.lru_cache(maxsize=64)
