@@ -217,6 +217,26 @@ QUALITY = Dashboard(
             "ops",
         ),
         Panel(
+            "Recall's hit rate on users' choices",
+            (
+                Query(
+                    f'sum(rate(freshrec_choices_total{{recalled="yes"}}[{RATIO}])) / '
+                    f"sum(rate(freshrec_choices_total[{RATIO}]))",
+                    "held by the ranked candidates",
+                ),
+            ),
+            "percentunit",
+            "Share of the items users interacted with after being served a list that were among "
+            "the candidates the funnel ranked for them: recall's ceiling on real choices.",
+        ),
+        Panel(
+            "Item-CF recency scale (learned)",
+            (Query("max by (instance) (freshrec_cf_recency_events)", "{{instance}}"),),
+            "short",
+            "tau in events: a seed a events back in a user's history weighs exp(-a / tau). "
+            "Learned from users' choices; a fall means tastes now change faster.",
+        ),
+        Panel(
             "Drift detector firings (per 5 min), by signal and detector",
             (
                 Query(
