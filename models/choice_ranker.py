@@ -20,8 +20,10 @@ It needs no impressions and has no selection bias beyond recall's: a choice outs
 :math:`C` teaches nothing. :math:`\phi` is the funnel's features (`FEATURES`, less the two that
 are the same for every candidate of a request) and their products with the user's log history
 length, so the blend can lean on popularity for a user with little history and on the user's
-own signals for a long one. :math:`w` starts at the fixed blend, which is thus what it serves
-until it has learned.
+own signals for a long one. :math:`w` starts at its prior (`prior_weights`): the fixed blend
+for a user with `PRIOR_HISTORY` interactions, popularity rather than item-CF for a shorter
+history. That is what it serves until it has learned, and on a sparse stream, where few
+choices fall among a list's candidates, that is most of the time.
 
 The same likelihood also learns how far back in a user's history item-CF should look. The
 ``cf`` feature weighs the seed :math:`a` events back by :math:`e^{-a/\tau}`
@@ -62,11 +64,51 @@ _CROSS = np.array([FEATURES.index(name) for name in _CROSSED])
 _ACTIVITY = FEATURES.index("log_user_activity")
 _CF = COLUMNS.index("cf")
 _CF_CROSSED = COLUMNS.index("cf*log_user_activity")
+PRIOR_HISTORY = 100
+"""Interactions at which the ranker's prior is the fixed blend (`prior_weights`)."""
+PRIOR_POPULARITY = 0.5
+"""The prior's weight on log popularity for a user with no history (the fixed blend's: 0.1)."""
 RECENCY = "log_cf_recency"
 r"""The name of :math:`\theta = \log \tau` in the merged state."""
 RECENCY_RANGE = (0.5, 1000.0)
 r"""The :math:`\tau` served stays within these (events): below, only the latest item counts;
 above, every seed of the window counts alike."""
+
+
+def prior_weights() -> np.ndarray:
+    r""":math:`w_0`, in `COLUMNS`: the fixed blend at `PRIOR_HISTORY` interactions, popularity
+    rather than item-CF below.
+
+    A user's item-CF score comes from the few items of a short history, where what many users
+    take is the safer guess, so with :math:`a = \log(1 + n)` for a history of :math:`n` and
+    :math:`a_N = \log(1 + N)`, :math:`N` = `PRIOR_HISTORY`:
+
+    .. math::
+
+        w_{\mathrm{cf}}(a) = w^{\mathrm{blend}}_{\mathrm{cf}}\, rac{a}{a_N}, \qquad
+        w_{\mathrm{pop}}(a) = p_0 + (w^{\mathrm{blend}}_{\mathrm{pop}} - p_0)\, rac{a}{a_N}
+
+    with :math:`p_0` = `PRIOR_POPULARITY`: a base weight and a weight on the feature's product
+    with :math:`a`, which the ranker learns from there. Every other weight is the blend's. The
+    prior matters where choices are few: on a sparse stream a list's candidates hold a few
+    hundred of them in all, too few to move the weights far (README, *Sparse streams*).
+
+    >>> w = prior_weights()
+    >>> act = np.log1p([0, PRIOR_HISTORY])
+    >>> cf = w[COLUMNS.index("cf")] + w[COLUMNS.index("cf*log_user_activity")] * act
+    >>> pop = w[COLUMNS.index("log_popularity")]
+    >>> pop = pop + w[COLUMNS.index("log_popularity*log_user_activity")] * act
+    >>> cf.round(6).tolist(), pop.round(6).tolist()
+    ([0.0, 2.0], [0.5, 0.1])
+    """
+    w = np.array([FIXED_BLEND.get(name, 0.0) for name in COLUMNS])
+    full = math.log1p(PRIOR_HISTORY)
+    blend_pop = FIXED_BLEND["log_popularity"]
+    w[COLUMNS.index("cf")] = 0.0
+    w[COLUMNS.index("cf*log_user_activity")] = FIXED_BLEND["cf"] / full
+    w[COLUMNS.index("log_popularity")] = PRIOR_POPULARITY
+    w[COLUMNS.index("log_popularity*log_user_activity")] = (blend_pop - PRIOR_POPULARITY) / full
+    return w
 
 
 def expand(features: np.ndarray) -> np.ndarray:
@@ -105,7 +147,7 @@ class ChoiceRanker:
         self, step: float = 0.05, adagrad_floor: float = 0.01, cf_recency: float = 5.0
     ) -> None:
         self.step = step
-        self.w0 = np.array([FIXED_BLEND.get(name, 0.0) for name in COLUMNS])
+        self.w0 = prior_weights()
         self.g0 = np.full(len(COLUMNS), adagrad_floor)
         self.theta0 = math.log(cf_recency)
         self.theta_g0 = adagrad_floor

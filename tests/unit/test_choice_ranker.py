@@ -8,7 +8,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from freshrec.models.choice_ranker import COLUMNS, RECENCY, ChoiceRanker, expand
+from freshrec.models.choice_ranker import (
+    COLUMNS,
+    PRIOR_HISTORY,
+    PRIOR_POPULARITY,
+    RECENCY,
+    ChoiceRanker,
+    expand,
+)
 from freshrec.models.click_model import FEATURES, FIXED_BLEND
 from freshrec.serving.funnel import choices_since
 
@@ -25,10 +32,23 @@ def _log_likelihood(w: np.ndarray, x: np.ndarray, chosen: int) -> float:
     return float(z[chosen] - np.log(np.exp(z).sum()))
 
 
-def test_starts_at_the_fixed_blend() -> None:
+def test_starts_at_the_fixed_blend_for_a_long_history_and_at_popularity_for_none() -> None:
     x = _candidates(np.random.default_rng(0), 20)
+    activity = FEATURES.index("log_user_activity")
+    x[:, activity] = np.log1p(PRIOR_HISTORY)
     fixed = x @ np.array([FIXED_BLEND.get(name, 0.0) for name in FEATURES])
     assert np.allclose(ChoiceRanker().scores(x), fixed)
+    x[:, activity] = 0.0
+    cf, popularity = FEATURES.index("cf"), FEATURES.index("log_popularity")
+    blend = {**FIXED_BLEND, "cf": 0.0, "log_popularity": PRIOR_POPULARITY}
+    assert np.allclose(
+        ChoiceRanker().scores(x), x @ np.array([blend.get(name, 0.0) for name in FEATURES])
+    )
+    before = ChoiceRanker().scores(x)
+    x[:, cf] += 1.0  # item-CF weighs nothing in the prior of a user with no history
+    assert np.allclose(ChoiceRanker().scores(x), before)
+    x[:, popularity] += 1.0
+    assert np.allclose(ChoiceRanker().scores(x) - before, PRIOR_POPULARITY)
 
 
 def test_scores_are_the_expanded_rows_times_the_weights() -> None:
@@ -198,10 +218,11 @@ def test_the_recency_step_follows_the_numeric_gradient_of_the_log_likelihood() -
 @pytest.mark.parametrize(("true_tau", "start"), [(20.0, 5.0), (1.5, 5.0)])
 def test_learns_the_recency_scale_users_choose_by(true_tau: float, start: float) -> None:
     """Choices that follow older seeds than the starting scale gives weight to move it up;
-    choices that follow only the latest items move it down."""
+    choices that follow only the latest items move it down. (Item-CF's weight, and so the
+    scale's slope, is small in the prior of a short history: it takes some thousands.)"""
     rng = np.random.default_rng(9)
     ranker = ChoiceRanker(cf_recency=start)
-    for x, chosen, sims in _recency_sets(rng, 3000, true_tau):
+    for x, chosen, sims in _recency_sets(rng, 6000, true_tau):
         features, slopes = _at_recency(x, sims, ranker.theta)
         ranker.learn(features, chosen, slopes)
     assert abs(np.log(ranker.cf_recency / true_tau)) < 0.8 * abs(np.log(start / true_tau))
