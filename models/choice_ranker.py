@@ -85,8 +85,8 @@ def prior_weights() -> np.ndarray:
 
     .. math::
 
-        w_{\mathrm{cf}}(a) = w^{\mathrm{blend}}_{\mathrm{cf}}\, rac{a}{a_N}, \qquad
-        w_{\mathrm{pop}}(a) = p_0 + (w^{\mathrm{blend}}_{\mathrm{pop}} - p_0)\, rac{a}{a_N}
+        w_{\mathrm{cf}}(a) = w^{\mathrm{blend}}_{\mathrm{cf}}\, \frac{a}{a_N}, \qquad
+        w_{\mathrm{pop}}(a) = p_0 + (w^{\mathrm{blend}}_{\mathrm{pop}} - p_0)\, \frac{a}{a_N}
 
     with :math:`p_0` = `PRIOR_POPULARITY`: a base weight and a weight on the feature's product
     with :math:`a`, which the ranker learns from there. Every other weight is the blend's. The
