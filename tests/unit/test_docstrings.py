@@ -1,9 +1,11 @@
-"""Every ``Examples`` section in the package's docstrings runs, and prints what it shows."""
+"""Every ``Examples`` section in the package's docstrings runs, and prints what it shows; no
+source holds a control character."""
 
 from __future__ import annotations
 
 import doctest
 import importlib
+import inspect
 import pkgutil
 
 import pytest
@@ -37,3 +39,15 @@ def _with_examples() -> list[str]:
 def test_docstring_examples_run(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {module}"
+
+
+def test_no_source_holds_a_control_character() -> None:
+    """A backslash escape in a docstring that is not raw (``\\tau``, ``\\frac``) turns into a
+    tab or a form feed, which renders as neither the formula nor an error."""
+    found = []
+    for name in _modules():
+        source = inspect.getsource(importlib.import_module(name))
+        for number, line in enumerate(source.split("\n"), 1):  # splitlines() splits at \f
+            if any(ord(char) < 32 for char in line):
+                found.append(f"{name}:{number}: {line.strip()[:60]!r}")
+    assert not found, found
