@@ -104,8 +104,8 @@ def prior_weights() -> np.ndarray:
     w = np.array([FIXED_BLEND.get(name, 0.0) for name in COLUMNS])
     full = math.log1p(PRIOR_HISTORY)
     blend_pop = FIXED_BLEND["log_popularity"]
-    w[COLUMNS.index("cf")] = 0.0
-    w[COLUMNS.index("cf*log_user_activity")] = FIXED_BLEND["cf"] / full
+    w[_CF] = 0.0
+    w[_CF_CROSSED] = FIXED_BLEND["cf"] / full
     w[COLUMNS.index("log_popularity")] = PRIOR_POPULARITY
     w[COLUMNS.index("log_popularity*log_user_activity")] = (blend_pop - PRIOR_POPULARITY) / full
     return w
