@@ -81,9 +81,9 @@ _RECORD = struct.Struct("<5f")
 
 
 class RatingRecord(NamedTuple):
-    """One learned rating, as a user's history keeps it (newest first). A named tuple: a
-    worker's batch decodes every rating user's whole history, and a tuple is made in a third
-    of a frozen dataclass's time."""
+    """One learned rating, as a user's history keeps it (newest first). A named tuple because
+    a worker's batch decodes every rating user's whole history, and a tuple is cheaper to make
+    than a frozen dataclass."""
 
     item: str
     rating: float
