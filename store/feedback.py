@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 
 from freshrec.models.click_model import ClickModel, state_from_hash
 from freshrec.settings import Settings
+from freshrec.store import strict_json
 from freshrec.store.batch_update import HashWrites, Identified
 from freshrec.store.keys import Keys
 
@@ -239,7 +240,7 @@ def _parse_impression(
             f"message of {len(payload)} bytes exceeds the limit of {max_message_bytes}"
         )
     try:
-        message = json.loads(payload or b"", parse_constant=_reject_constant)
+        message = strict_json.loads(payload or b"")
     except RecursionError:
         raise ValueError("not valid JSON: nested too deeply") from None
     except ValueError as exc:
@@ -315,8 +316,3 @@ def _is_number(value: Any) -> bool:
 
 def _is_id(value: Any, limit: int) -> bool:
     return isinstance(value, str) and 0 < len(value) <= limit and value.isprintable()
-
-
-def _reject_constant(name: str) -> float:
-    # json.loads accepts NaN/Infinity by default; a feature or position must be a real number.
-    raise ValueError(f"{name} is not a JSON number")

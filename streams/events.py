@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from freshrec.settings import Settings
+from freshrec.store import strict_json
 
 EVENT_TYPES = ("click", "view", "rating", "purchase", "impression")
 _FIELDS = frozenset(("event_id", "type", "user_id", "item_id", "value", "ts", "context"))
@@ -113,7 +114,7 @@ class EventValidator:
         if problem := _not_json_text(text):
             return [], [InvalidEvent(f"not valid JSON: {problem}")]
         try:
-            decoded = _DECODER.decode(text)
+            decoded = strict_json.loads(text)
         except RecursionError:
             return [], [InvalidEvent("not valid JSON: nested too deeply")]
         except ValueError as exc:
@@ -258,16 +259,6 @@ def _json_error(exc: ValueError) -> str:
     if digits := _DIGITS_LIMIT.search(text):  # Python's int() limit, not a JSON rule as such
         return f"a number of {digits[2]} digits, over the limit of {digits[1]}"
     return text
-
-
-def _reject_constant(name: str) -> float:
-    # json.loads accepts NaN/Infinity by default; the schema does not.
-    raise ValueError(f"{name} is not a JSON number")
-
-
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
-"""Made once: `json.loads` with any option builds a decoder per call, which costs more than
-decoding a small event."""
 
 
 def _short(value: Any, limit: int = 60) -> str:
