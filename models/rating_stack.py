@@ -109,8 +109,8 @@ RECORD_HEAD = _RECORD.size
 
 
 def decode_records(blobs: Sequence[bytes]) -> list[RatingRecord]:
-    make, unpack = RatingRecord, _RECORD.unpack_from
-    return [make(b[RECORD_HEAD:].decode(), *unpack(b)) for b in blobs if len(b) > RECORD_HEAD]
+    decode = RatingRecord.decode
+    return [decode(b) for b in blobs if len(b) > RECORD_HEAD]
 
 
 _SESSION_WEIGHTS = SESSION_RATE * (1.0 - SESSION_RATE) ** np.arange(1024)
