@@ -296,7 +296,11 @@ class Settings:
     )
     publish_k: int = _env("FRESHREC_PUBLISH_K", "Length of published recommendation lists.", 10)
     # --- reader ------------------------------------------------------------------------------
-    serve_host: str = _env("FRESHREC_SERVE_HOST", "Reader bind address.", "127.0.0.1")
+    serve_host: str = _env(
+        "FRESHREC_SERVE_HOST",
+        "Bind address of the reader's HTTP server and of the worker's /metrics.",
+        "127.0.0.1",
+    )
     serve_port: int = _env("FRESHREC_SERVE_PORT", "Reader port.", 8080)
     serve_reuse_port: bool = _env(
         "FRESHREC_SERVE_REUSE_PORT",
