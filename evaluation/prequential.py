@@ -729,8 +729,9 @@ def run_eval(
 
 
 def _freshness_row(lag: float, evaluation: Evaluation, common_lag: float) -> dict[str, Any]:
-    """One lag's entry of *the value of freshness*: every system's metrics, and its HR@10 and
-    NDCG@10 over the targets every lag of the table shares (``same_targets``).
+    """One lag's entry of *the value of freshness*: every system's metrics, overall and by the
+    user's history in the state (``by_history``), and its HR@10 and NDCG@10 over the targets
+    every lag of the table shares (``same_targets``).
 
     A top-N target needs its user to have interactions in the state, so a longer lag has fewer
     targets, and only returning users' among them: the metrics over each lag's own targets mix
@@ -751,6 +752,7 @@ def _freshness_row(lag: float, evaluation: Evaluation, common_lag: float) -> dic
         "rating_events": evaluation.scores["freshrec"].rated,
         "topn_events": evaluation.scores["freshrec"].ranked,
         "systems": evaluation.system_metrics(),
+        "by_history": evaluation.by_history(),
         "same_targets": {"lag_s": common_lag, "topn_events": int(shared.sum()), "systems": same},
     }
 

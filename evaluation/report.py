@@ -274,6 +274,14 @@ def write_report(out_dir: Path, summary: dict[str, Any], evaluation: Evaluation)
         ]
         if _freshness_plot(out_dir, summary["freshness"]):
             text += ["![HR@10 and RMSE against lag](freshness.png)", ""]
+        for entry in summary["freshness"]:
+            if entry.get("by_history"):
+                text += [
+                    f"### By the user's history, lag {_lag_text(entry['lag_s'])}",
+                    "",
+                    *history_table(entry["by_history"]),
+                    "",
+                ]
     for name, title in plots:
         text += [f"![{title}]({name})", ""]
     report = out_dir / "report.md"

@@ -107,6 +107,8 @@ def test_json_summary_has_every_required_key_and_a_report(
     assert set(first["systems"]) == {"freshrec", *BASELINES}
     assert first["systems"]["freshrec"]["hr@10"] == summary["hr@10"]
     assert later["topn_events"] <= first["topn_events"]  # a longer lag learns fewer users
+    assert first["by_history"] == summary["by_history"]
+    assert sum(seg["targets"] for seg in later["by_history"].values()) == later["topn_events"]
     # Scored again on the targets every lag shares: the longest lag's, so its figures twice.
     assert first["same_targets"]["topn_events"] == later["topn_events"]
     assert later["same_targets"]["topn_events"] == later["topn_events"]
@@ -119,6 +121,7 @@ def test_json_summary_has_every_required_key_and_a_report(
         assert (out / name).stat().st_size > 0, name
     assert (out / "rmse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "summary.json").read_text())["rmse"] == summary["rmse"]
+    assert "### By the user's history, lag 10 min" in (out / "report.md").read_text()
 
 
 def test_a_lag_walked_in_a_process_of_its_own_equals_the_same_walk_alone(
@@ -134,6 +137,7 @@ def test_a_lag_walked_in_a_process_of_its_own_equals_the_same_walk_alone(
     ours = row["systems"]["freshrec"]
     assert ours == {key: alone[key] for key in ours}
     assert {name: row["systems"][name] for name in BASELINES} == alone["baselines"]
+    assert row["by_history"] == alone["by_history"]
     assert both["freshness"][0]["systems"]["freshrec"]["rmse"] == both["rmse"]
 
 
