@@ -4,17 +4,25 @@ them; on a machine that has never compiled them that takes longer than the deadl
 session compiles them once, here, into the cache every reader it starts then loads from (the
 children inherit ``NUMBA_CACHE_DIR``, see `freshrec`). Tests that break Redis on purpose get
 a server of their own (``own_redis``). Tests on a Redis Cluster take ``cluster_settings``.
+
+Each test file must leave no Kafka client of its own alive (``no_kafka_client_left``): a
+producer that is never flushed keeps its undelivered reports' callbacks, which the garbage
+collector cannot see through librdkafka, so it lives until pytest exits, logging a refused
+connection every second once the session's broker has stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
 
 from freshrec.devenv import local_services
 from freshrec.serving.kernels import WarmUp, warm_up
@@ -29,6 +37,22 @@ _CLUSTER_URL = os.environ.get("TEST_REDIS_CLUSTER_URL", "")
 @pytest.fixture(scope="session", autouse=True)
 def compiled_kernels() -> WarmUp:
     return warm_up()
+
+
+def _kafka_clients() -> dict[int, str]:
+    """Every confluent-kafka client this process holds, by id: its type's name."""
+    gc.collect()
+    kinds = (Producer, Consumer, AdminClient)
+    return {id(o): type(o).__name__ for o in gc.get_objects() if isinstance(o, kinds)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_kafka_client_left() -> Iterator[None]:
+    """Fails the test file that leaves a Kafka client it made alive (module docstring)."""
+    before = _kafka_clients()
+    yield
+    left = sorted(kind for key, kind in _kafka_clients().items() if key not in before)
+    assert not left, f"Kafka clients left alive by this test file: {', '.join(left)}"
 
 
 @pytest.fixture

@@ -127,7 +127,9 @@ async def _publisher(
     settings: Settings, keys: Keys, topic: str | None = None, k: int = 5, **producer: object
 ) -> AsyncIterator[tuple[Redis, RecommendationPublisher]]:
     """A publisher of lists of ``k`` to ``topic`` (the recommendations topic) on the test's
-    Redis, with a producer of the test's options; its funnel and client closed at the end."""
+    Redis, with a producer of the test's options; closed at the end as the reader closes it
+    (the producer flushed, so no delivery report still holds the publisher), then its funnel
+    and client."""
     redis = Redis.from_url(settings.redis_url)
     funnel = Funnel(redis, keys, settings.funnel_config())
     publisher = RecommendationPublisher(
@@ -142,6 +144,7 @@ async def _publisher(
     try:
         yield redis, publisher
     finally:
+        publisher.close(30)
         await funnel.aclose()
         await redis.aclose()
 
