@@ -586,13 +586,14 @@ class Evaluation:
         """Every system's metrics, freshrec first."""
         return {name: self.scores[name].metrics(self.stream.item_ids) for name in SYSTEMS}
 
-    def by_history(self) -> dict[str, dict[str, Any]]:
+    def by_history(self, names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """HR@10 and NDCG@10 of every system over the top-N targets of users whose history in
         the state, when predicted, falls in each of :data:`HISTORY_SEGMENTS`: where a learned
-        model has little to go on and popularity is the bar to clear."""
+        model has little to go on and popularity is the bar to clear. ``names``: the systems (by
+        default every one the run scores, the recall ablation's included)."""
         rows = np.asarray(self.topn_positions, dtype=np.int64)
         sizes = self.stream.learned_interactions(rows, self.upto)
-        ranks = self.target_ranks((*SYSTEMS, *self.ablation))
+        ranks = self.target_ranks(names or (*SYSTEMS, *self.ablation))
         out: dict[str, dict[str, Any]] = {}
         for low, high in itertools.pairwise((*HISTORY_SEGMENTS, None)):
             inside = (sizes >= low) if high is None else (sizes >= low) & (sizes < high)
@@ -752,7 +753,7 @@ def _freshness_row(lag: float, evaluation: Evaluation, common_lag: float) -> dic
         "rating_events": evaluation.scores["freshrec"].rated,
         "topn_events": evaluation.scores["freshrec"].ranked,
         "systems": evaluation.system_metrics(),
-        "by_history": evaluation.by_history(),
+        "by_history": evaluation.by_history(SYSTEMS),
         "same_targets": {"lag_s": common_lag, "topn_events": int(shared.sum()), "systems": same},
     }
 

@@ -274,8 +274,9 @@ def write_report(out_dir: Path, summary: dict[str, Any], evaluation: Evaluation)
         ]
         if _freshness_plot(out_dir, summary["freshness"]):
             text += ["![HR@10 and RMSE against lag](freshness.png)", ""]
+        main_lag = summary.get("lag_s") if summary.get("protocol") == "lag" else None
         for entry in summary["freshness"]:
-            if entry.get("by_history"):
+            if entry.get("by_history") and entry["lag_s"] != main_lag:  # shown above
                 text += [
                     f"### By the user's history, lag {_lag_text(entry['lag_s'])}",
                     "",
