@@ -47,10 +47,13 @@ def _kafka_clients() -> dict[int, str]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def no_kafka_client_left() -> Iterator[None]:
-    """Fails the test file that leaves a Kafka client it made alive (module docstring)."""
-    before = _kafka_clients()
+def no_kafka_client_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails the test file that leaves a Kafka client it made alive (module docstring); not
+    after a failure, whose traceback pytest keeps, with the clients in its frames."""
+    before, failed = _kafka_clients(), request.session.testsfailed
     yield
+    if request.session.testsfailed > failed:
+        return
     left = sorted(kind for key, kind in _kafka_clients().items() if key not in before)
     assert not left, f"Kafka clients left alive by this test file: {', '.join(left)}"
 
