@@ -298,7 +298,7 @@ class Settings:
     # --- reader ------------------------------------------------------------------------------
     serve_host: str = _env(
         "FRESHREC_SERVE_HOST",
-        "Bind address of the reader's HTTP server and of the worker's /metrics.",
+        "Bind address of the reader's HTTP server and /metrics, and of the worker's /metrics.",
         "127.0.0.1",
     )
     serve_port: int = _env("FRESHREC_SERVE_PORT", "Reader port.", 8080)
