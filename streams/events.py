@@ -114,7 +114,7 @@ class EventValidator:
         if problem := _not_json_text(text):
             return [], [InvalidEvent(f"not valid JSON: {problem}")]
         try:
-            decoded = strict_json.loads(text)
+            decoded = strict_json.decode(text)  # UTF-8, no byte order mark: checked above
         except RecursionError:
             return [], [InvalidEvent("not valid JSON: nested too deeply")]
         except ValueError as exc:
