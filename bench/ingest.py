@@ -356,6 +356,9 @@ class _Bench:
             delete_topics(settings.kafka_bootstrap, list(topic_specs(settings)), settings=settings)
         self._delete_keys(f"{self.base.key_prefix}-*")
         self.store.close()
+        # Let librdkafka's client go now: alive, it would go on reconnecting (and logging so)
+        # to the broker the bench stops next.
+        del self.admin
         if self.succeeded:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
