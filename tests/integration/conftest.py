@@ -39,11 +39,11 @@ def compiled_kernels() -> WarmUp:
     return warm_up()
 
 
-def _kafka_clients() -> dict[int, str]:
-    """Every confluent-kafka client this process holds, by id: its type's name."""
+def _kafka_clients() -> list[object]:
+    """Every confluent-kafka client this process holds."""
     gc.collect()
     kinds = (Producer, Consumer, AdminClient)
-    return {id(o): type(o).__name__ for o in gc.get_objects() if isinstance(o, kinds)}
+    return [o for o in gc.get_objects() if isinstance(o, kinds)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,7 +54,9 @@ def no_kafka_client_left(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if request.session.testsfailed > failed:
         return
-    left = sorted(kind for key, kind in _kafka_clients().items() if key not in before)
+    # ``before`` holds the clients it lists, so no client made since can reuse one's id.
+    known = {id(client) for client in before}
+    left = sorted(type(c).__name__ for c in _kafka_clients() if id(c) not in known)
     assert not left, f"Kafka clients left alive by this test file: {', '.join(left)}"
 
 
