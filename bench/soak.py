@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -283,7 +284,7 @@ def running_pipeline(
             base_url = f"http://{settings.serve_host}:{settings.serve_port}"
             children.wait(lambda: http_json(f"{base_url}/healthz")[0] == 200, 120, "the reader")
             children.wait(
-                lambda: group_is_consuming(settings.kafka_bootstrap, group, admin, settings),
+                partial(group_is_consuming, settings.kafka_bootstrap, group, admin, settings),
                 120,
                 "the worker to join its consumer group",
             )
@@ -327,6 +328,9 @@ def running_pipeline(
             try:
                 delete_group(admin, group, timeout_s=30)
             finally:
+                # Let librdkafka's client go now: kept by this frame, it would go on reconnecting
+                # (and logging so) to the broker the isolated run stops next.
+                del admin
                 store.close()
                 if succeeded:
                     shutil.rmtree(workdir, ignore_errors=True)
